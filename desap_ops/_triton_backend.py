@@ -1,0 +1,38 @@
+"""The Triton path of the operator: three launches forward, one (after a zero fill) backward."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ._validation import split_budget
+from .kernels import merge as merge_kernels
+from .kernels import selection, similarity
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_kernel_dtypes(**tensors: Optional[torch.Tensor]) -> None:
+    for name, value in tensors.items():
+        if value is not None and value.dtype not in KERNEL_DTYPES:
+            raise TypeError(
+                f"the Triton kernels take float16, bfloat16 or float32, but {name} is {value.dtype}; "
+                "use backend='reference' for float64"
+            )
+
+
+def prune(hidden, attn, text, text_mask, saliency, metric, keep: int, task_ratio: float,
+          merge: bool, text_reduce: str):
+    _check_kernel_dtypes(hidden=hidden, attn=attn, text=text, saliency=saliency, metric=metric)
+    _, k_task = split_budget(keep, task_ratio)
+    scores = similarity.task_scores(attn, text, text_mask, text_reduce)
+    indices, assignment = selection.select_and_assign(
+        saliency, scores, text_mask, hidden if metric is None else metric, keep, k_task, merge
+    )
+    tokens = merge_kernels.merge_tokens(hidden, indices, assignment, merge)
+    return tokens, indices, assignment, scores
+
+
+def prune_backward(grad_tokens: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:
+    _check_kernel_dtypes(grad_tokens=grad_tokens)
+    return merge_kernels.unmerge_grad(grad_tokens, assignment)

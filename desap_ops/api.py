@@ -1,0 +1,59 @@
+"""The Python entry point, :func:`prune`."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from . import ops, reference
+from ._validation import check_inputs
+from .reference import PruneResult
+
+Backend = Literal["auto", "triton", "reference"]
+BACKENDS = ("auto", "triton", "reference")
+
+
+def prune(
+    hidden: torch.Tensor,
+    attn: torch.Tensor,
+    text: torch.Tensor,
+    saliency: torch.Tensor,
+    keep: int,
+    *,
+    text_mask: Optional[torch.Tensor] = None,
+    task_ratio: float = 0.5,
+    merge: bool = True,
+    metric: Optional[torch.Tensor] = None,
+    text_reduce: str = "max",
+    backend: Backend = "auto",
+) -> PruneResult:
+    """Prune the N visual tokens of each image to ``keep`` with DeSAP (see ``SPEC.md``).
+
+    Args:
+        hidden: (B, N, D) tokens to keep and merge.
+        attn: (B, N, C) attention branch of the same tokens, mapped into the text space.
+        text: (B, L, C) text token embeddings.
+        saliency: (B, N) visual saliency, e.g. [CLS] attention averaged over heads.
+        keep: K, the number of tokens each image keeps, 1 <= K <= N.
+        text_mask: (B, L) bool, True for valid text tokens; None means all valid.
+        task_ratio: share of the budget chosen by task score, in [0, 1].
+        merge: merge each dropped token into its nearest kept token.
+        metric: (B, N, E) features for the nearest-neighbour match; default ``hidden``.
+        text_reduce: "max" (best-matching text token) or "mean" over valid text tokens.
+        backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+
+    Returns:
+        PruneResult(tokens (B, K, D), indices (B, K) ascending, assignment (B, N),
+        task_scores (B, N) float32). Gradients flow from ``tokens`` to ``hidden`` only.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce)
+    task_ratio = float(task_ratio)
+    if backend == "reference":
+        return reference.prune(hidden, attn, text, saliency, keep, text_mask=text_mask,
+                               task_ratio=task_ratio, merge=merge, metric=metric,
+                               text_reduce=text_reduce)
+    op = torch.ops.desap.prune if backend == "auto" else torch.ops.desap.prune_triton
+    return PruneResult(*op(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
+                           text_reduce))

@@ -1,0 +1,30 @@
+"""Packaging for desap-ops.
+
+The Triton sources live in the top-level ``kernels/`` folder of the repository but are installed as
+``desap_ops.kernels``: a top-level ``kernels`` module would shadow the Hugging Face package of that
+name, which transformers probes for.
+"""
+from setuptools import setup
+
+setup(
+    name="desap-ops",
+    version="0.1.0",
+    description="Fused, exact DeSAP visual-token pruning for vision-language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["desap_ops", "desap_ops.kernels"],
+    package_dir={"desap_ops": "desap_ops", "desap_ops.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.2; platform_system == 'Linux'",
+        "transformers>=4.50",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
+        "bench": ["pytest-benchmark>=4", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["desap=desap_ops.__main__:main"]},
+)
