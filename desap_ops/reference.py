@@ -100,7 +100,7 @@ def select_tokens(
     kept = by_saliency | by_task                                       # exactly K per row
     tokens = scores.shape[-1]
     positions = torch.arange(tokens, device=scores.device).expand_as(kept)
-    return torch.sort(positions.masked_fill(~kept, tokens), dim=-1).values[:, :keep]
+    return torch.sort(positions.masked_fill(~kept, tokens), dim=-1).values[:, :keep].contiguous()
 
 
 def output_positions(indices: torch.Tensor, tokens: int) -> torch.Tensor:

@@ -1,0 +1,221 @@
+"""Test helpers: inputs built free of near-ties, a naive oracle, tolerances per dtype."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from desap_ops import reference
+from desap_ops._validation import split_budget
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TOKEN_TOL = {  # (rtol, atol) for merged tokens against the reference
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (1e-2, 1e-2),
+    torch.float64: (1e-12, 1e-12),
+}
+SCORE_ATOL = 2e-5  # cosines in float32 from the same inputs, summed in another order
+TIE_MARGIN = 1e-4  # deciding scores are at least this far apart in tie-free inputs
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@dataclass
+class Case:
+    hidden: torch.Tensor
+    attn: torch.Tensor
+    text: torch.Tensor
+    saliency: torch.Tensor
+    keep: int
+    text_mask: Optional[torch.Tensor] = None
+    task_ratio: float = 0.5
+    merge: bool = True
+    metric: Optional[torch.Tensor] = None
+    text_reduce: str = "max"
+    options: dict = field(init=False)
+
+    def __post_init__(self):
+        self.options = dict(text_mask=self.text_mask, task_ratio=self.task_ratio, merge=self.merge,
+                            metric=self.metric, text_reduce=self.text_reduce)
+
+    def args(self):
+        return self.hidden, self.attn, self.text, self.saliency, self.keep
+
+    def op_args(self):
+        return (self.hidden, self.attn, self.text, self.text_mask, self.saliency, self.metric,
+                self.keep, self.task_ratio, self.merge, self.text_reduce)
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Case(move(self.hidden), move(self.attn), move(self.text), move(self.saliency),
+                    self.keep, move(self.text_mask), self.task_ratio, self.merge, move(self.metric),
+                    self.text_reduce)
+
+
+def _boundary_gap(scores: torch.Tensor, budget: int) -> float:
+    """Gap between the budget-th and the next score (inf when nothing competes)."""
+    finite = scores[torch.isfinite(scores)].double().sort(descending=True).values
+    if budget <= 0 or budget >= finite.numel():
+        return math.inf
+    return float(finite[budget - 1] - finite[budget])
+
+
+def tie_free_case(batch=2, tokens=40, width=32, text_width=24, n_text=5, keep=8, *,
+                  dtype=torch.float32, task_ratio=0.5, merge=True, text_reduce="max",
+                  with_mask=False, separate_metric=False, seed=0) -> Case:
+    """Random inputs whose selection and assignment have a margin >= TIE_MARGIN everywhere.
+
+    Saliency is a shuffled grid (distinct, evenly spaced). Task scores are redrawn until the
+    stage-2 boundary of each image is clear. Then the hidden (or metric) rows are built around the
+    kept tokens: each dropped token is a noisy copy of one kept token, far from the others.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    k_sal, k_task = split_budget(keep, task_ratio)
+    for attempt in range(200):
+        saliency = torch.stack([torch.randperm(tokens, generator=gen) for _ in range(batch)]).float()
+        saliency = (saliency + 1) / tokens
+        attn = torch.randn(batch, tokens, text_width, generator=gen).to(dtype)
+        text = torch.randn(batch, n_text, text_width, generator=gen).to(dtype)
+        mask = None
+        if with_mask:
+            mask = torch.rand(batch, n_text, generator=gen) > 0.4
+            mask[:, 0] = True
+        scores = reference.task_scores(attn, text, mask, text_reduce)
+        by_saliency = reference.descending_rank(saliency) < k_sal
+        ok = all(
+            _boundary_gap(scores[b][~by_saliency[b]], k_task) >= TIE_MARGIN for b in range(batch)
+        )
+        if ok:
+            break
+    else:
+        raise RuntimeError("could not draw tie-free task scores")
+    has_text = reference.has_valid_text(mask, batch, "cpu")
+    indices = reference.select_tokens(saliency, scores, keep, task_ratio, has_text)
+
+    def clustered(dim):
+        rows = torch.randn(batch, tokens, dim, generator=gen)
+        owner = torch.randint(0, keep, (batch, tokens), generator=gen)
+        centres = rows.gather(1, indices[:, :, None].expand(-1, -1, dim))
+        near = centres.gather(1, owner[:, :, None].expand(-1, -1, dim))
+        near = near + 0.15 * torch.randn(batch, tokens, dim, generator=gen)
+        kept = reference.output_positions(indices, tokens) >= 0
+        return torch.where(kept[:, :, None], rows, near)
+
+    hidden = clustered(width).to(dtype)
+    metric = clustered(width).to(dtype) if separate_metric else None
+    if keep > 1:  # the clustering leaves a clear nearest kept token; check it
+        unit = reference.unit_rows(hidden if metric is None else metric)
+        kept_rows = unit.gather(1, indices[:, :, None].expand(-1, -1, unit.shape[-1]))
+        top2 = torch.bmm(unit, kept_rows.transpose(1, 2)).topk(2, dim=-1).values
+        dropped = reference.output_positions(indices, tokens) < 0
+        assert ((top2[..., 0] - top2[..., 1])[dropped] > TIE_MARGIN).all()
+    # bfloat16 has too few bits for N distinct saliency values: keep saliency in float32 there
+    return Case(hidden, attn, text, saliency.to(dtype) if dtype != torch.bfloat16 else saliency,
+                keep, mask, task_ratio, merge, metric, text_reduce)
+
+
+# ---------------------------------------------------------------------------------------------
+# The naive oracle: the SPEC read literally, one image and one token at a time, in float64.
+
+
+def _cos64(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    return float(x @ y / (max(float(x.norm()), 1e-6) * max(float(y.norm()), 1e-6)))
+
+
+def naive_task_scores(attn, text, text_mask=None, text_reduce="max") -> torch.Tensor:
+    batch, tokens, _ = attn.shape
+    out = torch.empty(batch, tokens, dtype=torch.float64)
+    for b in range(batch):
+        valid = [l for l in range(text.shape[1]) if text_mask is None or bool(text_mask[b, l])]
+        for n in range(tokens):
+            sims = [_cos64(attn[b, n], text[b, l]) for l in valid]
+            if not sims:
+                out[b, n] = -math.inf
+            elif any(math.isnan(s) for s in sims):
+                out[b, n] = math.nan
+            else:
+                out[b, n] = max(sims) if text_reduce == "max" else sum(sims) / len(sims)
+    return out
+
+
+def _rank_key(score: float, index: int):
+    return (1, 0.0, index) if math.isnan(score) else (0, -score, index)
+
+
+def naive_select(saliency, scores, keep, task_ratio, has_text) -> torch.Tensor:
+    """SPEC steps 2-3 with Python's sorted() on (NaN last, score descending, index) keys."""
+    rows = []
+    for b in range(saliency.shape[0]):
+        k_task = math.floor(task_ratio * keep + 0.5) if bool(has_text[b]) else 0
+        k_sal = keep - k_task
+        sal = [float(v) for v in saliency[b].double()]
+        task = [float(v) for v in scores[b].double()]
+        order = sorted(range(len(sal)), key=lambda n: _rank_key(sal[n], n))
+        chosen = set(order[:k_sal])
+        rest = sorted((n for n in range(len(sal)) if n not in chosen), key=lambda n: _rank_key(task[n], n))
+        chosen |= set(rest[:k_task])
+        rows.append(sorted(chosen))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def naive_assignment(metric, indices, merge) -> tuple[torch.Tensor, torch.Tensor]:
+    """(assignment, margin): margin[b, j] = best minus second-best cosine (inf when unique)."""
+    batch, tokens, _ = metric.shape
+    assignment = torch.full((batch, tokens), -1, dtype=torch.int64)
+    margin = torch.full((batch, tokens), math.inf, dtype=torch.float64)
+    for b in range(batch):
+        kept = [int(i) for i in indices[b]]
+        for j in range(tokens):
+            if j in kept:
+                assignment[b, j] = kept.index(j)
+            elif merge:
+                sims = [_cos64(metric[b, j], metric[b, i]) for i in kept]
+                sims = [-math.inf if math.isnan(s) else s for s in sims]
+                best = max(range(len(sims)), key=lambda p: (sims[p], -p))
+                assignment[b, j] = best
+                ordered = sorted(sims, reverse=True)
+                if len(ordered) > 1:
+                    margin[b, j] = ordered[0] - ordered[1]
+    return assignment, margin
+
+
+def naive_merge(hidden, indices, assignment, merge) -> torch.Tensor:
+    batch, tokens, width = hidden.shape
+    keep = indices.shape[1]
+    out = torch.zeros(batch, keep, width, dtype=torch.float64)
+    for b in range(batch):
+        for p in range(keep):
+            members = [j for j in range(tokens) if int(assignment[b, j]) == p] if merge \
+                else [int(indices[b, p])]
+            out[b, p] = hidden[b, members].double().mean(dim=0)
+    return out
+
+
+def assert_matches_reference(result, case: Case, *, exact_assignment=True):
+    """Check a result against the reference, step by step, on the result's own scores.
+
+    The selection is compared exactly given the scores the result produced (bitwise ties then
+    mean the same thing to both), scores within float32 rounding, the merge given the result's own
+    assignment within the dtype's tolerance.
+    """
+    ref_scores = reference.task_scores(case.attn, case.text, case.text_mask, case.text_reduce)
+    torch.testing.assert_close(result.task_scores, ref_scores, atol=SCORE_ATOL, rtol=0, equal_nan=True)
+    has_text = reference.has_valid_text(case.text_mask, case.hidden.shape[0], case.hidden.device)
+    expected_indices = reference.select_tokens(case.saliency, result.task_scores, case.keep,
+                                               case.task_ratio, has_text)
+    assert torch.equal(result.indices, expected_indices)
+    metric = case.hidden if case.metric is None else case.metric
+    if exact_assignment:
+        assert torch.equal(result.assignment, reference.assign_tokens(result.indices, metric, case.merge))
+    expected_tokens = reference.merge_tokens(case.hidden, result.indices, result.assignment, case.merge)
+    rtol, atol = TOKEN_TOL[case.hidden.dtype]
+    torch.testing.assert_close(result.tokens, expected_tokens, rtol=rtol, atol=atol, equal_nan=True)
+    assert result.tokens.dtype == case.hidden.dtype
+    assert result.indices.dtype == result.assignment.dtype == torch.int64
+    assert result.task_scores.dtype == torch.float32

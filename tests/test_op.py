@@ -1,0 +1,216 @@
+"""The registered operator: opcheck, torch.compile, autograd, validation, import hygiene."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import desap_ops
+from desap_ops import reference
+
+from helpers import assert_matches_reference, devices, tie_free_case
+
+
+def _op_cases():
+    yield tie_free_case(tokens=20, keep=5, with_mask=True, seed=1)
+    yield tie_free_case(tokens=16, keep=16, merge=False, text_reduce="mean", seed=2)
+    yield tie_free_case(tokens=12, keep=3, dtype=torch.float16, separate_metric=True, seed=4)
+
+
+@pytest.mark.parametrize("case", list(_op_cases()), ids=["mask", "keep-all", "fp16-metric"])
+def test_opcheck_prune(case):
+    hidden = case.hidden.clone().requires_grad_(case.hidden.dtype == torch.float32)
+    args = (hidden,) + case.op_args()[1:]
+    torch.library.opcheck(torch.ops.desap.prune.default, args)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_opcheck_prune_triton(device):
+    case = tie_free_case(tokens=20, keep=5, with_mask=True, seed=1).to(device)
+    args = (case.hidden.clone().requires_grad_(True),) + case.op_args()[1:]
+    torch.library.opcheck(torch.ops.desap.prune_triton.default, args)
+
+
+def test_opcheck_prune_backward():
+    assignment = torch.tensor([[0, 1, 1, -1, 2, 0], [2, 2, 1, 0, -1, -1]])
+    grad = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.desap.prune_backward.default, (grad, assignment))
+
+
+def test_fake_shapes_follow_the_arguments():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        hidden, attn = torch.empty(3, 50, 8), torch.empty(3, 50, 6)
+        text, saliency = torch.empty(3, 4, 6), torch.empty(3, 50)
+        tokens, indices, assignment, scores = torch.ops.desap.prune(
+            hidden, attn, text, None, saliency, None, 7, 0.5, True, "max")
+    assert tokens.shape == (3, 7, 8) and indices.shape == (3, 7)
+    assert assignment.shape == (3, 50) and scores.shape == (3, 50)
+    assert (indices.dtype, assignment.dtype, scores.dtype) == (torch.int64, torch.int64, torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    case = tie_free_case(tokens=24, keep=6, with_mask=True)
+    torch._dynamo.reset()
+
+    def pipeline(hidden, attn, text, mask, saliency):
+        result = desap_ops.prune(hidden * 2.0, attn, text, saliency, 6, text_mask=mask)
+        return result.tokens.sum(dim=-1), result.indices, result.assignment
+
+    compiled = torch.compile(pipeline, fullgraph=True, backend=compile_backend)
+    args = (case.hidden, case.attn, case.text, case.text_mask, case.saliency)
+    for got, expected in zip(compiled(*args), pipeline(*args)):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.slow
+def test_torch_compile_backward():
+    case = tie_free_case(tokens=24, keep=6)
+    torch._dynamo.reset()
+
+    def loss(hidden):
+        return (desap_ops.prune(hidden, case.attn, case.text, case.saliency, 6).tokens ** 2).sum()
+
+    hidden = case.hidden.clone().requires_grad_(True)
+    (eager,) = torch.autograd.grad(loss(hidden), hidden)
+    (compiled,) = torch.autograd.grad(torch.compile(loss, fullgraph=True, backend="aot_eager")(hidden), hidden)
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_gradcheck_float64(merge):
+    case = tie_free_case(tokens=14, keep=4, dtype=torch.float64, merge=merge, width=5)
+    hidden = case.hidden.clone().requires_grad_(True)
+
+    def tokens(h):
+        return desap_ops.prune(h, case.attn, case.text, case.saliency, 4, merge=merge).tokens
+
+    assert torch.autograd.gradcheck(tokens, (hidden,))
+    assert torch.autograd.gradgradcheck(tokens, (hidden,))
+
+
+def test_gradient_reaches_hidden_only():
+    case = tie_free_case(tokens=14, keep=4, separate_metric=True)
+    tensors = dict(hidden=case.hidden, attn=case.attn, text=case.text, saliency=case.saliency,
+                   metric=case.metric)
+    leaves = {name: t.clone().requires_grad_(True) for name, t in tensors.items()}
+    result = desap_ops.prune(leaves["hidden"], leaves["attn"], leaves["text"], leaves["saliency"], 4,
+                             metric=leaves["metric"])
+    assert not result.task_scores.requires_grad
+    result.tokens.sum().backward()
+    assert leaves["hidden"].grad is not None
+    for name in ("attn", "text", "saliency", "metric"):
+        assert leaves[name].grad is None, name
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_op_gradient_equals_reference_autograd(backend):
+    case = tie_free_case(tokens=18, keep=5, with_mask=True)
+    grad_out = torch.randn(2, 5, case.hidden.shape[-1])
+    grads = []
+    for b in (backend, "reference"):
+        hidden = case.hidden.clone().requires_grad_(True)
+        result = desap_ops.prune(hidden, case.attn, case.text, case.saliency, 5,
+                                 text_mask=case.text_mask, backend=b)
+        result.tokens.backward(grad_out)
+        grads.append(hidden.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_outputs_never_alias_inputs():
+    case = tie_free_case(tokens=8, keep=8, merge=False)
+    inputs = {t.data_ptr() for t in (case.hidden, case.attn, case.text, case.saliency)}
+    for backend in ("auto", "reference", "triton"):
+        result = desap_ops.prune(*case.args(), merge=False, backend=backend)
+        assert not inputs & {t.data_ptr() for t in result}
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def _good():
+    return dict(hidden=torch.randn(2, 6, 4), attn=torch.randn(2, 6, 3), text=torch.randn(2, 5, 3),
+                saliency=torch.rand(2, 6), keep=3)
+
+
+BAD_INPUTS = [
+    ("hidden", dict(hidden=torch.randn(6, 4)), ValueError, "3 dimensions"),
+    ("hidden", dict(hidden=torch.ones(2, 6, 4, dtype=torch.int64)), TypeError, "floating"),
+    ("hidden", dict(hidden=[[1.0]]), TypeError, "torch.Tensor"),
+    ("attn", dict(attn=torch.randn(2, 7, 3)), ValueError, "visual tokens"),
+    ("attn", dict(attn=torch.randn(3, 6, 3)), ValueError, "batch"),
+    ("text", dict(text=torch.randn(2, 5, 4)), ValueError, "text-space width"),
+    ("text", dict(text=torch.randn(2, 0, 3)), ValueError, "at least one token"),
+    ("text", dict(text=torch.randn(2, 5)), ValueError, "3 dimensions"),
+    ("saliency", dict(saliency=torch.rand(2, 5)), ValueError, "(B, N)"),
+    ("saliency", dict(saliency=torch.ones(2, 6, dtype=torch.int32)), TypeError, "floating"),
+    ("text_mask", dict(text_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "(B, L)"),
+    ("text_mask", dict(text_mask=torch.ones(2, 5)), TypeError, "bool"),
+    ("metric", dict(metric=torch.randn(2, 5, 3)), ValueError, "visual tokens"),
+    ("keep", dict(keep=0), ValueError, "[1, 6]"),
+    ("keep", dict(keep=7), ValueError, "got 7"),
+    ("keep", dict(keep=2.0), TypeError, "int"),
+    ("keep", dict(keep=True), TypeError, "int"),
+    ("task_ratio", dict(task_ratio=1.5), ValueError, "[0, 1]"),
+    ("task_ratio", dict(task_ratio=math.nan), ValueError, "[0, 1]"),
+    ("task_ratio", dict(task_ratio="half"), TypeError, "float"),
+    ("merge", dict(merge=1), TypeError, "bool"),
+    ("text_reduce", dict(text_reduce="sum"), ValueError, "'sum'"),
+    ("backend", dict(backend="cuda"), ValueError, "'cuda'"),
+]
+
+
+@pytest.mark.parametrize("name,change,error,needle", BAD_INPUTS,
+                         ids=[f"{n}-{i}" for i, (n, *_) in enumerate(BAD_INPUTS)])
+def test_bad_input_names_the_argument(name, change, error, needle):
+    kwargs = {**_good(), **change}
+    positional = [kwargs.pop(k) for k in ("hidden", "attn", "text", "saliency", "keep")]
+    with pytest.raises(error) as raised:
+        desap_ops.prune(*positional, **kwargs)
+    assert name in str(raised.value) and needle in str(raised.value)
+
+
+def test_the_registered_op_validates_too():
+    good = _good()
+    with pytest.raises(ValueError, match="keep"):
+        torch.ops.desap.prune(good["hidden"], good["attn"], good["text"], None, good["saliency"],
+                              None, 9, 0.5, True, "max")
+
+
+def test_tensors_on_different_devices_are_rejected():
+    good = _good()
+    with pytest.raises(ValueError, match="saliency is on meta"):
+        desap_ops.prune(good["hidden"], good["attn"], good["text"], good["saliency"].to("meta"), 3)
+
+
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    good = _good()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        desap_ops.prune(*[good[k] for k in ("hidden", "attn", "text", "saliency", "keep")], backend="triton")
+
+
+def test_triton_backend_rejects_float64():
+    good = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    with pytest.raises(TypeError, match="hidden is torch.float64"):
+        desap_ops.prune(*[good[k] for k in ("hidden", "attn", "text", "saliency", "keep")], backend="triton")
+
+
+def test_import_needs_no_triton_and_no_device():
+    code = ("import sys, desap_ops, torch; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert not torch.cuda.is_initialized(), 'cuda initialised'; "
+            "assert 'kernels' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+
+
+def test_result_is_a_named_tuple_matching_the_reference():
+    case = tie_free_case(tokens=10, keep=3)
+    result = desap_ops.prune(*case.args())
+    assert result._fields == ("tokens", "indices", "assignment", "task_scores")
+    assert_matches_reference(result, case)
+    assert reference.PruneResult is desap_ops.PruneResult
