@@ -26,3 +26,9 @@ def dot_in_fp32(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.dtype not in HALF_DTYPES:
         return True
     return a.dtype == torch.bfloat16 and interpreting()
+
+
+def launch(kernel, grid, args, constexprs, num_warps: int) -> None:
+    """The one place kernels are launched; tests/sm90_compile.py captures it to compile each
+    launcher's exact configuration for a Hopper GPU without one."""
+    kernel[grid](*args, **constexprs, num_warps=num_warps)
