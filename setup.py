@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["desap_ops", "desap_ops.kernels"],
+    packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations"],
     package_dir={"desap_ops": "desap_ops", "desap_ops.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",

@@ -1,0 +1,315 @@
+"""DeSAP inside transformers' LLaVA-1.5 and LLaVA-NeXT.
+
+Three instance attributes replace the class's methods (``remove_desap`` deletes them again):
+
+- ``model.model.get_image_features``: runs the vision tower with hooks on the feature layer's
+  attention, prunes each image to ``keep`` tokens with ``desap_ops.prune`` and projects only the
+  kept tokens into the language model's space;
+- ``model.forward``: shrinks each image's placeholder run in ``input_ids`` (and ``attention_mask``,
+  ``labels``, ``position_ids``) from the processor's count to ``keep`` before the model runs, and
+  tells the vision side which prompt it is pruning for;
+- ``model.generate``: shrinks the prompt once before generation, so the cache, the attention mask
+  and the positions of every decoding step agree with the pruned prefill.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import types
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .. import api
+from .sequence import count_placeholders, image_text_tokens, shrink_to_budget
+from .signals import capture, clip_layout, encoder_layers
+
+SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+
+
+@dataclass
+class DesapState:
+    keep: int
+    task_ratio: float
+    merge: bool
+    text_reduce: str
+    backend: str
+    ignored_ids: set
+    family: str                        # "llava" or "llava_next"
+    feature_layer: int                 # index into the vision tower's hidden_states
+    select_strategy: str               # "default" drops [CLS] from the features, "full" keeps it
+    original_forward: object = None
+    original_generate: object = None
+    saved: list = field(default_factory=list)  # (owner, name, instance attribute or None) to restore
+    prompt: Optional[tuple] = None     # (input_ids, attention_mask) of the call being served
+    last: dict = field(default_factory=dict)  # what the last prune kept, for inspection and demos
+
+
+def _family(model) -> str:
+    name = type(model).__name__
+    if name == "LlavaForConditionalGeneration":
+        return "llava"
+    if name == "LlavaNextForConditionalGeneration":
+        return "llava_next"
+    raise TypeError(f"apply_desap supports {', '.join(SUPPORTED)}; got {name}")
+
+
+def _feature_layer(config) -> int:
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"apply_desap needs a single vision_feature_layer, the model uses {layer}")
+    count = config.vision_config.num_hidden_layers
+    index = layer if layer >= 0 else count + 1 + layer
+    if not 1 <= index <= count:
+        raise ValueError(f"vision_feature_layer {layer} has no attention layer to read DeSAP's signals from")
+    return index
+
+
+def _ignored_ids(model, extra) -> set:
+    ids = {model.config.image_token_id}
+    for source in (model.config.text_config, getattr(model, "generation_config", None)):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(v for v in value if isinstance(v, int))
+    return ids | {int(t) for t in extra}
+
+
+def _tokens_per_crop(config, strategy: str) -> int:
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2 + (0 if strategy == "default" else 1)
+
+
+# --- vision side --------------------------------------------------------------------------------
+
+def _crops_per_image(inner, image_sizes) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [image_size_to_num_patches(image_size=size, grid_pinpoints=inner.config.image_grid_pinpoints,
+                                      patch_size=inner.config.vision_config.image_size)
+            for size in image_sizes]
+
+
+def image_token_counts(model, pixel_values, image_sizes=None) -> list[int]:
+    """How many placeholder tokens the processor gave each image (before pruning)."""
+    state: DesapState = model._desap
+    per_crop = _tokens_per_crop(model.config, state.select_strategy)
+    if state.family == "llava":
+        return [per_crop] * pixel_values.shape[0]
+    inner = model.model
+    dummies = [torch.zeros(n, per_crop, 1) for n in _crops_per_image(inner, image_sizes)]
+    _, lengths = inner.pack_image_features(dummies, image_sizes, state.select_strategy,
+                                           image_newline=torch.zeros(1))
+    return [int(n) for n in lengths]
+
+
+def _text_embeddings(model, n_images: int, device):
+    """Embeddings (I, L, C) and mask (I, L) of each image's prompt text; all-masked without one."""
+    state: DesapState = model._desap
+    embed = model.get_input_embeddings()
+    if state.prompt is None or state.prompt[0] is None:
+        ids = torch.zeros(n_images, 1, dtype=torch.long, device=device)
+        mask = torch.zeros(n_images, 1, dtype=torch.bool, device=device)
+    else:
+        input_ids, attention_mask = state.prompt
+        ids, mask = image_text_tokens(input_ids, attention_mask, model.config.image_token_id,
+                                      [state.keep] * n_images, state.ignored_ids)
+    return embed(ids.to(device)), mask.to(device)
+
+
+def _prune(model, hidden, attn, text, text_mask, saliency, keep: Optional[int] = None):
+    state: DesapState = model._desap
+    return api.prune(hidden, attn, text.to(attn.dtype), saliency, keep or state.keep, text_mask=text_mask,
+                     task_ratio=state.task_ratio, merge=state.merge, text_reduce=state.text_reduce,
+                     backend=state.backend)
+
+
+def _image_features(model, inner, pixel_values, image_sizes=None, vision_feature_layer=None,
+                    vision_feature_select_strategy=None, **kwargs):
+    """Replacement for ``inner.get_image_features``: the pruned, projected features of each image."""
+    state: DesapState = model._desap
+    if state.family == "llava_next":
+        crops = _crops_per_image(inner, image_sizes)
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, crops)], dim=0)
+    layer = encoder_layers(inner.vision_tower)[state.feature_layer - 1]
+    with capture(clip_layout(layer)) as signals:
+        outputs = inner.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        saliency = signals.cls_saliency()
+        branch = signals.attention_branch
+    hidden = outputs.hidden_states[state.feature_layer]
+    if state.select_strategy == "default":
+        hidden, branch, saliency = hidden[:, 1:], branch[:, 1:], saliency[:, 1:]
+    projector = inner.multi_modal_projector
+
+    if state.family == "llava":
+        text, text_mask = _text_embeddings(model, hidden.shape[0], hidden.device)
+        result = _prune(model, hidden, projector(branch), text, text_mask, saliency)
+        features = list(projector(result.tokens))
+        last = {"indices": result.indices, "assignment": result.assignment,
+                "task_scores": result.task_scores, "saliency": saliency}
+    else:
+        features, last = _next_features(model, inner, hidden, branch, saliency, image_sizes)
+    state.last = last
+    return BaseModelOutputWithPooling(last_hidden_state=outputs.last_hidden_state, pooler_output=features,
+                                      hidden_states=outputs.hidden_states)
+
+
+def _next_features(model, inner, hidden, branch, saliency, image_sizes):
+    """LLaVA-NeXT: one budget per image over its base and AnyRes crops, in the model's packed order.
+
+    The image-newline tokens stay where the model puts them (after each row of the unpadded crop
+    grid, and after a lone base image) and count toward ``keep``: the visual budget of an image is
+    ``keep`` minus its newline count, the kept visual tokens keep their packed order between the
+    newlines, and with ``keep`` = all tokens the model gets exactly its own sequence back.
+    """
+    state: DesapState = model._desap
+    crops = _crops_per_image(inner, image_sizes)
+    projector = inner.multi_modal_projector
+
+    def packed(tensor, newline=None):
+        parts = torch.split(tensor, crops, dim=0)
+        return inner.pack_image_features(parts, image_sizes, state.select_strategy, image_newline=newline)[0]
+
+    visual_marks = packed(torch.ones_like(saliency)[..., None], newline=torch.zeros(1, dtype=saliency.dtype,
+                                                                                     device=saliency.device))
+    texts, text_mask = _text_embeddings(model, len(crops), hidden.device)
+    features, last = [], {"indices": [], "assignment": [], "task_scores": [], "saliency": []}
+    rows = zip(packed(hidden), packed(branch), packed(saliency[..., None]), visual_marks)
+    for i, (h, b, s, mark) in enumerate(rows):
+        is_visual = mark[:, 0] > 0
+        visual_keep = state.keep - int((~is_visual).sum())
+        if not 1 <= visual_keep <= h.shape[0]:
+            raise ValueError(f"keep={state.keep} does not fit image {i}: it has {h.shape[0]} visual tokens "
+                             f"and {int((~is_visual).sum())} image-newline tokens, which count toward keep")
+        result = _prune(model, h[None], projector(b)[None], texts[i:i + 1], text_mask[i:i + 1], s[None, :, 0],
+                        keep=visual_keep)
+        slots = torch.zeros(mark.shape[0], dtype=torch.bool, device=mark.device)
+        slots[is_visual.nonzero()[:, 0][result.indices[0]]] = True          # kept visual positions
+        slots |= ~is_visual
+        out = inner.image_newline.to(hidden.dtype).expand(state.keep, -1).clone()
+        out[is_visual[slots]] = projector(result.tokens[0]).to(out.dtype)
+        features.append(out)
+        for name in ("indices", "assignment", "task_scores"):
+            last[name].append(getattr(result, name)[0])
+        last["saliency"].append(s[:, 0])
+    return features, last
+
+
+# --- language side ------------------------------------------------------------------------------
+
+def _shrink_arguments(model, arguments: dict, with_labels: bool, pad_left: bool) -> None:
+    """Shrink the placeholder runs in ``arguments`` in place if they are the processor's full runs."""
+    state: DesapState = model._desap
+    input_ids, pixel_values = arguments.get("input_ids"), arguments.get("pixel_values")
+    if pixel_values is None:
+        return
+    if input_ids is None:
+        raise ValueError("apply_desap needs input_ids (not inputs_embeds) when pixel_values are given: "
+                         "the image placeholders must be found to shrink them")
+    lengths = image_token_counts(model, pixel_values, arguments.get("image_sizes"))
+    found = count_placeholders(input_ids, model.config.image_token_id)
+    if found == state.keep * len(lengths):
+        return  # already pruned (e.g. the prefill inside generate)
+    if found != sum(lengths):
+        raise ValueError(f"input_ids hold {found} image tokens for {len(lengths)} images: expected "
+                         f"{sum(lengths)} (the processor's count) or {state.keep * len(lengths)} (keep per image)")
+    pad = model.config.text_config.pad_token_id
+    ids, mask, labels, positions = shrink_to_budget(
+        state.keep, lengths, model.config.image_token_id, 0 if pad is None else pad, input_ids,
+        arguments.get("attention_mask"), arguments.get("labels") if with_labels else None,
+        arguments.get("position_ids"), pad_left=pad_left)
+    arguments["input_ids"] = ids
+    for name, value in (("attention_mask", mask), ("labels", labels), ("position_ids", positions)):
+        if value is not None:
+            arguments[name] = value
+
+
+def _forward(model, *args, **kwargs):
+    state: DesapState = model._desap
+    arguments = inspect.signature(state.original_forward).bind_partial(*args, **kwargs).arguments
+    arguments.update(arguments.pop("kwargs", {}))
+    _shrink_arguments(model, arguments, with_labels=True, pad_left=False)
+    state.prompt = (arguments.get("input_ids"), arguments.get("attention_mask"))
+    try:
+        return state.original_forward(**arguments)
+    finally:
+        state.prompt = None
+
+
+def _generate(model, *args, **kwargs):
+    state: DesapState = model._desap
+    if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
+        kwargs["input_ids"], args = args[0], args[1:]
+    _shrink_arguments(model, kwargs, with_labels=False, pad_left=True)
+    return state.original_generate(*args, **kwargs)
+
+
+# --- public -------------------------------------------------------------------------------------
+
+def apply_desap(model, keep: int = 64, task_ratio: float = 0.5, merge: bool = True, *,
+                text_reduce: str = "max", exclude_token_ids=(), backend: str = "auto"):
+    """Patch ``model`` in place so every image reaches the language model as ``keep`` tokens.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
+        keep: tokens per image (LLaVA-NeXT: per image over its base and crops together).
+        task_ratio, merge, text_reduce, backend: as in :func:`desap_ops.prune`.
+        exclude_token_ids: token ids that never count as prompt text (for example the ids of a
+            chat template's "ASSISTANT:"); padding, BOS, EOS and image tokens never count.
+    Returns the model.
+    """
+    family = _family(model)
+    if getattr(model, "_desap", None) is not None:
+        remove_desap(model)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be a positive int, got {keep!r}")
+    if isinstance(task_ratio, bool) or not isinstance(task_ratio, (int, float)) or not 0 <= task_ratio <= 1 \
+            or math.isnan(task_ratio):
+        raise ValueError(f"task_ratio must lie in [0, 1], got {task_ratio!r}")
+    if text_reduce not in ("max", "mean"):
+        raise ValueError(f"text_reduce must be 'max' or 'mean', got {text_reduce!r}")
+    strategy = model.config.vision_feature_select_strategy
+    per_crop = _tokens_per_crop(model.config, strategy)
+    if family == "llava" and keep > per_crop:
+        raise ValueError(f"keep must lie in [1, {per_crop}] (the model's image tokens), got {keep}")
+    state = DesapState(keep=keep, task_ratio=float(task_ratio), merge=bool(merge), text_reduce=text_reduce,
+                       backend=backend, ignored_ids=_ignored_ids(model, exclude_token_ids), family=family,
+                       feature_layer=_feature_layer(model.config), select_strategy=strategy,
+                       original_forward=model.forward, original_generate=model.generate)
+    inner = model.model
+    state.saved = [(owner, name, owner.__dict__.get(name))
+                   for owner, name in ((model, "forward"), (model, "generate"), (inner, "get_image_features"))]
+    model._desap = state
+    inner.get_image_features = _bind(inner, lambda self, *a, **k: _image_features(model, self, *a, **k),
+                                     "get_image_features")
+    model.forward = _bind(model, _forward, "forward")
+    model.generate = _bind(model, _generate, "generate")
+    return model
+
+
+def _bind(owner, function, name: str):
+    """``function`` as a method of ``owner`` that shows the replaced method's signature (generate
+    validates its keyword arguments against the signature of ``forward``)."""
+    def method(self, *args, **kwargs):
+        return function(self, *args, **kwargs)
+
+    method.__signature__ = inspect.signature(getattr(type(owner), name))
+    method.__name__ = name
+    return types.MethodType(method, owner)
+
+
+def remove_desap(model):
+    """Undo :func:`apply_desap`: the model's own methods again, and nothing of DeSAP left on it."""
+    if getattr(model, "_desap", None) is None:
+        return model
+    for owner, name, previous in model._desap.saved:
+        owner.__dict__.pop(name, None)
+        if previous is not None:  # an instance attribute that was there before apply_desap
+            setattr(owner, name, previous)
+    del model._desap
+    return model

@@ -1,0 +1,116 @@
+"""Sequence surgery: shrink each image's placeholder run to ``keep`` tokens, and find each image's
+text tokens.
+
+Images fill the placeholder tokens in row-major order (as ``masked_scatter`` does in transformers),
+so the g-th placeholder of the flattened batch belongs to the image whose cumulative token count
+first exceeds g. That gives every placeholder its image and its index inside the image without a
+Python loop over tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def placeholder_owners(input_ids: torch.Tensor, image_token_id: int, lengths: Sequence[int]):
+    """(image id, index within the image) of every position; -1 where not a placeholder."""
+    is_image = input_ids == image_token_id
+    flat = is_image.reshape(-1)
+    order = torch.cumsum(flat.long(), dim=0) - 1                       # global placeholder number
+    ends = torch.cumsum(torch.as_tensor(list(lengths), device=input_ids.device), dim=0)
+    owner = torch.searchsorted(ends, order.clamp_min(0), right=True)
+    starts = ends - torch.as_tensor(list(lengths), device=input_ids.device)
+    within = order - starts[owner.clamp_max(len(lengths) - 1)]
+    owner = torch.where(flat, owner, -1).view_as(input_ids)
+    within = torch.where(flat, within, -1).view_as(input_ids)
+    return owner, within
+
+
+def count_placeholders(input_ids: torch.Tensor, image_token_id: int) -> int:
+    return int((input_ids == image_token_id).sum())
+
+
+def shrink_to_budget(
+    keep: int,
+    lengths: Sequence[int],
+    image_token_id: int,
+    pad_token_id: int,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    pad_left: bool = False,
+):
+    """Keep the first ``keep`` placeholders of each image (``lengths`` placeholders each, in order).
+
+    Padding positions (mask 0) are dropped too and the rows padded again to the longest, on the
+    side the batch was padded on (``pad_left`` when it was not padded), with pad tokens, mask 0 and
+    label -100. Returns (input_ids, attention_mask, labels, position_ids), None where None was given.
+    """
+    owner, within = placeholder_owners(input_ids, image_token_id, lengths)
+    kept = (owner < 0) | (within < keep)
+    if attention_mask is not None:
+        if bool((attention_mask == 0).any()):
+            pad_left = bool((attention_mask[:, 0] == 0).any())
+        kept &= attention_mask.bool()
+    rows = input_ids.shape[0]
+    new_len = int(kept.sum(dim=1).max())
+    left = pad_left
+
+    if attention_mask is None and bool((kept.sum(dim=1) != new_len).any()):
+        attention_mask = torch.ones_like(input_ids)   # rows now differ in length: mask the padding
+
+    def gather(tensor, fill):
+        if tensor is None:
+            return None
+        out = torch.full((rows, new_len) + tuple(tensor.shape[2:]), fill, dtype=tensor.dtype, device=tensor.device)
+        for r in range(rows):
+            values = tensor[r][kept[r]]
+            if left:
+                out[r, new_len - values.shape[0]:] = values
+            else:
+                out[r, :values.shape[0]] = values
+        return out
+
+    if position_ids is not None and position_ids.dim() == 3:   # (3, B, T) multimodal rotary positions
+        position_ids = torch.stack([gather(p, 0) for p in position_ids])
+    else:
+        position_ids = gather(position_ids, 0)
+    return (gather(input_ids, pad_token_id), gather(attention_mask, 0), gather(labels, -100), position_ids)
+
+
+def image_text_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    image_token_id: int,
+    lengths: Sequence[int],
+    ignored_ids: set[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the text tokens of its prompt: the tokens after its placeholders to the end of
+    its row, without padding, placeholders or ``ignored_ids``.
+
+    Returns (ids (I, L), mask (I, L)) with L >= 1; an image with no such token has an all-False row.
+    """
+    owner, _ = placeholder_owners(input_ids, image_token_id, lengths)
+    valid = owner < 0
+    if attention_mask is not None:
+        valid &= attention_mask.bool()
+    for token in ignored_ids:
+        valid &= input_ids != token
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    per_image = []
+    for image in range(len(lengths)):
+        hits = (owner == image).nonzero()
+        if hits.numel() == 0:
+            per_image.append(input_ids.new_empty(0))
+            continue
+        row, last = int(hits[0, 0]), int(hits[:, 1].max())
+        per_image.append(input_ids[row][valid[row] & (positions > last)])
+    width = max(1, max(t.numel() for t in per_image))
+    ids = input_ids.new_zeros((len(lengths), width))
+    mask = torch.zeros((len(lengths), width), dtype=torch.bool, device=input_ids.device)
+    for i, tokens in enumerate(per_image):
+        ids[i, :tokens.numel()] = tokens
+        mask[i, :tokens.numel()] = True
+    return ids, mask

@@ -1,0 +1,93 @@
+"""Reading DeSAP's signals out of a vision encoder layer while it runs.
+
+Hooks on the feature layer's attention module capture:
+- the attention branch: the attention module's output (after its output projection), before the
+  layer adds it to the residual stream;
+- the queries and keys, from the outputs of the query and key projections. [CLS] saliency is the
+  softmax of the [CLS] query against all keys, averaged over heads: O(T) per head, so the attention
+  implementation (eager, SDPA, flash) is left as it is and no T x T matrix is ever formed.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AttentionLayout:
+    """Where the pieces of one self-attention module are."""
+
+    attention: nn.Module      # returns the attention branch (a tensor or a tuple starting with it)
+    query: nn.Module          # Linear producing the queries (B, T, H * d)
+    key: nn.Module            # Linear producing the keys (B, T, H * d)
+    num_heads: int
+    scale: float
+
+
+@dataclass
+class CapturedSignals:
+    attention_branch: Optional[torch.Tensor] = None   # (B, T, D)
+    queries: Optional[torch.Tensor] = None            # (B, T, H * d)
+    keys: Optional[torch.Tensor] = None               # (B, T, H * d)
+    num_heads: int = 1
+    scale: float = 1.0
+    handles: list = field(default_factory=list)
+
+    def cls_saliency(self, cls_index: int = 0) -> torch.Tensor:
+        """(B, T) float32: attention of the [CLS] query to every token, averaged over heads."""
+        return cls_attention(self.queries[:, cls_index], self.keys, self.num_heads, self.scale)
+
+
+def cls_attention(query: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """softmax(q . k_t * scale) over t for one query per image, averaged over heads: (B, T) float32."""
+    batch, tokens, width = keys.shape
+    head_dim = width // num_heads
+    q = query.float().view(batch, num_heads, 1, head_dim)
+    k = keys.float().view(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)).squeeze(2) * scale          # (B, H, T)
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+@contextmanager
+def capture(layout: AttentionLayout) -> Iterator[CapturedSignals]:
+    """Capture the signals of one forward pass through ``layout.attention``."""
+    signals = CapturedSignals(num_heads=layout.num_heads, scale=layout.scale)
+
+    def save(name):
+        def hook(module, args, output):
+            value = output[0] if isinstance(output, (tuple, list)) else output
+            setattr(signals, name, value)
+        return hook
+
+    signals.handles = [
+        layout.attention.register_forward_hook(save("attention_branch")),
+        layout.query.register_forward_hook(save("queries")),
+        layout.key.register_forward_hook(save("keys")),
+    ]
+    try:
+        yield signals
+    finally:
+        for handle in signals.handles:
+            handle.remove()
+        signals.handles = []
+
+
+def clip_layout(encoder_layer: nn.Module) -> AttentionLayout:
+    """CLIP / SigLIP-style layer: ``self_attn`` with ``q_proj`` and ``k_proj``."""
+    attention = encoder_layer.self_attn
+    return AttentionLayout(attention, attention.q_proj, attention.k_proj,
+                           num_heads=attention.num_heads, scale=attention.scale)
+
+
+def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a CLIP-style vision tower (transformers 5 and 4 layouts)."""
+    for path in ("encoder.layers", "vision_model.encoder.layers"):
+        try:
+            return vision_tower.get_submodule(path)
+        except AttributeError:
+            continue
+    raise TypeError(f"cannot find the encoder layers of {type(vision_tower).__name__}")

@@ -1,0 +1,41 @@
+"""Tiny random-weight LLaVA models built from configs (no hub): for tests, demos and smoke benches."""
+from __future__ import annotations
+
+import torch
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaNextConfig, LlavaNextForConditionalGeneration)
+
+IMAGE_TOKEN_ID = 100
+PAD, BOS, EOS = 0, 1, 2
+
+
+def _configs(image_size: int = 56, patch_size: int = 14, attn_implementation: str = "sdpa"):
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch_size, projection_dim=32)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=128, pad_token_id=PAD, bos_token_id=BOS,
+                       eos_token_id=EOS)
+    for config in (vision, text):
+        config._attn_implementation = attn_implementation
+    return vision, text
+
+
+def tiny_llava(seed: int = 0, attn_implementation: str = "sdpa", **vision) -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 layout: CLIP tower (4x4 = 16 patch tokens + [CLS]), feature layer -2, Llama LM."""
+    vision_config, text_config = _configs(attn_implementation=attn_implementation, **vision)
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_id=IMAGE_TOKEN_ID,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa") -> LlavaNextForConditionalGeneration:
+    """LLaVA-NeXT layout: AnyRes over 56-pixel crops, grids up to 2 x 2."""
+    vision_config, text_config = _configs(attn_implementation=attn_implementation)
+    config = LlavaNextConfig(vision_config=vision_config, text_config=text_config, image_token_id=IMAGE_TOKEN_ID,
+                             vision_feature_layer=-2, vision_feature_select_strategy="default",
+                             image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]])
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(config).eval()
