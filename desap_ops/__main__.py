@@ -1,40 +1,125 @@
-"""``python -m desap_ops`` / ``desap``: prune a random LLaVA-1.5-shaped batch and show what it kept."""
+"""The ``desap`` command line (also ``python -m desap_ops``).
+
+    desap demo [--image PATH] [--prompt TEXT] [--keep K] [--task-ratio R] [--model DIR]
+               [--query-box x0,y0,x1,y1] [--out kept.png]
+    desap bench op [--device cuda] [--dtype bf16] [--tiny] [--out op.json]
+    desap bench e2e [--model tiny|llava-1.5-7b|llava-next-7b] [--keep 576,192,128,64] [--device cuda]
+                    [--out e2e.json] [--plot e2e.png]
+
+Mistakes a person can fix (a missing file, a keep too large, --device cuda without a GPU) print
+one line and exit with status 2.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-import torch
+
+class UsageError(Exception):
+    pass
 
 
-def example(args: argparse.Namespace) -> int:
-    import desap_ops
+def _device(name: str) -> str:
+    import torch
 
-    gen = torch.Generator().manual_seed(args.seed)
-    batch, tokens, width, text_width, n_text = args.batch, 576, 1024, 4096, 32
-    hidden = torch.randn(batch, tokens, width, generator=gen)
-    attn = torch.randn(batch, tokens, text_width, generator=gen)
-    text = torch.randn(batch, n_text, text_width, generator=gen)
-    saliency = torch.rand(batch, tokens, generator=gen).softmax(dim=-1)
-    result = desap_ops.prune(hidden, attn, text, saliency, args.keep, task_ratio=args.task_ratio)
-    counts = torch.zeros(batch, args.keep).scatter_add_(1, result.assignment, torch.ones(batch, tokens))
-    print(f"random batch: B={batch}, N={tokens} tokens (24x24 grid), D={width}, L={n_text} text tokens")
-    print(f"kept {args.keep} of {tokens} per image, task_ratio={args.task_ratio}; tokens -> {tuple(result.tokens.shape)}")
-    for b in range(batch):
-        rows, cols = result.indices[b] // 24, result.indices[b] % 24
-        print(f"image {b}: kept (row, col) " + " ".join(f"({r},{c})" for r, c in zip(rows.tolist()[:8], cols.tolist()[:8]))
-              + (" ..." if args.keep > 8 else ""))
-        print(f"         merged per kept token: min {int(counts[b].min())}, max {int(counts[b].max())}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} needs a CUDA GPU and none is visible; use --device cpu")
+    if name not in ("cpu", "meta") and not name.startswith("cuda"):
+        raise UsageError(f"--device must be cpu, meta or cuda, got {name}")
+    return name
+
+
+def _demo(args) -> int:
+    from .demo import demo
+
+    print(demo(image=args.image, prompt=args.prompt, keep=args.keep, task_ratio=args.task_ratio,
+               model=args.model, out=args.out, query_box=args.query_box))
     return 0
 
 
+def _bench_op(args) -> int:
+    import torch
+
+    from . import benchmarking
+
+    device = _device(args.device)
+    if device == "meta":
+        raise UsageError("bench op times real work: use --device cpu or cuda")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    shapes = benchmarking.TINY_SHAPES if args.tiny else benchmarking.SHAPES
+    result = benchmarking.run(device, dtypes[args.dtype], shapes, with_compile=not args.no_compile,
+                              progress=lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
+    print(benchmarking.format_table(result))
+    if args.out:
+        benchmarking.save(result, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _bench_e2e(args) -> int:
+    from . import e2e
+
+    device = _device(args.device)
+    try:
+        keeps = [int(k) for k in args.keep.split(",")] if args.keep else None
+    except ValueError:
+        raise UsageError(f"--keep must be comma-separated integers, got {args.keep}") from None
+    result = e2e.run(args.model, keeps, device, args.dtype, batch=args.batch,
+                     progress=lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
+    print(e2e.format_table(result))
+    if args.out:
+        e2e.save(result, args.out)
+        print(f"wrote {args.out}")
+    if args.plot:
+        e2e.plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="desap", description="DeSAP visual-token pruning: demo and benchmarks")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="show what DeSAP keeps on a real image")
+    demo.add_argument("--image", help="image file (default: skimage's astronaut photograph)")
+    demo.add_argument("--prompt", help="the question (used with --model)")
+    demo.add_argument("--keep", type=int, default=32, help="tokens to keep (default 32)")
+    demo.add_argument("--task-ratio", type=float, default=0.5)
+    demo.add_argument("--model", help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (offline)")
+    demo.add_argument("--query-box", help="x0,y0,x1,y1: tokens in this box play the text (no --model)")
+    demo.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    op = bench.add_parser("op", help="operator microbenchmarks")
+    op.add_argument("--device", default="cuda")
+    op.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    op.add_argument("--tiny", action="store_true", help="one tiny shape (a smoke test)")
+    op.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    op.add_argument("--out", help="JSON file to write")
+    op.set_defaults(run=_bench_op)
+
+    e2e = bench.add_parser("e2e", help="prefill with and without DeSAP on a whole model")
+    e2e.add_argument("--model", default="tiny", choices=["tiny", "llava-1.5-7b", "llava-next-7b"])
+    e2e.add_argument("--keep", help="comma-separated budgets (default: the model's N and three smaller)")
+    e2e.add_argument("--device", default="cpu", help="cpu, cuda, or meta (FLOPs only, any size)")
+    e2e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    e2e.add_argument("--batch", type=int, default=1)
+    e2e.add_argument("--out", help="JSON file to write")
+    e2e.add_argument("--plot", help="PNG plot of speedup against budget")
+    e2e.set_defaults(run=_bench_e2e)
+    return top
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="desap", description=__doc__)
-    parser.add_argument("--keep", type=int, default=64)
-    parser.add_argument("--task-ratio", type=float, default=0.5)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    return example(parser.parse_args(argv))
+    from .demo import DemoError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, DemoError) as err:
+        print(f"desap: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

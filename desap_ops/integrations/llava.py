@@ -95,15 +95,14 @@ def _crops_per_image(inner, image_sizes) -> list[int]:
 
 
 def image_token_counts(model, pixel_values, image_sizes=None) -> list[int]:
-    """How many placeholder tokens the processor gave each image (before pruning)."""
-    state: DesapState = model._desap
-    per_crop = _tokens_per_crop(model.config, state.select_strategy)
-    if state.family == "llava":
+    """How many placeholder tokens the processor gives each image (before pruning)."""
+    strategy = model.config.vision_feature_select_strategy
+    per_crop = _tokens_per_crop(model.config, strategy)
+    if _family(model) == "llava":
         return [per_crop] * pixel_values.shape[0]
     inner = model.model
     dummies = [torch.zeros(n, per_crop, 1) for n in _crops_per_image(inner, image_sizes)]
-    _, lengths = inner.pack_image_features(dummies, image_sizes, state.select_strategy,
-                                           image_newline=torch.zeros(1))
+    _, lengths = inner.pack_image_features(dummies, image_sizes, strategy, image_newline=torch.zeros(1))
     return [int(n) for n in lengths]
 
 
