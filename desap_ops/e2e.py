@@ -151,10 +151,12 @@ def count_flops(model, inputs: dict, image_tokens: int, keep: int) -> dict:
                             (batch, TEXT_TOKENS, text_width), None, None, None, keep)
     length_full = inputs["input_ids"].shape[1]
     length_keep = length_full - image_tokens + keep
-    full = tower + project_all + language(length_full)
-    ideal = tower + project_kept + language(length_keep)
-    desap = tower + project_all + operator + project_kept + language(length_keep)
-    return {"full": full, "desap": desap, "ideal": ideal, "operator": operator}
+    language_full, language_keep = language(length_full), language(length_keep)
+    full = tower + project_all + language_full
+    ideal = tower + project_kept + language_keep
+    desap = tower + project_all + operator + project_kept + language_keep
+    return {"full": full, "desap": desap, "ideal": ideal, "operator": operator, "vision_tower": tower,
+            "language_full": language_full, "language_keep": language_keep}
 
 
 def run(name: str, keeps: Optional[list], device: str = "cpu", dtype: Optional[str] = None, batch: int = 1,
@@ -196,6 +198,7 @@ def run(name: str, keeps: Optional[list], device: str = "cpu", dtype: Optional[s
                 row["overhead_share"] = row["overhead_ms"] / row["desap_ms"]
                 row["share_of_ideal_speedup"] = row["speedup"] / row["ideal_speedup"]
             row["flops_reduction"] = row["flops"]["full"] / row["flops"]["desap"]
+            row["language_flops_reduction"] = row["flops"]["language_full"] / row["flops"]["language_keep"]
             result["rows"].append(row)
     return result
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,8 +22,15 @@ SCORE_ATOL = 2e-5  # cosines in float32 from the same inputs, summed in another 
 TIE_MARGIN = 1e-4  # deciding scores are at least this far apart in tie-free inputs
 
 
-def devices() -> list[str]:
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def triton_devices() -> list[str]:
+    """Where the Triton kernels run in this session: CPU under the interpreter (set by conftest when
+    there is no GPU), else the GPU, compiled."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return ["cpu"]
+    return ["cuda"] if torch.cuda.is_available() else []
+
+
+TRITON_DEVICE = (triton_devices() or ["cpu"])[0]
 
 
 @dataclass

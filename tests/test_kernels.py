@@ -8,9 +8,9 @@ import desap_ops
 from desap_ops import reference
 from desap_ops._validation import split_budget
 
-from helpers import DTYPES, SCORE_ATOL, TOKEN_TOL, assert_matches_reference, devices, tie_free_case
+from helpers import DTYPES, SCORE_ATOL, TOKEN_TOL, assert_matches_reference, tie_free_case, triton_devices
 
-DEVICES = devices()
+DEVICES = triton_devices()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 import desap_ops
 from desap_ops import reference
 
-from helpers import assert_matches_reference, devices, tie_free_case
+from helpers import TRITON_DEVICE, assert_matches_reference, tie_free_case, triton_devices
 
 
 def _op_cases():
@@ -25,7 +25,7 @@ def test_opcheck_prune(case):
     torch.library.opcheck(torch.ops.desap.prune.default, args)
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("device", triton_devices())
 def test_opcheck_prune_triton(device):
     case = tie_free_case(tokens=20, keep=5, with_mask=True, seed=1).to(device)
     args = (case.hidden.clone().requires_grad_(True),) + case.op_args()[1:]
@@ -109,8 +109,8 @@ def test_gradient_reaches_hidden_only():
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_op_gradient_equals_reference_autograd(backend):
-    case = tie_free_case(tokens=18, keep=5, with_mask=True)
-    grad_out = torch.randn(2, 5, case.hidden.shape[-1])
+    case = tie_free_case(tokens=18, keep=5, with_mask=True).to(TRITON_DEVICE if backend == "triton" else "cpu")
+    grad_out = torch.randn(2, 5, case.hidden.shape[-1], device=case.hidden.device)
     grads = []
     for b in (backend, "reference"):
         hidden = case.hidden.clone().requires_grad_(True)
@@ -122,9 +122,9 @@ def test_op_gradient_equals_reference_autograd(backend):
 
 
 def test_outputs_never_alias_inputs():
-    case = tie_free_case(tokens=8, keep=8, merge=False)
-    inputs = {t.data_ptr() for t in (case.hidden, case.attn, case.text, case.saliency)}
-    for backend in ("auto", "reference", "triton"):
+    for device, backend in (("cpu", "auto"), ("cpu", "reference"), (TRITON_DEVICE, "triton")):
+        case = tie_free_case(tokens=8, keep=8, merge=False).to(device)
+        inputs = {t.data_ptr() for t in (case.hidden, case.attn, case.text, case.saliency)}
         result = desap_ops.prune(*case.args(), merge=False, backend=backend)
         assert not inputs & {t.data_ptr() for t in result}
 
@@ -194,7 +194,7 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_triton_backend_rejects_float64():
-    good = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
+    good = {k: (v.double().to(TRITON_DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
     with pytest.raises(TypeError, match="hidden is torch.float64"):
         desap_ops.prune(*[good[k] for k in ("hidden", "attn", "text", "saliency", "keep")], backend="triton")
 

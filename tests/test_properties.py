@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import desap_ops
 from desap_ops import reference
 
-from helpers import (SCORE_ATOL, TOKEN_TOL, Case, assert_matches_reference, naive_assignment,
+from helpers import (SCORE_ATOL, TOKEN_TOL, TRITON_DEVICE, Case, assert_matches_reference, naive_assignment,
                      naive_merge, naive_select, naive_task_scores)
 
 ROUNDING = 1e-5
@@ -90,7 +90,8 @@ def test_reference_matches_the_naive_oracle(case):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases(max_tokens=300, max_batch=2))
 def test_kernels_match_the_reference(case):
-    result = desap_ops.prune(*case.args(), **case.options, backend="triton")
+    result = desap_ops.prune(*case.to(TRITON_DEVICE).args(), **case.to(TRITON_DEVICE).options, backend="triton")
+    result = type(result)(*(t.cpu() for t in result))
     _check_invariants(result, case)
     assert_matches_reference(result, case, exact_assignment=False)
     if case.merge:

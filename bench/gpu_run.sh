@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on a lent GPU (the device tool): the CUDA tests, then every benchmark, results under
+# $OUT (the device tool's folder) or bench/results/gpu-<date>. The GPU image has torch, triton and
+# transformers and no network, so the package is installed from source without dependencies.
+#   run: bash bench/gpu_run.sh        (then commit the files it wrote under bench/results/)
+set -uo pipefail
+out=${OUT:-bench/results/gpu-$(date -u +%Y%m%d)}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit 1
+{
+  date -u +%Y-%m-%dT%H:%M:%SZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} | tee "$out/environment.txt"
+
+# CUDA tests: every kernel against the reference, compiled; determinism (bitwise reruns); the op.
+python3 -m pytest -q tests/test_kernels.py tests/test_op.py tests/test_properties.py \
+  tests/test_reference.py tests/test_integrations_llava.py 2>&1 | tee "$out/tests.log" | tail -n 15
+
+python3 -m desap_ops bench op --device cuda --dtype bf16 --out "$out/op-bf16.json" 2>&1 | tee "$out/op.txt"
+python3 -m desap_ops bench e2e --model llava-1.5-7b --device cuda --keep 576,192,128,64 \
+  --out "$out/e2e-llava-1.5-7b.json" --plot "$out/e2e-llava-1.5-7b.png" 2>&1 | tee "$out/e2e.txt"
+python3 -m desap_ops bench e2e --model llava-next-7b --device cuda --keep 2928,1280,640,320 \
+  --out "$out/e2e-llava-next-7b.json" 2>&1 | tee -a "$out/e2e.txt"
