@@ -73,8 +73,8 @@ def _select_assign_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     j0 = tl.program_id(1) * BLOCK_J
-    keep = K.to(tl.int32)
-    k_task = K_TASK.to(tl.int32)
+    keep = tl.cast(K, tl.int32)  # tl.cast, not .to: an argument equal to 1 arrives as a constant
+    k_task = tl.cast(K_TASK, tl.int32)
 
     # An image without valid text gives its whole budget to saliency.
     if HAS_MASK:

@@ -37,6 +37,7 @@ captured: dict = {}
 def _capture(kernel, grid, args, constexprs, num_warps):
     runtime = iter(args)
     signature = {}
+    constexprs = dict(constexprs)
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
@@ -44,6 +45,10 @@ def _capture(kernel, grid, args, constexprs, num_warps):
         value = next(runtime)
         if isinstance(value, torch.Tensor):
             signature[name] = POINTER[value.dtype]
+        elif int(value) == 1 and name not in getattr(kernel, "do_not_specialize", ()):
+            # the JIT turns an integer argument equal to 1 into a constant: compile that variant too
+            signature[name] = "constexpr"
+            constexprs[name] = 1
         else:
             signature[name] = "i64" if abs(int(value)) >= 2**31 else "i32"
     key = (kernel.fn.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())), num_warps)
@@ -58,7 +63,8 @@ SHAPES = [  # (B, N, K, D, C, L): LLaVA-1.5, LLaVA-NeXT, video, long prompt, tin
     (1, 2880, 320, 1024, 4096, 64),
     (1, 2048, 256, 1024, 4096, 64),
     (1, 576, 64, 1024, 4096, 1024),
-    (1, 5, 1, 8, 8, 1),
+    (1, 5, 1, 8, 8, 1),      # keep = 1 and L = 1: the JIT makes both compile-time constants
+    (1, 1, 1, 1, 1, 1),      # every size 1
     (1, 8192, 1024, 1024, 8192, 2048),
 ]
 
