@@ -19,18 +19,22 @@ from .common import launch
 
 
 @triton.jit
+def _output_slot(K, D, BLOCK_D: tl.constexpr):
+    """Program (b * K + k, d-block) -> (flat output row, image b, output k, features d, d in range)."""
+    pid = tl.program_id(0).to(tl.int64)
+    keep = tl.cast(K, tl.int64)  # tl.cast, not .to: an argument equal to 1 arrives as a constant
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return pid, pid // keep, pid % keep, d, d < D
+
+
+@triton.jit
 def _merge_kernel(
     hidden_ptr, idx_ptr, assign_ptr, out_ptr,
     N, K, D,
     stride_hb, stride_hn, stride_hd,
     MERGE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    keep = tl.cast(K, tl.int64)
-    b = pid // keep
-    k = pid % keep
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    pid, b, k, d, d_ok = _output_slot(K, D, BLOCK_D)
     hidden_b = hidden_ptr + b * stride_hb + d[None, :] * stride_hd
     if MERGE:
         total = tl.zeros([BLOCK_D], tl.float32)
@@ -59,12 +63,7 @@ def _unmerge_grad_kernel(
     stride_gb, stride_gk, stride_gd,
     BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    keep = tl.cast(K, tl.int64)
-    b = pid // keep
-    k = pid % keep
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_ok = d < D
+    pid, b, k, d, d_ok = _output_slot(K, D, BLOCK_D)
     count = tl.full([], 0, tl.int32)
     for j0 in range(0, N, BLOCK_J):
         j = j0 + tl.arange(0, BLOCK_J)
