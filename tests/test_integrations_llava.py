@@ -5,7 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from desap_ops import reference
 from desap_ops.integrations import apply_desap, remove_desap
-from desap_ops.integrations.sequence import image_text_tokens, shrink_to_budget
+from desap_ops.integrations.sequence import first_placeholders, image_text_tokens, shrink_placeholders
 from desap_ops.integrations.signals import capture, clip_layout, encoder_layers
 from desap_ops.integrations.tiny import IMAGE_TOKEN_ID as IMG, tiny_llava, tiny_llava_next
 
@@ -214,7 +214,8 @@ def test_shrink_keeps_the_first_placeholders_and_repads():
     ids = torch.tensor([[0, 0, 1, IMG, IMG, IMG, 5], [1, IMG, IMG, IMG, IMG, IMG, IMG]])
     mask = (ids != 0).long()
     labels = torch.arange(14).view(2, 7)
-    new_ids, new_mask, new_labels, _ = shrink_to_budget(2, [3, 3, 3], IMG, 0, ids, mask, labels)
+    shrunk = shrink_placeholders(first_placeholders([3, 3, 3], 2), IMG, 0, ids, mask, labels)
+    new_ids, new_mask, new_labels = shrunk["input_ids"], shrunk["attention_mask"], shrunk["labels"]
     assert new_ids.tolist() == [[0, 1, IMG, IMG, 5], [1, IMG, IMG, IMG, IMG]]
     assert new_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert new_labels.tolist() == [[-100, 2, 3, 4, 6], [7, 8, 9, 11, 12]]

@@ -23,10 +23,13 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .. import api
-from .sequence import count_placeholders, image_text_tokens, shrink_to_budget
+from .sequence import count_placeholders, first_placeholders, image_text_tokens, shrink_placeholders
 from .signals import capture, clip_layout, encoder_layers
 
-SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+             "Qwen2_5_VLForConditionalGeneration")
+FAMILIES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
+            "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
 
 
 @dataclass
@@ -49,11 +52,9 @@ class DesapState:
 
 def _family(model) -> str:
     name = type(model).__name__
-    if name == "LlavaForConditionalGeneration":
-        return "llava"
-    if name == "LlavaNextForConditionalGeneration":
-        return "llava_next"
-    raise TypeError(f"apply_desap supports {', '.join(SUPPORTED)}; got {name}")
+    if name not in FAMILIES:
+        raise TypeError(f"apply_desap supports {', '.join(SUPPORTED)}; got {name}")
+    return FAMILIES[name]
 
 
 def _feature_layer(config) -> int:
@@ -67,8 +68,14 @@ def _feature_layer(config) -> int:
     return index
 
 
+STRUCTURAL_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
 def _ignored_ids(model, extra) -> set:
-    ids = {model.config.image_token_id}
+    """Token ids that never count as prompt text: image/video placeholders, the markers around
+    them, padding, BOS, EOS, and the caller's ``extra``."""
+    ids = {getattr(model.config, name) for name in STRUCTURAL_TOKENS
+           if isinstance(getattr(model.config, name, None), int)}
     for source in (model.config.text_config, getattr(model, "generation_config", None)):
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(source, name, None) if source is not None else None
@@ -218,14 +225,13 @@ def _shrink_arguments(model, arguments: dict, with_labels: bool, pad_left: bool)
         raise ValueError(f"input_ids hold {found} image tokens for {len(lengths)} images: expected "
                          f"{sum(lengths)} (the processor's count) or {state.keep * len(lengths)} (keep per image)")
     pad = model.config.text_config.pad_token_id
-    ids, mask, labels, positions = shrink_to_budget(
-        state.keep, lengths, model.config.image_token_id, 0 if pad is None else pad, input_ids,
-        arguments.get("attention_mask"), arguments.get("labels") if with_labels else None,
-        arguments.get("position_ids"), pad_left=pad_left)
-    arguments["input_ids"] = ids
-    for name, value in (("attention_mask", mask), ("labels", labels), ("position_ids", positions)):
-        if value is not None:
-            arguments[name] = value
+    shrunk = shrink_placeholders(
+        first_placeholders(lengths, state.keep, input_ids.device), model.config.image_token_id,
+        0 if pad is None else pad, input_ids, arguments.get("attention_mask"),
+        arguments.get("labels") if with_labels else None, arguments.get("position_ids"), pad_left=pad_left)
+    for name in ("input_ids", "attention_mask", "labels", "position_ids"):
+        if shrunk[name] is not None:
+            arguments[name] = shrunk[name]
 
 
 def _forward(model, *args, **kwargs):
@@ -255,8 +261,10 @@ def apply_desap(model, keep: int = 64, task_ratio: float = 0.5, merge: bool = Tr
     """Patch ``model`` in place so every image reaches the language model as ``keep`` tokens.
 
     Args:
-        model: a ``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``.
-        keep: tokens per image (LLaVA-NeXT: per image over its base and crops together).
+        model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` or
+            ``Qwen2_5_VLForConditionalGeneration``.
+        keep: tokens per image (LLaVA-NeXT: per image over its base and crops together;
+            Qwen2.5-VL: language-model tokens, each a merged 2 x 2 group of patches).
         task_ratio, merge, text_reduce, backend: as in :func:`desap_ops.prune`.
         exclude_token_ids: token ids that never count as prompt text (for example the ids of a
             chat template's "ASSISTANT:"); padding, BOS, EOS and image tokens never count.
@@ -272,14 +280,19 @@ def apply_desap(model, keep: int = 64, task_ratio: float = 0.5, merge: bool = Tr
         raise ValueError(f"task_ratio must lie in [0, 1], got {task_ratio!r}")
     if text_reduce not in ("max", "mean"):
         raise ValueError(f"text_reduce must be 'max' or 'mean', got {text_reduce!r}")
+    common = dict(keep=keep, task_ratio=float(task_ratio), merge=bool(merge), text_reduce=text_reduce,
+                  backend=backend, ignored_ids=_ignored_ids(model, exclude_token_ids), family=family,
+                  original_forward=model.forward, original_generate=model.generate)
+    if family == "qwen2_5_vl":
+        from . import qwen
+
+        qwen.install(model, DesapState(feature_layer=-1, select_strategy="full", **common), _bind)
+        return model
     strategy = model.config.vision_feature_select_strategy
     per_crop = _tokens_per_crop(model.config, strategy)
     if family == "llava" and keep > per_crop:
         raise ValueError(f"keep must lie in [1, {per_crop}] (the model's image tokens), got {keep}")
-    state = DesapState(keep=keep, task_ratio=float(task_ratio), merge=bool(merge), text_reduce=text_reduce,
-                       backend=backend, ignored_ids=_ignored_ids(model, exclude_token_ids), family=family,
-                       feature_layer=_feature_layer(model.config), select_strategy=strategy,
-                       original_forward=model.forward, original_generate=model.generate)
+    state = DesapState(feature_layer=_feature_layer(model.config), select_strategy=strategy, **common)
     inner = model.model
     state.saved = [(owner, name, owner.__dict__.get(name))
                    for owner, name in ((model, "forward"), (model, "generate"), (inner, "get_image_features"))]

@@ -31,33 +31,39 @@ def count_placeholders(input_ids: torch.Tensor, image_token_id: int) -> int:
     return int((input_ids == image_token_id).sum())
 
 
-def shrink_to_budget(
-    keep: int,
-    lengths: Sequence[int],
+def first_placeholders(lengths: Sequence[int], keep: int, device=None) -> torch.Tensor:
+    """Keep flags for the placeholders of all images in order: the first ``keep`` of each."""
+    return torch.cat([torch.arange(n, device=device) < keep for n in lengths])
+
+
+def shrink_placeholders(
+    kept_placeholders: torch.Tensor,
     image_token_id: int,
     pad_token_id: int,
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
     position_ids: Optional[torch.Tensor] = None,
+    token_types: Optional[torch.Tensor] = None,
     pad_left: bool = False,
-):
-    """Keep the first ``keep`` placeholders of each image (``lengths`` placeholders each, in order).
+) -> dict:
+    """Drop the placeholders whose flag in ``kept_placeholders`` (one per placeholder of the batch,
+    in row-major order) is False, and every padding position.
 
-    Padding positions (mask 0) are dropped too and the rows padded again to the longest, on the
-    side the batch was padded on (``pad_left`` when it was not padded), with pad tokens, mask 0 and
-    label -100. Returns (input_ids, attention_mask, labels, position_ids), None where None was given.
+    The rows are padded again to the longest, on the side the batch was padded on (``pad_left``
+    when it was not padded), with pad tokens, mask 0 and label -100. ``position_ids`` may be (B, T)
+    or (3, B, T) (multimodal rotary positions); kept tokens keep their positions. Returns a dict
+    of input_ids, attention_mask, labels, position_ids and token_types (None where None was given).
     """
-    owner, within = placeholder_owners(input_ids, image_token_id, lengths)
-    kept = (owner < 0) | (within < keep)
+    is_image = input_ids == image_token_id
+    kept = torch.ones_like(is_image)
+    kept[is_image] = kept_placeholders.to(kept.device)
     if attention_mask is not None:
         if bool((attention_mask == 0).any()):
             pad_left = bool((attention_mask[:, 0] == 0).any())
         kept &= attention_mask.bool()
     rows = input_ids.shape[0]
     new_len = int(kept.sum(dim=1).max())
-    left = pad_left
-
     if attention_mask is None and bool((kept.sum(dim=1) != new_len).any()):
         attention_mask = torch.ones_like(input_ids)   # rows now differ in length: mask the padding
 
@@ -67,17 +73,18 @@ def shrink_to_budget(
         out = torch.full((rows, new_len) + tuple(tensor.shape[2:]), fill, dtype=tensor.dtype, device=tensor.device)
         for r in range(rows):
             values = tensor[r][kept[r]]
-            if left:
+            if pad_left:
                 out[r, new_len - values.shape[0]:] = values
             else:
                 out[r, :values.shape[0]] = values
         return out
 
-    if position_ids is not None and position_ids.dim() == 3:   # (3, B, T) multimodal rotary positions
+    if position_ids is not None and position_ids.dim() == 3:
         position_ids = torch.stack([gather(p, 0) for p in position_ids])
     else:
         position_ids = gather(position_ids, 0)
-    return (gather(input_ids, pad_token_id), gather(attention_mask, 0), gather(labels, -100), position_ids)
+    return {"input_ids": gather(input_ids, pad_token_id), "attention_mask": gather(attention_mask, 0),
+            "labels": gather(labels, -100), "position_ids": position_ids, "token_types": gather(token_types, 0)}
 
 
 def image_text_tokens(

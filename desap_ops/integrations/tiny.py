@@ -7,6 +7,7 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
 
 IMAGE_TOKEN_ID = 100
 PAD, BOS, EOS = 0, 1, 2
+QWEN_IMAGE, QWEN_VIDEO = 151, 152
 
 
 def _configs(image_size: int = 56, patch_size: int = 14, attn_implementation: str = "sdpa"):
@@ -39,3 +40,21 @@ def tiny_llava_next(seed: int = 0, attn_implementation: str = "sdpa") -> LlavaNe
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return LlavaNextForConditionalGeneration(config).eval()
+
+
+def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa"):
+    """Qwen2.5-VL layout: 14-pixel patches, 2 x 2 merge, window attention with one full-attention
+    layer (index 1 of 3), multimodal rotary positions. pixel_values are (patches, 3 * 2 * 14 * 14)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], in_channels=3, tokens_per_second=2),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=160, pad_token_id=PAD, bos_token_id=BOS,
+                         eos_token_id=EOS, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=153, vision_end_token_id=154)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()

@@ -1,0 +1,242 @@
+"""DeSAP inside transformers' Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``).
+
+Qwen2.5-VL's vision encoder has no [CLS] token, runs window attention in most layers, and merges
+each 2 x 2 group of patches into one language-model token. DeSAP runs at the level of those
+language-model tokens:
+
+- saliency: the attention each token *receives* at the encoder's last full-attention layer (the
+  mean over queries of softmax(q k^T) within its image, averaged over heads, summed over the 2 x 2
+  patches of the token). It is computed from that layer's own queries and keys (rotary applied),
+  one block of queries at a time, so no attention matrix of the image is ever held, and the model's
+  own attention (SDPA or flash) runs unchanged in every layer;
+- attention branch: that layer's attention output, mapped to the language model's space by the
+  model's own patch merger;
+- hidden and metric: the merged tokens the language model receives;
+- positions: the kept tokens keep their original multimodal rotary positions (temporal, height,
+  width); text after an image keeps its positions too. Only the sequence gets shorter.
+
+Which tokens survive depends on the image, so the prompt is shortened after the vision encoder
+has run: in ``forward`` for a plain call, and before generation in ``generate`` (which also hands
+the kept tokens' positions to the generation loop). Video inputs pass through unpruned.
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .. import api
+from .sequence import count_placeholders, image_text_tokens, shrink_placeholders
+
+QUERY_BLOCK_BYTES = 64 * 2**20   # bound on the scores of one block of queries
+
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, segments, scale: float) -> torch.Tensor:
+    """(T,) float32: for each token, the mean over the queries of its segment of the softmax
+    attention it receives, averaged over heads. queries, keys: (T, H, d)."""
+    tokens, heads, _ = keys.shape
+    out = torch.zeros(tokens, dtype=torch.float32, device=keys.device)
+    for start, end in segments:
+        k = keys[start:end].transpose(0, 1).float()                     # (H, n, d)
+        block = max(1, QUERY_BLOCK_BYTES // (4 * heads * (end - start)))
+        for first in range(start, end, block):
+            q = queries[first:min(first + block, end)].transpose(0, 1).float()   # (H, b, d)
+            weights = ((q @ k.transpose(1, 2)) * scale).softmax(dim=-1)           # (H, b, n)
+            out[start:end] += weights.sum(dim=1).mean(dim=0)
+        out[start:end] /= end - start
+    return out
+
+
+@contextmanager
+def _capture(block):
+    """Inputs and outputs of one vision block's attention: rotary tables, segments, qkv, branch."""
+    store = {}
+
+    def before(module, args, kwargs):
+        store["position_embeddings"] = kwargs.get("position_embeddings")
+        store["cu_seqlens"] = kwargs.get("cu_seqlens")
+
+    def save(name):
+        def hook(module, args, output):
+            store[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [block.attn.register_forward_pre_hook(before, with_kwargs=True),
+               block.attn.qkv.register_forward_hook(save("qkv")),
+               block.attn.register_forward_hook(save("branch"))]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def saliency_layer(model) -> int:
+    """The vision block DeSAP reads: the last full-attention block."""
+    return model.config.vision_config.fullatt_block_indexes[-1]
+
+
+def _signals(model, pixel_values, grid_thw):
+    """Per language-model token (all images, in the model's order): hidden (T', C), attention
+    branch in text space (T', C), saliency (T',)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = model.model.visual
+    block = visual.blocks[saliency_layer(model)]
+    with _capture(block) as store:
+        outputs = visual(pixel_values.type(visual.dtype), grid_thw=grid_thw)
+    qkv = store["qkv"]
+    tokens = qkv.shape[0]
+    queries, keys, _ = qkv.reshape(tokens, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = store["position_embeddings"]
+    queries, keys = apply_rotary_pos_emb_vision(queries, keys, cos, sin)
+    bounds = store["cu_seqlens"].tolist()
+    received = received_attention(queries, keys, list(zip(bounds[:-1], bounds[1:])), block.attn.scaling)
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size,
+                                              kwargs={})
+    order = torch.argsort(window_index.to(received.device))   # encoder (window) order -> model order
+    saliency = received.view(-1, visual.spatial_merge_unit).sum(dim=1)[order]
+    branch = visual.merger(store["branch"])[order]
+    return outputs.pooler_output, branch, saliency
+
+
+def _plan(model, arguments: dict) -> dict:
+    """Prune every image, shorten the prompt, keep the kept tokens' positions. Returns the
+    arguments for the model's own forward (or generate) and sets the features it will be given."""
+    state = model._desap
+    inner = model.model
+    input_ids, mask = arguments["input_ids"], arguments.get("attention_mask")
+    grid = arguments["image_grid_thw"]
+    sizes = (grid.prod(-1) // inner.visual.spatial_merge_unit).tolist()
+    if min(sizes) < state.keep:
+        raise ValueError(f"keep={state.keep} is more than the {min(sizes)} tokens of an image in this batch")
+    hidden, branch, saliency = _signals(model, arguments["pixel_values"], grid)
+    text_ids, text_mask = image_text_tokens(input_ids, mask, model.config.image_token_id, sizes, state.ignored_ids)
+    texts = model.get_input_embeddings()(text_ids)
+    features, kept, last = [], [], {"indices": [], "assignment": [], "task_scores": [], "saliency": []}
+    for i, (h, b, s) in enumerate(zip(hidden.split(sizes), branch.split(sizes), saliency.split(sizes))):
+        result = api.prune(h[None], b[None].to(h.dtype), texts[i:i + 1].to(h.dtype), s[None], state.keep,
+                           text_mask=text_mask[i:i + 1], task_ratio=state.task_ratio, merge=state.merge,
+                           text_reduce=state.text_reduce, backend=state.backend)
+        features.append(result.tokens[0])
+        flags = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+        flags[result.indices[0]] = True
+        kept.append(flags)
+        for name in ("indices", "assignment", "task_scores"):
+            last[name].append(getattr(result, name)[0])
+        last["saliency"].append(s)
+    state.last = last
+
+    token_types = arguments.get("mm_token_type_ids")
+    if token_types is None:
+        token_types = (input_ids == model.config.image_token_id).int()
+        token_types[input_ids == model.config.video_token_id] = 2
+    positions = arguments.get("position_ids")
+    if positions is None or positions.dim() != 3 or positions.shape[0] != 3:
+        rope_arguments = {k: arguments.get(k) for k in ("video_grid_thw", "second_per_grid_ts")}
+        positions, _ = inner.get_rope_index(input_ids, mm_token_type_ids=token_types, image_grid_thw=grid,
+                                            attention_mask=mask, **rope_arguments)
+    pad = model.config.text_config.pad_token_id
+    shrunk = shrink_placeholders(torch.cat(kept), model.config.image_token_id, 0 if pad is None else pad,
+                                 input_ids, mask, arguments.get("labels"), positions, token_types,
+                                 pad_left=state.pad_left)
+    new_mask = shrunk["attention_mask"]
+    valid = new_mask.bool() if new_mask is not None else torch.ones_like(shrunk["input_ids"], dtype=torch.bool)
+    top = shrunk["position_ids"].masked_fill(~valid[None], 0).amax(dim=(0, 2))
+    state.pending = {"features": features, "positions": shrunk["position_ids"],
+                     "rope_deltas": (top + 1 - valid.sum(dim=1))[:, None]}
+    out = {"input_ids": shrunk["input_ids"], "mm_token_type_ids": shrunk["token_types"],
+           "position_ids": shrunk["position_ids"]}
+    for name in ("attention_mask", "labels"):
+        if shrunk[name] is not None:
+            out[name] = shrunk[name]
+    return out
+
+
+def _needs_plan(model, arguments: dict) -> bool:
+    if arguments.get("pixel_values") is None:
+        return False
+    input_ids, grid = arguments.get("input_ids"), arguments.get("image_grid_thw")
+    if input_ids is None or grid is None:
+        raise ValueError("apply_desap needs input_ids and image_grid_thw when pixel_values are given")
+    state = model._desap
+    sizes = (grid.prod(-1) // model.model.visual.spatial_merge_unit).tolist()
+    found = count_placeholders(input_ids, model.config.image_token_id)
+    if found == sum(sizes):
+        return True
+    if found == state.keep * len(sizes) and state.pending is not None:
+        return False  # the prefill of a generate call that already planned
+    raise ValueError(f"input_ids hold {found} image tokens for {len(sizes)} images: expected {sum(sizes)} "
+                     "(the processor's count)")
+
+
+def _forward(model, *args, **kwargs):
+    state = model._desap
+    arguments = inspect.signature(state.original_forward).bind_partial(*args, **kwargs).arguments
+    arguments.update(arguments.pop("kwargs", {}))
+    try:
+        if _needs_plan(model, arguments):
+            state.pad_left = False
+            arguments.update(_plan(model, arguments))
+            model.model.rope_deltas = state.pending["rope_deltas"]
+        return state.original_forward(**arguments)
+    finally:
+        state.pending = None
+
+
+def _image_features(model, inner, pixel_values, image_grid_thw=None, **kwargs):
+    """The pruned features planned for this call (the vision encoder already ran)."""
+    state = model._desap
+    if state.pending is None:
+        return state.original_image_features(pixel_values, image_grid_thw, **kwargs)
+    return BaseModelOutputWithPooling(pooler_output=state.pending["features"])
+
+
+def _generate(model, *args, **kwargs):
+    state = model._desap
+    if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
+        kwargs["input_ids"], args = args[0], args[1:]
+    try:
+        if _needs_plan(model, kwargs):
+            state.pad_left = True
+            kwargs.update(_plan(model, kwargs))
+            kwargs.pop("position_ids")  # generate prepares them (from state.pending)
+        return state.original_generate(*args, **kwargs)
+    finally:
+        state.pending = None
+
+
+def _position_ids_for_generation(model, inputs_tensor, model_kwargs):
+    """generate's 3D positions: for a planned prefill, the kept tokens' original positions."""
+    state = model._desap
+    pending = state.pending
+    cache = model_kwargs.get("past_key_values")
+    if pending is None or (cache is not None and cache.get_seq_length() > 0):
+        return state.original_positions(inputs_tensor, model_kwargs)
+    text = super(type(model), model)._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+    model.model.rope_deltas = pending["rope_deltas"]
+    return torch.cat([text[None], pending["positions"].to(text.device)], dim=0)
+
+
+def install(model, state, bind) -> None:
+    """Set the instance attributes that route the model through DeSAP (``bind`` from llava.py)."""
+    inner = model.model
+    state.feature_layer = saliency_layer(model)
+    state.pending = None
+    state.pad_left = False
+    state.original_image_features = inner.get_image_features
+    state.original_positions = model._prepare_position_ids_for_generation
+    names = ((model, "forward"), (model, "generate"), (model, "_prepare_position_ids_for_generation"),
+             (inner, "get_image_features"))
+    state.saved = [(owner, name, owner.__dict__.get(name)) for owner, name in names]
+    model._desap = state
+    inner.get_image_features = bind(inner, lambda self, *a, **k: _image_features(model, self, *a, **k),
+                                    "get_image_features")
+    model.forward = bind(model, _forward, "forward")
+    model.generate = bind(model, _generate, "generate")
+    model._prepare_position_ids_for_generation = bind(model, _position_ids_for_generation,
+                                                      "_prepare_position_ids_for_generation")

@@ -1,0 +1,144 @@
+"""apply_desap on a tiny random-weight Qwen2.5-VL built from a config."""
+import pytest
+import torch
+
+from desap_ops import reference
+from desap_ops.integrations import apply_desap, remove_desap
+from desap_ops.integrations import qwen
+from desap_ops.integrations.tiny import QWEN_IMAGE as IMG, tiny_qwen2_5_vl
+
+START, END = 153, 154
+PATCH_WIDTH = 3 * 2 * 14 * 14
+
+
+def _image(grid_h, grid_w, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(grid_h * grid_w, PATCH_WIDTH, generator=gen), [1, grid_h, grid_w]
+
+
+def _prompt(grids, before=(5,), after=(7, 8, 9)):
+    ids = [1, *before]
+    for _, h, w in grids:
+        ids += [START] + [IMG] * (h * w // 4) + [END]
+    return ids + list(after)
+
+
+def _inputs(grids, seeds, **prompt):
+    pixels = torch.cat([_image(h, w, s)[0] for (_, h, w), s in zip(grids, seeds)])
+    ids = torch.tensor([_prompt(grids, **prompt)])
+    return dict(input_ids=ids, pixel_values=pixels, image_grid_thw=torch.tensor(grids),
+                mm_token_type_ids=(ids == IMG).int())
+
+
+def test_received_attention_matches_the_full_matrix(monkeypatch):
+    monkeypatch.setattr(qwen, "QUERY_BLOCK_BYTES", 4 * 2 * 8 * 3)   # force several query blocks
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(20, 2, 8, generator=gen), torch.randn(20, 2, 8, generator=gen)
+    segments = [(0, 8), (8, 20)]
+    got = qwen.received_attention(q, k, segments, 0.35)
+    for start, end in segments:
+        weights = (q[start:end].transpose(0, 1) @ k[start:end].transpose(0, 1).transpose(1, 2) * 0.35).softmax(-1)
+        torch.testing.assert_close(got[start:end], weights.mean(dim=1).mean(dim=0))
+        torch.testing.assert_close(got[start:end].sum(), torch.tensor(1.0))
+
+
+def test_keep_all_without_merge_leaves_logits_unchanged():
+    model = tiny_qwen2_5_vl()
+    grids = [[1, 8, 12], [1, 4, 4]]                 # two images, two resolutions
+    inputs = _inputs(grids, [1, 2])
+    expected = model(**inputs).logits
+    apply_desap(model, keep=4, merge=False)         # the smaller image has 4 tokens: keep must fit both
+    with pytest.raises(ValueError, match="keep=6"):
+        apply_desap(model, keep=6)(**_inputs([[1, 8, 12], [1, 4, 4]], [1, 2]))
+    model = tiny_qwen2_5_vl()
+    single = _inputs([[1, 8, 12]], [1])
+    expected = model(**single).logits
+    apply_desap(model, keep=24, merge=False)
+    assert torch.equal(model(**single).logits, expected)
+
+
+def test_kept_tokens_keep_their_original_rotary_positions():
+    model = tiny_qwen2_5_vl()
+    inputs = _inputs([[1, 8, 12], [1, 8, 8]], [3, 4])
+    full_positions, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                                   image_grid_thw=inputs["image_grid_thw"])
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(positions=kwargs["position_ids"],
+                                                 embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    apply_desap(model, keep=5)
+    out = model(**inputs)
+    hook.remove()
+    ids = inputs["input_ids"][0]
+    placeholders = (ids == IMG).nonzero()[:, 0]
+    starts = [0, 24]
+    kept_positions = torch.cat([placeholders[start + idx] for start, idx in zip(starts, model._desap.last["indices"])])
+    keep_mask = ids != IMG
+    keep_mask[kept_positions] = True
+    assert out.logits.shape[1] == int(keep_mask.sum()) == ids.numel() - (24 - 5) - (16 - 5)
+    assert torch.equal(seen["positions"][:, 0], full_positions[:, 0, keep_mask])
+    assert int((seen["positions"].shape[-1])) == int(keep_mask.sum())
+
+
+def test_language_model_gets_the_reference_operator_output():
+    model = tiny_qwen2_5_vl()
+    inputs = _inputs([[1, 8, 12]], [5], after=(7, 8, 9, 10))
+    with torch.no_grad():
+        hidden, branch, saliency = qwen._signals(model, inputs["pixel_values"], inputs["image_grid_thw"])
+        text = model.get_input_embeddings()(torch.tensor([[7, 8, 9, 10]]))
+        expected = reference.prune(hidden[None], branch[None], text, saliency[None], 7, task_ratio=0.4)
+    assert torch.isclose(saliency.sum(), torch.tensor(1.0))   # attention received, one image
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
+    apply_desap(model, keep=7, task_ratio=0.4)
+    model(**inputs)
+    hook.remove()
+    image_rows = seen["embeds"][0, 3:3 + 7]
+    torch.testing.assert_close(image_rows, expected.tokens[0], rtol=1e-5, atol=1e-6)
+    assert model._desap.last["indices"][0].tolist() == expected.indices[0].tolist()
+
+
+def test_generate_is_deterministic_and_matches_forward():
+    model = apply_desap(tiny_qwen2_5_vl(), keep=6)
+    inputs = _inputs([[1, 8, 12]], [6])
+    first = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    second = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(first, second)
+    logits = model(**inputs).logits
+    assert first.shape[1] == inputs["input_ids"].shape[1] - (24 - 6) + 4
+    assert first[0, -4] == logits[0, -1].argmax()
+
+
+def test_batch_generate_equals_its_rows_alone_with_left_padding():
+    model = apply_desap(tiny_qwen2_5_vl(), keep=5)
+    rows = [_inputs([[1, 8, 12]], [7], after=(7, 8, 9, 10, 11)), _inputs([[1, 8, 8]], [8], after=(9,))]
+    width = max(r["input_ids"].shape[1] for r in rows)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = r["input_ids"].shape[1]
+        ids[i, width - n:] = r["input_ids"][0]
+        mask[i, width - n:] = 1
+    batch = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMG).int(),
+                 pixel_values=torch.cat([r["pixel_values"] for r in rows]),
+                 image_grid_thw=torch.cat([r["image_grid_thw"] for r in rows]))
+    together = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    for i, r in enumerate(rows):
+        alone = model.generate(**r, max_new_tokens=3, do_sample=False)
+        assert together[i, -3:].tolist() == alone[0, -3:].tolist()
+
+
+def test_attention_implementation_is_untouched_and_remove_restores():
+    model = tiny_qwen2_5_vl()
+    inputs = _inputs([[1, 8, 8]], [9])
+    before = model(**inputs).logits
+    apply_desap(model, keep=4)
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    model(**inputs)
+    remove_desap(model)
+    for name in ("forward", "generate", "_prepare_position_ids_for_generation"):
+        assert name not in model.__dict__
+    assert "get_image_features" not in model.model.__dict__
+    assert torch.equal(model(**inputs).logits, before)
