@@ -26,10 +26,11 @@ from .. import api
 from .sequence import count_placeholders, first_placeholders, image_text_tokens, shrink_placeholders
 from .signals import capture, clip_layout, encoder_layers
 
-SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-             "Qwen2_5_VLForConditionalGeneration")
 FAMILIES = {"LlavaForConditionalGeneration": "llava", "LlavaNextForConditionalGeneration": "llava_next",
-            "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl"}
+            "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+            "LlavaNextVideoForConditionalGeneration": "llava_next_video",
+            "VideoLlavaForConditionalGeneration": "video_llava"}
+SUPPORTED = tuple(FAMILIES)
 
 
 @dataclass
@@ -113,8 +114,9 @@ def image_token_counts(model, pixel_values, image_sizes=None) -> list[int]:
     return [int(n) for n in lengths]
 
 
-def _text_embeddings(model, n_images: int, device):
-    """Embeddings (I, L, C) and mask (I, L) of each image's prompt text; all-masked without one."""
+def _text_embeddings(model, n_images: int, device, token_id: Optional[int] = None):
+    """Embeddings (I, L, C) and mask (I, L) of each image's (or video's, with its ``token_id``)
+    prompt text, from the pruned prompt being served; all-masked without one."""
     state: DesapState = model._desap
     embed = model.get_input_embeddings()
     if state.prompt is None or state.prompt[0] is None:
@@ -122,7 +124,7 @@ def _text_embeddings(model, n_images: int, device):
         mask = torch.zeros(n_images, 1, dtype=torch.bool, device=device)
     else:
         input_ids, attention_mask = state.prompt
-        ids, mask = image_text_tokens(input_ids, attention_mask, model.config.image_token_id,
+        ids, mask = image_text_tokens(input_ids, attention_mask, token_id or model.config.image_token_id,
                                       [state.keep] * n_images, state.ignored_ids)
     return embed(ids.to(device)), mask.to(device)
 
@@ -209,24 +211,34 @@ def _next_features(model, inner, hidden, branch, saliency, image_sizes):
 # --- language side ------------------------------------------------------------------------------
 
 def _shrink_arguments(model, arguments: dict, with_labels: bool, pad_left: bool) -> None:
-    """Shrink the placeholder runs in ``arguments`` in place if they are the processor's full runs."""
-    state: DesapState = model._desap
-    input_ids, pixel_values = arguments.get("input_ids"), arguments.get("pixel_values")
+    """Shrink the image placeholder runs in ``arguments`` in place if they are the processor's."""
+    pixel_values = arguments.get("pixel_values")
     if pixel_values is None:
         return
-    if input_ids is None:
-        raise ValueError("apply_desap needs input_ids (not inputs_embeds) when pixel_values are given: "
-                         "the image placeholders must be found to shrink them")
     lengths = image_token_counts(model, pixel_values, arguments.get("image_sizes"))
-    found = count_placeholders(input_ids, model.config.image_token_id)
+    shrink_runs(model, arguments, model.config.image_token_id, lengths, "image", with_labels, pad_left)
+
+
+def shrink_runs(model, arguments: dict, token_id: int, lengths: list, what: str, with_labels: bool,
+                pad_left: bool) -> None:
+    """Keep the first ``keep`` of each run of ``token_id`` placeholders (``lengths`` long, in
+    order) in ``arguments``; leave runs that already have ``keep`` alone."""
+    state: DesapState = model._desap
+    input_ids = arguments.get("input_ids")
+    if input_ids is None:
+        raise ValueError(f"apply_desap needs input_ids (not inputs_embeds) with {what} inputs: "
+                         f"the {what} placeholders must be found to shrink them")
+    found = count_placeholders(input_ids, token_id)
     if found == state.keep * len(lengths):
         return  # already pruned (e.g. the prefill inside generate)
     if found != sum(lengths):
-        raise ValueError(f"input_ids hold {found} image tokens for {len(lengths)} images: expected "
-                         f"{sum(lengths)} (the processor's count) or {state.keep * len(lengths)} (keep per image)")
+        raise ValueError(f"input_ids hold {found} {what} tokens for {len(lengths)} {what}s: expected "
+                         f"{sum(lengths)} (the processor's count) or {state.keep * len(lengths)} (keep per {what})")
+    if state.keep > min(lengths):
+        raise ValueError(f"keep={state.keep} is more than the {min(lengths)} tokens of a {what}")
     pad = model.config.text_config.pad_token_id
     shrunk = shrink_placeholders(
-        first_placeholders(lengths, state.keep, input_ids.device), model.config.image_token_id,
+        first_placeholders(lengths, state.keep, input_ids.device), token_id,
         0 if pad is None else pad, input_ids, arguments.get("attention_mask"),
         arguments.get("labels") if with_labels else None, arguments.get("position_ids"), pad_left=pad_left)
     for name in ("input_ids", "attention_mask", "labels", "position_ids"):
@@ -251,7 +263,12 @@ def _generate(model, *args, **kwargs):
     if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
         kwargs["input_ids"], args = args[0], args[1:]
     _shrink_arguments(model, kwargs, with_labels=False, pad_left=True)
-    return state.original_generate(*args, **kwargs)
+    # generate may run the encoders before its loop (transformers >= 5.2x): give them the prompt
+    state.prompt = (kwargs.get("input_ids"), kwargs.get("attention_mask"))
+    try:
+        return state.original_generate(*args, **kwargs)
+    finally:
+        state.prompt = None
 
 
 # --- public -------------------------------------------------------------------------------------
@@ -261,10 +278,10 @@ def apply_desap(model, keep: int = 64, task_ratio: float = 0.5, merge: bool = Tr
     """Patch ``model`` in place so every image reaches the language model as ``keep`` tokens.
 
     Args:
-        model: a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` or
-            ``Qwen2_5_VLForConditionalGeneration``.
+        model: one of ``SUPPORTED``: LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, LLaVA-NeXT-Video, Video-LLaVA.
         keep: tokens per image (LLaVA-NeXT: per image over its base and crops together;
-            Qwen2.5-VL: language-model tokens, each a merged 2 x 2 group of patches).
+            Qwen2.5-VL: language-model tokens, each a merged 2 x 2 group of patches) or, for the
+            video models, per video across all its frames.
         task_ratio, merge, text_reduce, backend: as in :func:`desap_ops.prune`.
         exclude_token_ids: token ids that never count as prompt text (for example the ids of a
             chat template's "ASSISTANT:"); padding, BOS, EOS and image tokens never count.
@@ -289,6 +306,12 @@ def apply_desap(model, keep: int = 64, task_ratio: float = 0.5, merge: bool = Tr
         qwen.install(model, DesapState(feature_layer=-1, select_strategy="full", **common), _bind)
         return model
     strategy = model.config.vision_feature_select_strategy
+    if family in ("llava_next_video", "video_llava"):
+        from . import video
+
+        video.install(model, DesapState(feature_layer=_feature_layer(model.config), select_strategy=strategy,
+                                        **common), _bind)
+        return model
     per_crop = _tokens_per_crop(model.config, strategy)
     if family == "llava" and keep > per_crop:
         raise ValueError(f"keep must lie in [1, {per_crop}] (the model's image tokens), got {keep}")

@@ -58,3 +58,34 @@ def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa"):
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+VIDEO_TOKEN_ID = 101
+
+
+def tiny_llava_next_video(seed: int = 0, attn_implementation: str = "sdpa"):
+    """LLaVA-NeXT-Video layout: frames of 4 x 4 patches pooled 2 x 2 -> 4 tokens per frame."""
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+
+    vision_config, text_config = _configs(attn_implementation=attn_implementation)
+    config = LlavaNextVideoConfig(vision_config=vision_config, text_config=text_config,
+                                  image_token_id=IMAGE_TOKEN_ID, video_token_id=VIDEO_TOKEN_ID,
+                                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                  spatial_pool_mode="average", spatial_pool_stride=2,
+                                  image_grid_pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]])
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return LlavaNextVideoForConditionalGeneration(config).eval()
+
+
+def tiny_video_llava(seed: int = 0, attn_implementation: str = "sdpa"):
+    """Video-LLaVA layout: frames of 4 x 4 patches, the video path keeps [CLS]: 17 tokens per frame."""
+    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    vision_config, text_config = _configs(attn_implementation=attn_implementation)
+    config = VideoLlavaConfig(vision_config=vision_config, text_config=text_config,
+                              image_token_index=IMAGE_TOKEN_ID, video_token_index=VIDEO_TOKEN_ID,
+                              vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    return VideoLlavaForConditionalGeneration(config).eval()
