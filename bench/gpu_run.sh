@@ -16,10 +16,14 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit
 
 # CUDA tests: every kernel against the reference, compiled; determinism (bitwise reruns); the op.
 python3 -m pytest -q tests/test_kernels.py tests/test_op.py tests/test_properties.py \
-  tests/test_reference.py tests/test_integrations_llava.py 2>&1 | tee "$out/tests.log" | tail -n 15
+  tests/test_reference.py tests/test_integrations_llava.py tests/test_integrations_qwen.py \
+  tests/test_integrations_video.py 2>&1 | tee "$out/tests.log" | tail -n 15
 
 python3 -m desap_ops bench op --device cuda --dtype bf16 --out "$out/op-bf16.json" 2>&1 | tee "$out/op.txt"
 python3 -m desap_ops bench e2e --model llava-1.5-7b --device cuda --keep 576,192,128,64 \
   --out "$out/e2e-llava-1.5-7b.json" --plot "$out/e2e-llava-1.5-7b.png" 2>&1 | tee "$out/e2e.txt"
 python3 -m desap_ops bench e2e --model llava-next-7b --device cuda --keep 2928,1280,640,320 \
   --out "$out/e2e-llava-next-7b.json" 2>&1 | tee -a "$out/e2e.txt"
+for model in qwen2.5-vl-7b llava-next-video-7b video-llava-7b; do
+  python3 -m desap_ops bench e2e --model $model --device cuda --out "$out/e2e-$model.json" 2>&1 | tee -a "$out/e2e.txt"
+done

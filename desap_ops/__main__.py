@@ -3,7 +3,8 @@
     desap demo [--image PATH] [--prompt TEXT] [--keep K] [--task-ratio R] [--model DIR]
                [--query-box x0,y0,x1,y1] [--out kept.png]
     desap bench op [--device cuda] [--dtype bf16] [--tiny] [--out op.json]
-    desap bench e2e [--model tiny|llava-1.5-7b|llava-next-7b] [--keep 576,192,128,64] [--device cuda]
+    desap bench e2e [--model tiny|llava-1.5-7b|llava-next-7b|qwen2.5-vl-7b|llava-next-video-7b|video-llava-7b|
+                     tiny-qwen2.5-vl|tiny-llava-next-video|tiny-video-llava] [--keep 576,192,128,64] [--device cuda]
                     [--out e2e.json] [--plot e2e.png]
 
 Mistakes a person can fix (a missing file, a keep too large, --device cuda without a GPU) print
@@ -100,7 +101,9 @@ def parser() -> argparse.ArgumentParser:
     op.set_defaults(run=_bench_op)
 
     e2e = bench.add_parser("e2e", help="prefill with and without DeSAP on a whole model")
-    e2e.add_argument("--model", default="tiny", choices=["tiny", "llava-1.5-7b", "llava-next-7b"])
+    e2e.add_argument("--model", default="tiny",
+                     choices=["tiny", "llava-1.5-7b", "llava-next-7b", "tiny-qwen2.5-vl", "qwen2.5-vl-7b",
+                              "tiny-llava-next-video", "llava-next-video-7b", "tiny-video-llava", "video-llava-7b"])
     e2e.add_argument("--keep", help="comma-separated budgets (default: the model's N and three smaller)")
     e2e.add_argument("--device", default="cpu", help="cpu, cuda, or meta (FLOPs only, any size)")
     e2e.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)

@@ -163,6 +163,10 @@ def run(name: str, keeps: Optional[list], device: str = "cpu", dtype: Optional[s
         progress: Optional[Callable[[str], None]] = None) -> dict:
     say = progress or (lambda _: None)
     dtype_name = dtype or ("fp32" if device == "cpu" else "bf16")
+    from . import e2e_more
+
+    if name in e2e_more.MODELS:
+        return e2e_more.run(name, keeps, device, dtype_name, batch, say)
     torch_dtype = DTYPES[dtype_name]
     say(f"building {name} on {device} ({dtype_name}, random weights)")
     model = build_model(name, device, torch_dtype)
