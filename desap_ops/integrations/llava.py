@@ -246,11 +246,18 @@ def shrink_runs(model, arguments: dict, token_id: int, lengths: list, what: str,
             arguments[name] = shrunk[name]
 
 
-def _forward(model, *args, **kwargs):
-    state: DesapState = model._desap
-    arguments = inspect.signature(state.original_forward).bind_partial(*args, **kwargs).arguments
+def call_arguments(model, args, kwargs) -> dict:
+    """A forward call's arguments by name (as the model's own forward would bind them)."""
+    arguments = inspect.signature(model._desap.original_forward).bind_partial(*args, **kwargs).arguments
     arguments.update(arguments.pop("kwargs", {}))
-    _shrink_arguments(model, arguments, with_labels=True, pad_left=False)
+    return arguments
+
+
+def serve_forward(model, shrink, *args, **kwargs):
+    """``model.forward`` under DeSAP: shrink the placeholder runs, then run with the prompt known."""
+    state: DesapState = model._desap
+    arguments = call_arguments(model, args, kwargs)
+    shrink(model, arguments, with_labels=True, pad_left=False)
     state.prompt = (arguments.get("input_ids"), arguments.get("attention_mask"))
     try:
         return state.original_forward(**arguments)
@@ -258,17 +265,27 @@ def _forward(model, *args, **kwargs):
         state.prompt = None
 
 
-def _generate(model, *args, **kwargs):
+def serve_generate(model, shrink, *args, **kwargs):
+    """``model.generate`` under DeSAP: shrink the prompt once, before the generation loop."""
     state: DesapState = model._desap
     if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
         kwargs["input_ids"], args = args[0], args[1:]
-    _shrink_arguments(model, kwargs, with_labels=False, pad_left=True)
+    shrink(model, kwargs, with_labels=False, pad_left=True)
     # generate may run the encoders before its loop (transformers >= 5.2x): give them the prompt
     state.prompt = (kwargs.get("input_ids"), kwargs.get("attention_mask"))
     try:
         return state.original_generate(*args, **kwargs)
     finally:
         state.prompt = None
+
+
+def install_methods(model, state, replacements) -> None:
+    """Save what ``replacements`` ((owner, name, function(self, ...)), ...) will shadow, then set
+    each as an instance attribute that shows the replaced method's signature."""
+    state.saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in replacements]
+    model._desap = state
+    for owner, name, function in replacements:
+        setattr(owner, name, _bind(owner, function, name))
 
 
 # --- public -------------------------------------------------------------------------------------
@@ -303,27 +320,24 @@ def apply_desap(model, keep: int = 64, task_ratio: float = 0.5, merge: bool = Tr
     if family == "qwen2_5_vl":
         from . import qwen
 
-        qwen.install(model, DesapState(feature_layer=-1, select_strategy="full", **common), _bind)
+        qwen.install(model, DesapState(feature_layer=-1, select_strategy="full", **common))
         return model
     strategy = model.config.vision_feature_select_strategy
     if family in ("llava_next_video", "video_llava"):
         from . import video
 
         video.install(model, DesapState(feature_layer=_feature_layer(model.config), select_strategy=strategy,
-                                        **common), _bind)
+                                        **common))
         return model
     per_crop = _tokens_per_crop(model.config, strategy)
     if family == "llava" and keep > per_crop:
         raise ValueError(f"keep must lie in [1, {per_crop}] (the model's image tokens), got {keep}")
     state = DesapState(feature_layer=_feature_layer(model.config), select_strategy=strategy, **common)
-    inner = model.model
-    state.saved = [(owner, name, owner.__dict__.get(name))
-                   for owner, name in ((model, "forward"), (model, "generate"), (inner, "get_image_features"))]
-    model._desap = state
-    inner.get_image_features = _bind(inner, lambda self, *a, **k: _image_features(model, self, *a, **k),
-                                     "get_image_features")
-    model.forward = _bind(model, _forward, "forward")
-    model.generate = _bind(model, _generate, "generate")
+    install_methods(model, state, (
+        (model.model, "get_image_features", lambda self, *a, **k: _image_features(model, self, *a, **k)),
+        (model, "forward", lambda self, *a, **k: serve_forward(self, _shrink_arguments, *a, **k)),
+        (model, "generate", lambda self, *a, **k: serve_generate(self, _shrink_arguments, *a, **k)),
+    ))
     return model
 
 

@@ -21,7 +21,6 @@ the kept tokens' positions to the generation loop). Video inputs pass through un
 """
 from __future__ import annotations
 
-import inspect
 from contextlib import contextmanager
 
 import torch
@@ -175,9 +174,10 @@ def _needs_plan(model, arguments: dict) -> bool:
 
 
 def _forward(model, *args, **kwargs):
+    from .llava import call_arguments
+
     state = model._desap
-    arguments = inspect.signature(state.original_forward).bind_partial(*args, **kwargs).arguments
-    arguments.update(arguments.pop("kwargs", {}))
+    arguments = call_arguments(model, args, kwargs)
     try:
         if _needs_plan(model, arguments):
             state.pad_left = False
@@ -222,21 +222,18 @@ def _position_ids_for_generation(model, inputs_tensor, model_kwargs):
     return torch.cat([text[None], pending["positions"].to(text.device)], dim=0)
 
 
-def install(model, state, bind) -> None:
-    """Set the instance attributes that route the model through DeSAP (``bind`` from llava.py)."""
-    inner = model.model
+def install(model, state) -> None:
+    """Route the model through DeSAP: forward, generate, generate's positions, the image features."""
+    from .llava import install_methods
+
     state.feature_layer = saliency_layer(model)
     state.pending = None
     state.pad_left = False
-    state.original_image_features = inner.get_image_features
+    state.original_image_features = model.model.get_image_features
     state.original_positions = model._prepare_position_ids_for_generation
-    names = ((model, "forward"), (model, "generate"), (model, "_prepare_position_ids_for_generation"),
-             (inner, "get_image_features"))
-    state.saved = [(owner, name, owner.__dict__.get(name)) for owner, name in names]
-    model._desap = state
-    inner.get_image_features = bind(inner, lambda self, *a, **k: _image_features(model, self, *a, **k),
-                                    "get_image_features")
-    model.forward = bind(model, _forward, "forward")
-    model.generate = bind(model, _generate, "generate")
-    model._prepare_position_ids_for_generation = bind(model, _position_ids_for_generation,
-                                                      "_prepare_position_ids_for_generation")
+    install_methods(model, state, (
+        (model.model, "get_image_features", lambda self, *a, **k: _image_features(model, self, *a, **k)),
+        (model, "forward", _forward),
+        (model, "generate", _generate),
+        (model, "_prepare_position_ids_for_generation", _position_ids_for_generation),
+    ))

@@ -15,8 +15,6 @@ unpruned (the image paths of LLaVA-1.5 and LLaVA-NeXT are covered by those model
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -91,37 +89,11 @@ def _shrink_videos(model, arguments: dict, with_labels: bool, pad_left: bool) ->
     shrink_runs(model, arguments, model.config.video_token_id, lengths, "video", with_labels, pad_left)
 
 
-def _forward(model, *args, **kwargs):
-    state = model._desap
-    arguments = inspect.signature(state.original_forward).bind_partial(*args, **kwargs).arguments
-    arguments.update(arguments.pop("kwargs", {}))
-    _shrink_videos(model, arguments, with_labels=True, pad_left=False)
-    state.prompt = (arguments.get("input_ids"), arguments.get("attention_mask"))
-    try:
-        return state.original_forward(**arguments)
-    finally:
-        state.prompt = None
+def install(model, state) -> None:
+    from .llava import install_methods, serve_forward, serve_generate
 
-
-def _generate(model, *args, **kwargs):
-    state = model._desap
-    if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
-        kwargs["input_ids"], args = args[0], args[1:]
-    _shrink_videos(model, kwargs, with_labels=False, pad_left=True)
-    # generate may run the encoders before its loop (transformers >= 5.2x): give them the prompt
-    state.prompt = (kwargs.get("input_ids"), kwargs.get("attention_mask"))
-    try:
-        return state.original_generate(*args, **kwargs)
-    finally:
-        state.prompt = None
-
-
-def install(model, state, bind) -> None:
-    inner = model.model
-    names = ((model, "forward"), (model, "generate"), (inner, "get_video_features"))
-    state.saved = [(owner, name, owner.__dict__.get(name)) for owner, name in names]
-    model._desap = state
-    inner.get_video_features = bind(inner, lambda self, *a, **k: _video_features(model, self, *a, **k),
-                                    "get_video_features")
-    model.forward = bind(model, _forward, "forward")
-    model.generate = bind(model, _generate, "generate")
+    install_methods(model, state, (
+        (model.model, "get_video_features", lambda self, *a, **k: _video_features(model, self, *a, **k)),
+        (model, "forward", lambda self, *a, **k: serve_forward(self, _shrink_videos, *a, **k)),
+        (model, "generate", lambda self, *a, **k: serve_generate(self, _shrink_videos, *a, **k)),
+    ))
