@@ -44,17 +44,22 @@ def test_received_attention_matches_the_full_matrix(monkeypatch):
 
 def test_keep_all_without_merge_leaves_logits_unchanged():
     model = tiny_qwen2_5_vl()
-    grids = [[1, 8, 12], [1, 4, 4]]                 # two images, two resolutions
-    inputs = _inputs(grids, [1, 2])
-    expected = model(**inputs).logits
-    apply_desap(model, keep=4, merge=False)         # the smaller image has 4 tokens: keep must fit both
-    with pytest.raises(ValueError, match="keep=6"):
-        apply_desap(model, keep=6)(**_inputs([[1, 8, 12], [1, 4, 4]], [1, 2]))
-    model = tiny_qwen2_5_vl()
     single = _inputs([[1, 8, 12]], [1])
     expected = model(**single).logits
     apply_desap(model, keep=24, merge=False)
     assert torch.equal(model(**single).logits, expected)
+
+
+def test_two_resolutions_in_one_prompt_each_get_the_budget():
+    model = tiny_qwen2_5_vl()
+    inputs = _inputs([[1, 8, 12], [1, 4, 4]], [1, 2])   # 24 and 4 tokens
+    apply_desap(model, keep=4)
+    out = model(**inputs)
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1] - (24 - 4)
+    assert [len(i) for i in model._desap.last["indices"]] == [4, 4]
+    apply_desap(model, keep=6)
+    with pytest.raises(ValueError, match="keep=6 is more than the 4 tokens"):
+        model(**inputs)
 
 
 def test_kept_tokens_keep_their_original_rotary_positions():
