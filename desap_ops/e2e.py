@@ -21,10 +21,11 @@ from typing import Callable, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-from . import benchmarking, ops  # noqa: F401  (ops registers torch.ops.desap)
+from . import benchmarking, e2e_more, ops  # noqa: F401  (ops registers torch.ops.desap)
+from .e2e_more import ideal_inputs
 from .integrations import apply_desap, remove_desap
 from .integrations.llava import image_token_counts
-from .integrations.tiny import IMAGE_TOKEN_ID, tiny_llava, tiny_llava_next
+from .integrations.tiny import tiny_llava
 
 TEXT_TOKENS = 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -58,8 +59,6 @@ def build_model(name: str, device: str, dtype: torch.dtype):
     """The model on ``device`` in ``dtype`` with random weights (never all zeros)."""
     if name == "tiny":
         return tiny_llava().to(device=device, dtype=dtype)
-    if name == "tiny-next":
-        return tiny_llava_next().to(device=device, dtype=dtype)
     cls, config = _real_configs(name)
     with torch.device("meta"):
         model = cls(config)
@@ -92,33 +91,6 @@ def make_batch(model, batch: int, device: str, dtype: torch.dtype) -> dict:
                      torch.full((batch, image_tokens), model.config.image_token_id), text], dim=1)
     inputs.update(input_ids=ids, pixel_values=pixels.to(dtype))
     return {k: v.to(device) for k, v in inputs.items()}, image_tokens
-
-
-def _shrunk(inputs: dict, image_tokens: int, keep: int) -> dict:
-    ids = inputs["input_ids"]
-    cut = torch.cat([ids[:, :1 + keep], ids[:, 1 + image_tokens:]], dim=1)
-    return {**inputs, "input_ids": cut}
-
-
-class _IdealFeatures:
-    """The model's own image features cut to the first ``keep`` per image: no pruning work."""
-
-    def __init__(self, model, keep: int):
-        self.inner, self.keep = model.model, keep
-
-    def __enter__(self):
-        original = self.inner.get_image_features
-
-        def cut(*args, **kwargs):
-            out = original(*args, **kwargs)
-            out.pooler_output = [f[:self.keep] for f in out.pooler_output]
-            return out
-
-        self.inner.get_image_features = cut
-        return self
-
-    def __exit__(self, *exc):
-        del self.inner.get_image_features
 
 
 def _flops_of(fn: Callable[[], object]) -> int:
@@ -163,8 +135,6 @@ def run(name: str, keeps: Optional[list], device: str = "cpu", dtype: Optional[s
         progress: Optional[Callable[[str], None]] = None) -> dict:
     say = progress or (lambda _: None)
     dtype_name = dtype or ("fp32" if device == "cpu" else "bf16")
-    from . import e2e_more
-
     if name in e2e_more.MODELS:
         return e2e_more.run(name, keeps, device, dtype_name, batch, say)
     torch_dtype = DTYPES[dtype_name]
@@ -192,8 +162,8 @@ def run(name: str, keeps: Optional[list], device: str = "cpu", dtype: Optional[s
                 apply_desap(model, keep=keep)
                 row["desap_ms"] = benchmarking.time_median_ms(lambda: model(**inputs, logits_to_keep=1), device)
                 remove_desap(model)
-                short = _shrunk(inputs, image_tokens, keep)
-                with _IdealFeatures(model, keep):
+                with ideal_inputs(model, inputs, image_tokens, keep, model.config.image_token_id,
+                                  "get_image_features") as short:
                     row["ideal_ms"] = benchmarking.time_median_ms(lambda: model(**short, logits_to_keep=1), device)
                 row["full_ms"] = full_ms
                 row["speedup"] = full_ms / row["desap_ms"]

@@ -105,7 +105,7 @@ def make_batch(model, name: str, batch: int, device: str, dtype: torch.dtype):
 
 
 @contextmanager
-def _ideal(model, inputs: dict, tokens: int, keep: int, token_id: int, method: str):
+def ideal_inputs(model, inputs: dict, tokens: int, keep: int, token_id: int, method: str):
     """The ideal call's inputs, with the model's own features cut to the first ``keep``."""
     inner = model.model
     original = getattr(inner, method)
@@ -171,7 +171,7 @@ def run(name: str, keeps: Optional[list], device: str, dtype_name: str, batch: i
             desap_ms = benchmarking.time_median_ms(lambda: call(inputs), device)
             desap_flops = _flops(lambda: call(inputs))
             remove_desap(model)
-            with _ideal(model, inputs, tokens, keep, token_id, method) as short:
+            with ideal_inputs(model, inputs, tokens, keep, token_id, method) as short:
                 ideal_ms = benchmarking.time_median_ms(lambda: call(short), device)
                 ideal_flops = _flops(lambda: call(short))
             result["rows"].append({
