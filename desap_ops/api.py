@@ -6,7 +6,7 @@ from typing import Literal, Optional
 import torch
 
 from . import ops, reference  # noqa: F401  (ops registers torch.ops.desap.*)
-from ._validation import check_inputs
+from .validation import check_inputs
 from .reference import PruneResult
 
 Backend = Literal["auto", "triton", "reference"]

@@ -19,24 +19,16 @@ import json
 from typing import Callable, Optional
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import benchmarking, e2e_more, ops  # noqa: F401  (ops registers torch.ops.desap)
 from .e2e_more import ideal_inputs
 from .integrations import apply_desap, remove_desap
 from .integrations.llava import image_token_counts
-from .integrations.tiny import tiny_llava
+from .cli.models import tiny_llava
 
 TEXT_TOKENS = 32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@register_flop_formula([torch.ops.desap.prune, torch.ops.desap.prune_triton])
-def _prune_flops(hidden, attn, text, text_mask, saliency, metric, keep, *args, out_shape=None, **kwargs) -> int:
-    """Similarity (2 N L C), nearest kept token (2 N K E), merge sums (N D), per image."""
-    batch, tokens, width = hidden
-    metric_width = (metric or hidden)[2]
-    return batch * (2 * tokens * text[1] * attn[2] + 2 * tokens * keep * metric_width + tokens * width)
 
 
 def _real_configs(name: str):
@@ -119,7 +111,7 @@ def count_flops(model, inputs: dict, image_tokens: int, keep: int) -> dict:
     tower = _flops_of(lambda: inner.vision_tower(pixels, output_hidden_states=True))
     project_all = _flops_of(lambda: inner.multi_modal_projector(rows(crops // batch * per_crop)))
     project_kept = _flops_of(lambda: inner.multi_modal_projector(rows(keep)))
-    operator = _prune_flops((batch, image_tokens, width), (batch, image_tokens, text_width),
+    operator = ops.prune_flops((batch, image_tokens, width), (batch, image_tokens, text_width),
                             (batch, TEXT_TOKENS, text_width), None, None, None, keep)
     length_full = inputs["input_ids"].shape[1]
     length_keep = length_full - image_tokens + keep

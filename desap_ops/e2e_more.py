@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import benchmarking
 from .integrations import apply_desap, remove_desap
 from .integrations.sequence import first_placeholders, shrink_placeholders
-from .integrations.tiny import tiny_llava_next_video, tiny_qwen2_5_vl, tiny_video_llava
+from .cli.models import tiny_llava_next_video, tiny_qwen2_5_vl, tiny_video_llava
 
 MODELS = ("tiny-qwen2.5-vl", "qwen2.5-vl-7b", "tiny-llava-next-video", "llava-next-video-7b",
           "tiny-video-llava", "video-llava-7b")

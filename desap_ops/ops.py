@@ -16,9 +16,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import reference
-from ._validation import check_inputs
+from .validation import check_inputs
 
 OpResult = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -26,10 +27,10 @@ OpResult = tuple[Tensor, Tensor, Tensor, Tensor]
 def _triton_module():
     """Import the kernels lazily: importing desap_ops must not import triton or query a device."""
     try:
-        from . import _triton_backend
+        from . import triton_backend
     except ImportError as err:  # triton missing (not Linux) or broken
         raise RuntimeError(f"the Triton backend needs the triton package: {err}") from err
-    return _triton_backend
+    return triton_backend
 
 
 def _positional_to_reference(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio,
@@ -129,16 +130,7 @@ def _prune_backward_setup(ctx, inputs, output) -> None:
 def _prune_backward_backward(ctx, grad_hidden: Tensor):
     # prune_backward is linear in grad_tokens; its adjoint is the mean over each group.
     (assignment,) = ctx.saved_tensors
-    batch, tokens, width = grad_hidden.shape
-    keep = ctx.keep
-    acc = reference.accumulation_dtype(grad_hidden.dtype)
-    valid = (assignment >= 0).reshape(-1)
-    target = reference._flat_rows(assignment.clamp_min(0), keep)
-    rows = grad_hidden.reshape(batch * tokens, width).to(acc).masked_fill(~valid[:, None], 0.0)
-    sums = rows.new_zeros(batch * keep, width).index_add(0, target, rows)
-    counts = rows.new_zeros(batch * keep).index_add(0, target, valid.to(acc))
-    grad = (sums / counts.clamp_min(1)[:, None]).to(grad_hidden.dtype).view(batch, keep, width)
-    return grad, None
+    return reference.group_mean(grad_hidden, assignment, ctx.keep), None
 
 
 prune_backward.register_autograd(_prune_backward_backward, setup_context=_prune_backward_setup)
@@ -161,3 +153,12 @@ def _backward(ctx, grad_tokens, grad_indices, grad_assignment, grad_scores):
 for _op in (prune, prune_triton):
     _op.register_fake(_fake_outputs)
     _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula([torch.ops.desap.prune, torch.ops.desap.prune_triton])
+def prune_flops(hidden, attn, text, text_mask, saliency, metric, keep, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of one call from the argument shapes (what ``FlopCounterMode`` counts): the similarity
+    (2 N L C), the nearest-kept match (2 N K E) and the merge sums (N D), per image."""
+    batch, tokens, width = hidden
+    metric_width = (metric or hidden)[2]
+    return batch * (2 * tokens * text[1] * attn[2] + 2 * tokens * keep * metric_width + tokens * width)

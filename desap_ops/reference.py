@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._validation import check_inputs, split_budget
+from .validation import check_inputs, split_budget
 
 NORM_EPS = 1e-6
 
@@ -143,22 +143,29 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def group_mean(rows: torch.Tensor, assignment: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, keep, W): the plain mean of the rows (B, N, W) assigned to each output position; rows with
+    assignment -1 count nowhere, and an empty group is zero. Accumulates in float32 (float64 stays)."""
+    batch, tokens, width = rows.shape
+    acc = accumulation_dtype(rows.dtype)
+    valid = (assignment >= 0).reshape(-1)
+    target = _flat_rows(assignment.clamp_min(0), keep)
+    flat = rows.reshape(batch * tokens, width).to(acc).masked_fill(~valid[:, None], 0.0)
+    sums = flat.new_zeros(batch * keep, width).index_add(0, target, flat)
+    counts = flat.new_zeros(batch * keep).index_add(0, target, valid.to(acc))
+    return (sums / counts.clamp_min(1)[:, None]).to(rows.dtype).view(batch, keep, width)
+
+
 def merge_tokens(
     hidden: torch.Tensor, indices: torch.Tensor, assignment: torch.Tensor, merge: bool
 ) -> torch.Tensor:
     """Step 4c: output i is the plain mean of hidden[i] and the rows assigned to it (or hidden[i])."""
     batch, tokens, width = hidden.shape
     keep = indices.shape[1]
-    rows = hidden.reshape(batch * tokens, width)
     if not merge:
+        rows = hidden.reshape(batch * tokens, width)
         return rows.index_select(0, _flat_rows(indices, tokens)).view(batch, keep, width)
-    acc = accumulation_dtype(hidden.dtype)
-    target = _flat_rows(assignment, keep)
-    sums = torch.zeros(batch * keep, width, dtype=acc, device=hidden.device).index_add(0, target, rows.to(acc))
-    counts = torch.zeros(batch * keep, dtype=acc, device=hidden.device).index_add(
-        0, target, torch.ones(batch * tokens, dtype=acc, device=hidden.device)
-    )
-    return (sums / counts[:, None]).to(hidden.dtype).view(batch, keep, width)
+    return group_mean(hidden, assignment, keep)
 
 
 def prune(

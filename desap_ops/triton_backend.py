@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ._validation import split_budget
+from .validation import split_budget
 from .kernels import merge as merge_kernels
 from .kernels import selection, similarity
 

@@ -12,6 +12,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TEXT_REDUCTIONS = ("max", "mean")
+BACKENDS = ("auto", "triton", "reference")
 
 
 def _check_tensor(name: str, value, rank: int, shape_hint: str) -> None:
@@ -95,21 +96,42 @@ def check_inputs(
         if value is not None and value.device != device:
             raise ValueError(f"{name} is on {value.device} but hidden is on {device}; all tensors must share one device")
 
+    check_options(keep, task_ratio, merge, text_reduce, tokens=tokens)
+
+
+def check_keep(keep, tokens=None) -> int:
+    """``keep`` as an int, in [1, tokens] when ``tokens`` is given."""
     if isinstance(keep, bool) or not isinstance(keep, int):
         raise TypeError(f"keep must be an int, got {type(keep).__name__}")
-    if not 1 <= keep <= tokens:
-        raise ValueError(f"keep must lie in [1, N] = [1, {tokens}], got {keep}")
+    if keep < 1 or (tokens is not None and keep > tokens):
+        bound = f"[1, N] = [1, {tokens}]" if tokens is not None else "[1, N]"
+        raise ValueError(f"keep must lie in {bound}, got {keep}")
+    return keep
 
+
+def check_task_ratio(task_ratio) -> float:
     if isinstance(task_ratio, bool) or not isinstance(task_ratio, (int, float)):
         raise TypeError(f"task_ratio must be a float, got {type(task_ratio).__name__}")
     if math.isnan(task_ratio) or not 0.0 <= task_ratio <= 1.0:
         raise ValueError(f"task_ratio must lie in [0, 1], got {task_ratio}")
+    return float(task_ratio)
 
+
+def check_options(keep, task_ratio, merge, text_reduce, tokens=None) -> tuple[int, float, bool, str]:
+    """The scalar options of the operator, checked; returned as (keep, task_ratio, merge, text_reduce)."""
+    keep = check_keep(keep, tokens)
+    task_ratio = check_task_ratio(task_ratio)
     if not isinstance(merge, bool):
         raise TypeError(f"merge must be a bool, got {type(merge).__name__}")
-
     if text_reduce not in TEXT_REDUCTIONS:
         raise ValueError(f"text_reduce must be one of {TEXT_REDUCTIONS}, got {text_reduce!r}")
+    return keep, task_ratio, merge, text_reduce
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def split_budget(keep: int, task_ratio: float) -> tuple[int, int]:

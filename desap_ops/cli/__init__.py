@@ -1,0 +1,1 @@
+"""The desap command line and the apps behind it: demo, benchmarks, model zoo."""
