@@ -3,6 +3,6 @@
     from desap_ops.integrations import apply_desap, remove_desap
     apply_desap(model, keep=64, task_ratio=0.5, merge=True)
 """
-from .llava import SUPPORTED, apply_desap, remove_desap
+from .llava import SUPPORTED, PruneRecord, apply_desap, image_token_counts, last_prune, remove_desap
 
-__all__ = ["apply_desap", "remove_desap", "SUPPORTED"]
+__all__ = ["apply_desap", "remove_desap", "last_prune", "PruneRecord", "image_token_counts", "SUPPORTED"]

@@ -51,6 +51,25 @@ class DesapState:
     last: dict = field(default_factory=dict)  # what the last prune kept, for inspection and demos
 
 
+@dataclass(frozen=True)
+class PruneRecord:
+    """What the last prune of a patched model kept, one 1-D tensor per image (or video)."""
+
+    indices: list          # (K,) int64, ascending: kept candidate tokens
+    assignment: list       # (N,) int64: output position of each candidate token
+    task_scores: list      # (N,) float32
+    saliency: list         # (N,) float32
+
+
+def last_prune(model) -> Optional[PruneRecord]:
+    """The record of the last prune ``model`` ran under :func:`apply_desap` (None before any)."""
+    state = getattr(model, "_desap", None)
+    if state is None or not state.last:
+        return None
+    return PruneRecord(**{name: list(state.last[name]) for name in ("indices", "assignment", "task_scores",
+                                                                      "saliency")})
+
+
 def _family(model) -> str:
     name = type(model).__name__
     if name not in FAMILIES:
