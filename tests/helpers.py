@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from desap_ops import reference
-from desap_ops._validation import split_budget
+from desap_ops.validation import split_budget
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOKEN_TOL = {  # (rtol, atol) for merged tokens against the reference

@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from desap_ops import _triton_backend  # noqa: E402
+from desap_ops import triton_backend  # noqa: E402
 from desap_ops.kernels import merge, selection, similarity  # noqa: E402
 
 HOPPER_SHARED_LIMIT = 227 * 1024
@@ -81,10 +81,10 @@ def _drive() -> None:
                     mask = torch.empty(batch, n_text, dtype=torch.bool, **meta) if with_mask else None
                     saliency = torch.empty(batch, tokens, dtype=dtype, **meta)
                     for reduce in ("max", "mean"):
-                        _triton_backend.prune(hidden, attn, text, mask, saliency, None, keep, 0.5,
+                        triton_backend.prune(hidden, attn, text, mask, saliency, None, keep, 0.5,
                                               merge_tokens, reduce)
             grad = torch.empty(batch, keep, width, dtype=dtype, **meta)
-            _triton_backend.prune_backward(grad, torch.empty(batch, tokens, dtype=torch.int64, **meta))
+            triton_backend.prune_backward(grad, torch.empty(batch, tokens, dtype=torch.int64, **meta))
 
 
 def _resources(cubin: bytes) -> tuple[str, int]:

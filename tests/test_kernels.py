@@ -6,7 +6,7 @@ import torch
 
 import desap_ops
 from desap_ops import reference
-from desap_ops._validation import split_budget
+from desap_ops.validation import split_budget
 
 from helpers import DTYPES, SCORE_ATOL, TOKEN_TOL, assert_matches_reference, tie_free_case, triton_devices
 
