@@ -5,12 +5,12 @@ from typing import Literal, Optional
 
 import torch
 
-from . import ops, reference  # noqa: F401  (ops registers torch.ops.desap.*)
-from .validation import check_inputs
+from . import reference
+from .function import PruneFunction
 from .reference import PruneResult
+from .validation import check_backend, check_inputs
 
 Backend = Literal["auto", "triton", "reference"]
-BACKENDS = ("auto", "triton", "reference")
 
 
 def prune(
@@ -27,7 +27,7 @@ def prune(
     text_reduce: str = "max",
     backend: Backend = "auto",
 ) -> PruneResult:
-    """Prune the N visual tokens of each image to ``keep`` with DeSAP (see ``SPEC.md``).
+    """Prune the N visual tokens of each image to ``keep`` with DeSAP (the contract: docs/contract.md).
 
     Args:
         hidden: (B, N, D) tokens to keep and merge.
@@ -46,14 +46,12 @@ def prune(
         PruneResult(tokens (B, K, D), indices (B, K) ascending, assignment (B, N),
         task_scores (B, N) float32). Gradients flow from ``tokens`` to ``hidden`` only.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce)
     task_ratio = float(task_ratio)
     if backend == "reference":
         return reference.prune(hidden, attn, text, saliency, keep, text_mask=text_mask,
                                task_ratio=task_ratio, merge=merge, metric=metric,
                                text_reduce=text_reduce)
-    op = torch.ops.desap.prune if backend == "auto" else torch.ops.desap.prune_triton
-    return PruneResult(*op(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
-                           text_reduce))
+    return PruneResult(*PruneFunction.apply(hidden, attn, text, saliency, keep, text_mask, task_ratio,
+                                            merge, metric, text_reduce, backend))
