@@ -47,8 +47,8 @@ def prune(
         task_scores (B, N) float32). Gradients flow from ``tokens`` to ``hidden`` only.
     """
     check_backend(backend)
-    check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce)
-    task_ratio = float(task_ratio)
+    keep, task_ratio, merge, text_reduce = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep,
+                                                        task_ratio, merge, text_reduce)
     if backend == "reference":
         return reference.prune(hidden, attn, text, saliency, keep, text_mask=text_mask,
                                task_ratio=task_ratio, merge=merge, metric=metric,

@@ -1,6 +1,6 @@
 """The registered operators.
 
-- ``desap::prune``: the SPEC's operator. CPU tensors run the PyTorch reference; CUDA tensors run the
+- ``desap::prune``: the operator of docs/contract.md. CPU tensors run the PyTorch reference; CUDA tensors run the
   Triton kernels (float64 on CUDA falls back to the reference, the kernels compute in float32).
 - ``desap::prune_triton``: the same schema, always the Triton kernels (CPU tensors only under
   ``TRITON_INTERPRET=1``); it is what ``backend="triton"`` calls and what the kernel tests exercise.
@@ -50,7 +50,8 @@ def _run_reference(hidden, attn, text, text_mask, saliency, metric, keep, task_r
 
 def _run_triton(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
                 text_reduce) -> OpResult:
-    check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce)
+    keep, task_ratio, merge, text_reduce = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep,
+                                                        task_ratio, merge, text_reduce)
     if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "the Triton kernels got CPU tensors: move the tensors to CUDA, use backend='reference', "
@@ -62,7 +63,9 @@ def _run_triton(hidden, attn, text, text_mask, saliency, metric, keep, task_rati
 
 def _fake_outputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
                   text_reduce) -> OpResult:
-    check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce)
+    # shapes and arguments only, never values; keep may be a SymInt under dynamic shapes
+    keep, *_ = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
+                            text_reduce)
     batch, tokens, width = hidden.shape
     return (
         hidden.new_empty((batch, keep, width)),

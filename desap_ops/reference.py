@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of DeSAP pruning: the oracle for the kernels and the CPU path.
 
-Each function is one step of ``SPEC.md`` and reads as that step. Everything is vectorised over the
+Each function is one step of the contract (docs/contract.md) and reads as that step. Everything is vectorised over the
 batch and the tokens (no Python loop over tokens), never synchronises with the device, and is
 differentiable from ``tokens`` to ``hidden`` through ordinary PyTorch autograd.
 """
@@ -24,9 +24,30 @@ class PruneResult(NamedTuple):
     task_scores: torch.Tensor  # (B, N) float32: the decoupled-similarity task score
 
 
+def floor_log2(magnitude: torch.Tensor) -> torch.Tensor:
+    """int32 floor(log2 m) of float32 magnitudes from the exponent bits, clamped to [-126, 126]
+    (zero and subnormals give -126; inf and NaN 126)."""
+    exponent = (magnitude.float().view(torch.int32) >> 23) & 0xFF
+    return (exponent - 127).clamp(-126, 126)
+
+
+def power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2 ** exponent in float32, exactly, for int32 exponents in [-126, 127]."""
+    return ((exponent + 127) << 23).view(torch.float32)
+
+
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm in float32, each norm clamped below at 1e-6."""
+    """Rows scaled to unit L2 norm in float32, scale-free (contract, step 1).
+
+    Each row is first multiplied by a power of two that brings its largest magnitude into [1, 2):
+    exact, and after it no square overflows or underflows, so any finite row gets its true
+    direction. The norm is then clamped below at 1e-6, which only a row of zeros reaches.
+    """
     x = x.float()
+    if x.shape[-1] == 0:
+        return x
+    scale = power_of_two(-floor_log2(x.abs().amax(dim=-1, keepdim=True)))
+    x = x * scale
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS)
 
 
@@ -182,8 +203,10 @@ def prune(
     text_reduce: str = "max",
 ) -> PruneResult:
     """The whole operator, step by step. Same arguments as :func:`desap_ops.prune`."""
-    check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce)
-    scores = task_scores(attn, text, text_mask, text_reduce)
+    keep, task_ratio, merge, text_reduce = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep,
+                                                        task_ratio, merge, text_reduce)
+    # the scores choose tokens, a piecewise-constant decision: like the op, they carry no graph
+    scores = task_scores(attn, text, text_mask, text_reduce).detach()
     has_text = has_valid_text(text_mask, hidden.shape[0], hidden.device)
     indices = select_tokens(saliency, scores, keep, task_ratio, has_text)
     assignment = assign_tokens(indices, hidden if metric is None else metric, merge)

@@ -24,6 +24,7 @@ def _check_kernel_dtypes(**tensors: Optional[torch.Tensor]) -> None:
 def prune(hidden, attn, text, text_mask, saliency, metric, keep: int, task_ratio: float,
           merge: bool, text_reduce: str):
     _check_kernel_dtypes(hidden=hidden, attn=attn, text=text, saliency=saliency, metric=metric)
+    selection.check_tokens(hidden.shape[1])  # before the first launch (contract, "Errors")
     _, k_task = split_budget(keep, task_ratio)
     scores = similarity.task_scores(attn, text, text_mask, text_reduce)
     indices, assignment = selection.select_and_assign(

@@ -1,13 +1,16 @@
 """Input checks shared by every entry point.
 
-They read only metadata (shape, dtype, device), so they never synchronise with a device and they
-run unchanged on fake tensors inside ``torch.compile``.
+They read only metadata (shape, dtype, device) and scalars, so they never synchronise with a device,
+and they run unchanged on fake tensors and symbolic sizes inside ``torch.compile`` (dynamic shapes
+included). The rules are the contract's (docs/contract.md, "Inputs" and "Errors").
 """
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -47,8 +50,9 @@ def check_inputs(
     task_ratio: float,
     merge: bool,
     text_reduce: str,
-) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the bad argument; return None when all is well."""
+) -> tuple:
+    """Raise ``TypeError``/``ValueError`` naming the bad argument (contract, "Errors"); return the
+    normalised scalar options (keep, task_ratio, merge, text_reduce)."""
     _check_tensor("hidden", hidden, 3, "(B, N, D)")
     _check_float("hidden", hidden)
     batch, tokens = hidden.shape[0], hidden.shape[1]
@@ -96,33 +100,68 @@ def check_inputs(
         if value is not None and value.device != device:
             raise ValueError(f"{name} is on {value.device} but hidden is on {device}; all tensors must share one device")
 
-    check_options(keep, task_ratio, merge, text_reduce, tokens=tokens)
+    return check_options(keep, task_ratio, merge, text_reduce, tokens=tokens)
 
 
-def check_keep(keep, tokens=None) -> int:
-    """``keep`` as an int, in [1, tokens] when ``tokens`` is given."""
-    if isinstance(keep, bool) or not isinstance(keep, int):
-        raise TypeError(f"keep must be an int, got {type(keep).__name__}")
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
+def check_keep(keep, tokens=None):
+    """``keep`` as an int (or a SymInt under torch.compile), in [1, tokens] when ``tokens`` is given.
+
+    Takes what ``operator.index`` takes (int, NumPy integer, one-element integer tensor), never a
+    bool. Comparisons on a SymInt become guards, so this stays traceable.
+    """
+    if _is_bool(keep):
+        raise TypeError(f"keep must be an integer, got a bool ({keep!r})")
+    if not isinstance(keep, (int, torch.SymInt)):
+        try:
+            keep = operator.index(keep)
+        except TypeError:
+            raise TypeError(f"keep must be an integer (int, NumPy integer or integer tensor), "
+                            f"got {type(keep).__name__}") from None
     if keep < 1 or (tokens is not None and keep > tokens):
         bound = f"[1, N] = [1, {tokens}]" if tokens is not None else "[1, N]"
         raise ValueError(f"keep must lie in {bound}, got {keep}")
     return keep
 
 
-def check_task_ratio(task_ratio) -> float:
-    if isinstance(task_ratio, bool) or not isinstance(task_ratio, (int, float)):
-        raise TypeError(f"task_ratio must be a float, got {type(task_ratio).__name__}")
-    if math.isnan(task_ratio) or not 0.0 <= task_ratio <= 1.0:
+def check_task_ratio(task_ratio):
+    """``task_ratio`` as a float (or a SymFloat under torch.compile) in [0, 1].
+
+    Takes any real number PyTorch would (float, int, NumPy scalar, one-element tensor), never a
+    bool or a string. NaN is found with ``x != x``, which a traced value supports (math.isnan does
+    not).
+    """
+    if _is_bool(task_ratio) or isinstance(task_ratio, (str, bytes)):
+        raise TypeError(f"task_ratio must be a real number, got {type(task_ratio).__name__} {task_ratio!r}")
+    if not isinstance(task_ratio, (float, torch.SymFloat)):
+        if isinstance(task_ratio, torch.Tensor) and (task_ratio.numel() != 1 or task_ratio.is_complex()):
+            raise TypeError(f"task_ratio must be a real number, got a tensor of shape {tuple(task_ratio.shape)}")
+        try:
+            task_ratio = float(task_ratio)
+        except (TypeError, ValueError):
+            raise TypeError(f"task_ratio must be a real number, got {type(task_ratio).__name__}") from None
+    if task_ratio != task_ratio or task_ratio < 0.0 or task_ratio > 1.0:
         raise ValueError(f"task_ratio must lie in [0, 1], got {task_ratio}")
-    return float(task_ratio)
+    return task_ratio
 
 
-def check_options(keep, task_ratio, merge, text_reduce, tokens=None) -> tuple[int, float, bool, str]:
-    """The scalar options of the operator, checked; returned as (keep, task_ratio, merge, text_reduce)."""
+def check_merge(merge) -> bool:
+    """``merge`` as a bool: a bool, or an integer 0 or 1 (as the registered op's schema takes it)."""
+    if isinstance(merge, (bool, np.bool_)):
+        return bool(merge)
+    if isinstance(merge, (int, np.integer)) and merge in (0, 1):
+        return bool(merge)
+    raise TypeError(f"merge must be a bool (or 0 or 1), got {type(merge).__name__} {merge!r}")
+
+
+def check_options(keep, task_ratio, merge, text_reduce, tokens=None):
+    """The scalar options, checked and normalised: (keep, task_ratio, merge, text_reduce)."""
     keep = check_keep(keep, tokens)
     task_ratio = check_task_ratio(task_ratio)
-    if not isinstance(merge, bool):
-        raise TypeError(f"merge must be a bool, got {type(merge).__name__}")
+    merge = check_merge(merge)
     if text_reduce not in TEXT_REDUCTIONS:
         raise ValueError(f"text_reduce must be one of {TEXT_REDUCTIONS}, got {text_reduce!r}")
     return keep, task_ratio, merge, text_reduce
@@ -135,6 +174,6 @@ def check_backend(backend) -> str:
 
 
 def split_budget(keep: int, task_ratio: float) -> tuple[int, int]:
-    """SPEC step 2: K_task = floor(rho * K + 0.5), K_sal = K - K_task."""
-    k_task = int(math.floor(float(task_ratio) * keep + 0.5))
+    """Contract step 2: K_task = floor(rho * K + 0.5), K_sal = K - K_task."""
+    k_task = math.floor(task_ratio * keep + 0.5)
     return keep - k_task, k_task

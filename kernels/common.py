@@ -1,8 +1,9 @@
-"""Small helpers shared by the launchers (host side only)."""
+"""Helpers shared by the kernel families: launch-side choices, and the scale-free row scaling."""
 import os
 
 import torch
 import triton
+import triton.language as tl
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -32,3 +33,40 @@ def launch(kernel, grid, args, constexprs, num_warps: int) -> None:
     """The one place kernels are launched; tests/sm90_compile.py captures it to compile each
     launcher's exact configuration for a Hopper GPU without one."""
     kernel[grid](*args, **constexprs, num_warps=num_warps)
+
+
+def scale_target(a: torch.Tensor, b: torch.Tensor) -> int:
+    """log2 of where row scaling puts each row's largest magnitude: [2**15, 65504] when both are
+    float16 (every factor is then >= 1, so no float16 value loses a bit and their tl.dot stays
+    native), else [1, 2)."""
+    return 15 if a.dtype == b.dtype == torch.float16 else 0
+
+
+@triton.jit
+def floor_log2(m):
+    """int32 floor(log2 m) of float32 magnitudes, from the exponent bits, clamped to [-126, 126]
+    (zero and subnormals: -126). The same rule as desap_ops.reference.floor_log2."""
+    exponent = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return tl.minimum(tl.maximum(exponent - 127, -126), 126)
+
+
+@triton.jit
+def power_of_two(e):
+    """2 ** e in float32, exactly: 0 below -126, capped at 2 ** 127."""
+    bits = (tl.minimum(tl.maximum(e, -126), 127) + 127) << 23
+    return tl.where(e < -126, 0.0, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def rescale_rows(x32, exponent, TARGET: tl.constexpr):
+    """Online, exact row scaling (contract, step 1) for one tile of rows.
+
+    ``exponent`` is each row's largest floor(log2 |x|) over the tiles seen so far. Returns the
+    updated exponents, the factor (a power of two <= 1) by which sums built under the old
+    exponents must be multiplied, and this tile scaled by 2 ** (TARGET - exponent): every product
+    and square after it is free of overflow and underflow, and being powers of two the factors
+    change no rounding.
+    """
+    new = tl.maximum(exponent, floor_log2(tl.max(tl.abs(x32), axis=1)))
+    fix = power_of_two(exponent - new)
+    return new, fix, x32 * power_of_two(TARGET - new)[:, None]

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import dot_in_fp32, launch, next_block
+from .common import dot_in_fp32, launch, next_block, rescale_rows, scale_target
 
 NAN_KEY = tl.constexpr(-2147483648)       # below every number (-inf maps to -2139095041)
 EXCLUDED_KEY = tl.constexpr(-2147483649)  # chosen in stage 1: out of stage 2
@@ -68,7 +68,8 @@ def _select_assign_kernel(
     N, L, E, K, K_TASK,
     stride_sb, stride_sn, stride_mb, stride_ml,
     stride_xb, stride_xn, stride_xe,
-    HAS_MASK: tl.constexpr, MERGE: tl.constexpr, DOT_FP32: tl.constexpr, N_POW2: tl.constexpr,
+    HAS_MASK: tl.constexpr, MERGE: tl.constexpr, DOT_FP32: tl.constexpr, TARGET: tl.constexpr,
+    N_POW2: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -131,19 +132,23 @@ def _select_assign_kernel(
             dots = tl.zeros([BLOCK_J, BLOCK_K], tl.float32)
             sq_j = tl.zeros([BLOCK_J], tl.float32)
             sq_k = tl.zeros([BLOCK_K], tl.float32)
+            exp_j = tl.full([BLOCK_J], -126, tl.int32)
+            exp_k = tl.full([BLOCK_K], -126, tl.int32)
             for e0 in range(0, E, BLOCK_E):
                 e = e0 + tl.arange(0, BLOCK_E)
                 e_ok = e < E
                 xj = tl.load(row_j + e[None, :] * stride_xe, mask=j_ok[:, None] & e_ok[None, :], other=0.0)
                 xk = tl.load(row_k + e[None, :] * stride_xe, mask=slot_ok[:, None] & e_ok[None, :], other=0.0)
-                xj32 = xj.to(tl.float32)
-                xk32 = xk.to(tl.float32)
-                sq_j += tl.sum(xj32 * xj32, axis=1)
-                sq_k += tl.sum(xk32 * xk32, axis=1)
+                # scale-free cosine, as in launch 1 (contract, step 4)
+                exp_j, fix_j, xj32 = rescale_rows(xj.to(tl.float32), exp_j, TARGET)
+                exp_k, fix_k, xk32 = rescale_rows(xk.to(tl.float32), exp_k, TARGET)
+                dots = dots * fix_j[:, None] * fix_k[None, :]
+                sq_j = sq_j * fix_j * fix_j + tl.sum(xj32 * xj32, axis=1)
+                sq_k = sq_k * fix_k * fix_k + tl.sum(xk32 * xk32, axis=1)
                 if DOT_FP32:
                     dots += tl.dot(xj32, tl.trans(xk32), input_precision="ieee")
                 else:
-                    dots += tl.dot(xj, tl.trans(xk))
+                    dots += tl.dot(xj32.to(xj.dtype), tl.trans(xk32.to(xk.dtype)))
             cos = dots / tl.maximum(tl.sqrt(sq_j), 1e-6)[:, None] / tl.maximum(tl.sqrt(sq_k), 1e-6)[None, :]
             cos = tl.where(slot_ok[None, :] & (cos == cos), cos, float("-inf"))
             block_best = tl.max(cos, axis=1)
@@ -159,14 +164,19 @@ def _select_assign_kernel(
 MAX_TOKENS = 16384  # the whole-image selection lives in registers
 
 
-def select_and_assign(saliency, scores, text_mask, metric, keep: int, k_task: int, merge: bool):
-    """(indices (B, K) ascending, assignment (B, N)), SPEC steps 2-4a."""
-    batch, tokens = saliency.shape
+def check_tokens(tokens: int) -> None:
+    """Refuse images the whole-image selection cannot hold; callers check before any launch."""
     if tokens > MAX_TOKENS:
         raise ValueError(
             f"the Triton selection kernel takes N <= {MAX_TOKENS} tokens per image, got N = {tokens}; "
             "use backend='reference' for larger images"
         )
+
+
+def select_and_assign(saliency, scores, text_mask, metric, keep: int, k_task: int, merge: bool):
+    """(indices (B, K) ascending, assignment (B, N)), contract steps 2-4 (the assignment)."""
+    batch, tokens = saliency.shape
+    check_tokens(tokens)
     indices = torch.empty((batch, keep), dtype=torch.int64, device=saliency.device)
     assignment = torch.empty((batch, tokens), dtype=torch.int64, device=saliency.device)
     n_pow2 = triton.next_power_of_2(tokens)
@@ -182,7 +192,8 @@ def select_and_assign(saliency, scores, text_mask, metric, keep: int, k_task: in
         _select_assign_kernel, grid,
         (saliency, scores, mask, metric, indices, assignment, tokens, n_text, metric.shape[2], keep,
          k_task, *saliency.stride(), *mask_strides, *metric.stride()),
-        dict(HAS_MASK=text_mask is not None, MERGE=merge, DOT_FP32=fp32, N_POW2=n_pow2,
+        dict(HAS_MASK=text_mask is not None, MERGE=merge, DOT_FP32=fp32, TARGET=scale_target(metric, metric),
+             N_POW2=n_pow2,
              BLOCK_J=block_j, BLOCK_K=next_block(keep, block),
              BLOCK_E=next_block(metric.shape[2], 32), BLOCK_L=next_block(n_text, 128)),
         num_warps=8,

@@ -2,7 +2,8 @@
 
 One program scores BLOCK_N visual tokens of one image against every text token: a tiled
 (BLOCK_N x C) @ (C x BLOCK_L) product per text tile, with the L2 norms taken on the fly from the
-same tiles, the text mask applied, and a running max (or sum and count) over the text tiles. Only
+same tiles (each row scaled on the fly by an exact power of two, so that no square overflows:
+contract, step 1), the text mask applied, and a running max (or sum and count) over the text tiles. Only
 the (B, N) float32 scores are written; the (B, N, L) similarity never reaches memory.
 
 Bytes: attn once per text tile (once when L <= BLOCK_L), text once per token block, 4 B/token out.
@@ -12,7 +13,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import dot_in_fp32, launch, next_block
+from .common import dot_in_fp32, launch, next_block, rescale_rows, scale_target
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -24,7 +25,7 @@ def _task_score_kernel(
     stride_ab, stride_an, stride_ac,
     stride_tb, stride_tl, stride_tc,
     stride_mb, stride_ml,
-    HAS_MASK: tl.constexpr, REDUCE_MEAN: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_MASK: tl.constexpr, REDUCE_MEAN: tl.constexpr, DOT_FP32: tl.constexpr, TARGET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -44,19 +45,23 @@ def _task_score_kernel(
         dots = tl.zeros([BLOCK_N, BLOCK_L], tl.float32)
         attn_sq = tl.zeros([BLOCK_N], tl.float32)
         text_sq = tl.zeros([BLOCK_L], tl.float32)
+        attn_exp = tl.full([BLOCK_N], -126, tl.int32)
+        text_exp = tl.full([BLOCK_L], -126, tl.int32)
         for c0 in range(0, C, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < C
             a = tl.load(attn_row + c[None, :] * stride_ac, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
             t = tl.load(text_row + c[None, :] * stride_tc, mask=l_ok[:, None] & c_ok[None, :], other=0.0)
-            a32 = a.to(tl.float32)
-            t32 = t.to(tl.float32)
-            attn_sq += tl.sum(a32 * a32, axis=1)
-            text_sq += tl.sum(t32 * t32, axis=1)
+            # scale-free cosine: rows scaled by exact powers of two, sums so far rescaled to match
+            attn_exp, a_fix, a32 = rescale_rows(a.to(tl.float32), attn_exp, TARGET)
+            text_exp, t_fix, t32 = rescale_rows(t.to(tl.float32), text_exp, TARGET)
+            dots = dots * a_fix[:, None] * t_fix[None, :]
+            attn_sq = attn_sq * a_fix * a_fix + tl.sum(a32 * a32, axis=1)
+            text_sq = text_sq * t_fix * t_fix + tl.sum(t32 * t32, axis=1)
             if DOT_FP32:  # exact float32 products: tf32 would blur near-ties
                 dots += tl.dot(a32, tl.trans(t32), input_precision="ieee")
-            else:  # fp16/bf16 products are exact in the float32 accumulator
-                dots += tl.dot(a, tl.trans(t))
+            else:  # half pairs: scaled by powers of two they are still exact in their own dtype
+                dots += tl.dot(a32.to(a.dtype), tl.trans(t32.to(t.dtype)))
         attn_norm = tl.maximum(tl.sqrt(attn_sq), 1e-6)
         text_norm = tl.maximum(tl.sqrt(text_sq), 1e-6)
         cos = dots / attn_norm[:, None] / text_norm[None, :]
@@ -83,7 +88,7 @@ def _task_score_kernel(
 
 
 def task_scores(attn: torch.Tensor, text: torch.Tensor, text_mask, text_reduce: str) -> torch.Tensor:
-    """(B, N) float32 task scores, SPEC step 1."""
+    """(B, N) float32 task scores, contract step 1."""
     batch, tokens, width = attn.shape
     n_text = text.shape[1]
     out = torch.empty((batch, tokens), dtype=torch.float32, device=attn.device)
@@ -100,6 +105,7 @@ def task_scores(attn: torch.Tensor, text: torch.Tensor, text_mask, text_reduce: 
         _task_score_kernel, grid,
         (attn, text, mask, out, tokens, n_text, width, *attn.stride(), *text.stride(), *mask_strides),
         dict(HAS_MASK=text_mask is not None, REDUCE_MEAN=text_reduce == "mean", DOT_FP32=fp32,
+             TARGET=scale_target(attn, text),
              BLOCK_N=block_n, BLOCK_L=block_l, BLOCK_C=block_c),
         num_warps=8,
     )

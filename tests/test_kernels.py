@@ -255,3 +255,43 @@ def test_keep_all_with_merge_returns_hidden(device):
     result = desap_ops.prune(*case.args(), backend="triton")
     assert torch.equal(result.tokens, case.hidden)
     assert torch.equal(result.assignment, torch.arange(33, device=device).expand(2, 33))
+
+
+# --- scale-free cosines (contract, steps 1 and 4) -----------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e30), (torch.float32, 1e-30), (torch.bfloat16, 2.0**113),
+                                         (torch.float16, 2.0**-20)], ids=str)
+def test_huge_and_tiny_rows_give_the_unscaled_answer(device, dtype, scale):
+    """Power-of-two scales keep the inputs exact, so scaling every row must change nothing at all
+    beyond rounding: not the scores, not the kept tokens, not the groups."""
+    case = tie_free_case(tokens=40, keep=8, dtype=dtype, with_mask=True, seed=7)
+    if dtype == torch.float16:  # float16 has no room below 2**-24: only scale up there
+        scale = 2.0**10
+    base = desap_ops.prune(*case.args(), **case.options, backend="reference")
+    scaled = [t * scale for t in (case.hidden, case.attn, case.text)]
+    for backend, dev in (("reference", "cpu"), ("triton", device)):
+        args = [t.to(dev) for t in scaled] + [case.saliency.to(dev)]
+        mask = case.text_mask.to(dev)
+        result = desap_ops.prune(*args, case.keep, text_mask=mask, backend=backend)
+        torch.testing.assert_close(result.task_scores.cpu(), base.task_scores, atol=SCORE_ATOL, rtol=0)
+        assert torch.equal(result.indices.cpu(), base.indices), backend
+        assert torch.equal(result.assignment.cpu(), base.assignment), backend
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_far_apart_in_scale_share_one_tile(kernels, device):
+    """A row at 1e30 next to a row at 1e-30 in the same tile, and a row whose largest entry sits in
+    the last feature tile: each is scaled by its own power of two."""
+    attn = torch.randn(1, 4, 70)
+    attn[0, 0] *= 1e30
+    attn[0, 1] *= 1e-30
+    attn[0, 2, :64] *= 1e-20  # its largest magnitude only appears in the second tile
+    text = torch.randn(1, 3, 70)
+    text[0, 0] *= 1e25
+    expected = reference.task_scores(attn / attn.abs().amax(-1, keepdim=True),
+                                     text / text.abs().amax(-1, keepdim=True))
+    for got in (kernels[0].task_scores(attn.to(device), text.to(device), None, "max").cpu(),
+                reference.task_scores(attn, text)):
+        torch.testing.assert_close(got, expected, atol=SCORE_ATOL, rtol=0)
+        assert torch.isfinite(got).all()

@@ -152,12 +152,12 @@ BAD_INPUTS = [
     ("metric", dict(metric=torch.randn(2, 5, 3)), ValueError, "visual tokens"),
     ("keep", dict(keep=0), ValueError, "[1, 6]"),
     ("keep", dict(keep=7), ValueError, "got 7"),
-    ("keep", dict(keep=2.0), TypeError, "int"),
-    ("keep", dict(keep=True), TypeError, "int"),
+    ("keep", dict(keep=2.0), TypeError, "integer"),
+    ("keep", dict(keep=True), TypeError, "integer"),
     ("task_ratio", dict(task_ratio=1.5), ValueError, "[0, 1]"),
     ("task_ratio", dict(task_ratio=math.nan), ValueError, "[0, 1]"),
-    ("task_ratio", dict(task_ratio="half"), TypeError, "float"),
-    ("merge", dict(merge=1), TypeError, "bool"),
+    ("task_ratio", dict(task_ratio="half"), TypeError, "real number"),
+    ("merge", dict(merge=2), TypeError, "bool"),
     ("text_reduce", dict(text_reduce="sum"), ValueError, "'sum'"),
     ("backend", dict(backend="cuda"), ValueError, "'cuda'"),
 ]
@@ -217,3 +217,33 @@ def test_result_is_a_named_tuple_matching_the_reference():
     assert result._fields == ("tokens", "indices", "assignment", "task_scores")
     assert_matches_reference(result, case)
     assert reference.PruneResult is desap_ops.PruneResult
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["auto", "triton", "reference"])
+def test_torch_compile_dynamic_shapes_and_symbolic_keep(backend):
+    """dynamic=True over two shapes: keep passed in (a SymInt), keep from the shape
+    (h.shape[1] // 4), task_ratio passed in (a SymFloat); forward and backward equal eager."""
+    torch._dynamo.reset()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+
+    def given_keep(h, a, t, s, keep, ratio):
+        r = desap_ops.prune(h, a, t, s, keep, task_ratio=ratio, backend=backend)
+        return (r.tokens ** 2).sum(), r.indices
+
+    def keep_from_shape(h, a, t, s):
+        r = desap_ops.prune(h, a, t, s, h.shape[1] // 4, backend=backend)
+        return (r.tokens ** 2).sum(), r.indices
+
+    compiled = {fn: torch.compile(fn, fullgraph=True, dynamic=True) for fn in (given_keep, keep_from_shape)}
+    for tokens, keep in ((24, 6), (40, 9)):
+        case = tie_free_case(tokens=tokens, keep=keep, seed=tokens).to(device)
+        for fn, extra in ((given_keep, (keep, 0.5)), (keep_from_shape, ())):
+            grads, outputs = [], []
+            for run in (fn, compiled[fn]):
+                hidden = case.hidden.clone().requires_grad_(True)
+                loss, indices = run(hidden, case.attn, case.text, case.saliency, *extra)
+                grads.append(torch.autograd.grad(loss, hidden)[0])
+                outputs.append(indices)
+            assert torch.equal(outputs[0], outputs[1])
+            torch.testing.assert_close(grads[1], grads[0])

@@ -214,3 +214,19 @@ def test_reference_gradient_is_the_mean_adjoint():
     grad_out = torch.randn_like(result.tokens)
     (grad,) = torch.autograd.grad(result.tokens, hidden, grad_out)
     torch.testing.assert_close(grad, reference.prune_backward(grad_out, result.assignment))
+
+
+def test_cosines_are_scale_free_for_any_finite_input():
+    gen = torch.Generator().manual_seed(11)
+    attn, text = torch.randn(2, 9, 6, generator=gen), torch.randn(2, 4, 6, generator=gen)
+    hidden = torch.randn(2, 9, 5, generator=gen)
+    saliency = torch.rand(2, 9, generator=gen)
+    base = reference.prune(hidden, attn, text, saliency, 3)
+    for scale in (2.0**100, 2.0**-100, 1e30, 1e-30):  # 1e30 rounds the inputs: close, not equal
+        scaled = reference.prune(hidden * scale, attn * scale, text * scale, saliency, 3)
+        torch.testing.assert_close(scaled.task_scores, base.task_scores, atol=1e-6, rtol=0)
+        assert torch.equal(scaled.indices, base.indices) and torch.equal(scaled.assignment, base.assignment)
+    zeros = reference.unit_rows(torch.zeros(1, 3))
+    assert torch.equal(zeros, torch.zeros(1, 3))           # a zero row: cosine 0 with everything
+    inf_row = torch.tensor([[math.inf, 1.0, 0.0]])
+    assert torch.isnan(reference.decoupled_similarity(inf_row[None], torch.ones(1, 1, 3))).all()
