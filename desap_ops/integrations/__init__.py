@@ -2,7 +2,99 @@
 
     from desap_ops.integrations import apply_desap, remove_desap
     apply_desap(model, keep=64, task_ratio=0.5, merge=True)
+
+Imports point one way: this registry -> one patcher per model family (``llava``, ``llava_next``,
+``qwen2_5_vl``, ``video``) -> the shared modules (``serving``, ``prompt``, ``clip_tower``,
+``state``, ``signals``, ``sequence``). A patcher imports only shared modules.
 """
-from .llava import SUPPORTED, PruneRecord, apply_desap, image_token_counts, last_prune, remove_desap
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..validation import check_backend, check_options
+from . import llava, llava_next, qwen2_5_vl, video
+from .prompt import ignored_token_ids
+from .serving import uninstall_methods
+from .state import RECORD_FIELDS, DesapState, PruneRecord
+
+# model class name -> install(model, state): patches the model in place
+PATCHERS: dict[str, Callable[[nn.Module, DesapState], None]] = {
+    "LlavaForConditionalGeneration": llava.install,
+    "LlavaNextForConditionalGeneration": llava_next.install,
+    "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl.install,
+    "LlavaNextVideoForConditionalGeneration": video.install_llava_next_video,
+    "VideoLlavaForConditionalGeneration": video.install_video_llava,
+}
+SUPPORTED = tuple(PATCHERS)
+
+# model class name -> the processor's placeholder count of each image, for the LLaVA image paths
+IMAGE_TOKEN_COUNTS: dict[str, Callable[..., list[int]]] = {
+    "LlavaForConditionalGeneration": llava.image_tokens,
+    "LlavaNextForConditionalGeneration": llava_next.image_tokens,
+    "LlavaNextVideoForConditionalGeneration": llava_next.image_tokens,   # its images are LLaVA-NeXT's
+}
+
+
+def _lookup(table: dict, model, caller: str):
+    """The entry of ``model``'s class, or of the nearest supported class it derives from."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in table:
+            return table[cls.__name__]
+    raise TypeError(f"{caller} supports {', '.join(table)}; got {type(model).__name__}")
+
+
+def apply_desap(model: nn.Module, keep: int = 64, task_ratio: float = 0.5, merge: bool = True, *,
+                text_reduce: str = "max", exclude_token_ids=(), backend: str = "auto") -> nn.Module:
+    """Patch ``model`` in place so every image reaches the language model as ``keep`` tokens.
+
+    Args:
+        model: one of ``SUPPORTED`` (or a subclass): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
+            LLaVA-NeXT-Video, Video-LLaVA.
+        keep: tokens per image (LLaVA-NeXT: per image over its base and crops together;
+            Qwen2.5-VL: language-model tokens, each a merged 2 x 2 group of patches) or, for the
+            video models, per video across all its frames.
+        task_ratio, merge, text_reduce, backend: as in :func:`desap_ops.prune`.
+        exclude_token_ids: token ids that never count as prompt text (for example the ids of a
+            chat template's "ASSISTANT:"); padding, BOS, EOS and image tokens never count.
+    Returns the model. Applying again replaces the previous patch.
+
+    Raises:
+        TypeError: an unsupported model (the model is left as it was), or an option of the wrong type.
+        ValueError: an option out of range, or a ``keep`` above an image's tokens (LLaVA-1.5; the
+            other families check it per call, when the images are known). A supported model is
+            left without DeSAP after either error.
+    """
+    install = _lookup(PATCHERS, model, "apply_desap")
+    remove_desap(model)
+    keep, task_ratio, merge, text_reduce = check_options(keep, task_ratio, merge, text_reduce)
+    state = DesapState(keep=keep, task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
+                       backend=check_backend(backend), ignored_ids=ignored_token_ids(model, exclude_token_ids))
+    install(model, state)
+    return model
+
+
+def remove_desap(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_desap`: the model's own methods again, and nothing of DeSAP left on it."""
+    if getattr(model, "_desap", None) is not None:
+        uninstall_methods(model)
+    return model
+
+
+def last_prune(model: nn.Module) -> Optional[PruneRecord]:
+    """The record of the last prune ``model`` ran under :func:`apply_desap` (None before any)."""
+    state: Optional[DesapState] = getattr(model, "_desap", None)
+    if state is None or not state.last:
+        return None
+    return PruneRecord(**{name: list(state.last[name]) for name in RECORD_FIELDS})
+
+
+def image_token_counts(model: nn.Module, pixel_values: torch.Tensor, image_sizes=None) -> list[int]:
+    """How many placeholder tokens the processor gives each image (before pruning): LLaVA-1.5,
+    LLaVA-NeXT and LLaVA-NeXT-Video; ``image_sizes`` as the processor returns it (LLaVA-NeXT)."""
+    return _lookup(IMAGE_TOKEN_COUNTS, model, "image_token_counts")(model, pixel_values, image_sizes)
+
 
 __all__ = ["apply_desap", "remove_desap", "last_prune", "PruneRecord", "image_token_counts", "SUPPORTED"]

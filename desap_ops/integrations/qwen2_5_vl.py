@@ -17,17 +17,23 @@ language-model tokens:
 
 Which tokens survive depends on the image, so the prompt is shortened after the vision encoder
 has run: in ``forward`` for a plain call, and before generation in ``generate`` (which also hands
-the kept tokens' positions to the generation loop). Video inputs pass through unpruned.
+the kept tokens' positions to the generation loop). :func:`install` patches
+``model.model.get_image_features``, ``model.forward``, ``model.generate`` and generate's
+``_prepare_position_ids_for_generation``. Video inputs pass through unpruned.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.vision_utils import get_vision_window_index
 
-from .. import api
-from .sequence import count_placeholders, image_text_tokens, shrink_placeholders
+from .prompt import text_embeddings
+from .sequence import count_placeholders, shrink_placeholders
+from .serving import install_serving, pad_token_id, run_prune, start_record
+from .state import DesapState
 
 QUERY_BLOCK_BYTES = 64 * 2**20   # bound on the scores of one block of queries
 
@@ -72,16 +78,17 @@ def _capture(block):
             handle.remove()
 
 
-def saliency_layer(model) -> int:
+def saliency_layer(model: nn.Module) -> int:
     """The vision block DeSAP reads: the last full-attention block."""
     return model.config.vision_config.fullatt_block_indexes[-1]
 
 
-def _signals(model, pixel_values, grid_thw):
+def vision_signals(model: nn.Module, pixel_values: torch.Tensor,
+                   grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per language-model token (all images, in the model's order): hidden (T', C), attention
-    branch in text space (T', C), saliency (T',)."""
+    branch in text space (T', C), saliency (T',). Needs no patch: it reads the model as it is."""
+    # here, not at the top: importing the modeling module costs seconds
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-    from transformers.vision_utils import get_vision_window_index
 
     visual = model.model.visual
     block = visual.blocks[saliency_layer(model)]
@@ -103,32 +110,26 @@ def _signals(model, pixel_values, grid_thw):
     return outputs.pooler_output, branch, saliency
 
 
-def _plan(model, arguments: dict) -> dict:
+def _plan(model, arguments: dict, pad_left: bool) -> dict:
     """Prune every image, shorten the prompt, keep the kept tokens' positions. Returns the
-    arguments for the model's own forward (or generate) and sets the features it will be given."""
-    state = model._desap
+    arguments for the model's own forward (or generate) and plans the features it will be given."""
+    state: DesapState = model._desap
     inner = model.model
     input_ids, mask = arguments["input_ids"], arguments.get("attention_mask")
     grid = arguments["image_grid_thw"]
     sizes = (grid.prod(-1) // inner.visual.spatial_merge_unit).tolist()
     if min(sizes) < state.keep:
         raise ValueError(f"keep={state.keep} is more than the {min(sizes)} tokens of an image in this batch")
-    hidden, branch, saliency = _signals(model, arguments["pixel_values"], grid)
-    text_ids, text_mask = image_text_tokens(input_ids, mask, model.config.image_token_id, sizes, state.ignored_ids)
-    texts = model.get_input_embeddings()(text_ids)
-    features, kept, last = [], [], {"indices": [], "assignment": [], "task_scores": [], "saliency": []}
+    hidden, branch, saliency = vision_signals(model, arguments["pixel_values"], grid)
+    texts, text_mask = text_embeddings(model, input_ids, mask, model.config.image_token_id, sizes, input_ids.device)
+    start_record(model)
+    features, kept = [], []
     for i, (h, b, s) in enumerate(zip(hidden.split(sizes), branch.split(sizes), saliency.split(sizes))):
-        result = api.prune(h[None], b[None].to(h.dtype), texts[i:i + 1].to(h.dtype), s[None], state.keep,
-                           text_mask=text_mask[i:i + 1], task_ratio=state.task_ratio, merge=state.merge,
-                           text_reduce=state.text_reduce, backend=state.backend)
+        result = run_prune(model, h[None], b[None].to(h.dtype), texts[i:i + 1], text_mask[i:i + 1], s[None])
         features.append(result.tokens[0])
         flags = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
         flags[result.indices[0]] = True
         kept.append(flags)
-        for name in ("indices", "assignment", "task_scores"):
-            last[name].append(getattr(result, name)[0])
-        last["saliency"].append(s)
-    state.last = last
 
     token_types = arguments.get("mm_token_type_ids")
     if token_types is None:
@@ -139,10 +140,8 @@ def _plan(model, arguments: dict) -> dict:
         rope_arguments = {k: arguments.get(k) for k in ("video_grid_thw", "second_per_grid_ts")}
         positions, _ = inner.get_rope_index(input_ids, mm_token_type_ids=token_types, image_grid_thw=grid,
                                             attention_mask=mask, **rope_arguments)
-    pad = model.config.text_config.pad_token_id
-    shrunk = shrink_placeholders(torch.cat(kept), model.config.image_token_id, 0 if pad is None else pad,
-                                 input_ids, mask, arguments.get("labels"), positions, token_types,
-                                 pad_left=state.pad_left)
+    shrunk = shrink_placeholders(torch.cat(kept), model.config.image_token_id, pad_token_id(model), input_ids, mask,
+                                 arguments.get("labels"), positions, token_types, pad_left=pad_left)
     new_mask = shrunk["attention_mask"]
     valid = new_mask.bool() if new_mask is not None else torch.ones_like(shrunk["input_ids"], dtype=torch.bool)
     top = shrunk["position_ids"].masked_fill(~valid[None], 0).amax(dim=(0, 2))
@@ -162,7 +161,7 @@ def _needs_plan(model, arguments: dict) -> bool:
     input_ids, grid = arguments.get("input_ids"), arguments.get("image_grid_thw")
     if input_ids is None or grid is None:
         raise ValueError("apply_desap needs input_ids and image_grid_thw when pixel_values are given")
-    state = model._desap
+    state: DesapState = model._desap
     sizes = (grid.prod(-1) // model.model.visual.spatial_merge_unit).tolist()
     found = count_placeholders(input_ids, model.config.image_token_id)
     if found == sum(sizes):
@@ -173,67 +172,42 @@ def _needs_plan(model, arguments: dict) -> bool:
                      "(the processor's count)")
 
 
-def _forward(model, *args, **kwargs):
-    from .llava import call_arguments
-
-    state = model._desap
-    arguments = call_arguments(model, args, kwargs)
-    try:
-        if _needs_plan(model, arguments):
-            state.pad_left = False
-            arguments.update(_plan(model, arguments))
-            model.model.rope_deltas = state.pending["rope_deltas"]
-        return state.original_forward(**arguments)
-    finally:
-        state.pending = None
+def _prepare(model, arguments: dict, generating: bool) -> None:
+    """Plan the call if it brings the processor's image placeholders (see ``serving``)."""
+    if not _needs_plan(model, arguments):
+        return
+    arguments.update(_plan(model, arguments, pad_left=generating))
+    if generating:
+        arguments.pop("position_ids")  # generate prepares them (from state.pending)
+    else:
+        model.model.rope_deltas = model._desap.pending["rope_deltas"]
 
 
 def _image_features(model, inner, pixel_values, image_grid_thw=None, **kwargs):
     """The pruned features planned for this call (the vision encoder already ran)."""
-    state = model._desap
+    state: DesapState = model._desap
     if state.pending is None:
-        return state.original_image_features(pixel_values, image_grid_thw, **kwargs)
+        return state.originals["get_image_features"](pixel_values, image_grid_thw, **kwargs)
     return BaseModelOutputWithPooling(pooler_output=state.pending["features"])
-
-
-def _generate(model, *args, **kwargs):
-    state = model._desap
-    if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
-        kwargs["input_ids"], args = args[0], args[1:]
-    try:
-        if _needs_plan(model, kwargs):
-            state.pad_left = True
-            kwargs.update(_plan(model, kwargs))
-            kwargs.pop("position_ids")  # generate prepares them (from state.pending)
-        return state.original_generate(*args, **kwargs)
-    finally:
-        state.pending = None
 
 
 def _position_ids_for_generation(model, inputs_tensor, model_kwargs):
     """generate's 3D positions: for a planned prefill, the kept tokens' original positions."""
-    state = model._desap
+    state: DesapState = model._desap
     pending = state.pending
     cache = model_kwargs.get("past_key_values")
     if pending is None or (cache is not None and cache.get_seq_length() > 0):
-        return state.original_positions(inputs_tensor, model_kwargs)
-    text = super(type(model), model)._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        return state.originals["_prepare_position_ids_for_generation"](inputs_tensor, model_kwargs)
+    from transformers.generation.utils import GenerationMixin  # loaded by now; costly at import time
+
+    # the text positions generate would give a text-only model, plus the planned 3D ones
+    text = GenerationMixin._prepare_position_ids_for_generation(model, inputs_tensor, model_kwargs)
     model.model.rope_deltas = pending["rope_deltas"]
     return torch.cat([text[None], pending["positions"].to(text.device)], dim=0)
 
 
-def install(model, state) -> None:
-    """Route the model through DeSAP: forward, generate, generate's positions, the image features."""
-    from .llava import install_methods
-
-    state.feature_layer = saliency_layer(model)
-    state.pending = None
-    state.pad_left = False
-    state.original_image_features = model.model.get_image_features
-    state.original_positions = model._prepare_position_ids_for_generation
-    install_methods(model, state, (
-        (model.model, "get_image_features", lambda self, *a, **k: _image_features(model, self, *a, **k)),
-        (model, "forward", _forward),
-        (model, "generate", _generate),
-        (model, "_prepare_position_ids_for_generation", _position_ids_for_generation),
-    ))
+def install(model: nn.Module, state: DesapState) -> None:
+    """Patch a Qwen2.5-VL model: forward, generate, generate's positions, the image features."""
+    install_serving(model, state, _prepare,
+                    (model.model, "get_image_features", lambda inner, *a, **k: _image_features(model, inner, *a, **k)),
+                    (model, "_prepare_position_ids_for_generation", _position_ids_for_generation))

@@ -1,11 +1,11 @@
 """apply_desap on a tiny random-weight Qwen2.5-VL built from a config."""
 import pytest
 import torch
+from integration_prompts import pad
 
 from desap_ops import reference
-from desap_ops.integrations import apply_desap, remove_desap
-from desap_ops.integrations import qwen
-from desap_ops.integrations.tiny import QWEN_IMAGE as IMG, tiny_qwen2_5_vl
+from desap_ops.cli.models import QWEN_IMAGE as IMG, tiny_qwen2_5_vl
+from desap_ops.integrations import apply_desap, last_prune, qwen2_5_vl, remove_desap
 
 START, END = 153, 154
 PATCH_WIDTH = 3 * 2 * 14 * 14
@@ -31,11 +31,11 @@ def _inputs(grids, seeds, **prompt):
 
 
 def test_received_attention_matches_the_full_matrix(monkeypatch):
-    monkeypatch.setattr(qwen, "QUERY_BLOCK_BYTES", 4 * 2 * 8 * 3)   # force several query blocks
+    monkeypatch.setattr(qwen2_5_vl, "QUERY_BLOCK_BYTES", 4 * 2 * 8 * 3)   # force several query blocks
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(20, 2, 8, generator=gen), torch.randn(20, 2, 8, generator=gen)
     segments = [(0, 8), (8, 20)]
-    got = qwen.received_attention(q, k, segments, 0.35)
+    got = qwen2_5_vl.received_attention(q, k, segments, 0.35)
     for start, end in segments:
         weights = (q[start:end].transpose(0, 1) @ k[start:end].transpose(0, 1).transpose(1, 2) * 0.35).softmax(-1)
         torch.testing.assert_close(got[start:end], weights.mean(dim=1).mean(dim=0))
@@ -56,7 +56,7 @@ def test_two_resolutions_in_one_prompt_each_get_the_budget():
     apply_desap(model, keep=4)
     out = model(**inputs)
     assert out.logits.shape[1] == inputs["input_ids"].shape[1] - (24 - 4)
-    assert [len(i) for i in model._desap.last["indices"]] == [4, 4]
+    assert [len(i) for i in last_prune(model).indices] == [4, 4]
     apply_desap(model, keep=6)
     with pytest.raises(ValueError, match="keep=6 is more than the 4 tokens"):
         model(**inputs)
@@ -77,7 +77,7 @@ def test_kept_tokens_keep_their_original_rotary_positions():
     ids = inputs["input_ids"][0]
     placeholders = (ids == IMG).nonzero()[:, 0]
     starts = [0, 24]
-    kept_positions = torch.cat([placeholders[start + idx] for start, idx in zip(starts, model._desap.last["indices"])])
+    kept_positions = torch.cat([placeholders[start + idx] for start, idx in zip(starts, last_prune(model).indices)])
     keep_mask = ids != IMG
     keep_mask[kept_positions] = True
     assert out.logits.shape[1] == int(keep_mask.sum()) == ids.numel() - (24 - 5) - (16 - 5)
@@ -89,7 +89,7 @@ def test_language_model_gets_the_reference_operator_output():
     model = tiny_qwen2_5_vl()
     inputs = _inputs([[1, 8, 12]], [5], after=(7, 8, 9, 10))
     with torch.no_grad():
-        hidden, branch, saliency = qwen._signals(model, inputs["pixel_values"], inputs["image_grid_thw"])
+        hidden, branch, saliency = qwen2_5_vl.vision_signals(model, inputs["pixel_values"], inputs["image_grid_thw"])
         text = model.get_input_embeddings()(torch.tensor([[7, 8, 9, 10]]))
         expected = reference.prune(hidden[None], branch[None], text, saliency[None], 7, task_ratio=0.4)
     assert torch.isclose(saliency.sum(), torch.tensor(1.0))   # attention received, one image
@@ -101,7 +101,7 @@ def test_language_model_gets_the_reference_operator_output():
     hook.remove()
     image_rows = seen["embeds"][0, 3:3 + 7]
     torch.testing.assert_close(image_rows, expected.tokens[0], rtol=1e-5, atol=1e-6)
-    assert model._desap.last["indices"][0].tolist() == expected.indices[0].tolist()
+    assert last_prune(model).indices[0].tolist() == expected.indices[0].tolist()
 
 
 def test_generate_is_deterministic_and_matches_forward():
@@ -118,13 +118,7 @@ def test_generate_is_deterministic_and_matches_forward():
 def test_batch_generate_equals_its_rows_alone_with_left_padding():
     model = apply_desap(tiny_qwen2_5_vl(), keep=5)
     rows = [_inputs([[1, 8, 12]], [7], after=(7, 8, 9, 10, 11)), _inputs([[1, 8, 8]], [8], after=(9,))]
-    width = max(r["input_ids"].shape[1] for r in rows)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = r["input_ids"].shape[1]
-        ids[i, width - n:] = r["input_ids"][0]
-        mask[i, width - n:] = 1
+    ids, mask = pad([r["input_ids"][0].tolist() for r in rows], left=True)
     batch = dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == IMG).int(),
                  pixel_values=torch.cat([r["pixel_values"] for r in rows]),
                  image_grid_thw=torch.cat([r["image_grid_thw"] for r in rows]))

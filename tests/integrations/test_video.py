@@ -2,11 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from integration_prompts import pad
 
 from desap_ops import reference
-from desap_ops.integrations import apply_desap, remove_desap
+from desap_ops.cli.models import VIDEO_TOKEN_ID as VID, tiny_llava_next_video, tiny_video_llava
+from desap_ops.integrations import apply_desap, last_prune, remove_desap
 from desap_ops.integrations.signals import encoder_layers
-from desap_ops.integrations.tiny import VIDEO_TOKEN_ID as VID, tiny_llava_next_video, tiny_video_llava
 
 MODELS = {"llava-next-video": (tiny_llava_next_video, 4), "video-llava": (tiny_video_llava, 17)}
 FRAMES = 3
@@ -20,12 +21,17 @@ def _prompt(per_frame, after=(7, 8, 9)):
     return [1, 5] + [VID] * (FRAMES * per_frame) + list(after)
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_keep_all_without_merge_leaves_logits_unchanged(name):
+def _unpatched_run(name, seed):
+    """A fresh model, its tokens per frame, a one-video prompt, the clip, and the model's own logits."""
     build, per_frame = MODELS[name]
     model = build()
-    ids, video = torch.tensor([_prompt(per_frame)]), _video(0)
-    expected = model(input_ids=ids, pixel_values_videos=video).logits
+    ids, video = torch.tensor([_prompt(per_frame)]), _video(seed)
+    return model, per_frame, ids, video, model(input_ids=ids, pixel_values_videos=video).logits
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_keep_all_without_merge_leaves_logits_unchanged(name):
+    model, per_frame, ids, video, expected = _unpatched_run(name, seed=0)
     apply_desap(model, keep=FRAMES * per_frame, merge=False)
     assert torch.equal(model(input_ids=ids, pixel_values_videos=video).logits, expected)
 
@@ -61,7 +67,7 @@ def test_one_budget_across_the_clip_equals_the_reference_by_hand(name):
                                  eager.get_input_embeddings()(torch.tensor([text])), flat(saliency), keep,
                                  task_ratio=0.6)
         expected = inner.multi_modal_projector(result.tokens)[0]
-    assert model._desap.last["indices"].tolist() == result.indices.tolist()
+    assert [row.tolist() for row in last_prune(model).indices] == result.indices.tolist()
     torch.testing.assert_close(seen["embeds"][0, 2:2 + keep], expected, rtol=1e-5, atol=1e-5)
 
 
@@ -71,12 +77,7 @@ def test_generate_matches_forward_and_batches_equal_rows(name):
     model = apply_desap(build(), keep=6)
     rows = [_prompt(per_frame, (7, 8, 9, 10, 11)), _prompt(per_frame, (9,))]
     videos = _video(2, videos=2)
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row)
-        mask[i, width - len(row):] = 1
+    ids, mask = pad(rows, left=True)
     together = model.generate(input_ids=ids, attention_mask=mask, pixel_values_videos=videos, max_new_tokens=3,
                               do_sample=False)
     for i, row in enumerate(rows):
@@ -90,10 +91,7 @@ def test_generate_matches_forward_and_batches_equal_rows(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_remove_desap_restores_and_budgets_are_checked(name):
-    build, per_frame = MODELS[name]
-    model = build()
-    ids, video = torch.tensor([_prompt(per_frame)]), _video(3)
-    before = model(input_ids=ids, pixel_values_videos=video).logits
+    model, per_frame, ids, video, before = _unpatched_run(name, seed=3)
     apply_desap(model, keep=FRAMES * per_frame + 1)
     with pytest.raises(ValueError, match="more than the"):
         model(input_ids=ids, pixel_values_videos=video)
