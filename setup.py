@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations"],
+    packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations", "desap_ops.cli"],
     package_dir={"desap_ops": "desap_ops", "desap_ops.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -30,5 +30,5 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4",
                  "onnx", "scikit-image", "matplotlib", "pillow"],
     },
-    entry_points={"console_scripts": ["desap=desap_ops.__main__:main"]},
+    entry_points={"console_scripts": ["desap=desap_ops.cli.main:main"]},
 )

@@ -5,7 +5,7 @@
 """
 import sys
 
-from desap_ops.__main__ import main
+from desap_ops.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "op", *sys.argv[1:]]))

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from desap_ops.integrations.signals import AttentionLayout
+
 HIDDEN, LAYERS, HEADS, PATCH = 384, 12, 6, 14
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -55,7 +57,7 @@ def _state_dict(model_proto) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_vit_s(attn_implementation: str = "sdpa"):
+def load_vit_s(attn_implementation: str = "sdpa") -> torch.nn.Module:
     """The real ViT-S/14 as a transformers ``Dinov2Model`` in eval mode (float32, CPU)."""
     import onnx
     from transformers import Dinov2Config, Dinov2Model
@@ -76,10 +78,8 @@ def load_vit_s(attn_implementation: str = "sdpa"):
     return model.eval()
 
 
-def dinov2_layout(model, layer_index: int):
+def dinov2_layout(model, layer_index: int) -> AttentionLayout:
     """The AttentionLayout of one Dinov2 layer (for desap_ops.integrations.signals.capture)."""
-    from .integrations.signals import AttentionLayout
-
     attention = model.encoder.layer[layer_index].attention
     if hasattr(attention, "q_proj"):
         query, key = attention.q_proj, attention.k_proj

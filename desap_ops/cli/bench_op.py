@@ -1,4 +1,4 @@
-"""Operator microbenchmarks: the fused op against the eager and the compiled reference.
+"""``desap bench op``: the fused op against the eager and the compiled reference.
 
 For each shape this counts the bytes the op must move (each input read once, each output written
 once) and the FLOPs it must do, measures the device's copy bandwidth and matrix rate, and reports
@@ -10,19 +10,15 @@ interpreter is for checking, not speed).
 """
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import platform
-import statistics
-import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
-from . import reference
-from .api import prune
+from desap_ops import ops, prune, reference
+
+from .report import environment, time_median_ms
 
 
 @dataclass(frozen=True)
@@ -47,18 +43,22 @@ SHAPES = [
 TINY_SHAPES = [Shape("tiny", 2, 64, 8, 32, 48, 8)]
 TARGETS = {"speedup_vs_eager_b1": 10.0, "speedup_vs_compile_b1": 3.0, "hbm_fraction_b64": 0.60}
 
+Device = Union[str, torch.device]
+
 
 def traffic(shape: Shape, dtype: torch.dtype) -> dict:
-    """The bytes the op must move and the FLOPs it must do (merge on, metric = hidden)."""
+    """The bytes the op must move and the FLOPs it must do (merge on, metric = hidden); the FLOPs
+    are the operator's registered formula (similarity, nearest kept, merge sums)."""
     size = torch.empty((), dtype=dtype).element_size()
     b, n, k, d, c, l = shape.batch, shape.tokens, shape.keep, shape.width, shape.text_width, shape.n_text
     read = b * (n * c + l * c + n * d) * size + b * n * 4          # attn, text, hidden, saliency (fp32)
     written = b * k * d * size + b * k * 8 + b * n * 8 + b * n * 4  # tokens, indices, assignment, scores
-    flops = 2 * b * n * l * c + 2 * b * n * k * d + b * n * d       # similarity, nearest kept, merge sums
+    flops = ops.prune_flops((b, n, d), (b, n, c), (b, l, c), None, (b, n), None, k)
     return {"bytes": read + written, "flops": flops}
 
 
-def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> tuple:
+def make_inputs(shape: Shape, device: Device, dtype: torch.dtype, seed: int = 0) -> tuple:
+    """(hidden, attn, text, saliency) of ``shape``, drawn on the CPU from ``seed``."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     draw = lambda *size: torch.randn(*size, generator=gen).to(device=device, dtype=dtype)  # noqa: E731
     b, n = shape.batch, shape.tokens
@@ -66,25 +66,19 @@ def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> tuple:
             torch.rand(b, n, generator=gen).to(device))
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+def implementations(keep: int, *, with_compile: bool = True, with_fused: bool = True) -> dict[str, Callable]:
+    """The timed callables, each taking (hidden, attn, text, saliency): ``eager`` (the reference),
+    ``compile`` (``torch.compile`` of it, compiled on the first call) and ``fused`` (the Triton op)."""
 
+    def eager(h, a, t, s):
+        return reference.prune(h, a, t, s, keep)
 
-def time_median_ms(fn: Callable[[], object], device, *, warmup: int = 3, repeats: int = 10) -> float:
-    """Median milliseconds of ``fn``: CUDA events through triton's do_bench on CUDA, else a clock."""
-    if torch.device(device).type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=50, rep=300, return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    impls = {"eager": eager}
+    if with_compile:
+        impls["compile"] = torch.compile(eager, fullgraph=True, dynamic=False)
+    if with_fused:
+        impls["fused"] = lambda h, a, t, s: prune(h, a, t, s, keep, backend="triton")
+    return impls
 
 
 def time_cuda_graph_ms(step: Callable[[], object], calls: int) -> float:
@@ -105,7 +99,7 @@ def time_cuda_graph_ms(step: Callable[[], object], calls: int) -> float:
     return float(do_bench(graph.replay, warmup=50, rep=300, return_mode="median")) / calls
 
 
-def device_ceilings(device) -> dict:
+def device_ceilings(device: Device) -> dict:
     """Measured copy bandwidth (bytes read + written per second) and bf16/fp32 matrix rate."""
     dev = torch.device(device)
     numel = (512 if dev.type == "cuda" else 64) * 2**20 // 4
@@ -132,34 +126,24 @@ def _rotating(inputs_list: list, call: Callable) -> Callable[[], object]:
     return step
 
 
-def bench_shape(shape: Shape, device, dtype, ceilings: dict, *, with_compile: bool = True,
+def bench_shape(shape: Shape, device: Device, dtype: torch.dtype, ceilings: dict, *, with_compile: bool = True,
                 progress: Optional[Callable[[str], None]] = None) -> dict:
+    """One row: the shape's counts, the median time of each implementation, the floor and ratios."""
     dev = torch.device(device)
     counts = traffic(shape, dtype)
     # rotate input sets so that together they exceed the L2 cache (METHOD: do not time the cache)
     sets = 1 if dev.type != "cuda" else max(1, min(16, math.ceil(256e6 / counts["bytes"])))
     inputs = [make_inputs(shape, dev, dtype, seed) for seed in range(sets)]
-    keep = shape.keep
-
-    def fused(h, a, t, s):
-        return prune(h, a, t, s, keep, backend="triton")
-
-    def eager(h, a, t, s):
-        return reference.prune(h, a, t, s, keep)
-
+    impls = implementations(shape.keep, with_compile=with_compile, with_fused=dev.type == "cuda")
+    labels = {"eager": "eager reference", "compile": "torch.compile(reference)", "fused": "fused Triton op"}
     row = {"shape": asdict(shape), "dtype": str(dtype).replace("torch.", ""), **counts, "input_sets": sets}
     say = progress or (lambda _: None)
     with torch.no_grad():
-        say(f"{shape.name}: eager reference")
-        row["eager_ms"] = time_median_ms(_rotating(inputs, eager), dev)
-        if with_compile:
-            say(f"{shape.name}: torch.compile(reference)")
-            compiled = torch.compile(eager, fullgraph=True, dynamic=False)
-            row["compile_ms"] = time_median_ms(_rotating(inputs, compiled), dev)
-        if dev.type == "cuda":
-            say(f"{shape.name}: fused Triton op")
-            row["fused_ms"] = time_median_ms(_rotating(inputs, fused), dev)
-            row["fused_graph_ms"] = time_cuda_graph_ms(_rotating(inputs, fused), sets)
+        for name, impl in impls.items():
+            say(f"{shape.name}: {labels[name]}")
+            row[f"{name}_ms"] = time_median_ms(_rotating(inputs, impl), dev)
+        if "fused" in impls:
+            row["fused_graph_ms"] = time_cuda_graph_ms(_rotating(inputs, impls["fused"]), sets)
     floor_s = max(counts["bytes"] / ceilings["copy_bytes_per_s"], counts["flops"] / ceilings["matmul_flops_per_s"])
     row["floor_ms"] = floor_s * 1e3
     best = row.get("fused_ms", row.get("compile_ms", row["eager_ms"]))
@@ -170,20 +154,6 @@ def bench_shape(shape: Shape, device, dtype, ceilings: dict, *, with_compile: bo
         if "compile_ms" in row:
             row["speedup_vs_compile"] = row["compile_ms"] / row["fused_ms"]
     return row
-
-
-def environment(device) -> dict:
-    dev = torch.device(device)
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
 
 
 def check_targets(rows: list[dict]) -> dict:
@@ -199,8 +169,9 @@ def check_targets(rows: list[dict]) -> dict:
     return {k: {"measured": v, "target": TARGETS[k], "met": v is not None and v >= TARGETS[k]} for k, v in out.items()}
 
 
-def run(device="cuda", dtype=torch.bfloat16, shapes=None, with_compile=True,
-        progress: Optional[Callable[[str], None]] = None) -> dict:
+def run(device: Device = "cuda", dtype: torch.dtype = torch.bfloat16, shapes: Optional[list[Shape]] = None,
+        with_compile: bool = True, progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Every shape's row, the device's ceilings, the targets and the environment, as saved to JSON."""
     shapes = shapes if shapes is not None else SHAPES
     ceilings = device_ceilings(device)
     rows = []
@@ -213,7 +184,8 @@ def run(device="cuda", dtype=torch.bfloat16, shapes=None, with_compile=True,
 
 
 def format_table(result: dict) -> str:
-    head = f"{'shape':<16}{'MB':>8}{'GFLOP':>8}{'floor ms':>10}{'eager ms':>10}{'compile':>10}{'fused':>10}{'graph':>10}{'x eager':>9}{'x comp':>8}{'%floor':>8}"
+    head = (f"{'shape':<16}{'MB':>8}{'GFLOP':>8}{'floor ms':>10}{'eager ms':>10}{'compile':>10}{'fused':>10}"
+            f"{'graph':>10}{'x eager':>9}{'x comp':>8}{'%floor':>8}")
     lines = [f"{result['environment']['device']}  torch {result['environment']['torch']}  "
              f"triton {result['environment']['triton']}  {result['environment']['date']}", head]
     fmt = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
@@ -225,8 +197,3 @@ def format_table(result: dict) -> str:
     for name, t in result["targets"].items():
         lines.append(f"target {name}: measured {fmt(t['measured'], 2)} vs {t['target']} -> {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)
-
-
-def save(result: dict, path) -> None:
-    with open(path, "w") as handle:
-        json.dump(result, handle, indent=2)

@@ -1,0 +1,130 @@
+"""The ``desap`` command line (also ``python -m desap_ops``).
+
+    desap demo [--image PATH] [--prompt TEXT] [--keep K] [--task-ratio R] [--model DIR]
+               [--query-box x0,y0,x1,y1] [--out kept.png]
+    desap bench op [--device cuda] [--dtype bf16] [--tiny] [--no-compile] [--out op.json]
+    desap bench e2e [--model NAME] [--keep 576,192,128,64] [--device cpu|cuda|meta] [--dtype bf16]
+                    [--batch B] [--out e2e.json] [--plot e2e.png]
+
+``desap bench e2e --help`` lists the models (desap_ops.cli.models.MODELS). Mistakes a person can
+fix (a missing file, a keep too large, --device cuda without a GPU) print one line
+``desap: error: ...`` and return 2. The commands import their modules when they run, so that
+``--help`` stays quick.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+from .errors import UsageError
+from .models import MODELS
+from .report import DTYPES, save_json
+
+
+def _progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _print_and_save(table: str, result: dict, out: Optional[str]) -> None:
+    print(table)
+    if out:
+        save_json(result, out)
+        print(f"wrote {out}")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} needs a CUDA GPU and none is visible; use --device cpu")
+    if name not in ("cpu", "meta") and not name.startswith("cuda"):
+        raise UsageError(f"--device must be cpu, meta or cuda, got {name}")
+    return name
+
+
+def _keeps(text: Optional[str]) -> Optional[list[int]]:
+    if not text:
+        return None
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--keep must be comma-separated integers, got {text}") from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import demo
+
+    print(demo(image=args.image, prompt=args.prompt, keep=args.keep, task_ratio=args.task_ratio,
+               model=args.model, out=args.out, query_box=args.query_box))
+    return 0
+
+
+def _bench_op(args: argparse.Namespace) -> int:
+    from . import bench_op
+
+    device = _device(args.device)
+    if device == "meta":
+        raise UsageError("bench op times real work: use --device cpu or cuda")
+    shapes = bench_op.TINY_SHAPES if args.tiny else bench_op.SHAPES
+    result = bench_op.run(device, DTYPES[args.dtype], shapes, with_compile=not args.no_compile, progress=_progress)
+    _print_and_save(bench_op.format_table(result), result, args.out)
+    return 0
+
+
+def _bench_e2e(args: argparse.Namespace) -> int:
+    from . import bench_e2e
+
+    device = _device(args.device)
+    result = bench_e2e.run(args.model, _keeps(args.keep), device, args.dtype, batch=args.batch, progress=_progress)
+    _print_and_save(bench_e2e.format_table(result), result, args.out)
+    if args.plot:
+        bench_e2e.plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``desap`` argument parser; each command stores its handler as ``run``."""
+    top = argparse.ArgumentParser(prog="desap", description="DeSAP visual-token pruning: demo and benchmarks")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="show what DeSAP keeps on a real image")
+    demo.add_argument("--image", help="image file (default: skimage's astronaut photograph)")
+    demo.add_argument("--prompt", help="the question (used with --model)")
+    demo.add_argument("--keep", type=int, default=32, help="tokens to keep (default 32)")
+    demo.add_argument("--task-ratio", type=float, default=0.5)
+    demo.add_argument("--model", help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (offline)")
+    demo.add_argument("--query-box", help="x0,y0,x1,y1: tokens in this box play the text (no --model)")
+    demo.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
+    demo.set_defaults(run=_demo)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    op = bench.add_parser("op", help="operator microbenchmarks")
+    op.add_argument("--device", default="cuda")
+    op.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    op.add_argument("--tiny", action="store_true", help="one tiny shape (a smoke test)")
+    op.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    op.add_argument("--out", help="JSON file to write")
+    op.set_defaults(run=_bench_op)
+
+    e2e = bench.add_parser("e2e", help="prefill with and without DeSAP on a whole model")
+    e2e.add_argument("--model", default="tiny", choices=list(MODELS))
+    e2e.add_argument("--keep", help="comma-separated budgets (default: the model's N and three smaller)")
+    e2e.add_argument("--device", default="cpu", help="cpu, cuda, or meta (FLOPs only, any size)")
+    e2e.add_argument("--dtype", choices=list(DTYPES), default=None)
+    e2e.add_argument("--batch", type=int, default=1)
+    e2e.add_argument("--out", help="JSON file to write")
+    e2e.add_argument("--plot", help="PNG plot of speedup against budget")
+    e2e.set_defaults(run=_bench_e2e)
+    return top
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run ``desap`` with ``argv`` (default: the process's arguments); 0 on success, 2 on a fixable mistake."""
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as err:
+        print(f"desap: error: {err}", file=sys.stderr)
+        return 2
