@@ -128,7 +128,7 @@ def tie_free_case(batch=2, tokens=40, width=32, text_width=24, n_text=5, keep=8,
 
 
 # ---------------------------------------------------------------------------------------------
-# The naive oracle: the SPEC read literally, one image and one token at a time, in float64.
+# The naive oracle: the contract (docs/contract.md) read literally, one image and one token at a time, in float64.
 
 
 def _cos64(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -157,7 +157,7 @@ def _rank_key(score: float, index: int):
 
 
 def naive_select(saliency, scores, keep, task_ratio, has_text) -> torch.Tensor:
-    """SPEC steps 2-3 with Python's sorted() on (NaN last, score descending, index) keys."""
+    """Contract steps 2-3 with Python's sorted() on (NaN last, score descending, index) keys."""
     rows = []
     for b in range(saliency.shape[0]):
         k_task = math.floor(task_ratio * keep + 0.5) if bool(has_text[b]) else 0

@@ -1,4 +1,4 @@
-"""The reference against the SPEC: exact properties and the naive per-token oracle."""
+"""The reference against the contract (docs/contract.md): exact properties and the naive oracle."""
 import math
 
 import pytest
