@@ -1,7 +1,7 @@
 """The Python entry point, :func:`prune`."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 
@@ -21,11 +21,12 @@ def prune(
     keep: int,
     *,
     text_mask: Optional[torch.Tensor] = None,
-    task_ratio: float = 0.5,
+    task_ratio: Union[float, Literal["auto"]] = 0.5,
     merge: bool = True,
     metric: Optional[torch.Tensor] = None,
     text_reduce: str = "max",
     backend: Backend = "auto",
+    text_budget: Optional[int] = None,
 ) -> PruneResult:
     """Prune the N visual tokens of each image to ``keep`` with DeSAP (the contract: docs/contract.md).
 
@@ -36,22 +37,26 @@ def prune(
         saliency: (B, N) visual saliency, e.g. [CLS] attention averaged over heads.
         keep: K, the number of tokens each image keeps, 1 <= K <= N.
         text_mask: (B, L) bool, True for valid text tokens; None means all valid.
-        task_ratio: share of the budget chosen by task score, in [0, 1].
+        task_ratio: share of the budget chosen by task score, in [0, 1], or "auto": each image's
+            share read from how strongly its own task scores single out some tokens.
         merge: merge each dropped token into its nearest kept token.
         metric: (B, N, E) features for the nearest-neighbour match; default ``hidden``.
         text_reduce: "max" (best-matching text token) or "mean" over valid text tokens.
         backend: "auto" (Triton on CUDA, reference on CPU), "triton" or "reference".
+        text_budget: at most this many text tokens per image take part in the similarity (repeats
+            count once; the rest are ranked by a cheap sketch of their best match); None: all.
 
     Returns:
         PruneResult(tokens (B, K, D), indices (B, K) ascending, assignment (B, N),
-        task_scores (B, N) float32). Gradients flow from ``tokens`` to ``hidden`` only.
+        task_scores (B, N) float32, task_keep (B,) int64). Gradients flow from ``tokens`` to
+        ``hidden`` only.
     """
     check_backend(backend)
-    keep, task_ratio, merge, text_reduce = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep,
-                                                        task_ratio, merge, text_reduce)
+    keep, task_ratio, merge, text_reduce, text_budget = check_inputs(
+        hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce, text_budget)
     if backend == "reference":
         return reference.prune(hidden, attn, text, saliency, keep, text_mask=text_mask,
                                task_ratio=task_ratio, merge=merge, metric=metric,
-                               text_reduce=text_reduce)
+                               text_reduce=text_reduce, text_budget=text_budget)
     return PruneResult(*PruneFunction.apply(hidden, attn, text, saliency, keep, text_mask, task_ratio,
-                                            merge, metric, text_reduce, backend))
+                                            merge, metric, text_reduce, backend, text_budget))

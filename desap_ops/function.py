@@ -14,11 +14,13 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .validation import AUTO
 
 
 class PruneFunction(torch.autograd.Function):
     """``PruneFunction.apply(hidden, attn, text, saliency, keep, text_mask, task_ratio, merge,
-    metric, text_reduce, backend)`` -> (tokens, indices, assignment, task_scores).
+    metric, text_reduce, backend, text_budget)`` -> (tokens, indices, assignment, task_scores,
+    task_keep).
 
     Arguments as :func:`desap_ops.prune`, all positional; ``backend`` is "auto" or "triton" (the
     reference has its own autograd through plain PyTorch). Only ``tokens`` is differentiable, and
@@ -28,18 +30,21 @@ class PruneFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, attn: Tensor, text: Tensor, saliency: Tensor, keep: int,
                 text_mask: Optional[Tensor] = None, task_ratio: float = 0.5, merge: bool = True,
-                metric: Optional[Tensor] = None, text_reduce: str = "max", backend: str = "auto"):
+                metric: Optional[Tensor] = None, text_reduce: str = "max", backend: str = "auto",
+                text_budget: Optional[int] = None):
         op = ops.prune_triton if backend == "triton" else ops.prune
-        tokens, indices, assignment, scores = op(hidden, attn, text, text_mask, saliency, metric, keep,
-                                                 task_ratio, merge, text_reduce)
+        ratio = None if task_ratio == AUTO else task_ratio   # the op's schema spells "auto" None
+        outputs = op(hidden, attn, text, text_mask, saliency, metric, keep, ratio, merge, text_reduce,
+                     text_budget)
+        _, indices, assignment, scores, task_keep = outputs
         ctx.save_for_backward(assignment)
-        ctx.mark_non_differentiable(indices, assignment, scores)
-        return tokens, indices, assignment, scores
+        ctx.mark_non_differentiable(indices, assignment, scores, task_keep)
+        return outputs
 
     @staticmethod
-    def backward(ctx, grad_tokens, grad_indices, grad_assignment, grad_scores):
+    def backward(ctx, grad_tokens, *unused_grads):
         (assignment,) = ctx.saved_tensors
         grad_hidden = None
         if ctx.needs_input_grad[0] and grad_tokens is not None:
             grad_hidden = ops.prune_backward(grad_tokens.contiguous(), assignment)
-        return (grad_hidden,) + (None,) * 10
+        return (grad_hidden,) + (None,) * 11

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import register_flop_formula
 from . import reference
 from .validation import check_inputs
 
-OpResult = tuple[Tensor, Tensor, Tensor, Tensor]
+OpResult = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _triton_module():
@@ -33,73 +33,67 @@ def _triton_module():
     return triton_backend
 
 
-def _positional_to_reference(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio,
-                             merge, text_reduce):
-    return (hidden, attn, text, saliency, keep), dict(
-        text_mask=text_mask, task_ratio=task_ratio, merge=merge, metric=metric, text_reduce=text_reduce
-    )
-
-
 def _run_reference(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
-                   text_reduce) -> OpResult:
-    args, kwargs = _positional_to_reference(hidden, attn, text, text_mask, saliency, metric, keep,
-                                            task_ratio, merge, text_reduce)
+                   text_reduce, text_budget=None) -> OpResult:
     with torch.no_grad():  # the op's own autograd formula applies, not the reference's graph
-        return tuple(reference.prune(*args, **kwargs))
+        return tuple(reference.prune(hidden, attn, text, saliency, keep, text_mask=text_mask,
+                                     task_ratio=task_ratio, merge=merge, metric=metric,
+                                     text_reduce=text_reduce, text_budget=text_budget))
 
 
 def _run_triton(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
-                text_reduce) -> OpResult:
-    keep, task_ratio, merge, text_reduce = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep,
-                                                        task_ratio, merge, text_reduce)
+                text_reduce, text_budget=None) -> OpResult:
+    options = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
+                           text_reduce, text_budget)
     if hidden.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
             "the Triton kernels got CPU tensors: move the tensors to CUDA, use backend='reference', "
             "or set TRITON_INTERPRET=1 before triton is imported to interpret the kernels on the CPU"
         )
-    return _triton_module().prune(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio,
-                                  merge, text_reduce)
+    return _triton_module().prune(hidden, attn, text, text_mask, saliency, metric, *options)
 
 
 def _fake_outputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
-                  text_reduce) -> OpResult:
+                  text_reduce, text_budget=None) -> OpResult:
     # shapes and arguments only, never values; keep may be a SymInt under dynamic shapes
     keep, *_ = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
-                            text_reduce)
+                            text_reduce, text_budget)
     batch, tokens, width = hidden.shape
     return (
         hidden.new_empty((batch, keep, width)),
         hidden.new_empty((batch, keep), dtype=torch.int64),
         hidden.new_empty((batch, tokens), dtype=torch.int64),
         hidden.new_empty((batch, tokens), dtype=torch.float32),
+        hidden.new_empty((batch,), dtype=torch.int64),
     )
 
 
+# task_ratio: a number in [0, 1], or None for "auto" (the schema has no string-or-float type)
 @torch.library.custom_op("desap::prune", mutates_args=())
 def prune(hidden: Tensor, attn: Tensor, text: Tensor, text_mask: Optional[Tensor], saliency: Tensor,
-          metric: Optional[Tensor], keep: int, task_ratio: float, merge: bool,
-          text_reduce: str) -> OpResult:
+          metric: Optional[Tensor], keep: int, task_ratio: Optional[float], merge: bool,
+          text_reduce: str, text_budget: Optional[int] = None) -> OpResult:
     raise NotImplementedError(f"desap::prune has no kernel for device {hidden.device.type}")
 
 
 @prune.register_kernel("cpu")
-def _prune_cpu(*args) -> OpResult:
-    return _run_reference(*args)
+def _prune_cpu(*args, **kwargs) -> OpResult:
+    return _run_reference(*args, **kwargs)
 
 
 @prune.register_kernel("cuda")
-def _prune_cuda(hidden, *args) -> OpResult:
+def _prune_cuda(hidden, *args, **kwargs) -> OpResult:
     if hidden.dtype == torch.float64:  # the kernels compute in float32; float64 keeps its precision
-        return _run_reference(hidden, *args)
-    return _run_triton(hidden, *args)
+        return _run_reference(hidden, *args, **kwargs)
+    return _run_triton(hidden, *args, **kwargs)
 
 
 @torch.library.custom_op("desap::prune_triton", mutates_args=())
 def prune_triton(hidden: Tensor, attn: Tensor, text: Tensor, text_mask: Optional[Tensor],
-                 saliency: Tensor, metric: Optional[Tensor], keep: int, task_ratio: float,
-                 merge: bool, text_reduce: str) -> OpResult:
+                 saliency: Tensor, metric: Optional[Tensor], keep: int, task_ratio: Optional[float],
+                 merge: bool, text_reduce: str, text_budget: Optional[int] = None) -> OpResult:
     return _run_triton(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
-                       text_reduce)
+                       text_reduce, text_budget)
 
 
 @torch.library.custom_op("desap::prune_backward", mutates_args=())
@@ -140,17 +134,17 @@ prune_backward.register_autograd(_prune_backward_backward, setup_context=_prune_
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, _, assignment, task_scores = output
+    _, _, assignment, task_scores, task_keep = output
     ctx.save_for_backward(assignment)
-    ctx.mark_non_differentiable(task_scores)
+    ctx.mark_non_differentiable(task_scores, task_keep)
 
 
-def _backward(ctx, grad_tokens, grad_indices, grad_assignment, grad_scores):
+def _backward(ctx, grad_tokens, *unused_grads):
     (assignment,) = ctx.saved_tensors
     grad_hidden = None
     if ctx.needs_input_grad[0] and grad_tokens is not None:
         grad_hidden = prune_backward(grad_tokens.contiguous(), assignment)
-    return grad_hidden, None, None, None, None, None, None, None, None, None
+    return (grad_hidden,) + (None,) * 10
 
 
 for _op in (prune, prune_triton):
@@ -159,9 +153,18 @@ for _op in (prune, prune_triton):
 
 
 @register_flop_formula([torch.ops.desap.prune, torch.ops.desap.prune_triton])
-def prune_flops(hidden, attn, text, text_mask, saliency, metric, keep, *args, out_shape=None, **kwargs) -> int:
+def prune_flops(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio=None, merge=True,
+                text_reduce="max", text_budget=None, *, out_shape=None, **kwargs) -> int:
     """FLOPs of one call from the argument shapes (what ``FlopCounterMode`` counts): the similarity
-    (2 N L C), the nearest-kept match (2 N K E) and the merge sums (N D), per image."""
+    (2 N L C, over at most ``text_budget`` text tokens), the nearest-kept match (2 N K E), the merge
+    sums (N D), per image; with a budget below L also the sketch that picks the text tokens
+    (2 (N + L) C S + 2 N L S, S = reference.SKETCH_WIDTH)."""
     batch, tokens, width = hidden
+    length, text_width = text[1], attn[2]
     metric_width = (metric or hidden)[2]
-    return batch * (2 * tokens * text[1] * attn[2] + 2 * tokens * keep * metric_width + tokens * width)
+    kept_text = length if text_budget is None else min(length, text_budget)
+    sketch = 0
+    if kept_text < length:
+        sketch = 2 * (tokens + length) * text_width * reference.SKETCH_WIDTH + \
+            2 * tokens * length * reference.SKETCH_WIDTH
+    return batch * (2 * tokens * kept_text * text_width + 2 * tokens * keep * metric_width + tokens * width + sketch)

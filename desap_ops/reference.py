@@ -10,9 +10,14 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .validation import check_inputs, split_budget
+from .validation import AUTO, check_inputs, split_budget
 
 NORM_EPS = 1e-6
+# task_ratio="auto" (contract, step 2): the robust z-score g of the best task score maps linearly to a
+# task share from 0 at g = AUTO_LOW to AUTO_MAX_SHARE at g = AUTO_HIGH.
+AUTO_LOW, AUTO_HIGH, AUTO_MAX_SHARE = 4.0, 8.0, 0.75
+MAD_TO_SIGMA = 1.4826       # a normal distribution's standard deviation over its median absolute deviation
+SKETCH_WIDTH = 32           # text_budget (contract, step 0): width of the random-sign sketch
 
 
 class PruneResult(NamedTuple):
@@ -22,6 +27,7 @@ class PruneResult(NamedTuple):
     indices: torch.Tensor      # (B, K) int64, ascending: the kept token indices
     assignment: torch.Tensor   # (B, N) int64: output position of each token, -1 if dropped
     task_scores: torch.Tensor  # (B, N) float32: the decoupled-similarity task score
+    task_keep: torch.Tensor    # (B,) int64: how many tokens each image chose by task score (K_task)
 
 
 def floor_log2(magnitude: torch.Tensor) -> torch.Tensor:
@@ -54,6 +60,62 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 def decoupled_similarity(attn: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Step 1a: S[b, n, l] = cos(attn[b, n], text[b, l]) in float32, shape (B, N, L)."""
     return torch.bmm(unit_rows(attn), unit_rows(text).transpose(1, 2))
+
+
+def sign_sketch(width: int, device) -> torch.Tensor:
+    """(width, SKETCH_WIDTH) float32 matrix of +-1/sqrt(SKETCH_WIDTH) from an integer hash of the
+    position: the same on every device and run, with no random generator to trace."""
+    row = torch.arange(width, device=device, dtype=torch.int64)[:, None]
+    col = torch.arange(SKETCH_WIDTH, device=device, dtype=torch.int64)[None, :]
+    mixed = (row * 0x9E3779B1 + col * 0x85EBCA77 + 0x165667B1) & 0xFFFFFFFF
+    mixed = ((mixed ^ (mixed >> 15)) * 0x2C1B3C6D) & 0xFFFFFFFF
+    sign = ((mixed >> 12) & 1).float() * 2.0 - 1.0
+    return sign * SKETCH_WIDTH ** -0.5
+
+
+def first_occurrences(text: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: False for a row equal to an earlier row of its image (exact, every element).
+
+    Rows are grouped by an exact integer fingerprint of their bits, then compared with their
+    neighbour in that order: O(L C), no L x L comparison.
+    """
+    bits = text.float().view(torch.int32).to(torch.int64)
+    # weights below 2**16: each product stays below 2**47 and the sum of up to 2**13 of them exact
+    weights = (torch.arange(text.shape[-1], device=text.device, dtype=torch.int64) * 40503 + 1) & 0xFFFF
+    fingerprint = (bits * weights).sum(dim=-1)
+    order = torch.sort(fingerprint, dim=-1, stable=True).indices          # equal rows end up adjacent
+    rows = text.gather(1, order[:, :, None].expand_as(text))
+    same = (fingerprint.gather(1, order)[:, 1:] == fingerprint.gather(1, order)[:, :-1]) \
+        & (rows[:, 1:] == rows[:, :-1]).all(dim=-1)
+    repeat = torch.cat([torch.zeros_like(same[:, :1]), same], dim=1)
+    return ~torch.zeros_like(repeat).scatter(1, order, repeat)
+
+
+def budget_text(attn: torch.Tensor, text: torch.Tensor, text_mask: Optional[torch.Tensor],
+                budget: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Step 0: at most ``budget`` text tokens per image, as (text (B, M, C), mask (B, M)).
+
+    With L <= budget (or no budget) the inputs come back untouched. Otherwise repeated rows count
+    once, and the distinct valid rows are ranked by their best cosine with any visual token,
+    measured cheaply in a SKETCH_WIDTH-wide sign sketch of attn and text (O((N + L) C S + N L S)
+    instead of the O(N L C) of the similarity). The best ``budget`` rows are kept in prompt order.
+    """
+    batch, length, width = text.shape
+    if budget is None or length <= budget:
+        return text, text_mask
+    sketch = sign_sketch(width, text.device)
+    attn_sketch = unit_rows(attn.float() @ sketch)
+    text_sketch = unit_rows(text.float() @ sketch)
+    relevance = torch.bmm(text_sketch, attn_sketch.transpose(1, 2)).amax(dim=-1)      # (B, L)
+    valid = first_occurrences(text)
+    if text_mask is not None:
+        valid &= text_mask
+    chosen = descending_rank(relevance, excluded=~valid) < budget
+    chosen &= valid
+    positions = torch.arange(length, device=text.device).expand(batch, length)
+    picked = torch.sort(positions.masked_fill(~chosen, length), dim=-1).values[:, :budget]
+    rows = picked.clamp_max(length - 1)
+    return text.gather(1, rows[:, :, None].expand(-1, -1, width)), chosen.gather(1, rows) & (picked < length)
 
 
 def task_scores(
@@ -101,23 +163,55 @@ def has_valid_text(text_mask: Optional[torch.Tensor], batch: int, device) -> tor
     return text_mask.any(dim=-1)
 
 
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) the k-th largest value of each row (k >= 1) in the selection order of
+    :func:`descending_rank`: NaN below every number, ties by index."""
+    at_k = (descending_rank(values) == k - 1).to(torch.int32).argmax(dim=-1, keepdim=True)
+    return values.gather(-1, at_k).squeeze(-1)
+
+
+def guidance(scores: torch.Tensor) -> torch.Tensor:
+    """(B,) float32: how far each image's best task score stands above its typical one, in robust
+    standard deviations: (max - median) / (1.4826 * MAD). Unchanged by any affine map of the scores."""
+    half = (scores.shape[-1] + 1) // 2
+    top = kth_largest(scores, 1)
+    median = kth_largest(scores, half)
+    spread = kth_largest((scores - median[:, None]).abs(), half) * MAD_TO_SIGMA
+    return (top - median) / spread
+
+
+def task_budget(scores: torch.Tensor, keep: int, task_ratio, has_text: torch.Tensor) -> torch.Tensor:
+    """Step 2: (B,) int64 K_task per image; 0 for an image without valid text.
+
+    A number rho gives floor(rho * K + 0.5) to every image. "auto" reads each image's own scores:
+    K_task = round(0.75 * K * clamp((g - 4) / 4, 0, 1)) with g = :func:`guidance`, rounded half up
+    from one product so that the kernels, which do the same float32 operations, agree exactly.
+    """
+    if task_ratio == AUTO:
+        share = ((guidance(scores) - AUTO_LOW) / (AUTO_HIGH - AUTO_LOW)).clamp(0.0, 1.0)
+        share = torch.where(torch.isnan(share), 0.0, share)     # no spread and no lead: no guidance
+        wanted = share * (AUTO_MAX_SHARE * keep)
+        whole = torch.floor(wanted)
+        k_task = (whole + (wanted - whole >= 0.5).float()).to(torch.int64)
+    else:
+        k_task = torch.full_like(has_text, split_budget(keep, task_ratio)[1], dtype=torch.int64)
+    return torch.where(has_text, k_task, 0)
+
+
 def select_tokens(
     saliency: torch.Tensor,
     scores: torch.Tensor,
     keep: int,
-    task_ratio: float,
-    has_text: torch.Tensor,
+    k_task: torch.Tensor,
 ) -> torch.Tensor:
-    """Steps 2-3: the kept indices (B, K), ascending.
+    """Step 3: the kept indices (B, K), ascending.
 
-    First the K_sal most salient tokens, then among the rest the K_task of highest task score.
-    An image without valid text gives its whole budget to saliency (K_task = 0).
+    First the K - K_task most salient tokens, then among the rest the K_task (per image, (B,)) of
+    highest task score.
     """
-    _, k_task = split_budget(keep, task_ratio)
-    task_budget = torch.where(has_text, k_task, 0)[:, None]            # (B, 1)
-    saliency_budget = keep - task_budget
-    by_saliency = descending_rank(saliency.float()) < saliency_budget
-    by_task = descending_rank(scores, excluded=by_saliency) < task_budget
+    task_keep = k_task[:, None]                                        # (B, 1)
+    by_saliency = descending_rank(saliency.float()) < keep - task_keep
+    by_task = descending_rank(scores, excluded=by_saliency) < task_keep
     kept = by_saliency | by_task                                       # exactly K per row
     tokens = scores.shape[-1]
     positions = torch.arange(tokens, device=scores.device).expand_as(kept)
@@ -197,21 +291,24 @@ def prune(
     keep: int,
     *,
     text_mask: Optional[torch.Tensor] = None,
-    task_ratio: float = 0.5,
+    task_ratio=0.5,
     merge: bool = True,
     metric: Optional[torch.Tensor] = None,
     text_reduce: str = "max",
+    text_budget: Optional[int] = None,
 ) -> PruneResult:
     """The whole operator, step by step. Same arguments as :func:`desap_ops.prune`."""
-    keep, task_ratio, merge, text_reduce = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep,
-                                                        task_ratio, merge, text_reduce)
+    keep, task_ratio, merge, text_reduce, text_budget = check_inputs(
+        hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce, text_budget)
+    has_text = has_valid_text(text_mask, hidden.shape[0], hidden.device)
+    text, text_mask = budget_text(attn.detach(), text.detach(), text_mask, text_budget)
     # the scores choose tokens, a piecewise-constant decision: like the op, they carry no graph
     scores = task_scores(attn, text, text_mask, text_reduce).detach()
-    has_text = has_valid_text(text_mask, hidden.shape[0], hidden.device)
-    indices = select_tokens(saliency, scores, keep, task_ratio, has_text)
+    k_task = task_budget(scores, keep, task_ratio, has_text)
+    indices = select_tokens(saliency, scores, keep, k_task)
     assignment = assign_tokens(indices, hidden if metric is None else metric, merge)
     tokens = merge_tokens(hidden, indices, assignment, merge)
-    return PruneResult(tokens, indices, assignment, scores)
+    return PruneResult(tokens, indices, assignment, scores, k_task)
 
 
 def prune_backward(grad_tokens: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:

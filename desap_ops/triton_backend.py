@@ -5,7 +5,8 @@ from typing import Optional
 
 import torch
 
-from .validation import split_budget
+from . import reference
+from .validation import AUTO, split_budget
 from .kernels import merge as merge_kernels
 from .kernels import selection, similarity
 
@@ -21,17 +22,19 @@ def _check_kernel_dtypes(**tensors: Optional[torch.Tensor]) -> None:
             )
 
 
-def prune(hidden, attn, text, text_mask, saliency, metric, keep: int, task_ratio: float,
-          merge: bool, text_reduce: str):
+def prune(hidden, attn, text, text_mask, saliency, metric, keep: int, task_ratio, merge: bool,
+          text_reduce: str, text_budget: Optional[int] = None):
     _check_kernel_dtypes(hidden=hidden, attn=attn, text=text, saliency=saliency, metric=metric)
     selection.check_tokens(hidden.shape[1])  # before the first launch (contract, "Errors")
-    _, k_task = split_budget(keep, task_ratio)
+    # contract step 0 runs in PyTorch on the device (no host sync): one shared rule, exact agreement
+    text, text_mask = reference.budget_text(attn, text, text_mask, text_budget)
+    k_task = None if task_ratio == AUTO else split_budget(keep, task_ratio)[1]
     scores = similarity.task_scores(attn, text, text_mask, text_reduce)
-    indices, assignment = selection.select_and_assign(
+    indices, assignment, task_keep = selection.select_and_assign(
         saliency, scores, text_mask, hidden if metric is None else metric, keep, k_task, merge
     )
     tokens = merge_kernels.merge_tokens(hidden, indices, assignment, merge)
-    return tokens, indices, assignment, scores
+    return tokens, indices, assignment, scores, task_keep
 
 
 def prune_backward(grad_tokens: torch.Tensor, assignment: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TEXT_REDUCTIONS = ("max", "mean")
+AUTO = "auto"  # task_ratio="auto": each image's split read from its own task scores
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -50,9 +51,10 @@ def check_inputs(
     task_ratio: float,
     merge: bool,
     text_reduce: str,
+    text_budget: Optional[int] = None,
 ) -> tuple:
     """Raise ``TypeError``/``ValueError`` naming the bad argument (contract, "Errors"); return the
-    normalised scalar options (keep, task_ratio, merge, text_reduce)."""
+    normalised scalar options (keep, task_ratio, merge, text_reduce, text_budget)."""
     _check_tensor("hidden", hidden, 3, "(B, N, D)")
     _check_float("hidden", hidden)
     batch, tokens = hidden.shape[0], hidden.shape[1]
@@ -100,7 +102,7 @@ def check_inputs(
         if value is not None and value.device != device:
             raise ValueError(f"{name} is on {value.device} but hidden is on {device}; all tensors must share one device")
 
-    return check_options(keep, task_ratio, merge, text_reduce, tokens=tokens)
+    return check_options(keep, task_ratio, merge, text_reduce, tokens=tokens) + (check_text_budget(text_budget),)
 
 
 def _is_bool(value) -> bool:
@@ -127,22 +129,42 @@ def check_keep(keep, tokens=None):
     return keep
 
 
+def check_text_budget(text_budget):
+    """None, or an integer M >= 1: the most text tokens per image that take part (contract, step 0)."""
+    if text_budget is None:
+        return None
+    if _is_bool(text_budget):
+        raise TypeError(f"text_budget must be None or an integer, got a bool ({text_budget!r})")
+    if not isinstance(text_budget, (int, torch.SymInt)):
+        try:
+            text_budget = operator.index(text_budget)
+        except TypeError:
+            raise TypeError(f"text_budget must be None or an integer, got {type(text_budget).__name__}") from None
+    if text_budget < 1:
+        raise ValueError(f"text_budget must be at least 1 (or None for every text token), got {text_budget}")
+    return text_budget
+
+
 def check_task_ratio(task_ratio):
-    """``task_ratio`` as a float (or a SymFloat under torch.compile) in [0, 1].
+    """``task_ratio`` as a float (or a SymFloat under torch.compile) in [0, 1], or "auto" (None,
+    which the registered op's schema uses for "auto", means "auto" too).
 
     Takes any real number PyTorch would (float, int, NumPy scalar, one-element tensor), never a
     bool or a string. NaN is found with ``x != x``, which a traced value supports (math.isnan does
     not).
     """
+    if task_ratio is None or (isinstance(task_ratio, str) and task_ratio == AUTO):
+        return AUTO
     if _is_bool(task_ratio) or isinstance(task_ratio, (str, bytes)):
-        raise TypeError(f"task_ratio must be a real number, got {type(task_ratio).__name__} {task_ratio!r}")
+        raise TypeError(f"task_ratio must be a real number or 'auto', got {type(task_ratio).__name__} "
+                        f"{task_ratio!r}")
     if not isinstance(task_ratio, (float, torch.SymFloat)):
         if isinstance(task_ratio, torch.Tensor) and (task_ratio.numel() != 1 or task_ratio.is_complex()):
-            raise TypeError(f"task_ratio must be a real number, got a tensor of shape {tuple(task_ratio.shape)}")
+            raise TypeError(f"task_ratio must be a real number or 'auto', got a tensor of shape {tuple(task_ratio.shape)}")
         try:
             task_ratio = float(task_ratio)
         except (TypeError, ValueError):
-            raise TypeError(f"task_ratio must be a real number, got {type(task_ratio).__name__}") from None
+            raise TypeError(f"task_ratio must be a real number or 'auto', got {type(task_ratio).__name__}") from None
     if task_ratio != task_ratio or task_ratio < 0.0 or task_ratio > 1.0:
         raise ValueError(f"task_ratio must lie in [0, 1], got {task_ratio}")
     return task_ratio

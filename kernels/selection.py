@@ -21,6 +21,8 @@ whose limits differ between triton 3.6 and 3.9.
 Bytes: saliency and scores 8 B/token per program (L2-resident), metric rows of the block and of
 the kept tokens. FLOPs: 2 * B * N * K * E for the assignment.
 """
+from typing import Optional
+
 import triton
 import triton.language as tl
 import torch
@@ -63,21 +65,53 @@ def _take(key, t, quota, ties_before):
 
 
 @triton.jit
+def _key_value(key):
+    """The float32 a key of _order_key came from (-0.0 comes back as +0.0, NAN_KEY as NaN)."""
+    bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.int32)
+    return tl.where(key == NAN_KEY, float("nan"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _auto_task_keep(task, n_ok, N, keep):
+    """task_ratio="auto" (contract, step 2), the float32 operations of reference.task_budget in the
+    same order: g = (max - median) / (1.4826 MAD) of the task scores, then
+    K_task = round-half-up(0.75 K clamp((g - 4) / 4, 0, 1))."""
+    half = (N + 1) // 2
+    key = tl.where(n_ok, _order_key(task), PAD_KEY)
+    top = _key_value(_kth_key(key, 1))
+    median = _key_value(_kth_key(key, half))
+    deviation = tl.where(n_ok, _order_key(tl.abs(task - median)), PAD_KEY)
+    spread = _key_value(_kth_key(deviation, half)) * 1.4826
+    share = ((top - median) / spread - 4.0) / 4.0
+    share = tl.where(share != share, 0.0, tl.minimum(tl.maximum(share, 0.0), 1.0))
+    wanted = share * (keep.to(tl.float32) * 0.75)
+    whole = tl.floor(wanted)
+    return whole.to(tl.int32) + (wanted - whole >= 0.5).to(tl.int32)
+
+
+@triton.jit
 def _select_assign_kernel(
-    sal_ptr, score_ptr, mask_ptr, metric_ptr, idx_ptr, assign_ptr,
+    sal_ptr, score_ptr, mask_ptr, metric_ptr, idx_ptr, assign_ptr, task_keep_ptr,
     N, L, E, K, K_TASK,
     stride_sb, stride_sn, stride_mb, stride_ml,
     stride_xb, stride_xn, stride_xe,
-    HAS_MASK: tl.constexpr, MERGE: tl.constexpr, DOT_FP32: tl.constexpr, TARGET: tl.constexpr,
-    N_POW2: tl.constexpr,
+    HAS_MASK: tl.constexpr, AUTO: tl.constexpr, MERGE: tl.constexpr, DOT_FP32: tl.constexpr,
+    TARGET: tl.constexpr, N_POW2: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     j0 = tl.program_id(1) * BLOCK_J
     keep = tl.cast(K, tl.int32)  # tl.cast, not .to: an argument equal to 1 arrives as a constant
-    k_task = tl.cast(K_TASK, tl.int32)
+    n = tl.arange(0, N_POW2)
+    n_ok = n < N
+    sal = tl.load(sal_ptr + b * stride_sb + n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+    task = tl.load(score_ptr + b * N + n, mask=n_ok, other=0.0)
 
-    # An image without valid text gives its whole budget to saliency.
+    # The split: a fixed K_TASK, or read from this image's own scores; none without valid text.
+    if AUTO:
+        k_task = _auto_task_keep(task, n_ok, tl.cast(N, tl.int32), keep)
+    else:
+        k_task = tl.cast(K_TASK, tl.int32)
     if HAS_MASK:
         n_text = tl.zeros([BLOCK_L], tl.int32)
         for l0 in range(0, L, BLOCK_L):
@@ -86,12 +120,9 @@ def _select_assign_kernel(
             n_text += (valid != 0).to(tl.int32)
         k_task = tl.where(tl.sum(n_text, axis=0) > 0, k_task, 0)
     k_sal = keep - k_task
+    tl.store(task_keep_ptr + b, k_task.to(tl.int64), mask=tl.program_id(1) == 0)
 
     # Whole-image selection, in registers.
-    n = tl.arange(0, N_POW2)
-    n_ok = n < N
-    sal = tl.load(sal_ptr + b * stride_sb + n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
-    task = tl.load(score_ptr + b * N + n, mask=n_ok, other=0.0)
     key1 = tl.where(n_ok, _order_key(sal), PAD_KEY)
     t1 = _kth_key(key1, k_sal)
     quota1 = k_sal - tl.sum((key1 > t1).to(tl.int32), axis=0)
@@ -173,12 +204,14 @@ def check_tokens(tokens: int) -> None:
         )
 
 
-def select_and_assign(saliency, scores, text_mask, metric, keep: int, k_task: int, merge: bool):
-    """(indices (B, K) ascending, assignment (B, N)), contract steps 2-4 (the assignment)."""
+def select_and_assign(saliency, scores, text_mask, metric, keep: int, k_task: Optional[int], merge: bool):
+    """(indices (B, K) ascending, assignment (B, N), task_keep (B,)), contract steps 2-4 (the
+    assignment); ``k_task`` None: task_ratio="auto", each image's split from its own scores."""
     batch, tokens = saliency.shape
     check_tokens(tokens)
     indices = torch.empty((batch, keep), dtype=torch.int64, device=saliency.device)
     assignment = torch.empty((batch, tokens), dtype=torch.int64, device=saliency.device)
+    task_keep = torch.empty((batch,), dtype=torch.int64, device=saliency.device)
     n_pow2 = triton.next_power_of_2(tokens)
     mask = text_mask.view(torch.uint8) if text_mask is not None else saliency
     mask_strides = text_mask.stride() if text_mask is not None else (0, 0)
@@ -190,12 +223,12 @@ def select_and_assign(saliency, scores, text_mask, metric, keep: int, k_task: in
     grid = (batch, triton.cdiv(tokens, block_j))
     launch(
         _select_assign_kernel, grid,
-        (saliency, scores, mask, metric, indices, assignment, tokens, n_text, metric.shape[2], keep,
-         k_task, *saliency.stride(), *mask_strides, *metric.stride()),
-        dict(HAS_MASK=text_mask is not None, MERGE=merge, DOT_FP32=fp32, TARGET=scale_target(metric, metric),
+        (saliency, scores, mask, metric, indices, assignment, task_keep, tokens, n_text, metric.shape[2], keep,
+         0 if k_task is None else k_task, *saliency.stride(), *mask_strides, *metric.stride()),
+        dict(HAS_MASK=text_mask is not None, AUTO=k_task is None, MERGE=merge, DOT_FP32=fp32, TARGET=scale_target(metric, metric),
              N_POW2=n_pow2,
              BLOCK_J=block_j, BLOCK_K=next_block(keep, block),
              BLOCK_E=next_block(metric.shape[2], 32), BLOCK_L=next_block(n_text, 128)),
         num_warps=8,
     )
-    return indices, assignment
+    return indices, assignment, task_keep

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
 import torch
 
 from desap_ops import reference
@@ -103,7 +104,7 @@ def tie_free_case(batch=2, tokens=40, width=32, text_width=24, n_text=5, keep=8,
     else:
         raise RuntimeError("could not draw tie-free task scores")
     has_text = reference.has_valid_text(mask, batch, "cpu")
-    indices = reference.select_tokens(saliency, scores, keep, task_ratio, has_text)
+    indices = reference.select_tokens(saliency, scores, keep, reference.task_budget(scores, keep, task_ratio, has_text))
 
     def clustered(dim):
         rows = torch.randn(batch, tokens, dim, generator=gen)
@@ -156,14 +157,36 @@ def _rank_key(score: float, index: int):
     return (1, 0.0, index) if math.isnan(score) else (0, -score, index)
 
 
+def naive_auto_keep(scores: list, keep: int) -> int:
+    """Contract step 2 for task_ratio="auto", literally, in NumPy float32 (the contract's operations
+    in its order): g = (max - median) / (1.4826 MAD), K_task = round-half-up(0.75 K clamp((g-4)/4))."""
+    f32 = np.float32
+    half = (len(scores) + 1) // 2
+    ordered = sorted(range(len(scores)), key=lambda n: _rank_key(scores[n], n))
+    top, median = f32(scores[ordered[0]]), f32(scores[ordered[half - 1]])
+    with np.errstate(all="ignore"):
+        deviation = [float(abs(f32(v) - median)) for v in scores]
+        ranked = sorted(range(len(scores)), key=lambda n: _rank_key(deviation[n], n))
+        spread = f32(deviation[ranked[half - 1]]) * f32(1.4826)
+        share = ((top - median) / spread - f32(4.0)) / f32(4.0)
+    share = f32(0.0) if math.isnan(share) else min(max(share, f32(0.0)), f32(1.0))
+    wanted = f32(share) * f32(0.75 * keep)
+    return int(math.floor(wanted)) + int(wanted - f32(math.floor(wanted)) >= 0.5)
+
+
 def naive_select(saliency, scores, keep, task_ratio, has_text) -> torch.Tensor:
     """Contract steps 2-3 with Python's sorted() on (NaN last, score descending, index) keys."""
     rows = []
     for b in range(saliency.shape[0]):
-        k_task = math.floor(task_ratio * keep + 0.5) if bool(has_text[b]) else 0
-        k_sal = keep - k_task
         sal = [float(v) for v in saliency[b].double()]
         task = [float(v) for v in scores[b].double()]
+        if not bool(has_text[b]):
+            k_task = 0
+        elif task_ratio == "auto":
+            k_task = naive_auto_keep(task, keep)
+        else:
+            k_task = math.floor(task_ratio * keep + 0.5)
+        k_sal = keep - k_task
         order = sorted(range(len(sal)), key=lambda n: _rank_key(sal[n], n))
         chosen = set(order[:k_sal])
         rest = sorted((n for n in range(len(sal)) if n not in chosen), key=lambda n: _rank_key(task[n], n))
@@ -215,8 +238,9 @@ def assert_matches_reference(result, case: Case, *, exact_assignment=True):
     ref_scores = reference.task_scores(case.attn, case.text, case.text_mask, case.text_reduce)
     torch.testing.assert_close(result.task_scores, ref_scores, atol=SCORE_ATOL, rtol=0, equal_nan=True)
     has_text = reference.has_valid_text(case.text_mask, case.hidden.shape[0], case.hidden.device)
-    expected_indices = reference.select_tokens(case.saliency, result.task_scores, case.keep,
-                                               case.task_ratio, has_text)
+    expected_keep = reference.task_budget(result.task_scores, case.keep, case.task_ratio, has_text)
+    assert torch.equal(result.task_keep, expected_keep)
+    expected_indices = reference.select_tokens(case.saliency, result.task_scores, case.keep, expected_keep)
     assert torch.equal(result.indices, expected_indices)
     metric = case.hidden if case.metric is None else case.metric
     if exact_assignment:
@@ -225,5 +249,5 @@ def assert_matches_reference(result, case: Case, *, exact_assignment=True):
     rtol, atol = TOKEN_TOL[case.hidden.dtype]
     torch.testing.assert_close(result.tokens, expected_tokens, rtol=rtol, atol=atol, equal_nan=True)
     assert result.tokens.dtype == case.hidden.dtype
-    assert result.indices.dtype == result.assignment.dtype == torch.int64
+    assert result.indices.dtype == result.assignment.dtype == result.task_keep.dtype == torch.int64
     assert result.task_scores.dtype == torch.float32

@@ -9,6 +9,7 @@ uses on the GPU. Run it without TRITON_INTERPRET. Prints one line per compiled c
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import subprocess
@@ -80,9 +81,9 @@ def _drive() -> None:
                     text = torch.empty(batch, n_text, text_width, dtype=dtype, **meta)
                     mask = torch.empty(batch, n_text, dtype=torch.bool, **meta) if with_mask else None
                     saliency = torch.empty(batch, tokens, dtype=dtype, **meta)
-                    for reduce in ("max", "mean"):
-                        triton_backend.prune(hidden, attn, text, mask, saliency, None, keep, 0.5,
-                                              merge_tokens, reduce)
+                    for reduce, ratio in (("max", 0.5), ("mean", 0.5), ("max", "auto")):
+                        triton_backend.prune(hidden, attn, text, mask, saliency, None, keep, ratio,
+                                             merge_tokens, reduce)
             grad = torch.empty(batch, keep, width, dtype=dtype, **meta)
             triton_backend.prune_backward(grad, torch.empty(batch, tokens, dtype=torch.int64, **meta))
 
@@ -102,30 +103,39 @@ def _resources(cubin: bytes) -> tuple[str, int]:
     return f"regs {regs.group(1) if regs else '?'} stack {stack_bytes}", stack_bytes
 
 
+def _compile_one(index: int) -> tuple[str, bool]:
+    """(report line, failed) for the index-th captured configuration (run in a forked worker)."""
+    (name, _, constexprs, _), (kernel, signature, consts, warps) = CONFIGURATIONS[index]
+    label = f"{name} warps={warps} " + " ".join(f"{k}={v}" for k, v in constexprs)
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    except Exception as err:  # report every failure, not only the first
+        return f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}", True
+    shared = compiled.metadata.shared
+    resources, stack_bytes = _resources(compiled.asm["cubin"])
+    status = "ok"
+    if shared > HOPPER_SHARED_LIMIT:
+        status = "FAIL(shared memory)"
+    elif stack_bytes > MAX_STACK_BYTES:
+        status = "FAIL(spills)"
+    return f"{status} {label} | shared {shared} B, {resources}", status != "ok"
+
+
+CONFIGURATIONS: list = []
+
+
 def main() -> int:
     _drive()
-    target = GPUTarget("cuda", 90, 32)
-    failures = 0
+    CONFIGURATIONS.extend(sorted(captured.items(), key=str))
     start = time.time()
-    for (name, _, constexprs, num_warps), (kernel, signature, consts, warps) in sorted(captured.items(), key=str):
-        label = f"{name} warps={warps} " + " ".join(f"{k}={v}" for k, v in constexprs)
-        try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
-                                      target=target, options=dict(num_warps=warps))
-        except Exception as err:  # report every failure, not only the first
-            failures += 1
-            print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[-1] if str(err) else ''}")
-            continue
-        shared = compiled.metadata.shared
-        resources, stack_bytes = _resources(compiled.asm["cubin"])
-        status = "ok"
-        if shared > HOPPER_SHARED_LIMIT:
-            status = "FAIL(shared memory)"
-        elif stack_bytes > MAX_STACK_BYTES:
-            status = "FAIL(spills)"
-        failures += status != "ok"
-        print(f"{status} {label} | shared {shared} B, {resources}")
-    print(f"triton {triton.__version__}: {len(captured)} configurations, {failures} failed, "
+    # each compile is one process's work; forked workers inherit the captured kernels
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        results = pool.map(_compile_one, range(len(CONFIGURATIONS)), chunksize=1)
+    for line, _ in results:
+        print(line)
+    failures = sum(failed for _, failed in results)
+    print(f"triton {triton.__version__}: {len(CONFIGURATIONS)} configurations, {failures} failed, "
           f"{time.time() - start:.0f}s")
     return 1 if failures else 0
 

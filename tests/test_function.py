@@ -25,11 +25,12 @@ def test_forward_and_gradient_equal_the_reference(backend):
     case = tie_free_case(tokens=18, keep=5, with_mask=True, seed=3)
     device_case = case.to(TRITON_DEVICE if backend == "triton" else "cpu")
     hidden = device_case.hidden.clone().requires_grad_(True)
-    tokens, indices, assignment, scores = _apply(device_case, hidden, backend)
+    tokens, indices, assignment, scores, task_keep = _apply(device_case, hidden, backend)
     expected = reference.prune(*case.args(), **case.options)
     assert torch.equal(indices.cpu(), expected.indices) and torch.equal(assignment.cpu(), expected.assignment)
     torch.testing.assert_close(tokens.cpu(), expected.tokens)
-    assert not (indices.requires_grad or assignment.requires_grad or scores.requires_grad)
+    assert not (indices.requires_grad or assignment.requires_grad or scores.requires_grad or task_keep.requires_grad)
+    assert torch.equal(task_keep.cpu(), expected.task_keep)
     grad_out = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(0))
     tokens.backward(grad_out.to(tokens.device))
     ref_hidden = case.hidden.clone().requires_grad_(True)
@@ -43,7 +44,7 @@ def test_under_torch_compile_fullgraph_forward_and_backward():
     torch._dynamo.reset()
 
     def loss(hidden):
-        tokens, indices, _, _ = _apply(case, hidden * 2.0)
+        tokens, indices, *_ = _apply(case, hidden * 2.0)
         return (tokens ** 2).sum(), indices
 
     eager_hidden = case.hidden.clone().requires_grad_(True)

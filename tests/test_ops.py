@@ -44,11 +44,12 @@ def test_fake_shapes_follow_the_arguments():
     with FakeTensorMode():
         hidden, attn = torch.empty(3, 50, 8), torch.empty(3, 50, 6)
         text, saliency = torch.empty(3, 4, 6), torch.empty(3, 50)
-        tokens, indices, assignment, scores = torch.ops.desap.prune(
+        tokens, indices, assignment, scores, task_keep = torch.ops.desap.prune(
             hidden, attn, text, None, saliency, None, 7, 0.5, True, "max")
     assert tokens.shape == (3, 7, 8) and indices.shape == (3, 7)
     assert assignment.shape == (3, 50) and scores.shape == (3, 50)
     assert (indices.dtype, assignment.dtype, scores.dtype) == (torch.int64, torch.int64, torch.float32)
+    assert task_keep.shape == (3,) and task_keep.dtype == torch.int64
 
 
 @pytest.mark.slow
@@ -214,7 +215,7 @@ def test_import_loads_no_kernel_and_queries_no_device():
 def test_result_is_a_named_tuple_matching_the_reference():
     case = tie_free_case(tokens=10, keep=3)
     result = desap_ops.prune(*case.args())
-    assert result._fields == ("tokens", "indices", "assignment", "task_scores")
+    assert result._fields == ("tokens", "indices", "assignment", "task_scores", "task_keep")
     assert_matches_reference(result, case)
     assert reference.PruneResult is desap_ops.PruneResult
 

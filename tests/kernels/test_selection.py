@@ -16,13 +16,18 @@ DEVICES = triton_devices()
 # --- launch 2: selection and assignment ---------------------------------------------------------
 
 def _select(kernels, saliency, scores, mask, metric, keep, ratio, merge):
-    _, k_task = split_budget(keep, ratio)
-    return kernels[1].select_and_assign(saliency, scores, mask, metric, keep, k_task, merge)
+    """The kernel's (indices, assignment), after checking the split it reports."""
+    k_task = None if ratio == "auto" else split_budget(keep, ratio)[1]
+    indices, assignment, task_keep = kernels[1].select_and_assign(saliency, scores, mask, metric, keep, k_task,
+                                                                  merge)
+    has_text = reference.has_valid_text(mask, saliency.shape[0], saliency.device)
+    assert torch.equal(task_keep, reference.task_budget(scores, keep, ratio, has_text))
+    return indices, assignment
 
 
 def _reference_select(saliency, scores, mask, metric, keep, ratio, merge):
     has_text = reference.has_valid_text(mask, saliency.shape[0], saliency.device)
-    indices = reference.select_tokens(saliency, scores, keep, ratio, has_text)
+    indices = reference.select_tokens(saliency, scores, keep, reference.task_budget(scores, keep, ratio, has_text))
     return indices, reference.assign_tokens(indices, metric, merge)
 
 
@@ -31,7 +36,7 @@ SELECTION_SHAPES = [(1, 1, 1), (3, 10, 1), (2, 10, 10), (2, 37, 5), (1, 100, 33)
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", SELECTION_SHAPES, ids=str)
-@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0, "auto"])
 def test_selection_with_ties_nan_and_no_text(kernels, device, shape, ratio):
     """Saliency and scores drawn from a few values, so exact ties abound; NaN, +-0 and +-inf too."""
     batch, tokens, keep = shape
