@@ -4,6 +4,7 @@ is compared exactly given the scores each side computed, the assignment exactly 
 kept token leads the second by more than float32 rounding."""
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,7 +44,7 @@ def cases(draw, max_tokens=1000, max_batch=3):
         saliency=saliency.to(dtype),
         keep=keep,
         text_mask=mask,
-        task_ratio=draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, draw(st.floats(0, 1))])),
+        task_ratio=draw(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, "auto", draw(st.floats(0, 1))])),
         merge=draw(st.booleans()),
         metric=None,
         text_reduce=draw(st.sampled_from(["max", "mean"])),
@@ -64,9 +65,7 @@ def _check_invariants(result, case):
         assert ((result.assignment >= 0).sum(dim=1) == case.keep).all()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases())
-def test_reference_matches_the_naive_oracle(case):
+def check_reference_against_the_naive_oracle(case):
     result = reference.prune(*case.args(), **case.options)
     _check_invariants(result, case)
     naive = naive_task_scores(case.attn, case.text, case.text_mask, case.text_reduce)
@@ -87,9 +86,7 @@ def test_reference_matches_the_naive_oracle(case):
                                    case.hidden.double().sum(1), rtol=rtol, atol=atol * case.saliency.shape[1])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases(max_tokens=300, max_batch=2))
-def test_kernels_match_the_reference(case):
+def check_kernels_against_the_reference(case):
     result = desap_ops.prune(*case.to(TRITON_DEVICE).args(), **case.to(TRITON_DEVICE).options, backend="triton")
     result = type(result)(*(t.cpu() for t in result))
     _check_invariants(result, case)
@@ -105,3 +102,36 @@ def test_kernels_match_the_reference(case):
             clear = (top2[..., 0] - top2[..., 1]) > ROUNDING
             expected = reference.assign_tokens(result.indices, case.hidden, True)
             assert torch.equal(result.assignment[clear], expected[clear])
+
+
+# The main suite draws few, small examples (the kernels run under the interpreter there); the sweep
+# draws many, up to 1000 tokens: `python -m pytest -m sweep tests/test_properties.py` (opt-in).
+QUICK = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+QUICK_KERNELS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SWEEP = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@QUICK
+@given(case=cases(max_tokens=160))
+def test_reference_matches_the_naive_oracle(case):
+    check_reference_against_the_naive_oracle(case)
+
+
+@QUICK_KERNELS
+@given(case=cases(max_tokens=80, max_batch=2))
+def test_kernels_match_the_reference(case):
+    check_kernels_against_the_reference(case)
+
+
+@pytest.mark.sweep
+@SWEEP
+@given(case=cases())
+def test_sweep_reference_matches_the_naive_oracle(case):
+    check_reference_against_the_naive_oracle(case)
+
+
+@pytest.mark.sweep
+@SWEEP
+@given(case=cases(max_tokens=1000, max_batch=2))
+def test_sweep_kernels_match_the_reference(case):
+    check_kernels_against_the_reference(case)
