@@ -109,20 +109,24 @@ def _is_bool(value) -> bool:
     return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
 
 
-def check_keep(keep, tokens=None):
-    """``keep`` as an int (or a SymInt under torch.compile), in [1, tokens] when ``tokens`` is given.
+def _as_integer(name: str, value):
+    """``value`` as an int (a SymInt under torch.compile stays one): what ``operator.index`` takes
+    (int, NumPy integer, one-element integer tensor), never a bool."""
+    if _is_bool(value):
+        raise TypeError(f"{name} must be an integer, got a bool ({value!r})")
+    if isinstance(value, (int, torch.SymInt)):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer (int, NumPy integer or integer tensor), "
+                        f"got {type(value).__name__}") from None
 
-    Takes what ``operator.index`` takes (int, NumPy integer, one-element integer tensor), never a
-    bool. Comparisons on a SymInt become guards, so this stays traceable.
-    """
-    if _is_bool(keep):
-        raise TypeError(f"keep must be an integer, got a bool ({keep!r})")
-    if not isinstance(keep, (int, torch.SymInt)):
-        try:
-            keep = operator.index(keep)
-        except TypeError:
-            raise TypeError(f"keep must be an integer (int, NumPy integer or integer tensor), "
-                            f"got {type(keep).__name__}") from None
+
+def check_keep(keep, tokens=None):
+    """``keep`` as an int, in [1, tokens] when ``tokens`` is given. Comparisons on a SymInt become
+    guards, so this stays traceable."""
+    keep = _as_integer("keep", keep)
     if keep < 1 or (tokens is not None and keep > tokens):
         bound = f"[1, N] = [1, {tokens}]" if tokens is not None else "[1, N]"
         raise ValueError(f"keep must lie in {bound}, got {keep}")
@@ -133,13 +137,7 @@ def check_text_budget(text_budget):
     """None, or an integer M >= 1: the most text tokens per image that take part (contract, step 0)."""
     if text_budget is None:
         return None
-    if _is_bool(text_budget):
-        raise TypeError(f"text_budget must be None or an integer, got a bool ({text_budget!r})")
-    if not isinstance(text_budget, (int, torch.SymInt)):
-        try:
-            text_budget = operator.index(text_budget)
-        except TypeError:
-            raise TypeError(f"text_budget must be None or an integer, got {type(text_budget).__name__}") from None
+    text_budget = _as_integer("text_budget", text_budget)
     if text_budget < 1:
         raise ValueError(f"text_budget must be at least 1 (or None for every text token), got {text_budget}")
     return text_budget

@@ -70,3 +70,32 @@ def rescale_rows(x32, exponent, TARGET: tl.constexpr):
     new = tl.maximum(exponent, floor_log2(tl.max(tl.abs(x32), axis=1)))
     fix = power_of_two(exponent - new)
     return new, fix, x32 * power_of_two(TARGET - new)[:, None]
+
+
+@triton.jit
+def cosine_tile(a_rows, a_ok, stride_a, b_rows, b_ok, stride_b, F,
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr,
+                DOT_FP32: tl.constexpr, TARGET: tl.constexpr):
+    """(BLOCK_A, BLOCK_B) float32 cosines between the rows at ``a_rows`` and ``b_rows`` (row
+    pointers, shape (BLOCK_*, 1)) over F features: one tiled product, norms taken from the same
+    tiles, every row scaled on the fly (rescale_rows), norms clamped below at 1e-6."""
+    dots = tl.zeros([BLOCK_A, BLOCK_B], tl.float32)
+    sq_a = tl.zeros([BLOCK_A], tl.float32)
+    sq_b = tl.zeros([BLOCK_B], tl.float32)
+    exp_a = tl.full([BLOCK_A], -126, tl.int32)
+    exp_b = tl.full([BLOCK_B], -126, tl.int32)
+    for f0 in range(0, F, BLOCK_F):
+        f = f0 + tl.arange(0, BLOCK_F)
+        f_ok = f < F
+        a = tl.load(a_rows + f[None, :] * stride_a, mask=a_ok[:, None] & f_ok[None, :], other=0.0)
+        b = tl.load(b_rows + f[None, :] * stride_b, mask=b_ok[:, None] & f_ok[None, :], other=0.0)
+        exp_a, fix_a, a32 = rescale_rows(a.to(tl.float32), exp_a, TARGET)
+        exp_b, fix_b, b32 = rescale_rows(b.to(tl.float32), exp_b, TARGET)
+        dots = dots * fix_a[:, None] * fix_b[None, :]
+        sq_a = sq_a * fix_a * fix_a + tl.sum(a32 * a32, axis=1)
+        sq_b = sq_b * fix_b * fix_b + tl.sum(b32 * b32, axis=1)
+        if DOT_FP32:  # exact float32 products: tf32 would blur near-ties
+            dots += tl.dot(a32, tl.trans(b32), input_precision="ieee")
+        else:  # half pairs: scaled by powers of two they are still exact in their own dtype
+            dots += tl.dot(a32.to(a.dtype), tl.trans(b32.to(b.dtype)))
+    return dots / tl.maximum(tl.sqrt(sq_a), 1e-6)[:, None] / tl.maximum(tl.sqrt(sq_b), 1e-6)[None, :]

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import dot_in_fp32, launch, next_block, rescale_rows, scale_target
+from .common import cosine_tile, dot_in_fp32, launch, next_block, scale_target
 
 NAN_KEY = tl.constexpr(-2147483648)       # below every number (-inf maps to -2139095041)
 EXCLUDED_KEY = tl.constexpr(-2147483649)  # chosen in stage 1: out of stage 2
@@ -160,27 +160,9 @@ def _select_assign_kernel(
             slot_ok = slot < keep
             kept_index = tl.load(idx_ptr + b * keep + slot, mask=slot_ok, other=0)
             row_k = metric_b + kept_index[:, None] * stride_xn
-            dots = tl.zeros([BLOCK_J, BLOCK_K], tl.float32)
-            sq_j = tl.zeros([BLOCK_J], tl.float32)
-            sq_k = tl.zeros([BLOCK_K], tl.float32)
-            exp_j = tl.full([BLOCK_J], -126, tl.int32)
-            exp_k = tl.full([BLOCK_K], -126, tl.int32)
-            for e0 in range(0, E, BLOCK_E):
-                e = e0 + tl.arange(0, BLOCK_E)
-                e_ok = e < E
-                xj = tl.load(row_j + e[None, :] * stride_xe, mask=j_ok[:, None] & e_ok[None, :], other=0.0)
-                xk = tl.load(row_k + e[None, :] * stride_xe, mask=slot_ok[:, None] & e_ok[None, :], other=0.0)
-                # scale-free cosine, as in launch 1 (contract, step 4)
-                exp_j, fix_j, xj32 = rescale_rows(xj.to(tl.float32), exp_j, TARGET)
-                exp_k, fix_k, xk32 = rescale_rows(xk.to(tl.float32), exp_k, TARGET)
-                dots = dots * fix_j[:, None] * fix_k[None, :]
-                sq_j = sq_j * fix_j * fix_j + tl.sum(xj32 * xj32, axis=1)
-                sq_k = sq_k * fix_k * fix_k + tl.sum(xk32 * xk32, axis=1)
-                if DOT_FP32:
-                    dots += tl.dot(xj32, tl.trans(xk32), input_precision="ieee")
-                else:
-                    dots += tl.dot(xj32.to(xj.dtype), tl.trans(xk32.to(xk.dtype)))
-            cos = dots / tl.maximum(tl.sqrt(sq_j), 1e-6)[:, None] / tl.maximum(tl.sqrt(sq_k), 1e-6)[None, :]
+            # scale-free cosines, as in launch 1 (contract, step 4)
+            cos = cosine_tile(row_j, j_ok, stride_xe, row_k, slot_ok, stride_xe, E,
+                              BLOCK_J, BLOCK_K, BLOCK_E, DOT_FP32, TARGET)
             cos = tl.where(slot_ok[None, :] & (cos == cos), cos, float("-inf"))
             block_best = tl.max(cos, axis=1)
             block_arg = tl.argmax(cos, axis=1, tie_break_left=True).to(tl.int32) + k0

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import dot_in_fp32, launch, next_block, rescale_rows, scale_target
+from .common import cosine_tile, dot_in_fp32, launch, next_block, scale_target
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -42,29 +42,8 @@ def _task_score_kernel(
         l = l0 + tl.arange(0, BLOCK_L)
         l_ok = l < L
         text_row = text_base + l.to(tl.int64)[:, None] * stride_tl
-        dots = tl.zeros([BLOCK_N, BLOCK_L], tl.float32)
-        attn_sq = tl.zeros([BLOCK_N], tl.float32)
-        text_sq = tl.zeros([BLOCK_L], tl.float32)
-        attn_exp = tl.full([BLOCK_N], -126, tl.int32)
-        text_exp = tl.full([BLOCK_L], -126, tl.int32)
-        for c0 in range(0, C, BLOCK_C):
-            c = c0 + tl.arange(0, BLOCK_C)
-            c_ok = c < C
-            a = tl.load(attn_row + c[None, :] * stride_ac, mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-            t = tl.load(text_row + c[None, :] * stride_tc, mask=l_ok[:, None] & c_ok[None, :], other=0.0)
-            # scale-free cosine: rows scaled by exact powers of two, sums so far rescaled to match
-            attn_exp, a_fix, a32 = rescale_rows(a.to(tl.float32), attn_exp, TARGET)
-            text_exp, t_fix, t32 = rescale_rows(t.to(tl.float32), text_exp, TARGET)
-            dots = dots * a_fix[:, None] * t_fix[None, :]
-            attn_sq = attn_sq * a_fix * a_fix + tl.sum(a32 * a32, axis=1)
-            text_sq = text_sq * t_fix * t_fix + tl.sum(t32 * t32, axis=1)
-            if DOT_FP32:  # exact float32 products: tf32 would blur near-ties
-                dots += tl.dot(a32, tl.trans(t32), input_precision="ieee")
-            else:  # half pairs: scaled by powers of two they are still exact in their own dtype
-                dots += tl.dot(a32.to(a.dtype), tl.trans(t32.to(t.dtype)))
-        attn_norm = tl.maximum(tl.sqrt(attn_sq), 1e-6)
-        text_norm = tl.maximum(tl.sqrt(text_sq), 1e-6)
-        cos = dots / attn_norm[:, None] / text_norm[None, :]
+        cos = cosine_tile(attn_row, n_ok, stride_ac, text_row, l_ok, stride_tc, C,
+                          BLOCK_N, BLOCK_L, BLOCK_C, DOT_FP32, TARGET)
         valid = l_ok
         if HAS_MASK:
             valid = valid & (tl.load(mask_ptr + b * stride_mb + l * stride_ml, mask=l_ok, other=0) != 0)
