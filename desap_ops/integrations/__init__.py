@@ -2,20 +2,22 @@
 
     from desap_ops.integrations import apply_desap, remove_desap
     apply_desap(model, keep=64, task_ratio=0.5, merge=True)
+    apply_desap(model, keep=64, task_ratio="auto", text_budget=32, chat=processor)   # beyond the paper
 
 Imports point one way: this registry -> one patcher per model family (``llava``, ``llava_next``,
-``qwen2_5_vl``, ``video``) -> the shared modules (``serving``, ``prompt``, ``clip_tower``,
-``state``, ``signals``, ``sequence``). A patcher imports only shared modules.
+``qwen2_5_vl``, ``video``) -> the shared modules (``serving``, ``prompt``, ``chat``,
+``clip_tower``, ``state``, ``signals``, ``sequence``). A patcher imports only shared modules.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
 
-from ..validation import check_backend, check_options
+from ..validation import check_backend, check_options, check_text_budget
 from . import llava, llava_next, qwen2_5_vl, video
+from .chat import ChatMarkers, as_chat_markers
 from .prompt import ignored_token_ids
 from .serving import uninstall_methods
 from .state import RECORD_FIELDS, DesapState, PruneRecord
@@ -46,8 +48,9 @@ def _lookup(table: dict, model, caller: str):
     raise TypeError(f"{caller} supports {', '.join(table)}; got {type(model).__name__}")
 
 
-def apply_desap(model: nn.Module, keep: int = 64, task_ratio: float = 0.5, merge: bool = True, *,
-                text_reduce: str = "max", exclude_token_ids=(), backend: str = "auto") -> nn.Module:
+def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Literal["auto"]] = 0.5,
+                merge: bool = True, *, text_reduce: str = "max", exclude_token_ids=(), backend: str = "auto",
+                text_budget: Optional[int] = None, chat: Union[ChatMarkers, Any, None] = None) -> nn.Module:
     """Patch ``model`` in place so every image reaches the language model as ``keep`` tokens.
 
     Args:
@@ -56,9 +59,14 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: float = 0.5, merge
         keep: tokens per image (LLaVA-NeXT: per image over its base and crops together;
             Qwen2.5-VL: language-model tokens, each a merged 2 x 2 group of patches) or, for the
             video models, per video across all its frames.
-        task_ratio, merge, text_reduce, backend: as in :func:`desap_ops.prune`.
-        exclude_token_ids: token ids that never count as prompt text (for example the ids of a
-            chat template's "ASSISTANT:"); padding, BOS, EOS and image tokens never count.
+        task_ratio, merge, text_reduce, backend, text_budget: as in :func:`desap_ops.prune`
+            (``task_ratio="auto"``: each image's split read from its own task scores;
+            ``text_budget=M``: at most M text tokens per image take part).
+        exclude_token_ids: token ids that never count as prompt text; padding, BOS, EOS and image
+            tokens never count.
+        chat: the chat template's markers, a :class:`ChatMarkers` or a tokenizer or processor to
+            read them from: then only the user's words count as text (no role words, turn ends
+            or earlier answers; docs/integrations.md). None: every token after the image does.
     Returns the model. Applying again replaces the previous patch.
 
     Raises:
@@ -71,7 +79,8 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: float = 0.5, merge
     remove_desap(model)
     keep, task_ratio, merge, text_reduce = check_options(keep, task_ratio, merge, text_reduce)
     state = DesapState(keep=keep, task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
-                       backend=check_backend(backend), ignored_ids=ignored_token_ids(model, exclude_token_ids))
+                       backend=check_backend(backend), ignored_ids=ignored_token_ids(model, exclude_token_ids),
+                       text_budget=check_text_budget(text_budget), chat=as_chat_markers(chat))
     install(model, state)
     return model
 
@@ -97,4 +106,5 @@ def image_token_counts(model: nn.Module, pixel_values: torch.Tensor, image_sizes
     return _lookup(IMAGE_TOKEN_COUNTS, model, "image_token_counts")(model, pixel_values, image_sizes)
 
 
-__all__ = ["apply_desap", "remove_desap", "last_prune", "PruneRecord", "image_token_counts", "SUPPORTED"]
+__all__ = ["apply_desap", "remove_desap", "last_prune", "PruneRecord", "ChatMarkers", "image_token_counts",
+           "SUPPORTED"]

@@ -1,7 +1,8 @@
 """The prompt text DeSAP's task score reads: which tokens count, and their embeddings.
 
 Each image (or video) reads the text tokens after its placeholders to the end of its row
-(``sequence.image_text_tokens``), without the ids of :func:`ignored_token_ids`.
+(``sequence.image_text_tokens``), without the ids of :func:`ignored_token_ids`; with a chat's
+markers (``apply_desap(chat=...)``), only the user's words among them (``chat.user_text``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
+from .chat import user_text
 from .sequence import image_text_tokens
 from .state import DesapState
 
@@ -41,7 +43,8 @@ def text_embeddings(model: nn.Module, input_ids: Optional[torch.Tensor], attenti
         ids = torch.zeros(len(lengths), 1, dtype=torch.long, device=device)
         mask = torch.zeros(len(lengths), 1, dtype=torch.bool, device=device)
     else:
-        ids, mask = image_text_tokens(input_ids, attention_mask, token_id, lengths, state.ignored_ids)
+        counted = None if state.chat is None else user_text(input_ids, state.chat)
+        ids, mask = image_text_tokens(input_ids, attention_mask, token_id, lengths, state.ignored_ids, counted)
     return model.get_input_embeddings()(ids.to(device)), mask.to(device)
 
 

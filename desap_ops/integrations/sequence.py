@@ -93,9 +93,11 @@ def image_text_tokens(
     image_token_id: int,
     lengths: Sequence[int],
     ignored_ids: set[int],
+    counted: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the text tokens of its prompt: the tokens after its placeholders to the end of
-    its row, without padding, placeholders or ``ignored_ids``.
+    its row, without padding, placeholders or ``ignored_ids``, and only where ``counted`` (B, T)
+    bool is True when given (a chat's user words, ``chat.user_text``).
 
     Returns (ids (I, L), mask (I, L)) with L >= 1; an image with no such token has an all-False row.
     """
@@ -105,6 +107,8 @@ def image_text_tokens(
         valid &= attention_mask.bool()
     for token in ignored_ids:
         valid &= input_ids != token
+    if counted is not None:
+        valid &= counted
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     per_image = []
     for image in range(len(lengths)):

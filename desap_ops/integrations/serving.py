@@ -153,8 +153,8 @@ def run_prune(model: nn.Module, hidden: torch.Tensor, attn: torch.Tensor, text: 
     state: DesapState = model._desap
     result = prune(hidden, attn, text.to(attn.dtype), saliency, state.keep if keep is None else keep,
                    text_mask=text_mask, task_ratio=state.task_ratio, merge=state.merge,
-                   text_reduce=state.text_reduce, backend=state.backend)
-    for name in ("indices", "assignment", "task_scores"):
+                   text_reduce=state.text_reduce, backend=state.backend, text_budget=state.text_budget)
+    for name in ("indices", "assignment", "task_scores", "task_keep"):
         state.last[name].extend(getattr(result, name))
     state.last["saliency"].extend(saliency)
     return result

@@ -3,18 +3,21 @@ and the public record of the last prune."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Optional
+from typing import Optional, Union
+
+from .chat import ChatMarkers
 
 
 @dataclass(frozen=True)
 class PruneRecord:
-    """What the last prune of a patched model kept, one 1-D tensor per image (or video), in the
+    """What the last prune of a patched model kept, one tensor per image (or video), in the
     order the model received them."""
 
     indices: list          # (K,) int64, ascending: kept candidate tokens
     assignment: list       # (N,) int64: output position of each candidate token
     task_scores: list      # (N,) float32
     saliency: list         # (N,) float32: the saliency the operator was given
+    task_keep: list        # 0-d int64: how many of the kept tokens were chosen by task score
 
 
 RECORD_FIELDS = tuple(f.name for f in fields(PruneRecord))
@@ -26,11 +29,13 @@ class DesapState:
 
     # apply_desap's options, checked
     keep: int                # tokens per image, or per video across its frames (the video models)
-    task_ratio: float
+    task_ratio: Union[float, str]   # a share in [0, 1], or "auto"
     merge: bool
     text_reduce: str
     backend: str
     ignored_ids: set[int]    # token ids that never count as prompt text
+    text_budget: Optional[int] = None       # at most this many text tokens per image; None: all
+    chat: Optional[ChatMarkers] = None      # count only the user's words of a chat; None: all text
     # set by the patcher
     feature_layer: int = 0   # CLIP-style towers: index into hidden_states of the layer the signals
     #                          are read at (its attention is layer feature_layer - 1); 0 where the

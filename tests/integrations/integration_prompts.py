@@ -25,3 +25,59 @@ def pad(rows, left):
         ids[i, span] = torch.tensor(row)
         mask[i, span] = 1
     return ids, mask
+
+
+# --- templated chats: word-level tokenizers whose ids fit the tiny models' vocabularies ----------
+
+WORDS = ("USER ASSISTANT : what is this a cat colour the user wants assistant system You are helpful ."
+         .split())
+LLAVA_SPECIALS = {"<image>": IMG}
+CHATML_SPECIALS = {"<|image_pad|>": 151, "<|vision_start|>": 153, "<|vision_end|>": 154,
+                   "<|im_start|>": 155, "<|im_end|>": 156}
+
+# the chat templates of LLaVA-1.5 (llava-hf) and Qwen2.5-VL, reduced to what they render for
+# messages whose content is a list of {"type": "image"} and {"type": "text", "text": ...} parts
+LLAVA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'].upper() + ': ' }}{% endif %}"
+    "{% for part in m['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in m['content'] if part['type'] == 'text' %}{{ part['text'] + ' ' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' }}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# "what is this" about the image, the answer "a cat", then "what colour the user wants"
+CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+        {"role": "user", "content": [{"type": "text", "text": "what colour : the user wants"}]}]
+USER_WORDS = "what is this what colour : the user wants".split()
+
+
+def word_tokenizer(specials: dict, template: str):
+    """A word-level tokenizer (words split at spaces and punctuation, "USER:" -> "USER", ":")
+    with ``specials`` as special tokens and ``template`` as its chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{w: 4 + i for i, w in enumerate(WORDS)}, **specials}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.add_special_tokens(list(specials))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def chat_ids(tokenizer, messages, image_token: int, per_image: int) -> list:
+    """The templated prompt's ids (with the generation prompt), each image token repeated
+    ``per_image`` times as the processor does."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = []
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        ids += [token] * (per_image if token == image_token else 1)
+    return ids

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from integration_prompts import N, llava_pixels, llava_prompt, pad
+from operator_by_hand import OPTIONS, PLANTED, check_record, plant_and_prune
 
 from desap_ops import reference
 from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, tiny_llava
@@ -22,6 +23,19 @@ def test_keep_all_without_merge_leaves_llava_logits_unchanged(pixels):
     assert torch.equal(model(input_ids=ids, pixel_values=pixels[:1]).logits, expected)
 
 
+def _signals_by_hand(eager, pixels):
+    """(hidden, attention branch in text space, saliency) of the patch tokens, read off an eager
+    model: the feature layer's output, its attention module run again, its attention matrix's
+    [CLS] row averaged over heads."""
+    inner = eager.model
+    with torch.no_grad():
+        out = inner.vision_tower(pixels, output_hidden_states=True, output_attentions=True)
+        layer = encoder_layers(inner.vision_tower)[1]          # feature layer -2 of 3 layers
+        branch = layer.self_attn(layer.layer_norm1(out.hidden_states[1]))[0]
+        saliency = out.attentions[1][:, :, 0, :].mean(dim=1)
+        return out.hidden_states[2][:, 1:], inner.multi_modal_projector(branch[:, 1:]), saliency[:, 1:]
+
+
 def test_pruned_logits_equal_the_language_model_fed_the_reference_by_hand(pixels):
     keep, text = 5, [7, 8, 9, 10]
     model = tiny_llava()
@@ -33,21 +47,57 @@ def test_pruned_logits_equal_the_language_model_fed_the_reference_by_hand(pixels
     # operator, the projector, a shortened prompt, and the language model
     eager = tiny_llava(attn_implementation="eager")
     inner = eager.model
+    hidden, branch, saliency = _signals_by_hand(eager, pixels[:1])
     with torch.no_grad():
-        out = inner.vision_tower(pixels[:1], output_hidden_states=True, output_attentions=True)
-        layer = encoder_layers(inner.vision_tower)[1]          # feature layer -2 of 3 layers
-        branch = layer.self_attn(layer.layer_norm1(out.hidden_states[1]))[0]
-        saliency = out.attentions[1][:, :, 0, :].mean(dim=1)
-        hidden = out.hidden_states[2]
         embed = eager.get_input_embeddings()
-        result = reference.prune(hidden[:, 1:], inner.multi_modal_projector(branch[:, 1:]),
-                                 embed(torch.tensor([text])), saliency[:, 1:], keep, task_ratio=0.6)
+        result = reference.prune(hidden, branch, embed(torch.tensor([text])), saliency, keep, task_ratio=0.6)
         short = torch.tensor([llava_prompt([5, 6], 1, text, per_image=keep)])
         embeds = embed(short)
         embeds[short == IMG] = inner.multi_modal_projector(result.tokens)[0]
         expected = eager.lm_head(inner.language_model(inputs_embeds=embeds).last_hidden_state)
     assert [row.tolist() for row in last_prune(model).indices] == result.indices.tolist()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _sharpened(attn_implementation="sdpa"):
+    """A tiny LLaVA whose feature layer attends sharply (queries x 10): a random model attends
+    almost uniformly, so its tokens' attention branches are nearly parallel and no text token can
+    single any of them out."""
+    model = tiny_llava(attn_implementation=attn_implementation)
+    with torch.no_grad():
+        encoder_layers(model.model.vision_tower)[1].self_attn.q_proj.weight.mul_(10)
+    return model
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_auto_split_and_text_budget_agree_with_the_operator_by_hand(pixels, options):
+    keep, text = 6, [7, 8, PLANTED, 10, 11, 12]
+    hidden, branch, saliency = _signals_by_hand(_sharpened("eager"), pixels[:1])
+    model = _sharpened()
+    by_hand, everything = plant_and_prune(model, hidden, branch, saliency, text, keep, options)
+    apply_desap(model, keep=keep, **options)
+    model(input_ids=torch.tensor([llava_prompt([5], 1, text)]), pixel_values=pixels[:1])
+    check_record(last_prune(model), by_hand, everything, options)
+
+
+@pytest.mark.parametrize("options", [dict(task_ratio=0.5), dict(task_ratio="auto")])
+def test_a_text_budget_covering_the_text_changes_nothing(pixels, options):
+    text = [7, 8, 9, 10]
+    ids = torch.tensor([llava_prompt([5], 1, text)])
+    model = apply_desap(tiny_llava(), keep=5, **options)
+    expected = model(input_ids=ids, pixel_values=pixels[:1]).logits
+    for budget in (len(text), 100):
+        apply_desap(model, keep=5, text_budget=budget, **options)
+        assert torch.equal(model(input_ids=ids, pixel_values=pixels[:1]).logits, expected)
+
+
+def test_generate_under_auto_and_a_text_budget_starts_from_the_pruned_prefill(pixels):
+    model = apply_desap(tiny_llava(), keep=4, task_ratio="auto", text_budget=2)
+    ids = torch.tensor([llava_prompt([5], 1, [7, 8, 9, 10])])
+    out = model.generate(input_ids=ids, pixel_values=pixels[:1], max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids.shape[1] - (N - 4) + 3
+    assert out[0, -3] == model(input_ids=ids, pixel_values=pixels[:1]).logits[0, -1].argmax()
+    assert [int(k) for k in last_prune(model).task_keep] == [0]   # a random model: the prompt singles out nothing
 
 
 def test_generate_is_deterministic_and_starts_from_the_pruned_prefill(pixels):

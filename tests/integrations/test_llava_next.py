@@ -38,6 +38,7 @@ def test_next_sends_exactly_keep_tokens_with_newlines_in_place(next_pixels):
         is_newline = (rows_of_image == newline).all(dim=-1)
         assert int(is_newline.sum()) == count
         assert len(last_prune(model).indices[i]) == keep - count
+        assert int(last_prune(model).task_keep[i]) == (keep - count + 1) // 2    # floor(0.5 K + 0.5), K visual
     assert is_newline[-1]  # the last grid row ends with its newline
     batch = model.generate(input_ids=ids, pixel_values=next_pixels, image_sizes=NEXT_SIZES, attention_mask=mask,
                            max_new_tokens=3, do_sample=False)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 from integration_prompts import pad
+from operator_by_hand import OPTIONS, PLANTED, check_record, plant_and_prune
 
 from desap_ops import reference
 from desap_ops.cli.models import QWEN_IMAGE as IMG, tiny_qwen2_5_vl
@@ -102,6 +103,51 @@ def test_language_model_gets_the_reference_operator_output():
     image_rows = seen["embeds"][0, 3:3 + 7]
     torch.testing.assert_close(image_rows, expected.tokens[0], rtol=1e-5, atol=1e-6)
     assert last_prune(model).indices[0].tolist() == expected.indices[0].tolist()
+
+
+def _sharpened():
+    """A tiny Qwen2.5-VL whose saliency layer attends sharply (queries x 300): a random model
+    attends almost uniformly, so its tokens' attention branches are nearly parallel and no text
+    token can single any of them out."""
+    model = tiny_qwen2_5_vl()
+    qkv = model.model.visual.blocks[qwen2_5_vl.saliency_layer(model)].attn.qkv
+    with torch.no_grad():
+        qkv.weight[:qkv.weight.shape[0] // 3].mul_(300)
+    return model
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_auto_split_and_text_budget_agree_with_the_operator_by_hand(options):
+    keep, text = 6, (7, 8, PLANTED, 10, 11, 12)
+    model = _sharpened()
+    inputs = _inputs([[1, 8, 12]], [1], after=text)
+    with torch.no_grad():
+        hidden, branch, saliency = qwen2_5_vl.vision_signals(model, inputs["pixel_values"], inputs["image_grid_thw"])
+    by_hand, everything = plant_and_prune(model, hidden[None], branch[None], saliency[None], text, keep, options)
+    apply_desap(model, keep=keep, **options)
+    model(**inputs)
+    check_record(last_prune(model), by_hand, everything, options)
+
+
+@pytest.mark.parametrize("options", [dict(task_ratio=0.5), dict(task_ratio="auto")])
+def test_a_text_budget_covering_the_text_changes_nothing(options):
+    text = (7, 8, 9, 10)
+    inputs = _inputs([[1, 8, 12]], [2], after=text)
+    model = apply_desap(tiny_qwen2_5_vl(), keep=5, **options)
+    expected = model(**inputs).logits
+    for budget in (len(text), 100):
+        apply_desap(model, keep=5, text_budget=budget, **options)
+        assert torch.equal(model(**inputs).logits, expected)
+
+
+def test_generate_under_auto_and_a_text_budget_matches_forward():
+    model = apply_desap(tiny_qwen2_5_vl(), keep=6, task_ratio="auto", text_budget=2)
+    inputs = _inputs([[1, 8, 12], [1, 8, 8]], [6, 7], after=(7, 8, 9, 10))
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] - (24 - 6) - (16 - 6) + 3
+    assert out[0, -3] == model(**inputs).logits[0, -1].argmax()
+    record = last_prune(model)
+    assert [k.dtype for k in record.task_keep] == [torch.int64] * 2 and all(k.dim() == 0 for k in record.task_keep)
 
 
 def test_generate_is_deterministic_and_matches_forward():

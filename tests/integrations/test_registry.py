@@ -37,6 +37,10 @@ def test_an_unsupported_model_is_refused_naming_the_supported_classes():
     (dict(keep=4, merge="yes"), TypeError, "merge"),
     (dict(keep=4, text_reduce="sum"), ValueError, "text_reduce"),
     (dict(keep=4, backend="cuda"), ValueError, "backend"),
+    (dict(keep=4, task_ratio="Auto"), TypeError, "task_ratio"),
+    (dict(keep=4, text_budget=0), ValueError, "text_budget"),
+    (dict(keep=4, text_budget=2.5), TypeError, "text_budget"),
+    (dict(keep=4, text_budget=True), TypeError, "text_budget"),
 ])
 def test_options_are_checked_when_applied(options, error, name):
     model = tiny_llava()
@@ -56,6 +60,8 @@ def test_applying_twice_replaces_the_first():
     record = last_prune(model)
     assert isinstance(record, PruneRecord) and [len(i) for i in record.indices] == [5]
     assert [len(t) for t in (*record.assignment, *record.task_scores, *record.saliency)] == [N] * 3
+    (task_keep,) = record.task_keep
+    assert task_keep.dtype == torch.int64 and task_keep.dim() == 0 and int(task_keep) == 3   # floor(0.5 * 5 + 0.5)
     remove_desap(model)   # once undoes it all: the first patch did not stay underneath
     assert "forward" not in model.__dict__ and "get_image_features" not in model.model.__dict__
     assert last_prune(model) is None

@@ -1,0 +1,146 @@
+"""Which tokens of a templated chat count as an image's text: the user's words, no markers, no answers."""
+import pytest
+import torch
+from integration_prompts import (CHAT, CHATML_SPECIALS, CHATML_TEMPLATE, LLAVA_SPECIALS, LLAVA_TEMPLATE, N,
+                                 USER_WORDS, chat_ids, llava_pixels, pad, word_tokenizer)
+
+from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, QWEN_IMAGE, tiny_llava, tiny_qwen2_5_vl
+from desap_ops.integrations import ChatMarkers, apply_desap, last_prune
+from desap_ops.integrations.chat import as_chat_markers, user_text
+from desap_ops.integrations.prompt import ignored_token_ids
+from desap_ops.integrations.sequence import image_text_tokens
+
+STYLES = {  # style -> (tokenizer, image token, tiny model)
+    "llava": (word_tokenizer(LLAVA_SPECIALS, LLAVA_TEMPLATE), IMG, tiny_llava),
+    "chatml": (word_tokenizer(CHATML_SPECIALS, CHATML_TEMPLATE), QWEN_IMAGE, tiny_qwen2_5_vl),
+}
+QWEN_GRID, QWEN_TOKENS = [1, 8, 8], 16
+
+
+def _ids(tokenizer, text):
+    return tuple(tokenizer.convert_tokens_to_ids(text.split()))
+
+
+def test_from_tokenizer_reads_the_llava_markers_as_plain_words():
+    tokenizer = STYLES["llava"][0]
+    markers = ChatMarkers.from_tokenizer(tokenizer)
+    assert markers == ChatMarkers(user=(_ids(tokenizer, "USER :"),), assistant=(_ids(tokenizer, "ASSISTANT :"),))
+
+
+def test_from_tokenizer_reads_the_chatml_markers_from_a_processor():
+    tokenizer = STYLES["chatml"][0]
+
+    class Processor:   # a processor holds its tokenizer as .tokenizer
+        pass
+
+    processor = Processor()
+    processor.tokenizer = tokenizer
+    markers = ChatMarkers.from_tokenizer(processor)
+    assert markers.user == (_ids(tokenizer, "<|im_start|> user"),)
+    assert markers.assistant == (_ids(tokenizer, "<|im_start|> assistant"),)
+    assert markers.other == (_ids(tokenizer, "<|im_end|>"), _ids(tokenizer, "<|im_start|> system"))
+    assert as_chat_markers(processor) == markers and as_chat_markers(markers) is markers
+
+
+def test_the_sentencepiece_spellings_of_a_marker_are_all_kept():
+    class Pieces:   # SentencePiece spells "USER:" after a space with a leading piece of its own
+        def get_vocab(self):
+            return {}
+
+        def encode(self, text, add_special_tokens=True):
+            assert not add_special_tokens
+            words = {"USER:": [10, 11], " USER:": [9, 10, 11], "ASSISTANT:": [12, 11], " ASSISTANT:": [12, 11]}
+            return words[text]
+
+    assert ChatMarkers.from_tokenizer(Pieces()) == ChatMarkers(user=((10, 11), (9, 10, 11)), assistant=((12, 11),))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_templated_multi_turn_chat_gives_the_image_exactly_the_user_words(style):
+    tokenizer, image, build = STYLES[style]
+    ids = torch.tensor([chat_ids(tokenizer, CHAT, image, per_image=3)])
+    chat = ChatMarkers.from_tokenizer(tokenizer)
+    text, mask = image_text_tokens(ids, None, image, [3], ignored_token_ids(build()), user_text(ids, chat))
+    assert text[0][mask[0]].tolist() == list(_ids(tokenizer, " ".join(USER_WORDS)))
+    # without the markers, every token after the image counts: answers and role words included
+    text, mask = image_text_tokens(ids, None, image, [3], ignored_token_ids(build()))
+    assert len(text[0][mask[0]]) > len(USER_WORDS)
+
+
+def test_an_answer_runs_to_the_next_user_turn_or_the_end_of_the_row():
+    chat = ChatMarkers(user=((20, 21),), assistant=((22, 21),), other=((30,),))
+    ids = torch.tensor([[5, 21, 22, 21, 6, 20, 7, 30, 20, 21, 8, 22, 21, 9, 9],     # an answer cut off at the end
+                        [0, 0, 0, 0, 0, 0, 5, 20, 21, 7, 21, 22, 22, 21, 6]])    # left padding
+    assert user_text(ids, chat).tolist() == [
+        [True, True, False, False, False, False, False, False, False, False, True, False, False, False, False],
+        [True] * 7 + [False, False, True, True, True, False, False, False]]
+    assert user_text(ids[:, :1], chat).tolist() == [[True], [True]]    # a row shorter than every marker
+
+
+@pytest.mark.parametrize("chat", ["USER:", ChatMarkers, [(1, 2)]])
+def test_a_chat_that_is_no_markers_or_tokenizer_is_refused(chat):
+    model = tiny_llava()
+    with pytest.raises(TypeError, match="chat must be None, a ChatMarkers, a tokenizer or a processor"):
+        apply_desap(model, keep=4, chat=chat)
+    assert not hasattr(model, "_desap")
+    with pytest.raises(TypeError, match="needs a tokenizer or a processor"):
+        ChatMarkers.from_tokenizer(chat)
+
+
+@pytest.mark.parametrize("fields, error, match", [
+    (dict(user="USER:", assistant=()), TypeError, "ChatMarkers.user"),
+    (dict(user=((1, 2),), assistant=((),)), ValueError, "ChatMarkers.assistant"),
+    (dict(user=(), assistant=(), other=((1.0,),)), ValueError, "ChatMarkers.other"),
+    (dict(user=(), assistant=(), other=(3,)), TypeError, "ChatMarkers.other"),
+])
+def test_chat_markers_are_checked(fields, error, match):
+    with pytest.raises(error, match=match):
+        ChatMarkers(**fields)
+    assert ChatMarkers(user=[[1, 2]], assistant=[]).user == ((1, 2),)
+
+
+def _inputs(style, ids, first=0):
+    """Model inputs for the style's tiny model: images ``first``, ``first + 1``, ... for the rows of
+    ``ids``, which already hold their placeholders."""
+    images = slice(first, first + ids.shape[0])
+    if style == "llava":
+        return dict(input_ids=ids, pixel_values=llava_pixels()[images])
+    _, h, w = QWEN_GRID
+    pixels = torch.randn(2, h * w, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0))
+    return dict(input_ids=ids, pixel_values=pixels[images].flatten(0, 1),
+                image_grid_thw=torch.tensor([QWEN_GRID] * ids.shape[0]), mm_token_type_ids=(ids == QWEN_IMAGE).int())
+
+
+def _prompt(style, messages):
+    tokenizer, image, _ = STYLES[style]
+    return chat_ids(tokenizer, messages, image, N if style == "llava" else QWEN_TOKENS)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_apply_desap_with_a_chat_prunes_for_the_user_words_alone(style):
+    tokenizer, image, build = STYLES[style]
+    model = apply_desap(build(), keep=5, chat=tokenizer)
+    model(**_inputs(style, torch.tensor([_prompt(style, CHAT)])))
+    with_chat = last_prune(model)
+    # the same image followed by nothing but the user's words, without chat markers
+    placeholders = N if style == "llava" else QWEN_TOKENS
+    bare = torch.tensor([[image] * placeholders + list(_ids(tokenizer, " ".join(USER_WORDS)))])
+    apply_desap(model, keep=5)
+    model(**_inputs(style, bare))
+    alone = last_prune(model)
+    assert torch.equal(with_chat.task_scores[0], alone.task_scores[0])
+    assert torch.equal(with_chat.indices[0], alone.indices[0])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_generate_with_a_chat_matches_forward_and_batches_equal_rows(style):
+    tokenizer, _, build = STYLES[style]
+    model = apply_desap(build(), keep=5, chat=tokenizer, text_budget=3, task_ratio="auto")
+    rows = [_prompt(style, CHAT), _prompt(style, CHAT[:1])]
+    batch, mask = pad(rows, left=True)
+    together = model.generate(**_inputs(style, batch), attention_mask=mask, max_new_tokens=3, do_sample=False)
+    for i, row in enumerate(rows):
+        inputs = _inputs(style, torch.tensor([row]), first=i)
+        alone = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert together[i, -3:].tolist() == alone[0, -3:].tolist()
+        assert alone[0, -3] == model(**inputs).logits[0, -1].argmax()
