@@ -1,8 +1,9 @@
 """The ``desap`` command line (also ``python -m desap_ops``).
 
-    desap demo [--image PATH] [--prompt TEXT] [--keep K] [--task-ratio R] [--model DIR]
+    desap demo [--image PATH] [--prompt TEXT] [--keep K] [--task-ratio R|auto] [--model DIR]
                [--query-box x0,y0,x1,y1] [--out kept.png]
-    desap bench op [--device cpu|cuda] [--dtype bf16] [--tiny] [--no-compile] [--out op.json]
+    desap bench op [--device cpu|cuda] [--dtype bf16] [--tiny | --shapes a,b] [--no-compile]
+                   [--rounds R] [--out op.json]
     desap bench e2e [--model NAME] [--keep 576,192,128,64] [--device cpu|cuda|meta] [--dtype bf16]
                     [--batch B] [--out e2e.json] [--plot e2e.png]
 
@@ -66,8 +67,15 @@ def _bench_op(args: argparse.Namespace) -> int:
     device = _device(args.device or bench_op.default_device())
     if device == "meta":
         raise UsageError("bench op times real work: use --device cpu or cuda")
-    shapes = bench_op.TINY_SHAPES if args.tiny else bench_op.SHAPES
-    result = bench_op.run(device, DTYPES[args.dtype], shapes, with_compile=not args.no_compile, progress=_progress)
+    if args.tiny and args.shapes:
+        raise UsageError("--tiny and --shapes both choose the shapes: give one")
+    shapes = bench_op.SHAPES
+    if args.tiny or args.shapes:
+        shapes = bench_op.TINY_SHAPES if args.tiny else bench_op.select_shapes(args.shapes)
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
+    result = bench_op.run(device, DTYPES[args.dtype], shapes, with_compile=not args.no_compile, progress=_progress,
+                          rounds=args.rounds)
     _print_and_save(bench_op.format_table(result), result, args.out)
     return 0
 
@@ -93,9 +101,10 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", help="image file (default: skimage's astronaut photograph)")
     demo.add_argument("--prompt", help="the question (used with --model)")
     demo.add_argument("--keep", type=int, default=32, help="tokens to keep (default 32)")
-    demo.add_argument("--task-ratio", type=float, default=0.5,
+    demo.add_argument("--task-ratio", default=0.5,
                       help="share of the kept tokens chosen by task score, the rest by [CLS] saliency, "
-                           "in [0, 1] (default 0.5)")
+                           "in [0, 1] (default 0.5); or auto: each image's task scores choose it, and the "
+                           "picture compares a strong cue (the query box) with a weak one")
     demo.add_argument("--model", help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (offline)")
     demo.add_argument("--query-box", help="x0,y0,x1,y1: tokens in this box play the text (no --model)")
     demo.add_argument("--out", default="kept.png",
@@ -108,7 +117,12 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="input dtype (default bf16)")
     op.add_argument("--tiny", action="store_true", help="one tiny shape (a smoke test)")
     op.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    op.add_argument("--shapes", help="comma-separated shape names, e.g. prompt-2k-b1,prompt-2k-m64-b1 "
+                                     "(default: every full-size shape)")
     op.add_argument("--out", help="JSON file to write")
+    op.add_argument("--rounds", type=int, default=1,
+                    help="time the shapes R times in turn; each time is the median over the rounds, so that a "
+                         "changing load on a shared machine falls on every shape alike (default 1)")
     op.set_defaults(run=_bench_op)
 
     e2e = bench.add_parser("e2e", help="prefill with and without DeSAP on a whole model")

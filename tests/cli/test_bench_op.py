@@ -1,8 +1,11 @@
 """``desap bench op``: the benchmark code runs and reports what it promises (no timing assertions)."""
+import dataclasses
 import json
 
+import pytest
 import torch
 
+from desap_ops import ops, reference
 from desap_ops.cli import bench_op
 from desap_ops.cli.main import main
 from desap_ops.cli.report import save_json
@@ -24,13 +27,15 @@ def test_cpu_run_writes_the_documented_fields(tmp_path):
     assert {"date", "device", "torch", "triton"} <= saved["environment"].keys()
     assert {"copy_bytes_per_s", "matmul_flops_per_s"} <= saved["ceilings"].keys()
     (row,) = saved["rows"]
+    assert row["eager_ms_rounds"] == [row["eager_ms"]] and saved["rounds"] == 1
     for field in ("bytes", "flops", "floor_ms", "eager_ms", "fraction_of_floor"):
         assert row[field] > 0, field
     table = bench_op.format_table(result).splitlines()
     assert table[2].startswith("tiny")
     # a legend under the rows explains the derived columns, with this run's measured ceilings
     legend = "\n".join(table[3:])
-    assert table[3].startswith("floor ms: ") and "%floor: floor ms / the best measured time" in legend
+    assert table[3].startswith("MB: ") and "floor ms: the least time" in legend
+    assert "%floor: floor ms / the best measured time" in legend
     assert f"{saved['ceilings']['copy_bytes_per_s'] / 1e9:.1f} GB/s copy" in legend
 
 
@@ -64,3 +69,85 @@ def test_the_default_device_is_decided_when_the_command_runs(monkeypatch):
     for visible, expected in ((True, "cuda"), (False, "cpu")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda visible=visible: visible)
         assert bench_op.default_device() == expected
+
+
+def _by_name(name: str) -> bench_op.Shape:
+    (shape,) = [s for s in bench_op.SHAPES if s.name == name]
+    return shape
+
+
+def test_the_long_prompt_shapes_differ_only_in_the_budget():
+    plain, budgeted = _by_name("prompt-2k-b1"), _by_name("prompt-2k-m64-b1")
+    assert (plain.batch, plain.tokens, plain.keep, plain.width, plain.text_width, plain.n_text) == \
+        (1, 576, 64, 1024, 4096, 2048)
+    assert dataclasses.replace(budgeted, name=plain.name, text_budget=None) == plain
+    assert (plain.text_budget, budgeted.text_budget) == (None, 64)
+
+
+def test_the_budget_counts_several_times_fewer_flops_and_its_sketch_bytes():
+    plain, budgeted = _by_name("prompt-2k-b1"), _by_name("prompt-2k-m64-b1")
+    counts = {s.name: bench_op.traffic(s, torch.float32) for s in (plain, budgeted)}
+    n, l, m, c = 576, 2048, 64, 4096
+    sketch_flops = 2 * (n + l) * c * reference.SKETCH_WIDTH + 2 * n * l * reference.SKETCH_WIDTH
+    assert counts[plain.name]["flops"] - counts[budgeted.name]["flops"] == 2 * n * (l - m) * c - sketch_flops
+    assert counts[budgeted.name]["flops"] == ops.prune_flops((1, n, 1024), (1, n, c), (1, l, c), None, (1, n), None,
+                                                             64, text_budget=64)
+    assert counts[plain.name]["flops"] / counts[budgeted.name]["flops"] > 5
+    # the sketch step reads attn once more; the M kept rows (and mask) are written and read again
+    assert counts[plain.name]["sketch_bytes"] == 0
+    assert counts[budgeted.name]["sketch_bytes"] == (n * c + 2 * m * c) * 4 + 2 * m
+    assert counts[budgeted.name]["bytes"] - counts[plain.name]["bytes"] == counts[budgeted.name]["sketch_bytes"]
+
+
+def test_every_implementation_gets_the_text_budget():
+    shape = bench_op.TINY_BUDGET
+    inputs = bench_op.make_inputs(shape, "cpu", torch.float32)
+    impls = bench_op.implementations(shape.keep, shape.text_budget, with_compile=False)
+    with torch.no_grad():
+        expected = reference.prune(*inputs, shape.keep, text_budget=shape.text_budget)
+        unbudgeted = reference.prune(*inputs, shape.keep)
+        for name in ("eager", "fused"):
+            got = impls[name](*inputs)
+            assert torch.equal(got.indices, expected.indices), name
+            torch.testing.assert_close(got.task_scores, expected.task_scores)
+    # the budget must change what is computed here, or the check above would prove nothing
+    assert not torch.equal(expected.task_scores, unbudgeted.task_scores)
+
+
+def test_a_budgeted_shape_runs_on_cpu_and_its_speedup_is_measured_per_round(tmp_path):
+    twin = dataclasses.replace(bench_op.TINY_BUDGET, name="tiny-l16", text_budget=None)
+    result = bench_op.run("cpu", torch.float32, [twin, bench_op.TINY_BUDGET], with_compile=False, rounds=2)
+    path = tmp_path / "op.json"
+    save_json(result, path)
+    saved = json.loads(path.read_text())
+    assert saved["rounds"] == 2
+    row = saved["rows"][1]
+    assert row["shape"]["text_budget"] == 4 and row["sketch_bytes"] > 0
+    for field in ("bytes", "flops", "floor_ms", "eager_ms", "fraction_of_floor"):
+        assert row[field] > 0, field
+    assert len(row["eager_ms_rounds"]) == 2 and min(row["eager_ms_rounds"]) <= row["eager_ms"] <= max(row["eager_ms_rounds"])
+    (speedup,) = saved["budget_speedups"]
+    assert (speedup["without"], speedup["with"]) == ("tiny-l16", "tiny-m4")
+    assert speedup["flops_ratio"] == saved["rows"][0]["flops"] / row["flops"]
+    ratios = [a / b for a, b in zip(saved["rows"][0]["eager_ms_rounds"], row["eager_ms_rounds"])]
+    assert speedup["eager_speedup_rounds"] == pytest.approx(ratios)
+    assert "compile_speedup" not in speedup
+    assert any(line.startswith("text budget: tiny-l16 / tiny-m4: ") for line in bench_op.format_table(result).splitlines())
+
+
+def test_bench_op_shapes_picks_rows_by_name(tmp_path):
+    out = tmp_path / "op.json"
+    assert main(["bench", "op", "--device", "cpu", "--shapes", "tiny-m4", "--no-compile", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["shape"]["name"] == "tiny-m4" and row["shape"]["text_budget"] == 4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shapes", "tiny,nope"], "--shapes takes names from llava1.5-b1"),
+    (["--shapes", "tiny", "--tiny"], "--tiny and --shapes both choose the shapes"),
+    (["--tiny", "--rounds", "0"], "--rounds must be at least 1, got 0"),
+])
+def test_bench_op_refuses_bad_shapes_and_rounds_in_one_line(capsys, args, message):
+    assert main(["bench", "op", "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("desap: error: ") and message in err, err

@@ -15,6 +15,7 @@ from matplotlib.collections import LineCollection
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from desap_ops import reference
 from desap_ops.cli import demo as demo_module
 from desap_ops.cli import vit_s
 from desap_ops.cli.main import main
@@ -22,6 +23,9 @@ from desap_ops.integrations.signals import capture
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIZE = (1500, 660)  # demo_module.FIGURE_SIZE at demo_module.DPI
+AUTO_PNG_SIZE = (1500, 1300)  # demo_module.AUTO_FIGURE_SIZE: two rows, strong and weak cue
+SPLIT = re.compile(r"^(strong cue|weak cue): split task (\d+) / saliency (\d+) of (\d+), "
+                   r"chosen by task_ratio auto from g = ([\d.]+)$", re.MULTILINE)
 
 
 def _run(*args):
@@ -35,9 +39,25 @@ def test_demo_default_draws_real_saliency_on_a_real_photo(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "real: ViT-S/14 weights" in run.stdout and "stand-in:" in run.stdout
     assert "kept 32 of 256 tokens" in run.stdout
+    assert "split task 16 / saliency 16 of 32" in run.stdout   # task_ratio 0.5 of 32
     with Image.open(out) as image:
         assert image.format == "PNG"
         assert image.size == PNG_SIZE
+
+
+def test_demo_auto_prints_both_splits_and_draws_both_cues(tmp_path):
+    out = tmp_path / "auto.png"
+    run = _run("demo", "--task-ratio", "auto", "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    splits = {cue: (int(task), int(sal), int(keep), float(g)) for cue, task, sal, keep, g in SPLIT.findall(run.stdout)}
+    assert set(splits) == {"strong cue", "weak cue"}, run.stdout
+    for task, sal, keep, _ in splits.values():
+        assert task + sal == keep == 32
+    assert splits["strong cue"][0] > splits["weak cue"][0]
+    assert "weak cue = one row, the mean of all 256 tokens' attention-branch rows" in run.stdout
+    assert "the shuttle box (360, 10, 460, 270) as the strong cue would give g = " in run.stdout
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == AUTO_PNG_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +65,54 @@ def astronaut() -> demo_module.DemoResult:
     """24 of 256 tokens kept on the astronaut photo, the space shuttle as the query box."""
     picture, _ = demo_module.load_image(None)
     return demo_module.run_vit(picture, 24, 0.5, demo_module.DEFAULT_BOX, None)
+
+
+@pytest.fixture(scope="module")
+def astronaut_auto() -> list[demo_module.DemoResult]:
+    """task_ratio="auto", 32 of 256 tokens: the face's tokens (the default box) and the mean row as the texts."""
+    picture, _ = demo_module.load_image(None)
+    return demo_module.run_vit_auto(picture, 32, None, None)
+
+
+def test_auto_gives_the_strong_cue_a_larger_task_share_than_the_weak_one(astronaut_auto):
+    strong, weak = astronaut_auto
+    assert (strong.cue, weak.cue) == ("strong cue", "weak cue")
+    assert strong.box == demo_module.AUTO_DEFAULT_BOX and weak.box is None
+    # the operator's rule on the g measured here: 0 task tokens up to g = 4, 24 (3/4 of 32) from g = 8
+    assert strong.guidance > 8 and weak.guidance < 4
+    assert (strong.task_keep, weak.task_keep) == (24, 0)
+    for result in astronaut_auto:
+        torch.testing.assert_close(torch.tensor([result.guidance]), reference.guidance(result.task_scores[None]))
+    # the strong cue's text is its box's tokens, so they score 1 and are kept; without task tokens the
+    # weak cue keeps exactly the 32 most salient tokens
+    box_cells = demo_module.box_tokens(strong.box, 512, 512, 16)
+    assert box_cells.numel() == 6 and torch.isin(box_cells, strong.indices).all()
+    assert torch.equal(weak.indices, weak.saliency.topk(32).indices.sort().values)
+
+
+def test_the_auto_figure_compares_the_cues(astronaut_auto):
+    strong, weak = astronaut_auto
+    fig = demo_module.figure_auto(astronaut_auto)
+    try:
+        assert tuple(fig.get_size_inches() * demo_module.DPI) == AUTO_PNG_SIZE
+        (_, strong_task, strong_kept, note_ax, weak_task, weak_kept) = fig.axes[:6]
+        assert fig.axes[0].get_title() == demo_module.SALIENCY_TITLE
+        assert strong_kept.get_title() == ("strong cue: kept 32 of 256 tokens\n"
+                                           f"task 24 / saliency 8 of 32 (auto, g = {strong.guidance:.1f})")
+        assert weak_kept.get_title() == ("weak cue: kept 32 of 256 tokens\n"
+                                         f"task 0 / saliency 32 of 32 (auto, g = {weak.guidance:.1f})")
+        assert strong_task.get_title().startswith("strong cue: task score")
+        assert weak_task.get_title().startswith("weak cue: task score")
+        cyan = lambda ax: [p for p in ax.patches if isinstance(p, Rectangle)  # noqa: E731
+                           and p.get_edgecolor()[:3] == (0.0, 1.0, 1.0)]
+        assert len(cyan(strong_task)) == len(cyan(strong_kept)) == 1 and not cyan(weak_task) + cyan(weak_kept)
+        note = " ".join(" ".join(t.get_text() for t in note_ax.texts).split())
+        assert "weak cue: one row, the mean of all 256 tokens' attention-branch rows" in note
+        assert "strong cue: the 6 tokens in the cyan query box" in note
+        assert "weak cue = one row, the mean" in fig.get_suptitle() and "real: ViT-S/14" in fig.get_suptitle()
+        assert "strong cue's text" in " ".join(t.get_text() for t in weak_kept.get_legend().get_texts())
+    finally:
+        plt.close(fig)
 
 
 def test_demo_keeps_what_the_operator_keeps(astronaut):
@@ -230,3 +298,37 @@ def test_llava_keep_is_checked_against_the_config_before_the_weights(tmp_path, m
     monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", refuse)
     assert main(["demo", "--model", str(tmp_path / "tiny"), "--keep", "17", "--out", str(tmp_path / "k.png")]) == 2
     assert "--keep must lie in [1, 16]" in capsys.readouterr().err
+
+
+def test_demo_with_a_local_llava_checkpoint_and_auto(tmp_path, capsys):
+    """--task-ratio auto goes through to apply_desap; the summary names the split the prompt's scores chose."""
+    _tiny_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "kept.png"
+    assert main(["demo", "--model", str(tmp_path / "tiny"), "--prompt", "w5 w6 w7", "--keep", "4",
+                 "--task-ratio", "auto", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    match = re.search(r"^split task (\d) / saliency (\d) of 4, chosen by task_ratio auto from g = ", printed, re.MULTILINE)
+    assert match and int(match[1]) + int(match[2]) == 4, printed
+    with Image.open(out) as image:
+        assert image.size == PNG_SIZE
+
+
+@pytest.fixture
+def no_vit(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(vit_s, "load_vit_s", refuse)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--task-ratio", "automatic"], "--task-ratio must be a number in [0, 1] or auto, got 'automatic'"),
+    (["--task-ratio", "auto", "--image", "{small}"], "--task-ratio auto compares a strong cue, the tokens in --query-box"),
+])
+def test_demo_refuses_a_bad_task_ratio_in_one_line_before_loading(no_vit, tmp_path, capsys, extra, message):
+    small = tmp_path / "small.png"
+    Image.new("RGB", (64, 48)).save(small)
+    argv = ["demo", "--out", str(tmp_path / "k.png"), *(a.replace("{small}", str(small)) for a in extra)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("desap: error: ") and message in err, err
