@@ -116,13 +116,13 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--device", help="cpu or cuda (default: cuda if a GPU is visible, else cpu)")
     op.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="input dtype (default bf16)")
     op.add_argument("--tiny", action="store_true", help="one tiny shape (a smoke test)")
-    op.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     op.add_argument("--shapes", help="comma-separated shape names, e.g. prompt-2k-b1,prompt-2k-m64-b1 "
                                      "(default: every full-size shape)")
-    op.add_argument("--out", help="JSON file to write")
+    op.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     op.add_argument("--rounds", type=int, default=1,
                     help="time the shapes R times in turn; each time is the median over the rounds, so that a "
                          "changing load on a shared machine falls on every shape alike (default 1)")
+    op.add_argument("--out", help="JSON file to write")
     op.set_defaults(run=_bench_op)
 
     e2e = bench.add_parser("e2e", help="prefill with and without DeSAP on a whole model")
