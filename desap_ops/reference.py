@@ -73,20 +73,17 @@ def sign_sketch(width: int, device) -> torch.Tensor:
     return sign * SKETCH_WIDTH ** -0.5
 
 
-def first_occurrences(text: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: False for a row equal to an earlier row of its image (exact, every element).
-
-    Rows are grouped by an exact integer fingerprint of their bits, then compared with their
-    neighbour in that order: O(L C), no L x L comparison.
-    """
-    bits = text.float().view(torch.int32).to(torch.int64)
+def first_occurrences(rows: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: False for a row whose every element equals, bit for bit, an earlier row of its
+    image. Rows are grouped by an exact integer fingerprint of their bits and compared with their
+    neighbour in that order: O(L W) for rows of width W, no L x L comparison."""
+    bits = rows.float().view(torch.int32).to(torch.int64)
     # weights below 2**16: each product stays below 2**47 and the sum of up to 2**13 of them exact
-    weights = (torch.arange(text.shape[-1], device=text.device, dtype=torch.int64) * 40503 + 1) & 0xFFFF
+    weights = (torch.arange(rows.shape[-1], device=rows.device, dtype=torch.int64) * 40503 + 1) & 0xFFFF
     fingerprint = (bits * weights).sum(dim=-1)
     order = torch.sort(fingerprint, dim=-1, stable=True).indices          # equal rows end up adjacent
-    rows = text.gather(1, order[:, :, None].expand_as(text))
-    same = (fingerprint.gather(1, order)[:, 1:] == fingerprint.gather(1, order)[:, :-1]) \
-        & (rows[:, 1:] == rows[:, :-1]).all(dim=-1)
+    ordered_bits = bits.gather(1, order[:, :, None].expand_as(bits))
+    same = (ordered_bits[:, 1:] == ordered_bits[:, :-1]).all(dim=-1)
     repeat = torch.cat([torch.zeros_like(same[:, :1]), same], dim=1)
     return ~torch.zeros_like(repeat).scatter(1, order, repeat)
 
@@ -96,7 +93,7 @@ def budget_text(attn: torch.Tensor, text: torch.Tensor, text_mask: Optional[torc
     """Step 0: at most ``budget`` text tokens per image, as (text (B, M, C), mask (B, M)).
 
     With L <= budget (or no budget) the inputs come back untouched. Otherwise repeated rows count
-    once, and the distinct valid rows are ranked by their best cosine with any visual token,
+    once (rows whose sketches agree bit for bit), and the distinct valid rows are ranked by their best cosine with any visual token,
     measured cheaply in a SKETCH_WIDTH-wide sign sketch of attn and text (O((N + L) C S + N L S)
     instead of the O(N L C) of the similarity). The best ``budget`` rows are kept in prompt order.
     """
@@ -104,10 +101,11 @@ def budget_text(attn: torch.Tensor, text: torch.Tensor, text_mask: Optional[torc
     if budget is None or length <= budget:
         return text, text_mask
     sketch = sign_sketch(width, text.device)
-    attn_sketch = unit_rows(attn.float() @ sketch)
-    text_sketch = unit_rows(text.float() @ sketch)
-    relevance = torch.bmm(text_sketch, attn_sketch.transpose(1, 2)).amax(dim=-1)      # (B, L)
-    valid = first_occurrences(text)
+    text_sketch = text.float() @ sketch
+    relevance = torch.bmm(unit_rows(text_sketch), unit_rows(attn.float() @ sketch).transpose(1, 2)).amax(dim=-1)
+    # equal rows have equal sketches (the same products in the same order), and telling repeats
+    # apart by their 32 sketch values costs O(L S) instead of the O(L C) of the rows themselves
+    valid = first_occurrences(text_sketch)
     if text_mask is not None:
         valid &= text_mask
     chosen = descending_rank(relevance, excluded=~valid) < budget
