@@ -29,7 +29,8 @@ def _synced(fn):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.name)
 def test_prune(benchmark, shape, impl):
     inputs = bench_op.make_inputs(shape, DEVICE, DTYPE)
-    op = bench_op.implementations(shape.keep, with_compile=impl == "compile", with_fused=impl == "fused")[impl]
+    op = bench_op.implementations(shape.keep, shape.text_budget, with_compile=impl == "compile",
+                                  with_fused=impl == "fused")[impl]
     benchmark.extra_info.update(bench_op.traffic(shape, DTYPE))
     with torch.no_grad():
         result = benchmark(_synced(lambda: op(*inputs)))
