@@ -6,38 +6,64 @@ video, and 32 text tokens; logits of the last position only, as generate's prefi
 
 - full: the unpatched model, N image (or video) tokens;
 - desap: ``apply_desap(model, keep=K)``, all of DeSAP's work included;
-- ideal: the model fed K tokens with no pruning work at all (its own features cut to the first K,
-  and for Qwen2.5-VL those tokens' original positions, computed before timing), the speed DeSAP
-  could reach if pruning cost nothing.
+- ideal: the model fed K tokens with no pruning work at all, the speed DeSAP could reach if pruning
+  cost nothing. The vision tower runs on every token (pruning after the encoder cannot save it),
+  then only the first K feature tokens go through the projector (LLaVA-NeXT: the first K of its
+  packed order, image-newlines in place; the video models: the first K of the clip, frame-major).
+  Qwen2.5-VL's projector (the patch merger) is part of its vision encoder, which DeSAP runs on
+  every patch too: there the ideal takes the encoder's first K tokens, at their original positions.
 
-Times are medians (CUDA events on CUDA). FLOPs come from ``torch.utils.flop_counter``. For the
-LLaVA-1.5 and LLaVA-NeXT shapes they are counted over the pieces (vision tower, projector, DeSAP's
-operator, language model), so they can be counted at full size on the meta device without a GPU.
-Qwen2.5-VL and the video models count them on the real forward passes, so they take ``--device
-cpu`` or ``cuda`` (the prompt surgery reads token ids). Real model shapes carry random weights:
-the timings hold for any weights; the outputs mean nothing.
+Timing: rounds after one warm-up round; in each round, for each K, full, desap and ideal run one
+after another, so load from other processes hits all three alike; each time is the median over
+the rounds (CUDA events on CUDA), and the ratios are ratios of those medians. The LLaVA-1.5 and
+LLaVA-NeXT layouts also time the vision tower alone once per round.
+
+FLOPs come from ``torch.utils.flop_counter``. For the LLaVA-1.5 and LLaVA-NeXT layouts they are
+counted over the pieces (vision tower, projector, DeSAP's operator, language model) on a meta copy
+of the model, so ``--device meta`` counts them at any size without memory. Qwen2.5-VL and the video
+models count them on the real forward passes, so they take ``--device cpu`` or ``cuda`` (the prompt
+surgery reads token ids). Real model shapes carry random weights: the timings hold for any
+weights; the outputs mean nothing. Before building, the model's memory is estimated and compared
+with what the device has free, so a model that cannot fit is refused instead of killed.
 """
 from __future__ import annotations
 
+import os
+import statistics
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from desap_ops import ops
 from desap_ops.integrations import apply_desap, image_token_counts, remove_desap
+from desap_ops.integrations.clip_tower import drops_cls, tokens_per_crop
+from desap_ops.integrations.llava_next import crops_per_image
 from desap_ops.integrations.sequence import first_placeholders, shrink_placeholders
+from desap_ops.integrations.video import tokens_per_frame
 
 from .errors import UsageError
-from .models import MODELS, build_model
-from .report import DTYPES, environment, time_median_ms
+from .models import MODELS, build_model, weight_bytes
+from .report import DTYPES, environment, time_call_ms
+
+if TYPE_CHECKING:   # matplotlib is imported when a plot is asked for
+    from matplotlib.figure import Figure
 
 TEXT_TOKENS = 32
 PIECEWISE = ("llava", "llava_next")   # families whose FLOPs are counted from the pieces (meta works)
-FRAMES = {True: 3, False: 8}          # frames per video: tiny, 7B
-QWEN_GRID = {True: 8, False: 48}      # patches per side of the Qwen image: tiny, 7B (672 x 672 pixels)
+FRAMES = {True: 3, False: 8}          # frames per video: tiny, real shape
+QWEN_GRID = {True: 8, False: 48}      # patches per side of the Qwen image: tiny, real shape (672 x 672 pixels)
+WARMUP_ROUNDS = 1
+VARIANTS = ("full", "desap", "ideal")
+GIB = 2**30
+# Memory a run needs beyond its weights: activations of one prefill (CPU attention holds its
+# scores), the allocator's slack and the FLOP counter's meta copy, as a share of the weights plus a
+# fixed part.
+MEMORY_MARGIN, MEMORY_FIXED = 0.25, 1 * GIB
 
 
 @dataclass
@@ -48,15 +74,9 @@ class Batch:
     features: str      # the model's method that returns those tokens' features
 
 
-def tokens_per_frame(model) -> int:
-    """Placeholder tokens the processor gives one video frame. (The integrations' own count needs a
-    patched model, so the app counts here: LLaVA-NeXT-Video pools each frame and drops [CLS] under
-    the "default" strategy; Video-LLaVA's video path keeps every patch and [CLS].)"""
-    config = model.config
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    if config.model_type == "llava_next_video" and config.vision_feature_select_strategy == "default":
-        return (side // config.spatial_pool_stride) ** 2
-    return side * side + 1
+def _pooled(model) -> bool:
+    """Whether the video model pools each frame (LLaVA-NeXT-Video under "default" drops [CLS] and pools)."""
+    return model.config.model_type == "llava_next_video" and drops_cls(model.config)
 
 
 def _prompt(batch: int, text: torch.Tensor, *runs: torch.Tensor) -> torch.Tensor:
@@ -64,7 +84,7 @@ def _prompt(batch: int, text: torch.Tensor, *runs: torch.Tensor) -> torch.Tensor
     return torch.cat([torch.ones(batch, 1, dtype=torch.long), *runs, text], dim=1)
 
 
-def make_batch(model, name: str, batch: int, device: str, dtype: torch.dtype) -> Batch:
+def make_batch(model: nn.Module, name: str, batch: int, device: str, dtype: torch.dtype) -> Batch:
     """One image or video and ``TEXT_TOKENS`` text tokens per row, with the processor's placeholder
     count, for any model of :data:`MODELS` (``model`` is ``build_model(name, ...)``)."""
     spec = MODELS[name]
@@ -96,7 +116,7 @@ def make_batch(model, name: str, batch: int, device: str, dtype: torch.dtype) ->
                       image_grid_thw=torch.tensor([[1, side, side]] * batch))
     else:  # the video models
         frames, size = FRAMES[spec.tiny], config.vision_config.image_size
-        tokens = frames * tokens_per_frame(model)
+        tokens = frames * tokens_per_frame(model, _pooled(model))
         token_id, features = config.video_token_id, "get_video_features"
         text[text == token_id] = 3
         videos = torch.randn(batch, frames, 3, size, size, generator=gen)
@@ -104,22 +124,76 @@ def make_batch(model, name: str, batch: int, device: str, dtype: torch.dtype) ->
     return Batch({k: v.to(device) for k, v in inputs.items()}, tokens, token_id, features)
 
 
+# --- the ideal: K tokens, no pruning work ----------------------------------------------------------
+
+def _feature_tokens(model, tower, pixels: torch.Tensor, drop_cls: bool) -> torch.Tensor:
+    """(crops or frames, T, D): ``tower``'s hidden states at the model's feature layer, the tokens
+    the model's projector takes."""
+    outputs = tower(pixels, output_hidden_states=True, return_dict=True)
+    hidden = outputs.hidden_states[model.config.vision_feature_layer]
+    return hidden[:, 1:] if drop_cls else hidden
+
+
+def _ideal_features(model, family: str, batch: Batch, keep: int, original: Callable) -> Callable:
+    """Replacement for the model's ``get_image_features`` / ``get_video_features``: each image's or
+    video's first ``keep`` tokens, only those projected (see the module docstring)."""
+    inner, config = model.model, model.config
+    if family == "qwen2_5_vl":   # the encoder (merger included) on every patch, then the first K of each image
+        def cut(*args, **kwargs):
+            out = original(*args, **kwargs)
+            out.pooler_output = [f[:keep] for f in out.pooler_output]
+            return out
+        return cut
+
+    project = inner.multi_modal_projector
+    drop = drops_cls(config)
+    if family == "llava":
+        def features(pixel_values, **_):
+            tokens = _feature_tokens(model, inner.vision_tower, pixel_values, drop)
+            return list(project(tokens[:, :keep]))
+    elif family == "llava_next":
+        sizes = batch.inputs["image_sizes"]
+        crops = crops_per_image(inner, sizes)
+        strategy = config.vision_feature_select_strategy
+        # which of each image's first ``keep`` packed slots hold a visual token (the rest: image-newlines)
+        ones = [torch.ones(n, tokens_per_crop(config), 1) for n in crops]
+        marks = inner.pack_image_features(ones, sizes.cpu(), strategy, image_newline=torch.zeros(1))[0]
+        visual = [m[:keep, 0].bool().to(sizes.device) for m in marks]
+
+        def features(pixel_values, image_sizes, **_):
+            if pixel_values.dim() == 5:
+                pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, crops)], dim=0)
+            tokens = _feature_tokens(model, inner.vision_tower, pixel_values, drop)
+            packed = inner.pack_image_features(torch.split(tokens, crops), image_sizes, strategy,
+                                               image_newline=tokens.new_zeros(tokens.shape[-1]))[0]
+            out = []
+            for row, is_visual in zip(packed, visual):
+                image = inner.image_newline.to(tokens.dtype).expand(keep, -1).clone()
+                image[is_visual] = project(row[:keep][is_visual]).to(image.dtype)
+                out.append(image)
+            return out
+    elif family in ("llava_next_video", "video_llava"):
+        tower = inner.video_tower if family == "video_llava" else inner.vision_tower
+
+        def features(pixel_values_videos, **_):
+            videos = pixel_values_videos.shape[0]
+            # transformers: LLaVA-NeXT-Video drops [CLS] under "default" and pools; Video-LLaVA keeps all
+            tokens = _feature_tokens(model, tower, pixel_values_videos.flatten(0, 1),
+                                     drop and family == "llava_next_video")
+            if family == "llava_next_video":
+                tokens = inner.vision_resampler(tokens)
+            return project(tokens.reshape(videos, -1, tokens.shape[-1])[:, :keep])
+    else:
+        raise ValueError(f"no ideal for the family {family}")
+    return lambda *args, **kwargs: BaseModelOutputWithPooling(pooler_output=features(*args, **kwargs))
+
+
 @contextmanager
-def ideal_inputs(model, batch: Batch, keep: int) -> Iterator[dict]:
-    """The ideal call's inputs, with the model's own features cut to the first ``keep``."""
+def ideal_inputs(model: nn.Module, family: str, batch: Batch, keep: int) -> Iterator[dict]:
+    """The ideal call's inputs (K placeholders per image or video), with the model's feature method
+    replaced by :func:`_ideal_features` while inside."""
     inner = model.model
     inputs = batch.inputs
-    original = getattr(inner, batch.features)
-
-    def cut(*args, **kwargs):
-        out = original(*args, **kwargs)
-        pooled = out.pooler_output
-        if isinstance(pooled, (list, tuple)):
-            out.pooler_output = [f[:keep] for f in pooled]
-        else:  # per video (Video-LLaVA returns one row per frame)
-            out.pooler_output = pooled.reshape(inputs["input_ids"].shape[0], -1, pooled.shape[-1])[:, :keep]
-        return out
-
     ids = inputs["input_ids"]
     flags = first_placeholders([batch.tokens] * ids.shape[0], keep, ids.device)
     positions = None
@@ -131,12 +205,14 @@ def ideal_inputs(model, batch: Batch, keep: int) -> Iterator[dict]:
     short = {**inputs, "input_ids": shrunk["input_ids"]}
     if positions is not None:
         short.update(position_ids=shrunk["position_ids"], mm_token_type_ids=shrunk["token_types"])
-    setattr(inner, batch.features, cut)
+    setattr(inner, batch.features, _ideal_features(model, family, batch, keep, getattr(inner, batch.features)))
     try:
         yield short
     finally:
         delattr(inner, batch.features)
 
+
+# --- FLOPs -----------------------------------------------------------------------------------------
 
 def flops_of(fn: Callable[[], object]) -> int:
     """FLOPs ``torch.utils.flop_counter`` counts in one call of ``fn`` (DeSAP's op included)."""
@@ -145,20 +221,26 @@ def flops_of(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def piecewise_flops(model, inputs: dict, image_tokens: int, keep: int) -> dict:
+def _tower_call(model, inputs: dict) -> Callable[[], object]:
+    """The vision tower alone on the batch's pixels (LLaVA-1.5 and LLaVA-NeXT layouts)."""
+    pixels = inputs["pixel_values"]
+    if pixels.dim() == 5:
+        pixels = pixels.flatten(0, 1)
+    return lambda: model.model.vision_tower(pixels, output_hidden_states=True)
+
+
+def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int) -> dict:
     """FLOPs of full, desap and ideal prefill of LLaVA-1.5 / LLaVA-NeXT from the pieces (runs on meta)."""
     inner = model.model
     vision = model.config.vision_config
     pixels = inputs["pixel_values"]
-    if pixels.dim() == 5:
-        pixels = pixels.flatten(0, 1)
-    crops = pixels.shape[0]
+    crops = pixels.shape[0] * (pixels.shape[1] if pixels.dim() == 5 else 1)
     batch = inputs["input_ids"].shape[0]
     width, text_width = vision.hidden_size, model.config.text_config.hidden_size
     rows = lambda n, w=width: torch.empty(batch, n, w, device=pixels.device, dtype=pixels.dtype)  # noqa: E731
     per_crop = (vision.image_size // vision.patch_size) ** 2
 
-    tower = flops_of(lambda: inner.vision_tower(pixels, output_hidden_states=True))
+    tower = flops_of(_tower_call(model, inputs))
     project_all = flops_of(lambda: inner.multi_modal_projector(rows(crops // batch * per_crop)))
     project_kept = flops_of(lambda: inner.multi_modal_projector(rows(keep)))
     operator = ops.prune_flops((batch, image_tokens, width), (batch, image_tokens, text_width),
@@ -172,99 +254,233 @@ def piecewise_flops(model, inputs: dict, image_tokens: int, keep: int) -> dict:
             "language_full": language_full, "language_keep": language_keep}
 
 
-def _measure(fn: Callable[[], object], device: str, count: bool) -> tuple[float, Optional[int]]:
-    """(median ms, FLOPs or None) of one prefill."""
-    return time_median_ms(fn, device), flops_of(fn) if count else None
+# --- memory ----------------------------------------------------------------------------------------
+
+def available_bytes(device: str) -> Optional[int]:
+    """Memory ``device`` has free now: torch.cuda.mem_get_info on CUDA, MemAvailable from
+    /proc/meminfo on Linux, else the free physical pages; None where none of these can be read."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def needed_bytes(name: str, dtype: torch.dtype, shrink: bool = False) -> tuple[int, int]:
+    """(weights, weights and margin) in bytes for a run of ``name``, from a meta build (nothing allocated)."""
+    weights = weight_bytes(build_model(name, "meta", dtype, shrink))
+    return weights, int(weights * (1 + MEMORY_MARGIN)) + MEMORY_FIXED
+
+
+def check_memory(name: str, device: str, dtype_name: str, shrink: bool = False) -> None:
+    """Refuse (UsageError) a run whose estimated memory exceeds what ``device`` has free."""
+    weights, needed = needed_bytes(name, DTYPES[dtype_name], shrink)
+    free = available_bytes(device)
+    if free is None or needed <= free:
+        return
+    hint = "use --device meta to count its FLOPs"
+    if DTYPES[dtype_name].itemsize > 2 and int(weights / 2 * (1 + MEMORY_MARGIN)) + MEMORY_FIXED <= free:
+        hint += ", or --dtype bf16"
+    raise UsageError(f"{name} in {dtype_name} needs about {needed / GIB:.1f} GiB on {device} ({weights / GIB:.1f} "
+                     f"GiB of weights + {MEMORY_MARGIN:.0%} + {MEMORY_FIXED / GIB:.0f} GiB for activations), "
+                     f"only {free / GIB:.1f} GiB is available; {hint}")
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def default_keeps(tokens: int) -> list[int]:
+    """N, N/3, 2N/9 and N/9 (576, 192, 128, 64 for LLaVA-1.5)."""
+    return sorted({tokens, tokens // 3, 2 * tokens // 9, tokens // 9} - {0}, reverse=True)
+
+
+@contextmanager
+def variant(model: nn.Module, family: str, data: Batch, name: str, keep: int) -> Iterator[dict]:
+    """The model set up for one of :data:`VARIANTS` at budget ``keep``; yields that prefill's inputs."""
+    if name == "ideal":
+        with ideal_inputs(model, family, data, keep) as short:
+            yield short
+        return
+    if name == "desap":
+        apply_desap(model, keep=keep)
+    try:
+        yield data.inputs
+    finally:
+        remove_desap(model)
+
+
+def _prefill(model, inputs: dict) -> Callable[[], object]:
+    return lambda: model(**inputs, logits_to_keep=1)
+
+
+def time_rounds(model: nn.Module, family: str, data: Batch, keeps: list[int], device: str, repeats: int,
+                say: Callable[[str], None]) -> tuple[dict, list[float]]:
+    """({keep: {variant: [ms per round]}}, [vision tower ms per round]) over ``repeats`` rounds
+    after :data:`WARMUP_ROUNDS`, the variants interleaved within each round."""
+    times = {keep: {name: [] for name in VARIANTS} for keep in keeps}
+    tower = []
+    for round_ in range(WARMUP_ROUNDS + repeats):
+        counted = round_ >= WARMUP_ROUNDS
+        say(f"round {round_ + 1 - WARMUP_ROUNDS} of {repeats}" if counted else "warm-up round")
+        if family in PIECEWISE:
+            ms = time_call_ms(_tower_call(model, data.inputs), device)
+            if counted:
+                tower.append(ms)
+        for keep in keeps:
+            for name in VARIANTS:
+                with variant(model, family, data, name, keep) as inputs:
+                    ms = time_call_ms(_prefill(model, inputs), device)
+                if counted:
+                    times[keep][name].append(ms)
+    return times, tower
 
 
 def run(name: str, keeps: Optional[list[int]], device: str = "cpu", dtype: Optional[str] = None, batch: int = 1,
-        progress: Optional[Callable[[str], None]] = None) -> dict:
-    """The result saved as JSON: environment, settings and one row per budget (default: N and three smaller)."""
+        progress: Optional[Callable[[str], None]] = None, repeats: int = 5, shrink: bool = False) -> dict:
+    """The result saved as JSON: environment, settings and one row per budget (default:
+    :func:`default_keeps`). ``shrink``: the real shape at reduced depth and width (tests)."""
     say = progress or (lambda _: None)
     spec = MODELS[name]
     piecewise = spec.family in PIECEWISE
     if device == "meta" and not piecewise:
-        raise UsageError(f"--device meta counts FLOPs for llava-1.5-7b and llava-next-7b only; {name} "
+        raise UsageError(f"--device meta counts FLOPs for the LLaVA-1.5 and LLaVA-NeXT layouts only; {name} "
                          "counts them on its real forward passes: use --device cpu or cuda")
+    if repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {repeats}")
     dtype_name = dtype or ("fp32" if device == "cpu" else "bf16")
+    torch_dtype = DTYPES[dtype_name]
+    timed = device != "meta"
+    if timed:
+        check_memory(name, device, dtype_name, shrink)
     say(f"building {name} on {device} ({dtype_name}, random weights)")
-    model = build_model(name, device, DTYPES[dtype_name])
-    data = make_batch(model, name, batch, device, DTYPES[dtype_name])
+    model = build_model(name, device, torch_dtype, shrink)
+    data = make_batch(model, name, batch, device, torch_dtype)
     tokens = data.tokens
-    keeps = keeps or sorted({tokens, tokens // 3, tokens // 4, tokens // 9} - {0}, reverse=True)
+    keeps = keeps or default_keeps(tokens)
     if any(not 1 <= k <= tokens for k in keeps):
         raise UsageError(f"--keep values must lie in [1, {tokens}] for {name}, got {keeps}")
-    timed = device != "meta"
-    result = {"environment": environment(device if timed else "cpu"), "model": name,
-              "weights": "random (timing only)", "device": device, "dtype": dtype_name, "batch": batch,
-              "image_tokens": tokens, "text_tokens": TEXT_TOKENS, "rows": []}
-    prefill = lambda args: model(**args, logits_to_keep=1)  # noqa: E731
+    result = {"environment": environment(device), "model": name, "weights": "random",
+              "measured": "timed" if timed else "FLOPs counted", "device": device, "dtype": dtype_name,
+              "batch": batch, "image_tokens": tokens, "text_tokens": TEXT_TOKENS, "rows": []}
+    rows = {keep: {"keep": keep} for keep in keeps}
     with torch.no_grad():
         if timed:
-            say("full model")
-            full_ms, full_flops = _measure(lambda: prefill(data.inputs), device, not piecewise)
-        for keep in keeps:
-            say(f"keep {keep}")
-            row = {"keep": keep}
-            if timed:
-                apply_desap(model, keep=keep)
-                try:
-                    desap_ms, desap_flops = _measure(lambda: prefill(data.inputs), device, not piecewise)
-                finally:
-                    remove_desap(model)
-                with ideal_inputs(model, data, keep) as short:
-                    ideal_ms, ideal_flops = _measure(lambda: prefill(short), device, not piecewise)
-                row.update(full_ms=full_ms, desap_ms=desap_ms, ideal_ms=ideal_ms, speedup=full_ms / desap_ms,
-                           ideal_speedup=full_ms / ideal_ms, overhead_ms=desap_ms - ideal_ms,
-                           overhead_share=(desap_ms - ideal_ms) / desap_ms,
-                           share_of_ideal_speedup=ideal_ms / desap_ms)
-            if piecewise:
-                row["flops"] = piecewise_flops(model, data.inputs, tokens, keep)
-                row["language_flops_reduction"] = row["flops"]["language_full"] / row["flops"]["language_keep"]
-            else:
-                row["flops"] = {"full": full_flops, "desap": desap_flops, "ideal": ideal_flops}
-            row["flops_reduction"] = row["flops"]["full"] / row["flops"]["desap"]
-            result["rows"].append(row)
+            load_before = os.getloadavg()
+            times, tower = time_rounds(model, spec.family, data, keeps, device, repeats, say)
+            result.update(repeats=repeats, warmup_rounds=WARMUP_ROUNDS,
+                          load_average={"before": list(load_before), "after": list(os.getloadavg())})
+            if tower:
+                result.update(vision_tower_ms=statistics.median(tower), vision_tower_rounds_ms=tower)
+            for keep in keeps:
+                full_ms, desap_ms, ideal_ms = (statistics.median(times[keep][v]) for v in VARIANTS)
+                rows[keep].update(rounds_ms=times[keep], full_ms=full_ms, desap_ms=desap_ms, ideal_ms=ideal_ms, speedup=full_ms / desap_ms,
+                                  ideal_speedup=full_ms / ideal_ms, overhead_ms=desap_ms - ideal_ms,
+                                  overhead_share=(desap_ms - ideal_ms) / desap_ms,
+                                  share_of_ideal_speedup=ideal_ms / desap_ms)
+        say("counting FLOPs")
+        if piecewise:
+            counter = model if device == "meta" else build_model(name, "meta", torch_dtype, shrink)
+            counted = data if device == "meta" else make_batch(counter, name, batch, "meta", torch_dtype)
+            for keep in keeps:
+                flops = piecewise_flops(counter, counted.inputs, tokens, keep)
+                rows[keep].update(flops=flops, language_flops_reduction=flops["language_full"] / flops["language_keep"])
+        else:
+            full_flops = flops_of(_prefill(model, data.inputs))
+            for keep in keeps:
+                flops = {"full": full_flops}
+                for name_ in VARIANTS[1:]:
+                    with variant(model, spec.family, data, name_, keep) as inputs:
+                        flops[name_] = flops_of(_prefill(model, inputs))
+                rows[keep]["flops"] = flops
+    for keep in keeps:
+        rows[keep]["flops_reduction"] = rows[keep]["flops"]["full"] / rows[keep]["flops"]["desap"]
+        result["rows"].append(rows[keep])
     return result
 
 
+# --- output ----------------------------------------------------------------------------------------
+
+def describe(result: dict) -> str:
+    """What was measured where: "timed on cpu (AMD EPYC, 2 threads)" or "FLOPs counted on meta"."""
+    if result["measured"] == "timed":
+        return f"timed on {result['device']} ({result['environment']['device']})"
+    return f"FLOPs counted on {result['device']}"
+
+
 def format_table(result: dict) -> str:
-    fmt = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
-    percent = lambda v: "-" if v is None else f"{100 * v:.0f}%"  # noqa: E731
+    """The result as text: a header (model, weights, what was measured on which device, settings,
+    versions) and one line per budget."""
     env = result["environment"]
-    lines = [f"{result['model']} ({result['weights']}) on {result['device']} {env['device']}, {result['dtype']}, "
-             f"batch {result['batch']}, {result['image_tokens']} image + {result['text_tokens']} text tokens; "
-             f"torch {env['torch']}, {env['date']}",
-             f"{'keep':>6}{'GFLOP full':>12}{'GFLOP desap':>13}{'FLOP x':>8}{'full ms':>10}{'desap ms':>10}"
-             f"{'ideal ms':>10}{'speedup':>9}{'ideal':>7}{'overhead ms':>13}{'share':>7}"]
-    for r in result["rows"]:
-        lines.append(f"{r['keep']:>6}{r['flops']['full'] / 1e9:>12.4g}{r['flops']['desap'] / 1e9:>13.4g}"
-                     f"{r['flops_reduction']:>8.2f}{fmt(r.get('full_ms')):>10}{fmt(r.get('desap_ms')):>10}"
-                     f"{fmt(r.get('ideal_ms')):>10}{fmt(r.get('speedup')):>9}{fmt(r.get('ideal_speedup')):>7}"
-                     f"{fmt(r.get('overhead_ms'), 3):>13}{percent(r.get('overhead_share')):>7}")
+    timed = "full_ms" in result["rows"][0]
+    lines = [f"{result['model']}, {result['weights']} weights, {describe(result)}, {result['dtype']}, batch {result['batch']}, "
+             f"{result['image_tokens']} image + {result['text_tokens']} text tokens; torch {env['torch']}, "
+             f"{env['date']}"]
+    if timed:
+        load = result["load_average"]
+        rounds = f"{result['repeats']} round{'s' * (result['repeats'] != 1)}"
+        note = (f"medians of {rounds} after {result['warmup_rounds']} warm-up, the variants "
+                f"interleaved; load average {load['before'][0]:.2f} before, {load['after'][0]:.2f} after")
+        if "vision_tower_ms" in result:
+            full = statistics.median(r["full_ms"] for r in result["rows"])
+            note += (f"; vision tower alone {result['vision_tower_ms']:.1f} ms "
+                     f"({result['vision_tower_ms'] / full:.0%} of the full prefill)")
+        lines.append(note)
+        lines.append(f"{'keep':>6}{'full ms':>10}{'desap ms':>10}{'ideal ms':>10}{'speedup':>9}{'ideal':>7}"
+                     f"{'of ideal':>10}{'overhead ms':>13}{'share':>7}{'GFLOP full':>12}{'GFLOP desap':>13}"
+                     f"{'FLOP x':>8}")
+        for r in result["rows"]:
+            lines.append(f"{r['keep']:>6}{r['full_ms']:>10.2f}{r['desap_ms']:>10.2f}{r['ideal_ms']:>10.2f}"
+                         f"{r['speedup']:>9.2f}{r['ideal_speedup']:>7.2f}{r['share_of_ideal_speedup']:>10.0%}"
+                         f"{r['overhead_ms']:>13.3f}{r['overhead_share']:>7.0%}{r['flops']['full'] / 1e9:>12.4g}"
+                         f"{r['flops']['desap'] / 1e9:>13.4g}{r['flops_reduction']:>8.2f}")
+    else:   # the tower's share of the DeSAP prefill grows as K shrinks: pruning after the encoder cannot save it
+        first = result["rows"][0]["flops"]
+        lines.append(f"vision tower {first['vision_tower'] / 1e9:.4g} GFLOP, "
+                     f"{first['vision_tower'] / first['full']:.0%} of the full prefill")
+        lines.append(f"{'keep':>6}{'GFLOP full':>12}{'GFLOP desap':>13}{'GFLOP ideal':>13}{'FLOP x':>8}"
+                     f"{'LM FLOP x':>11}{'tower of desap':>16}")
+        for r in result["rows"]:
+            f = r["flops"]
+            lines.append(f"{r['keep']:>6}{f['full'] / 1e9:>12.4g}{f['desap'] / 1e9:>13.4g}{f['ideal'] / 1e9:>13.4g}"
+                         f"{r['flops_reduction']:>8.2f}{r['language_flops_reduction']:>11.2f}"
+                         f"{f['vision_tower'] / f['desap']:>16.0%}")
     return "\n".join(lines)
 
 
-def plot(result: dict, path: str) -> None:
-    """Speedup (measured and ideal) and FLOP reduction against the budget, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(result: dict) -> Figure:
+    """Speedups (timed runs) and FLOP reduction against the budget, as a matplotlib Figure."""
+    from matplotlib.figure import Figure
 
     rows = result["rows"]
     keeps = [r["keep"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    if "speedup" in rows[0]:
-        ax.plot(keeps, [r["speedup"] for r in rows], "o-", label="DeSAP (measured)")
-        ax.plot(keeps, [r["ideal_speedup"] for r in rows], "s--", label="ideal (no pruning work)")
-        ax.set_ylabel("prefill speedup over the full model")
-    ax.plot(keeps, [r["flops_reduction"] for r in rows], "^:", label="FLOP reduction")
+    timed = "speedup" in rows[0]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    if timed:
+        ax.plot(keeps, [r["speedup"] for r in rows], "o-", label="DeSAP speedup (timed)")
+        ax.plot(keeps, [r["ideal_speedup"] for r in rows], "s--", label="ideal speedup (no pruning work)")
+        ax.plot(keeps, [r["flops_reduction"] for r in rows], "^:", label="FLOP reduction (counted)")
+        ax.set_ylabel("full model / DeSAP or ideal (x)")
+    else:
+        ax.plot(keeps, [r["flops_reduction"] for r in rows], "^:", label="FLOP reduction (counted)")
+        ax.set_ylabel("FLOPs, full model / DeSAP (x)")
     ax.set_xlabel(f"image tokens kept (of {result['image_tokens']})")
-    ax.set_title(f"{result['model']}, {result['device']}, batch {result['batch']}")
+    ax.set_title(f"{result['model']}, {result['weights']} weights, {result['dtype']}, batch {result['batch']}\n{describe(result)}",
+                 fontsize=10)
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
+
+
+def plot(result: dict, path: str) -> None:
+    """:func:`figure` saved as a PNG."""
+    figure(result).savefig(path)

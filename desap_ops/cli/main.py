@@ -84,7 +84,8 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     from . import bench_e2e
 
     device = _device(args.device)
-    result = bench_e2e.run(args.model, _keeps(args.keep), device, args.dtype, batch=args.batch, progress=_progress)
+    result = bench_e2e.run(args.model, _keeps(args.keep), device, args.dtype, batch=args.batch, progress=_progress,
+                           repeats=args.repeats)
     _print_and_save(bench_e2e.format_table(result), result, args.out)
     if args.plot:
         bench_e2e.plot(result, args.plot)
@@ -127,12 +128,14 @@ def parser() -> argparse.ArgumentParser:
 
     e2e = bench.add_parser("e2e", help="prefill with and without DeSAP on a whole model")
     e2e.add_argument("--model", default="tiny", choices=list(MODELS))
-    e2e.add_argument("--keep", help="comma-separated budgets (default: the model's N and three smaller)")
-    e2e.add_argument("--device", default="cpu", help="cpu, cuda, or meta (FLOPs only, any size)")
-    e2e.add_argument("--dtype", choices=list(DTYPES), default=None)
+    e2e.add_argument("--keep", help="comma-separated budgets (default: the model's N, N/3, 2N/9 and N/9)")
+    e2e.add_argument("--device", default="cpu", help="cpu, cuda, or meta (FLOPs counted, nothing timed, any size)")
+    e2e.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: fp32 on cpu, else bf16")
     e2e.add_argument("--batch", type=int, default=1)
+    e2e.add_argument("--repeats", type=int, default=5,
+                     help="timed rounds after one warm-up, full/desap/ideal interleaved in each (default 5)")
     e2e.add_argument("--out", help="JSON file to write")
-    e2e.add_argument("--plot", help="PNG plot of speedup against budget")
+    e2e.add_argument("--plot", help="PNG plot of speedup and FLOP reduction against budget")
     e2e.set_defaults(run=_bench_e2e)
     return top
 

@@ -1,12 +1,17 @@
 """The models the app runs, built from configs (no hub, random weights): the tiny ones for tests,
-demos and smoke benches, and the 7B shapes the benchmarks time. ``MODELS`` names every one."""
+demos and smoke benches, and the real shapes the benchmarks time or count (the 7B models, and
+LLaVA-1.5 layouts with a TinyLlama-1.1B or a 0.5B-class language model that fit a CPU machine).
+``MODELS`` names every one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:   # transformers is imported where a model is built: importing it costs seconds
+    from transformers import PretrainedConfig
 
 IMAGE_TOKEN_ID = 100
 VIDEO_TOKEN_ID = 101
@@ -97,96 +102,196 @@ def tiny_video_llava(seed: int = 0, attn_implementation: str = "sdpa") -> nn.Mod
     return _seeded(VideoLlavaForConditionalGeneration, config, seed, attn_implementation)
 
 
-# --- the 7B shapes (module structure only: built on the meta device) -----------------------------
+# --- the real shapes (random weights, built on the device; --device meta counts their FLOPs) -------
 
-def _clip_vicuna(image_size: int):
-    """CLIP ViT-L/14 at ``image_size`` and the Vicuna-7B language model of the LLaVA family."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+def _clip_l(image_size: int) -> PretrainedConfig:
+    """CLIP ViT-L/14 at ``image_size``, the vision tower of the LLaVA family."""
+    from transformers import CLIPVisionConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+
+
+def _vicuna_7b() -> PretrainedConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, pad_token_id=0)
-    return dict(vision_config=vision, text_config=text, vision_feature_layer=-2)
 
 
-def llava_1_5_7b() -> nn.Module:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration(LlavaConfig(**_clip_vicuna(336), image_token_id=32000,
-                                                     vision_feature_select_strategy="default"))
+def _clip_vicuna(image_size: int) -> dict:
+    """CLIP ViT-L/14 at ``image_size`` and the Vicuna-7B language model of the LLaVA family."""
+    return dict(vision_config=_clip_l(image_size), text_config=_vicuna_7b(), vision_feature_layer=-2)
 
 
-def llava_next_7b() -> nn.Module:
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+def llava_1_5_7b() -> PretrainedConfig:
+    from transformers import LlavaConfig
 
-    return LlavaNextForConditionalGeneration(LlavaNextConfig(
-        **_clip_vicuna(336), image_token_id=32000, vision_feature_select_strategy="default",
-        image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]))
+    return LlavaConfig(**_clip_vicuna(336), image_token_id=32000, vision_feature_select_strategy="default")
 
 
-def llava_next_video_7b() -> nn.Module:
-    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+def llava_tinyllama_1_1b() -> PretrainedConfig:
+    """The LLaVA-1.5 layout with its real CLIP ViT-L/14-336 tower and a TinyLlama-1.1B language model
+    (vocabulary 32000 and the image token): real shapes that fit a CPU machine."""
+    from transformers import LlamaConfig, LlavaConfig
 
-    return LlavaNextVideoForConditionalGeneration(LlavaNextVideoConfig(
-        **_clip_vicuna(336), image_token_id=32001, video_token_id=32000, spatial_pool_stride=2,
-        spatial_pool_mode="average"))
-
-
-def video_llava_7b() -> nn.Module:
-    from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
-
-    return VideoLlavaForConditionalGeneration(VideoLlavaConfig(**_clip_vicuna(224), image_token_index=32000,
-                                                               video_token_index=32001))
+    text = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32001, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       pad_token_id=0)
+    return LlavaConfig(vision_config=_clip_l(336), text_config=text, vision_feature_layer=-2, image_token_id=32000,
+                       vision_feature_select_strategy="default")
 
 
-def qwen2_5_vl_7b() -> nn.Module:
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def llava_qwen2_0_5b() -> PretrainedConfig:
+    """The LLaVA-1.5 layout with CLIP ViT-L/14-336 and a Qwen2-0.5B-shaped language model: how much of a
+    small model's prefill the vision tower is."""
+    from transformers import LlavaConfig, Qwen2Config
 
-    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+    text = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                       tie_word_embeddings=True, pad_token_id=0)
+    return LlavaConfig(vision_config=_clip_l(336), text_config=text, vision_feature_layer=-2, image_token_id=151646,
+                       vision_feature_select_strategy="default")
+
+
+def llava_next_7b() -> PretrainedConfig:
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(**_clip_vicuna(336), image_token_id=32000, vision_feature_select_strategy="default",
+                           image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]])
+
+
+def llava_next_video_7b() -> PretrainedConfig:
+    from transformers import LlavaNextVideoConfig
+
+    return LlavaNextVideoConfig(**_clip_vicuna(336), image_token_id=32001, video_token_id=32000,
+                                spatial_pool_stride=2, spatial_pool_mode="average")
+
+
+def video_llava_7b() -> PretrainedConfig:
+    from transformers import VideoLlavaConfig
+
+    return VideoLlavaConfig(**_clip_vicuna(224), image_token_index=32000, video_token_index=32001)
+
+
+def qwen2_5_vl_7b() -> PretrainedConfig:
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
         vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[7, 15, 23, 31], in_channels=3, tokens_per_second=2),
         text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                          num_key_value_heads=4, vocab_size=152064,
                          rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653))
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+
+
+def _shrink_transformer(config, layers: str, heads: str) -> None:
+    """Two layers of two heads at the real head size (rotary sections and head-size-dependent code stay
+    valid), and two key-value heads or one where the real model groups its queries."""
+    head_dim = config.hidden_size // getattr(config, heads)
+    grouped = getattr(config, "num_key_value_heads", getattr(config, heads)) < getattr(config, heads)
+    setattr(config, layers, 2)
+    setattr(config, heads, 2)
+    if hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = 1 if grouped else 2
+    config.hidden_size = 2 * head_dim
+    config.intermediate_size = 4 * head_dim
+
+
+def shrink_config(config: PretrainedConfig) -> None:
+    """Reduce a real-shape config in place to two layers and two heads per tower and language model,
+    keeping everything that sets the token counts (image size, patch size, merge, pooling, vocabulary)."""
+    vision, text = config.vision_config, config.text_config
+    if hasattr(vision, "depth"):   # Qwen2.5-VL's encoder: the last of its two layers attends fully
+        _shrink_transformer(vision, "depth", "num_heads")
+        vision.fullatt_block_indexes = [1]
+    else:
+        _shrink_transformer(vision, "num_hidden_layers", "num_attention_heads")
+    _shrink_transformer(text, "num_hidden_layers", "num_attention_heads")
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = text.layer_types[:2]
+    if hasattr(vision, "out_hidden_size"):
+        vision.out_hidden_size = text.hidden_size
 
 
 # --- the table --------------------------------------------------------------------------------------
 
+# family -> the transformers class that runs it
+CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "llava_next_video": "LlavaNextVideoForConditionalGeneration",
+           "video_llava": "VideoLlavaForConditionalGeneration"}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    family: str                  # "llava", "llava_next", "qwen2_5_vl", "llava_next_video" or "video_llava"
-    build: Callable[[], nn.Module]
-    tiny: bool                   # tiny: seeded weights on CPU; else a 7B shape built on the meta device
+    family: str                                   # a key of CLASSES
+    build: Optional[Callable[[], nn.Module]] = None   # a tiny model: builds it, seeded, on CPU
+    config: Optional[Callable[[], PretrainedConfig]] = None   # a real shape: its config (random weights)
+
+    @property
+    def tiny(self) -> bool:
+        return self.build is not None
 
 
 MODELS: dict[str, ModelSpec] = {
-    "tiny": ModelSpec("llava", tiny_llava, True),
-    "llava-1.5-7b": ModelSpec("llava", llava_1_5_7b, False),
-    "llava-next-7b": ModelSpec("llava_next", llava_next_7b, False),
-    "tiny-qwen2.5-vl": ModelSpec("qwen2_5_vl", tiny_qwen2_5_vl, True),
-    "qwen2.5-vl-7b": ModelSpec("qwen2_5_vl", qwen2_5_vl_7b, False),
-    "tiny-llava-next-video": ModelSpec("llava_next_video", tiny_llava_next_video, True),
-    "llava-next-video-7b": ModelSpec("llava_next_video", llava_next_video_7b, False),
-    "tiny-video-llava": ModelSpec("video_llava", tiny_video_llava, True),
-    "video-llava-7b": ModelSpec("video_llava", video_llava_7b, False),
+    "tiny": ModelSpec("llava", build=tiny_llava),
+    "llava-1.5-7b": ModelSpec("llava", config=llava_1_5_7b),
+    "llava-tinyllama-1.1b": ModelSpec("llava", config=llava_tinyllama_1_1b),
+    "llava-qwen2-0.5b": ModelSpec("llava", config=llava_qwen2_0_5b),
+    "llava-next-7b": ModelSpec("llava_next", config=llava_next_7b),
+    "tiny-qwen2.5-vl": ModelSpec("qwen2_5_vl", build=tiny_qwen2_5_vl),
+    "qwen2.5-vl-7b": ModelSpec("qwen2_5_vl", config=qwen2_5_vl_7b),
+    "tiny-llava-next-video": ModelSpec("llava_next_video", build=tiny_llava_next_video),
+    "llava-next-video-7b": ModelSpec("llava_next_video", config=llava_next_video_7b),
+    "tiny-video-llava": ModelSpec("video_llava", build=tiny_video_llava),
+    "video-llava-7b": ModelSpec("video_llava", config=video_llava_7b),
 }
 
 
-def build_model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
-    """``MODELS[name]`` on ``device`` in ``dtype``, in eval mode. The 7B shapes get weights drawn from
-    N(0, 0.02) on the device (never all zeros), or none on ``meta``: they serve for timing only."""
+def model_config(name: str, shrink: bool = False) -> PretrainedConfig:
+    """The config of the real shape ``name`` (reduced by :func:`shrink_config` if ``shrink``)."""
+    config = MODELS[name].config()
+    if shrink:
+        shrink_config(config)
+    return config
+
+
+def build_model(name: str, device: str, dtype: torch.dtype, shrink: bool = False) -> nn.Module:
+    """``MODELS[name]`` on ``device`` in ``dtype``, in eval mode; ``shrink``: a real shape at reduced
+    depth and width (tiny models are small already).
+
+    A real shape is constructed directly on ``device`` with ``dtype`` as the default dtype (as
+    ``from_pretrained`` does), so every buffer holds what the model's own constructor computes
+    (CLIP's ``position_ids``, rotary ``inv_freq`` in float32); transformers' initialisation is
+    skipped and every parameter drawn from N(0, 0.02) instead (never all zeros: the weights serve for
+    timing only). On ``meta`` nothing is allocated (FLOP counting and memory estimates)."""
     spec = MODELS[name]
     if spec.tiny:
         return spec.build().to(device=device, dtype=dtype)
-    with torch.device("meta"):
-        model = spec.build().to(dtype=dtype)
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    config = model_config(name, shrink)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device), no_init_weights():
+            model = getattr(transformers, CLASSES[spec.family])(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model.tie_weights()   # no_init_weights skips it with the rest of init_weights
     if device != "meta":
-        model = model.to_empty(device=device)
         generator = torch.Generator(device=device).manual_seed(0)
         with torch.no_grad():
             for param in model.parameters():
                 param.normal_(0.0, 0.02, generator=generator)
     return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers (tied parameters once)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -31,18 +32,46 @@ def time_median_ms(fn: Callable[[], object], device: Union[str, torch.device], *
     return statistics.median(times)
 
 
-def environment(device: Union[str, torch.device]) -> dict:
-    """Date (UTC), device name, torch, python and triton versions, stored with every result."""
-    dev = torch.device(device)
-    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
+def time_call_ms(fn: Callable[[], object], device: Union[str, torch.device]) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events around it on CUDA, else a clock."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return float(start.elapsed_time(end))
+    start_s = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start_s) * 1e3
 
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux; platform.processor() often says only "x86_64")."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def environment(device: Union[str, torch.device]) -> dict:
+    """Date (UTC), device name (the GPU, or the CPU model and torch's thread count), torch, python,
+    triton and transformers versions, stored with every result."""
+    dev = torch.device(device)
+    name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else f"{cpu_name()}, {torch.get_num_threads()} threads")
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": name, "torch": torch.__version__, "python": platform.python_version()}
+    for package in ("triton", "transformers"):
+        try:
+            info[package] = importlib.import_module(package).__version__
+        except ImportError:
+            info[package] = None
     return info
 
 
