@@ -5,7 +5,7 @@
     desap bench op [--device cpu|cuda] [--dtype bf16] [--tiny | --shapes a,b] [--no-compile]
                    [--rounds R] [--out op.json]
     desap bench e2e [--model NAME] [--keep 576,192,128,64] [--device cpu|cuda|meta] [--dtype bf16]
-                    [--batch B] [--out e2e.json] [--plot e2e.png]
+                    [--batch B] [--repeats N] [--out e2e.json] [--plot e2e.png]
 
 ``desap bench e2e --help`` lists the models (desap_ops.cli.models.MODELS). Mistakes a person can
 fix (a missing file, a keep too large, --device cuda without a GPU) print one line
