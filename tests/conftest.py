@@ -5,3 +5,19 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_finish(session):
+    """Start the sm_90 compile check's process now if it is among the tests to run (see
+    tests/test_sm90_compile.py): it then overlaps the interpreted tests."""
+    for item in session.items:
+        if item.name == "test_kernels_compile_for_hopper":
+            session.config.sm90_compile = item.module.start_compile()
+            return
+
+
+def pytest_sessionfinish(session):
+    run = getattr(session.config, "sm90_compile", None)
+    if run is not None and run.poll() is None:  # the test did not get to wait for it (-x, Ctrl-C)
+        run.kill()
+        run.communicate()
