@@ -130,7 +130,8 @@ def main() -> int:
     CONFIGURATIONS.extend(sorted(captured.items(), key=str))
     start = time.time()
     # each compile is one process's work; forked workers inherit the captured kernels
-    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+    workers = int(os.environ.get("SM90_COMPILE_WORKERS", os.cpu_count() or 1))
+    with multiprocessing.get_context("fork").Pool(max(1, workers)) as pool:
         results = pool.map(_compile_one, range(len(CONFIGURATIONS)), chunksize=1)
     for line, _ in results:
         print(line)

@@ -14,9 +14,12 @@ import pytest
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 
 
-def start_compile() -> subprocess.Popen:
+def start_compile(workers: int = 0) -> subprocess.Popen:
+    """The compile in its own process, with ``workers`` compile processes (0: one per core)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if workers:
+        env["SM90_COMPILE_WORKERS"] = str(workers)
     return subprocess.Popen([sys.executable, str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
 
