@@ -14,7 +14,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations", "desap_ops.cli"],
+    packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations", "desap_ops.integrations.vllm",
+              "desap_ops.cli"],
     package_dir={"desap_ops": "desap_ops", "desap_ops.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
@@ -34,5 +35,7 @@ setup(
         "bench": ["pytest-benchmark>=4"],
         "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
     },
-    entry_points={"console_scripts": ["desap=desap_ops.cli.main:main"]},
+    entry_points={"console_scripts": ["desap=desap_ops.cli.main:main"],
+                  # vLLM loads it in every process; DeSAP is on only with hf_overrides={"desap": {...}}
+                  "vllm.general_plugins": ["desap=desap_ops.integrations.vllm:register"]},
 )

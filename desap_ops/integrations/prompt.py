@@ -21,11 +21,19 @@ STRUCTURAL_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id"
 def ignored_token_ids(model: nn.Module, extra: Iterable[int] = ()) -> set[int]:
     """Token ids that never count as prompt text: image/video placeholders, the markers around
     them, padding, BOS, EOS, and the caller's ``extra``."""
-    ids = {getattr(model.config, name) for name in STRUCTURAL_TOKENS
-           if isinstance(getattr(model.config, name, None), int)}
-    for source in (model.config.text_config, getattr(model, "generation_config", None)):
+    return config_ignored_ids(model.config, getattr(model, "generation_config", None), extra)
+
+
+def config_ignored_ids(config, generation_config=None, extra: Iterable[int] = ()) -> set[int]:
+    """:func:`ignored_token_ids` read from a model's config and generation config (an object or a
+    dict), for engines that hold no transformers model (vLLM)."""
+    ids = {getattr(config, name) for name in STRUCTURAL_TOKENS if isinstance(getattr(config, name, None), int)}
+    for source in (config.text_config, generation_config):
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(source, name, None) if source is not None else None
+            if isinstance(source, dict):
+                value = source.get(name)
+            else:
+                value = getattr(source, name, None) if source is not None else None
             if isinstance(value, int):
                 ids.add(value)
             elif isinstance(value, (list, tuple)):

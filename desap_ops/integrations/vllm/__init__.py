@@ -1,0 +1,65 @@
+"""DeSAP inside vLLM: a general plugin (entry point group ``vllm.general_plugins``), on when the
+model's config carries ``desap`` (``hf_overrides={"desap": {...}}``; docs/vllm.md).
+
+:func:`register` runs in every vLLM process. It registers one DeSAP class per supported
+architecture and wraps the model registry's two lookups: a config with ``desap`` resolves to the
+DeSAP class of its architecture, or fails at start-up with the list of supported ones; a config
+without it resolves exactly as before, to vLLM's own classes.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+# vLLM architecture -> (DeSAP class, start-up check), as "module:attribute" to import lazily
+SUPPORTED: dict[str, tuple[str, str]] = {
+    "LlavaForConditionalGeneration": ("llava:DesapLlavaForConditionalGeneration", "llava:check"),
+    "LlavaNextForConditionalGeneration": ("llava_next:DesapLlavaNextForConditionalGeneration", "llava_next:check"),
+}
+PREFIX = "Desap"
+
+
+def _load(target: str):
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def desap_architecture(architectures, model_config) -> str | None:
+    """The DeSAP architecture a config resolves to; None without ``desap`` (vLLM's own lookup)."""
+    from .options import read_options
+
+    hf_config = getattr(model_config, "hf_config", None)
+    options = read_options(hf_config) if hf_config is not None else None
+    if options is None:
+        return None
+    names = [architectures] if isinstance(architectures, str) else list(architectures or ())
+    found = [name for name in names if name in SUPPORTED]
+    if not found:
+        raise ValueError(f'hf_overrides["desap"] is set, but DeSAP in vLLM supports {", ".join(SUPPORTED)}; '
+                         f"this model is {', '.join(names) or 'of no architecture'}")
+    _load(SUPPORTED[found[0]][1])(hf_config, options)
+    return found[0]
+
+
+def _wrap(lookup: Callable) -> Callable:
+    def wrapped(architectures, model_config, *args, **kwargs):
+        arch = desap_architecture(architectures, model_config)
+        if arch is None:
+            return lookup(architectures, model_config, *args, **kwargs)
+        found, _ = lookup([PREFIX + arch], model_config, *args, **kwargs)
+        return found, arch
+    wrapped.desap_wraps = lookup
+    return wrapped
+
+
+def register() -> None:
+    """vLLM's plugin hook (may run several times per process)."""
+    from vllm import ModelRegistry
+
+    for arch, (target, _) in SUPPORTED.items():
+        ModelRegistry.register_model(PREFIX + arch, f"{__name__}.{target}")
+    for name in ("inspect_model_cls", "resolve_model_cls"):
+        lookup = getattr(ModelRegistry, name)
+        if not hasattr(lookup, "desap_wraps"):
+            setattr(ModelRegistry, name, _wrap(lookup))

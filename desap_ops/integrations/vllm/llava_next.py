@@ -1,0 +1,86 @@
+"""DeSAP in vLLM's LLaVA-NeXT (``vllm.model_executor.models.llava_next``): one budget per image
+over its base crop and AnyRes crops together, in the packed order, with the image-newline tokens
+where the model puts them, counted toward ``keep`` (as ``apply_desap`` does)."""
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.parse import ImageProcessorItems
+from vllm.multimodal.processing import PromptReplacement
+
+from ..anyres import packed_sources
+from ..clip_tower import drops_cls, tokens_per_crop
+from .llava import check
+from .model import DesapModelMixin
+from .processor import DesapProcessorMixin
+
+
+def crops_of(config, image_size) -> int:
+    """How many crops (base included) AnyRes cuts an image of ``image_size`` (height, width) into."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return int(image_size_to_num_patches(image_size=[int(s) for s in image_size],
+                                         grid_pinpoints=config.image_grid_pinpoints,
+                                         patch_size=config.vision_config.image_size))
+
+
+def layout(config, image_size) -> torch.Tensor:
+    """(P,) the packed tokens of one image: crop-token positions, -1 for image-newline tokens."""
+    return packed_sources(config, [crops_of(config, image_size)], [image_size], tokens_per_crop(config))[0]
+
+
+class DesapLlavaNextProcessor(DesapProcessorMixin, LlavaNextMultiModalProcessor):
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        if self.desap is None:
+            return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        keep, token = self.desap.keep, self.desap_image_token()
+        config = self.info.get_hf_config()
+        images = mm_items.get_items("image", ImageProcessorItems)
+        for i in range(images.get_count()):
+            size = images.get_image_size(i)
+            packed = layout(config, (size.height, size.width))
+            newlines = int((packed < 0).sum())
+            if not newlines < keep <= packed.numel():
+                raise ValueError(f"keep={keep} does not fit image {i} ({size.width}x{size.height}): it has "
+                                 f"{packed.numel() - newlines} visual and {newlines} image-newline tokens, "
+                                 "and the newlines count toward keep")
+        return [PromptReplacement(modality="image", target=[token], replacement=[token] * keep)]
+
+
+def _processor(info, dummy_inputs):
+    return DesapLlavaNextProcessor(info, dummy_inputs)
+
+
+_factories = LlavaNextForConditionalGeneration._processor_factory
+
+
+@MULTIMODAL_REGISTRY.register_processor(_processor, info=_factories.info, dummy_inputs=_factories.dummy_inputs)
+class DesapLlavaNextForConditionalGeneration(DesapModelMixin, LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT with DeSAP in ``embed_multimodal``."""
+
+    def desap_features(self, image_input, texts, text_mask):
+        if image_input["type"] != "pixel_values":
+            raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
+        config, keep = self.config, self.desap.keep
+        sizes = [tuple(int(v) for v in size) for size in image_input["image_sizes"]]
+        crops = [crops_of(config, size) for size in sizes]
+        pixels = torch.cat([p[:n] for p, n in zip(image_input["pixel_values"], crops)])
+        signals = self.desap_signals(pixels, drops_cls(config))
+        parts = zip(*(torch.split(t, crops) for t in signals))
+        features = []
+        for i, ((hidden, branch, saliency), size) in enumerate(zip(parts, sizes)):
+            sources = layout(config, size).to(hidden.device)
+            is_visual = sources >= 0
+            picked = sources[is_visual]
+            h, b = hidden.flatten(0, 1)[picked], branch.flatten(0, 1)[picked]
+            s = saliency.flatten()[picked]
+            result = self.desap_prune(type(signals)(h[None], b[None], s[None]), texts[i:i + 1], text_mask[i:i + 1],
+                                      keep - int((~is_visual).sum()))
+            slots = torch.zeros_like(is_visual)
+            slots[is_visual.nonzero()[:, 0][result.indices[0]]] = True
+            slots |= ~is_visual
+            out = self.image_newline.to(h.dtype).expand(keep, -1).clone()
+            out[is_visual[slots]] = self.multi_modal_projector(result.tokens[0]).to(out.dtype)
+            features.append(out)
+        return features

@@ -1,0 +1,66 @@
+"""What DeSAP changes in a vLLM model class (a mixin over the model's own class): its
+``embed_multimodal`` prunes each image to ``keep`` tokens with ``desap_ops.prune`` (the reference
+on CPU, the Triton kernels on CUDA). Without ``desap`` in the config every method is the model's
+own."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+import torch
+
+from ...api import prune
+from ...reference import PruneResult
+from .options import DesapOptions, read_options
+from .processor import TEXT_KEY
+from .tower import VllmTowerSignals, read_vllm_tower
+
+HISTORY = 256   # images whose prune record a model keeps (``desap_history``), for inspection and tests
+
+
+class DesapModelMixin:
+    desap: Optional[DesapOptions]
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.desap = read_options(vllm_config.model_config.hf_config)
+        # one dict per pruned image, newest last: indices, assignment, task_keep (CPU tensors)
+        self.desap_history: deque = deque(maxlen=HISTORY)
+
+    def embed_multimodal(self, **kwargs):
+        text_ids = kwargs.pop(TEXT_KEY, None)
+        if self.desap is None:
+            return super().embed_multimodal(**kwargs)
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        texts, text_mask = self.desap_texts(text_ids)
+        return self.desap_features(image_input, texts, text_mask)
+
+    def desap_texts(self, text_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (I, L, C) and mask (I, L) of each image's prompt text (``desap_text_ids``: a
+        (I, L) tensor or I 1-D tensors)."""
+        rows = list(text_ids) if text_ids is not None else []
+        width = max([1] + [int(r.numel()) for r in rows])
+        device = next(self.get_language_model().parameters()).device
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, :row.numel()] = row.reshape(-1).long().cpu()
+            mask[i, :row.numel()] = True
+        embedded = self.get_language_model().embed_input_ids(ids.to(device).reshape(-1))
+        return embedded.reshape(len(rows), width, -1), mask.to(device)
+
+    def desap_signals(self, pixel_values: torch.Tensor, drop_cls: bool) -> VllmTowerSignals:
+        return read_vllm_tower(self.vision_tower, pixel_values, drop_cls)
+
+    def desap_prune(self, signals: VllmTowerSignals, texts: torch.Tensor, text_mask: torch.Tensor,
+                    keep: int) -> PruneResult:
+        """``desap_ops.prune`` on one batch of images with the engine's options; recorded."""
+        attn = self.multi_modal_projector(signals.branch)
+        result = prune(signals.hidden, attn, texts.to(attn.dtype), signals.saliency, keep, text_mask=text_mask,
+                       **self.desap.operator_options())
+        for i in range(result.indices.shape[0]):
+            self.desap_history.append({"indices": result.indices[i].cpu(), "assignment": result.assignment[i].cpu(),
+                                       "task_keep": result.task_keep[i].cpu()})
+        return result

@@ -1,0 +1,137 @@
+"""What DeSAP changes in a vLLM multimodal processor (a mixin over the model's own processor).
+
+- Each image gets ``keep`` placeholder tokens instead of its full count (``placeholder_count``),
+  so the scheduler, the KV cache and the positions all see the pruned prompt.
+- Each image's prompt text (the tokens after its placeholder, as ``apply_desap`` reads them)
+  travels with the image as the field ``desap_text_ids`` to the model's ``embed_multimodal``.
+- Each image's cache identity (``_get_mm_hashes``) folds in that text and the DeSAP options, so
+  one image under two prompts is two encoder-cache and prefix-cache entries, never one.
+
+The text rides through vLLM's processing in ``hf_processor_mm_kwargs`` under ``TEXT_KEY`` and is
+taken out again before anything reaches the Hugging Face processor.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from ..chat import ChatMarkers, user_text
+from ..prompt import config_ignored_ids
+from ..sequence import image_text_tokens
+from .options import DesapOptions, read_options
+
+TEXT_KEY = "desap_text_ids"   # the per-image text: a processor kwarg on the way in, a field on the way out
+
+
+def _without_text(kwargs: Mapping[str, object]) -> dict:
+    return {k: v for k, v in kwargs.items() if k != TEXT_KEY}
+
+
+def placeholder_runs(prompt: list[int], token_id: int) -> list[int]:
+    """Lengths of the runs of ``token_id`` in ``prompt``, in order."""
+    runs, previous = [], None
+    for token in prompt:
+        if token == token_id:
+            if previous == token_id:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        previous = token
+    return runs
+
+
+def prompt_texts(prompt: list[int], token_id: int, images: int, ignored: set[int],
+                 chat: Optional[ChatMarkers]) -> tuple[tuple[int, ...], ...]:
+    """Per image, the ids of its prompt text: the tokens after its placeholder to the end of the
+    prompt, without ``ignored`` ids, and only the user's words under ``chat``."""
+    if images == 0:
+        return ()
+    runs = placeholder_runs(prompt, token_id)
+    count = sum(runs)
+    lengths = [1] * images if count == images else runs
+    if len(lengths) != images:
+        raise ValueError(f"DeSAP found {count} image placeholder tokens in {len(runs)} runs for {images} images: "
+                         "give each image one placeholder in the prompt")
+    ids = torch.tensor([prompt], dtype=torch.long)
+    counted = None if chat is None else user_text(ids, chat)
+    text, mask = image_text_tokens(ids, None, token_id, lengths, ignored, counted)
+    return tuple(tuple(int(t) for t in row[m]) for row, m in zip(text, mask))
+
+
+class DesapProcessorMixin:
+    """Put before the model's own multimodal processor class in the bases. Without ``desap`` in
+    the config every method is the processor's own."""
+
+    @property
+    def desap(self) -> Optional[DesapOptions]:
+        return read_options(self.info.get_hf_config())
+
+    def desap_image_token(self) -> int:
+        return self.info.get_hf_config().image_token_index
+
+    def desap_chat(self) -> Optional[ChatMarkers]:
+        chat = self.desap.chat
+        if chat is None:
+            return None
+        if chat is True:
+            return ChatMarkers.from_tokenizer(self.info.get_tokenizer())
+        return ChatMarkers(**chat)
+
+    def desap_ignored(self) -> set[int]:
+        config = self.info.get_hf_config()
+        generation = self.info.ctx.model_config.try_get_generation_config()
+        return config_ignored_ids(config, generation, self.desap.exclude_token_ids)
+
+    # --- the prompt's text, carried with each image ------------------------------------------
+
+    def apply(self, inputs, timing_ctx):
+        if self.desap is None:
+            return super().apply(inputs, timing_ctx)
+        images = len(inputs.mm_data_items.get("image", ())) if "image" in inputs.mm_data_items else 0
+        texts = prompt_texts(list(inputs.prompt), self.desap_image_token(), images, self.desap_ignored(),
+                             self.desap_chat())
+        kwargs = {**inputs.hf_processor_mm_kwargs, TEXT_KEY: texts}
+        return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+
+    def _get_mm_hashes(self, inputs):
+        texts = inputs.hf_processor_mm_kwargs.get(TEXT_KEY)
+        hashes = super()._get_mm_hashes(replace(inputs, hf_processor_mm_kwargs=_without_text(
+            inputs.hf_processor_mm_kwargs)))
+        if texts is None:
+            return hashes
+        options = repr(self.desap)
+        folded = []
+        for item_hash, text in zip(hashes["image"], texts):
+            digest = hashlib.sha256(f"{item_hash}|desap|{options}|{','.join(map(str, text))}".encode())
+            folded.append(digest.hexdigest())
+        return {**hashes, "image": folded}
+
+    def _get_cache_missing_processor_kwargs(self, inputs, mm_is_cached):
+        kwargs = super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached)
+        texts = kwargs.get(TEXT_KEY)
+        if texts is None:
+            return kwargs
+        missing = tuple(t for t, cached in zip(texts, mm_is_cached.get("image", [False] * len(texts))) if not cached)
+        return {**kwargs, TEXT_KEY: missing}
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
+        texts = hf_kwargs.get(TEXT_KEY)
+        processed = super()._apply_hf_processor_main(mm_items, _without_text(hf_kwargs))
+        if texts is not None and len(texts) > 0:
+            processed[TEXT_KEY] = [torch.tensor(t, dtype=torch.long) for t in texts]
+        return processed
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
+        from vllm.multimodal.inputs import MultiModalFieldConfig
+
+        fields = dict(super()._get_mm_fields_config(hf_inputs, _without_text(hf_processor_mm_kwargs)))
+        if self.desap is not None:
+            fields[TEXT_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+    def _get_mm_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        return super()._get_mm_prompt_updates(mm_items, _without_text(hf_processor_mm_kwargs), out_mm_kwargs)

@@ -1,0 +1,67 @@
+"""DeSAP's signals from vLLM's own CLIP tower (``vllm.model_executor.models.clip``).
+
+vLLM's CLIP attention fuses the query, key and value projections into one ``qkv_proj`` and, under
+tensor parallelism, each rank holds ``num_heads / tp`` of the heads. Hooks on the feature layer
+read the local queries and keys (out of ``qkv_proj``) and the attention branch (the output of
+``self_attn``, whose row-parallel ``out_proj`` has already summed the ranks). The [CLS] saliency
+is a mean over all heads: each rank sums its own heads' softmax rows, one all-reduce adds the
+ranks, and every rank divides by the head count, so all ranks hold the same saliency and keep the
+same tokens.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..signals import cls_attention
+
+
+class VllmTowerSignals(NamedTuple):
+    hidden: torch.Tensor     # (B, T, D) the feature layer's output
+    branch: torch.Tensor     # (B, T, D) its attention branch, before the residual add
+    saliency: torch.Tensor   # (B, T) float32 [CLS] attention, mean over all heads of all ranks
+
+
+def _all_reduce(tensor: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    if getattr(attention, "tp_size", 1) == 1:
+        return tensor
+    from vllm.distributed import tensor_model_parallel_all_reduce
+
+    return tensor_model_parallel_all_reduce(tensor)
+
+
+def cls_saliency(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    """(B, T) float32 [CLS] attention averaged over every head of every rank, from one rank's fused
+    (B, T, 3 * local heads * head size) projection output."""
+    query, key, _ = qkv.chunk(3, dim=-1)
+    local_heads = attention.num_heads_per_partition
+    mean = cls_attention(query[:, 0], key, local_heads, attention.scale)
+    if getattr(attention, "tp_size", 1) == 1:
+        return mean   # the same float32 operations as the transformers path
+    return _all_reduce(mean * local_heads, attention) / attention.num_heads
+
+
+def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool) -> VllmTowerSignals:
+    """Run vLLM's CLIP ``tower`` (built up to the feature layer) on ``pixel_values`` and read the
+    signals at its last layer; ``drop_cls`` removes [CLS] from all three."""
+    layer = tower.vision_model.encoder.layers[-1]
+    attention = layer.self_attn
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    handles = [attention.register_forward_hook(keep("branch")), attention.qkv_proj.register_forward_hook(keep("qkv"))]
+    try:
+        hidden = tower(pixel_values, feature_select_strategy=None)
+    finally:
+        for handle in handles:
+            handle.remove()
+    branch, saliency = seen["branch"], cls_saliency(seen["qkv"], attention)
+    if drop_cls:
+        hidden, branch, saliency = hidden[:, 1:], branch[:, 1:], saliency[:, 1:]
+    return VllmTowerSignals(hidden, branch, saliency)
