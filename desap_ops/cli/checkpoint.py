@@ -79,11 +79,13 @@ def save_llava_checkpoint(model: nn.Module, folder: str | Path) -> Path:
         processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                        patch_size=config.vision_config.patch_size,
                                        vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                       num_additional_image_tokens=1,
                                        chat_template=LLAVA_TEMPLATE)
     else:
         processor = LlavaProcessor(image_processor=CLIPImageProcessor(**common), tokenizer=tokenizer,
                                    patch_size=config.vision_config.patch_size,
                                    vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                   num_additional_image_tokens=1,
                                    chat_template=LLAVA_TEMPLATE)
     processor.save_pretrained(folder)
     config.architectures = [type(model).__name__]

@@ -1,0 +1,99 @@
+"""Helpers of the vLLM tests: each engine runs in its own process (``engine.py``), and transformers
+with ``apply_desap`` runs the same checkpoint here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from desap_ops.cli.checkpoint import save_llava_checkpoint, tiny_vllm_llava
+
+HERE = Path(__file__).parent
+ENGINE = dict(gpu_memory_utilization=0.1, max_model_len=512, dtype="float32", enforce_eager=True, seed=0,
+              limit_mm_per_prompt={"image": 2})
+# prompts in the checkpoint tokenizer's words; the text after the image differs between them
+PROMPTS = ("USER: <image> what is the color of the sky ? ASSISTANT:",
+           "USER: <image> read the text on the sign ASSISTANT:",
+           "USER: <image> how many people are there ? ASSISTANT:")
+
+
+def engine_environment() -> dict:
+    """This process's environment for an engine: sitecustomize.py on the path (torchvision)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    return env
+
+
+def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
+               tp: int = 1) -> dict:
+    """Run one engine on ``requests`` ([(prompt, image file(s))]) in a fresh process; its JSON."""
+    job, out = tmp_path / "job.json", tmp_path / "out.json"
+    engine = {**ENGINE, **engine, "tensor_parallel_size": tp}
+    if tp == 1:
+        engine.setdefault("distributed_executor_backend", "uni")
+    json.dump({"model": str(model), "engine": engine, "max_tokens": max_tokens, "rounds": rounds,
+               "requests": [{"prompt": p, "image": i} for p, i in requests]}, open(job, "w"))
+    env = engine_environment()
+    if tp > 1:   # without a core per worker the CPU build fails its NUMA-binding check
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(tp))
+    run = subprocess.run([sys.executable, str(HERE / "engine.py"), str(job), str(out)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.load(open(out))
+
+
+def save_image(folder: Path, name: str, width: int, height: int, seed: int) -> str:
+    pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype("uint8")
+    path = folder / f"{name}.png"
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Tiny LLaVA-1.5 and LLaVA-NeXT checkpoints (seeded), with images, saved once per session."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    return {"llava": save_llava_checkpoint(tiny_vllm_llava(seed=0), folder / "llava"),
+            "llava_next": save_llava_checkpoint(tiny_vllm_llava(seed=0, next_layout=True), folder / "llava_next"),
+            "square": save_image(folder, "square", 56, 56, 1), "other": save_image(folder, "other", 56, 56, 2),
+            "wide": save_image(folder, "wide", 112, 56, 3), "odd": save_image(folder, "odd", 60, 100, 4)}
+
+
+def transformers_run(next_layout: bool, folder: Path, prompt: str, image_files, options: dict = None,
+                     max_tokens: int = 8) -> dict:
+    """The same checkpoint, prompt and image in transformers (with ``apply_desap(**options)`` when
+    given): the prompt's ids, the greedy output ids and the kept indices."""
+    from transformers import AutoProcessor
+
+    from desap_ops.integrations import apply_desap, last_prune
+
+    model = tiny_vllm_llava(seed=0, next_layout=next_layout)
+    processor = AutoProcessor.from_pretrained(folder)
+    images = [Image.open(f).convert("RGB") for f in ([image_files] if isinstance(image_files, str) else image_files)]
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    if options is not None:
+        apply_desap(model, **options)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    record = last_prune(model) if options is not None else None
+    ids = inputs["input_ids"][0].tolist()
+    image_token = model.config.image_token_id
+    prompt = ids if options is None else _pruned(ids, image_token, options["keep"])
+    return {"prompt_ids": prompt, "output_ids": out[0, len(prompt):].tolist(),
+            "indices": [r.tolist() for r in record.indices] if record else None}
+
+
+def _pruned(ids: list, image_token: int, keep: int) -> list:
+    """``ids`` with each run of image placeholders cut to its first ``keep``."""
+    out, run = [], 0
+    for t in ids:
+        run = run + 1 if t == image_token else 0
+        if t != image_token or run <= keep:
+            out.append(t)
+    return out

@@ -1,0 +1,102 @@
+"""The plugin's processor in this process (no engine): placeholders, the prompt text carried with
+each image, the cache identity; and what a config with ``desap`` is refused for at start-up."""
+import pytest
+from PIL import Image
+
+from desap_ops.integrations.vllm import register
+from desap_ops.integrations.vllm.options import read_options
+
+register()   # what vLLM's plugin loader does in every process
+
+
+def _processor(folder, overrides=None):
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    config = ModelConfig(model=str(folder), hf_overrides=overrides or {}, max_model_len=512)
+    return MULTIMODAL_REGISTRY.create_processor(config)
+
+
+def _process(processor, prompt, image_file):
+    items = processor.info.parse_mm_data({"image": Image.open(image_file).convert("RGB")})
+    return processor(prompt, items)
+
+
+PROMPT_A = "USER: <image> what is the color of the sky ? ASSISTANT:"
+PROMPT_B = "USER: <image> read the text on the sign ASSISTANT:"
+
+
+def test_each_image_gets_keep_placeholders_and_its_prompt_text(checkpoints):
+    processor = _processor(checkpoints["llava"], {"desap": {"keep": 5}})
+    out = _process(processor, PROMPT_A, checkpoints["square"])
+    tokenizer = processor.info.get_tokenizer()
+    image_token = processor.info.get_hf_config().image_token_index
+    assert out["prompt_token_ids"].count(image_token) == 5
+    (item,) = out["mm_kwargs"]["image"]
+    text = item["desap_text_ids"].data.tolist()
+    # the words after the image; "USER:" before it and the image token itself are not text
+    assert tokenizer.convert_ids_to_tokens(text) == "what is the color of the sky ? ASSISTANT:".split()
+
+
+def test_one_image_under_two_prompts_is_two_cache_entries_only_with_desap(checkpoints):
+    image = checkpoints["square"]
+    plain = _processor(checkpoints["llava"])
+    assert _process(plain, PROMPT_A, image)["mm_hashes"] == _process(plain, PROMPT_B, image)["mm_hashes"]
+    assert _process(plain, PROMPT_A, image)["prompt_token_ids"].count(100) == 16   # vLLM's own count
+
+    pruned = _processor(checkpoints["llava"], {"desap": {"keep": 5}})
+    a, b = _process(pruned, PROMPT_A, image), _process(pruned, PROMPT_B, image)
+    assert a["mm_hashes"]["image"] != b["mm_hashes"]["image"]
+    assert _process(pruned, PROMPT_A, image)["mm_hashes"] == a["mm_hashes"]          # stable
+    other_keep = _processor(checkpoints["llava"], {"desap": {"keep": 6}})
+    assert _process(other_keep, PROMPT_A, image)["mm_hashes"] != a["mm_hashes"]      # the options count too
+
+
+def test_chat_true_counts_only_the_users_words(checkpoints):
+    processor = _processor(checkpoints["llava"], {"desap": {"keep": 5, "chat": True}})
+    out = _process(processor, PROMPT_A, checkpoints["square"])
+    (item,) = out["mm_kwargs"]["image"]
+    words = processor.info.get_tokenizer().convert_ids_to_tokens(item["desap_text_ids"].data.tolist())
+    assert words == "what is the color of the sky ?".split()
+
+
+def test_a_model_desap_does_not_support_fails_at_start_up(tmp_path):
+    from transformers import LlamaConfig
+
+    from desap_ops.cli.checkpoint import build_tokenizer
+
+    LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2, head_dim=64,
+                vocab_size=128, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+    build_tokenizer(128, 100).save_pretrained(tmp_path)
+    from vllm.config import ModelConfig
+
+    ModelConfig(model=str(tmp_path), max_model_len=64)   # fine without desap
+    with pytest.raises(ValueError, match="DeSAP in vLLM supports LlavaForConditionalGeneration.*this model is "
+                                         "LlamaForCausalLM"):
+        ModelConfig(model=str(tmp_path), hf_overrides={"desap": {"keep": 4}}, max_model_len=64)
+
+
+@pytest.mark.parametrize("desap, message", [
+    ({"keep": 17}, "keep"),                       # the tiny LLaVA has 16 tokens per image
+    ({"keep": 4, "ratio": 0.5}, "unknown option"),
+    ({"keep": 4, "task_ratio": 1.5}, "task_ratio"),
+    ({"keep": 4, "text_budget": 0}, "text_budget"),
+])
+def test_bad_options_fail_at_start_up_naming_the_option(checkpoints, desap, message):
+    from vllm.config import ModelConfig
+
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(model=str(checkpoints["llava"]), hf_overrides={"desap": desap}, max_model_len=512)
+
+
+def test_options_of_the_wrong_type_are_refused_by_name():
+    class Config:
+        desap = {"keep": 4, "chat": "yes"}
+    with pytest.raises(TypeError, match=r'hf_overrides\["desap"\]\["chat"\]'):
+        read_options(Config)
+    Config.desap = [4]
+    with pytest.raises(TypeError, match=r'hf_overrides\["desap"\] must be a dict'):
+        read_options(Config)
+    Config.desap = {"keep": 4, "task_ratio": "auto", "text_budget": 8, "merge": False}
+    options = read_options(Config)
+    assert (options.keep, options.task_ratio, options.text_budget, options.merge) == (4, "auto", 8, False)
