@@ -100,3 +100,12 @@ def test_options_of_the_wrong_type_are_refused_by_name():
     Config.desap = {"keep": 4, "task_ratio": "auto", "text_budget": 8, "merge": False}
     options = read_options(Config)
     assert (options.keep, options.task_ratio, options.text_budget, options.merge) == (4, "auto", 8, False)
+
+
+def test_llava_next_image_too_small_for_keep_is_refused_for_that_request(checkpoints):
+    # a 56 x 112 image packs 48 visual and 4 image-newline tokens: keep 4 leaves no visual token
+    processor = _processor(checkpoints["llava_next"], {"desap": {"keep": 4}})
+    with pytest.raises(ValueError, match="keep=4 does not fit image 0"):
+        _process(processor, PROMPT_A, checkpoints["wide"])
+    fits = _processor(checkpoints["llava_next"], {"desap": {"keep": 12}})
+    assert _process(fits, PROMPT_A, checkpoints["wide"])["prompt_token_ids"].count(100) == 12
