@@ -3,11 +3,10 @@ tokens, chosen and merged inside ``embed_multimodal`` from vLLM's own CLIP tower
 from __future__ import annotations
 
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration, LlavaMultiModalProcessor
-from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
 
 from ..clip_tower import drops_cls, tokens_per_crop
-from .model import DesapModelMixin
+from .model import DesapModelMixin, registered_with
 from .options import DesapOptions
 from .processor import DesapProcessorMixin
 
@@ -31,20 +30,11 @@ class DesapLlavaProcessor(DesapProcessorMixin, LlavaMultiModalProcessor):
         return [PromptReplacement(modality="image", target=[self.desap_image_token()], replacement=tokens)]
 
 
-def _processor(info, dummy_inputs):
-    return DesapLlavaProcessor(info, dummy_inputs)
-
-
-_factories = LlavaForConditionalGeneration._processor_factory
-
-
-@MULTIMODAL_REGISTRY.register_processor(_processor, info=_factories.info, dummy_inputs=_factories.dummy_inputs)
+@registered_with(DesapLlavaProcessor, LlavaForConditionalGeneration)
 class DesapLlavaForConditionalGeneration(DesapModelMixin, LlavaForConditionalGeneration):
     """vLLM's LLaVA-1.5 with DeSAP in ``embed_multimodal``."""
 
     def desap_features(self, image_input, texts, text_mask):
-        if image_input["type"] != "pixel_values":
-            raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
         signals = self.desap_signals(image_input["pixel_values"], drops_cls(self.config))
         result = self.desap_prune(signals, texts, text_mask, self.desap.keep)
         return list(self.multi_modal_projector(result.tokens))

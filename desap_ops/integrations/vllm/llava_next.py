@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import torch
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor
-from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from ..anyres import packed_sources
 from ..clip_tower import drops_cls, tokens_per_crop
 from .llava import check
-from .model import DesapModelMixin
+from .model import DesapModelMixin, registered_with
 from .processor import DesapProcessorMixin
 
 
@@ -48,20 +47,11 @@ class DesapLlavaNextProcessor(DesapProcessorMixin, LlavaNextMultiModalProcessor)
         return [PromptReplacement(modality="image", target=[token], replacement=[token] * keep)]
 
 
-def _processor(info, dummy_inputs):
-    return DesapLlavaNextProcessor(info, dummy_inputs)
-
-
-_factories = LlavaNextForConditionalGeneration._processor_factory
-
-
-@MULTIMODAL_REGISTRY.register_processor(_processor, info=_factories.info, dummy_inputs=_factories.dummy_inputs)
+@registered_with(DesapLlavaNextProcessor, LlavaNextForConditionalGeneration)
 class DesapLlavaNextForConditionalGeneration(DesapModelMixin, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT with DeSAP in ``embed_multimodal``."""
 
     def desap_features(self, image_input, texts, text_mask):
-        if image_input["type"] != "pixel_values":
-            raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
         config, keep = self.config, self.desap.keep
         sizes = [tuple(int(v) for v in size) for size in image_input["image_sizes"]]
         crops = [crops_of(config, size) for size in sizes]

@@ -18,6 +18,16 @@ from .tower import VllmTowerSignals, read_vllm_tower
 HISTORY = 256   # images whose prune record a model keeps (``desap_history``), for inspection and tests
 
 
+def registered_with(processor_class, base_model):
+    """Class decorator: a DeSAP model class gets ``processor_class`` as its multimodal processor,
+    with ``base_model``'s processing info and dummy inputs."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    factories = base_model._processor_factory
+    return MULTIMODAL_REGISTRY.register_processor(lambda info, dummy_inputs: processor_class(info, dummy_inputs),
+                                                  info=factories.info, dummy_inputs=factories.dummy_inputs)
+
+
 class DesapModelMixin:
     desap: Optional[DesapOptions]
 
@@ -34,6 +44,8 @@ class DesapModelMixin:
         image_input = self._parse_and_validate_image_input(**kwargs)
         if image_input is None:
             return []
+        if image_input["type"] != "pixel_values":
+            raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
         texts, text_mask = self.desap_texts(text_ids)
         return self.desap_features(image_input, texts, text_mask)
 
