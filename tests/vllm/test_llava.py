@@ -39,11 +39,15 @@ def test_without_the_desap_key_vllm_runs_its_own_model_unchanged(checkpoints, tm
         assert out["output_token_ids"] == want["output_ids"]
 
 
+# the options beyond the paper, by apply_desap's names, here with two ranks
+BEYOND = {"keep": 6, "task_ratio": "auto", "text_budget": 3}
+
+
 def test_tensor_parallel_ranks_keep_the_same_tokens_as_one_rank_and_as_apply_desap(checkpoints, tmp_path):
     folder = checkpoints["llava"]
     requests = [(PROMPTS[0], checkpoints["square"]), (PROMPTS[1], checkpoints["other"])]
-    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": OPTIONS}}, requests, tp=2)
-    expected = [transformers_run(False, folder, p, i, OPTIONS) for p, i in requests]
+    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": BEYOND}}, requests, tp=2)
+    expected = [transformers_run(False, folder, p, i, BEYOND) for p, i in requests]
     first, second = got["ranks"]
     assert first["history"] == second["history"] and len(first["history"]) == 2
     assert _distinct(first["history"]) == sorted({tuple(e["indices"][0]) for e in expected})
