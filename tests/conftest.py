@@ -4,8 +4,8 @@ import os
 
 import torch
 
-# tests/vllm need vLLM, which lives in an environment of its own (.ci/run runs them there)
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# tests/on_vllm need vLLM, which lives in an environment of its own (.ci/run runs them there)
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["on_vllm"]
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
