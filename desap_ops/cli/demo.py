@@ -32,7 +32,7 @@ from desap_ops import prune
 from desap_ops.reference import AUTO_HIGH, AUTO_LOW, AUTO_MAX_SHARE, PruneResult, guidance
 
 from . import vit_s
-from .errors import UsageError
+from .errors import UsageError, check_writable
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -125,13 +125,7 @@ def check_out(out: str) -> None:
     a folder given as the file, a format matplotlib cannot write."""
     from matplotlib.backend_bases import FigureCanvasBase
 
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        raise UsageError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'kept.png')}")
-    if not os.path.isdir(folder):
-        raise UsageError(f"--out {out}: no such folder {folder}")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"--out {out}: cannot write in {folder}")
+    check_writable("--out", out, f"such as {os.path.join(out, 'kept.png')}")
     extension = os.path.splitext(out)[1].lstrip(".").lower()
     formats = FigureCanvasBase.get_supported_filetypes()
     if extension and extension not in formats:

@@ -22,16 +22,4 @@ def packed_sources(config, crops: Sequence[int], image_sizes, tokens_per_crop: i
     packed, _ = LlavaNextModel.pack_image_features(SimpleNamespace(config=config), numbers, sizes,
                                                    config.vision_feature_select_strategy,
                                                    image_newline=torch.tensor([-1.0], dtype=torch.float64))
-    if isinstance(packed, torch.Tensor):
-        lengths = [n for n in _lengths(config, crops, sizes, tokens_per_crop)]
-        packed = torch.split(packed, lengths)
     return [p[:, 0].round().long() for p in packed]
-
-
-def _lengths(config, crops, sizes, tokens_per_crop):
-    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
-
-    dummies = [torch.zeros(n, tokens_per_crop, 1) for n in crops]
-    _, lengths = LlavaNextModel.pack_image_features(SimpleNamespace(config=config), dummies, sizes,
-                                                    config.vision_feature_select_strategy, image_newline=torch.zeros(1))
-    return [int(n) for n in lengths]

@@ -10,7 +10,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ..anyres import packed_sources
 from ..clip_tower import drops_cls, tokens_per_crop
-from .llava import check
+from .llava import check  # noqa: F401  (LLaVA-1.5's start-up check serves NeXT too: SUPPORTED names it here)
 from .model import DesapModelMixin, registered_with
 from .processor import DesapProcessorMixin
 

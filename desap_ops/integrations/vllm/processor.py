@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import replace
+from functools import cached_property
 from typing import Optional
 
 import torch
@@ -73,6 +74,7 @@ class DesapProcessorMixin:
     def desap_image_token(self) -> int:
         return self.info.get_hf_config().image_token_index
 
+    @cached_property
     def desap_chat(self) -> Optional[ChatMarkers]:
         chat = self.desap.chat
         if chat is None:
@@ -81,6 +83,7 @@ class DesapProcessorMixin:
             return ChatMarkers.from_tokenizer(self.info.get_tokenizer())
         return ChatMarkers(**chat)
 
+    @cached_property
     def desap_ignored(self) -> set[int]:
         config = self.info.get_hf_config()
         generation = self.info.ctx.model_config.try_get_generation_config()
@@ -92,8 +95,8 @@ class DesapProcessorMixin:
         if self.desap is None:
             return super().apply(inputs, timing_ctx)
         images = len(inputs.mm_data_items.get("image", ())) if "image" in inputs.mm_data_items else 0
-        texts = prompt_texts(list(inputs.prompt), self.desap_image_token(), images, self.desap_ignored(),
-                             self.desap_chat())
+        texts = prompt_texts(list(inputs.prompt), self.desap_image_token(), images, self.desap_ignored,
+                             self.desap_chat)
         kwargs = {**inputs.hf_processor_mm_kwargs, TEXT_KEY: texts}
         return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
 
