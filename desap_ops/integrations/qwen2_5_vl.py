@@ -33,26 +33,8 @@ from transformers.vision_utils import get_vision_window_index
 from .prompt import text_embeddings
 from .sequence import count_placeholders, shrink_placeholders
 from .serving import install_serving, pad_token_id, run_prune, start_record
+from .signals import received_attention
 from .state import DesapState
-
-QUERY_BLOCK_BYTES = 64 * 2**20   # bound on the scores of one block of queries
-
-
-def received_attention(queries: torch.Tensor, keys: torch.Tensor, segments, scale: float) -> torch.Tensor:
-    """(T,) float32: for each token, the mean over the queries of its segment of the softmax
-    attention it receives, averaged over heads. queries, keys: (T, H, d)."""
-    tokens, heads, _ = keys.shape
-    out = torch.zeros(tokens, dtype=torch.float32, device=keys.device)
-    for start, end in segments:
-        k = keys[start:end].transpose(0, 1).float()                     # (H, n, d)
-        block = max(1, QUERY_BLOCK_BYTES // (4 * heads * (end - start)))
-        for first in range(start, end, block):
-            q = queries[first:min(first + block, end)].transpose(0, 1).float()   # (H, b, d)
-            weights = ((q @ k.transpose(1, 2)) * scale).softmax(dim=-1)           # (H, b, n)
-            out[start:end] += weights.sum(dim=1).mean(dim=0)
-        out[start:end] /= end - start
-    return out
-
 
 @contextmanager
 def _capture(block):

@@ -6,6 +6,9 @@ Hooks on the feature layer's attention module capture:
 - the queries and keys, from the outputs of the query and key projections. [CLS] saliency is the
   softmax of the [CLS] query against all keys, averaged over heads: O(T) per head, so the attention
   implementation (eager, SDPA, flash) is left as it is and no T x T matrix is ever formed.
+
+Encoders without [CLS] (Qwen2.5-VL) use :func:`received_attention` instead: the attention each
+token receives, one block of queries at a time, shared by the transformers and vLLM paths.
 """
 from __future__ import annotations
 
@@ -50,6 +53,25 @@ def cls_attention(query: torch.Tensor, keys: torch.Tensor, num_heads: int, scale
     k = keys.float().view(batch, tokens, num_heads, head_dim).transpose(1, 2)
     logits = (q @ k.transpose(-1, -2)).squeeze(2) * scale          # (B, H, T)
     return logits.softmax(dim=-1).mean(dim=1)
+
+
+QUERY_BLOCK_BYTES = 64 * 2**20   # bound on the scores of one block of queries
+
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, segments, scale: float) -> torch.Tensor:
+    """(T,) float32: for each token, the mean over the queries of its segment of the softmax
+    attention it receives, averaged over heads. queries, keys: (T, H, d)."""
+    tokens, heads, _ = keys.shape
+    out = torch.zeros(tokens, dtype=torch.float32, device=keys.device)
+    for start, end in segments:
+        k = keys[start:end].transpose(0, 1).float()                     # (H, n, d)
+        block = max(1, QUERY_BLOCK_BYTES // (4 * heads * (end - start)))
+        for first in range(start, end, block):
+            q = queries[first:min(first + block, end)].transpose(0, 1).float()   # (H, b, d)
+            weights = ((q @ k.transpose(1, 2)) * scale).softmax(dim=-1)           # (H, b, n)
+            out[start:end] += weights.sum(dim=1).mean(dim=0)
+        out[start:end] /= end - start
+    return out
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from operator_by_hand import OPTIONS, PLANTED, check_record, plant_and_prune
 
 from desap_ops import reference
 from desap_ops.cli.models import QWEN_IMAGE as IMG, tiny_qwen2_5_vl
-from desap_ops.integrations import apply_desap, last_prune, qwen2_5_vl, remove_desap
+from desap_ops.integrations import apply_desap, last_prune, qwen2_5_vl, remove_desap, signals
 
 START, END = 153, 154
 PATCH_WIDTH = 3 * 2 * 14 * 14
@@ -32,11 +32,11 @@ def _inputs(grids, seeds, **prompt):
 
 
 def test_received_attention_matches_the_full_matrix(monkeypatch):
-    monkeypatch.setattr(qwen2_5_vl, "QUERY_BLOCK_BYTES", 4 * 2 * 8 * 3)   # force several query blocks
+    monkeypatch.setattr(signals, "QUERY_BLOCK_BYTES", 4 * 2 * 8 * 3)   # force several query blocks
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(20, 2, 8, generator=gen), torch.randn(20, 2, 8, generator=gen)
     segments = [(0, 8), (8, 20)]
-    got = qwen2_5_vl.received_attention(q, k, segments, 0.35)
+    got = signals.received_attention(q, k, segments, 0.35)
     for start, end in segments:
         weights = (q[start:end].transpose(0, 1) @ k[start:end].transpose(0, 1).transpose(1, 2) * 0.35).softmax(-1)
         torch.testing.assert_close(got[start:end], weights.mean(dim=1).mean(dim=0))

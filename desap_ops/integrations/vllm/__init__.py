@@ -14,6 +14,7 @@ from typing import Callable
 SUPPORTED: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("llava:DesapLlavaForConditionalGeneration", "llava:check"),
     "LlavaNextForConditionalGeneration": ("llava_next:DesapLlavaNextForConditionalGeneration", "llava_next:check"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl:DesapQwen2_5_VLForConditionalGeneration", "qwen2_5_vl:check"),
 }
 PREFIX = "Desap"
 

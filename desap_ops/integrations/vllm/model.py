@@ -66,10 +66,14 @@ class DesapModelMixin:
     def desap_signals(self, pixel_values: torch.Tensor, drop_cls: bool) -> VllmTowerSignals:
         return read_vllm_tower(self.vision_tower, pixel_values, drop_cls)
 
+    def desap_text_space(self, branch: torch.Tensor) -> torch.Tensor:
+        """The attention branch mapped to the language model's space: LLaVA's projector."""
+        return self.multi_modal_projector(branch)
+
     def desap_prune(self, signals: VllmTowerSignals, texts: torch.Tensor, text_mask: torch.Tensor,
                     keep: int) -> PruneResult:
         """``desap_ops.prune`` on one batch of images with the engine's options; recorded."""
-        attn = self.multi_modal_projector(signals.branch)
+        attn = self.desap_text_space(signals.branch)
         result = prune(signals.hidden, attn, texts.to(attn.dtype), signals.saliency, keep, text_mask=text_mask,
                        **self.desap.operator_options())
         for i in range(result.indices.shape[0]):

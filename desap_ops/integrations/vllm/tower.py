@@ -24,12 +24,14 @@ class VllmTowerSignals(NamedTuple):
     saliency: torch.Tensor   # (B, T) float32 [CLS] attention, mean over all heads of all ranks
 
 
-def _all_reduce(tensor: torch.Tensor, attention: nn.Module) -> torch.Tensor:
-    if getattr(attention, "tp_size", 1) == 1:
-        return tensor
+def mean_over_ranks(local_mean: torch.Tensor, local_heads: int, heads: int, tp_size: int) -> torch.Tensor:
+    """A mean over all ``heads`` from each rank's mean over its ``local_heads``: one all-reduce of
+    the sums, then every rank divides by ``heads``, so all ranks hold the same float32 values."""
+    if tp_size == 1:
+        return local_mean   # the same float32 operations as the transformers path
     from vllm.distributed import tensor_model_parallel_all_reduce
 
-    return tensor_model_parallel_all_reduce(tensor)
+    return tensor_model_parallel_all_reduce(local_mean * local_heads) / heads
 
 
 def cls_saliency(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
@@ -38,9 +40,7 @@ def cls_saliency(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
     query, key, _ = qkv.chunk(3, dim=-1)
     local_heads = attention.num_heads_per_partition
     mean = cls_attention(query[:, 0], key, local_heads, attention.scale)
-    if getattr(attention, "tp_size", 1) == 1:
-        return mean   # the same float32 operations as the transformers path
-    return _all_reduce(mean * local_heads, attention) / attention.num_heads
+    return mean_over_ranks(mean, local_heads, attention.num_heads, getattr(attention, "tp_size", 1))
 
 
 def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool) -> VllmTowerSignals:

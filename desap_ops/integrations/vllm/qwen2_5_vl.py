@@ -1,0 +1,149 @@
+"""DeSAP in vLLM's Qwen2.5-VL (``vllm.model_executor.models.qwen2_5_vl``). Each image becomes
+``keep`` tokens, chosen and merged inside ``embed_multimodal`` from vLLM's own vision encoder
+(``qwen_tower``). The kept tokens keep their original 3D rotary positions; ``mrope`` explains
+how vLLM is told them after the encoder has run. Videos pass through unpruned, as in ``apply_desap``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor
+from vllm.multimodal.processing import PromptReplacement
+
+from .model import DesapModelMixin, registered_with
+from .mrope import Media, media_positions, prompt_positions, recompute_after_encoder
+from .options import DesapOptions
+from .processor import TEXT_KEY, DesapProcessorMixin
+from .qwen_tower import read_qwen_tower
+
+
+def check(hf_config, options: DesapOptions) -> None:
+    """Refuse at start-up what cannot run. An image's token count depends on its size, so
+    ``keep`` is checked per request (the processor)."""
+    for name in ("vision_start_token_id", "image_token_id"):
+        if not isinstance(getattr(hf_config, name, None), int):
+            raise ValueError(f"DeSAP in vLLM's Qwen2.5-VL needs the config's {name}")
+    if not getattr(hf_config.vision_config, "fullatt_block_indexes", None):
+        raise ValueError("DeSAP reads Qwen2.5-VL's last full-attention block; vision_config.fullatt_block_indexes "
+                         "is empty")
+
+
+def check_engine(vllm_config) -> None:
+    """Refuse engine settings under which the kept tokens' positions or signals would be lost."""
+    if vllm_config.use_v2_model_runner:
+        raise ValueError("DeSAP on Qwen2.5-VL needs vLLM's V1 model runner, which recomputes the kept tokens' "
+                         "rotary positions after the encoder: set VLLM_USE_V2_MODEL_RUNNER=0")
+    if vllm_config.model_config.multimodal_config.video_pruning_rate:
+        raise ValueError("DeSAP prunes Qwen2.5-VL's images and passes videos through: it does not run together "
+                         "with video_pruning_rate")
+    if vllm_config.compilation_config.compile_mm_encoder:
+        raise ValueError("DeSAP reads the vision encoder through hooks, which a compiled encoder skips: "
+                         "turn compile_mm_encoder off")
+
+
+def _prompt_has_vision_starts(prompt: list[int], image_token: int, vision_start: int) -> bool:
+    return all(i > 0 and prompt[i - 1] == vision_start for i, t in enumerate(prompt) if t == image_token)
+
+
+class DesapQwen2_5_VLProcessor(DesapProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    def desap_image_token(self) -> int:
+        return self.info.get_hf_config().image_token_id
+
+    def apply(self, inputs, timing_ctx):
+        config = self.info.get_hf_config()
+        if self.desap is not None and not _prompt_has_vision_starts(list(inputs.prompt), config.image_token_id,
+                                                                    config.vision_start_token_id):
+            # vLLM's M-RoPE recompute finds each image by the marker in front of it
+            raise ValueError("DeSAP on Qwen2.5-VL needs <|vision_start|> right before each <|image_pad|> in the "
+                             "prompt, as Qwen's chat template writes them")
+        return super().apply(inputs, timing_ctx)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if self.desap is None:
+            return updates
+        keep, token = self.desap.keep, self.desap_image_token()
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size
+
+        def kept_placeholders(i: int) -> list[int]:
+            tokens = int(out_mm_kwargs["image"][i]["image_grid_thw"].data.prod()) // merge**2
+            if keep > tokens:
+                raise ValueError(f"keep={keep} is more than the {tokens} tokens of image {i} in this request")
+            return [token] * keep
+
+        return [PromptReplacement(modality="image", target=[token], replacement=kept_placeholders)
+                if update.modality == "image" else update for update in updates]
+
+
+@registered_with(DesapQwen2_5_VLProcessor, Qwen2_5_VLForConditionalGeneration)
+class DesapQwen2_5_VLForConditionalGeneration(DesapModelMixin, Qwen2_5_VLForConditionalGeneration):
+    """vLLM's Qwen2.5-VL with DeSAP in ``embed_multimodal`` and in its M-RoPE positions."""
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.desap is not None:
+            check_engine(vllm_config)
+            recompute_after_encoder()
+
+    @property
+    def desap_recomputes_mrope(self) -> bool:
+        return self.desap is not None
+
+    def desap_text_space(self, branch: torch.Tensor) -> torch.Tensor:
+        return branch   # the tower reader already ran the patch merger
+
+    def get_encoder_cudagraph_config(self):
+        config = super().get_encoder_cudagraph_config()
+        # the CUDA-graph encoder path would return unpruned features without positions
+        return config if self.desap is None else dataclasses.replace(config, modalities=[])
+
+    def embed_multimodal(self, **kwargs):
+        if self.desap is None:
+            return super().embed_multimodal(**kwargs)
+        texts, text_mask = self.desap_texts(kwargs.pop(TEXT_KEY, None))
+        embeddings = []
+        for modality, media in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            if modality == "image":
+                embeddings += self.desap_images(media, texts, text_mask)
+            else:
+                embeddings += self.desap_videos(media)
+        return tuple(embeddings)
+
+    def desap_images(self, image_input, texts, text_mask) -> list[torch.Tensor]:
+        """Per image: its ``keep`` tokens, each followed by its position channels."""
+        if image_input["type"] != "pixel_values":
+            raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
+        grids = image_input["image_grid_thw"].tolist()
+        signals = read_qwen_tower(self.visual, image_input["pixel_values"], grids)
+        merge = self.visual.spatial_merge_size
+        sizes = [t * h * w // merge**2 for t, h, w in grids]
+        out = []
+        for i, (parts, (t, h, w)) in enumerate(zip(zip(*(s.split(sizes) for s in signals)), grids)):
+            hidden, branch, saliency = (p[None] for p in parts)
+            result = self.desap_prune(type(signals)(hidden, branch, saliency), texts[i:i + 1], text_mask[i:i + 1],
+                                      self.desap.keep)
+            positions = media_positions(t, h // merge, w // merge)[:, result.indices[0].cpu()]
+            out.append(torch.cat([result.tokens[0], positions.T.to(result.tokens)], dim=1))
+        return out
+
+    def desap_videos(self, video_input) -> list[torch.Tensor]:
+        """Per video: all its tokens, each followed by its position channels."""
+        merge = self.visual.spatial_merge_size
+        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        seconds = video_input.get("second_per_grid_ts")
+        out = []
+        for i, (video, (t, h, w)) in enumerate(zip(self._process_video_input(video_input),
+                                                   video_input["video_grid_thw"].tolist())):
+            t_factor = (float(seconds[i]) if seconds is not None else 1.0) * per_second
+            positions = media_positions(t, h // merge, w // merge, t_factor)
+            out.append(torch.cat([video, positions.T.to(video)], dim=1))
+        return out
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if self.desap is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        media = [Media(offset, feature.mm_position.length, media_positions(t, h, w, t_factor))
+                 for feature, (offset, t, h, w, t_factor) in zip(features, self.iter_mm_grid_thw(mm_features))]
+        return prompt_positions(len(input_tokens), media)

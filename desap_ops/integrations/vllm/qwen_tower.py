@@ -1,0 +1,59 @@
+"""DeSAP's signals from vLLM's own Qwen2.5-VL vision encoder
+(``vllm.model_executor.models.qwen2_5_vl.Qwen2_5_VisionTransformer``), read as the transformers
+path reads them (``integrations/qwen2_5_vl.py``): at the last full-attention block, the attention
+each language-model token receives (its 2 x 2 patches summed) and the attention branch mapped by
+the model's own patch merger.
+
+vLLM runs the encoder in window order. One encoder-metadata dict, computed here and passed to the
+encoder, gives the per-image segments and the permutation back to the model's order. The queries
+and keys are read as the block's attention backend receives them, rotary already applied. Under
+tensor parallelism each rank holds some of the heads: the received attention is averaged over all
+of them with one all-reduce (``tower.mean_over_ranks``), so every rank keeps the same tokens.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..signals import received_attention
+from .tower import VllmTowerSignals, mean_over_ranks
+
+
+def frame_segments(grid_thw: list[list[int]]) -> list[tuple[int, int]]:
+    """(start, end) patch rows of each frame, the spans full attention runs over (frames stay
+    contiguous in window order). Read from the grids, not from the metadata's ``cu_seqlens``,
+    which some attention backends rewrite into their own offsets."""
+    bounds = [0]
+    for t, h, w in grid_thw:
+        for _ in range(t):
+            bounds.append(bounds[-1] + h * w)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]]) -> VllmTowerSignals:
+    """Run ``visual`` on the images of ``grid_thw`` and read, per language-model token in the
+    model's order (all images concatenated): hidden (T', C), branch (T', C), saliency (T',)."""
+    metadata = visual.prepare_encoder_metadata(grid_thw)
+    attention = visual.blocks[visual.fullatt_block_indexes[-1]].attn
+    seen = {}
+
+    def inputs(module, args, kwargs):
+        seen["query"], seen["key"] = kwargs["query"], kwargs["key"]
+
+    def output(module, args, out):
+        seen["branch"] = out
+
+    handles = [attention.attn.register_forward_pre_hook(inputs, with_kwargs=True),
+               attention.register_forward_hook(output)]
+    try:
+        hidden = visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata)
+    finally:
+        for handle in handles:
+            handle.remove()
+    local_heads = attention.num_attention_heads_per_partition
+    received = received_attention(seen["query"][0], seen["key"][0], frame_segments(grid_thw), attention.attn.scale)
+    received = mean_over_ranks(received, local_heads, local_heads * attention.tp_size, attention.tp_size)
+    order = metadata["reverse_indices"]   # window order -> model order
+    saliency = received.view(-1, visual.spatial_merge_unit).sum(dim=1)[order]
+    branch = visual.merger(seen["branch"])[order]
+    return VllmTowerSignals(hidden, branch, saliency)
