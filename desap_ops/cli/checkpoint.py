@@ -1,12 +1,13 @@
 """A model of ``models.MODELS`` saved as a checkpoint folder that vLLM can load with no hub: the
 weights in the hub's key layout, a word-level tokenizer built here, an image processor and a chat
-template.
+template. LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL.
 
-vLLM reads the hub's key layout (``model.vision_tower.vision_model.*``); transformers 5's
+vLLM reads LLaVA's hub key layout (``model.vision_tower.vision_model.*``); transformers 5's
 ``save_pretrained`` writes ``model.vision_tower.*``, so the tower's keys are renamed on saving.
-The tokenizer knows a fixed list of words (``WORDS``) plus numbered filler words up to the model's
-vocabulary, and the image token at the model's image token id; prompts written in ``WORDS`` turn
-into the same ids in transformers and in vLLM.
+vLLM's Qwen2.5-VL maps transformers 5's keys (``model.visual.*``, ``model.language_model.*``)
+itself. The tokenizer knows a fixed list of words (``WORDS``) plus numbered filler words up to the
+model's vocabulary, and the model's special tokens (image, video, vision start / end) at its ids;
+prompts written in ``WORDS`` turn into the same ids in transformers and in vLLM.
 """
 from __future__ import annotations
 
@@ -29,14 +30,23 @@ LLAVA_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' 
                   "{% else %}ASSISTANT: {{ message['content'] if message['content'] is string else "
                   "message['content'][0]['text'] }} {% endif %}{% endfor %}"
                   "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+# LLaVA's template with Qwen's image part: the processor widens the pad to the image's tokens
+QWEN_TEMPLATE = LLAVA_TEMPLATE.replace(f"{IMAGE} ", f"{VISION_START}{IMAGE_PAD}{VISION_END} ")
+# the tokenizer attributes the processors look their placeholders up by
+TOKEN_ROLES = {IMAGE: "image_token", IMAGE_PAD: "image_token", VIDEO_PAD: "video_token"}
 
 
-def build_tokenizer(vocab_size: int, image_token_id: int, pad_id: int = 0, bos_id: int = 1, eos_id: int = 2):
-    """A word-level fast tokenizer over ``WORDS`` and filler words, ``vocab_size`` ids in all."""
+def build_tokenizer(vocab_size: int, specials: int | dict[str, int], pad_id: int = 0, bos_id: int = 1,
+                    eos_id: int = 2, chat_template: str = LLAVA_TEMPLATE):
+    """A word-level fast tokenizer over ``WORDS`` and filler words, ``vocab_size`` ids in all, with
+    ``specials`` (token -> id; an int: LLaVA's ``<image>`` at that id) as added special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {PAD: pad_id, BOS: bos_id, EOS: eos_id, IMAGE: image_token_id}
+    specials = {IMAGE: specials} if isinstance(specials, int) else specials
+    vocab = {PAD: pad_id, BOS: bos_id, EOS: eos_id, **specials}
     free = (i for i in range(vocab_size) if i not in vocab.values())
     vocab[UNK] = next(free)
     for word in WORDS:
@@ -45,10 +55,11 @@ def build_tokenizer(vocab_size: int, image_token_id: int, pad_id: int = 0, bos_i
         vocab[f"w{i}"] = i
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    roles = {TOKEN_ROLES[token]: token for token in specials if token in TOKEN_ROLES}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                        unk_token=UNK, extra_special_tokens={"image_token": IMAGE})
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE]})
-    tokenizer.chat_template = LLAVA_TEMPLATE
+                                        unk_token=UNK, extra_special_tokens=roles)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(specials)})
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -63,7 +74,6 @@ def hub_key(key: str) -> str:
 def save_llava_checkpoint(model: nn.Module, folder: str | Path) -> Path:
     """Save a LLaVA-1.5 or LLaVA-NeXT model (transformers) with a tokenizer, processor and chat
     template in ``folder`` for vLLM and transformers alike; returns the folder."""
-    from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
 
     folder = Path(folder)
@@ -88,15 +98,50 @@ def save_llava_checkpoint(model: nn.Module, folder: str | Path) -> Path:
                                    num_additional_image_tokens=1,
                                    chat_template=LLAVA_TEMPLATE)
     processor.save_pretrained(folder)
+    state = {hub_key(k): v for k, v in model.state_dict().items()}
+    _save_model(model, folder, state, getattr(text, "tie_word_embeddings", False))
+    return folder
+
+
+def save_qwen_checkpoint(model: nn.Module, folder: str | Path) -> Path:
+    """Save a Qwen2.5-VL model (transformers) with a tokenizer, processor and chat template in
+    ``folder`` for vLLM and transformers alike; returns the folder. Images are resized to multiples
+    of 28 pixels between 56 x 56 and 112 x 112 pixels in all (video frames too): 4 to 16 tokens an
+    image (56 x 56: 4, 112 x 56: 8, 112 x 112: 16)."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    vision = config.vision_config
+    tokenizer = build_tokenizer(config.text_config.vocab_size,
+                                {IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id,
+                                 VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id},
+                                chat_template=QWEN_TEMPLATE)
+    sizes = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                 temporal_patch_size=vision.temporal_patch_size,
+                 size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_TEMPLATE)
+    processor.save_pretrained(folder)
+    _save_model(model, folder, model.state_dict(), config.tie_word_embeddings)
+    return folder
+
+
+def _save_model(model: nn.Module, folder: Path, state: dict, tied: bool) -> None:
+    """The config (naming the architecture), generation config, weights (``state``, without the
+    output head when it is tied to the embeddings) and the marker of a folder built here."""
+    from safetensors.torch import save_file
+
+    config = model.config
     config.architectures = [type(model).__name__]
     config.save_pretrained(folder)
     getattr(model, "generation_config", None) and model.generation_config.save_pretrained(folder)
-    state = {hub_key(k): v.detach().contiguous() for k, v in model.state_dict().items()}
-    if getattr(text, "tie_word_embeddings", False):
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    if tied:
         state.pop("lm_head.weight", None)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "desap_checkpoint.json").write_text(json.dumps({"built_by": "desap_ops.cli.checkpoint"}))
-    return folder
 
 
 def tiny_vllm_llava(seed: int = 0, next_layout: bool = False) -> nn.Module:
@@ -120,3 +165,23 @@ def tiny_vllm_llava(seed: int = 0, next_layout: bool = False) -> nn.Module:
         config, cls = LlavaConfig(**common), LlavaForConditionalGeneration
     torch.manual_seed(seed)
     return cls(config).eval()
+
+
+def tiny_vllm_qwen2_5_vl(seed: int = 0) -> nn.Module:
+    """A tiny Qwen2.5-VL that vLLM's CPU backend runs: the tiny model's vision layout (3 blocks,
+    window attention, full attention in block 1) with vision heads of size 16 and a language model
+    of head size 64 (the CPU attention refuses 16), its rotary sections summing to 64 / 2."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from .models import BOS, EOS, PAD, QWEN_IMAGE, QWEN_VIDEO, _seeded
+
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], in_channels=3, tokens_per_second=2),
+        text_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, vocab_size=160, max_position_embeddings=512,
+                         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+                         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=153, vision_end_token_id=154)
+    return _seeded(Qwen2_5_VLForConditionalGeneration, config, seed, "sdpa")

@@ -4,9 +4,11 @@ its own process: vLLM spawns workers, and one engine per process is what it is b
     python engine.py JOB.json OUT.json
 
 JOB: {"model": folder, "engine": {LLM keyword arguments}, "requests": [{"prompt": str,
-"image": "file.png" or [files]}], "max_tokens": int, "rounds": int}. All requests go in one
-``generate`` call (one batch), ``rounds`` times. OUT: per round, per request, the prompt and
-output token ids; and per tensor-parallel rank, the model's class name and its DeSAP history.
+"image": "file.png" or [files]}], "max_tokens": int, "rounds": int, "positions": bool}. All
+requests go in one ``generate`` call (one batch), ``rounds`` times. OUT: per round, per request,
+the prompt and output token ids and the prefix-cache hits; per tensor-parallel rank, the model's
+class name and its DeSAP history; with "positions", per round, the rotary positions of each
+language-model forward (M-RoPE: 3 rows) on the first rank.
 """
 import json
 import os
@@ -18,7 +20,7 @@ def main():
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    from probe import history
+    from probe import history, positions_seen, watch_positions
 
     job = json.load(open(sys.argv[1]))
     llm = LLM(model=job["model"], **job["engine"])
@@ -28,13 +30,17 @@ def main():
 
     requests = [{"prompt": r["prompt"], "multi_modal_data": {"image": image(r["image"])}} for r in job["requests"]]
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8))
-    rounds = []
+    if job.get("positions"):
+        llm.apply_model(watch_positions)
+    rounds, positions = [], []
     for _ in range(job.get("rounds", 1)):
         outputs = llm.generate(requests, params, use_tqdm=False)
-        rounds.append([{"prompt_token_ids": list(o.prompt_token_ids), "output_token_ids": list(o.outputs[0].token_ids)}
-                       for o in outputs])
+        rounds.append([{"prompt_token_ids": list(o.prompt_token_ids), "output_token_ids": list(o.outputs[0].token_ids),
+                        "num_cached_tokens": o.num_cached_tokens} for o in outputs])
+        if job.get("positions"):
+            positions.append(llm.apply_model(positions_seen)[0])
     ranks = llm.apply_model(history)
-    json.dump({"rounds": rounds, "ranks": ranks}, open(sys.argv[2], "w"))
+    json.dump({"rounds": rounds, "ranks": ranks, "positions": positions}, open(sys.argv[2], "w"))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from desap_ops.cli.checkpoint import save_llava_checkpoint, tiny_vllm_llava
+from desap_ops.cli.checkpoint import save_llava_checkpoint, save_qwen_checkpoint, tiny_vllm_llava, tiny_vllm_qwen2_5_vl
 
 HERE = Path(__file__).parent
 ENGINE = dict(gpu_memory_utilization=0.1, max_model_len=512, dtype="float32", enforce_eager=True, seed=0,
@@ -20,6 +20,11 @@ ENGINE = dict(gpu_memory_utilization=0.1, max_model_len=512, dtype="float32", en
 PROMPTS = ("USER: <image> what is the color of the sky ? ASSISTANT:",
            "USER: <image> read the text on the sign ASSISTANT:",
            "USER: <image> how many people are there ? ASSISTANT:")
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_PROMPTS = tuple(p.replace("<image>", QWEN_IMAGE) for p in PROMPTS)
+# the transformers model each checkpoint was saved from
+BUILDERS = {"llava": tiny_vllm_llava, "llava_next": lambda seed: tiny_vllm_llava(seed, next_layout=True),
+            "qwen2_5_vl": tiny_vllm_qwen2_5_vl}
 
 
 def engine_environment() -> dict:
@@ -31,13 +36,13 @@ def engine_environment() -> dict:
 
 
 def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
-               tp: int = 1) -> dict:
+               tp: int = 1, positions: bool = False) -> dict:
     """Run one engine on ``requests`` ([(prompt, image file(s))]) in a fresh process; its JSON."""
     job, out = tmp_path / "job.json", tmp_path / "out.json"
     engine = {**ENGINE, **engine, "tensor_parallel_size": tp}
     if tp == 1:
         engine.setdefault("distributed_executor_backend", "uni")
-    json.dump({"model": str(model), "engine": engine, "max_tokens": max_tokens, "rounds": rounds,
+    json.dump({"model": str(model), "engine": engine, "max_tokens": max_tokens, "rounds": rounds, "positions": positions,
                "requests": [{"prompt": p, "image": i} for p, i in requests]}, open(job, "w"))
     env = engine_environment()
     if tp > 1:   # without a core per worker the CPU build fails its NUMA-binding check
@@ -57,36 +62,46 @@ def save_image(folder: Path, name: str, width: int, height: int, seed: int) -> s
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    """Tiny LLaVA-1.5 and LLaVA-NeXT checkpoints (seeded), with images, saved once per session."""
+    """Tiny LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL checkpoints (seeded), with images, saved once per
+    session. Qwen2.5-VL makes 16 tokens of a 112 x 112 image, 8 of a 112 x 56 or 56 x 112 one."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    return {"llava": save_llava_checkpoint(tiny_vllm_llava(seed=0), folder / "llava"),
-            "llava_next": save_llava_checkpoint(tiny_vllm_llava(seed=0, next_layout=True), folder / "llava_next"),
+    return {"llava": save_llava_checkpoint(BUILDERS["llava"](0), folder / "llava"),
+            "llava_next": save_llava_checkpoint(BUILDERS["llava_next"](0), folder / "llava_next"),
+            "qwen2_5_vl": save_qwen_checkpoint(BUILDERS["qwen2_5_vl"](0), folder / "qwen2_5_vl"),
             "square": save_image(folder, "square", 56, 56, 1), "other": save_image(folder, "other", 56, 56, 2),
-            "wide": save_image(folder, "wide", 112, 56, 3), "odd": save_image(folder, "odd", 60, 100, 4)}
+            "wide": save_image(folder, "wide", 112, 56, 3), "odd": save_image(folder, "odd", 60, 100, 4),
+            "large": save_image(folder, "large", 112, 112, 5), "large2": save_image(folder, "large2", 112, 112, 6),
+            "tall": save_image(folder, "tall", 56, 112, 7)}
 
 
-def transformers_run(next_layout: bool, folder: Path, prompt: str, image_files, options: dict = None,
+def transformers_run(kind: str, folder: Path, prompt: str, image_files, options: dict = None,
                      max_tokens: int = 8) -> dict:
     """The same checkpoint, prompt and image in transformers (with ``apply_desap(**options)`` when
-    given): the prompt's ids, the greedy output ids and the kept indices."""
+    given): the prompt's ids, the greedy output ids, the kept indices and the rotary positions of
+    the prompt (rows: the model's position kinds)."""
     from transformers import AutoProcessor
 
     from desap_ops.integrations import apply_desap, last_prune
 
-    model = tiny_vllm_llava(seed=0, next_layout=next_layout)
+    model = BUILDERS[kind](0)
     processor = AutoProcessor.from_pretrained(folder)
     images = [Image.open(f).convert("RGB") for f in ([image_files] if isinstance(image_files, str) else image_files)]
     inputs = processor(text=prompt, images=images, return_tensors="pt")
     if options is not None:
         apply_desap(model, **options)
+    seen = []   # position_ids of each language-model forward; the first is the prompt's
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+    hook.remove()
     record = last_prune(model) if options is not None else None
     ids = inputs["input_ids"][0].tolist()
     image_token = model.config.image_token_id
     prompt = ids if options is None else _pruned(ids, image_token, options["keep"])
     return {"prompt_ids": prompt, "output_ids": out[0, len(prompt):].tolist(),
-            "indices": [r.tolist() for r in record.indices] if record else None}
+            "indices": [r.tolist() for r in record.indices] if record else None,
+            "positions": None if seen[0] is None else seen[0].reshape(-1, seen[0].shape[-1]).tolist()}
 
 
 def _pruned(ids: list, image_token: int, keep: int) -> list:

@@ -14,7 +14,7 @@ def test_same_kept_tokens_and_greedy_output_as_apply_desap_two_prompts_on_one_im
     requests = [(PROMPTS[0], checkpoints["square"]), (PROMPTS[1], checkpoints["square"]),
                 (PROMPTS[2], checkpoints["other"])]
     got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": OPTIONS}}, requests, rounds=2)
-    expected = [transformers_run(False, folder, p, i, OPTIONS) for p, i in requests]
+    expected = [transformers_run("llava", folder, p, i, OPTIONS) for p, i in requests]
 
     # one image, two prompts: the prompts keep different tokens (else this test would prove nothing)
     assert expected[0]["indices"] != expected[1]["indices"]
@@ -34,7 +34,7 @@ def test_without_the_desap_key_vllm_runs_its_own_model_unchanged(checkpoints, tm
     (rank,) = got["ranks"]
     assert rank["class"] == "LlavaForConditionalGeneration" and rank["history"] == []
     for out, (prompt, image) in zip(got["rounds"][0], requests):
-        want = transformers_run(False, folder, prompt, image)
+        want = transformers_run("llava", folder, prompt, image)
         assert out["prompt_token_ids"] == want["prompt_ids"]   # all 16 placeholders
         assert out["output_token_ids"] == want["output_ids"]
 
@@ -47,7 +47,7 @@ def test_tensor_parallel_ranks_keep_the_same_tokens_as_one_rank_and_as_apply_des
     folder = checkpoints["llava"]
     requests = [(PROMPTS[0], checkpoints["square"]), (PROMPTS[1], checkpoints["other"])]
     got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": BEYOND}}, requests, tp=2)
-    expected = [transformers_run(False, folder, p, i, BEYOND) for p, i in requests]
+    expected = [transformers_run("llava", folder, p, i, BEYOND) for p, i in requests]
     first, second = got["ranks"]
     assert first["history"] == second["history"] and len(first["history"]) == 2
     assert _distinct(first["history"]) == sorted({tuple(e["indices"][0]) for e in expected})

@@ -10,7 +10,7 @@ def test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes(
     requests = [(PROMPTS[0], checkpoints["wide"]), (PROMPTS[1], checkpoints["odd"]),
                 (PROMPTS[2], checkpoints["wide"])]
     got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": OPTIONS}}, requests)
-    expected = [transformers_run(True, folder, p, i, OPTIONS) for p, i in requests]
+    expected = [transformers_run("llava_next", folder, p, i, OPTIONS) for p, i in requests]
     assert expected[0]["indices"] != expected[2]["indices"]   # one image, two prompts, two choices
     for out, want in zip(got["rounds"][0], expected):
         assert out["prompt_token_ids"] == want["prompt_ids"]

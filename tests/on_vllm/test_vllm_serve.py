@@ -59,7 +59,7 @@ def test_vllm_serve_answers_a_chat_request_with_an_image_as_apply_desap_does(che
         log.close()
 
     # the chat template renders "USER: <image> {question} ASSISTANT:"
-    want = transformers_run(False, folder, f"USER: <image> {QUESTION} ASSISTANT:", image, OPTIONS)
+    want = transformers_run("llava", folder, f"USER: <image> {QUESTION} ASSISTANT:", image, OPTIONS)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)

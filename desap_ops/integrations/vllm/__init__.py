@@ -8,7 +8,9 @@ without it resolves exactly as before, to vLLM's own classes.
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 # vLLM architecture -> (DeSAP class, start-up check), as "module:attribute" to import lazily
 SUPPORTED: dict[str, tuple[str, str]] = {
@@ -17,6 +19,18 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl:DesapQwen2_5_VLForConditionalGeneration", "qwen2_5_vl:check"),
 }
 PREFIX = "Desap"
+# set while a DeSAP model builds its parts: a part built from the same config (Qwen2.5-VL's language
+# model) is vLLM's own class, not a model that DeSAP refuses
+_BUILDING_PARTS: ContextVar[bool] = ContextVar("desap_building_parts", default=False)
+
+
+@contextmanager
+def building_parts() -> Iterator[None]:
+    token = _BUILDING_PARTS.set(True)
+    try:
+        yield
+    finally:
+        _BUILDING_PARTS.reset(token)
 
 
 def _load(target: str):
@@ -45,7 +59,7 @@ def desap_architecture(architectures, model_config) -> str | None:
 
 def _wrap(lookup: Callable) -> Callable:
     def wrapped(architectures, model_config, *args, **kwargs):
-        arch = desap_architecture(architectures, model_config)
+        arch = None if _BUILDING_PARTS.get() else desap_architecture(architectures, model_config)
         if arch is None:
             return lookup(architectures, model_config, *args, **kwargs)
         found, _ = lookup([PREFIX + arch], model_config, *args, **kwargs)

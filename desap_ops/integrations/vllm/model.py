@@ -11,6 +11,7 @@ import torch
 
 from ...api import prune
 from ...reference import PruneResult
+from . import building_parts
 from .options import DesapOptions, read_options
 from .processor import TEXT_KEY
 from .tower import VllmTowerSignals, read_vllm_tower
@@ -32,7 +33,8 @@ class DesapModelMixin:
     desap: Optional[DesapOptions]
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        with building_parts():
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.desap = read_options(vllm_config.model_config.hf_config)
         # one dict per pruned image, newest last: indices, assignment, task_keep (CPU tensors)
         self.desap_history: deque = deque(maxlen=HISTORY)
