@@ -109,3 +109,42 @@ def test_llava_next_image_too_small_for_keep_is_refused_for_that_request(checkpo
         _process(processor, PROMPT_A, checkpoints["wide"])
     fits = _processor(checkpoints["llava_next"], {"desap": {"keep": 12}})
     assert _process(fits, PROMPT_A, checkpoints["wide"])["prompt_token_ids"].count(100) == 12
+
+
+QWEN_A = "USER: <|vision_start|><|image_pad|><|vision_end|> what is the color of the sky ? ASSISTANT:"
+
+
+def test_qwen_image_gets_keep_placeholders_and_too_small_an_image_is_refused_for_that_request(checkpoints):
+    processor = _processor(checkpoints["qwen2_5_vl"], {"desap": {"keep": 6}})
+    image_token = processor.info.get_hf_config().image_token_id
+    assert _process(processor, QWEN_A, checkpoints["large"])["prompt_token_ids"].count(image_token) == 6
+    with pytest.raises(ValueError, match="keep=6 is more than the 4 tokens of image 0"):
+        _process(processor, QWEN_A, checkpoints["square"])   # 56 x 56: 2 x 2 tokens
+
+
+def test_qwen_image_without_vision_start_is_refused(checkpoints):
+    # vLLM's M-RoPE recompute step finds each image by the <|vision_start|> in front of it
+    processor = _processor(checkpoints["qwen2_5_vl"], {"desap": {"keep": 6}})
+    with pytest.raises(ValueError, match="vision_start"):
+        _process(processor, "USER: <|image_pad|> what is in the image ? ASSISTANT:", checkpoints["large"])
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"use_v2_model_runner": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
+    ({"video_pruning_rate": 0.5}, "video_pruning_rate"),
+    ({"compile_mm_encoder": True}, "compile_mm_encoder"),
+])
+def test_qwen_engine_settings_that_would_lose_positions_or_signals_are_refused(setting, message):
+    from types import SimpleNamespace
+
+    from desap_ops.integrations.vllm.qwen2_5_vl import check_engine
+
+    def config(use_v2_model_runner=False, video_pruning_rate=None, compile_mm_encoder=False):
+        return SimpleNamespace(
+            use_v2_model_runner=use_v2_model_runner,
+            model_config=SimpleNamespace(multimodal_config=SimpleNamespace(video_pruning_rate=video_pruning_rate)),
+            compilation_config=SimpleNamespace(compile_mm_encoder=compile_mm_encoder))
+
+    with pytest.raises(ValueError, match=message):
+        check_engine(config(**setting))
+    check_engine(config())   # vLLM's CPU defaults pass
