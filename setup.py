@@ -4,7 +4,13 @@ The Triton sources live in the top-level ``kernels/`` folder of the repository b
 ``desap_ops.kernels``: a top-level ``kernels`` module would shadow the Hugging Face package of that
 name, which transformers probes for.
 """
+import re
+
 from setuptools import setup
+
+# the oldest transformers apply_desap is tested with: one number, kept in integrations/compat.py
+_COMPAT = open("desap_ops/integrations/compat.py", encoding="utf-8").read()
+TRANSFORMERS_TESTED = "transformers>=" + re.search(r'OLDEST_TESTED = "([^"]+)"', _COMPAT).group(1)
 
 setup(
     name="desap-ops",
@@ -20,7 +26,10 @@ setup(
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
-        "transformers>=4.50",
+        # any release: the operator never imports it, and `desap demo` reads only CLIP-style
+        # layers. apply_desap checks its tested range when it patches (integrations/compat.py);
+        # the `hf` extra asks pip for that range.
+        "transformers",
         # imported directly by the checkpoint writer of ``desap bench vllm`` (transformers needs them too)
         "safetensors",
         "tokenizers",
@@ -35,8 +44,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        "hf": [TRANSFORMERS_TESTED],
         "bench": ["pytest-benchmark>=4"],
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", TRANSFORMERS_TESTED],
     },
     entry_points={"console_scripts": ["desap=desap_ops.cli.main:main"],
                   # vLLM loads it in every process; DeSAP is on only with hf_overrides={"desap": {...}}

@@ -16,7 +16,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || exit
 
 # CUDA tests: every kernel against the reference, compiled; determinism (bitwise reruns); the op;
 # the integrations. The command line's tests (tests/cli) run on CPU and are left out.
-python3 -m pytest -q tests --ignore=tests/cli 2>&1 | tee "$out/tests.log" | tail -n 15
+python3 -m pytest -q -m 'not sweep' tests --ignore=tests/cli 2>&1 | tee "$out/tests.log" | tail -n 15
 
 python3 -m desap_ops bench op --device cuda --dtype bf16 --out "$out/op-bf16.json" 2>&1 | tee "$out/op.txt"
 python3 -m desap_ops bench e2e --model llava-1.5-7b --device cuda --keep 576,192,128,64 \

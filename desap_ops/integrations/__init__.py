@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..validation import check_backend, check_options, check_text_budget
-from . import llava, llava_next, qwen2_5_vl, video
+from . import compat, llava, llava_next, qwen2_5_vl, video
 from .chat import ChatMarkers, as_chat_markers
 from .prompt import ignored_token_ids
 from .serving import uninstall_methods
@@ -31,6 +31,15 @@ PATCHERS: dict[str, Callable[[nn.Module, DesapState], None]] = {
     "VideoLlavaForConditionalGeneration": video.install_video_llava,
 }
 SUPPORTED = tuple(PATCHERS)
+
+# model class name -> the model internals its patch uses (checked before patching: compat)
+HOOKS: dict[str, tuple[compat.Hook, ...]] = {
+    "LlavaForConditionalGeneration": llava.HOOKS,
+    "LlavaNextForConditionalGeneration": llava_next.HOOKS,
+    "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl.HOOKS,
+    "LlavaNextVideoForConditionalGeneration": video.HOOKS,
+    "VideoLlavaForConditionalGeneration": video.HOOKS,
+}
 
 # model class name -> the processor's placeholder count of each image, for the LLaVA image paths
 IMAGE_TOKEN_COUNTS: dict[str, Callable[..., list[int]]] = {
@@ -71,11 +80,16 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
 
     Raises:
         TypeError: an unsupported model (the model is left as it was), or an option of the wrong type.
+        RuntimeError: a transformers release older than the oldest tested one, or one that lacks a
+            model internal the patch uses (``compat``); the model is left as it was. A release
+            newer than the newest tested one gives a warning.
         ValueError: an option out of range, or a ``keep`` above an image's tokens (LLaVA-1.5; the
             other families check it per call, when the images are known). A supported model is
             left without DeSAP after either error.
     """
     install = _lookup(PATCHERS, model, "apply_desap")
+    compat.check_version()
+    compat.check_hooks(model, _lookup(HOOKS, model, "apply_desap"))
     remove_desap(model)
     keep, task_ratio, merge, text_reduce = check_options(keep, task_ratio, merge, text_reduce)
     state = DesapState(keep=keep, task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,

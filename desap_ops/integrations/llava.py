@@ -16,10 +16,21 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..validation import check_keep
+from .compat import Hook
 from .clip_tower import drops_cls, feature_layer, read_tower, tokens_per_crop
 from .prompt import served_text_embeddings
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
+
+# the model internals this patch uses, checked before patching (compat.check_hooks)
+HOOKS = (
+    Hook("model.model.get_image_features", ("pixel_values",)),
+    Hook("model.model.vision_tower"),
+    Hook("model.model.multi_modal_projector"),
+    Hook("model.model.language_model"),
+    Hook("model.forward", ("input_ids", "pixel_values", "attention_mask", "position_ids", "labels")),
+    Hook("model.generate"),
+)
 
 
 def image_tokens(model: nn.Module, pixel_values: torch.Tensor, image_sizes=None) -> list[int]:

@@ -15,10 +15,25 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .compat import Hook
 from .clip_tower import drops_cls, feature_layer, read_tower, tokens_per_crop
 from .prompt import served_text_embeddings
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
+
+
+HOOKS = (
+    Hook("model.model.get_image_features", ("pixel_values", "image_sizes")),
+    Hook("model.model.pack_image_features", ("image_features", "image_sizes", "vision_feature_select_strategy",
+                                             "image_newline")),
+    Hook("model.model.image_newline"),
+    Hook("model.model.vision_tower"),
+    Hook("model.model.multi_modal_projector"),
+    Hook("model.forward", ("input_ids", "pixel_values", "image_sizes", "attention_mask", "labels")),
+    Hook("model.generate"),
+    Hook("transformers.models.llava_next.modeling_llava_next.image_size_to_num_patches",
+         ("image_size", "grid_pinpoints", "patch_size")),
+)
 
 
 def crops_per_image(inner, image_sizes) -> list[int]:

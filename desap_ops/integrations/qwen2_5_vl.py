@@ -28,13 +28,32 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.vision_utils import get_vision_window_index
 
+from .compat import Hook
 from .prompt import text_embeddings
 from .sequence import count_placeholders, shrink_placeholders
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .signals import received_attention
 from .state import DesapState
+
+HOOKS = (
+    Hook("model.model.get_image_features", ("pixel_values", "image_grid_thw")),
+    Hook("model.model.get_rope_index", ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask",
+                                        "video_grid_thw", "second_per_grid_ts")),
+    Hook("model._prepare_position_ids_for_generation", ("inputs_tensor", "model_kwargs")),
+    Hook("transformers.generation.utils.GenerationMixin._prepare_position_ids_for_generation",
+         ("inputs_tensor", "model_kwargs")),
+    Hook("model.model.visual.blocks"),
+    Hook("model.model.visual.merger"),
+    Hook("model.model.language_model"),
+    Hook("model.forward", ("input_ids", "pixel_values", "image_grid_thw", "attention_mask", "position_ids",
+                           "mm_token_type_ids", "labels")),
+    Hook("model.generate"),
+    Hook("transformers.vision_utils.get_vision_window_index", ("spatial_merge_size", "window_size", "patch_size",
+                                                                          "kwargs")),
+    Hook("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.apply_rotary_pos_emb_vision"),
+)
+
 
 @contextmanager
 def _capture(block):
@@ -71,6 +90,7 @@ def vision_signals(model: nn.Module, pixel_values: torch.Tensor,
     branch in text space (T', C), saliency (T',). Needs no patch: it reads the model as it is."""
     # here, not at the top: importing the modeling module costs seconds
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
 
     visual = model.model.visual
     block = visual.blocks[saliency_layer(model)]
@@ -127,7 +147,9 @@ def _plan(model, arguments: dict, pad_left: bool) -> dict:
     new_mask = shrunk["attention_mask"]
     valid = new_mask.bool() if new_mask is not None else torch.ones_like(shrunk["input_ids"], dtype=torch.bool)
     top = shrunk["position_ids"].masked_fill(~valid[None], 0).amax(dim=(0, 2))
-    state.pending = {"features": features, "positions": shrunk["position_ids"],
+    is_image = input_ids == model.config.image_token_id
+    images_per_row = (is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]).sum(dim=1)   # runs per row
+    state.pending = {"features": features, "positions": shrunk["position_ids"], "images_per_row": images_per_row.tolist(),
                      "rope_deltas": (top + 1 - valid.sum(dim=1))[:, None]}
     out = {"input_ids": shrunk["input_ids"], "mm_token_type_ids": shrunk["token_types"],
            "position_ids": shrunk["position_ids"]}
@@ -170,7 +192,22 @@ def _image_features(model, inner, pixel_values, image_grid_thw=None, **kwargs):
     state: DesapState = model._desap
     if state.pending is None:
         return state.originals["get_image_features"](pixel_values, image_grid_thw, **kwargs)
-    return BaseModelOutputWithPooling(pooler_output=state.pending["features"])
+    return BaseModelOutputWithPooling(pooler_output=_as_expanded(state.pending, image_grid_thw))
+
+
+def _as_expanded(pending: dict, grid: torch.Tensor) -> list:
+    """The planned features, each row's images repeated as generate repeats them for beams or
+    ``num_return_sequences`` when it expands the inputs before the encoder runs (transformers
+    before 5.2x): row by row, each row's images ``repeats`` times in a row."""
+    features = pending["features"]
+    repeats = grid.shape[0] // max(1, len(features))
+    if repeats <= 1:
+        return features
+    expanded, start = [], 0
+    for count in pending["images_per_row"]:
+        expanded += features[start:start + count] * repeats
+        start += count
+    return expanded
 
 
 def _position_ids_for_generation(model, inputs_tensor, model_kwargs):

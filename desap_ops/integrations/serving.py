@@ -95,13 +95,32 @@ def serve_generate(model: nn.Module, prepare: Prepare, *args, **kwargs):
     state: DesapState = model._desap
     if args and "input_ids" not in kwargs and isinstance(args[0], torch.Tensor):
         kwargs["input_ids"], args = args[0], args[1:]   # prepare finds the prompt by name
+    callers_prompt = kwargs.get("input_ids")
     try:
         prepare(model, kwargs, True)
         # generate may run the encoders before its loop (transformers >= 5.2x): give them the prompt
         state.prompt = (kwargs.get("input_ids"), kwargs.get("attention_mask"))
-        return state.originals["generate"](*args, **kwargs)
+        output = state.originals["generate"](*args, **kwargs)
     finally:
         state.prompt = state.pending = None
+    return with_callers_prompt(output, callers_prompt, kwargs.get("input_ids"))
+
+
+def with_callers_prompt(output, callers_prompt: Optional[torch.Tensor], served_prompt: Optional[torch.Tensor]):
+    """``generate``'s output with the caller's own prompt ids in front of the new tokens, where the
+    model was served a shortened prompt: so ``generated[:, input_ids.shape[1]:]``, the idiom of
+    every model card, gives the answer. Rows repeat each prompt as generate repeats them (beams,
+    ``num_return_sequences``). ``output`` is a tensor or a ModelOutput with ``sequences``."""
+    if callers_prompt is None or served_prompt is None or served_prompt is callers_prompt:
+        return output
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    repeats = sequences.shape[0] // callers_prompt.shape[0]
+    prompt = callers_prompt.to(sequences.device).repeat_interleave(repeats, dim=0)
+    restored = torch.cat([prompt, sequences[:, served_prompt.shape[1]:]], dim=1)
+    if isinstance(output, torch.Tensor):
+        return restored
+    output.sequences = restored
+    return output
 
 
 def pad_token_id(model: nn.Module) -> int:

@@ -22,10 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .compat import Hook
 from .clip_tower import drops_cls, feature_layer, patch_tokens, read_tower
 from .prompt import served_text_embeddings
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
+
+
+HOOKS = (
+    Hook("model.model.get_video_features"),   # replaced; called with the clip first, by position
+    Hook("model.model.multi_modal_projector"),
+    Hook("model.forward", ("input_ids", "pixel_values_videos", "attention_mask", "labels")),
+    Hook("model.generate"),
+)
 
 
 def tokens_per_frame(model: nn.Module, pooled: bool) -> int:

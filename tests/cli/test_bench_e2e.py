@@ -121,6 +121,7 @@ def test_the_memory_estimate_counts_the_weights():
     assert bench_e2e.available_bytes("cpu") > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,keep", REAL_LAYOUTS)
 def test_real_layouts_build_with_the_constructors_buffers_and_run(name, keep):
     model = build_model(name, "cpu", torch.float32, shrink=True)

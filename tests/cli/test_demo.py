@@ -276,6 +276,7 @@ def _tiny_checkpoint(folder):
     tiny_llava().save_pretrained(folder)
 
 
+@pytest.mark.slow
 def test_demo_with_a_local_llava_checkpoint(tmp_path):
     _tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "kept.png"
@@ -300,6 +301,7 @@ def test_llava_keep_is_checked_against_the_config_before_the_weights(tmp_path, m
     assert "--keep must lie in [1, 16]" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_with_a_local_llava_checkpoint_and_auto(tmp_path, capsys):
     """--task-ratio auto goes through to apply_desap; the summary names the split the prompt's scores chose."""
     _tiny_checkpoint(tmp_path / "tiny")

@@ -1,6 +1,7 @@
 """apply_desap on a tiny random-weight LLaVA-1.5 built from a config."""
 import pytest
 import torch
+from fed import fed_rows, language_model_input
 from integration_prompts import N, llava_pixels, llava_prompt, pad
 from operator_by_hand import OPTIONS, PLANTED, check_record, plant_and_prune
 
@@ -95,7 +96,7 @@ def test_generate_under_auto_and_a_text_budget_starts_from_the_pruned_prefill(pi
     model = apply_desap(tiny_llava(), keep=4, task_ratio="auto", text_budget=2)
     ids = torch.tensor([llava_prompt([5], 1, [7, 8, 9, 10])])
     out = model.generate(input_ids=ids, pixel_values=pixels[:1], max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == ids.shape[1] - (N - 4) + 3
+    assert torch.equal(out[:, :-3], ids)    # the caller's prompt, then the new tokens
     assert out[0, -3] == model(input_ids=ids, pixel_values=pixels[:1]).logits[0, -1].argmax()
     assert [int(k) for k in last_prune(model).task_keep] == [0]   # a random model: the prompt singles out nothing
 
@@ -106,10 +107,12 @@ def test_generate_is_deterministic_and_starts_from_the_pruned_prefill(pixels):
     first = model.generate(input_ids=ids, pixel_values=pixels[:1], max_new_tokens=5, do_sample=False)
     second = model.generate(ids, pixel_values=pixels[:1], max_new_tokens=5, do_sample=False)
     assert torch.equal(first, second)
-    prompt = first[:, :ids.shape[1] - (N - 4)]
-    assert prompt.tolist() == [llava_prompt([5], 1, [7, 8], per_image=4)]
+    assert torch.equal(first[:, :ids.shape[1]], ids)
+    with language_model_input(model) as seen:   # one new token: the only forward is the prefill
+        model.generate(input_ids=ids, pixel_values=pixels[:1], max_new_tokens=1, do_sample=False)
+    assert seen["input_ids"].tolist() == [llava_prompt([5], 1, [7, 8], per_image=4)]
     logits = model(input_ids=ids, pixel_values=pixels[:1]).logits
-    assert first[0, prompt.shape[1]] == logits[0, -1].argmax()
+    assert first[0, ids.shape[1]] == logits[0, -1].argmax()
 
 
 def test_batch_equals_its_rows_alone_with_right_padding(pixels):
@@ -140,9 +143,16 @@ def test_several_images_in_one_prompt(pixels):
     apply_desap(model, keep=N, merge=False)
     assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits, expected)
     apply_desap(model, keep=3)
-    out = model(input_ids=ids, pixel_values=pixels)
+    with language_model_input(model) as seen:
+        out = model(input_ids=ids, pixel_values=pixels)
     assert out.logits.shape[1] == ids.shape[1] - 2 * (N - 3)
-    assert out.image_hidden_states.shape == (6, 64)
+    # each image's 3 slots hold the projected means of its merge groups, in image order
+    hidden = _signals_by_hand(tiny_llava(attn_implementation="eager"), pixels)[0]
+    record = last_prune(model)
+    expected = [torch.stack([hidden[i][record.assignment[i] == k].mean(dim=0) for k in range(3)]) for i in range(2)]
+    with torch.no_grad():
+        expected = model.model.multi_modal_projector(torch.cat(expected))
+    torch.testing.assert_close(fed_rows(seen, IMG), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_remove_desap_restores_the_model_exactly(pixels):

@@ -1,9 +1,10 @@
 """apply_desap on a tiny random-weight LLaVA-NeXT (AnyRes crops, image-newline tokens)."""
 import pytest
 import torch
+from fed import fed_rows, language_model_input
 from integration_prompts import llava_prompt, pad
 
-from desap_ops.cli.models import tiny_llava_next
+from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, tiny_llava_next
 from desap_ops.integrations import apply_desap, last_prune
 
 NEXT_SIZES = torch.tensor([[56, 112], [112, 112]])
@@ -30,11 +31,12 @@ def test_next_sends_exactly_keep_tokens_with_newlines_in_place(next_pixels):
     model = apply_desap(tiny_llava_next(), keep=keep)
     rows = [llava_prompt([5], 1, [7, 8], per_image=NEXT_TOKENS[0]), llava_prompt([6], 1, [9], per_image=NEXT_TOKENS[1])]
     ids, mask = pad(rows, left=True)
-    out = model(input_ids=ids, pixel_values=next_pixels, image_sizes=NEXT_SIZES, attention_mask=mask)
-    assert out.image_hidden_states.shape[0] == 2 * keep
+    with language_model_input(model) as seen:
+        model(input_ids=ids, pixel_values=next_pixels, image_sizes=NEXT_SIZES, attention_mask=mask)
     newline = model.model.image_newline
     for i, count in enumerate(NEXT_NEWLINES):
-        rows_of_image = out.image_hidden_states[i * keep:(i + 1) * keep]
+        rows_of_image = fed_rows(seen, IMG, row=i)
+        assert rows_of_image.shape[0] == keep
         is_newline = (rows_of_image == newline).all(dim=-1)
         assert int(is_newline.sum()) == count
         assert len(last_prune(model).indices[i]) == keep - count
