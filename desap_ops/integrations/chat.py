@@ -6,6 +6,8 @@ weigh as much as the question in the max over text tokens. :class:`ChatMarkers` 
 template's markers as token-id sequences (only a tokenizer knows them), and :func:`user_text`
 keeps what the user said: every token outside a marker and outside an assistant turn (from an
 assistant-turn opener up to the next user-turn opener, or to the end of the row).
+:func:`user_turns` numbers those words by turn: an image's text is its own turn's words, so what
+an image keeps does not change as the conversation goes on (and vLLM's caches of it stay valid).
 """
 from __future__ import annotations
 
@@ -120,6 +122,13 @@ def user_text(input_ids: torch.Tensor, chat: ChatMarkers) -> torch.Tensor:
     """(B, T) bool: True where a token is the user's (outside every marker and every assistant
     turn). An assistant turn runs from its opener to the next user-turn opener or the end of
     the row, so the closing generation prompt ("ASSISTANT:") is dropped with the answers."""
+    return user_turns(input_ids, chat) >= 0
+
+
+def user_turns(input_ids: torch.Tensor, chat: ChatMarkers) -> torch.Tensor:
+    """(B, T) int64: for each of the user's words (:func:`user_text`), the number of its user
+    turn (how many user-turn openers precede it; 0 before the first), and -1 elsewhere. An image's
+    text is the words of its own turn (``sequence.image_text_tokens``)."""
     user_starts, user_marks = find_markers(input_ids, chat.user)
     answer_starts, answer_marks = find_markers(input_ids, chat.assistant)
     _, other_marks = find_markers(input_ids, chat.other)
@@ -127,4 +136,5 @@ def user_text(input_ids: torch.Tensor, chat: ChatMarkers) -> torch.Tensor:
     last_user = torch.where(user_starts, positions, -1).cummax(dim=1).values
     last_answer = torch.where(answer_starts, positions, -1).cummax(dim=1).values
     in_answer = last_answer > last_user
-    return ~(in_answer | user_marks | answer_marks | other_marks)
+    words = ~(in_answer | user_marks | answer_marks | other_marks)
+    return torch.where(words, user_starts.long().cumsum(dim=1), -1)

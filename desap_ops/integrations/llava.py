@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..validation import check_keep
 from .compat import Hook
 from .clip_tower import drops_cls, feature_layer, read_tower, tokens_per_crop
 from .prompt import served_text_embeddings
+from .sequence import image_budget
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
 
@@ -47,7 +47,8 @@ def _image_features(model, inner, pixel_values, vision_feature_layer=None, visio
     text, text_mask = served_text_embeddings(model, tower.hidden.shape[0], model.config.image_token_id,
                                              tower.hidden.device)
     start_record(model)
-    result = run_prune(model, tower.hidden, projector(tower.branch), text, text_mask, tower.saliency)
+    keep = image_budget(state.keep, tower.hidden.shape[1])   # a keep above the image's tokens: all of them
+    result = run_prune(model, tower.hidden, projector(tower.branch), text, text_mask, tower.saliency, keep)
     return BaseModelOutputWithPooling(last_hidden_state=tower.outputs.last_hidden_state,
                                       pooler_output=list(projector(result.tokens)),
                                       hidden_states=tower.outputs.hidden_states)
@@ -61,8 +62,7 @@ def _shrink(model, arguments: dict, generating: bool) -> None:
 
 
 def install(model: nn.Module, state: DesapState) -> None:
-    """Patch a LLaVA-1.5 model; ``keep`` may not exceed one image's tokens."""
-    check_keep(state.keep, tokens_per_crop(model.config))
+    """Patch a LLaVA-1.5 model (a ``keep`` above an image's tokens sends every image whole)."""
     state.feature_layer = feature_layer(model.config)
     install_serving(model, state, _shrink,
                     (model.model, "get_image_features", lambda inner, *a, **k: _image_features(model, inner, *a, **k)))

@@ -5,6 +5,8 @@ packed order. The image-newline tokens stay where the model puts them (after eac
 unpadded crop grid, and after a lone base image) and count toward ``keep``: the visual budget of
 an image is ``keep`` minus its newline count, the kept visual tokens keep their packed order
 between the newlines, and with ``keep`` = all tokens the model gets exactly its own sequence back.
+``keep`` means at most (``sequence.image_budget``): an image with no more tokens passes whole, and
+one whose newlines leave no room keeps its newlines and one visual token.
 
 :func:`install` patches ``model.model.get_image_features``, ``model.forward`` and
 ``model.generate`` as for LLaVA-1.5 (``remove_desap`` undoes it).
@@ -18,6 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .compat import Hook
 from .clip_tower import drops_cls, feature_layer, read_tower, tokens_per_crop
 from .prompt import served_text_embeddings
+from .sequence import image_budget
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
 
@@ -46,14 +49,25 @@ def crops_per_image(inner, image_sizes) -> list[int]:
             for size in image_sizes]
 
 
-def image_tokens(model: nn.Module, pixel_values: torch.Tensor, image_sizes) -> list[int]:
-    """The processor's placeholder count of each image: its packed tokens, newlines included."""
+def image_layouts(model: nn.Module, image_sizes) -> list[tuple[int, int]]:
+    """(packed tokens, image-newline tokens) of each image, as the model packs them."""
     inner = model.model
     per_crop = tokens_per_crop(model.config)
-    dummies = [torch.zeros(n, per_crop, 1) for n in crops_per_image(inner, image_sizes)]
-    _, lengths = inner.pack_image_features(dummies, image_sizes, model.config.vision_feature_select_strategy,
-                                           image_newline=torch.zeros(1))
-    return [int(n) for n in lengths]
+    dummies = [torch.ones(n, per_crop, 1) for n in crops_per_image(inner, image_sizes)]
+    packed, _ = inner.pack_image_features(dummies, image_sizes, model.config.vision_feature_select_strategy,
+                                          image_newline=torch.zeros(1))
+    return [(int(p.shape[0]), int((p[:, 0] == 0).sum())) for p in packed]
+
+
+def image_tokens(model: nn.Module, pixel_values: torch.Tensor, image_sizes) -> list[int]:
+    """The processor's placeholder count of each image: its packed tokens, newlines included."""
+    return [tokens for tokens, _ in image_layouts(model, image_sizes)]
+
+
+def image_budgets(model: nn.Module, image_sizes, keep: int) -> list[int]:
+    """Each image's tokens under ``keep`` (``sequence.image_budget``): whole when it has no more,
+    its newlines and one visual token when they leave no room."""
+    return [image_budget(keep, tokens, newlines) for tokens, newlines in image_layouts(model, image_sizes)]
 
 
 def _image_features(model, inner, pixel_values, image_sizes=None, vision_feature_layer=None,
@@ -80,16 +94,14 @@ def _image_features(model, inner, pixel_values, image_sizes=None, vision_feature
     rows = zip(packed(tower.hidden), packed(tower.branch), packed(saliency[..., None]), visual_marks)
     for i, (h, b, s, mark) in enumerate(rows):
         is_visual = mark[:, 0] > 0
-        visual_keep = state.keep - int((~is_visual).sum())
-        if not 1 <= visual_keep <= h.shape[0]:
-            raise ValueError(f"keep={state.keep} does not fit image {i}: it has {h.shape[0]} visual tokens "
-                             f"and {int((~is_visual).sum())} image-newline tokens, which count toward keep")
+        newlines = int((~is_visual).sum())
+        budget = image_budget(state.keep, mark.shape[0], newlines)
         result = run_prune(model, h[None], projector(b)[None], texts[i:i + 1], text_mask[i:i + 1], s[None, :, 0],
-                           keep=visual_keep)
+                           keep=budget - newlines)
         slots = torch.zeros(mark.shape[0], dtype=torch.bool, device=mark.device)
         slots[is_visual.nonzero()[:, 0][result.indices[0]]] = True          # kept visual positions
         slots |= ~is_visual
-        out = inner.image_newline.to(tower.hidden.dtype).expand(state.keep, -1).clone()
+        out = inner.image_newline.to(tower.hidden.dtype).expand(budget, -1).clone()
         out[is_visual[slots]] = projector(result.tokens[0]).to(out.dtype)
         features.append(out)
     return BaseModelOutputWithPooling(last_hidden_state=tower.outputs.last_hidden_state, pooler_output=features,
@@ -99,12 +111,13 @@ def _image_features(model, inner, pixel_values, image_sizes=None, vision_feature
 def _shrink(model, arguments: dict, generating: bool) -> None:
     pixel_values = arguments.get("pixel_values")
     if pixel_values is not None:
-        lengths = image_tokens(model, pixel_values, arguments.get("image_sizes"))
-        shrink_runs(model, arguments, model.config.image_token_id, lengths, "image", generating)
+        sizes = arguments.get("image_sizes")
+        shrink_runs(model, arguments, model.config.image_token_id, image_tokens(model, pixel_values, sizes), "image",
+                    generating, budgets=image_budgets(model, sizes, model._desap.keep))
 
 
 def install(model: nn.Module, state: DesapState) -> None:
-    """Patch a LLaVA-NeXT model; whether ``keep`` covers an image's newlines is checked per call."""
+    """Patch a LLaVA-NeXT model (per image: at most ``keep`` tokens, newlines included)."""
     state.feature_layer = feature_layer(model.config)
     install_serving(model, state, _shrink,
                     (model.model, "get_image_features", lambda inner, *a, **k: _image_features(model, inner, *a, **k)))

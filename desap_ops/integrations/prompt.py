@@ -2,7 +2,7 @@
 
 Each image (or video) reads the text tokens after its placeholders to the end of its row
 (``sequence.image_text_tokens``), without the ids of :func:`ignored_token_ids`; with a chat's
-markers (``apply_desap(chat=...)``), only the user's words among them (``chat.user_text``).
+markers (``apply_desap(chat=...)``), only the user's words of the image's own turn (``chat.user_turns``).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import nn
 
-from .chat import user_text
+from .chat import user_turns
 from .sequence import image_text_tokens
 from .state import DesapState
 
@@ -51,8 +51,8 @@ def text_embeddings(model: nn.Module, input_ids: Optional[torch.Tensor], attenti
         ids = torch.zeros(len(lengths), 1, dtype=torch.long, device=device)
         mask = torch.zeros(len(lengths), 1, dtype=torch.bool, device=device)
     else:
-        counted = None if state.chat is None else user_text(input_ids, state.chat)
-        ids, mask = image_text_tokens(input_ids, attention_mask, token_id, lengths, state.ignored_ids, counted)
+        turns = None if state.chat is None else user_turns(input_ids, state.chat)
+        ids, mask = image_text_tokens(input_ids, attention_mask, token_id, lengths, state.ignored_ids, turns)
     return model.get_input_embeddings()(ids.to(device)), mask.to(device)
 
 

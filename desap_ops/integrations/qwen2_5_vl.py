@@ -31,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .compat import Hook
 from .prompt import text_embeddings
-from .sequence import count_placeholders, shrink_placeholders
+from .sequence import count_placeholders, image_budget, shrink_placeholders
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .signals import received_attention
 from .state import DesapState
@@ -120,14 +120,13 @@ def _plan(model, arguments: dict, pad_left: bool) -> dict:
     input_ids, mask = arguments["input_ids"], arguments.get("attention_mask")
     grid = arguments["image_grid_thw"]
     sizes = (grid.prod(-1) // inner.visual.spatial_merge_unit).tolist()
-    if min(sizes) < state.keep:
-        raise ValueError(f"keep={state.keep} is more than the {min(sizes)} tokens of an image in this batch")
     hidden, branch, saliency = vision_signals(model, arguments["pixel_values"], grid)
     texts, text_mask = text_embeddings(model, input_ids, mask, model.config.image_token_id, sizes, input_ids.device)
     start_record(model)
     features, kept = [], []
     for i, (h, b, s) in enumerate(zip(hidden.split(sizes), branch.split(sizes), saliency.split(sizes))):
-        result = run_prune(model, h[None], b[None].to(h.dtype), texts[i:i + 1], text_mask[i:i + 1], s[None])
+        result = run_prune(model, h[None], b[None].to(h.dtype), texts[i:i + 1], text_mask[i:i + 1], s[None],
+                           keep=image_budget(state.keep, h.shape[0]))   # a small image passes whole
         features.append(result.tokens[0])
         flags = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
         flags[result.indices[0]] = True
@@ -170,7 +169,7 @@ def _needs_plan(model, arguments: dict) -> bool:
     found = count_placeholders(input_ids, model.config.image_token_id)
     if found == sum(sizes):
         return True
-    if found == state.keep * len(sizes) and state.pending is not None:
+    if found == sum(image_budget(state.keep, n) for n in sizes) and state.pending is not None:
         return False  # the prefill of a generate call that already planned
     raise ValueError(f"input_ids hold {found} image tokens for {len(sizes)} images: expected {sum(sizes)} "
                      "(the processor's count)")

@@ -8,7 +8,7 @@ Python loop over tokens.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -31,9 +31,19 @@ def count_placeholders(input_ids: torch.Tensor, image_token_id: int) -> int:
     return int((input_ids == image_token_id).sum())
 
 
-def first_placeholders(lengths: Sequence[int], keep: int, device=None) -> torch.Tensor:
-    """Keep flags for the placeholders of all images in order: the first ``keep`` of each."""
-    return torch.cat([torch.arange(n, device=device) < keep for n in lengths])
+def image_budget(keep: int, tokens: int, structural: int = 0) -> int:
+    """How many tokens an image of ``tokens`` sends under ``keep``, which means "at most": an
+    image with no more tokens than ``keep`` passes whole; a layout whose ``structural`` tokens
+    (LLaVA-NeXT's image newlines) leave no room keeps them and one visual token. vLLM's
+    processors and ``apply_desap`` count placeholders with this one rule."""
+    return min(tokens, max(keep, structural + 1))
+
+
+def first_placeholders(lengths: Sequence[int], keep: Union[int, Sequence[int]], device=None) -> torch.Tensor:
+    """Keep flags for the placeholders of all images in order: the first ``keep`` of each (one
+    number for every image, or one per image)."""
+    keeps = [keep] * len(lengths) if isinstance(keep, int) else list(keep)
+    return torch.cat([torch.arange(n, device=device) < k for n, k in zip(lengths, keeps)])
 
 
 def shrink_placeholders(
@@ -93,11 +103,12 @@ def image_text_tokens(
     image_token_id: int,
     lengths: Sequence[int],
     ignored_ids: set[int],
-    counted: Optional[torch.Tensor] = None,
+    turns: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the text tokens of its prompt: the tokens after its placeholders to the end of
-    its row, without padding, placeholders or ``ignored_ids``, and only where ``counted`` (B, T)
-    bool is True when given (a chat's user words, ``chat.user_text``).
+    its row, without padding, placeholders or ``ignored_ids``. With ``turns`` (B, T) int64, a
+    chat's user words numbered by turn (``chat.user_turns``), only the words of the image's own
+    user turn count: later turns and answers never change what an image keeps.
 
     Returns (ids (I, L), mask (I, L)) with L >= 1; an image with no such token has an all-False row.
     """
@@ -107,8 +118,6 @@ def image_text_tokens(
         valid &= attention_mask.bool()
     for token in ignored_ids:
         valid &= input_ids != token
-    if counted is not None:
-        valid &= counted
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
     per_image = []
     for image in range(len(lengths)):
@@ -117,7 +126,11 @@ def image_text_tokens(
             per_image.append(input_ids.new_empty(0))
             continue
         row, last = int(hits[0, 0]), int(hits[:, 1].max())
-        per_image.append(input_ids[row][valid[row] & (positions > last)])
+        text = valid[row] & (positions > last)
+        if turns is not None:   # the words of the image's own turn; none if it is outside a user turn
+            own = int(turns[row, last])
+            text &= (turns[row] == own) & (own >= 0)
+        per_image.append(input_ids[row][text])
     width = max(1, max(t.numel() for t in per_image))
     ids = input_ids.new_zeros((len(lengths), width))
     mask = torch.zeros((len(lengths), width), dtype=torch.bool, device=input_ids.device)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..api import prune
 from ..reference import PruneResult
-from .sequence import count_placeholders, first_placeholders, shrink_placeholders
+from .sequence import count_placeholders, first_placeholders, image_budget, shrink_placeholders
 from .state import RECORD_FIELDS, DesapState
 
 # prepare(model, arguments, generating): rewrite a call's arguments (by name) in place
@@ -130,26 +130,26 @@ def pad_token_id(model: nn.Module) -> int:
 
 
 def shrink_runs(model: nn.Module, arguments: dict, token_id: int, lengths: Sequence[int], what: str,
-                generating: bool) -> None:
-    """Keep the first ``keep`` of each run of ``token_id`` placeholders (``lengths`` long, in
-    order) in ``arguments``; leave runs that already have ``keep`` alone. A prompt without a mask
-    is padded again on the left for generate and on the right for forward; labels shrink in
-    forward only."""
+                generating: bool, budgets: Optional[Sequence[int]] = None) -> None:
+    """Keep the first ``budgets[i]`` of the i-th run of ``token_id`` placeholders (``lengths``
+    long, in order) in ``arguments``; by default ``sequence.image_budget`` of ``keep``, so a run no
+    longer than ``keep`` stays whole. Ids that already hold the budgets pass unchanged. A prompt
+    without a mask is padded again on the left for generate and on the right for forward; labels
+    shrink in forward only."""
     state: DesapState = model._desap
     input_ids = arguments.get("input_ids")
     if input_ids is None:
         raise ValueError(f"apply_desap needs input_ids (not inputs_embeds) with {what} inputs: "
                          f"the {what} placeholders must be found to shrink them")
+    budgets = [image_budget(state.keep, n) for n in lengths] if budgets is None else list(budgets)
     found = count_placeholders(input_ids, token_id)
-    if found == state.keep * len(lengths):
-        return  # already pruned (e.g. the prefill inside generate)
+    if found == sum(budgets):
+        return  # already pruned (e.g. the prefill inside generate), or nothing to prune
     if found != sum(lengths):
         raise ValueError(f"input_ids hold {found} {what} tokens for {len(lengths)} {what}s: expected "
-                         f"{sum(lengths)} (the processor's count) or {state.keep * len(lengths)} (keep per {what})")
-    if state.keep > min(lengths):
-        raise ValueError(f"keep={state.keep} is more than the {min(lengths)} tokens of a {what}")
+                         f"{sum(lengths)} (the processor's count) or {sum(budgets)} (at most keep per {what})")
     shrunk = shrink_placeholders(
-        first_placeholders(lengths, state.keep, input_ids.device), token_id, pad_token_id(model), input_ids,
+        first_placeholders(lengths, budgets, input_ids.device), token_id, pad_token_id(model), input_ids,
         arguments.get("attention_mask"), None if generating else arguments.get("labels"),
         arguments.get("position_ids"), pad_left=generating)
     for name in ("input_ids", "attention_mask", "labels", "position_ids"):

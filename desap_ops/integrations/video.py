@@ -25,6 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .compat import Hook
 from .clip_tower import drops_cls, feature_layer, patch_tokens, read_tower
 from .prompt import served_text_embeddings
+from .sequence import image_budget
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
 
@@ -68,7 +69,8 @@ def _video_features(model, inner, pooled: bool, pixel_values_videos, vision_feat
     projector = inner.multi_modal_projector
     text, text_mask = served_text_embeddings(model, videos, model.config.video_token_id, hidden.device)
     start_record(model)
-    result = run_prune(model, hidden, projector(branch), text, text_mask, saliency)
+    keep = image_budget(state.keep, hidden.shape[1])   # a short clip passes whole
+    result = run_prune(model, hidden, projector(branch), text, text_mask, saliency, keep)
     return BaseModelOutputWithPooling(last_hidden_state=tower.outputs.last_hidden_state,
                                       pooler_output=projector(result.tokens))
 

@@ -50,11 +50,12 @@ CHATML_TEMPLATE = (
     "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
-# "what is this" about the image, the answer "a cat", then "what colour the user wants"
-CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this"}]},
+# "what colour : the user wants" about the image (a lone ':' and 'user' are words), the answer
+# "a cat", then the follow-up "what is this": only the image's own turn is its text
+CHAT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour : the user wants"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
-        {"role": "user", "content": [{"type": "text", "text": "what colour : the user wants"}]}]
-USER_WORDS = "what is this what colour : the user wants".split()
+        {"role": "user", "content": [{"type": "text", "text": "what is this"}]}]
+USER_WORDS = "what colour : the user wants".split()
 
 
 def word_tokenizer(specials: dict, template: str):

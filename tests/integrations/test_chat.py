@@ -6,7 +6,7 @@ from integration_prompts import (CHAT, CHATML_SPECIALS, CHATML_TEMPLATE, LLAVA_S
 
 from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, QWEN_IMAGE, tiny_llava, tiny_qwen2_5_vl
 from desap_ops.integrations import ChatMarkers, apply_desap, last_prune
-from desap_ops.integrations.chat import as_chat_markers, user_text
+from desap_ops.integrations.chat import as_chat_markers, user_text, user_turns
 from desap_ops.integrations.prompt import ignored_token_ids
 from desap_ops.integrations.sequence import image_text_tokens
 
@@ -60,11 +60,24 @@ def test_a_templated_multi_turn_chat_gives_the_image_exactly_the_user_words(styl
     tokenizer, image, build = STYLES[style]
     ids = torch.tensor([chat_ids(tokenizer, CHAT, image, per_image=3)])
     chat = ChatMarkers.from_tokenizer(tokenizer)
-    text, mask = image_text_tokens(ids, None, image, [3], ignored_token_ids(build()), user_text(ids, chat))
+    text, mask = image_text_tokens(ids, None, image, [3], ignored_token_ids(build()), user_turns(ids, chat))
     assert text[0][mask[0]].tolist() == list(_ids(tokenizer, " ".join(USER_WORDS)))
     # without the markers, every token after the image counts: answers and role words included
     text, mask = image_text_tokens(ids, None, image, [3], ignored_token_ids(build()))
     assert len(text[0][mask[0]]) > len(USER_WORDS)
+
+
+def test_each_image_reads_only_its_own_turn():
+    chat = ChatMarkers(user=((20, 21),), assistant=((22, 21),))
+    # USER: <img> 7 ASSISTANT: 8 USER: 9 <img> 10 ASSISTANT: 11
+    ids = torch.tensor([[20, 21, 50, 50, 7, 22, 21, 8, 20, 21, 9, 50, 50, 10, 22, 21, 11]])
+    assert user_turns(ids, chat).tolist() == [[-1, -1, 1, 1, 1, -1, -1, -1, -1, -1, 2, 2, 2, 2, -1, -1, -1]]
+    text, mask = image_text_tokens(ids, None, 50, [2, 2], set(), user_turns(ids, chat))
+    assert [row[m].tolist() for row, m in zip(text, mask)] == [[7], [10]]
+    # an image outside every user turn (inside an answer) has no text
+    text, mask = image_text_tokens(ids[:, 5:9].clone().index_fill_(1, torch.tensor([2]), 50), None, 50, [1], set(),
+                                   user_turns(ids[:, 5:9], chat))
+    assert not mask.any()
 
 
 def test_an_answer_runs_to_the_next_user_turn_or_the_end_of_the_row():

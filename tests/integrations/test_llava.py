@@ -172,9 +172,14 @@ def test_remove_desap_restores_the_model_exactly(pixels):
     assert torch.equal(model(input_ids=ids, pixel_values=pixels[:1]).logits, before)
 
 
-def test_budgets_are_refused():
-    with pytest.raises(ValueError, match=r"\[1, 16\]"):
-        apply_desap(tiny_llava(), keep=17)
+def test_a_keep_above_an_images_tokens_sends_it_whole_and_bad_budgets_are_refused(pixels):
+    model = tiny_llava()
+    ids = torch.tensor([llava_prompt([5], 2, [7, 8])])
+    expected = model(input_ids=ids, pixel_values=pixels).logits
+    apply_desap(model, keep=N + 1)    # keep means at most
+    assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits, expected)
+    with pytest.raises(ValueError, match="keep"):
+        apply_desap(tiny_llava(), keep=0)
     with pytest.raises(ValueError, match="task_ratio"):
         apply_desap(tiny_llava(), keep=4, task_ratio=2.0)
 

@@ -50,8 +50,21 @@ def test_next_sends_exactly_keep_tokens_with_newlines_in_place(next_pixels):
         assert batch[i, -3:].tolist() == alone[0, -3:].tolist()
 
 
-def test_next_budget_must_cover_the_newlines(next_pixels):
-    model = apply_desap(tiny_llava_next(), keep=4)
+def test_a_layout_whose_newlines_exceed_keep_keeps_them_and_one_visual_token(next_pixels):
+    model = apply_desap(tiny_llava_next(), keep=2)      # the image has 4 newlines
     ids = torch.tensor([llava_prompt([5], 1, [7], per_image=NEXT_TOKENS[0])])
-    with pytest.raises(ValueError, match="image-newline"):
+    with language_model_input(model) as seen:
         model(input_ids=ids, pixel_values=next_pixels[:1], image_sizes=NEXT_SIZES[:1])
+    rows = fed_rows(seen, IMG)
+    assert rows.shape[0] == NEXT_NEWLINES[0] + 1
+    assert int((rows == model.model.image_newline).all(dim=-1).sum()) == NEXT_NEWLINES[0]
+    assert [len(i) for i in last_prune(model).indices] == [1]
+
+
+def test_an_image_with_no_more_tokens_than_keep_passes_whole(next_pixels):
+    model = tiny_llava_next()
+    ids = torch.tensor([llava_prompt([5], 1, [7, 8], per_image=NEXT_TOKENS[0])])
+    args = dict(pixel_values=next_pixels[:1], image_sizes=NEXT_SIZES[:1])
+    expected = model(input_ids=ids, **args).logits
+    apply_desap(model, keep=NEXT_TOKENS[0] + 10, merge=False)
+    torch.testing.assert_close(model(input_ids=ids, **args).logits, expected, rtol=1e-6, atol=1e-6)

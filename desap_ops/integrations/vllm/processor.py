@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from ..chat import ChatMarkers, user_text
+from ..chat import ChatMarkers, user_turns
 from ..prompt import config_ignored_ids
 from ..sequence import image_text_tokens
 from .options import DesapOptions, read_options
@@ -48,7 +48,7 @@ def placeholder_runs(prompt: list[int], token_id: int) -> list[int]:
 def prompt_texts(prompt: list[int], token_id: int, images: int, ignored: set[int],
                  chat: Optional[ChatMarkers]) -> tuple[tuple[int, ...], ...]:
     """Per image, the ids of its prompt text: the tokens after its placeholder to the end of the
-    prompt, without ``ignored`` ids, and only the user's words under ``chat``."""
+    prompt, without ``ignored`` ids, and only the user's words of the image's own turn under ``chat``."""
     if images == 0:
         return ()
     runs = placeholder_runs(prompt, token_id)
@@ -58,8 +58,8 @@ def prompt_texts(prompt: list[int], token_id: int, images: int, ignored: set[int
         raise ValueError(f"DeSAP found {count} image placeholder tokens in {len(runs)} runs for {images} images: "
                          "give each image one placeholder in the prompt")
     ids = torch.tensor([prompt], dtype=torch.long)
-    counted = None if chat is None else user_text(ids, chat)
-    text, mask = image_text_tokens(ids, None, token_id, lengths, ignored, counted)
+    turns = None if chat is None else user_turns(ids, chat)
+    text, mask = image_text_tokens(ids, None, token_id, lengths, ignored, turns)
     return tuple(tuple(int(t) for t in row[m]) for row, m in zip(text, mask))
 
 
