@@ -26,3 +26,13 @@ python3 -m desap_ops bench e2e --model llava-next-7b --device cuda --keep 2928,1
 for model in qwen2.5-vl-7b llava-next-video-7b video-llava-7b; do
   python3 -m desap_ops bench e2e --model $model --device cuda --out "$out/e2e-$model.json" 2>&1 | tee -a "$out/e2e.txt"
 done
+
+# vLLM's V2 model runner (the default on CUDA) with DeSAP, LLaVA-1.5 and Qwen2.5-VL: the same
+# engine tests as CI's CPU run (which can only start V1), against apply_desap position by position.
+# Needs vLLM 0.32 beside the package; the GPU image has no network, so it runs only where vLLM is.
+if python3 -c "import vllm" 2>/dev/null; then
+  VLLM_USE_V2_MODEL_RUNNER=1 PYTHONPATH=tests/on_vllm python3 -m pytest -q tests/on_vllm/test_vllm_llava.py \
+    tests/on_vllm/test_vllm_qwen2_5_vl.py tests/on_vllm/test_vllm_qwen_sweep.py 2>&1 | tee "$out/vllm-v2.log" | tail -n 15
+else
+  echo "vLLM is not installed here: the V2 engine runs did not run" | tee "$out/vllm-v2.log"
+fi

@@ -1,18 +1,23 @@
 """The M-RoPE positions the vLLM plugin gives Qwen2.5-VL prompts (``integrations/vllm/mrope.py``),
-against transformers' own ``get_rope_index``. Pure torch: runs without vLLM."""
+against transformers' own ``get_rope_index``: on arrival, and after the recompute step placed the
+kept tokens of every window a chunked or prefix-cached prefill can schedule. Pure torch: runs
+without vLLM."""
+import logging
+
 import pytest
 import torch
 
-from desap_ops.cli.models import QWEN_IMAGE as IMG, tiny_qwen2_5_vl
-from desap_ops.integrations.vllm.mrope import Media, media_positions, prompt_positions
+from desap_ops.cli.models import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
+from desap_ops.integrations.vllm.mrope import (CHANNELS, Media, decode_fields, encode_fields, media_positions,
+                                               medium_fields, place_media, prompt_positions)
 
 START, END = 153, 154
 # one wide and one tall image (grids in patches; 2 x 2 patches make a token): 2 x 6 and 6 x 2 tokens
 GRIDS = [[1, 4, 12], [1, 12, 4]]
 
 
-def _prompt(lengths):
-    ids = [1, 5]
+def _prompt(lengths, preamble=(1, 5)):
+    ids = list(preamble)
     offsets = []
     for length, between in zip(lengths, ([7, 8], [9, 10, 11])):
         ids.append(START)
@@ -69,3 +74,93 @@ def test_media_positions_scale_time_and_give_the_extent():
     assert positions[0].unique().tolist() == [0, 1]          # int(0.5 * t) for t = 0, 1, 2
     assert positions[3].unique().tolist() == [5]            # the widest axis
     assert media_positions(1, 6, 2)[3, 0] == 6               # a tall image: its height, not its width
+
+
+KEPT = ([0, 5, 11], [1, 2, 10])
+
+
+def _pruned_case(preamble):
+    """A pruned prompt's ids, its positions on arrival, each image's kept fields and the positions
+    apply_desap gives it in transformers."""
+    full_ids, full_offsets = _prompt([12, 12], preamble)
+    full, _ = _transformers_positions(full_ids)
+    columns = [i for i, t in enumerate(full_ids) if t != IMG]
+    for offset, indices in zip(full_offsets, KEPT):
+        columns += [offset + i for i in indices]
+    ids, offsets = _prompt([3, 3], preamble)
+    arrival, _ = prompt_positions(len(ids), _media(offsets, [3, 3]))
+    fields = [medium_fields(medium.positions[:, indices]).T
+              for medium, indices in zip(_media(offsets, [3, 3]), KEPT)]
+    return ids, offsets, arrival, fields, full[:, sorted(columns)]
+
+
+def _window(offsets, fields, start, end):
+    """What vLLM's runners gather for the window [start, end): per medium overlapping it, its rows
+    inside the window, in prompt order."""
+    out = []
+    for offset, rows in zip(offsets, fields):
+        first, last = max(start - offset, 0), min(end - offset, rows.shape[0])
+        if first < last:
+            out.append(rows[first:last])
+    return out
+
+
+@pytest.mark.parametrize("preamble", [(1,), (1, 5), tuple(range(3, 13)), tuple(range(3, 45))])
+def test_every_chunking_and_prefix_cache_start_gives_transformers_positions(preamble):
+    ids, offsets, arrival, fields, wanted = _pruned_case(preamble)
+    for cached in range(len(ids)):          # tokens from the prefix cache: their positions do not matter
+        for chunk in (1, 2, 3, 5, len(ids)):
+            positions = arrival.clone()
+            for start in range(cached, len(ids), chunk):
+                window = _window(offsets, fields, start, min(start + chunk, len(ids)))
+                positions, delta = place_media(ids, window, positions, start, (IMG, VID))
+            assert torch.equal(positions[:, cached:], wanted[:, cached:]), (cached, chunk)
+            assert delta == int(wanted.max()) + 1 - len(ids)
+
+
+def test_fields_survive_bf16_and_fp16_exactly_and_place_positions_past_256():
+    fields = torch.tensor([[0, 255, 256, 257, 1000, 65535, 70001, 16_777_215]] * 6)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        channels = encode_fields(fields, dtype)
+        assert channels.shape == (8, CHANNELS) and channels.dtype == dtype
+        assert torch.equal(decode_fields(channels), fields.T)
+    # a 2 x 300 grid (t_factor 1): kept tokens at w > 256, a base past 256 as well
+    ids = [1] * 400 + [IMG] * 4 + [2, 3]
+    medium = media_positions(1, 2, 300)
+    arrival, _ = prompt_positions(len(ids), [Media(400, 4, medium)])
+    kept = medium[:, [3, 290, 300, 599]]
+    rows = decode_fields(encode_fields(medium_fields(kept), torch.bfloat16))
+    positions, _ = place_media(ids, [rows], arrival, 0, (IMG, VID))
+    assert positions[:, 400:404].tolist() == (kept[:3] + 400).tolist()
+    assert positions[:, 404].tolist() == [700] * 3    # text after: past the image's extent of 300
+
+
+def test_glued_media_take_their_base_from_the_text_after_them():
+    medium = media_positions(1, 2, 6)
+    ids = [1, 2] + [IMG] * 3 + [IMG] * 3 + [5]          # two images, no token between them
+    media = [Media(2, 3, medium), Media(5, 3, medium)]
+    arrival, _ = prompt_positions(len(ids), media)
+    kept = ([0, 7, 11], [1, 2, 6])
+    fields = [medium_fields(medium[:, k]).T for k in kept]
+    for start in range(len(ids)):       # any window start, one token at a time
+        positions = arrival.clone()
+        for s in range(start, len(ids)):
+            positions, _ = place_media(ids, _window([2, 5], fields, s, s + 1), positions, s, (IMG, VID))
+        wanted = [medium[:3, k] + base for k, base in zip(kept, (2, 8))]
+        assert torch.equal(positions[:, max(start, 2):8], torch.cat(wanted, dim=1)[:, max(start, 2) - 2:])
+
+
+def test_a_window_that_does_not_match_the_prompt_leaves_positions_and_warns(caplog):
+    ids, offsets, arrival, fields, _ = _pruned_case((1, 5))
+    with caplog.at_level(logging.WARNING):
+        # the window claims to start inside the first image, but the prompt has text there
+        positions, delta = place_media(ids, [fields[0][1:]], arrival, 0, (IMG, VID))
+        assert torch.equal(positions, arrival) and delta == int(arrival.max()) + 1 - len(ids)
+        # an image the prompt holds no placeholders for
+        positions, _ = place_media(ids, [fields[0]], arrival, len(ids) - 1, (IMG, VID))
+        assert torch.equal(positions, arrival)
+        # more ids than positions
+        positions, _ = place_media(ids + [1], [fields[0]], arrival, 0, (IMG, VID))
+        assert torch.equal(positions, arrival)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 3
+    assert place_media(ids, [], arrival, 0, (IMG, VID))[0] is arrival   # nothing in the window: untouched

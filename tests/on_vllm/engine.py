@@ -4,11 +4,13 @@ its own process: vLLM spawns workers, and one engine per process is what it is b
     python engine.py JOB.json OUT.json
 
 JOB: {"model": folder, "engine": {LLM keyword arguments}, "requests": [{"prompt": str,
-"image": "file.png" or [files]}], "max_tokens": int, "rounds": int, "positions": bool}. All
-requests go in one ``generate`` call (one batch), ``rounds`` times. OUT: per round, per request,
-the prompt and output token ids and the prefix-cache hits; per tensor-parallel rank, the model's
-class name and its DeSAP history; with "positions", per round, the rotary positions of each
-language-model forward (M-RoPE: 3 rows) on the first rank.
+"image": "file.png" or [files]}], "max_tokens": int, "rounds": int, "positions": bool,
+"one_by_one": bool}. All requests go in one ``generate`` call (one batch), ``rounds`` times; with
+"one_by_one", each request goes alone in a call of its own. OUT: per round, per request, the
+prompt and output token ids and the prefix-cache hits; per tensor-parallel rank, the model's class
+name and its DeSAP history; with "positions", per round, the rotary positions of each
+language-model forward (M-RoPE: 3 rows) on the first rank (with "one_by_one": per round, per
+request, the forwards of that request).
 """
 import json
 import os
@@ -32,13 +34,22 @@ def main():
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8))
     if job.get("positions"):
         llm.apply_model(watch_positions)
+
+    def record(outputs):
+        return [{"prompt_token_ids": list(o.prompt_token_ids), "output_token_ids": list(o.outputs[0].token_ids),
+                 "num_cached_tokens": o.num_cached_tokens} for o in outputs]
+
     rounds, positions = [], []
     for _ in range(job.get("rounds", 1)):
-        outputs = llm.generate(requests, params, use_tqdm=False)
-        rounds.append([{"prompt_token_ids": list(o.prompt_token_ids), "output_token_ids": list(o.outputs[0].token_ids),
-                        "num_cached_tokens": o.num_cached_tokens} for o in outputs])
+        batches = [[request] for request in requests] if job.get("one_by_one") else [requests]
+        outputs, seen = [], []
+        for batch in batches:
+            outputs += record(llm.generate(batch, params, use_tqdm=False))
+            if job.get("positions"):
+                seen.append(llm.apply_model(positions_seen)[0])
+        rounds.append(outputs)
         if job.get("positions"):
-            positions.append(llm.apply_model(positions_seen)[0])
+            positions.append(seen if job.get("one_by_one") else seen[0])
     ranks = llm.apply_model(history)
     json.dump({"rounds": rounds, "ranks": ranks, "positions": positions}, open(sys.argv[2], "w"))
 

@@ -36,13 +36,15 @@ def engine_environment() -> dict:
 
 
 def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
-               tp: int = 1, positions: bool = False) -> dict:
-    """Run one engine on ``requests`` ([(prompt, image file(s))]) in a fresh process; its JSON."""
+               tp: int = 1, positions: bool = False, one_by_one: bool = False) -> dict:
+    """Run one engine on ``requests`` ([(prompt, image file(s))]) in a fresh process; its JSON
+    (``engine.py`` says what it holds)."""
     job, out = tmp_path / "job.json", tmp_path / "out.json"
     engine = {**ENGINE, **engine, "tensor_parallel_size": tp}
     if tp == 1:
         engine.setdefault("distributed_executor_backend", "uni")
-    json.dump({"model": str(model), "engine": engine, "max_tokens": max_tokens, "rounds": rounds, "positions": positions,
+    json.dump({"model": str(model), "engine": engine, "max_tokens": max_tokens, "rounds": rounds,
+               "positions": positions, "one_by_one": one_by_one,
                "requests": [{"prompt": p, "image": i} for p, i in requests]}, open(job, "w"))
     env = engine_environment()
     if tp > 1:   # without a core per worker the CPU build fails its NUMA-binding check
@@ -99,7 +101,9 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
     ids = inputs["input_ids"][0].tolist()
     image_token = model.config.image_token_id
     prompt = ids if options is None else _pruned(ids, image_token, options["keep"])
-    return {"prompt_ids": prompt, "output_ids": out[0, len(prompt):].tolist(),
+    # generate gives back the caller's prompt in front of the new tokens, or (older apply_desap) the pruned one
+    served = len(ids) if out[0, :len(ids)].tolist() == ids else len(prompt)
+    return {"prompt_ids": prompt, "output_ids": out[0, served:].tolist(),
             "indices": [r.tolist() for r in record.indices] if record else None,
             "positions": None if seen[0] is None else seen[0].reshape(-1, seen[0].shape[-1]).tolist()}
 

@@ -122,15 +122,14 @@ def test_qwen_image_gets_keep_placeholders_and_too_small_an_image_is_refused_for
         _process(processor, QWEN_A, checkpoints["square"])   # 56 x 56: 2 x 2 tokens
 
 
-def test_qwen_image_without_vision_start_is_refused(checkpoints):
-    # vLLM's M-RoPE recompute step finds each image by the <|vision_start|> in front of it
+def test_qwen_image_without_vision_start_gets_keep_placeholders(checkpoints):
+    # the plugin's M-RoPE step places each image from its own channels, not from the marker before it
     processor = _processor(checkpoints["qwen2_5_vl"], {"desap": {"keep": 6}})
-    with pytest.raises(ValueError, match="vision_start"):
-        _process(processor, "USER: <|image_pad|> what is in the image ? ASSISTANT:", checkpoints["large"])
+    ids = _process(processor, "USER: <|image_pad|> what is in the image ? ASSISTANT:", checkpoints["large"])
+    assert ids["prompt_token_ids"].count(processor.info.get_hf_config().image_token_id) == 6
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"use_v2_model_runner": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
     ({"video_pruning_rate": 0.5}, "video_pruning_rate"),
     ({"compile_mm_encoder": True}, "compile_mm_encoder"),
 ])
@@ -148,3 +147,4 @@ def test_qwen_engine_settings_that_would_lose_positions_or_signals_are_refused(s
     with pytest.raises(ValueError, match=message):
         check_engine(config(**setting))
     check_engine(config())   # vLLM's CPU defaults pass
+    check_engine(config(use_v2_model_runner=True))   # V2 recomputes positions through its MultiModalPruner

@@ -1,28 +1,41 @@
 """Multimodal rotary (M-RoPE) positions for pruned images in vLLM's Qwen2.5-VL.
 
 vLLM gives each prompt token its (t, h, w) rotary position when the request arrives
-(``get_mrope_input_positions``). At that point the encoder has not yet chosen which image tokens
-survive. DeSAP follows vLLM's own video pruning (EVS, ``vllm/multimodal/video_prune/evs.py``):
+(``get_mrope_input_positions``), before the encoder has chosen which image tokens survive:
 
-- on arrival, every text token already gets its final position. Text after an image starts past
-  the whole image's extent, which does not depend on the tokens kept. Each image's ``keep``
-  placeholders get provisional positions;
-- the encoder appends four channels to each image's kept embeddings (:func:`media_positions`):
-  their original (t, h, w), counted from the image's start, and the image's extent;
-- after the encoder, the model runner's ``recompute_mrope_positions`` step writes them in place.
+- on arrival (:func:`prompt_positions`) every text token gets its final position: text after an
+  image starts past the whole image's extent, whatever tokens are kept. Each image's placeholders
+  get provisional positions;
+- each embedding out of ``embed_multimodal`` carries :data:`CHANNELS` more channels
+  (:func:`encode_fields`): the token's own (t, h, w) counted from its image's start, the image's
+  extent, the token's index among the image's placeholders and their count. Each value is written
+  as base-256 digits, which every float dtype (bf16 included) holds exactly;
+- after the encoder, the model's ``recompute_mrope_positions`` (:func:`place_media`) finds the
+  placeholders of each embedding in the window from those channels and the prompt's placeholder
+  tokens alone, and writes their positions. It writes nothing else and never raises. (vLLM's EVS
+  helper instead finds media by ``<|vision_start|>`` and infers where the window stands.)
 
-Where this differs from vLLM's EVS:
-- The fourth channel is the image's extent (its largest position + 1), not the grid width. The
-  two agree for wide images; only the extent gives text after a tall image the position
-  transformers gives it.
-- vLLM runs that step only when video pruning is configured, and its CPU runner never runs it.
-  :func:`recompute_after_encoder` turns it on for a model with ``desap_recomputes_mrope``.
+The model runner calls that step only when video pruning is configured; :func:`recompute_after_encoder`
+(V1) and :func:`prune_in_v2_runner` (V2) make it run for a model with ``desap_recomputes_mrope``.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import logging
+from typing import NamedTuple, Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("t", "h", "w", "extent", "index", "count")
+T, H, W, EXTENT, INDEX, COUNT = range(len(FIELDS))
+RADIX, DIGITS = 256, 3          # bf16 holds the integers up to 256 exactly; 256**3 bounds every field
+CHANNELS = len(FIELDS) * DIGITS
+# the vLLM internals hooked here per model runner, "module:attribute" (checked at start-up: missing_hooks);
+# V1's wrapper also sets the runner's instance attribute ``is_multimodal_pruning_enabled``
+VLLM_HOOKS = {"v1": ("vllm.v1.worker.gpu_model_runner:GPUModelRunner._gather_mm_embeddings",),
+              "v2": ("vllm.v1.worker.gpu.model_states.default:maybe_create_mm_pruner",
+                     "vllm.v1.worker.gpu.model_states.mm_pruning:MultiModalPruner")}
 
 
 class Media(NamedTuple):
@@ -57,10 +70,118 @@ def prompt_positions(prompt_length: int, media: list[Media]) -> tuple[torch.Tens
     return positions, int(positions.max()) + 1 - prompt_length
 
 
+def medium_fields(positions: torch.Tensor) -> torch.Tensor:
+    """(6, K) long for a medium's K placeholders, from their (4, K) :func:`media_positions`
+    columns in placeholder order: those four rows, then each one's index and the count K."""
+    count = positions.shape[1]
+    index = torch.arange(count, device=positions.device)
+    return torch.cat([positions.long(), index[None], torch.full_like(index, count)[None]])
+
+
+def encode_fields(fields: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(K, CHANNELS) of ``dtype``: each of the (6, K) non-negative ``fields`` as DIGITS base-RADIX
+    digits, least significant first."""
+    if fields.numel() and (fields.min() < 0 or fields.max() >= RADIX**DIGITS):
+        raise ValueError(f"M-RoPE fields must lie in [0, {RADIX**DIGITS}), got [{fields.min()}, {fields.max()}]")
+    digits = torch.stack([fields // RADIX**d % RADIX for d in range(DIGITS)], dim=-1)   # (6, K, DIGITS)
+    return digits.permute(1, 0, 2).reshape(fields.shape[1], CHANNELS).to(dtype)
+
+
+def with_position_channels(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A medium's (K, C) ``tokens`` in placeholder order, each followed by the CHANNELS of its
+    column of ``positions`` ((4, K), from :func:`media_positions`)."""
+    return torch.cat([tokens, encode_fields(medium_fields(positions), tokens.dtype).to(tokens.device)], dim=1)
+
+
+def decode_fields(channels: torch.Tensor) -> torch.Tensor:
+    """(K, 6) long from (K, CHANNELS) written by :func:`encode_fields`."""
+    digits = channels.float().round().long().reshape(-1, len(FIELDS), DIGITS)
+    scale = RADIX ** torch.arange(DIGITS, device=digits.device)
+    return (digits * scale).sum(-1)
+
+
+def place_media(input_ids, media_fields: Sequence[torch.Tensor], positions: torch.Tensor, num_computed_tokens: int,
+                media_token_ids: Sequence[int]) -> tuple[torch.Tensor, int]:
+    """The prompt's (3, N) ``positions`` with the placeholders of each embedding in the window
+    set to its tokens' own positions, and vLLM's position delta.
+
+    ``media_fields`` holds, per embedding (slice) in the window in prompt order, its (rows, 6)
+    decoded fields. As vLLM's runners gather them, only the first may start inside its
+    placeholders (the window starts there: at ``num_computed_tokens``), every later one starts at
+    its first placeholder. The index and count fields then give each one's placeholder run, and
+    the text next to that run (final since arrival) its base. A case that does not add up
+    leaves the rest as it was, with a warning."""
+    if not media_fields:
+        return positions, int(positions.max()) + 1 - positions.shape[1]
+    placed = positions.detach().cpu().clone()
+    ids = torch.as_tensor(input_ids).detach().cpu()
+    if ids.shape != placed.shape[1:]:
+        log.warning("DeSAP M-RoPE: %d prompt ids but %d positions; positions left as they were", ids.numel(),
+                    placed.shape[1])
+        return positions, int(positions.max()) + 1 - positions.shape[1]
+    is_media = torch.isin(ids, torch.tensor(list(media_token_ids), dtype=ids.dtype))
+    cursor = num_computed_tokens
+    for rows in media_fields:
+        rows = rows.cpu()
+        found = _locate(rows, is_media, placed, cursor)
+        if found is None:
+            log.warning("DeSAP M-RoPE: %d media tokens at or after prompt token %d do not match the prompt's "
+                        "placeholders; their positions are left as they were", rows.shape[0], cursor)
+            break
+        first, base = found
+        placed[:, first:first + rows.shape[0]] = rows[:, :3].T + base
+        cursor = first + rows.shape[0]
+    return placed.to(positions.device), int(placed.max()) + 1 - placed.shape[1]
+
+
+def _locate(rows: torch.Tensor, is_media: torch.Tensor, positions: torch.Tensor, cursor: int):
+    """(first prompt index of ``rows``, base position of their medium), or None if they do not fit."""
+    n = is_media.shape[0]
+    if rows.shape[0] == 0 or not 0 <= cursor < n:
+        return None
+    index, count, extent = (int(rows[0, field]) for field in (INDEX, COUNT, EXTENT))
+    if index > 0:
+        first = cursor   # the window starts inside this medium's placeholders
+    else:
+        ahead = is_media[cursor:].nonzero()
+        if ahead.numel() == 0:
+            return None
+        first = cursor + int(ahead[0])
+    start, end = first - index, first - index + count
+    consistent = (0 <= start and end <= n and first + rows.shape[0] <= end and bool(is_media[start:end].all())
+                  and torch.equal(rows[:, INDEX], torch.arange(index, index + rows.shape[0])))
+    if not consistent:
+        return None
+    if start == 0:
+        return first, 0
+    if not is_media[start - 1]:   # text before the medium: the medium starts one past it
+        return first, int(positions[:, start - 1].max()) + 1
+    if end < n and not is_media[end]:   # glued to another medium: the text after starts past its extent
+        return first, int(positions[:, end].max()) - extent
+    return None
+
+
+def missing_hooks(runner: str) -> list[str]:
+    """The names of :data:`VLLM_HOOKS` for ``runner`` ("v1" or "v2") that this vLLM lacks."""
+    import importlib
+
+    missing = []
+    for hook in VLLM_HOOKS[runner]:
+        module, attributes = hook.split(":")
+        try:
+            found = importlib.import_module(module)
+            for attribute in attributes.split("."):
+                found = getattr(found, attribute)
+        except (ImportError, AttributeError):
+            missing.append(hook)
+    return missing
+
+
 def recompute_after_encoder() -> None:
-    """Make vLLM's (V1) model runner run its M-RoPE recompute step for a model that sets
-    ``desap_recomputes_mrope``. Runs in the worker, where the runner's module is already loaded;
-    models without that attribute are untouched."""
+    """Make vLLM's V1 model runner run its M-RoPE recompute step for a model that sets
+    ``desap_recomputes_mrope`` (the runner gates it on ``is_multimodal_pruning_enabled``, set only
+    when video pruning is configured and never by its CPU subclass). Models without that
+    attribute are untouched."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     gather = GPUModelRunner._gather_mm_embeddings
@@ -74,3 +195,25 @@ def recompute_after_encoder() -> None:
 
     gather_and_recompute.desap_wraps = gather
     GPUModelRunner._gather_mm_embeddings = gather_and_recompute
+
+
+def prune_in_v2_runner() -> None:
+    """Make vLLM's V2 model runner build its ``MultiModalPruner`` (which strips the channels and
+    calls the model's ``recompute_mrope_positions``) for a model with ``desap_recomputes_mrope``;
+    vLLM builds one only when video pruning is configured. Others get what vLLM gives them."""
+    from vllm.v1.worker.gpu.model_states import default
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    create = default.maybe_create_mm_pruner
+    if hasattr(create, "desap_wraps"):
+        return
+
+    def create_for_desap(model_config, model, rope_state, encoder_cache):
+        pruner = create(model_config, model, rope_state, encoder_cache)
+        if (pruner is None and getattr(model, "desap_recomputes_mrope", False) and rope_state is not None
+                and encoder_cache is not None):
+            pruner = MultiModalPruner(model, rope_state, encoder_cache, model_config.get_inputs_embeds_size())
+        return pruner
+
+    create_for_desap.desap_wraps = create
+    default.maybe_create_mm_pruner = create_for_desap

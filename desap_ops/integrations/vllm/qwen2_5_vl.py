@@ -1,27 +1,32 @@
 """DeSAP in vLLM's Qwen2.5-VL (``vllm.model_executor.models.qwen2_5_vl``). Each image becomes
 ``keep`` tokens, chosen and merged inside ``embed_multimodal`` from vLLM's own vision encoder
 (``qwen_tower``). The kept tokens keep their original 3D rotary positions; ``mrope`` explains
-how vLLM is told them after the encoder has run. Videos pass through unpruned, as in ``apply_desap``.
+how vLLM is told them after the encoder has run (V1 and V2 model runners alike). Videos pass
+through unpruned, as in ``apply_desap``.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
 from .model import DesapModelMixin, registered_with
-from .mrope import Media, media_positions, prompt_positions, recompute_after_encoder
+from .mrope import (CHANNELS, Media, decode_fields, media_positions, missing_hooks, place_media, prompt_positions,
+                    prune_in_v2_runner, recompute_after_encoder, with_position_channels)
 from .options import DesapOptions
 from .processor import TEXT_KEY, DesapProcessorMixin
 from .qwen_tower import read_qwen_tower
+
+log = logging.getLogger(__name__)
 
 
 def check(hf_config, options: DesapOptions) -> None:
     """Refuse at start-up what cannot run. An image's token count depends on its size, so
     ``keep`` is checked per request (the processor)."""
-    for name in ("vision_start_token_id", "image_token_id"):
+    for name in ("image_token_id", "video_token_id"):
         if not isinstance(getattr(hf_config, name, None), int):
             raise ValueError(f"DeSAP in vLLM's Qwen2.5-VL needs the config's {name}")
     if not getattr(hf_config.vision_config, "fullatt_block_indexes", None):
@@ -31,9 +36,9 @@ def check(hf_config, options: DesapOptions) -> None:
 
 def check_engine(vllm_config) -> None:
     """Refuse engine settings under which the kept tokens' positions or signals would be lost."""
-    if vllm_config.use_v2_model_runner:
-        raise ValueError("DeSAP on Qwen2.5-VL needs vLLM's V1 model runner, which recomputes the kept tokens' "
-                         "rotary positions after the encoder: set VLLM_USE_V2_MODEL_RUNNER=0")
+    missing = missing_hooks("v2" if vllm_config.use_v2_model_runner else "v1")
+    if missing:
+        raise ValueError(f"DeSAP on Qwen2.5-VL hooks vLLM internals this vLLM lacks: {', '.join(missing)}")
     if vllm_config.model_config.multimodal_config.video_pruning_rate:
         raise ValueError("DeSAP prunes Qwen2.5-VL's images and passes videos through: it does not run together "
                          "with video_pruning_rate")
@@ -42,22 +47,9 @@ def check_engine(vllm_config) -> None:
                          "turn compile_mm_encoder off")
 
 
-def _prompt_has_vision_starts(prompt: list[int], image_token: int, vision_start: int) -> bool:
-    return all(i > 0 and prompt[i - 1] == vision_start for i, t in enumerate(prompt) if t == image_token)
-
-
 class DesapQwen2_5_VLProcessor(DesapProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     def desap_image_token(self) -> int:
         return self.info.get_hf_config().image_token_id
-
-    def apply(self, inputs, timing_ctx):
-        config = self.info.get_hf_config()
-        if self.desap is not None and not _prompt_has_vision_starts(list(inputs.prompt), config.image_token_id,
-                                                                    config.vision_start_token_id):
-            # vLLM's M-RoPE recompute finds each image by the marker in front of it
-            raise ValueError("DeSAP on Qwen2.5-VL needs <|vision_start|> right before each <|image_pad|> in the "
-                             "prompt, as Qwen's chat template writes them")
-        return super().apply(inputs, timing_ctx)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -84,7 +76,10 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapModelMixin, Qwen2_5_VLForCond
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.desap is not None:
             check_engine(vllm_config)
-            recompute_after_encoder()
+            if vllm_config.use_v2_model_runner:
+                prune_in_v2_runner()
+            else:
+                recompute_after_encoder()
 
     @property
     def desap_recomputes_mrope(self) -> bool:
@@ -111,7 +106,7 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapModelMixin, Qwen2_5_VLForCond
         return tuple(embeddings)
 
     def desap_images(self, image_input, texts, text_mask) -> list[torch.Tensor]:
-        """Per image: its ``keep`` tokens, each followed by its position channels."""
+        """Per image: its ``keep`` tokens, each followed by its position channels (``mrope``)."""
         if image_input["type"] != "pixel_values":
             raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
         grids = image_input["image_grid_thw"].tolist()
@@ -123,8 +118,8 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapModelMixin, Qwen2_5_VLForCond
             hidden, branch, saliency = (p[None] for p in parts)
             result = self.desap_prune(type(signals)(hidden, branch, saliency), texts[i:i + 1], text_mask[i:i + 1],
                                       self.desap.keep)
-            positions = media_positions(t, h // merge, w // merge)[:, result.indices[0].cpu()]
-            out.append(torch.cat([result.tokens[0], positions.T.to(result.tokens)], dim=1))
+            kept = media_positions(t, h // merge, w // merge)[:, result.indices[0].cpu()]
+            out.append(with_position_channels(result.tokens[0], kept))
         return out
 
     def desap_videos(self, video_input) -> list[torch.Tensor]:
@@ -136,9 +131,26 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapModelMixin, Qwen2_5_VLForCond
         for i, (video, (t, h, w)) in enumerate(zip(self._process_video_input(video_input),
                                                    video_input["video_grid_thw"].tolist())):
             t_factor = (float(seconds[i]) if seconds is not None else 1.0) * per_second
-            positions = media_positions(t, h // merge, w // merge, t_factor)
-            out.append(torch.cat([video, positions.T.to(video)], dim=1))
+            out.append(with_position_channels(video, media_positions(t, h // merge, w // merge, t_factor)))
         return out
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """vLLM's runners call this after the encoder with the embeddings of the scheduled window
+        (V1: ``GPUModelRunner._gather_mm_embeddings``, V2: ``MultiModalPruner.recompute``): the
+        embeddings without their position channels, the prompt's positions with each window
+        embedding's placeholders at its tokens' own positions, and the position delta."""
+        if self.desap is None:
+            return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
+                                                     num_computed_tokens)
+        stripped = [embedding[:, :-CHANNELS] for embedding in multimodal_embeddings]
+        try:
+            fields = [decode_fields(embedding[:, -CHANNELS:]) for embedding in multimodal_embeddings]
+            positions, delta = place_media(input_ids, fields, mrope_positions, num_computed_tokens,
+                                           (self.config.image_token_id, self.config.video_token_id))
+        except Exception:   # an exception here would take the engine down with every request in it
+            log.warning("DeSAP M-RoPE: positions left as they were", exc_info=True)
+            positions, delta = mrope_positions, int(mrope_positions.max()) + 1 - mrope_positions.shape[1]
+        return stripped, positions, delta
 
     def get_mrope_input_positions(self, input_tokens, mm_features):
         if self.desap is None:

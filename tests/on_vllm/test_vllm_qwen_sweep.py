@@ -1,0 +1,130 @@
+"""DeSAP's Qwen2.5-VL in vLLM over a fixed grid of prompts, against transformers with apply_desap on
+the same checkpoint: text before the images from none to more than 40 tokens (Qwen's own system
+prompt among them: this tokenizer knows few of its words and none of its chat markers, which become
+<unk> and move no position), one to three images of three shapes, an image with no
+<|vision_start|> before it, prefill in small chunks and from the prefix cache. Every prompt must run
+at transformers' rotary positions in every forward, with the same prompt ids, kept tokens and
+greedy output, and the engine must stay up.
+
+Two engines: one prefills in chunks of 5 tokens, each request alone, every prompt twice (the
+second time from its 32-token blocks in the prefix cache); chunk ends and cache boundaries fall
+right before and right after <|vision_start|>, inside an image and between two images (checked).
+The other runs the grid unchunked in a single batch."""
+import pytest
+
+from engines import QWEN_IMAGE, run_engine, transformers_run
+
+OPTIONS = {"keep": 6}
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"   # 7 tokens here
+CHUNK, BLOCK = 5, 32
+IMAGE_TOKEN, VISION_START = 151, 153
+
+
+def _words(n: int, first: int = 60) -> str:
+    return " ".join(f"w{first + i}" for i in range(n))
+
+
+def _prompt(preamble: str, images: int, between: int = 1) -> str:
+    parts = [preamble] if preamble else []
+    for i in range(images):
+        parts += [QWEN_IMAGE] + ([_words(between, 100 + 10 * i)] if i < images - 1 and between else [])
+    return " ".join(parts + ["how many people are there ? ASSISTANT:"])
+
+
+# (prompt, images); the comment gives where token 32 (the prefix-cache boundary) falls
+GRID = [
+    (_prompt("", 1), ["large"]),
+    (_prompt("", 2, between=0), ["tall", "wide"]),                                  # images glued by their markers
+    (_prompt(SYSTEM, 2), ["large", "tall"]),
+    (_prompt(SYSTEM + _words(3), 3), ["wide", "large", "tall"]),
+    (_prompt(SYSTEM + _words(21), 2, between=4), ["tall", "large"]),   # 32: between the images, before <vs>
+    (_prompt(SYSTEM + _words(21), 1), ["wide"]),                       # 32: inside the image
+    (_prompt(_words(31), 2), ["large", "wide"]),                       # 32: right after <vs>
+    (_prompt(_words(32), 3), ["tall", "wide", "large2"]),              # 32: right before <vs>
+    (_prompt(SYSTEM + _words(40), 2), ["wide", "tall"]),               # 47 tokens before the first image
+    (_prompt(_words(45, first=61), 1), ["large2"]),
+    ("<|image_pad|> " + _prompt(_words(3), 1), ["wide", "large"]),     # the first image: token 0, no <vs>
+]
+
+
+def _kinds(ids: list, end: int) -> set:
+    """Where a chunk that ends before token ``end`` ends, relative to the images."""
+    images = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN]
+    kinds = set()
+    if ids[end] == VISION_START:
+        kinds.add("before <vs>")
+    if ids[end - 1] == VISION_START:
+        kinds.add("after <vs>")
+    if ids[end - 1] == IMAGE_TOKEN and ids[end] == IMAGE_TOKEN:
+        kinds.add("inside an image")
+    elif any(i < end for i in images) and any(i >= end for i in images):
+        kinds.add("between images")
+    return kinds
+
+
+def _columns(forwards: list) -> list:
+    return [column for positions in forwards for column in zip(*positions)]
+
+
+def _expected(checkpoints):
+    folder = checkpoints["qwen2_5_vl"]
+    requests = [(prompt, [checkpoints[name] for name in names]) for prompt, names in GRID]
+    return folder, requests, [transformers_run("qwen2_5_vl", folder, p, i, OPTIONS) for p, i in requests]
+
+
+def _same_answers(got: dict, expected: list) -> None:
+    for outputs in got["rounds"]:
+        for out, want in zip(outputs, expected):
+            assert out["prompt_token_ids"] == want["prompt_ids"]
+            assert out["output_token_ids"] == want["output_ids"]
+    (rank,) = got["ranks"]
+    assert rank["class"] == "DesapQwen2_5_VLForConditionalGeneration"
+    assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoints):
+    return _expected(checkpoints)
+
+
+def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(expected, tmp_path):
+    folder, requests, expected = expected
+    engine = {"hf_overrides": {"desap": OPTIONS}, "block_size": BLOCK, "enable_chunked_prefill": True,
+              "max_num_batched_tokens": CHUNK, "max_num_seqs": 2, "limit_mm_per_prompt": {"image": 3}}
+    got = run_engine(tmp_path, folder, engine, requests, rounds=2, positions=True, one_by_one=True)
+    _same_answers(got, expected)
+
+    seen = {"before <vs>": 0, "after <vs>": 0, "inside an image": 0, "between images": 0}
+    for round_, outputs in enumerate(got["rounds"]):
+        for out, forwards, want in zip(outputs, got["positions"][round_], expected):
+            ids, hits = want["prompt_ids"], out["num_cached_tokens"]
+            assert (hits > 0) == (round_ == 1 and len(ids) > BLOCK)
+            # the request ran alone: its forwards are its prefill chunks, then one token each
+            rows = [row[hits:] for row in want["positions"][-3:]]
+            top = max(map(max, want["positions"][-3:]))
+            decode = [(top + 1 + i,) * 3 for i in range(len(out["output_token_ids"]) - 1)]
+            assert _columns(forwards) == list(zip(*rows)) + decode, (round_, ids)
+            ends = [hits] if hits else []
+            for positions in forwards:
+                ends.append(ends[-1] + len(positions[0]) if ends else len(positions[0]))
+            for end in ends:
+                if 0 < end < len(ids):
+                    for kind in _kinds(ids, end):
+                        seen[kind] += 1
+    assert all(seen.values()), seen
+    assert sorted(out["num_cached_tokens"] for out in got["rounds"][1])[-1] >= 2 * BLOCK
+
+
+def test_unchunked_batch_runs_at_transformers_positions(expected, tmp_path):
+    folder, requests, expected = expected
+    engine = {"hf_overrides": {"desap": OPTIONS}, "limit_mm_per_prompt": {"image": 3}}
+    got = run_engine(tmp_path, folder, engine, requests, positions=True)
+    _same_answers(got, expected)
+    columns = [list(zip(*positions)) for positions in got["positions"][0]]
+    for want in expected:
+        prompt = list(zip(*want["positions"][-3:]))
+        top = max(map(max, want["positions"][-3:]))
+        found = [step for step, cols in enumerate(columns)
+                 if any(cols[c:c + len(prompt)] == prompt for c in range(len(cols) - len(prompt) + 1))]
+        assert found, want["prompt_ids"]
+        assert (top + 1,) * 3 in columns[found[0] + 1]
