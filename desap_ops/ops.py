@@ -83,7 +83,11 @@ def _prune_cpu(*args, **kwargs) -> OpResult:
 
 @prune.register_kernel("cuda")
 def _prune_cuda(hidden, *args, **kwargs) -> OpResult:
-    if hidden.dtype == torch.float64:  # the kernels compute in float32; float64 keeps its precision
+    from .kernels.selection import MAX_TOKENS  # here: importing the kernels needs triton
+
+    # float64 keeps its precision (the kernels compute in float32); an image larger than the
+    # whole-image selection holds in registers runs the reference rather than failing
+    if hidden.dtype == torch.float64 or hidden.shape[1] > MAX_TOKENS:
         return _run_reference(hidden, *args, **kwargs)
     return _run_triton(hidden, *args, **kwargs)
 

@@ -253,3 +253,19 @@ def test_torch_compile_dynamic_shapes_and_symbolic_keep(backend):
                 outputs.append(indices)
             assert torch.equal(outputs[0], outputs[1])
             torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_auto_on_cuda_runs_an_image_larger_than_the_triton_selection_on_the_reference(monkeypatch):
+    # the CUDA kernel's dispatch, driven with CPU tensors: the Triton path would run interpreted,
+    # the reference path gives the reference's result, with no error for the size
+    from desap_ops import ops
+    from desap_ops.kernels import selection
+
+    case = tie_free_case(batch=1, tokens=40, keep=8)
+    monkeypatch.setattr(selection, "MAX_TOKENS", 32)   # the case's 40 tokens are then too many
+    args = (case.hidden, case.attn, case.text, None, case.saliency, None, 8, 0.5, True, "max", None)
+    got = ops._prune_cuda(*args)
+    expected = reference.prune(case.hidden, case.attn, case.text, case.saliency, 8)
+    assert torch.equal(got[1], expected.indices) and torch.equal(got[0], expected.tokens)
+    with pytest.raises(ValueError, match="N <= 32"):
+        ops._run_triton(*args)
