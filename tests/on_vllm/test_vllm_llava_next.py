@@ -9,12 +9,35 @@ def test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes(
     folder = checkpoints["llava_next"]
     requests = [(PROMPTS[0], checkpoints["wide"]), (PROMPTS[1], checkpoints["odd"]),
                 (PROMPTS[2], checkpoints["wide"])]
-    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": OPTIONS}}, requests)
+    # round 2 repeats every request in a new generate call: each image comes from vLLM's processor cache
+    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": OPTIONS}}, requests, rounds=2)
     expected = [transformers_run("llava_next", folder, p, i, OPTIONS) for p, i in requests]
     assert expected[0]["indices"] != expected[2]["indices"]   # one image, two prompts, two choices
-    for out, want in zip(got["rounds"][0], expected):
-        assert out["prompt_token_ids"] == want["prompt_ids"]
-        assert out["output_token_ids"] == want["output_ids"]
+    for outputs in got["rounds"]:
+        for out, want in zip(outputs, expected):
+            assert out["prompt_token_ids"] == want["prompt_ids"]
+            assert out["output_token_ids"] == want["output_ids"]
     (rank,) = got["ranks"]
     assert rank["class"] == "DesapLlavaNextForConditionalGeneration"
-    assert sorted(tuple(r["indices"]) for r in rank["history"]) == sorted(tuple(e["indices"][0]) for e in expected)
+    assert sorted({tuple(r["indices"]) for r in rank["history"]}) == sorted({tuple(e["indices"][0]) for e in expected})
+
+
+def test_a_repeated_image_and_prompt_is_served_from_the_processor_cache_with_the_same_placeholders(checkpoints):
+    # the second call finds the image in the cache and processes no item: the placeholder count
+    # must not be read from the (empty) list of items processed now
+    from PIL import Image
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.cache.base import MultiModalProcessorOnlyCache
+
+    from desap_ops.integrations.vllm import register
+
+    register()
+    config = ModelConfig(model=str(checkpoints["llava_next"]), hf_overrides={"desap": OPTIONS}, max_model_len=512)
+    processor = MULTIMODAL_REGISTRY.create_processor(config)
+    cache = MultiModalProcessorOnlyCache(config)
+    items = processor.info.parse_mm_data({"image": Image.open(checkpoints["wide"]).convert("RGB")})
+    first, second = (processor(PROMPTS[0], items, cache=cache) for _ in range(2))
+    assert first["prompt_token_ids"] == second["prompt_token_ids"]
+    assert first["prompt_token_ids"].count(config.hf_config.image_token_index) == OPTIONS["keep"]
+    assert first["mm_hashes"] == second["mm_hashes"]

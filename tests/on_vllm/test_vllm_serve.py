@@ -1,5 +1,6 @@
 """``vllm serve`` with DeSAP on the loopback interface: an OpenAI-compatible chat request with an
-image gets the pruned prompt and the same greedy answer as transformers with apply_desap."""
+image gets the pruned prompt and the same greedy answer as transformers with apply_desap. The
+server helpers here serve ``test_vllm_load.py`` too."""
 import base64
 import json
 import socket
@@ -7,7 +8,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from engines import engine_environment, transformers_run
 
@@ -21,42 +24,57 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(url: str, body: dict) -> dict:
+def post(url: str, body: dict, timeout: float = 120) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.load(response)
+
+
+def is_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def chat_body(folder: Path, image: str, question: str, max_tokens: int = 8) -> dict:
+    """A greedy OpenAI chat request with ``image`` as a PNG data URL before ``question``."""
+    data = base64.b64encode(open(image, "rb").read()).decode()
+    return {"model": str(folder), "temperature": 0, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+                {"type": "text", "text": question}]}]}
+
+
+@contextmanager
+def served(folder: Path, options: dict, log_file: Path,
+           start_timeout: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``vllm serve folder`` with DeSAP ``options`` on 127.0.0.1: (its base URL, its process),
+    once healthy; stopped on exit. Its output goes to ``log_file``."""
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(folder), "--host", "127.0.0.1",
+               "--port", str(port), "--hf-overrides", json.dumps({"desap": options}), "--dtype", "float32",
+               "--max-model-len", "512", "--gpu-memory-utilization", "0.1", "--enforce-eager", "--seed", "0"]
+    url = f"http://127.0.0.1:{port}"
+    with open(log_file, "w") as log:
+        server = subprocess.Popen(command, env=engine_environment(), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + start_timeout
+            while not is_healthy(url):
+                assert server.poll() is None, Path(log_file).read_text()[-4000:]
+                assert time.time() < deadline, f"vllm serve did not start in {start_timeout} s"
+                time.sleep(2)
+            yield url, server
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
 
 def test_vllm_serve_answers_a_chat_request_with_an_image_as_apply_desap_does(checkpoints, tmp_path):
     folder, image = checkpoints["llava"], checkpoints["square"]
-    port = _free_port()
-    command = [str(Path(sys.executable).parent / "vllm"), "serve", str(folder), "--host", "127.0.0.1",
-               "--port", str(port), "--hf-overrides", json.dumps({"desap": OPTIONS}), "--dtype", "float32",
-               "--max-model-len", "512", "--gpu-memory-utilization", "0.1", "--enforce-eager", "--seed", "0"]
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(command, env=engine_environment(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "vllm serve did not start in 300 s"
-            time.sleep(2)
-        data = base64.b64encode(open(image, "rb").read()).decode()
-        reply = _post(f"http://127.0.0.1:{port}/v1/chat/completions", {
-            "model": str(folder), "temperature": 0, "max_tokens": 8,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
-                {"type": "text", "text": QUESTION}]}]})
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
+    with served(folder, OPTIONS, tmp_path / "serve.log") as (url, _):
+        reply = post(f"{url}/v1/chat/completions", chat_body(folder, image, QUESTION))
 
     # the chat template renders "USER: <image> {question} ASSISTANT:"
     want = transformers_run("llava", folder, f"USER: <image> {QUESTION} ASSISTANT:", image, OPTIONS)

@@ -3,8 +3,9 @@ model's config carries ``desap`` (``hf_overrides={"desap": {...}}``; docs/vllm.m
 
 :func:`register` runs in every vLLM process. It registers one DeSAP class per supported
 architecture and wraps the model registry's two lookups: a config with ``desap`` resolves to the
-DeSAP class of its architecture, or fails at start-up with the list of supported ones; a config
-without it resolves exactly as before, to vLLM's own classes.
+DeSAP class of its architecture, or fails at start-up with the list of supported ones, or with
+the supported vLLM versions where vLLM's internals differ from what the plugin hooks
+(``hooks``); a config without it resolves exactly as before, to vLLM's own classes.
 """
 from __future__ import annotations
 
@@ -41,13 +42,16 @@ def _load(target: str):
 
 
 def desap_architecture(architectures, model_config) -> str | None:
-    """The DeSAP architecture a config resolves to; None without ``desap`` (vLLM's own lookup)."""
+    """The DeSAP architecture a config resolves to; None without ``desap`` (vLLM's own lookup).
+    With ``desap``, a vLLM whose hooked internals differ fails here (``hooks.VllmVersionError``)."""
+    from .hooks import check_vllm_hooks
     from .options import read_options
 
     hf_config = getattr(model_config, "hf_config", None)
     options = read_options(hf_config) if hf_config is not None else None
     if options is None:
         return None
+    check_vllm_hooks()
     names = [architectures] if isinstance(architectures, str) else list(architectures or ())
     found = [name for name in names if name in SUPPORTED]
     if not found:
@@ -69,9 +73,14 @@ def _wrap(lookup: Callable) -> Callable:
 
 
 def register() -> None:
-    """vLLM's plugin hook (may run several times per process)."""
+    """vLLM's plugin hook (may run several times per process). Checks only the registry's lookups
+    it wraps: without them no ``desap`` config could be caught, so this is the one place to fail;
+    the rest is checked when a config asks for DeSAP (:func:`desap_architecture`)."""
     from vllm import ModelRegistry
 
+    from .hooks import REGISTRY_HOOKS, check_vllm_hooks
+
+    check_vllm_hooks(REGISTRY_HOOKS)
     for arch, (target, _) in SUPPORTED.items():
         ModelRegistry.register_model(PREFIX + arch, f"{__name__}.{target}")
     for name in ("inspect_model_cls", "resolve_model_cls"):

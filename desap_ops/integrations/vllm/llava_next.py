@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor
-from vllm.multimodal.parse import ImageProcessorItems
 from vllm.multimodal.processing import PromptReplacement
 
 from ..anyres import packed_sources
@@ -35,16 +34,23 @@ class DesapLlavaNextProcessor(DesapProcessorMixin, LlavaNextMultiModalProcessor)
             return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         keep, token = self.desap.keep, self.desap_image_token()
         config = self.info.get_hf_config()
-        images = mm_items.get_items("image", ImageProcessorItems)
-        for i in range(images.get_count()):
-            size = images.get_image_size(i)
-            packed = layout(config, (size.height, size.width))
+
+        def kept_placeholders(i: int) -> list[int]:
+            # vLLM resolves this only for images processed now, whose fields are in out_mm_kwargs;
+            # a cached image brings its resolved count from the cache, and mm_items may then be empty
+            fields = out_mm_kwargs["image"][i]
+            if "image_sizes" not in fields:
+                raise ValueError("DeSAP prunes from pixels; this request gave image embeddings")
+            height, width = (int(v) for v in fields["image_sizes"].data)
+            packed = layout(config, (height, width))
             newlines = int((packed < 0).sum())
             if not newlines < keep <= packed.numel():
-                raise ValueError(f"keep={keep} does not fit image {i} ({size.width}x{size.height}): it has "
+                raise ValueError(f"keep={keep} does not fit image {i} ({width}x{height}): it has "
                                  f"{packed.numel() - newlines} visual and {newlines} image-newline tokens, "
                                  "and the newlines count toward keep")
-        return [PromptReplacement(modality="image", target=[token], replacement=[token] * keep)]
+            return [token] * keep
+
+        return [PromptReplacement(modality="image", target=[token], replacement=kept_placeholders)]
 
 
 @registered_with(DesapLlavaNextProcessor, LlavaNextForConditionalGeneration)
