@@ -30,6 +30,7 @@ setup(
         # layers. apply_desap checks its tested range when it patches (integrations/compat.py);
         # the `hf` extra asks pip for that range.
         "transformers",
+        "packaging",   # integrations/compat.py compares transformers releases
         # imported directly by the checkpoint writer of ``desap bench vllm`` (transformers needs them too)
         "safetensors",
         "tokenizers",
