@@ -78,6 +78,51 @@ def tiny_qwen2_5_vl(seed: int = 0, attn_implementation: str = "sdpa") -> nn.Modu
     return _seeded(Qwen2_5_VLForConditionalGeneration, config, seed, attn_implementation)
 
 
+def _tiny_qwen3(config_name: str, model_name: str, vision: dict, text: dict, seed: int,
+                attn_implementation: str) -> nn.Module:
+    """A Qwen3-generation model (Qwen3-VL, Qwen3.5 and their MoE) with the tiny Qwen tower: 14-pixel
+    patches, 2 x 2 merge, full attention in its 3 blocks, a 4 x 4 learned position grid."""
+    import transformers
+
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16, **vision)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=160, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, **text)
+    config = getattr(transformers, config_name)(
+        vision_config=vision, text_config=text, image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO,
+        vision_start_token_id=153, vision_end_token_id=154)
+    return _seeded(getattr(transformers, model_name), config, seed, attn_implementation)
+
+
+_QWEN3_VL_TEXT = dict(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+# Qwen3.5: a linear-attention (gated delta rule) layer, then a full-attention one; rotary on a quarter
+# of each 32-wide head
+_QWEN3_5_TEXT = dict(head_dim=32, layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                     linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                      "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+_TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+
+
+def tiny_qwen3_vl(seed: int = 0, attn_implementation: str = "sdpa", moe: bool = False) -> nn.Module:
+    """Qwen3-VL layout (``moe``: Qwen3-VL-MoE): DeepStack features from vision blocks 0 and 1 added
+    after the first two language-model layers. pixel_values are (patches, 3 * 2 * 14 * 14)."""
+    names = ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration") if moe else \
+        ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration")
+    text = dict(_QWEN3_VL_TEXT, **(dict(_TINY_MOE, decoder_sparse_step=1) if moe else {}))
+    return _tiny_qwen3(*names, dict(deepstack_visual_indexes=[0, 1]), text, seed, attn_implementation)
+
+
+def tiny_qwen3_5(seed: int = 0, attn_implementation: str = "sdpa", moe: bool = False) -> nn.Module:
+    """Qwen3.5 layout (``moe``: Qwen3.5-MoE): Qwen3-VL's tower without DeepStack, a language model
+    of linear-attention and full-attention layers."""
+    names = ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration") if moe else \
+        ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration")
+    text = dict(_QWEN3_5_TEXT, **(dict(_TINY_MOE, shared_expert_intermediate_size=32) if moe else {}))
+    return _tiny_qwen3(*names, {}, text, seed, attn_implementation)
+
+
 def tiny_llava_next_video(seed: int = 0, attn_implementation: str = "sdpa") -> nn.Module:
     """LLaVA-NeXT-Video layout: frames of 4 x 4 patches pooled 2 x 2 -> 4 tokens per frame."""
     from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration

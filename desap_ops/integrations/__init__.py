@@ -5,8 +5,8 @@
     apply_desap(model, keep=64, task_ratio="auto", text_budget=32, chat=processor)   # beyond the paper
 
 Imports point one way: this registry -> one patcher per model family (``llava``, ``llava_next``,
-``qwen2_5_vl``, ``video``) -> the shared modules (``serving``, ``prompt``, ``chat``,
-``clip_tower``, ``state``, ``signals``, ``sequence``). A patcher imports only shared modules.
+``qwen2_5_vl``, ``qwen3_vl``, ``video``) -> the shared modules (``serving``, ``qwen_plan``, ``prompt``,
+``chat``, ``clip_tower``, ``state``, ``signals``, ``sequence``). A patcher imports only shared modules.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..validation import check_backend, check_options, check_text_budget
-from . import compat, llava, llava_next, qwen2_5_vl, video
+from . import compat, llava, llava_next, qwen2_5_vl, qwen3_vl, video
 from .chat import ChatMarkers, as_chat_markers
 from .prompt import ignored_token_ids
 from .serving import uninstall_methods
@@ -27,6 +27,10 @@ PATCHERS: dict[str, Callable[[nn.Module, DesapState], None]] = {
     "LlavaForConditionalGeneration": llava.install,
     "LlavaNextForConditionalGeneration": llava_next.install,
     "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl.install,
+    "Qwen3VLForConditionalGeneration": qwen3_vl.install,
+    "Qwen3VLMoeForConditionalGeneration": qwen3_vl.install,
+    "Qwen3_5ForConditionalGeneration": qwen3_vl.install,
+    "Qwen3_5MoeForConditionalGeneration": qwen3_vl.install,
     "LlavaNextVideoForConditionalGeneration": video.install_llava_next_video,
     "VideoLlavaForConditionalGeneration": video.install_video_llava,
 }
@@ -37,6 +41,10 @@ HOOKS: dict[str, tuple[compat.Hook, ...]] = {
     "LlavaForConditionalGeneration": llava.HOOKS,
     "LlavaNextForConditionalGeneration": llava_next.HOOKS,
     "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl.HOOKS,
+    "Qwen3VLForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_VL,
+    "Qwen3VLMoeForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_VL_MOE,
+    "Qwen3_5ForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_5,
+    "Qwen3_5MoeForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_5_MOE,
     "LlavaNextVideoForConditionalGeneration": video.HOOKS,
     "VideoLlavaForConditionalGeneration": video.HOOKS,
 }
@@ -63,11 +71,11 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
     """Patch ``model`` in place so every image reaches the language model as ``keep`` tokens.
 
     Args:
-        model: one of ``SUPPORTED`` (or a subclass): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL,
-            LLaVA-NeXT-Video, Video-LLaVA.
-        keep: tokens per image (LLaVA-NeXT: per image over its base and crops together;
-            Qwen2.5-VL: language-model tokens, each a merged 2 x 2 group of patches) or, for the
-            video models, per video across all its frames.
+        model: one of ``SUPPORTED`` (or a subclass): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL
+            and Qwen3.5 (dense and MoE), LLaVA-NeXT-Video, Video-LLaVA.
+        keep: at most this many tokens per image (LLaVA-NeXT: per image over its base and crops
+            together; the Qwen models: language-model tokens, each a merged 2 x 2 group of
+            patches) or per video across all its frames (the video models and the Qwen models).
         task_ratio, merge, text_reduce, backend, text_budget: as in :func:`desap_ops.prune`
             (``task_ratio="auto"``: each image's split read from its own task scores;
             ``text_budget=M``: at most M text tokens per image take part).

@@ -68,6 +68,22 @@ def shrink_placeholders(
     is_image = input_ids == image_token_id
     kept = torch.ones_like(is_image)
     kept[is_image] = kept_placeholders.to(kept.device)
+    return drop_tokens(kept, pad_token_id, input_ids, attention_mask, labels, position_ids, token_types, pad_left)
+
+
+def drop_tokens(
+    kept: torch.Tensor,
+    pad_token_id: int,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    token_types: Optional[torch.Tensor] = None,
+    pad_left: bool = False,
+) -> dict:
+    """:func:`shrink_placeholders` with the positions to keep given as a (B, T) bool mask (any
+    token, of any kind of placeholder); padding positions are dropped too."""
+    kept = kept.clone()
     if attention_mask is not None:
         if bool((attention_mask == 0).any()):
             pad_left = bool((attention_mask[:, 0] == 0).any())

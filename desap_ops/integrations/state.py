@@ -44,7 +44,7 @@ class DesapState:
     originals: dict = field(default_factory=dict)  # method name -> the bound method DeSAP shadows
     # per call, cleared when the forward or generate call being served returns
     prompt: Optional[tuple] = None     # (input_ids, attention_mask) after shrinking, for the text side
-    pending: Optional[dict] = None     # work a patcher planned for this call (Qwen2.5-VL: features,
+    pending: Optional[dict] = None     # work a patcher planned for this call (the Qwen models: features,
     #                                    kept positions, rope deltas); None where nothing is planned
     # kept until the next vision pass: RECORD_FIELDS name -> one tensor per image (see last_prune)
     last: dict = field(default_factory=dict)

@@ -1,12 +1,14 @@
 """``generate`` under apply_desap returns what the unpatched model's generate returns: the caller's
 own prompt ids, then the new tokens. Checked with the model cards' own decode idioms, for every
 family, with and without padding, beams and ``num_return_sequences``."""
+import functools
+
 import pytest
 import torch
 from integration_prompts import N, llava_pixels, llava_prompt, pad
 
 from desap_ops.cli.models import (IMAGE_TOKEN_ID, QWEN_IMAGE, VIDEO_TOKEN_ID, tiny_llava, tiny_llava_next,
-                                  tiny_llava_next_video, tiny_qwen2_5_vl, tiny_video_llava)
+                                  tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 from desap_ops.integrations import apply_desap
 
 NEXT_SIZES, NEXT_TOKENS = torch.tensor([[56, 112], [112, 112]]), [52, 88]
@@ -32,15 +34,23 @@ def _cases():
     video = torch.randn(2, FRAMES, 3, 56, 56, generator=torch.Generator().manual_seed(3))
     next_pixels = torch.randn(2, 5, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     qwen_grids = [(8, 12), (8, 8)]
+    qwen_rows = [_qwen_ids(8, 12, [7, 8, 9, 10, 11]), _qwen_ids(8, 8, [9])]
+
+    def qwen_vision(rows):
+        return dict(pixel_values=torch.cat([_qwen_pixels([qwen_grids[r]], r) for r in rows]),
+                    image_grid_thw=torch.tensor([[1, *qwen_grids[r]] for r in rows]))
+
     return {
         "llava": (tiny_llava, 4, [llava_prompt([5], 1, [7, 8, 9, 10]), llava_prompt([6, 3], 1, [9])],
                   lambda rows: dict(pixel_values=llava_pixels()[rows])),
         "llava-next": (tiny_llava_next, 20, [llava_prompt([5], 1, [7, 8], per_image=NEXT_TOKENS[0]),
                                              llava_prompt([6], 1, [9, 10, 11], per_image=NEXT_TOKENS[1])],
                        lambda rows: dict(pixel_values=next_pixels[rows], image_sizes=NEXT_SIZES[rows])),
-        "qwen2.5-vl": (tiny_qwen2_5_vl, 5, [_qwen_ids(8, 12, [7, 8, 9, 10, 11]), _qwen_ids(8, 8, [9])],
-                       lambda rows: dict(pixel_values=torch.cat([_qwen_pixels([qwen_grids[r]], r) for r in rows]),
-                                         image_grid_thw=torch.tensor([[1, *qwen_grids[r]] for r in rows]))),
+        "qwen2.5-vl": (tiny_qwen2_5_vl, 5, qwen_rows, qwen_vision),
+        "qwen3-vl": (tiny_qwen3_vl, 5, qwen_rows, qwen_vision),
+        "qwen3-vl-moe": (functools.partial(tiny_qwen3_vl, moe=True), 5, qwen_rows, qwen_vision),
+        "qwen3.5": (tiny_qwen3_5, 5, qwen_rows, qwen_vision),
+        "qwen3.5-moe": (functools.partial(tiny_qwen3_5, moe=True), 5, qwen_rows, qwen_vision),
         "llava-next-video": (tiny_llava_next_video, 5,
                              [[1, 5] + [VIDEO_TOKEN_ID] * (FRAMES * 4) + [7, 8, 9], [1] + [VIDEO_TOKEN_ID] * (FRAMES * 4) + [9]],
                              lambda rows: dict(pixel_values_videos=video[rows])),
@@ -57,7 +67,7 @@ def _inputs(name, rows, left=True):
     build, keep, prompts, vision = CASES[name]
     extra = vision(rows)
     batch = _batch([prompts[r] for r in rows], left, **extra)
-    if name == "qwen2.5-vl":
+    if name.startswith("qwen"):
         batch["mm_token_type_ids"] = (batch["input_ids"] == QWEN_IMAGE).int()
     return batch
 
@@ -95,7 +105,7 @@ def test_a_padded_batch_returns_its_own_prompt_then_each_rows_answer(models, nam
         assert out[r, width:].tolist() == answer[0].tolist()
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2.5-vl", "video-llava"])
+@pytest.mark.parametrize("name", ["llava", "qwen2.5-vl", "qwen3-vl", "qwen3.5", "video-llava"])
 def test_beams_and_several_sequences_repeat_each_prompt(models, name):
     model = models[name]
     batch = _inputs(name, [0, 1], left=True)

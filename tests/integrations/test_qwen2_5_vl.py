@@ -1,11 +1,15 @@
-"""apply_desap on a tiny random-weight Qwen2.5-VL built from a config."""
+"""apply_desap on a tiny random-weight Qwen2.5-VL built from a config: images, and videos (one budget per clip)."""
 import pytest
+import qwen_inputs
 import torch
 from integration_prompts import pad
 from operator_by_hand import OPTIONS, PLANTED, check_record, plant_and_prune
+from qwen_checks import (TEXT, VIDEO, check_batch_equals_rows, check_generate_matches_forward,
+                         check_keep_all_leaves_logits_unchanged, check_one_budget_per_clip, check_remove_restores,
+                         language_model_call)
 
 from desap_ops import reference
-from desap_ops.cli.models import QWEN_IMAGE as IMG, tiny_qwen2_5_vl
+from desap_ops.cli.models import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
 from desap_ops.integrations import apply_desap, last_prune, qwen2_5_vl, remove_desap, signals
 
 START, END = 153, 154
@@ -187,3 +191,49 @@ def test_attention_implementation_is_untouched_and_remove_restores():
         assert name not in model.__dict__
     assert "get_image_features" not in model.model.__dict__
     assert torch.equal(model(**inputs).logits, before)
+
+
+# --- videos: one budget per clip, as for Qwen3-VL (qwen_checks, without per-frame timestamps) ---
+
+@pytest.mark.parametrize("media", ["video", "image+video"])
+def test_video_keep_all_without_merge_leaves_logits_unchanged(media):
+    check_keep_all_leaves_logits_unchanged(tiny_qwen2_5_vl, media, timestamps=False)
+
+
+def test_video_language_model_gets_the_reference_operator_and_original_positions():
+    model = tiny_qwen2_5_vl()
+    data = qwen_inputs.inputs([VIDEO], seed=5, timestamps=False, after=TEXT)
+    with torch.no_grad():
+        hidden, branch, saliency = qwen2_5_vl.vision_signals(model, data["pixel_values_videos"], data["video_grid_thw"])
+        text = model.get_input_embeddings()(torch.tensor([TEXT]))
+        expected = reference.prune(hidden[None], branch[None], text, saliency[None], 7, task_ratio=0.4)
+    assert torch.isclose(saliency.sum(), torch.tensor(2.0))   # attention received within each of 2 frames
+    apply_desap(model, keep=7, task_ratio=0.4)
+    with language_model_call(model) as seen:
+        model(**data)
+    kept = last_prune(model).indices[0]
+    assert kept.tolist() == expected.indices[0].tolist()
+    ids = data["input_ids"]
+    torch.testing.assert_close(seen["inputs_embeds"][0][seen["input_ids"][0] == VID], expected.tokens[0],
+                               rtol=1e-5, atol=1e-6)
+    full, _ = model.model.get_rope_index(ids, mm_token_type_ids=data["mm_token_type_ids"],
+                                         video_grid_thw=data["video_grid_thw"])
+    columns = sorted((ids[0] != VID).nonzero()[:, 0].tolist() + (ids[0] == VID).nonzero()[:, 0][kept].tolist())
+    assert torch.equal(seen["position_ids"][:, 0], full[:, 0, columns])
+
+
+def test_video_one_budget_per_clip_and_keep_means_at_most():
+    check_one_budget_per_clip(tiny_qwen2_5_vl, timestamps=False)
+
+
+@pytest.mark.parametrize("media", ["video", "image+video"])
+def test_video_generate_matches_forward(media):
+    check_generate_matches_forward(tiny_qwen2_5_vl, media, timestamps=False)
+
+
+def test_video_left_padded_batch_of_an_image_row_and_a_video_row_equals_its_rows():
+    check_batch_equals_rows(tiny_qwen2_5_vl, timestamps=False)
+
+
+def test_video_remove_desap_restores():
+    check_remove_restores(tiny_qwen2_5_vl, timestamps=False)

@@ -6,15 +6,17 @@ from integration_prompts import N, llava_pixels, llava_prompt
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from desap_ops.cli.models import QWEN_IMAGE, tiny_llava, tiny_llava_next, tiny_llava_next_video, tiny_qwen2_5_vl
-from desap_ops.integrations import (SUPPORTED, PruneRecord, apply_desap, image_token_counts, last_prune,
+from desap_ops.integrations import (HOOKS, SUPPORTED, PruneRecord, apply_desap, image_token_counts, last_prune,
                                     remove_desap)
 
-FIVE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
-        "LlavaNextVideoForConditionalGeneration", "VideoLlavaForConditionalGeneration")
+NINE = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+        "Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration", "Qwen3_5ForConditionalGeneration",
+        "Qwen3_5MoeForConditionalGeneration", "LlavaNextVideoForConditionalGeneration",
+        "VideoLlavaForConditionalGeneration")
 
 
-def test_supported_lists_the_five_model_classes():
-    assert sorted(SUPPORTED) == sorted(FIVE)
+def test_supported_lists_the_nine_model_classes_each_with_its_hooks():
+    assert sorted(SUPPORTED) == sorted(NINE) == sorted(HOOKS)
     assert all(hasattr(transformers, name) for name in SUPPORTED)
 
 
