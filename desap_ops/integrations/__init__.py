@@ -68,7 +68,7 @@ def _lookup(table: dict, model, caller: str):
 def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Literal["auto"]] = 0.5,
                 merge: bool = True, *, text_reduce: str = "max", exclude_token_ids=(), backend: str = "auto",
                 text_budget: Optional[int] = None, chat: Union[ChatMarkers, Any, None] = None) -> nn.Module:
-    """Patch ``model`` in place so every image reaches the language model as ``keep`` tokens.
+    """Patch ``model`` in place so every image reaches the language model as at most ``keep`` tokens.
 
     Args:
         model: one of ``SUPPORTED`` (or a subclass): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL
@@ -82,8 +82,9 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
         exclude_token_ids: token ids that never count as prompt text; padding, BOS, EOS and image
             tokens never count.
         chat: the chat template's markers, a :class:`ChatMarkers` or a tokenizer or processor to
-            read them from: then only the user's words count as text (no role words, turn ends
-            or earlier answers; docs/integrations.md). None: every token after the image does.
+            read them from: then only the user's words of the image's own turn count as text (no
+            role words, turn ends, answers or later turns; docs/integrations.md). None: every
+            token after the image does.
     Returns the model. Applying again replaces the previous patch.
 
     Raises:
@@ -91,9 +92,8 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
         RuntimeError: a transformers release older than the oldest tested one, or one that lacks a
             model internal the patch uses (``compat``); the model is left as it was. A release
             newer than the newest tested one gives a warning.
-        ValueError: an option out of range, or a ``keep`` above an image's tokens (LLaVA-1.5; the
-            other families check it per call, when the images are known). A supported model is
-            left without DeSAP after either error.
+        ValueError: an option out of range; a supported model is left without DeSAP. (A ``keep``
+            above an image's tokens is no error: that image passes whole.)
     """
     install = _lookup(PATCHERS, model, "apply_desap")
     compat.check_version()

@@ -10,7 +10,8 @@ JOB: {"model": folder, "engine": {LLM keyword arguments}, "requests": [{"prompt"
 prompt and output token ids and the prefix-cache hits; per tensor-parallel rank, the model's class
 name and its DeSAP history; with "positions", per round, the rotary positions of each
 language-model forward (M-RoPE: 3 rows) on the first rank (with "one_by_one": per round, per
-request, the forwards of that request).
+request, the forwards of that request). With "watch": ["module:function", "module:function"], the
+first runs in every worker before the rounds and the second's result per rank is "watched".
 """
 import json
 import os
@@ -34,6 +35,8 @@ def main():
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8))
     if job.get("positions"):
         llm.apply_model(watch_positions)
+    if job.get("watch"):   # ["module:function" run in every worker first, "module:function" read at the end]
+        llm.apply_model(_named(job["watch"][0]))
 
     def record(outputs):
         return [{"prompt_token_ids": list(o.prompt_token_ids), "output_token_ids": list(o.outputs[0].token_ids),
@@ -51,7 +54,15 @@ def main():
         if job.get("positions"):
             positions.append(seen if job.get("one_by_one") else seen[0])
     ranks = llm.apply_model(history)
-    json.dump({"rounds": rounds, "ranks": ranks, "positions": positions}, open(sys.argv[2], "w"))
+    watched = llm.apply_model(_named(job["watch"][1])) if job.get("watch") else None
+    json.dump({"rounds": rounds, "ranks": ranks, "positions": positions, "watched": watched}, open(sys.argv[2], "w"))
+
+
+def _named(target):
+    import importlib
+
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 if __name__ == "__main__":

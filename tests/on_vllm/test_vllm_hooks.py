@@ -102,3 +102,18 @@ def test_every_vllm_method_a_desap_class_overrides_is_in_the_table():
                     assert f"{vllm_class.__module__}:{vllm_class.__name__}.{name}" in targets, name
                     checked += 1
     assert checked >= 3 * 7 + 3 * 2   # the processor overrides and each model's __init__ and embed_multimodal
+
+
+def test_the_v2_runner_names_behind_qwen_positions_are_in_the_one_table(monkeypatch):
+    from vllm.v1.worker.gpu.model_states import default
+
+    targets = {hook.target for hook in HOOKS}
+    assert "vllm.v1.worker.gpu.model_states.default:maybe_create_mm_pruner" in targets
+    assert "vllm.v1.worker.gpu.model_states.mm_pruning:MultiModalPruner" in targets
+
+    def create(model_config, model, rope, encoder_cache):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(default, "maybe_create_mm_pruner", create)
+    with pytest.raises(VllmVersionError, match=r"maybe_create_mm_pruner takes \(model_config, model, rope, "):
+        check_vllm_hooks()

@@ -77,7 +77,7 @@ def test_a_model_desap_does_not_support_fails_at_start_up(tmp_path):
 
 
 @pytest.mark.parametrize("desap, message", [
-    ({"keep": 17}, "keep"),                       # the tiny LLaVA has 16 tokens per image
+    ({"keep": 0}, "keep"),
     ({"keep": 4, "ratio": 0.5}, "unknown option"),
     ({"keep": 4, "task_ratio": 1.5}, "task_ratio"),
     ({"keep": 4, "text_budget": 0}, "text_budget"),
@@ -102,24 +102,32 @@ def test_options_of_the_wrong_type_are_refused_by_name():
     assert (options.keep, options.task_ratio, options.text_budget, options.merge) == (4, "auto", 8, False)
 
 
-def test_llava_next_image_too_small_for_keep_is_refused_for_that_request(checkpoints):
-    # a 56 x 112 image packs 48 visual and 4 image-newline tokens: keep 4 leaves no visual token
-    processor = _processor(checkpoints["llava_next"], {"desap": {"keep": 4}})
-    with pytest.raises(ValueError, match="keep=4 does not fit image 0"):
-        _process(processor, PROMPT_A, checkpoints["wide"])
-    fits = _processor(checkpoints["llava_next"], {"desap": {"keep": 12}})
-    assert _process(fits, PROMPT_A, checkpoints["wide"])["prompt_token_ids"].count(100) == 12
+def test_llava_keep_above_the_images_tokens_passes_it_whole(checkpoints):
+    # the tiny LLaVA has 16 tokens per image; keep means at most, as in apply_desap
+    processor = _processor(checkpoints["llava"], {"desap": {"keep": 17}})
+    assert _process(processor, PROMPT_A, checkpoints["square"])["prompt_token_ids"].count(100) == 16
+
+
+@pytest.mark.parametrize("keep, placeholders", [
+    (4, 5),     # the 4 image-newline tokens leave no room: they and one visual token
+    (12, 12),
+    (60, 52),   # more than the image's 48 visual and 4 newline tokens: the whole image
+])
+def test_llava_next_placeholders_per_image_follow_image_budget(checkpoints, keep, placeholders):
+    # a 112 x 56 image packs 48 visual and 4 image-newline tokens
+    processor = _processor(checkpoints["llava_next"], {"desap": {"keep": keep}})
+    assert _process(processor, PROMPT_A, checkpoints["wide"])["prompt_token_ids"].count(100) == placeholders
 
 
 QWEN_A = "USER: <|vision_start|><|image_pad|><|vision_end|> what is the color of the sky ? ASSISTANT:"
 
 
-def test_qwen_image_gets_keep_placeholders_and_too_small_an_image_is_refused_for_that_request(checkpoints):
+def test_qwen_image_gets_keep_placeholders_and_a_smaller_image_all_of_its_tokens(checkpoints):
     processor = _processor(checkpoints["qwen2_5_vl"], {"desap": {"keep": 6}})
     image_token = processor.info.get_hf_config().image_token_id
     assert _process(processor, QWEN_A, checkpoints["large"])["prompt_token_ids"].count(image_token) == 6
-    with pytest.raises(ValueError, match="keep=6 is more than the 4 tokens of image 0"):
-        _process(processor, QWEN_A, checkpoints["square"])   # 56 x 56: 2 x 2 tokens
+    # 56 x 56: 2 x 2 tokens, fewer than keep, pass whole
+    assert _process(processor, QWEN_A, checkpoints["square"])["prompt_token_ids"].count(image_token) == 4
 
 
 def test_qwen_image_without_vision_start_gets_keep_placeholders(checkpoints):
@@ -140,7 +148,7 @@ def test_qwen_engine_settings_that_would_lose_positions_or_signals_are_refused(s
 
     def config(use_v2_model_runner=False, video_pruning_rate=None, compile_mm_encoder=False):
         return SimpleNamespace(
-            use_v2_model_runner=use_v2_model_runner,
+            use_v2_model_runner=use_v2_model_runner, parallel_config=SimpleNamespace(pipeline_parallel_size=1),
             model_config=SimpleNamespace(multimodal_config=SimpleNamespace(video_pruning_rate=video_pruning_rate)),
             compilation_config=SimpleNamespace(compile_mm_encoder=compile_mm_encoder))
 
@@ -148,3 +156,31 @@ def test_qwen_engine_settings_that_would_lose_positions_or_signals_are_refused(s
         check_engine(config(**setting))
     check_engine(config())   # vLLM's CPU defaults pass
     check_engine(config(use_v2_model_runner=True))   # V2 recomputes positions through its MultiModalPruner
+
+
+@pytest.mark.parametrize("kind, model, parallel, message", [
+    ("qwen2_5_vl", {"mm_encoder_tp_mode": "data"}, {}, 'mm_encoder_tp_mode="data"'),
+    ("qwen2_5_vl", {}, {"pipeline_parallel_size": 2}, "pipeline_parallel_size must be 1"),
+])
+def test_engine_settings_desap_cannot_run_are_refused_when_vllm_builds_the_config(checkpoints, kind, model, parallel,
+                                                                                 message):
+    from vllm.config import ModelConfig, ParallelConfig, VllmConfig
+
+    def build(desap, **settings):
+        overrides = {"desap": {"keep": 4}} if desap else {}
+        config = ModelConfig(model=str(checkpoints[kind]), hf_overrides=overrides, max_model_len=512, **model)
+        return VllmConfig(model_config=config, parallel_config=ParallelConfig(**parallel))
+
+    build(desap=False)   # vLLM alone accepts the setting
+    with pytest.raises(ValueError, match=message):
+        build(desap=True)
+
+
+def test_llava_encoder_data_parallel_falls_back_to_weights_before_desap_reads_the_tower(checkpoints):
+    # vLLM's LLaVA towers have no data-parallel mode: vLLM itself turns "data" into "weights"
+    from vllm.config import ModelConfig
+
+    for kind in ("llava", "llava_next"):
+        config = ModelConfig(model=str(checkpoints[kind]), hf_overrides={"desap": {"keep": 4}}, max_model_len=512,
+                             mm_encoder_tp_mode="data")
+        assert config.multimodal_config.mm_encoder_tp_mode == "weights"

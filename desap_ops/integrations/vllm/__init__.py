@@ -5,7 +5,8 @@ model's config carries ``desap`` (``hf_overrides={"desap": {...}}``; docs/vllm.m
 architecture and wraps the model registry's two lookups: a config with ``desap`` resolves to the
 DeSAP class of its architecture, or fails at start-up with the list of supported ones, or with
 the supported vLLM versions where vLLM's internals differ from what the plugin hooks
-(``hooks``); a config without it resolves exactly as before, to vLLM's own classes.
+(``hooks``), or with the engine setting it cannot run (``engine_checks``); a config without it
+resolves exactly as before, to vLLM's own classes.
 """
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def desap_architecture(architectures, model_config) -> str | None:
         raise ValueError(f'hf_overrides["desap"] is set, but DeSAP in vLLM supports {", ".join(SUPPORTED)}; '
                          f"this model is {', '.join(names) or 'of no architecture'}")
     _load(SUPPORTED[found[0]][1])(hf_config, options)
+    from .engine_checks import install
+
+    install(found[0])   # the engine settings, checked once vLLM has built the whole config
     return found[0]
 
 

@@ -96,6 +96,22 @@ HOOKS: tuple[Hook, ...] = (
     Hook("vllm.v1.worker.gpu_model_runner:GPUModelRunner._gather_mm_embeddings",
          reads=("is_multimodal_pruning_enabled", "recompute_mrope_positions")),
     Hook("vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", ()),
+    # the V2 model runner's pruner the plugin builds for Qwen2.5-VL (mrope.prune_in_v2_runner)
+    Hook("vllm.v1.worker.gpu.model_states.default:maybe_create_mm_pruner",
+         ("model_config", "model", "rope_state", "encoder_cache"), exact=True),
+    Hook("vllm.v1.worker.gpu.model_states.mm_pruning:MultiModalPruner",
+         ("model", "rope_state", "encoder_cache", "inputs_embeds_size")),
+    Hook("vllm.v1.worker.gpu.model_states.mm_pruning:MultiModalPruner.recompute",
+         reads=("recompute_mrope_positions",)),
+    Hook("vllm.config.model:ModelConfig.get_inputs_embeds_size", ()),
+    # the per-architecture config check that refuses engine settings at start-up (engine_checks)
+    Hook("vllm.model_executor.models.config:MODELS_CONFIG_MAP"),
+    Hook("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_config", ("vllm_config",),
+         exact=True),
+    Hook("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_model_config",
+         ("model_config",), exact=True),
+    Hook("vllm.config.vllm:VllmConfig.try_verify_and_update_config", (),
+         reads=("MODELS_CONFIG_MAP", "verify_and_update_config")),
 )
 
 

@@ -1,32 +1,33 @@
-"""DeSAP in vLLM's LLaVA-1.5 (``vllm.model_executor.models.llava``): every image becomes ``keep``
-tokens, chosen and merged inside ``embed_multimodal`` from vLLM's own CLIP tower."""
+"""DeSAP in vLLM's LLaVA-1.5 (``vllm.model_executor.models.llava``): every image becomes at most
+``keep`` tokens (``sequence.image_budget``; with fewer it passes whole), chosen and merged inside
+``embed_multimodal`` from vLLM's own CLIP tower."""
 from __future__ import annotations
 
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration, LlavaMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
 from ..clip_tower import drops_cls, tokens_per_crop
+from ..sequence import image_budget
 from .model import DesapModelMixin, registered_with
 from .options import DesapOptions
 from .processor import DesapProcessorMixin
 
 
 def check(hf_config, options: DesapOptions) -> None:
-    """Refuse at start-up what cannot run: a ``keep`` above an image's tokens."""
-    from ...validation import check_keep
-
+    """Refuse at start-up what cannot run: another tower than CLIP, several feature layers. (A
+    ``keep`` above an image's tokens is no error: the image passes whole.)"""
     if type(hf_config.vision_config).__name__ != "CLIPVisionConfig":
         raise ValueError(f"DeSAP in vLLM reads a CLIP vision tower; this LLaVA has {type(hf_config.vision_config).__name__}")
     if not isinstance(hf_config.vision_feature_layer, int):
         raise ValueError(f"DeSAP needs a single vision_feature_layer, the model uses {hf_config.vision_feature_layer}")
-    check_keep(options.keep, tokens_per_crop(hf_config))
 
 
 class DesapLlavaProcessor(DesapProcessorMixin, LlavaMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         if self.desap is None:
             return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        tokens = [self.desap_image_token()] * self.desap.keep
+        count = image_budget(self.desap.keep, tokens_per_crop(self.info.get_hf_config()))
+        tokens = [self.desap_image_token()] * count
         return [PromptReplacement(modality="image", target=[self.desap_image_token()], replacement=tokens)]
 
 
@@ -34,7 +35,10 @@ class DesapLlavaProcessor(DesapProcessorMixin, LlavaMultiModalProcessor):
 class DesapLlavaForConditionalGeneration(DesapModelMixin, LlavaForConditionalGeneration):
     """vLLM's LLaVA-1.5 with DeSAP in ``embed_multimodal``."""
 
-    def desap_features(self, image_input, texts, text_mask):
-        signals = self.desap_signals(image_input["pixel_values"], drops_cls(self.config))
-        result = self.desap_prune(signals, texts, text_mask, self.desap.keep)
+    def desap_image_tokens(self, image_input) -> list[int]:
+        return [tokens_per_crop(self.config)] * len(image_input["pixel_values"])
+
+    def desap_features(self, image_input, batch, texts, text_mask):
+        signals = self.desap_signals(image_input["pixel_values"][batch.start:batch.stop], drops_cls(self.config))
+        result = self.desap_prune(signals, texts, text_mask, image_budget(self.desap.keep, signals.hidden.shape[1]))
         return list(self.multi_modal_projector(result.tokens))

@@ -1,11 +1,16 @@
 """What DeSAP changes in a vLLM model class (a mixin over the model's own class): its
-``embed_multimodal`` prunes each image to ``keep`` tokens with ``desap_ops.prune`` (the reference
-on CPU, the Triton kernels on CUDA). Without ``desap`` in the config every method is the model's
-own."""
+``embed_multimodal`` prunes each image to at most ``keep`` tokens (``sequence.image_budget``: an
+image with no more passes whole) with ``desap_ops.prune`` (the reference on CPU, the Triton
+kernels on CUDA). Without ``desap`` in the config every method is the model's own.
+
+The scheduler charges a pruned image its placeholders, not the tokens the vision tower runs on,
+so one ``embed_multimodal`` call may bring more images than vLLM's encoder budget was planned
+for. The tower therefore runs in micro-batches (:func:`encoder_batches`) of at most
+``max_num_encoder_input_tokens`` full-size tokens, the budget vLLM plans without DeSAP."""
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -17,6 +22,20 @@ from .processor import TEXT_KEY
 from .tower import VllmTowerSignals, read_vllm_tower
 
 HISTORY = 256   # images whose prune record a model keeps (``desap_history``), for inspection and tests
+
+
+def encoder_batches(tokens: Sequence[int], budget: int) -> list[range]:
+    """Consecutive runs of images, in order, whose full-size token counts (``tokens``: what vLLM
+    charges each image without DeSAP) add up to at most ``budget``; an image over it runs alone."""
+    batches, start, total = [], 0, 0
+    for i, n in enumerate(tokens):
+        if i > start and total + n > budget:
+            batches.append(range(start, i))
+            start, total = i, 0
+        total += n
+    if start < len(tokens):
+        batches.append(range(start, len(tokens)))
+    return batches
 
 
 def registered_with(processor_class, base_model):
@@ -36,6 +55,8 @@ class DesapModelMixin:
         with building_parts():
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.desap = read_options(vllm_config.model_config.hf_config)
+        # full-size tokens the vision tower may see in one call: vLLM's encoder budget without DeSAP
+        self.desap_encoder_budget = int(vllm_config.scheduler_config.max_num_encoder_input_tokens)
         # one dict per pruned image, newest last: indices, assignment, task_keep (CPU tensors)
         self.desap_history: deque = deque(maxlen=HISTORY)
 
@@ -49,7 +70,19 @@ class DesapModelMixin:
         if image_input["type"] != "pixel_values":
             raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
         texts, text_mask = self.desap_texts(text_ids)
-        return self.desap_features(image_input, texts, text_mask)
+        features = []
+        for batch in encoder_batches(self.desap_image_tokens(image_input), self.desap_encoder_budget):
+            features += self.desap_features(image_input, batch, texts[batch.start:batch.stop],
+                                            text_mask[batch.start:batch.stop])
+        return features
+
+    def desap_image_tokens(self, image_input) -> list[int]:
+        """Each image's full token count, as vLLM would charge it without DeSAP."""
+        raise NotImplementedError
+
+    def desap_features(self, image_input, batch: range, texts, text_mask) -> list[torch.Tensor]:
+        """The pruned features of the images in ``batch`` (one tower call), with their texts."""
+        raise NotImplementedError
 
     def desap_texts(self, text_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (I, L, C) and mask (I, L) of each image's prompt text (``desap_text_ids``: a
@@ -74,7 +107,9 @@ class DesapModelMixin:
 
     def desap_prune(self, signals: VllmTowerSignals, texts: torch.Tensor, text_mask: torch.Tensor,
                     keep: int) -> PruneResult:
-        """``desap_ops.prune`` on one batch of images with the engine's options; recorded."""
+        """``desap_ops.prune`` on one batch of images with the engine's options; recorded. ``keep``
+        is the images' budget (``sequence.image_budget``); at their token count every token is
+        kept, in order."""
         attn = self.desap_text_space(signals.branch)
         result = prune(signals.hidden, attn, texts.to(attn.dtype), signals.saliency, keep, text_mask=text_mask,
                        **self.desap.operator_options())

@@ -17,6 +17,7 @@ vLLM gives each prompt token its (t, h, w) rotary position when the request arri
 
 The model runner calls that step only when video pruning is configured; :func:`recompute_after_encoder`
 (V1) and :func:`prune_in_v2_runner` (V2) make it run for a model with ``desap_recomputes_mrope``.
+The runner names they hook are in ``hooks.HOOKS`` with the plugin's other vLLM names.
 """
 from __future__ import annotations
 
@@ -31,11 +32,6 @@ FIELDS = ("t", "h", "w", "extent", "index", "count")
 T, H, W, EXTENT, INDEX, COUNT = range(len(FIELDS))
 RADIX, DIGITS = 256, 3          # bf16 holds the integers up to 256 exactly; 256**3 bounds every field
 CHANNELS = len(FIELDS) * DIGITS
-# the vLLM internals hooked here per model runner, "module:attribute" (checked at start-up: missing_hooks);
-# V1's wrapper also sets the runner's instance attribute ``is_multimodal_pruning_enabled``
-VLLM_HOOKS = {"v1": ("vllm.v1.worker.gpu_model_runner:GPUModelRunner._gather_mm_embeddings",),
-              "v2": ("vllm.v1.worker.gpu.model_states.default:maybe_create_mm_pruner",
-                     "vllm.v1.worker.gpu.model_states.mm_pruning:MultiModalPruner")}
 
 
 class Media(NamedTuple):
@@ -159,22 +155,6 @@ def _locate(rows: torch.Tensor, is_media: torch.Tensor, positions: torch.Tensor,
     if end < n and not is_media[end]:   # glued to another medium: the text after starts past its extent
         return first, int(positions[:, end].max()) - extent
     return None
-
-
-def missing_hooks(runner: str) -> list[str]:
-    """The names of :data:`VLLM_HOOKS` for ``runner`` ("v1" or "v2") that this vLLM lacks."""
-    import importlib
-
-    missing = []
-    for hook in VLLM_HOOKS[runner]:
-        module, attributes = hook.split(":")
-        try:
-            found = importlib.import_module(module)
-            for attribute in attributes.split("."):
-                found = getattr(found, attribute)
-        except (ImportError, AttributeError):
-            missing.append(hook)
-    return missing
 
 
 def recompute_after_encoder() -> None:

@@ -1,8 +1,9 @@
 """DeSAP in vLLM's Qwen2.5-VL (``vllm.model_executor.models.qwen2_5_vl``). Each image becomes
-``keep`` tokens, chosen and merged inside ``embed_multimodal`` from vLLM's own vision encoder
-(``qwen_tower``). The kept tokens keep their original 3D rotary positions; ``mrope`` explains
-how vLLM is told them after the encoder has run (V1 and V2 model runners alike). Videos pass
-through unpruned, as in ``apply_desap``.
+at most ``keep`` tokens (``sequence.image_budget``; an image with no more passes whole), chosen
+and merged inside ``embed_multimodal`` from vLLM's own vision encoder (``qwen_tower``), which runs
+in micro-batches within vLLM's encoder budget (``model.encoder_batches``). The kept tokens keep
+their original 3D rotary positions; ``mrope`` explains how vLLM is told them after the encoder
+has run (V1 and V2 model runners alike). Videos pass through unpruned, as in ``apply_desap``.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
-from .model import DesapModelMixin, registered_with
-from .mrope import (CHANNELS, Media, decode_fields, media_positions, missing_hooks, place_media, prompt_positions,
+from ..sequence import image_budget
+from .model import DesapModelMixin, encoder_batches, registered_with
+from .mrope import (CHANNELS, Media, decode_fields, media_positions, place_media, prompt_positions,
                     prune_in_v2_runner, recompute_after_encoder, with_position_channels)
 from .options import DesapOptions
 from .processor import TEXT_KEY, DesapProcessorMixin
@@ -35,10 +37,11 @@ def check(hf_config, options: DesapOptions) -> None:
 
 
 def check_engine(vllm_config) -> None:
-    """Refuse engine settings under which the kept tokens' positions or signals would be lost."""
-    missing = missing_hooks("v2" if vllm_config.use_v2_model_runner else "v1")
-    if missing:
-        raise ValueError(f"DeSAP on Qwen2.5-VL hooks vLLM internals this vLLM lacks: {', '.join(missing)}")
+    """Refuse engine settings under which the kept tokens' positions or signals would be lost (the
+    runner names the plugin hooks for positions are in ``hooks.HOOKS``, checked with the rest)."""
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError("DeSAP on Qwen2.5-VL places the kept tokens' positions after the encoder, on the first "
+                         "pipeline stage only: pipeline_parallel_size must be 1")
     if vllm_config.model_config.multimodal_config.video_pruning_rate:
         raise ValueError("DeSAP prunes Qwen2.5-VL's images and passes videos through: it does not run together "
                          "with video_pruning_rate")
@@ -60,9 +63,7 @@ class DesapQwen2_5_VLProcessor(DesapProcessorMixin, Qwen2_5_VLMultiModalProcesso
 
         def kept_placeholders(i: int) -> list[int]:
             tokens = int(out_mm_kwargs["image"][i]["image_grid_thw"].data.prod()) // merge**2
-            if keep > tokens:
-                raise ValueError(f"keep={keep} is more than the {tokens} tokens of image {i} in this request")
-            return [token] * keep
+            return [token] * image_budget(keep, tokens)   # a small image passes whole
 
         return [PromptReplacement(modality="image", target=[token], replacement=kept_placeholders)
                 if update.modality == "image" else update for update in updates]
@@ -106,20 +107,26 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapModelMixin, Qwen2_5_VLForCond
         return tuple(embeddings)
 
     def desap_images(self, image_input, texts, text_mask) -> list[torch.Tensor]:
-        """Per image: its ``keep`` tokens, each followed by its position channels (``mrope``)."""
+        """Per image: its at most ``keep`` tokens, each followed by its position channels
+        (``mrope``). The encoder runs on micro-batches within vLLM's encoder budget."""
         if image_input["type"] != "pixel_values":
             raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
         grids = image_input["image_grid_thw"].tolist()
-        signals = read_qwen_tower(self.visual, image_input["pixel_values"], grids)
         merge = self.visual.spatial_merge_size
-        sizes = [t * h * w // merge**2 for t, h, w in grids]
+        patches = [t * h * w for t, h, w in grids]
+        sizes = [n // merge**2 for n in patches]
+        starts = [sum(patches[:i]) for i in range(len(patches) + 1)]
         out = []
-        for i, (parts, (t, h, w)) in enumerate(zip(zip(*(s.split(sizes) for s in signals)), grids)):
-            hidden, branch, saliency = (p[None] for p in parts)
-            result = self.desap_prune(type(signals)(hidden, branch, saliency), texts[i:i + 1], text_mask[i:i + 1],
-                                      self.desap.keep)
-            kept = media_positions(t, h // merge, w // merge)[:, result.indices[0].cpu()]
-            out.append(with_position_channels(result.tokens[0], kept))
+        for batch in encoder_batches(sizes, self.desap_encoder_budget):
+            pixels = image_input["pixel_values"][starts[batch.start]:starts[batch.stop]]
+            signals = read_qwen_tower(self.visual, pixels, grids[batch.start:batch.stop])
+            for i, parts in zip(batch, zip(*(s.split(sizes[batch.start:batch.stop]) for s in signals))):
+                t, h, w = grids[i]
+                hidden, branch, saliency = (p[None] for p in parts)
+                result = self.desap_prune(type(signals)(hidden, branch, saliency), texts[i:i + 1], text_mask[i:i + 1],
+                                          image_budget(self.desap.keep, sizes[i]))
+                kept = media_positions(t, h // merge, w // merge)[:, result.indices[0].cpu()]
+                out.append(with_position_channels(result.tokens[0], kept))
         return out
 
     def desap_videos(self, video_input) -> list[torch.Tensor]:

@@ -1,0 +1,50 @@
+"""``keep`` means at most in vLLM as in apply_desap (``sequence.image_budget``): an image with no
+more tokens than ``keep`` passes whole, with its own placeholder count, against transformers with
+apply_desap on the same checkpoint."""
+from engines import PROMPTS, QWEN_IMAGE, run_engine, transformers_run
+from test_vllm_qwen2_5_vl import _rows, _step_running
+
+
+SMALL_ONLY = f"USER: {QWEN_IMAGE} what is the color of the sky ? ASSISTANT:"
+
+
+def test_qwen_small_image_passes_whole_next_to_a_pruned_one_at_transformers_positions(checkpoints, tmp_path):
+    folder = checkpoints["qwen2_5_vl"]
+    options = {"keep": 6}
+    prompt = f"USER: {QWEN_IMAGE} {QWEN_IMAGE} which one is larger ? ASSISTANT:"
+    requests = [(prompt, [checkpoints["square"], checkpoints["large"]]),   # 4 tokens (whole), 16 (to 6)
+                (SMALL_ONLY, checkpoints["square"])]
+    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": options}}, requests, positions=True)
+    expected = [transformers_run("qwen2_5_vl", folder, p, i, options) for p, i in requests]
+
+    from transformers import AutoConfig
+
+    image_token = AutoConfig.from_pretrained(folder).image_token_id
+    assert [out["prompt_token_ids"].count(image_token) for out in got["rounds"][0]] == [4 + 6, 4]
+    for out, want in zip(got["rounds"][0], expected):
+        assert out["prompt_token_ids"] == want["prompt_ids"]
+        assert out["output_token_ids"] == want["output_ids"]
+    (rank,) = got["ranks"]
+    kept = sorted(tuple(r["indices"]) for r in rank["history"])
+    assert kept == sorted(tuple(indices) for e in expected for indices in e["indices"])
+    assert (0, 1, 2, 3) in kept   # the small image: every token, in order
+    for want in expected:   # each prompt runs at transformers' positions, its first new token one past their top
+        step = _step_running(got["positions"][0], _rows(want["positions"]))
+        assert step is not None
+        top = max(map(max, _rows(want["positions"])))
+        assert (top + 1,) * 3 in zip(*got["positions"][0][step + 1])
+
+
+def test_llava_keep_above_the_images_tokens_sends_every_token(checkpoints, tmp_path):
+    folder = checkpoints["llava"]
+    options = {"keep": 20}   # the tiny LLaVA has 16 tokens per image
+    requests = [(PROMPTS[0], checkpoints["square"]), (PROMPTS[1], checkpoints["other"])]
+    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": options}}, requests)
+    expected = [transformers_run("llava", folder, p, i, options) for p, i in requests]
+    for out, want in zip(got["rounds"][0], expected):
+        assert out["prompt_token_ids"].count(100) == 16
+        assert out["prompt_token_ids"] == want["prompt_ids"]
+        assert out["output_token_ids"] == want["output_ids"]
+    (rank,) = got["ranks"]
+    assert [r["indices"] for r in rank["history"]] == [list(range(16))] * 2
+    assert [e["indices"][0] for e in expected] == [list(range(16))] * 2
