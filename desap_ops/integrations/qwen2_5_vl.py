@@ -27,19 +27,9 @@ from .compat import Hook
 from .state import DesapState
 
 HOOKS = (
-    Hook("model.model.get_image_features", ("pixel_values", "image_grid_thw")),
-    Hook("model.model.get_video_features", ("pixel_values_videos", "video_grid_thw")),
+    *qwen_plan.PLAN_HOOKS,
     Hook("model.model.get_rope_index", ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask",
                                         "video_grid_thw", "second_per_grid_ts")),
-    Hook("model._prepare_position_ids_for_generation", ("inputs_tensor", "model_kwargs")),
-    Hook("transformers.generation.utils.GenerationMixin._prepare_position_ids_for_generation",
-         ("inputs_tensor", "model_kwargs")),
-    Hook("model.model.visual.blocks"),
-    Hook("model.model.visual.merger"),
-    Hook("model.model.language_model"),
-    Hook("model.forward", ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                           "attention_mask", "position_ids", "mm_token_type_ids", "labels")),
-    Hook("model.generate"),
     Hook("transformers.vision_utils.get_vision_window_index", ("spatial_merge_size", "window_size", "patch_size",
                                                                           "kwargs")),
     Hook("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.apply_rotary_pos_emb_vision"),

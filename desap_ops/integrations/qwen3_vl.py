@@ -35,19 +35,9 @@ def _hooks(module: str, deepstack: bool) -> tuple[Hook, ...]:
     """The internals the patch uses in the modeling module ``module`` (``transformers.models.<name>``)."""
     modeling = f"transformers.models.{module}.modeling_{module}"
     return (
-        Hook("model.model.get_image_features", ("pixel_values", "image_grid_thw")),
-        Hook("model.model.get_video_features", ("pixel_values_videos", "video_grid_thw")),
+        *qwen_plan.PLAN_HOOKS,
         Hook("model.model.get_rope_index", ("input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw",
                                             "attention_mask")),
-        Hook("model._prepare_position_ids_for_generation", ("inputs_tensor", "model_kwargs")),
-        Hook("transformers.generation.utils.GenerationMixin._prepare_position_ids_for_generation",
-             ("inputs_tensor", "model_kwargs")),
-        Hook("model.model.visual.blocks"),
-        Hook("model.model.visual.merger"),
-        Hook("model.model.language_model"),
-        Hook("model.forward", ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                               "attention_mask", "position_ids", "mm_token_type_ids", "labels")),
-        Hook("model.generate"),
         Hook(f"{modeling}.apply_rotary_pos_emb_vision"),
         *((Hook("model.model.visual.deepstack_merger_list"),
            Hook(f"{modeling}.BaseModelOutputWithDeepstackFeatures")) if deepstack else ()),

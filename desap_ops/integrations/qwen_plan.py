@@ -27,6 +27,22 @@ from .sequence import count_placeholders, drop_tokens, image_budget
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .signals import received_attention
 from .state import DesapState
+from .compat import Hook
+
+# the internals every Qwen patch uses through this module (each family adds its tower's own)
+PLAN_HOOKS = (
+    Hook("model.model.get_image_features", ("pixel_values", "image_grid_thw")),
+    Hook("model.model.get_video_features", ("pixel_values_videos", "video_grid_thw")),
+    Hook("model._prepare_position_ids_for_generation", ("inputs_tensor", "model_kwargs")),
+    Hook("transformers.generation.utils.GenerationMixin._prepare_position_ids_for_generation",
+         ("inputs_tensor", "model_kwargs")),
+    Hook("model.model.visual.blocks"),
+    Hook("model.model.visual.merger"),
+    Hook("model.model.language_model"),
+    Hook("model.forward", ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                           "attention_mask", "position_ids", "mm_token_type_ids", "labels")),
+    Hook("model.generate"),
+)
 
 
 class Medium(NamedTuple):
