@@ -37,22 +37,35 @@ def engine_environment() -> dict:
 
 def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
                tp: int = 1, positions: bool = False, one_by_one: bool = False) -> dict:
-    """Run one engine on ``requests`` ([(prompt, image file(s))]) in a fresh process; its JSON
-    (``engine.py`` says what it holds)."""
+    """Run one engine on ``requests`` ([(prompt, image file(s))], or [(prompt, {"image": file(s),
+    "video": video})] with a video of :func:`save_video`) in a fresh process; its JSON (``engine.py``
+    says what it holds)."""
     job, out = tmp_path / "job.json", tmp_path / "out.json"
     engine = {**ENGINE, **engine, "tensor_parallel_size": tp}
     if tp == 1:
         engine.setdefault("distributed_executor_backend", "uni")
     json.dump({"model": str(model), "engine": engine, "max_tokens": max_tokens, "rounds": rounds,
                "positions": positions, "one_by_one": one_by_one,
-               "requests": [{"prompt": p, "image": i} for p, i in requests]}, open(job, "w"))
+               "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},
+              open(job, "w"))
     env = engine_environment()
     if tp > 1:   # without a core per worker the CPU build fails its NUMA-binding check
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(tp))
     run = subprocess.run([sys.executable, str(HERE / "engine.py"), str(job), str(out)], env=env,
                          capture_output=True, text=True, timeout=600)
+    (tmp_path / "engine.log").write_text(run.stderr)   # the whole log, for a failure's root cause
     assert run.returncode == 0, run.stderr[-4000:]
     return json.load(open(out))
+
+
+def save_video(folder: Path, name: str, frames: int, width: int, height: int, seed: int, fps: float = 2.0) -> dict:
+    """A video of random frames (saved as .npy) with the metadata vLLM's Qwen2.5-VL needs with it;
+    :func:`run_engine` and :func:`transformers_run` take it as ``{"video": ...}``."""
+    pixels = (np.random.default_rng(seed).random((frames, height, width, 3)) * 255).astype("uint8")
+    path = folder / f"{name}.npy"
+    np.save(path, pixels)
+    return {"frames": str(path), "metadata": {"fps": fps, "duration": frames / fps, "total_num_frames": frames,
+                                              "frames_indices": list(range(frames)), "video_backend": "opencv"}}
 
 
 def save_image(folder: Path, name: str, width: int, height: int, seed: int) -> str:
@@ -87,8 +100,17 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
 
     model = BUILDERS[kind](0)
     processor = AutoProcessor.from_pretrained(folder)
-    images = [Image.open(f).convert("RGB") for f in ([image_files] if isinstance(image_files, str) else image_files)]
-    inputs = processor(text=prompt, images=images, return_tensors="pt")
+    media = image_files if isinstance(image_files, dict) else {"image": image_files}   # a video too (save_video)
+    image_files, video = media.get("image"), media.get("video")
+    images = None if image_files is None else [
+        Image.open(f).convert("RGB") for f in ([image_files] if isinstance(image_files, str) else image_files)]
+    text_prompt = prompt
+    more = {}
+    if video is not None:
+        from transformers.video_utils import VideoMetadata
+
+        more = {"videos": [np.load(video["frames"])], "video_metadata": [VideoMetadata(**video["metadata"])]}
+    inputs = processor(text=prompt, images=images, return_tensors="pt", **more)
     if options is not None:
         apply_desap(model, **options)
     seen = []   # position_ids of each language-model forward; the first is the prompt's
@@ -100,7 +122,11 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
     record = last_prune(model) if options is not None else None
     ids = inputs["input_ids"][0].tolist()
     image_token = model.config.image_token_id
-    prompt = ids if options is None else _pruned(ids, image_token, options["keep"])
+    # images glued together (no token between their placeholders) make one run of placeholders
+    glued = _run_lengths(processor.tokenizer(text_prompt)["input_ids"], image_token)
+    prompt = ids if options is None else _pruned(ids, image_token, options["keep"], glued)
+    if video is not None and options is not None:   # one run of placeholders per video
+        prompt = _pruned(prompt, model.config.video_token_id, options["keep"])
     # generate gives back the caller's prompt in front of the new tokens, or (older apply_desap) the pruned one
     served = len(ids) if out[0, :len(ids)].tolist() == ids else len(prompt)
     return {"prompt_ids": prompt, "output_ids": out[0, served:].tolist(),
@@ -108,11 +134,27 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
             "positions": None if seen[0] is None else seen[0].reshape(-1, seen[0].shape[-1]).tolist()}
 
 
-def _pruned(ids: list, image_token: int, keep: int) -> list:
-    """``ids`` with each run of image placeholders cut to its first ``keep``."""
-    out, run = [], 0
+def _run_lengths(ids: list, token: int) -> list:
+    """Lengths of the runs of ``token`` in ``ids``, in order."""
+    runs, previous = [], None
     for t in ids:
+        if t == token and previous == token:
+            runs[-1] += 1
+        elif t == token:
+            runs.append(1)
+        previous = t
+    return runs
+
+
+def _pruned(ids: list, image_token: int, keep: int, images_per_run: list = None) -> list:
+    """``ids`` with each run of image placeholders cut to its first ``keep`` (``keep`` per image
+    where ``images_per_run`` says a run holds several glued images)."""
+    out, run, index = [], 0, -1
+    for t in ids:
+        if t == image_token and run == 0:
+            index += 1
         run = run + 1 if t == image_token else 0
-        if t != image_token or run <= keep:
+        images = images_per_run[index] if images_per_run and index < len(images_per_run) else 1
+        if t != image_token or run <= keep * images:
             out.append(t)
     return out
