@@ -12,7 +12,7 @@ def _apply(case, hidden, backend="auto"):
                                case.task_ratio, case.merge, case.metric, case.text_reduce, backend)
 
 
-@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("merge", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_gradcheck_and_gradgradcheck(merge):
     case = tie_free_case(tokens=14, keep=4, width=5, dtype=torch.float64, merge=merge, with_mask=True)
     hidden = case.hidden.clone().requires_grad_(True)

@@ -82,7 +82,7 @@ def test_torch_compile_backward():
     torch.testing.assert_close(compiled, eager)
 
 
-@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("merge", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_gradcheck_float64(merge):
     case = tie_free_case(tokens=14, keep=4, dtype=torch.float64, merge=merge, width=5)
     hidden = case.hidden.clone().requires_grad_(True)

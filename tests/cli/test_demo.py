@@ -45,6 +45,7 @@ def test_demo_default_draws_real_saliency_on_a_real_photo(tmp_path):
         assert image.size == PNG_SIZE
 
 
+@pytest.mark.slow
 def test_demo_auto_prints_both_splits_and_draws_both_cues(tmp_path):
     out = tmp_path / "auto.png"
     run = _run("demo", "--task-ratio", "auto", "--out", str(out))
@@ -243,6 +244,7 @@ def test_a_plain_install_brings_everything_the_command_line_imports():
         assert any(_distribution(d) in required for d in distributions[name]), f"{name} is not in install_requires"
 
 
+@pytest.mark.slow
 def test_real_vit_saliency_matches_its_eager_attention_matrix():
     """[CLS] saliency recomputed from queries and keys equals the eager attention matrix's [CLS] row
     on the real ViT-S/14 and a real photograph."""

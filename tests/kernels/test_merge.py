@@ -25,7 +25,8 @@ def _random_groups(batch, tokens, keep, merge, gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 50, 7, 24), (1, 130, 64, 600), (3, 65, 65, 8)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 16), (2, 50, 7, 24), pytest.param((1, 130, 64, 600), marks=pytest.mark.slow),
+                                   (3, 65, 65, 8)], ids=str)
 @pytest.mark.parametrize("merge", [True, False])
 def test_merge_tokens(kernels, device, dtype, shape, merge):
     batch, tokens, keep, width = shape
