@@ -4,8 +4,8 @@ its own process: vLLM spawns workers, and one engine per process is what it is b
     python engine.py JOB.json OUT.json
 
 JOB: {"model": folder, "engine": {LLM keyword arguments}, "requests": [{"prompt": str,
-"image": "file.png" or [files]}], "max_tokens": int, "rounds": int, "positions": bool,
-"one_by_one": bool}. All requests go in one ``generate`` call (one batch), ``rounds`` times; with
+"image": "file.png" or [files], "video": {"frames": "file.npy", "metadata": {...}} (either or both)}],
+"max_tokens": int, "rounds": int, "positions": bool, "one_by_one": bool}. All requests go in one ``generate`` call (one batch), ``rounds`` times; with
 "one_by_one", each request goes alone in a call of its own. OUT: per round, per request, the
 prompt and output token ids and the prefix-cache hits; per tensor-parallel rank, the model's class
 name and its DeSAP history; with "positions", per round, the rotary positions of each
@@ -31,7 +31,15 @@ def main():
     def image(entry):
         return [Image.open(f).convert("RGB") for f in entry] if isinstance(entry, list) else Image.open(entry).convert("RGB")
 
-    requests = [{"prompt": r["prompt"], "multi_modal_data": {"image": image(r["image"])}} for r in job["requests"]]
+    def media(request):
+        data = {} if request.get("image") is None else {"image": image(request["image"])}
+        if request.get("video") is not None:   # frames (T, H, W, 3) with the metadata Qwen2.5-VL needs
+            import numpy as np
+
+            data["video"] = (np.load(request["video"]["frames"]), request["video"]["metadata"])
+        return data
+
+    requests = [{"prompt": r["prompt"], "multi_modal_data": media(r)} for r in job["requests"]]
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8))
     if job.get("positions"):
         llm.apply_model(watch_positions)

@@ -1,4 +1,5 @@
-"""Multimodal rotary (M-RoPE) positions for pruned images in vLLM's Qwen2.5-VL.
+"""Multimodal rotary (M-RoPE) positions for pruned images and videos in vLLM's Qwen2.5-VL
+(a video is one medium: all its frames, one run of placeholders).
 
 vLLM gives each prompt token its (t, h, w) rotary position when the request arrives
 (``get_mrope_input_positions``), before the encoder has chosen which image tokens survive:
@@ -42,11 +43,13 @@ class Media(NamedTuple):
 
 def media_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tensor:
     """(4, t * h * w) long: each token's (t, h, w) counted from the medium's start, in raster
-    order and scaled in time as vLLM's Qwen2.5-VL does it, then the extent (largest + 1)."""
+    order and scaled in time as vLLM's Qwen2.5-VL and transformers do it, then the extent: the
+    larger of ``h`` and ``w``, where the text after the medium starts (transformers'
+    ``get_rope_index``; a video's time does not count, where vLLM's own Qwen2.5-VL counts it)."""
     grid = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")).reshape(3, -1)
-    if t_factor != 1.0:
-        grid[0] = (grid[0].double() * t_factor).long()
-    extent = grid.max() + 1
+    if t_factor != 1.0:   # in float32, as transformers' get_rope_index computes it
+        grid[0] = (grid[0] * torch.tensor(t_factor, dtype=torch.float32)).long()
+    extent = torch.tensor(max(h, w))
     return torch.cat([grid, extent.expand(1, grid.shape[1])])
 
 

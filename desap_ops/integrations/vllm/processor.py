@@ -3,12 +3,13 @@
 - Each image gets ``keep`` placeholder tokens instead of its full count (``placeholder_count``),
   so the scheduler, the KV cache and the positions all see the pruned prompt.
 - Each image's prompt text (the tokens after its placeholder, as ``apply_desap`` reads them)
-  travels with the image as the field ``desap_text_ids`` to the model's ``embed_multimodal``.
+  travels with the image as the field ``desap_text_ids`` to the model's ``embed_multimodal``; a
+  model that prunes videos too (``desap_media_tokens``) sends each video's as ``desap_video_text_ids``.
 - Each image's cache identity (``_get_mm_hashes``) folds in that text and the DeSAP options, so
   one image under two prompts is two encoder-cache and prefix-cache entries, never one.
 
-The text rides through vLLM's processing in ``hf_processor_mm_kwargs`` under ``TEXT_KEY`` and is
-taken out again before anything reaches the Hugging Face processor.
+The text rides through vLLM's processing in ``hf_processor_mm_kwargs`` under ``TEXT_KEY`` (and
+``VIDEO_TEXT_KEY``) and is taken out again before anything reaches the Hugging Face processor.
 """
 from __future__ import annotations
 
@@ -26,10 +27,12 @@ from ..sequence import image_text_tokens
 from .options import DesapOptions, read_options
 
 TEXT_KEY = "desap_text_ids"   # the per-image text: a processor kwarg on the way in, a field on the way out
+VIDEO_TEXT_KEY = "desap_video_text_ids"   # the same per video
+TEXT_KEYS = {"image": TEXT_KEY, "video": VIDEO_TEXT_KEY}
 
 
 def _without_text(kwargs: Mapping[str, object]) -> dict:
-    return {k: v for k, v in kwargs.items() if k != TEXT_KEY}
+    return {k: v for k, v in kwargs.items() if k not in (TEXT_KEY, VIDEO_TEXT_KEY)}
 
 
 def placeholder_runs(prompt: list[int], token_id: int) -> list[int]:
@@ -74,6 +77,10 @@ class DesapProcessorMixin:
     def desap_image_token(self) -> int:
         return self.info.get_hf_config().image_token_index
 
+    def desap_media_tokens(self) -> dict[str, int]:
+        """The placeholder id of each modality DeSAP prunes: images (Qwen2.5-VL adds videos)."""
+        return {"image": self.desap_image_token()}
+
     @cached_property
     def desap_chat(self) -> Optional[ChatMarkers]:
         chat = self.desap.chat
@@ -94,38 +101,45 @@ class DesapProcessorMixin:
     def apply(self, inputs, timing_ctx):
         if self.desap is None:
             return super().apply(inputs, timing_ctx)
-        images = len(inputs.mm_data_items.get("image", ())) if "image" in inputs.mm_data_items else 0
-        texts = prompt_texts(list(inputs.prompt), self.desap_image_token(), images, self.desap_ignored,
-                             self.desap_chat)
-        kwargs = {**inputs.hf_processor_mm_kwargs, TEXT_KEY: texts}
+        kwargs = dict(inputs.hf_processor_mm_kwargs)
+        for modality, token in self.desap_media_tokens().items():
+            items = len(inputs.mm_data_items.get(modality, ())) if modality in inputs.mm_data_items else 0
+            kwargs[TEXT_KEYS[modality]] = prompt_texts(list(inputs.prompt), token, items, self.desap_ignored,
+                                                       self.desap_chat)
         return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
 
     def _get_mm_hashes(self, inputs):
-        texts = inputs.hf_processor_mm_kwargs.get(TEXT_KEY)
         hashes = super()._get_mm_hashes(replace(inputs, hf_processor_mm_kwargs=_without_text(
             inputs.hf_processor_mm_kwargs)))
-        if texts is None:
-            return hashes
         options = repr(self.desap)
-        folded = []
-        for item_hash, text in zip(hashes["image"], texts):
-            digest = hashlib.sha256(f"{item_hash}|desap|{options}|{','.join(map(str, text))}".encode())
-            folded.append(digest.hexdigest())
-        return {**hashes, "image": folded}
+        for modality, key in TEXT_KEYS.items():
+            texts = inputs.hf_processor_mm_kwargs.get(key)
+            if texts is None:
+                continue
+            folded = []
+            for item_hash, text in zip(hashes.get(modality, ()), texts):
+                digest = hashlib.sha256(f"{item_hash}|desap|{options}|{','.join(map(str, text))}".encode())
+                folded.append(digest.hexdigest())
+            if folded:
+                hashes = {**hashes, modality: folded}
+        return hashes
 
     def _get_cache_missing_processor_kwargs(self, inputs, mm_is_cached):
         kwargs = super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached)
-        texts = kwargs.get(TEXT_KEY)
-        if texts is None:
-            return kwargs
-        missing = tuple(t for t, cached in zip(texts, mm_is_cached.get("image", [False] * len(texts))) if not cached)
-        return {**kwargs, TEXT_KEY: missing}
+        for modality, key in TEXT_KEYS.items():
+            texts = kwargs.get(key)
+            if texts is None:
+                continue
+            cached = mm_is_cached.get(modality, [False] * len(texts))
+            kwargs = {**kwargs, key: tuple(t for t, hit in zip(texts, cached) if not hit)}
+        return kwargs
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs):
-        texts = hf_kwargs.get(TEXT_KEY)
         processed = super()._apply_hf_processor_main(mm_items, _without_text(hf_kwargs))
-        if texts is not None and len(texts) > 0:
-            processed[TEXT_KEY] = [torch.tensor(t, dtype=torch.long) for t in texts]
+        for key in TEXT_KEYS.values():
+            texts = hf_kwargs.get(key)
+            if texts is not None and len(texts) > 0:
+                processed[key] = [torch.tensor(t, dtype=torch.long) for t in texts]
         return processed
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
@@ -133,7 +147,8 @@ class DesapProcessorMixin:
 
         fields = dict(super()._get_mm_fields_config(hf_inputs, _without_text(hf_processor_mm_kwargs)))
         if self.desap is not None:
-            fields[TEXT_KEY] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+            for modality in self.desap_media_tokens():
+                fields[TEXT_KEYS[modality]] = MultiModalFieldConfig.batched(modality, keep_on_cpu=True)
         return fields
 
     def _get_mm_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):

@@ -1,9 +1,11 @@
 """DeSAP in vLLM's Qwen2.5-VL (``vllm.model_executor.models.qwen2_5_vl``). Each image becomes
-at most ``keep`` tokens (``sequence.image_budget``; an image with no more passes whole), chosen
-and merged inside ``embed_multimodal`` from vLLM's own vision encoder (``qwen_tower``), which runs
-in micro-batches within vLLM's encoder budget (``model.encoder_batches``). The kept tokens keep
-their original 3D rotary positions; ``mrope`` explains how vLLM is told them after the encoder
-has run (V1 and V2 model runners alike). Videos pass through unpruned, as in ``apply_desap``.
+at most ``keep`` tokens (``sequence.image_budget``; an image with no more passes whole), and so
+does each video, its frames competing for one budget (kept tokens in frame-major order), as in
+``apply_desap``. They are chosen and merged inside ``embed_multimodal`` from vLLM's own vision
+encoder (``qwen_tower``), which runs in micro-batches within vLLM's encoder budget
+(``model.encoder_batches``). The kept tokens keep their original 3D rotary positions (a video's
+time scaled by ``second_per_grid_ts`` and ``tokens_per_second``); ``mrope`` explains how vLLM is
+told them after the encoder has run (V1 and V2 model runners alike).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .model import DesapModelMixin, encoder_batches, registered_with
 from .mrope import (CHANNELS, Media, decode_fields, media_positions, place_media, prompt_positions,
                     prune_in_v2_runner, recompute_after_encoder, with_position_channels)
 from .options import DesapOptions
-from .processor import TEXT_KEY, DesapProcessorMixin
+from .processor import TEXT_KEY, VIDEO_TEXT_KEY, DesapProcessorMixin
 from .qwen_tower import read_qwen_tower
 
 log = logging.getLogger(__name__)
@@ -43,8 +45,8 @@ def check_engine(vllm_config) -> None:
         raise ValueError("DeSAP on Qwen2.5-VL places the kept tokens' positions after the encoder, on the first "
                          "pipeline stage only: pipeline_parallel_size must be 1")
     if vllm_config.model_config.multimodal_config.video_pruning_rate:
-        raise ValueError("DeSAP prunes Qwen2.5-VL's images and passes videos through: it does not run together "
-                         "with video_pruning_rate")
+        raise ValueError("DeSAP prunes Qwen2.5-VL's images and videos: it does not run together with "
+                         "video_pruning_rate")
     if vllm_config.compilation_config.compile_mm_encoder:
         raise ValueError("DeSAP reads the vision encoder through hooks, which a compiled encoder skips: "
                          "turn compile_mm_encoder off")
@@ -54,19 +56,27 @@ class DesapQwen2_5_VLProcessor(DesapProcessorMixin, Qwen2_5_VLMultiModalProcesso
     def desap_image_token(self) -> int:
         return self.info.get_hf_config().image_token_id
 
+    def desap_media_tokens(self) -> dict[str, int]:
+        return {"image": self.desap_image_token(), "video": self.info.get_hf_config().video_token_id}
+
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         if self.desap is None:
             return updates
-        keep, token = self.desap.keep, self.desap_image_token()
+        keep, tokens = self.desap.keep, self.desap_media_tokens()
         merge = self.info.get_hf_config().vision_config.spatial_merge_size
 
-        def kept_placeholders(i: int) -> list[int]:
-            tokens = int(out_mm_kwargs["image"][i]["image_grid_thw"].data.prod()) // merge**2
-            return [token] * image_budget(keep, tokens)   # a small image passes whole
+        def kept_placeholders(i: int, modality: str) -> list[int]:
+            grid = out_mm_kwargs[modality][i][f"{modality}_grid_thw"].data
+            # a video's frames share one budget; a small image or short video passes whole
+            return [tokens[modality]] * image_budget(keep, int(grid.prod()) // merge**2)
 
-        return [PromptReplacement(modality="image", target=[token], replacement=kept_placeholders)
-                if update.modality == "image" else update for update in updates]
+        def kept(modality: str):
+            return lambda i: kept_placeholders(i, modality)
+
+        return [PromptReplacement(modality=update.modality, target=[tokens[update.modality]],
+                                  replacement=kept(update.modality))
+                if update.modality in tokens else update for update in updates]
 
 
 @registered_with(DesapQwen2_5_VLProcessor, Qwen2_5_VLForConditionalGeneration)
@@ -97,48 +107,41 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapModelMixin, Qwen2_5_VLForCond
     def embed_multimodal(self, **kwargs):
         if self.desap is None:
             return super().embed_multimodal(**kwargs)
-        texts, text_mask = self.desap_texts(kwargs.pop(TEXT_KEY, None))
+        texts = {"image": kwargs.pop(TEXT_KEY, None), "video": kwargs.pop(VIDEO_TEXT_KEY, None)}
         embeddings = []
         for modality, media in self._parse_and_validate_multimodal_inputs(**kwargs).items():
-            if modality == "image":
-                embeddings += self.desap_images(media, texts, text_mask)
-            else:
-                embeddings += self.desap_videos(media)
+            embeddings += self.desap_media(media, modality, *self.desap_texts(texts[modality]))
         return tuple(embeddings)
 
-    def desap_images(self, image_input, texts, text_mask) -> list[torch.Tensor]:
-        """Per image: its at most ``keep`` tokens, each followed by its position channels
-        (``mrope``). The encoder runs on micro-batches within vLLM's encoder budget."""
-        if image_input["type"] != "pixel_values":
-            raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
-        grids = image_input["image_grid_thw"].tolist()
+    def desap_media(self, media, modality: str, texts, text_mask) -> list[torch.Tensor]:
+        """Per image (or video): its at most ``keep`` tokens (a video's frames compete for one
+        budget, as in ``apply_desap``), each followed by its position channels (``mrope``; a
+        video's time scaled as vLLM's and transformers' Qwen2.5-VL scale it). The encoder runs on
+        micro-batches within vLLM's encoder budget."""
+        pixels_key = "pixel_values" if modality == "image" else "pixel_values_videos"
+        if media["type"] != pixels_key:
+            raise ValueError(f"DeSAP prunes from pixels; this request gave {media['type']}")
+        grids = media[f"{modality}_grid_thw"].tolist()
         merge = self.visual.spatial_merge_size
+        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
+        seconds = media.get("second_per_grid_ts")
+        # each video's time scale, as iter_mm_grid_thw reads it (images have none)
+        t_factors = [1.0 if modality == "image" else per_second * (float(seconds[i]) if seconds is not None else 1.0)
+                     for i in range(len(grids))]
         patches = [t * h * w for t, h, w in grids]
         sizes = [n // merge**2 for n in patches]
         starts = [sum(patches[:i]) for i in range(len(patches) + 1)]
         out = []
         for batch in encoder_batches(sizes, self.desap_encoder_budget):
-            pixels = image_input["pixel_values"][starts[batch.start]:starts[batch.stop]]
+            pixels = media[pixels_key][starts[batch.start]:starts[batch.stop]]
             signals = read_qwen_tower(self.visual, pixels, grids[batch.start:batch.stop])
             for i, parts in zip(batch, zip(*(s.split(sizes[batch.start:batch.stop]) for s in signals))):
                 t, h, w = grids[i]
                 hidden, branch, saliency = (p[None] for p in parts)
                 result = self.desap_prune(type(signals)(hidden, branch, saliency), texts[i:i + 1], text_mask[i:i + 1],
                                           image_budget(self.desap.keep, sizes[i]))
-                kept = media_positions(t, h // merge, w // merge)[:, result.indices[0].cpu()]
+                kept = media_positions(t, h // merge, w // merge, t_factors[i])[:, result.indices[0].cpu()]
                 out.append(with_position_channels(result.tokens[0], kept))
-        return out
-
-    def desap_videos(self, video_input) -> list[torch.Tensor]:
-        """Per video: all its tokens, each followed by its position channels."""
-        merge = self.visual.spatial_merge_size
-        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
-        seconds = video_input.get("second_per_grid_ts")
-        out = []
-        for i, (video, (t, h, w)) in enumerate(zip(self._process_video_input(video_input),
-                                                   video_input["video_grid_thw"].tolist())):
-            t_factor = (float(seconds[i]) if seconds is not None else 1.0) * per_second
-            out.append(with_position_channels(video, media_positions(t, h // merge, w // merge, t_factor)))
         return out
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):

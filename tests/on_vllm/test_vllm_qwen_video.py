@@ -1,0 +1,111 @@
+"""DeSAP on Qwen2.5-VL videos in vLLM, against transformers with apply_desap on the same checkpoint:
+one budget per video across all its frames (``keep`` means at most: a short video passes whole),
+the kept tokens at their own (t, h, w) positions with the video's time scale, and the text after a
+video where transformers puts it (past the larger of its height and width; vLLM's own Qwen2.5-VL
+also counts its time). A video alone, a video and an image in one prompt, a short video; in one
+batch twice (the second time from vLLM's processor cache), and prefilled in chunks of 5 tokens."""
+import pytest
+
+from engines import QWEN_IMAGE, run_engine, save_video, transformers_run
+
+OPTIONS = {"keep": 6}
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+IMAGE_TOKEN, VIDEO_TOKEN = 151, 152
+PROMPTS = (f"USER: {QWEN_VIDEO} what is the color of the sky ? ASSISTANT:",
+           f"USER: {QWEN_VIDEO} {QWEN_IMAGE} read the text on the sign ASSISTANT:",
+           f"USER: {QWEN_VIDEO} how many people are there ? ASSISTANT:")
+ENGINE = {"hf_overrides": {"desap": OPTIONS}, "limit_mm_per_prompt": {"image": 1, "video": 1}}
+
+
+@pytest.fixture(scope="module")
+def cases(checkpoints, tmp_path_factory):
+    """The requests and what apply_desap does with each. Videos (frames of two patches in time):
+    6 frames 112 x 56 at 1 fps, 3 x 2 x 4 = 24 tokens at times 0, 4, 8 (past its extent, 4);
+    4 frames 112 x 112 at 2 fps, 2 x 4 x 4 = 32 tokens; 2 frames 56 x 56, 4 tokens (under keep)."""
+    videos = tmp_path_factory.mktemp("videos")
+    folder = checkpoints["qwen2_5_vl"]
+    requests = [(PROMPTS[0], {"video": save_video(videos, "wide", 6, 112, 56, 11, fps=1.0)}),
+                (PROMPTS[1], {"video": save_video(videos, "square", 4, 112, 112, 12), "image": checkpoints["large"]}),
+                (PROMPTS[2], {"video": save_video(videos, "short", 2, 56, 56, 13)})]
+    return folder, requests, [transformers_run("qwen2_5_vl", folder, p, m, OPTIONS) for p, m in requests]
+
+
+def _columns(forwards: list) -> list:
+    return [column for positions in forwards for column in zip(*positions)]
+
+
+def _same_answers(got: dict, expected: list) -> None:
+    for outputs in got["rounds"]:
+        for out, want in zip(outputs, expected):
+            assert out["prompt_token_ids"] == want["prompt_ids"]
+            assert out["output_token_ids"] == want["output_ids"]
+    (rank,) = got["ranks"]
+    assert rank["class"] == "DesapQwen2_5_VLForConditionalGeneration"
+    assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}
+
+
+def test_videos_get_apply_desaps_tokens_positions_and_output_in_one_batch_and_from_the_cache(cases, tmp_path):
+    folder, requests, expected = cases
+    counts = [(want["prompt_ids"].count(IMAGE_TOKEN), want["prompt_ids"].count(VIDEO_TOKEN)) for want in expected]
+    assert counts == [(0, 6), (6, 6), (0, 4)]   # one budget per video; the short one whole
+    assert expected[2]["indices"] == [[0, 1, 2, 3]]
+    ids, (times, *_) = expected[0]["prompt_ids"], expected[0]["positions"][-3:]
+    video = [i for i, t in enumerate(ids) if t == VIDEO_TOKEN]
+    # the text after the first video starts past its extent (4), not past its time (0, 4, 8)
+    assert times[video[-1] + 1] == times[video[0] - 1] + 1 + 4
+
+    got = run_engine(tmp_path, folder, ENGINE, requests, rounds=2, positions=True)
+    _same_answers(got, expected)
+    for round_ in got["positions"]:   # the second round's videos come from the processor cache
+        columns = [list(zip(*positions)) for positions in round_]
+        for want in expected:
+            prompt = list(zip(*want["positions"][-3:]))
+            top = max(map(max, want["positions"][-3:]))
+            found = [step for step, cols in enumerate(columns)
+                     if any(cols[c:c + len(prompt)] == prompt for c in range(len(cols) - len(prompt) + 1))]
+            assert found, want["prompt_ids"]
+            assert (top + 1,) * 3 in columns[found[0] + 1]
+
+
+def test_videos_prefilled_in_chunks_run_at_transformers_positions(cases, tmp_path):
+    folder, requests, expected = cases
+    engine = {**ENGINE, "enable_chunked_prefill": True, "max_num_batched_tokens": 5, "max_num_seqs": 2}
+    got = run_engine(tmp_path, folder, engine, requests, positions=True, one_by_one=True)
+    _same_answers(got, expected)
+    inside = 0
+    for out, forwards, want in zip(got["rounds"][0], got["positions"][0], expected):
+        rows = want["positions"][-3:]
+        top = max(map(max, rows))
+        decode = [(top + 1 + i,) * 3 for i in range(len(out["output_token_ids"]) - 1)]
+        assert _columns(forwards) == list(zip(*rows)) + decode
+        ends = [sum(len(f[0]) for f in forwards[:i + 1]) for i in range(len(forwards))]
+        ids = want["prompt_ids"]
+        inside += sum(0 < end < len(ids) and ids[end - 1] == ids[end] == VIDEO_TOKEN for end in ends)
+    assert inside > 0   # some chunk ended inside a video's placeholders
+
+
+def test_processor_gives_each_video_its_budget_and_text_and_a_hash_per_prompt(cases):
+    from desap_ops.integrations.vllm import register
+
+    register()
+    import numpy as np
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    folder, requests, expected = cases
+    config = ModelConfig(model=str(folder), hf_overrides={"desap": OPTIONS}, max_model_len=512,
+                         limit_mm_per_prompt={"image": 1, "video": 1})
+    processor = MULTIMODAL_REGISTRY.create_processor(config)
+    video = requests[0][1]["video"]
+    data = (np.load(video["frames"]), video["metadata"])
+
+    def process(prompt):
+        return processor(prompt, processor.info.parse_mm_data({"video": data}))
+
+    first, other = process(PROMPTS[0]), process(PROMPTS[2])
+    assert first["prompt_token_ids"] == expected[0]["prompt_ids"]
+    (item,) = first["mm_kwargs"]["video"]
+    words = processor.info.get_tokenizer().convert_ids_to_tokens(item["desap_video_text_ids"].data.tolist())
+    assert words == "what is the color of the sky ? ASSISTANT:".split()
+    assert first["mm_hashes"]["video"] != other["mm_hashes"]["video"]   # one video, two prompts
+    assert process(PROMPTS[0])["mm_hashes"] == first["mm_hashes"]
