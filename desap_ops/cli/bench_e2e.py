@@ -1,5 +1,6 @@
 """``desap bench e2e``: prefill of a whole model with and without DeSAP, for every model in
-:data:`desap_ops.cli.models.MODELS` (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, LLaVA-NeXT-Video, Video-LLaVA).
+:data:`desap_ops.cli.models.MODELS` (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, LLaVA-NeXT-Video,
+Video-LLaVA).
 
 For each budget K three prefills of the same model on the same batch (per row: one image, or one
 video, and 32 text tokens; logits of the last position only, as generate's prefill):
@@ -10,21 +11,26 @@ video, and 32 text tokens; logits of the last position only, as generate's prefi
   cost nothing. The vision tower runs on every token (pruning after the encoder cannot save it),
   then only the first K feature tokens go through the projector (LLaVA-NeXT: the first K of its
   packed order, image-newlines in place; the video models: the first K of the clip, frame-major).
-  Qwen2.5-VL's projector (the patch merger) is part of its vision encoder, which DeSAP runs on
-  every patch too: there the ideal takes the encoder's first K tokens, at their original positions.
+  The Qwen projector (the patch merger) is part of the vision encoder, which DeSAP runs on every
+  patch too: there the ideal takes the encoder's first K tokens, at their original positions (and
+  Qwen3-VL's DeepStack levels their first K).
 
 Timing: rounds after one warm-up round; in each round, for each K, full, desap and ideal run one
 after another, so load from other processes hits all three alike; each time is the median over
 the rounds (CUDA events on CUDA), and the ratios are ratios of those medians. The LLaVA-1.5 and
 LLaVA-NeXT layouts also time the vision tower alone once per round.
 
-FLOPs come from ``torch.utils.flop_counter``. For the LLaVA-1.5 and LLaVA-NeXT layouts they are
-counted over the pieces (vision tower, projector, DeSAP's operator, language model) on a meta copy
-of the model, so ``--device meta`` counts them at any size without memory. Qwen2.5-VL and the video
-models count them on the real forward passes, so they take ``--device cpu`` or ``cuda`` (the prompt
-surgery reads token ids). Real model shapes carry random weights: the timings hold for any
-weights; the outputs mean nothing. Before building, the model's memory is estimated and compared
-with what the device has free, so a model that cannot fit is refused instead of killed.
+FLOPs come from ``torch.utils.flop_counter`` (with a formula for SDPA's CPU kernel, which torch
+leaves uncounted). For the LLaVA-1.5 and LLaVA-NeXT layouts they are counted over the pieces
+(vision tower, projector, DeSAP's operator, language model) on a meta copy of the model, so
+``--device meta`` counts them at any size without memory. The Qwen and video models count them on
+the real forward passes (the prompt surgery reads token ids); with ``--device meta`` those passes
+run on a CPU under :class:`ShapesOnly`, with parameters that hold no memory: every counted op runs
+on meta and gives zeros, the rest for real, so the count is exact at any size (the same as a real
+forward's; tests/cli/test_bench_e2e.py compares them) and a few GiB suffice. Real model shapes
+carry random weights: the timings hold for any weights; the outputs mean nothing. Before
+building, the model's memory is estimated and compared with what the device has free, so a model
+that cannot fit is refused instead of killed.
 """
 from __future__ import annotations
 
@@ -36,7 +42,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from desap_ops import ops
@@ -54,9 +62,10 @@ if TYPE_CHECKING:   # matplotlib is imported when a plot is asked for
     from matplotlib.figure import Figure
 
 TEXT_TOKENS = 32
-PIECEWISE = ("llava", "llava_next")   # families whose FLOPs are counted from the pieces (meta works)
+PIECEWISE = ("llava", "llava_next")   # families whose FLOPs are counted from the pieces
+QWEN = ("qwen2_5_vl", "qwen3_vl")     # families whose vision encoder merges 2 x 2 patches (merger included)
 FRAMES = {True: 3, False: 8}          # frames per video: tiny, real shape
-QWEN_GRID = {True: 8, False: 48}      # patches per side of the Qwen image: tiny, real shape (672 x 672 pixels)
+QWEN_GRID = {True: 8, False: 48}      # patches per side of the Qwen image: tiny, real shape (ModelSpec.grid first)
 WARMUP_ROUNDS = 1
 VARIANTS = ("full", "desap", "ideal")
 GIB = 2**30
@@ -104,14 +113,15 @@ def make_batch(model: nn.Module, name: str, batch: int, device: str, dtype: torc
         token_id, features = config.image_token_id, "get_image_features"
         text[text == token_id] = 3
         inputs.update(input_ids=_prompt(batch, text, full(tokens, token_id)), pixel_values=pixels.to(dtype))
-    elif spec.family == "qwen2_5_vl":
-        side = QWEN_GRID[spec.tiny]
+    elif spec.family in QWEN:   # one image of side x side patches, between the vision markers
+        side, vision = spec.grid or QWEN_GRID[spec.tiny], config.vision_config
         tokens = side * side // 4
         token_id, features = config.image_token_id, "get_image_features"
         text[(text == token_id) | (text >= 150)] = 3
         ids = _prompt(batch, text, full(1, config.vision_start_token_id), full(tokens, token_id),
                       full(1, config.vision_end_token_id))
-        pixels = torch.randn(batch * side * side, 3 * 2 * 14 * 14, generator=gen)
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        pixels = torch.randn(batch * side * side, width, generator=gen)
         inputs = dict(input_ids=ids, pixel_values=pixels.to(dtype), mm_token_type_ids=(ids == token_id).int(),
                       image_grid_thw=torch.tensor([[1, side, side]] * batch))
     else:  # the video models
@@ -134,14 +144,25 @@ def _feature_tokens(model, tower, pixels: torch.Tensor, drop_cls: bool) -> torch
     return hidden[:, 1:] if drop_cls else hidden
 
 
+def _first_of_each(level, tokens: int, keep: int):
+    """The first ``keep`` tokens of each image of a DeepStack level: per image (transformers >= 5.18)
+    or one tensor of ``tokens`` per image (before)."""
+    if isinstance(level, torch.Tensor):
+        return torch.cat([image[:keep] for image in level.split(tokens)])
+    return [image[:keep] for image in level]
+
+
 def _ideal_features(model, family: str, batch: Batch, keep: int, original: Callable) -> Callable:
     """Replacement for the model's ``get_image_features`` / ``get_video_features``: each image's or
     video's first ``keep`` tokens, only those projected (see the module docstring)."""
     inner, config = model.model, model.config
-    if family == "qwen2_5_vl":   # the encoder (merger included) on every patch, then the first K of each image
+    if family in QWEN:   # the encoder (merger included) on every patch, then the first K of each image
         def cut(*args, **kwargs):
             out = original(*args, **kwargs)
             out.pooler_output = [f[:keep] for f in out.pooler_output]
+            if getattr(out, "deepstack_features", None):   # Qwen3-VL: each DeepStack level too
+                out.deepstack_features = [_first_of_each(level, batch.tokens, keep)
+                                          for level in out.deepstack_features]
             return out
         return cut
 
@@ -197,7 +218,7 @@ def ideal_inputs(model: nn.Module, family: str, batch: Batch, keep: int) -> Iter
     ids = inputs["input_ids"]
     flags = first_placeholders([batch.tokens] * ids.shape[0], keep, ids.device)
     positions = None
-    if "mm_token_type_ids" in inputs:   # Qwen2.5-VL: the first K tokens keep their original positions
+    if "mm_token_type_ids" in inputs:   # Qwen: the first K tokens keep their original positions
         positions, _ = inner.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
                                             image_grid_thw=inputs["image_grid_thw"])
     shrunk = shrink_placeholders(flags, batch.token_id, 0, ids, None, None, positions,
@@ -214,10 +235,41 @@ def ideal_inputs(model: nn.Module, family: str, batch: Batch, keep: int) -> Iter
 
 # --- FLOPs -----------------------------------------------------------------------------------------
 
-def flops_of(fn: Callable[[], object]) -> int:
-    """FLOPs ``torch.utils.flop_counter`` counts in one call of ``fn`` (DeSAP's op included)."""
+# torch counts no FLOPs for SDPA's CPU kernel (it does for the CUDA ones): the same count as theirs
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_registry:
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+class ShapesOnly(TorchDispatchMode):
+    """Every op the FLOP counter counts (the matrix products, convolutions and attention of torch)
+    runs on meta copies of its inputs and gives zeros of its output's shape and strides: inside a
+    ``FlopCounterMode`` a forward pass is counted exactly while the rest of it (token ids, grids,
+    positions, indexing, elementwise work and DeSAP's own op) runs as it is, at a small share of
+    the cost. With :func:`desap_ops.cli.models.build_model`'s ``weights=False`` this counts a
+    full-size model whose forward reads token ids (Qwen, video) on a CPU in little memory."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace != "aten" or func.overloadpacket not in flop_registry:
+            return func(*args, **kwargs)
+        meta_args, meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        out = func(*meta_args, **meta_kwargs)
+        zeros = lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).zero_()  # noqa: E731
+        return tree_map_only(torch.Tensor, zeros, out)
+
+
+def flops_of(fn: Callable[[], object], shapes_only: bool = False) -> int:
+    """FLOPs ``torch.utils.flop_counter`` counts in one call of ``fn`` (DeSAP's op included);
+    ``shapes_only``: under :class:`ShapesOnly` (the same count, none of the matrix work)."""
     with FlopCounterMode(display=False) as counter:
-        fn()
+        if shapes_only:
+            with ShapesOnly():
+                fn()
+        else:
+            fn()
     return int(counter.get_total_flops())
 
 
@@ -349,9 +401,9 @@ def run(name: str, keeps: Optional[list[int]], device: str = "cpu", dtype: Optio
     say = progress or (lambda _: None)
     spec = MODELS[name]
     piecewise = spec.family in PIECEWISE
-    if device == "meta" and not piecewise:
-        raise UsageError(f"--device meta counts FLOPs for the LLaVA-1.5 and LLaVA-NeXT layouts only; {name} "
-                         "counts them on its real forward passes: use --device cpu or cuda")
+    # meta for the others: their forward passes on a CPU, weights that hold no memory, under ShapesOnly
+    shapes_only = device == "meta" and not piecewise
+    build_device = "cpu" if shapes_only else device
     if repeats < 1:
         raise UsageError(f"--repeats must be at least 1, got {repeats}")
     dtype_name = dtype or ("fp32" if device == "cpu" else "bf16")
@@ -359,15 +411,17 @@ def run(name: str, keeps: Optional[list[int]], device: str = "cpu", dtype: Optio
     timed = device != "meta"
     if timed:
         check_memory(name, device, dtype_name, shrink)
-    say(f"building {name} on {device} ({dtype_name}, random weights)")
-    model = build_model(name, device, torch_dtype, shrink)
-    data = make_batch(model, name, batch, device, torch_dtype)
+    weights = "weights holding no memory, FLOPs only" if shapes_only else "random weights"
+    say(f"building {name} on {build_device} ({dtype_name}, {weights})")
+    model = build_model(name, build_device, torch_dtype, shrink, weights=not shapes_only)
+    data = make_batch(model, name, batch, build_device, torch_dtype)
     tokens = data.tokens
     keeps = keeps or default_keeps(tokens)
     if any(not 1 <= k <= tokens for k in keeps):
         raise UsageError(f"--keep values must lie in [1, {tokens}] for {name}, got {keeps}")
     result = {"environment": environment(device), "model": name, "weights": "random",
               "measured": "timed" if timed else "FLOPs counted", "device": device, "dtype": dtype_name,
+              "shrink": shrink,
               "batch": batch, "image_tokens": tokens, "text_tokens": TEXT_TOKENS, "rows": []}
     rows = {keep: {"keep": keep} for keep in keeps}
     with torch.no_grad():
@@ -392,12 +446,16 @@ def run(name: str, keeps: Optional[list[int]], device: str = "cpu", dtype: Optio
                 flops = piecewise_flops(counter, counted.inputs, tokens, keep)
                 rows[keep].update(flops=flops, language_flops_reduction=flops["language_full"] / flops["language_keep"])
         else:
-            full_flops = flops_of(_prefill(model, data.inputs))
+            full_flops = flops_of(_prefill(model, data.inputs), shapes_only)
+            tower = {}
+            if spec.family in QWEN:   # the encoder (merger and DeepStack mergers included) on the batch's images
+                pixels, grid = data.inputs["pixel_values"], data.inputs["image_grid_thw"]
+                tower["vision_tower"] = flops_of(lambda: model.model.get_image_features(pixels, grid), shapes_only)
             for keep in keeps:
-                flops = {"full": full_flops}
+                flops = {"full": full_flops, **tower}
                 for name_ in VARIANTS[1:]:
                     with variant(model, spec.family, data, name_, keep) as inputs:
-                        flops[name_] = flops_of(_prefill(model, inputs))
+                        flops[name_] = flops_of(_prefill(model, inputs), shapes_only)
                 rows[keep]["flops"] = flops
     for keep in keeps:
         rows[keep]["flops_reduction"] = rows[keep]["flops"]["full"] / rows[keep]["flops"]["desap"]
@@ -419,7 +477,8 @@ def format_table(result: dict) -> str:
     versions) and one line per budget."""
     env = result["environment"]
     timed = "full_ms" in result["rows"][0]
-    lines = [f"{result['model']}, {result['weights']} weights, {describe(result)}, {result['dtype']}, batch {result['batch']}, "
+    shrunk = " shrunk (2 layers and 2 heads per transformer)" if result.get("shrink") else ""
+    lines = [f"{result['model']}{shrunk}, {result['weights']} weights, {describe(result)}, {result['dtype']}, batch {result['batch']}, "
              f"{result['image_tokens']} image + {result['text_tokens']} text tokens; torch {env['torch']}, "
              f"{env['date']}"]
     if timed:
@@ -441,16 +500,20 @@ def format_table(result: dict) -> str:
                          f"{r['overhead_ms']:>13.3f}{r['overhead_share']:>7.0%}{r['flops']['full'] / 1e9:>12.4g}"
                          f"{r['flops']['desap'] / 1e9:>13.4g}{r['flops_reduction']:>8.2f}")
     else:   # the tower's share of the DeSAP prefill grows as K shrinks: pruning after the encoder cannot save it
-        first = result["rows"][0]["flops"]
-        lines.append(f"vision tower {first['vision_tower'] / 1e9:.4g} GFLOP, "
-                     f"{first['vision_tower'] / first['full']:.0%} of the full prefill")
+        first, rows = result["rows"][0]["flops"], result["rows"]
+        # the LLaVA pieces count the language model apart; the Qwen models count their encoder apart
+        tower, language = "vision_tower" in first, "language_flops_reduction" in rows[0]
+        if tower:
+            lines.append(f"vision tower {first['vision_tower'] / 1e9:.4g} GFLOP, "
+                         f"{first['vision_tower'] / first['full']:.0%} of the full prefill")
         lines.append(f"{'keep':>6}{'GFLOP full':>12}{'GFLOP desap':>13}{'GFLOP ideal':>13}{'FLOP x':>8}"
-                     f"{'LM FLOP x':>11}{'tower of desap':>16}")
-        for r in result["rows"]:
+                     + f"{'LM FLOP x':>11}" * language + f"{'tower of desap':>16}" * tower)
+        for r in rows:
             f = r["flops"]
             lines.append(f"{r['keep']:>6}{f['full'] / 1e9:>12.4g}{f['desap'] / 1e9:>13.4g}{f['ideal'] / 1e9:>13.4g}"
-                         f"{r['flops_reduction']:>8.2f}{r['language_flops_reduction']:>11.2f}"
-                         f"{f['vision_tower'] / f['desap']:>16.0%}")
+                         f"{r['flops_reduction']:>8.2f}"
+                         + (f"{r['language_flops_reduction']:>11.2f}" if language else "")
+                         + (f"{f['vision_tower'] / f['desap']:>16.0%}" if tower else ""))
     return "\n".join(lines)
 
 
@@ -472,7 +535,8 @@ def figure(result: dict) -> Figure:
         ax.plot(keeps, [r["flops_reduction"] for r in rows], "^:", label="FLOP reduction (counted)")
         ax.set_ylabel("FLOPs, full model / DeSAP (x)")
     ax.set_xlabel(f"image tokens kept (of {result['image_tokens']})")
-    ax.set_title(f"{result['model']}, {result['weights']} weights, {result['dtype']}, batch {result['batch']}\n{describe(result)}",
+    shrunk = " shrunk" if result.get("shrink") else ""
+    ax.set_title(f"{result['model']}{shrunk}, {result['weights']} weights, {result['dtype']}, batch {result['batch']}\n{describe(result)}",
                  fontsize=10)
     ax.invert_xaxis()
     ax.grid(alpha=0.3)

@@ -1,6 +1,6 @@
 """The models the app runs, built from configs (no hub, random weights): the tiny ones for tests,
-demos and smoke benches, and the real shapes the benchmarks time or count (the 7B models, and
-LLaVA-1.5 layouts with a TinyLlama-1.1B or a 0.5B-class language model that fit a CPU machine).
+demos and smoke benches, and the real shapes the benchmarks time or count (the 7B models,
+Qwen3-VL-8B, and LLaVA-1.5 layouts with a TinyLlama-1.1B or a 0.5B-class language model that fit a CPU machine).
 ``MODELS`` names every one."""
 from __future__ import annotations
 
@@ -232,6 +232,24 @@ def qwen2_5_vl_7b() -> PretrainedConfig:
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
 
 
+def qwen3_vl_8b() -> PretrainedConfig:
+    """Qwen3-VL-8B-Instruct: the published config (8.77 billion parameters); the vision fields not
+    named are transformers' Qwen3VLVisionConfig defaults (intermediate 4304, a 48 x 48 learned
+    position grid, gelu_pytorch_tanh)."""
+    from transformers import Qwen3VLConfig
+
+    return Qwen3VLConfig(
+        vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24]),
+        text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=262144,
+                         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                                                            "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=False)
+
+
 def _shrink_transformer(config, layers: str, heads: str) -> None:
     """Two layers of two heads at the real head size (rotary sections and head-size-dependent code stay
     valid), and two key-value heads or one where the real model groups its queries."""
@@ -249,9 +267,12 @@ def shrink_config(config: PretrainedConfig) -> None:
     """Reduce a real-shape config in place to two layers and two heads per tower and language model,
     keeping everything that sets the token counts (image size, patch size, merge, pooling, vocabulary)."""
     vision, text = config.vision_config, config.text_config
-    if hasattr(vision, "depth"):   # Qwen2.5-VL's encoder: the last of its two layers attends fully
+    if hasattr(vision, "depth"):   # the Qwen encoders
         _shrink_transformer(vision, "depth", "num_heads")
-        vision.fullatt_block_indexes = [1]
+        if hasattr(vision, "fullatt_block_indexes"):   # Qwen2.5-VL: the last of its two layers attends fully
+            vision.fullatt_block_indexes = [1]
+        if getattr(vision, "deepstack_visual_indexes", None):   # Qwen3-VL: DeepStack from both layers
+            vision.deepstack_visual_indexes = [0, 1]
     else:
         _shrink_transformer(vision, "num_hidden_layers", "num_attention_heads")
     _shrink_transformer(text, "num_hidden_layers", "num_attention_heads")
@@ -265,7 +286,7 @@ def shrink_config(config: PretrainedConfig) -> None:
 
 # family -> the transformers class that runs it
 CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
            "llava_next_video": "LlavaNextVideoForConditionalGeneration",
            "video_llava": "VideoLlavaForConditionalGeneration"}
 
@@ -275,6 +296,7 @@ class ModelSpec:
     family: str                                   # a key of CLASSES
     build: Optional[Callable[[], nn.Module]] = None   # a tiny model: builds it, seeded, on CPU
     config: Optional[Callable[[], PretrainedConfig]] = None   # a real shape: its config (random weights)
+    grid: Optional[int] = None   # Qwen: patches per side of the benchmark's image (default: bench_e2e.QWEN_GRID)
 
     @property
     def tiny(self) -> bool:
@@ -289,6 +311,8 @@ MODELS: dict[str, ModelSpec] = {
     "llava-next-7b": ModelSpec("llava_next", config=llava_next_7b),
     "tiny-qwen2.5-vl": ModelSpec("qwen2_5_vl", build=tiny_qwen2_5_vl),
     "qwen2.5-vl-7b": ModelSpec("qwen2_5_vl", config=qwen2_5_vl_7b),
+    "tiny-qwen3-vl": ModelSpec("qwen3_vl", build=tiny_qwen3_vl),
+    "qwen3-vl-8b": ModelSpec("qwen3_vl", config=qwen3_vl_8b, grid=64),   # 1024 x 1024 pixels: 1024 tokens
     "tiny-llava-next-video": ModelSpec("llava_next_video", build=tiny_llava_next_video),
     "llava-next-video-7b": ModelSpec("llava_next_video", config=llava_next_video_7b),
     "tiny-video-llava": ModelSpec("video_llava", build=tiny_video_llava),
@@ -304,9 +328,11 @@ def model_config(name: str, shrink: bool = False) -> PretrainedConfig:
     return config
 
 
-def build_model(name: str, device: str, dtype: torch.dtype, shrink: bool = False) -> nn.Module:
+def build_model(name: str, device: str, dtype: torch.dtype, shrink: bool = False, weights: bool = True) -> nn.Module:
     """``MODELS[name]`` on ``device`` in ``dtype``, in eval mode; ``shrink``: a real shape at reduced
-    depth and width (tiny models are small already).
+    depth and width (tiny models are small already); ``weights=False`` (a real shape off meta):
+    every parameter a zero broadcast from one element, so that the model holds no memory but its
+    buffers (FLOP counting that runs no matrix product, :func:`desap_ops.cli.bench_e2e.flops_of`).
 
     A real shape is constructed directly on ``device`` with ``dtype`` as the default dtype (as
     ``from_pretrained`` does), so every buffer holds what the model's own constructor computes
@@ -328,7 +354,13 @@ def build_model(name: str, device: str, dtype: torch.dtype, shrink: bool = False
     finally:
         torch.set_default_dtype(previous)
     model.tie_weights()   # no_init_weights skips it with the rest of init_weights
-    if device != "meta":
+    if device != "meta" and not weights:   # the constructor's storage was never written: freed untouched
+        for module in model.modules():
+            for key, param in module._parameters.items():
+                if param is not None:
+                    zero = torch.zeros((), dtype=param.dtype, device=device).expand(param.shape)
+                    module._parameters[key] = nn.Parameter(zero, requires_grad=False)
+    elif device != "meta":
         generator = torch.Generator(device=device).manual_seed(0)
         with torch.no_grad():
             for param in model.parameters():

@@ -14,7 +14,7 @@ from desap_ops.cli.report import cpu_name
 
 # every real layout family, at reduced depth and width: (name, a budget below its token count)
 REAL_LAYOUTS = [("llava-1.5-7b", 64), ("llava-tinyllama-1.1b", 64), ("llava-next-7b", 640),
-                ("qwen2.5-vl-7b", 64), ("llava-next-video-7b", 200), ("video-llava-7b", 300)]
+                ("qwen2.5-vl-7b", 64), ("qwen3-vl-8b", 64), ("llava-next-video-7b", 200), ("video-llava-7b", 300)]
 
 
 def test_bench_e2e_tiny_writes_json_and_plot(tmp_path, capsys):
@@ -75,8 +75,8 @@ def test_bench_e2e_counts_full_size_flops_on_meta(tmp_path, capsys):
     assert tower_share(smaller[1]) > 0.5     # at 64 of 576 the tower is most of a 0.5B-class model's prefill
 
 
-@pytest.mark.parametrize("model,keeps", [("tiny-qwen2.5-vl", "16,4"), ("tiny-llava-next-video", "12,3"),
-                                         ("tiny-video-llava", "51,10")])
+@pytest.mark.parametrize("model,keeps", [("tiny-qwen2.5-vl", "16,4"), ("tiny-qwen3-vl", "16,4"),
+                                         ("tiny-llava-next-video", "12,3"), ("tiny-video-llava", "51,10")])
 def test_bench_e2e_qwen_and_video_models(tmp_path, model, keeps):
     out = tmp_path / "e2e.json"
     assert main(["bench", "e2e", "--model", model, "--keep", keeps, "--repeats", "1", "--out", str(out)]) == 0
@@ -87,9 +87,67 @@ def test_bench_e2e_qwen_and_video_models(tmp_path, model, keeps):
     assert saved["rows"][1]["flops"]["desap"] < saved["rows"][0]["flops"]["desap"]
 
 
-def test_bench_e2e_meta_is_for_the_llava_shapes(capsys):
-    assert main(["bench", "e2e", "--model", "qwen2.5-vl-7b", "--device", "meta"]) == 2
-    assert "--device cpu or cuda" in capsys.readouterr().err
+def test_meta_counts_the_qwen_forward_exactly_without_the_matrix_work(tmp_path, capsys):
+    """--device meta for a model whose forward reads token ids: the real forward passes under
+    ShapesOnly count what they count on the CPU, FLOP for FLOP."""
+    out = tmp_path / "e2e.json"
+    assert main(["bench", "e2e", "--model", "tiny-qwen3-vl", "--device", "meta", "--keep", "16,4",
+                 "--out", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert saved["measured"] == "FLOPs counted" and saved["device"] == "meta" and "full_ms" not in saved["rows"][0]
+    timed = bench_e2e.run("tiny-qwen3-vl", [16, 4], "cpu", repeats=1)
+    assert [r["flops"] for r in saved["rows"]] == [r["flops"] for r in timed["rows"]]
+    full, small = saved["rows"]
+    assert full["flops"]["full"] > full["flops"]["vision_tower"] > 0
+    assert full["flops"]["ideal"] == full["flops"]["full"] > small["flops"]["ideal"]
+    table = capsys.readouterr().out
+    assert "vision tower" in table and "LM FLOP x" not in table and "tower of desap" in table
+
+
+def test_cpu_attention_is_counted_as_on_meta():
+    """torch counts no FLOPs for SDPA's CPU kernel; the bench counts it as the meta path does."""
+    q = torch.randn(1, 4, 128, 32)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    on_meta = bench_e2e.flops_of(lambda: sdpa(*[q.to("meta")] * 3))
+    assert on_meta == 2 * 2 * 4 * 128 * 128 * 32
+    assert bench_e2e.flops_of(lambda: sdpa(q, q, q)) == on_meta
+    assert bench_e2e.flops_of(lambda: sdpa(q, q, q), shapes_only=True) == on_meta
+
+
+def test_qwen3_vl_8b_has_the_published_shape():
+    model = build_model("qwen3-vl-8b", "meta", torch.bfloat16)
+    assert 8.76e9 < sum(p.numel() for p in model.parameters()) < 8.78e9    # 8.77 billion parameters
+    vision, text = model.config.vision_config, model.config.text_config
+    assert (vision.depth, vision.hidden_size, vision.num_heads, vision.patch_size, vision.out_hidden_size) == \
+        (27, 1152, 16, 16, 4096)
+    assert list(vision.deepstack_visual_indexes) == [8, 16, 24] and len(model.model.visual.deepstack_merger_list) == 3
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.intermediate_size, text.head_dim, text.vocab_size) == (4096, 36, 32, 8, 12288, 128, 151936)
+    assert text.rope_parameters["mrope_section"] == [24, 20, 20] and text.rope_parameters["rope_theta"] == 5e6
+    zero = build_model("qwen3-vl-8b", "cpu", torch.bfloat16, shrink=True, weights=False)
+    assert all(p.stride() == (0,) * p.dim() and not p.any() for p in zero.parameters())
+
+
+@pytest.mark.slow
+def test_qwen3_vl_8b_counts_its_full_size_flops_on_meta():
+    """The real shape, 1024 image tokens (1024 x 1024 pixels), counted in little memory: the tower
+    (DeepStack mergers included) about 5.8 TFLOP whatever the budget, the prefill about 21 TFLOP."""
+    result = bench_e2e.run("qwen3-vl-8b", [64], "meta")
+    assert result["image_tokens"] == 1024 and not result["shrink"]
+    flops = result["rows"][0]["flops"]
+    assert 5.7e12 < flops["vision_tower"] < 5.9e12 and 2.1e13 < flops["full"] < 2.15e13
+    assert flops["full"] > flops["desap"] > flops["ideal"] > flops["vision_tower"]
+    assert flops["desap"] - flops["ideal"] < 0.02 * flops["desap"]    # saliency, merger on the branch, the op
+    assert result["rows"][0]["flops_reduction"] > 2.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["qwen2.5-vl-7b", "qwen3-vl-8b", "video-llava-7b"])
+def test_meta_counts_equal_the_real_forward_counts_of_the_real_layouts(name):
+    keeps = [64, 8]
+    counted = bench_e2e.run(name, keeps, "meta", shrink=True)
+    timed = bench_e2e.run(name, keeps, "cpu", repeats=1, shrink=True)
+    assert [r["flops"] for r in counted["rows"]] == [r["flops"] for r in timed["rows"]]
 
 
 def test_default_budgets_and_repeats():
@@ -150,7 +208,11 @@ def test_the_ideal_feeds_the_first_k_tokens_projecting_only_those(name, keep):
     embeds, projected = [], []
     inner.language_model.register_forward_pre_hook(lambda m, a, k: embeds.append(k["inputs_embeds"]),
                                                    with_kwargs=True)
-    if family != "qwen2_5_vl":   # Qwen2.5-VL's projector is the merger inside its encoder
+    levels = []
+    if family == "qwen3_vl":
+        inner.language_model.register_forward_pre_hook(
+            lambda m, a, k: levels.append(k["deepstack_visual_embeds"]), with_kwargs=True)
+    if family not in bench_e2e.QWEN:   # the Qwen projector is the merger inside its encoder
         inner.multi_modal_projector.register_forward_hook(lambda m, a, o: projected.append(a[0].shape[:-1].numel()))
     with torch.no_grad():
         model(**data.inputs, logits_to_keep=1)
@@ -164,5 +226,10 @@ def test_the_ideal_feeds_the_first_k_tokens_projecting_only_those(name, keep):
     if family == "llava_next":
         # 576 base tokens, then the grid's first row (48 tokens and its newline), then 15 more tokens
         assert projected == [5 * 576, keep - 1]
-    elif family != "qwen2_5_vl":
+    elif family not in bench_e2e.QWEN:
         assert projected[1:] == [keep] and projected[0] >= n
+    if family == "qwen3_vl":   # every DeepStack level cut to its first K tokens too
+        assert len(levels[0]) == len(levels[1]) == 2
+        for full_level, ideal_level in zip(*levels):
+            assert full_level.shape[0] == n
+            torch.testing.assert_close(ideal_level, full_level[:keep])
