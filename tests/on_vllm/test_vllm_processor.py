@@ -184,3 +184,17 @@ def test_llava_encoder_data_parallel_falls_back_to_weights_before_desap_reads_th
         config = ModelConfig(model=str(checkpoints[kind]), hf_overrides={"desap": {"keep": 4}}, max_model_len=512,
                              mm_encoder_tp_mode="data")
         assert config.multimodal_config.mm_encoder_tp_mode == "weights"
+
+
+def test_one_path_without_then_with_desap_in_one_process_gets_the_desap_processor(checkpoints):
+    # vLLM caches resolved classes by model path, not by hf_overrides: the plugin must not let a
+    # plain config of a path decide the class of a later DeSAP config of the same path
+    plain = _processor(checkpoints["llava"])
+    assert _process(plain, PROMPT_A, checkpoints["square"])["prompt_token_ids"].count(
+        plain.info.get_hf_config().image_token_index) == 16
+    pruned = _processor(checkpoints["llava"], {"desap": {"keep": 5}})
+    assert _process(pruned, PROMPT_A, checkpoints["square"])["prompt_token_ids"].count(
+        pruned.info.get_hf_config().image_token_index) == 5
+    again = _processor(checkpoints["llava"])
+    assert _process(again, PROMPT_A, checkpoints["square"])["prompt_token_ids"].count(
+        again.info.get_hf_config().image_token_index) == 16

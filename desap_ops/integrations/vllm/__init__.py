@@ -10,6 +10,7 @@ resolves exactly as before, to vLLM's own classes.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
@@ -65,8 +66,21 @@ def desap_architecture(architectures, model_config) -> str | None:
     return found[0]
 
 
+def _forget_resolved_classes() -> None:
+    """Empty vLLM's cache of resolved model classes. Its key is the model path and architecture,
+    not ``hf_overrides``: a path first resolved without ``desap`` would keep vLLM's own class for a
+    later config of the same path that asks for DeSAP, in the same process, and silently not prune.
+    Looked up without importing: until vLLM has imported the module, the cache is empty anyway."""
+    utils = sys.modules.get("vllm.model_executor.model_loader.utils")
+    cache = getattr(utils, "_MODEL_ARCH_BY_HASH", None)
+    if cache is not None:
+        cache.clear()
+
+
 def _wrap(lookup: Callable) -> Callable:
     def wrapped(architectures, model_config, *args, **kwargs):
+        if not _BUILDING_PARTS.get():
+            _forget_resolved_classes()
         arch = None if _BUILDING_PARTS.get() else desap_architecture(architectures, model_config)
         if arch is None:
             return lookup(architectures, model_config, *args, **kwargs)

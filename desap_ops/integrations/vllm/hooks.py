@@ -55,6 +55,9 @@ REGISTRY_HOOKS: tuple[Hook, ...] = (
 )
 HOOKS: tuple[Hook, ...] = (
     *REGISTRY_HOOKS,
+    # the cache of resolved classes the wrapped lookups empty (its key ignores hf_overrides)
+    Hook("vllm.model_executor.model_loader.utils:get_model_architecture", ("model_config",),
+         reads=("_MODEL_ARCH_BY_HASH",)),
     # the processor registration the DeSAP classes reuse
     Hook("vllm.multimodal.registry:MultiModalRegistry.register_processor", ("processor", "info", "dummy_inputs"),
          reads=("_processor_factory",)),
