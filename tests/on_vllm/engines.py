@@ -158,3 +158,15 @@ def _pruned(ids: list, image_token: int, keep: int, images_per_run: list = None)
         if t != image_token or run <= keep * images:
             out.append(t)
     return out
+
+
+def assert_same_answers(got: dict, expected: list, model_class: str) -> None:
+    """Every round of an engine run gave each request ``transformers_run``'s prompt ids and greedy
+    tokens, on the DeSAP class ``model_class``, which kept the same tokens as apply_desap."""
+    for outputs in got["rounds"]:
+        for out, want in zip(outputs, expected):
+            assert out["prompt_token_ids"] == want["prompt_ids"]
+            assert out["output_token_ids"] == want["output_ids"]
+    (rank,) = got["ranks"]
+    assert rank["class"] == model_class
+    assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}

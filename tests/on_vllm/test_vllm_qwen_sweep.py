@@ -12,7 +12,7 @@ right before and right after <|vision_start|>, inside an image and between two i
 The other runs the grid unchunked in a single batch."""
 import pytest
 
-from engines import QWEN_IMAGE, run_engine, transformers_run
+from engines import QWEN_IMAGE, assert_same_answers, run_engine, transformers_run
 
 OPTIONS = {"keep": 6}
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"   # 7 tokens here
@@ -72,16 +72,6 @@ def _expected(checkpoints):
     return folder, requests, [transformers_run("qwen2_5_vl", folder, p, i, OPTIONS) for p, i in requests]
 
 
-def _same_answers(got: dict, expected: list) -> None:
-    for outputs in got["rounds"]:
-        for out, want in zip(outputs, expected):
-            assert out["prompt_token_ids"] == want["prompt_ids"]
-            assert out["output_token_ids"] == want["output_ids"]
-    (rank,) = got["ranks"]
-    assert rank["class"] == "DesapQwen2_5_VLForConditionalGeneration"
-    assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}
-
-
 @pytest.fixture(scope="module")
 def expected(checkpoints):
     return _expected(checkpoints)
@@ -92,7 +82,7 @@ def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(expect
     engine = {"hf_overrides": {"desap": OPTIONS}, "block_size": BLOCK, "enable_chunked_prefill": True,
               "max_num_batched_tokens": CHUNK, "max_num_seqs": 2, "limit_mm_per_prompt": {"image": 3}}
     got = run_engine(tmp_path, folder, engine, requests, rounds=2, positions=True, one_by_one=True)
-    _same_answers(got, expected)
+    assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
 
     seen = {"before <vs>": 0, "after <vs>": 0, "inside an image": 0, "between images": 0}
     for round_, outputs in enumerate(got["rounds"]):
@@ -119,7 +109,7 @@ def test_unchunked_batch_runs_at_transformers_positions(expected, tmp_path):
     folder, requests, expected = expected
     engine = {"hf_overrides": {"desap": OPTIONS}, "limit_mm_per_prompt": {"image": 3}}
     got = run_engine(tmp_path, folder, engine, requests, positions=True)
-    _same_answers(got, expected)
+    assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
     columns = [list(zip(*positions)) for positions in got["positions"][0]]
     for want in expected:
         prompt = list(zip(*want["positions"][-3:]))

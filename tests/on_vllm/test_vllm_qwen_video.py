@@ -6,7 +6,7 @@ also counts its time). A video alone, a video and an image in one prompt, a shor
 batch twice (the second time from vLLM's processor cache), and prefilled in chunks of 5 tokens."""
 import pytest
 
-from engines import QWEN_IMAGE, run_engine, save_video, transformers_run
+from engines import QWEN_IMAGE, assert_same_answers, run_engine, save_video, transformers_run
 
 OPTIONS = {"keep": 6}
 QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -34,16 +34,6 @@ def _columns(forwards: list) -> list:
     return [column for positions in forwards for column in zip(*positions)]
 
 
-def _same_answers(got: dict, expected: list) -> None:
-    for outputs in got["rounds"]:
-        for out, want in zip(outputs, expected):
-            assert out["prompt_token_ids"] == want["prompt_ids"]
-            assert out["output_token_ids"] == want["output_ids"]
-    (rank,) = got["ranks"]
-    assert rank["class"] == "DesapQwen2_5_VLForConditionalGeneration"
-    assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}
-
-
 def test_videos_get_apply_desaps_tokens_positions_and_output_in_one_batch_and_from_the_cache(cases, tmp_path):
     folder, requests, expected = cases
     counts = [(want["prompt_ids"].count(IMAGE_TOKEN), want["prompt_ids"].count(VIDEO_TOKEN)) for want in expected]
@@ -55,7 +45,7 @@ def test_videos_get_apply_desaps_tokens_positions_and_output_in_one_batch_and_fr
     assert times[video[-1] + 1] == times[video[0] - 1] + 1 + 4
 
     got = run_engine(tmp_path, folder, ENGINE, requests, rounds=2, positions=True)
-    _same_answers(got, expected)
+    assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
     for round_ in got["positions"]:   # the second round's videos come from the processor cache
         columns = [list(zip(*positions)) for positions in round_]
         for want in expected:
@@ -71,7 +61,7 @@ def test_videos_prefilled_in_chunks_run_at_transformers_positions(cases, tmp_pat
     folder, requests, expected = cases
     engine = {**ENGINE, "enable_chunked_prefill": True, "max_num_batched_tokens": 5, "max_num_seqs": 2}
     got = run_engine(tmp_path, folder, engine, requests, positions=True, one_by_one=True)
-    _same_answers(got, expected)
+    assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
     inside = 0
     for out, forwards, want in zip(got["rounds"][0], got["positions"][0], expected):
         rows = want["positions"][-3:]
