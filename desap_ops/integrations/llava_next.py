@@ -64,12 +64,6 @@ def image_tokens(model: nn.Module, pixel_values: torch.Tensor, image_sizes) -> l
     return [tokens for tokens, _ in image_layouts(model, image_sizes)]
 
 
-def image_budgets(model: nn.Module, image_sizes, keep: int) -> list[int]:
-    """Each image's tokens under ``keep`` (``sequence.image_budget``): whole when it has no more,
-    its newlines and one visual token when they leave no room."""
-    return [image_budget(keep, tokens, newlines) for tokens, newlines in image_layouts(model, image_sizes)]
-
-
 def _image_features(model, inner, pixel_values, image_sizes=None, vision_feature_layer=None,
                     vision_feature_select_strategy=None, **kwargs):
     """Replacement for ``inner.get_image_features``: each image's ``keep`` tokens, newlines included."""
@@ -111,9 +105,10 @@ def _image_features(model, inner, pixel_values, image_sizes=None, vision_feature
 def _shrink(model, arguments: dict, generating: bool) -> None:
     pixel_values = arguments.get("pixel_values")
     if pixel_values is not None:
-        sizes = arguments.get("image_sizes")
-        shrink_runs(model, arguments, model.config.image_token_id, image_tokens(model, pixel_values, sizes), "image",
-                    generating, budgets=image_budgets(model, sizes, model._desap.keep))
+        layouts = image_layouts(model, arguments.get("image_sizes"))
+        budgets = [image_budget(model._desap.keep, tokens, newlines) for tokens, newlines in layouts]
+        shrink_runs(model, arguments, model.config.image_token_id, [tokens for tokens, _ in layouts], "image",
+                    generating, budgets=budgets)
 
 
 def install(model: nn.Module, state: DesapState) -> None:

@@ -170,3 +170,16 @@ def assert_same_answers(got: dict, expected: list, model_class: str) -> None:
     (rank,) = got["ranks"]
     assert rank["class"] == model_class
     assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}
+
+
+def assert_batched_positions(forwards: list, expected: list) -> None:
+    """In one round's forwards (batched, unchunked), each request's prompt ran at exactly
+    ``transformers_run``'s 3D positions, and the next forward decoded it one past their top."""
+    columns = [list(zip(*positions)) for positions in forwards]
+    for want in expected:
+        prompt = list(zip(*want["positions"][-3:]))
+        top = max(map(max, want["positions"][-3:]))
+        found = [step for step, cols in enumerate(columns)
+                 if any(cols[c:c + len(prompt)] == prompt for c in range(len(cols) - len(prompt) + 1))]
+        assert found, want["prompt_ids"]
+        assert (top + 1,) * 3 in columns[found[0] + 1]

@@ -12,7 +12,7 @@ right before and right after <|vision_start|>, inside an image and between two i
 The other runs the grid unchunked in a single batch."""
 import pytest
 
-from engines import QWEN_IMAGE, assert_same_answers, run_engine, transformers_run
+from engines import QWEN_IMAGE, assert_batched_positions, assert_same_answers, run_engine, transformers_run
 
 OPTIONS = {"keep": 6}
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"   # 7 tokens here
@@ -110,11 +110,4 @@ def test_unchunked_batch_runs_at_transformers_positions(expected, tmp_path):
     engine = {"hf_overrides": {"desap": OPTIONS}, "limit_mm_per_prompt": {"image": 3}}
     got = run_engine(tmp_path, folder, engine, requests, positions=True)
     assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
-    columns = [list(zip(*positions)) for positions in got["positions"][0]]
-    for want in expected:
-        prompt = list(zip(*want["positions"][-3:]))
-        top = max(map(max, want["positions"][-3:]))
-        found = [step for step, cols in enumerate(columns)
-                 if any(cols[c:c + len(prompt)] == prompt for c in range(len(cols) - len(prompt) + 1))]
-        assert found, want["prompt_ids"]
-        assert (top + 1,) * 3 in columns[found[0] + 1]
+    assert_batched_positions(got["positions"][0], expected)

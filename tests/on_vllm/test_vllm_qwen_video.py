@@ -6,7 +6,7 @@ also counts its time). A video alone, a video and an image in one prompt, a shor
 batch twice (the second time from vLLM's processor cache), and prefilled in chunks of 5 tokens."""
 import pytest
 
-from engines import QWEN_IMAGE, assert_same_answers, run_engine, save_video, transformers_run
+from engines import QWEN_IMAGE, assert_batched_positions, assert_same_answers, run_engine, save_video, transformers_run
 
 OPTIONS = {"keep": 6}
 QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -47,14 +47,7 @@ def test_videos_get_apply_desaps_tokens_positions_and_output_in_one_batch_and_fr
     got = run_engine(tmp_path, folder, ENGINE, requests, rounds=2, positions=True)
     assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
     for round_ in got["positions"]:   # the second round's videos come from the processor cache
-        columns = [list(zip(*positions)) for positions in round_]
-        for want in expected:
-            prompt = list(zip(*want["positions"][-3:]))
-            top = max(map(max, want["positions"][-3:]))
-            found = [step for step, cols in enumerate(columns)
-                     if any(cols[c:c + len(prompt)] == prompt for c in range(len(cols) - len(prompt) + 1))]
-            assert found, want["prompt_ids"]
-            assert (top + 1,) * 3 in columns[found[0] + 1]
+        assert_batched_positions(round_, expected)
 
 
 def test_videos_prefilled_in_chunks_run_at_transformers_positions(cases, tmp_path):

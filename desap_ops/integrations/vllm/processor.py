@@ -32,7 +32,7 @@ TEXT_KEYS = {"image": TEXT_KEY, "video": VIDEO_TEXT_KEY}
 
 
 def _without_text(kwargs: Mapping[str, object]) -> dict:
-    return {k: v for k, v in kwargs.items() if k not in (TEXT_KEY, VIDEO_TEXT_KEY)}
+    return {k: v for k, v in kwargs.items() if k not in TEXT_KEYS.values()}
 
 
 def placeholder_runs(prompt: list[int], token_id: int) -> list[int]:
