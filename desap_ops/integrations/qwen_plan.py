@@ -23,11 +23,11 @@ from torch import nn
 
 from ..reference import merge_tokens
 from .prompt import text_embeddings
+from .compat import Hook
 from .sequence import count_placeholders, drop_tokens, image_budget
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .signals import received_attention
 from .state import DesapState
-from .compat import Hook
 
 # the internals every Qwen patch uses through this module (each family adds its tower's own)
 PLAN_HOOKS = (
@@ -211,10 +211,11 @@ def needs_plan(model: nn.Module, arguments: dict) -> bool:
         if input_ids is None or grid is None:
             raise ValueError(f"apply_desap needs input_ids and {medium.grid} when {medium.pixels} are given")
         sizes = _sizes(model, grid)
+        budgeted = sum(image_budget(state.keep, n) for n in sizes)
         found = count_placeholders(input_ids, getattr(model.config, medium.token_attr))
         full &= found == sum(sizes)
-        planned &= found == sum(image_budget(state.keep, n) for n in sizes)
-        if found not in (sum(sizes), sum(image_budget(state.keep, n) for n in sizes)):
+        planned &= found == budgeted
+        if found not in (sum(sizes), budgeted):
             raise ValueError(f"input_ids hold {found} {medium.kind} tokens for {len(sizes)} {medium.kind}s: "
                              f"expected {sum(sizes)} (the processor's count)")
     if full:
