@@ -4,7 +4,8 @@ its own process: vLLM spawns workers, and one engine per process is what it is b
     python engine.py JOB.json OUT.json
 
 JOB: {"model": folder, "engine": {LLM keyword arguments}, "requests": [{"prompt": str,
-"image": "file.png" or [files], "video": {"frames": "file.npy", "metadata": {...}} (either or both)}],
+"image": "file.png" or [files], "video": {"frames": "file.npy", "metadata": {...}} (either or both),
+"mm_processor_kwargs": {...} (optional: the request's own, e.g. {"desap": {"keep": 4}})}],
 "max_tokens": int, "rounds": int, "positions": bool, "one_by_one": bool}. All requests go in one ``generate`` call (one batch), ``rounds`` times; with
 "one_by_one", each request goes alone in a call of its own. OUT: per round, per request, the
 prompt and output token ids and the prefix-cache hits; per tensor-parallel rank, the model's class
@@ -39,7 +40,9 @@ def main():
             data["video"] = (np.load(request["video"]["frames"]), request["video"]["metadata"])
         return data
 
-    requests = [{"prompt": r["prompt"], "multi_modal_data": media(r)} for r in job["requests"]]
+    requests = [{"prompt": r["prompt"], "multi_modal_data": media(r),
+                 **({"mm_processor_kwargs": r["mm_processor_kwargs"]} if "mm_processor_kwargs" in r else {})}
+                for r in job["requests"]]
     params = SamplingParams(temperature=0.0, max_tokens=job.get("max_tokens", 8))
     if job.get("positions"):
         llm.apply_model(watch_positions)

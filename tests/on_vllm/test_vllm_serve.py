@@ -1,13 +1,15 @@
 """``vllm serve`` with DeSAP on the loopback interface: an OpenAI-compatible chat request with an
 image gets the pruned prompt and the same greedy answer as transformers with apply_desap. The
-server helpers here serve ``test_vllm_load.py`` too."""
+server helpers here serve ``test_vllm_load.py`` and ``test_vllm_request_options.py`` too."""
 import base64
 import json
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -30,6 +32,14 @@ def post(url: str, body: dict, timeout: float = 120) -> dict:
         return json.load(response)
 
 
+def send(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+    """(HTTP status, JSON reply) of one chat request; a 4xx or 5xx is returned, not raised."""
+    try:
+        return 200, post(f"{url}/v1/chat/completions", body, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        return error.code, {"error": error.read().decode(errors="replace")}
+
+
 def is_healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
@@ -48,14 +58,15 @@ def chat_body(folder: Path, image: str, question: str, max_tokens: int = 8) -> d
 
 
 @contextmanager
-def served(folder: Path, options: dict, log_file: Path,
-           start_timeout: float = 300) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``vllm serve folder`` with DeSAP ``options`` on 127.0.0.1: (its base URL, its process),
-    once healthy; stopped on exit. Its output goes to ``log_file``."""
+def served(folder: Path, options: dict, log_file: Path, start_timeout: float = 300,
+           extra_args: Sequence[str] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``vllm serve folder`` with DeSAP ``options`` on 127.0.0.1 and ``extra_args``: (its base URL,
+    its process), once healthy; stopped on exit. Its output goes to ``log_file``."""
     port = _free_port()
     command = [str(Path(sys.executable).parent / "vllm"), "serve", str(folder), "--host", "127.0.0.1",
                "--port", str(port), "--hf-overrides", json.dumps({"desap": options}), "--dtype", "float32",
-               "--max-model-len", "512", "--gpu-memory-utilization", "0.1", "--enforce-eager", "--seed", "0"]
+               "--max-model-len", "512", "--gpu-memory-utilization", "0.1", "--enforce-eager", "--seed", "0",
+               *extra_args]
     url = f"http://127.0.0.1:{port}"
     with open(log_file, "w") as log:
         server = subprocess.Popen(command, env=engine_environment(), stdout=log, stderr=subprocess.STDOUT)

@@ -1,6 +1,6 @@
 """DeSAP in vLLM's LLaVA-1.5 (``vllm.model_executor.models.llava``): every image becomes at most
-``keep`` tokens (``sequence.image_budget``; with fewer it passes whole), chosen and merged inside
-``embed_multimodal`` from vLLM's own CLIP tower."""
+its request's ``keep`` tokens (``sequence.image_budget``; with fewer it passes whole), chosen and
+merged inside ``embed_multimodal`` from vLLM's own CLIP tower."""
 from __future__ import annotations
 
 from vllm.model_executor.models.llava import LlavaForConditionalGeneration, LlavaMultiModalProcessor
@@ -8,7 +8,7 @@ from vllm.multimodal.processing import PromptReplacement
 
 from ..clip_tower import drops_cls, tokens_per_crop
 from ..sequence import image_budget
-from .model import DesapModelMixin, registered_with
+from .model import DesapModelMixin, equal_runs, registered_with
 from .options import DesapOptions
 from .processor import DesapProcessorMixin
 
@@ -26,9 +26,12 @@ class DesapLlavaProcessor(DesapProcessorMixin, LlavaMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         if self.desap is None:
             return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        count = image_budget(self.desap.keep, tokens_per_crop(self.info.get_hf_config()))
-        tokens = [self.desap_image_token()] * count
-        return [PromptReplacement(modality="image", target=[self.desap_image_token()], replacement=tokens)]
+        token, tokens = self.desap_image_token(), tokens_per_crop(self.info.get_hf_config())
+
+        def kept_placeholders(i: int) -> list[int]:
+            return [token] * image_budget(self.desap_item(out_mm_kwargs, "image", i).keep, tokens)
+
+        return [PromptReplacement(modality="image", target=[token], replacement=kept_placeholders)]
 
 
 @registered_with(DesapLlavaProcessor, LlavaForConditionalGeneration)
@@ -38,7 +41,13 @@ class DesapLlavaForConditionalGeneration(DesapModelMixin, LlavaForConditionalGen
     def desap_image_tokens(self, image_input) -> list[int]:
         return [tokens_per_crop(self.config)] * len(image_input["pixel_values"])
 
-    def desap_features(self, image_input, batch, texts, text_mask):
+    def desap_features(self, image_input, batch, texts, text_mask, options):
         signals = self.desap_signals(image_input["pixel_values"][batch.start:batch.stop], drops_cls(self.config))
-        result = self.desap_prune(signals, texts, text_mask, image_budget(self.desap.keep, signals.hidden.shape[1]))
-        return list(self.multi_modal_projector(result.tokens))
+        features = []
+        for run in equal_runs(options):   # one operator call per run of images sharing their options
+            part = type(signals)(*(s[run.start:run.stop] for s in signals))
+            keep = image_budget(options[run.start].keep, signals.hidden.shape[1])
+            result = self.desap_prune(part, texts[run.start:run.stop], text_mask[run.start:run.stop], keep,
+                                      options[run.start])
+            features += list(self.multi_modal_projector(result.tokens))
+        return features

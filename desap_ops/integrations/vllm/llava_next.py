@@ -1,8 +1,8 @@
 """DeSAP in vLLM's LLaVA-NeXT (``vllm.model_executor.models.llava_next``): one budget per image
-over its base crop and AnyRes crops together, in the packed order, with the image-newline tokens
-where the model puts them, counted toward ``keep`` (as ``apply_desap`` does). ``keep`` means at
-most (``sequence.image_budget``): an image with no more tokens passes whole, and one whose
-newlines leave no room keeps its newlines and one visual token."""
+(its request's ``keep``) over its base crop and AnyRes crops together, in the packed order, with
+the image-newline tokens where the model puts them, counted toward ``keep`` (as ``apply_desap``
+does). ``keep`` means at most (``sequence.image_budget``): an image with no more tokens passes
+whole, and one whose newlines leave no room keeps its newlines and one visual token."""
 from __future__ import annotations
 
 import torch
@@ -40,8 +40,7 @@ class DesapLlavaNextProcessor(DesapProcessorMixin, LlavaNextMultiModalProcessor)
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         if self.desap is None:
             return super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        keep, token = self.desap.keep, self.desap_image_token()
-        config = self.info.get_hf_config()
+        token, config = self.desap_image_token(), self.info.get_hf_config()
 
         def kept_placeholders(i: int) -> list[int]:
             # vLLM resolves this only for images processed now, whose fields are in out_mm_kwargs;
@@ -50,6 +49,7 @@ class DesapLlavaNextProcessor(DesapProcessorMixin, LlavaNextMultiModalProcessor)
             if "image_sizes" not in fields:
                 raise ValueError("DeSAP prunes from pixels; this request gave image embeddings")
             height, width = (int(v) for v in fields["image_sizes"].data)
+            keep = self.desap_item(out_mm_kwargs, "image", i).keep
             return [token] * budget_of(keep, layout(config, (height, width)))
 
         return [PromptReplacement(modality="image", target=[token], replacement=kept_placeholders)]
@@ -62,7 +62,7 @@ class DesapLlavaNextForConditionalGeneration(DesapModelMixin, LlavaNextForCondit
     def desap_image_tokens(self, image_input) -> list[int]:
         return [layout(self.config, tuple(int(v) for v in size)).numel() for size in image_input["image_sizes"]]
 
-    def desap_features(self, image_input, batch, texts, text_mask):
+    def desap_features(self, image_input, batch, texts, text_mask, options):
         config = self.config
         sizes = [tuple(int(v) for v in image_input["image_sizes"][i]) for i in batch]
         crops = [crops_of(config, size) for size in sizes]
@@ -72,13 +72,13 @@ class DesapLlavaNextForConditionalGeneration(DesapModelMixin, LlavaNextForCondit
         features = []
         for i, ((hidden, branch, saliency), size) in enumerate(zip(parts, sizes)):
             sources = layout(config, size).to(hidden.device)
-            budget = budget_of(self.desap.keep, sources)
+            budget = budget_of(options[i].keep, sources)
             is_visual = sources >= 0
             picked = sources[is_visual]
             h, b = hidden.flatten(0, 1)[picked], branch.flatten(0, 1)[picked]
             s = saliency.flatten()[picked]
             result = self.desap_prune(type(signals)(h[None], b[None], s[None]), texts[i:i + 1], text_mask[i:i + 1],
-                                      budget - int((~is_visual).sum()))
+                                      budget - int((~is_visual).sum()), options[i])
             slots = torch.zeros_like(is_visual)
             slots[is_visual.nonzero()[:, 0][result.indices[0]]] = True
             slots |= ~is_visual

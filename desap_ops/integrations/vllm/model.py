@@ -1,7 +1,10 @@
 """What DeSAP changes in a vLLM model class (a mixin over the model's own class): its
 ``embed_multimodal`` prunes each image to at most ``keep`` tokens (``sequence.image_budget``: an
 image with no more passes whole) with ``desap_ops.prune`` (the reference on CPU, the Triton
-kernels on CUDA). Without ``desap`` in the config every method is the model's own.
+kernels on CUDA), each with its own request's options (the per-item field ``desap_options``:
+:meth:`DesapModelMixin.desap_item_options`). Under the engine option ``ideal`` an image keeps its
+first ``keep`` tokens instead (:func:`first_tokens`). Without ``desap`` in the config every method
+is the model's own.
 
 The scheduler charges a pruned image its placeholders, not the tokens the vision tower runs on,
 so one ``embed_multimodal`` call may bring more images than vLLM's encoder budget was planned
@@ -17,8 +20,8 @@ import torch
 from ...api import prune
 from ...reference import PruneResult
 from . import building_parts
-from .options import DesapOptions, read_options
-from .processor import TEXT_KEY
+from .options import DesapOptions, decode_request, read_options
+from .processor import OPTIONS_KEYS, TEXT_KEY
 from .tower import VllmTowerSignals, read_vllm_tower
 
 HISTORY = 256   # images whose prune record a model keeps (``desap_history``), for inspection and tests
@@ -36,6 +39,27 @@ def encoder_batches(tokens: Sequence[int], budget: int) -> list[range]:
     if start < len(tokens):
         batches.append(range(start, len(tokens)))
     return batches
+
+
+def equal_runs(values: Sequence) -> list[range]:
+    """Consecutive runs of equal ``values``, in order (images of one request share its options)."""
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            runs.append(range(start, i))
+            start = i
+    return runs
+
+
+def first_tokens(hidden: torch.Tensor, keep: int) -> PruneResult:
+    """The ideal setting: each image's first ``keep`` tokens of ``hidden`` (B, N, D), in order,
+    with no scoring and no merging (task scores and task_keep are zeros)."""
+    batch, tokens = hidden.shape[:2]
+    order = torch.arange(tokens, device=hidden.device)
+    assignment = torch.where(order < keep, order, -1)
+    return PruneResult(hidden[:, :keep], order[:keep].expand(batch, keep), assignment.expand(batch, tokens),
+                       torch.zeros(batch, tokens, device=hidden.device),
+                       torch.zeros(batch, dtype=torch.long, device=hidden.device))
 
 
 def registered_with(processor_class, base_model):
@@ -61,7 +85,7 @@ class DesapModelMixin:
         self.desap_history: deque = deque(maxlen=HISTORY)
 
     def embed_multimodal(self, **kwargs):
-        text_ids = kwargs.pop(TEXT_KEY, None)
+        text_ids, encoded = kwargs.pop(TEXT_KEY, None), kwargs.pop(OPTIONS_KEYS["image"], None)
         if self.desap is None:
             return super().embed_multimodal(**kwargs)
         image_input = self._parse_and_validate_image_input(**kwargs)
@@ -70,19 +94,29 @@ class DesapModelMixin:
         if image_input["type"] != "pixel_values":
             raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
         texts, text_mask = self.desap_texts(text_ids)
+        options = self.desap_item_options(encoded, len(texts))
         features = []
         for batch in encoder_batches(self.desap_image_tokens(image_input), self.desap_encoder_budget):
             features += self.desap_features(image_input, batch, texts[batch.start:batch.stop],
-                                            text_mask[batch.start:batch.stop])
+                                            text_mask[batch.start:batch.stop], options[batch.start:batch.stop])
         return features
 
     def desap_image_tokens(self, image_input) -> list[int]:
         """Each image's full token count, as vLLM would charge it without DeSAP."""
         raise NotImplementedError
 
-    def desap_features(self, image_input, batch: range, texts, text_mask) -> list[torch.Tensor]:
-        """The pruned features of the images in ``batch`` (one tower call), with their texts."""
+    def desap_features(self, image_input, batch: range, texts, text_mask,
+                       options: list[DesapOptions]) -> list[torch.Tensor]:
+        """The pruned features of the images in ``batch`` (one tower call), with their texts and
+        their requests' options."""
         raise NotImplementedError
+
+    def desap_item_options(self, encoded, items: int) -> list[DesapOptions]:
+        """Each item's options from its field ``desap_options`` (``encoded``: (I, 5) or I tensors
+        of ``options.encode_request``); the engine's for all ``items`` where the field is absent."""
+        if encoded is None:
+            return [self.desap] * items
+        return [decode_request(self.desap, row) for row in encoded]
 
     def desap_texts(self, text_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (I, L, C) and mask (I, L) of each image's prompt text (``desap_text_ids``: a
@@ -106,13 +140,16 @@ class DesapModelMixin:
         return self.multi_modal_projector(branch)
 
     def desap_prune(self, signals: VllmTowerSignals, texts: torch.Tensor, text_mask: torch.Tensor,
-                    keep: int) -> PruneResult:
-        """``desap_ops.prune`` on one batch of images with the engine's options; recorded. ``keep``
-        is the images' budget (``sequence.image_budget``); at their token count every token is
-        kept, in order."""
-        attn = self.desap_text_space(signals.branch)
-        result = prune(signals.hidden, attn, texts.to(attn.dtype), signals.saliency, keep, text_mask=text_mask,
-                       **self.desap.operator_options())
+                    keep: int, options: DesapOptions) -> PruneResult:
+        """``desap_ops.prune`` on one batch of images that share ``options`` (their request's);
+        recorded. ``keep`` is the images' budget (``sequence.image_budget``); at their token count
+        every token is kept, in order. Under ``ideal``: the first ``keep`` tokens."""
+        if options.ideal:
+            result = first_tokens(signals.hidden, keep)
+        else:
+            attn = self.desap_text_space(signals.branch)
+            result = prune(signals.hidden, attn, texts.to(attn.dtype), signals.saliency, keep, text_mask=text_mask,
+                           **options.operator_options())
         for i in range(result.indices.shape[0]):
             self.desap_history.append({"indices": result.indices[i].cpu(), "assignment": result.assignment[i].cpu(),
                                        "task_keep": result.task_keep[i].cpu()})

@@ -1,20 +1,34 @@
-"""DeSAP's options in vLLM: the ``desap`` entry of ``hf_overrides``, read and checked once.
+"""DeSAP's options in vLLM: the engine's (``hf_overrides``) and a request's (``mm_processor_kwargs``).
 
 ``LLM(model, hf_overrides={"desap": {"keep": 64, "task_ratio": 0.5}})`` and
 ``vllm serve MODEL --hf-overrides '{"desap": {"keep": 64}}'`` put the dict on the model's config
 as ``config.desap``. Its keys are ``apply_desap``'s options by the same names; ``chat`` is
 ``true`` (the markers read from the model's tokenizer) or ``{"user": [[ids]], "assistant":
-[[ids]], "other": [[ids]]}``.
+[[ids]], "other": [[ids]]}``. ``max_keep`` is the largest ``keep`` a request may ask for (default:
+the engine's ``keep``), and ``ideal: true`` keeps each image's first ``keep`` tokens, unscored and
+unmerged (the benchmark's ideal).
+
+A request may override ``REQUEST_OPTIONS`` with ``mm_processor_kwargs={"desap": {...}}``
+(:func:`request_options`); the rest are the engine's alone. The resolved options travel with each
+image as a small tensor (:func:`encode_request`), because vLLM carries per-item data as tensors.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Union
 
-from ...validation import check_backend, check_options, check_text_budget
+import torch
+
+from ...validation import AUTO, TEXT_REDUCTIONS, check_backend, check_keep, check_options, check_text_budget
 
 DEFAULTS = dict(keep=64, task_ratio=0.5, merge=True, text_reduce="max", backend="auto", text_budget=None,
-                exclude_token_ids=(), chat=None)
+                exclude_token_ids=(), chat=None, max_keep=None, ideal=False)
+# what one request may set; the order is that of encode_request's tensor
+REQUEST_OPTIONS = ("keep", "task_ratio", "merge", "text_reduce", "text_budget")
+ENGINE = 'hf_overrides["desap"]'
+REQUEST = 'mm_processor_kwargs["desap"]'
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,8 @@ class DesapOptions:
     text_budget: Optional[int]
     exclude_token_ids: tuple[int, ...]
     chat: Any            # None, True (read from the tokenizer) or a dict of marker lists
+    max_keep: int        # the largest keep a request may ask for
+    ideal: bool          # keep the first tokens, unscored and unmerged
 
     def operator_options(self) -> dict:
         """The keyword arguments of ``desap_ops.prune`` these options set (all but keep)."""
@@ -40,20 +56,79 @@ def read_options(hf_config) -> Optional[DesapOptions]:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise TypeError(f'hf_overrides["desap"] must be a dict of DeSAP options, got {type(raw).__name__}')
+        raise TypeError(f"{ENGINE} must be a dict of DeSAP options, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(DEFAULTS))
     if unknown:
-        raise ValueError(f'hf_overrides["desap"] has unknown option(s) {unknown}; the options are {sorted(DEFAULTS)}')
+        raise ValueError(f"{ENGINE} has unknown option(s) {unknown}; the options are {sorted(DEFAULTS)}")
     given = {**DEFAULTS, **raw}
     keep, task_ratio, merge, text_reduce = check_options(given["keep"], given["task_ratio"], given["merge"],
                                                          given["text_reduce"])
     excluded = given["exclude_token_ids"]
     if not isinstance(excluded, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                           for t in excluded):
-        raise TypeError(f'hf_overrides["desap"]["exclude_token_ids"] must be a list of int token ids, got {excluded!r}')
+        raise TypeError(f'{ENGINE}["exclude_token_ids"] must be a list of int token ids, got {excluded!r}')
     chat = given["chat"]
     if chat not in (None, True, False) and not isinstance(chat, dict):
-        raise TypeError(f'hf_overrides["desap"]["chat"] must be true or a dict of marker lists, got {chat!r}')
+        raise TypeError(f'{ENGINE}["chat"] must be true or a dict of marker lists, got {chat!r}')
+    if not isinstance(given["ideal"], bool):
+        raise TypeError(f'{ENGINE}["ideal"] must be true or false, got {given["ideal"]!r}')
     return DesapOptions(keep=keep, task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
                         backend=check_backend(given["backend"]), text_budget=check_text_budget(given["text_budget"]),
-                        exclude_token_ids=tuple(excluded), chat=chat or None)
+                        exclude_token_ids=tuple(excluded), chat=chat or None,
+                        max_keep=_max_keep(given["max_keep"], keep), ideal=given["ideal"])
+
+
+def _max_keep(max_keep, keep: int) -> int:
+    if max_keep is None:
+        return keep
+    try:
+        max_keep = check_keep(max_keep)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f'{ENGINE}["max_keep"]: {error}') from None
+    if max_keep < keep:
+        raise ValueError(f'{ENGINE}["max_keep"] ({max_keep}) must be at least the engine\'s keep ({keep})')
+    return max_keep
+
+
+def request_options(engine: DesapOptions, raw: Optional[Mapping]) -> DesapOptions:
+    """``engine``'s options with one request's ``mm_processor_kwargs["desap"]`` (``raw``; None: none)
+    over them. Anything wrong is a ValueError naming the option, which vLLM's server answers with
+    a 400 before the request reaches the engine."""
+    if raw is None:
+        return engine
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{REQUEST} must be a dict of DeSAP options, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"{REQUEST} has unknown option(s) {unknown}; a request may set {list(REQUEST_OPTIONS)}")
+    engine_only = sorted(set(raw) - set(REQUEST_OPTIONS))
+    if engine_only:
+        raise ValueError(f"{REQUEST} sets {engine_only}, which only the engine sets ({ENGINE}); "
+                         f"a request may set {list(REQUEST_OPTIONS)}")
+    given = {name: raw.get(name, getattr(engine, name)) for name in REQUEST_OPTIONS}
+    try:
+        keep, task_ratio, merge, text_reduce = check_options(given["keep"], given["task_ratio"], given["merge"],
+                                                             given["text_reduce"])
+        text_budget = check_text_budget(given["text_budget"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{REQUEST}: {error}") from None
+    if keep > engine.max_keep:
+        raise ValueError(f'{REQUEST}["keep"] is {keep}, above the most this engine allows, '
+                         f'{ENGINE}["max_keep"] = {engine.max_keep}')
+    return replace(engine, keep=int(keep), task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
+                   text_budget=text_budget)
+
+
+def encode_request(options: DesapOptions) -> torch.Tensor:
+    """(5,) float64, ``REQUEST_OPTIONS`` in order: "auto" as NaN, ``text_reduce`` as its index in
+    ``TEXT_REDUCTIONS``, no ``text_budget`` as 0 (a budget is at least 1). Exact for every value."""
+    return torch.tensor([options.keep, math.nan if options.task_ratio == AUTO else options.task_ratio,
+                         float(options.merge), TEXT_REDUCTIONS.index(options.text_reduce),
+                         options.text_budget or 0], dtype=torch.float64)
+
+
+def decode_request(engine: DesapOptions, encoded: torch.Tensor) -> DesapOptions:
+    """The options :func:`encode_request` encoded, over ``engine``'s engine-wide ones."""
+    keep, task_ratio, merge, reduce, text_budget = encoded.reshape(-1).tolist()
+    return replace(engine, keep=int(keep), task_ratio=AUTO if math.isnan(task_ratio) else task_ratio,
+                   merge=bool(merge), text_reduce=TEXT_REDUCTIONS[int(reduce)], text_budget=int(text_budget) or None)

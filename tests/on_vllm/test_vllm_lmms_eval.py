@@ -1,0 +1,107 @@
+"""lmms-eval's own command line with ``--model vllm`` turns DeSAP on through ``hf_overrides`` in
+``--model_args`` (its vLLM model passes the arguments it does not know to ``vllm.LLM``).
+
+lmms-eval runs a task of three local questions (``lmms/desap_local_vqa.yaml``) on the tiny LLaVA
+checkpoint twice: with DeSAP and with the full model. Each question's target is transformers'
+greedy answer, with ``apply_desap`` for the first two and without it for the third, so each run
+must earn the score that only its own answers give. What vLLM served is recorded in the process
+(``lmms/run_lmms_eval.py``): the prompt ids show the pruned prompt, and the workers' DeSAP history
+shows apply_desap's kept tokens.
+"""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from engines import HERE, engine_environment, transformers_run
+
+OPTIONS = {"keep": 4, "task_ratio": 0.5}
+MAX_TOKENS = 4   # lmms/desap_local_vqa.yaml asks for the same
+TASK = "desap_local_vqa"
+# (question, image): each gets a different greedy answer with and without DeSAP on this checkpoint
+QUESTIONS = (("read the text on the sign", "square"), ("what is the color of the sky ?", "other"),
+             ("how many people are there ?", "other"))
+
+
+def _prompt(question: str) -> str:
+    """The prompt vLLM renders from lmms-eval's message (image first) with the checkpoint's template."""
+    return f"USER: <image> {question} ASSISTANT:"
+
+
+def _model_args(folder: Path, desap: dict | None = None) -> str:
+    """lmms-eval's ``--model_args`` for the tiny checkpoint, with ``hf_overrides={"desap": desap}`` when given."""
+    args = [f"model={folder}", "image_first=True", f"max_new_tokens={MAX_TOKENS}", "dtype=float32",
+            "gpu_memory_utilization=0.1", "max_model_len=512", "enforce_eager=True"]
+    if desap is not None:
+        args.append("hf_overrides=" + json.dumps({"desap": desap}))
+    return ",".join(args)
+
+
+def _lmms_eval(tmp_path: Path, name: str, model_args: str) -> list:
+    """Run ``lmms-eval --model vllm --model_args MODEL_ARGS`` on the local task, in ``tmp_path``, its
+    output under ``tmp_path / name``; what vLLM served it, per ``LLM.chat`` call (``lmms/run_lmms_eval.py``)."""
+    out = tmp_path / name
+    out.mkdir()
+    args = ["--model", "vllm", "--model_args", model_args, "--tasks", TASK, "--include_path", str(HERE / "lmms"),
+            "--batch_size", str(len(QUESTIONS)), "--log_samples", "--output_path", str(out)]
+    env = {**engine_environment(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(HERE / "lmms" / "run_lmms_eval.py"), str(out / "served.json"), *args],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    (out / "lmms_eval.log").write_text(run.stdout + run.stderr)   # the whole log, for a failure's root cause
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads((out / "served.json").read_text())
+
+
+def _results(folder: Path) -> tuple:
+    """lmms-eval's score and logged samples (by doc id) in one run's output folder."""
+    (results,) = folder.glob("*/*_results.json")
+    (samples,) = folder.glob(f"*/*_samples_{TASK}.jsonl")
+    docs = {s["doc_id"]: s for s in map(json.loads, samples.read_text().splitlines())}
+    return json.loads(results.read_text())["results"][TASK]["exact_match,none"], docs
+
+
+def test_lmms_eval_with_hf_overrides_prunes_as_apply_desap_and_scores_its_answers(checkpoints, tmp_path):
+    assert importlib.util.find_spec("lmms_eval"), "lmms-eval is not installed: install it as .ci/run does"
+    folder = checkpoints["llava"]
+    requests = [(_prompt(q), checkpoints[image]) for q, image in QUESTIONS]
+    pruned = [transformers_run("llava", folder, p, i, OPTIONS, max_tokens=MAX_TOKENS) for p, i in requests]
+    full = [transformers_run("llava", folder, p, i, max_tokens=MAX_TOKENS) for p, i in requests]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    answers = {name: [tokenizer.decode(e["output_ids"], skip_special_tokens=True).strip() for e in runs]
+               for name, runs in (("desap", pruned), ("full", full))}
+    targets = answers["desap"][:2] + answers["full"][2:]
+    scores = {name: sum(a == t for a, t in zip(answers[name], targets)) / len(targets) for name in answers}
+    assert scores["desap"] != scores["full"]   # else the scores could not tell the runs apart
+
+    with open(tmp_path / f"{TASK}.jsonl", "w") as data:
+        for (question, image), target in zip(QUESTIONS, targets):
+            data.write(json.dumps({"image": checkpoints[image], "question": question, "answer": target}) + "\n")
+    # one batch of the three questions per run, one engine at a time
+    (desap_call,) = _lmms_eval(tmp_path, "desap", _model_args(folder, OPTIONS))
+    (full_call,) = _lmms_eval(tmp_path, "full", _model_args(folder))
+    for call, expected, model_class in ((desap_call, pruned, "DesapLlavaForConditionalGeneration"),
+                                        (full_call, full, "LlavaForConditionalGeneration")):
+        # lmms-eval may reorder a batch: match each request by its prompt
+        got = {tuple(r["prompt_token_ids"]): r["output_token_ids"] for r in call["requests"]}
+        assert got == {tuple(e["prompt_ids"]): e["output_ids"] for e in expected}
+        (rank,) = call["ranks"]
+        assert rank["class"] == model_class
+    # as vLLM reported them: a pruned prompt holds keep placeholders where the full one holds all of the image's
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    tokens = full[0]["prompt_ids"].count(image_token)
+    assert tokens > OPTIONS["keep"]
+    for call, placeholders in ((desap_call, OPTIONS["keep"]), (full_call, tokens)):
+        assert [r["prompt_token_ids"].count(image_token) for r in call["requests"]] == [placeholders] * len(QUESTIONS)
+    assert (sorted(len(r["prompt_token_ids"]) for r in full_call["requests"])
+            == sorted(len(r["prompt_token_ids"]) + tokens - OPTIONS["keep"] for r in desap_call["requests"]))
+    assert ({tuple(r["indices"]) for r in desap_call["ranks"][0]["history"]}
+            == {tuple(k) for e in pruned for k in e["indices"]})
+    assert full_call["ranks"][0]["history"] == []
+
+    for name in ("desap", "full"):
+        score, docs = _results(tmp_path / name)
+        assert [docs[i]["filtered_resps"] for i in range(len(QUESTIONS))] == answers[name]
+        assert score == scores[name]
