@@ -1,6 +1,6 @@
 """A model of ``models.MODELS`` saved as a checkpoint folder that vLLM can load with no hub: the
 weights in the hub's key layout, a word-level tokenizer built here, an image processor and a chat
-template. LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL.
+template. LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL and Qwen3.5 (dense and MoE).
 
 vLLM reads LLaVA's hub key layout (``model.vision_tower.vision_model.*``); transformers 5's
 ``save_pretrained`` writes ``model.vision_tower.*``, so the tower's keys are renamed on saving.
@@ -47,7 +47,8 @@ def build_tokenizer(vocab_size: int, specials: int | dict[str, int], pad_id: int
 
     specials = {IMAGE: specials} if isinstance(specials, int) else specials
     vocab = {PAD: pad_id, BOS: bos_id, EOS: eos_id, **specials}
-    free = (i for i in range(vocab_size) if i not in vocab.values())
+    taken = set(vocab.values())   # a set: the scan below is linear even at a real vocabulary's size
+    free = (i for i in range(vocab_size) if i not in taken)
     vocab[UNK] = next(free)
     for word in WORDS:
         vocab[word] = next(free)
@@ -104,11 +105,14 @@ def save_llava_checkpoint(model: nn.Module, folder: str | Path) -> Path:
 
 
 def save_qwen_checkpoint(model: nn.Module, folder: str | Path) -> Path:
-    """Save a Qwen2.5-VL model (transformers) with a tokenizer, processor and chat template in
-    ``folder`` for vLLM and transformers alike; returns the folder. Images are resized to multiples
-    of 28 pixels between 56 x 56 and 112 x 112 pixels in all (video frames too): 4 to 16 tokens an
-    image (56 x 56: 4, 112 x 56: 8, 112 x 112: 16)."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    """Save a Qwen2.5-VL, Qwen3-VL or Qwen3.5 model (dense or MoE; transformers) with a tokenizer,
+    processor and chat template in ``folder`` for vLLM and transformers alike; returns the folder.
+    Images are resized to multiples of two merged patches (28 pixels for Qwen2.5-VL, 32 for the
+    Qwen3 generation) between 2 x 2 and 4 x 4 of them (4 to 16 tokens an image; video frames too):
+    Qwen2.5-VL makes 4 tokens of 56 x 56, 8 of 112 x 56, 16 of 112 x 112 pixels, and so does
+    the Qwen3 generation of 64 x 64, 128 x 64, 128 x 128. The Qwen3 generation's video processor
+    keeps the frames it is given (vLLM and transformers would otherwise sample them each its own way)."""
+    import transformers
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -118,14 +122,45 @@ def save_qwen_checkpoint(model: nn.Module, folder: str | Path) -> Path:
                                 {IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id,
                                  VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id},
                                 chat_template=QWEN_TEMPLATE)
+    side = 2 * vision.patch_size * vision.spatial_merge_size   # two merged patches
     sizes = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                  temporal_patch_size=vision.temporal_patch_size,
-                 size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112})
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_TEMPLATE)
+                 size={"shortest_edge": side * side, "longest_edge": 4 * side * side})
+    qwen2_5 = config.model_type == "qwen2_5_vl"
+    processor_class, video_class = (("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor") if qwen2_5 else
+                                    ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"))
+    if not qwen2_5:   # the published checkpoints' mean and std; vLLM normalizes videos with the image's
+        sizes.update(image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    video_sizes = sizes if qwen2_5 else dict(sizes, do_sample_frames=False,
+                                              size={"shortest_edge": side * side, "longest_edge": 64 * side * side})
+    processor = getattr(transformers, processor_class)(
+        image_processor=transformers.Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
+        video_processor=getattr(transformers, video_class)(**video_sizes), chat_template=QWEN_TEMPLATE)
     processor.save_pretrained(folder)
-    _save_model(model, folder, model.state_dict(), config.tie_word_embeddings)
+    _save_model(model, folder, qwen_hub_experts(model.state_dict(), config.model_type), config.tie_word_embeddings)
     return folder
+
+
+def qwen_hub_experts(state: dict, model_type: str) -> dict:
+    """``state`` with a Qwen MoE's experts in the published checkpoints' layout, which vLLM reads:
+    transformers 5 holds each layer's experts as ``gate_up_proj`` (E, 2 * I, H) and ``down_proj``
+    (E, H, I). Qwen3-VL-MoE publishes both transposed; Qwen3.5-MoE one gate, up and down
+    projection per expert. Other models' states are returned as they are."""
+    fused = [k for k in state if k.endswith("experts.gate_up_proj")]
+    if model_type not in ("qwen3_vl_moe", "qwen3_5_moe") or not fused:
+        return state
+    state = dict(state)
+    for key in fused:
+        prefix = key[:-len("gate_up_proj")]
+        gate_up, down = state.pop(key), state.pop(prefix + "down_proj")
+        if model_type == "qwen3_vl_moe":
+            state[key], state[prefix + "down_proj"] = gate_up.transpose(1, 2), down.transpose(1, 2)
+            continue
+        for expert, (gate, up) in enumerate(zip(*gate_up.chunk(2, dim=1))):
+            state[f"{prefix}{expert}.gate_proj.weight"] = gate
+            state[f"{prefix}{expert}.up_proj.weight"] = up
+            state[f"{prefix}{expert}.down_proj.weight"] = down[expert]
+    return state
 
 
 def _save_model(model: nn.Module, folder: Path, state: dict, tied: bool) -> None:
@@ -185,3 +220,51 @@ def tiny_vllm_qwen2_5_vl(seed: int = 0) -> nn.Module:
                          rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
         image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=153, vision_end_token_id=154)
     return _seeded(Qwen2_5_VLForConditionalGeneration, config, seed, "sdpa")
+
+
+def _tiny_vllm_qwen3(model_name: str, vision: dict, text: dict, seed: int) -> nn.Module:
+    """A Qwen3-generation model that vLLM's CPU backend runs: 16-pixel patches (vLLM's Qwen3 tower
+    sizes its learned position grid for them), 3 full-attention vision blocks with heads of size
+    16, a 2 x 2 merge, and a 2-layer language model of head size 64 (the CPU attention refuses 16)."""
+    import transformers
+
+    from .models import BOS, EOS, PAD, QWEN_IMAGE, QWEN_VIDEO, _seeded
+
+    config_class = getattr(transformers, model_name.replace("ForConditionalGeneration", "Config"))
+    config = config_class(
+        vision_config=dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=128,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, **vision),
+        text_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, vocab_size=160, max_position_embeddings=512,
+                         pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, **text),
+        image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=153, vision_end_token_id=154)
+    return _seeded(getattr(transformers, model_name), config, seed, "sdpa")
+
+
+_MROPE_64 = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12], "mrope_interleaved": True}
+# norm_topk_prob: vLLM reads it, transformers' configs lack it (their MoE always normalizes the top k)
+_TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
+
+
+def tiny_vllm_qwen3_vl(seed: int = 0, moe: bool = False) -> nn.Module:
+    """A tiny Qwen3-VL (``moe``: Qwen3-VL-MoE) that vLLM's CPU backend runs in float32: DeepStack
+    features of vision blocks 1 and 2 added after the first two language-model layers."""
+    name = "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"
+    text = dict(rope_parameters=_MROPE_64, **(dict(_TINY_MOE, decoder_sparse_step=1) if moe else {}))
+    return _tiny_vllm_qwen3(name, dict(deepstack_visual_indexes=[1, 2]), text, seed)
+
+
+def tiny_vllm_qwen3_5(seed: int = 0, moe: bool = False) -> nn.Module:
+    """A tiny Qwen3.5 (``moe``: Qwen3.5-MoE) that vLLM's CPU backend runs, in bfloat16 only (its
+    linear attention refuses float32): a linear-attention (gated delta rule) layer of two heads with
+    head dims of 128 (the CPU kernel refuses 32), then a full-attention one with rotary on a quarter
+    of its heads."""
+    name = "Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"
+    text = dict(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=2,
+                linear_num_value_heads=2,   # two: tensor parallelism 2 splits them
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                 "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                **(dict(_TINY_MOE, shared_expert_intermediate_size=64) if moe else {}))
+    return _tiny_vllm_qwen3(name, {}, text, seed)

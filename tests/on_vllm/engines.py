@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from desap_ops.cli.checkpoint import save_llava_checkpoint, save_qwen_checkpoint, tiny_vllm_llava, tiny_vllm_qwen2_5_vl
+from desap_ops.cli.checkpoint import (save_llava_checkpoint, save_qwen_checkpoint, tiny_vllm_llava,
+                                      tiny_vllm_qwen2_5_vl, tiny_vllm_qwen3_5, tiny_vllm_qwen3_vl)
 
 HERE = Path(__file__).parent
 ENGINE = dict(gpu_memory_utilization=0.1, max_model_len=512, dtype="float32", enforce_eager=True, seed=0,
@@ -24,7 +25,11 @@ QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 QWEN_PROMPTS = tuple(p.replace("<image>", QWEN_IMAGE) for p in PROMPTS)
 # the transformers model each checkpoint was saved from
 BUILDERS = {"llava": tiny_vllm_llava, "llava_next": lambda seed: tiny_vllm_llava(seed, next_layout=True),
-            "qwen2_5_vl": tiny_vllm_qwen2_5_vl}
+            "qwen2_5_vl": tiny_vllm_qwen2_5_vl, "qwen3_vl": tiny_vllm_qwen3_vl,
+            "qwen3_vl_moe": lambda seed: tiny_vllm_qwen3_vl(seed, moe=True),
+            # vLLM's CPU build runs Qwen3.5's linear attention in bfloat16 only: transformers runs it so too
+            "qwen3_5": lambda seed: tiny_vllm_qwen3_5(seed).to(torch.bfloat16),
+            "qwen3_5_moe": lambda seed: tiny_vllm_qwen3_5(seed, moe=True).to(torch.bfloat16)}
 
 
 def engine_environment() -> dict:
@@ -125,13 +130,44 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
     # images glued together (no token between their placeholders) make one run of placeholders
     glued = _run_lengths(processor.tokenizer(text_prompt)["input_ids"], image_token)
     prompt = ids if options is None else _pruned(ids, image_token, options["keep"], glued)
-    if video is not None and options is not None:   # one run of placeholders per video
-        prompt = _pruned(prompt, model.config.video_token_id, options["keep"])
+    if video is not None and options is not None:   # the placeholders of the tokens the video kept
+        (video_tokens,) = (inputs["video_grid_thw"].prod(-1) // model.config.vision_config.spatial_merge_size**2)
+        prompt = _kept(prompt, model.config.video_token_id, int(video_tokens), record.indices[-1].tolist())
     # generate gives back the caller's prompt in front of the new tokens, or (older apply_desap) the pruned one
     served = len(ids) if out[0, :len(ids)].tolist() == ids else len(prompt)
     return {"prompt_ids": prompt, "output_ids": out[0, served:].tolist(),
             "indices": [r.tolist() for r in record.indices] if record else None,
             "positions": None if seen[0] is None else seen[0].reshape(-1, seen[0].shape[-1]).tolist()}
+
+
+def transformers_logits(kind: str, folder: Path, prompt: str, media: dict, options: dict, continuation: list):
+    """transformers (with ``apply_desap(**options)`` when given) on the prompt of :func:`transformers_run`
+    followed by ``continuation`` (an engine's greedy tokens): (len(continuation), vocab) float32,
+    row k the logits that predict token k (teacher forcing)."""
+    from transformers import AutoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    from desap_ops.integrations import apply_desap
+
+    model = BUILDERS[kind](0)
+    processor = AutoProcessor.from_pretrained(folder)
+    more = {}
+    if media.get("image") is not None:
+        more["images"] = [Image.open(media["image"]).convert("RGB")]
+    if media.get("video") is not None:
+        video = media["video"]
+        more.update(videos=[np.load(video["frames"])], video_metadata=[VideoMetadata(**video["metadata"])])
+    inputs = processor(text=prompt, return_tensors="pt", **more)
+    extra = torch.tensor([continuation])
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+    inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(extra)], dim=1)
+    if "mm_token_type_ids" in inputs:
+        inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
+    if options is not None:
+        apply_desap(model, **options)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0].float()
+    return logits[-len(continuation) - 1:-1]
 
 
 def _run_lengths(ids: list, token: int) -> list:
@@ -158,6 +194,67 @@ def _pruned(ids: list, image_token: int, keep: int, images_per_run: list = None)
         if t != image_token or run <= keep * images:
             out.append(t)
     return out
+
+
+def _kept(ids: list, token: int, count: int, kept: list) -> list:
+    """``ids`` holding one medium's ``count`` placeholders of ``token`` (in one run, or in runs per
+    frame with text between: Qwen3-VL) without those whose index is not in ``kept``."""
+    out, index, kept = [], 0, set(kept)
+    for t in ids:
+        if t == token:
+            index += 1
+            if index - 1 not in kept:
+                continue
+        out.append(t)
+    assert index == count, (index, count)
+    return out
+
+
+def qwen3_video_span(ids: list, start: int = 153, end: int = 154, tokens: tuple = (151, 152)) -> range:
+    """Where transformers' Qwen3-VL prompt ``ids`` hold their (one) video's frames: from the first
+    frame's timestamp (after the prompt's own ``<|vision_start|>``) to the last frame's
+    ``<|vision_end|>`` (before the prompt's own). A frame's start marker is followed by its tokens
+    or its end marker; the prompt's by the first timestamp word."""
+    first = next(i + 1 for i, t in enumerate(ids[:-1]) if t == start and ids[i + 1] not in (end, *tokens))
+    last = next(i for i in range(first, len(ids) - 1) if ids[i] == ids[i + 1] == end)
+    return range(first, last + 1)
+
+
+def as_vllm_video_prompt(ids: list, video_token: int = 152) -> list:
+    """transformers' pruned Qwen3-VL prompt as DeSAP's vLLM plugin holds it: the video's span the
+    same length, every id in it ``<|video_pad|>`` (the model writes the span's embeddings)."""
+    span = qwen3_video_span(ids)
+    return ids[:span.start] + [video_token] * len(span) + ids[span.stop:]
+
+
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def qwen3_media(folder: Path) -> dict:
+    """Media of the Qwen3-generation tests (16-pixel patches: an image of 112 x 112 pixels becomes
+    128 x 128, 16 tokens): a video of 6 frames 128 x 64 at 1 fps (3 x 8 = 24 tokens, 3 timestamps)
+    and one of 2 frames 64 x 64 (4 tokens)."""
+    return {"large": save_image(folder, "large", 112, 112, 5), "large2": save_image(folder, "large2", 112, 112, 6),
+            "wide": save_video(folder, "wide", 6, 128, 64, 11, fps=1.0),
+            "small": save_video(folder, "small", 2, 64, 64, 12)}
+
+
+def qwen3_requests(media: dict) -> list:
+    """Two prompts on one image, a video beside an image, a video under ``keep`` tokens."""
+    return [(QWEN_PROMPTS[0], media["large"]), (QWEN_PROMPTS[1], media["large"]),
+            (f"USER: {QWEN_VIDEO} {QWEN_IMAGE} what is the color of the sky ? ASSISTANT:",
+             {"video": media["wide"], "image": media["large2"]}),
+            (f"USER: {QWEN_VIDEO} how many people are there ? ASSISTANT:", {"video": media["small"]})]
+
+
+def qwen3_expected(kind: str, folder: Path, requests: list, options: dict) -> list:
+    """transformers' runs, their prompts as DeSAP's vLLM plugin holds them (a video's span all
+    placeholders: :func:`as_vllm_video_prompt`; transformers' own under "transformers_ids")."""
+    expected = [transformers_run(kind, folder, prompt, item, options) for prompt, item in requests]
+    for want, (_, item) in zip(expected, requests):
+        if isinstance(item, dict) and "video" in item:
+            want["transformers_ids"], want["prompt_ids"] = want["prompt_ids"], as_vllm_video_prompt(want["prompt_ids"])
+    return expected
 
 
 def assert_same_answers(got: dict, expected: list, model_class: str) -> None:

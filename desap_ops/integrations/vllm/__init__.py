@@ -20,6 +20,9 @@ SUPPORTED: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("llava:DesapLlavaForConditionalGeneration", "llava:check"),
     "LlavaNextForConditionalGeneration": ("llava_next:DesapLlavaNextForConditionalGeneration", "llava_next:check"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl:DesapQwen2_5_VLForConditionalGeneration", "qwen2_5_vl:check"),
+    **{arch: (f"qwen3_vl:Desap{arch}", "qwen3_vl:check")
+       for arch in ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+                    "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")},
 }
 PREFIX = "Desap"
 # set while a DeSAP model builds its parts: a part built from the same config (Qwen2.5-VL's language

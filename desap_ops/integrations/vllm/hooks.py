@@ -42,8 +42,14 @@ _MODELS = {   # module: (processor class, model class)
     "vllm.model_executor.models.llava": ("LlavaMultiModalProcessor", "LlavaForConditionalGeneration"),
     "vllm.model_executor.models.llava_next": ("LlavaNextMultiModalProcessor", "LlavaNextForConditionalGeneration"),
     "vllm.model_executor.models.qwen2_5_vl": ("Qwen2_5_VLMultiModalProcessor", "Qwen2_5_VLForConditionalGeneration"),
+    "vllm.model_executor.models.qwen3_vl": ("Qwen3VLMultiModalProcessor", "Qwen3VLForConditionalGeneration"),
 }
 _QWEN = "vllm.model_executor.models.qwen2_5_vl:"
+_QWEN3 = "vllm.model_executor.models.qwen3_vl:"
+# the Qwen3 generation's other classes, over Qwen3-VL's processor and methods
+_QWEN3_MODELS = ("vllm.model_executor.models.qwen3_vl_moe:Qwen3VLMoeForConditionalGeneration",
+                 "vllm.model_executor.models.qwen3_5:Qwen3_5ForConditionalGeneration",
+                 "vllm.model_executor.models.qwen3_5:Qwen3_5MoeForConditionalGeneration")
 
 # what register() touches: the model registry, already imported when vLLM loads its plugins
 REGISTRY_HOOKS: tuple[Hook, ...] = (
@@ -92,6 +98,26 @@ HOOKS: tuple[Hook, ...] = (
     Hook(_QWEN + "Qwen2_5_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata")),
     Hook(_QWEN + "Qwen2_5_VisionTransformer.prepare_encoder_metadata", ("grid_thw",)),
     Hook(_QWEN + "Qwen2_5_VisionAttention.forward", reads=("query=", "key=")),   # the encoder tower's hook reads them
+    # the Qwen3 generation (Qwen3-VL, Qwen3.5, dense and MoE): the same, its video span and DeepStack layout
+    *(Hook(f"{model}.{name}", params, exact=exact) for model in _QWEN3_MODELS
+      for name, params, exact in (("__init__", ("vllm_config", "prefix"), True),
+                                  ("embed_multimodal", ("**kwargs",), True), ("_processor_factory", None, False))),
+    *(Hook(f"{model}.{name}", params, exact=True, reads=reads)
+      for model in (*_QWEN3_MODELS, _QWEN3 + "Qwen3VLForConditionalGeneration")
+      for name, params, reads in (("__init__", None, ("visual_dim", "_tokenizer")),
+                                  ("get_mrope_input_positions", ("input_tokens", "mm_features"), ()),
+                                  ("recompute_mrope_positions", ("input_ids", "multimodal_embeddings",
+                                                                 "mrope_positions", "num_computed_tokens"), ()),
+                                  ("get_encoder_cudagraph_config", (), ()))),
+    Hook(_QWEN3 + "Qwen3VLForConditionalGeneration._parse_and_validate_multimodal_inputs", ("**kwargs",)),
+    Hook(_QWEN3 + "Qwen3VLForConditionalGeneration._parse_and_validate_video_input", (), reads=("timestamps",)),
+    Hook(_QWEN3 + "Qwen3VLMultiModalProcessor.get_video_repl",
+         ("tokens_per_frame", "timestamps", "tokenizer", "vision_start_token_id", "vision_end_token_id",
+          "video_token_id")),
+    Hook(_QWEN3 + "Qwen3_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata"),
+         reads=("deepstack_feature_lists",)),
+    Hook(_QWEN3 + "Qwen3_VisionTransformer.prepare_encoder_metadata", ("grid_thw_list",)),
+    Hook(_QWEN3 + "Qwen3_VisionBlock.forward", reads=("self.attn(",)),
     # the CLIP tower (LLaVA, LLaVA-NeXT) and tensor parallelism
     Hook("vllm.model_executor.models.clip:CLIPVisionModel.forward", ("pixel_values", "feature_select_strategy")),
     Hook("vllm.distributed:tensor_model_parallel_all_reduce", ("input_",)),

@@ -53,6 +53,30 @@ def media_positions(t: int, h: int, w: int, t_factor: float = 1.0) -> torch.Tens
     return torch.cat([grid, extent.expand(1, grid.shape[1])])
 
 
+def span_positions(ids: Sequence[int], token_id: int, h: int, w: int) -> torch.Tensor:
+    """(4, len(ids)) long, as :func:`media_positions`, for a medium whose span mixes text with its
+    tokens (Qwen3-VL's video: per frame, its timestamp text, a start marker, the frame's ``h`` x
+    ``w`` tokens, an end marker): each text token one past the one before; each frame's tokens
+    (``token_id``, in runs of ``h * w``) at time 0 of their own grid, starting there; the next text
+    one past the frame's largest position (transformers' ``get_rope_index``). Row 3: where the
+    text after the span starts, one past its largest position."""
+    columns, cursor, i = [], 0, 0
+    frame = media_positions(1, h, w)[:3]
+    while i < len(ids):
+        if ids[i] == token_id:
+            columns.append(frame + cursor)
+            cursor += max(h, w)
+            i += h * w
+        else:
+            columns.append(torch.full((3, 1), cursor))
+            cursor += 1
+            i += 1
+    grid = torch.cat(columns, dim=1)
+    if grid.shape[1] != len(ids):
+        raise ValueError(f"a span of {len(ids)} ids whose media tokens are not in whole frames of {h} x {w}")
+    return torch.cat([grid, torch.full((1, grid.shape[1]), cursor)])
+
+
 def prompt_positions(prompt_length: int, media: list[Media]) -> tuple[torch.Tensor, int]:
     """(3, prompt_length) positions and vLLM's position delta for a prompt holding ``media``. A
     medium with fewer placeholders than grid tokens (a pruned image) takes its first ``length``

@@ -1,11 +1,13 @@
-"""DeSAP's signals from vLLM's own Qwen2.5-VL vision encoder
-(``vllm.model_executor.models.qwen2_5_vl.Qwen2_5_VisionTransformer``), read as the transformers
-path reads them (``integrations/qwen2_5_vl.py``): at the last full-attention block, the attention
-each language-model token receives (its 2 x 2 patches summed) and the attention branch mapped by
-the model's own patch merger.
+"""DeSAP's signals from vLLM's own Qwen vision encoders (Qwen2.5-VL's
+``Qwen2_5_VisionTransformer``; the Qwen3 generation's ``qwen3_vl.Qwen3_VisionTransformer``, which
+Qwen3-VL, Qwen3.5 and their MoE share), read as the transformers path reads them
+(``integrations/qwen2_5_vl.py``, ``integrations/qwen3_vl.py``): at the last full-attention block
+(Qwen3: every block is one, so the last), the attention each language-model token receives (its
+2 x 2 patches summed) and the attention branch mapped by the model's own patch merger.
 
-vLLM runs the encoder in window order. One encoder-metadata dict, computed here and passed to the
-encoder, gives the per-image segments and the permutation back to the model's order. The queries
+Qwen2.5-VL's encoder runs in window order. One encoder-metadata dict, computed here and passed to
+the encoder, gives the per-image segments and the permutation back to the model's order (Qwen3's
+runs in the model's order and has none). The queries
 and keys are read as the block's attention backend receives them, rotary already applied. Under
 tensor parallelism each rank holds some of the heads: the received attention is averaged over all
 of them with one all-reduce (``tower.mean_over_ranks``), so every rank keeps the same tokens.
@@ -30,11 +32,18 @@ def frame_segments(grid_thw: list[list[int]]) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def saliency_block(visual: nn.Module) -> int:
+    """The block DeSAP reads: the last full-attention one (every Qwen3 block attends fully)."""
+    full = getattr(visual, "fullatt_block_indexes", None)
+    return full[-1] if full else len(visual.blocks) - 1
+
+
 def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]]) -> VllmTowerSignals:
     """Run ``visual`` on the images of ``grid_thw`` and read, per language-model token in the
-    model's order (all images concatenated): hidden (T', C), branch (T', C), saliency (T',)."""
+    model's order (all images concatenated): hidden (T', C; Qwen3-VL: its DeepStack levels
+    follow along the channels, as vLLM's tower returns them), branch (T', C), saliency (T',)."""
     metadata = visual.prepare_encoder_metadata(grid_thw)
-    attention = visual.blocks[visual.fullatt_block_indexes[-1]].attn
+    attention = visual.blocks[saliency_block(visual)].attn
     seen = {}
 
     def inputs(module, args, kwargs):
@@ -53,7 +62,9 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
     local_heads = attention.num_attention_heads_per_partition
     received = received_attention(seen["query"][0], seen["key"][0], frame_segments(grid_thw), attention.attn.scale)
     received = mean_over_ranks(received, local_heads, local_heads * attention.tp_size, attention.tp_size)
-    order = metadata["reverse_indices"]   # window order -> model order
-    saliency = received.view(-1, visual.spatial_merge_unit).sum(dim=1)[order]
-    branch = visual.merger(seen["branch"])[order]
+    saliency = received.view(-1, visual.spatial_merge_unit).sum(dim=1)
+    branch = visual.merger(seen["branch"])
+    order = metadata.get("reverse_indices")   # Qwen2.5-VL: window order -> model order
+    if order is not None:
+        saliency, branch = saliency[order], branch[order]
     return VllmTowerSignals(hidden, branch, saliency)

@@ -1,0 +1,186 @@
+"""DeSAP in vLLM's Qwen3-VL and Qwen3.5, dense and MoE (``vllm.model_executor.models.qwen3_vl``,
+``qwen3_vl_moe``, ``qwen3_5``; the four share the Qwen3 vision tower and its processor). Each image
+becomes at most ``keep`` tokens, and so does each video, its frames competing for one budget (kept
+tokens in frame-major order), as in ``apply_desap``. They are chosen and merged inside
+``embed_multimodal`` from vLLM's own tower (``qwen_tower``: the last block's received attention,
+its attention branch through the merger), in micro-batches within vLLM's encoder budget.
+
+- DeepStack (Qwen3-VL): vLLM's tower returns each token's DeepStack levels after its features along
+  the channels (``multiscale_dim``); every level is pruned with the same kept indices and merged
+  with the same assignment as the features, and stays in that layout.
+- Positions: kept tokens keep their original (t, h, w), placed after the encoder (``mrope``).
+- Videos: the processor writes each frame's timestamp text and markers around its tokens. How
+  many tokens each frame keeps is known only after the encoder, so a video's whole span is one run
+  of ``<|video_pad|>`` placeholders as long as the pruned span (the prompt's ids differ from
+  transformers' inside it, and only there), and the model writes every row of it: the timestamp and
+  marker embeddings where transformers has that text, the kept tokens of each frame between its
+  markers (vLLM's own EVS pruning makes its video spans embeddings for the same reason).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from vllm.model_executor.models.qwen3_5 import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
+from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor
+from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+from vllm.multimodal.processing import PromptReplacement
+
+from ...reference import merge_tokens
+from ..sequence import image_budget
+from . import qwen_model
+from .model import registered_with
+from .mrope import Media, media_positions, span_positions, with_position_channels
+from .options import DesapOptions
+from .processor import DesapProcessorMixin
+from .qwen_model import DesapQwenModelMixin
+from .tower import VllmTowerSignals
+
+FAMILY = "Qwen3-VL and Qwen3.5"
+
+
+def check(hf_config, options: DesapOptions) -> None:
+    """Refuse at start-up what cannot run (``keep`` is checked per request: an image's token count
+    depends on its size)."""
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if not isinstance(getattr(hf_config, name, None), int):
+            raise ValueError(f"DeSAP in vLLM's Qwen3-VL and Qwen3.5 needs the config's {name}")
+
+
+def check_engine(vllm_config) -> None:
+    """The engine settings Qwen3-VL and Qwen3.5 refuse (``engine_checks``), as Qwen2.5-VL's."""
+    qwen_model.check_engine(vllm_config, FAMILY)
+
+
+def video_span(config, tokenizer, timestamps: Sequence[float], tokens_per_frame: Sequence[int]) -> list[int]:
+    """A video's ids as the processor lays them out: per frame, its timestamp text, the start
+    marker, its tokens, the end marker (vLLM's ``get_video_repl``, which transformers matches)."""
+    return Qwen3VLMultiModalProcessor.get_video_repl(
+        tokens_per_frame=list(tokens_per_frame), timestamps=list(timestamps), tokenizer=tokenizer,
+        vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
+        video_token_id=config.video_token_id).full
+
+
+class DesapQwen3VLProcessor(DesapProcessorMixin, Qwen3VLMultiModalProcessor):
+    def desap_image_token(self) -> int:
+        return self.info.get_hf_config().image_token_id
+
+    def desap_media_tokens(self) -> dict[str, int]:
+        return {"image": self.desap_image_token(), "video": self.info.get_hf_config().video_token_id}
+
+    def desap_keep(self, out_mm_kwargs, modality: str, index: int) -> int:
+        """The ``keep`` of one item: its request's (the one place the processor reads it)."""
+        return self.desap_item(out_mm_kwargs, modality, index).keep
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if self.desap is None:
+            return updates
+        config = self.info.get_hf_config()
+        tokens, unit = self.desap_media_tokens(), config.vision_config.spatial_merge_size ** 2
+
+        def placeholders(i: int, modality: str) -> list[int]:
+            item = out_mm_kwargs[modality][i]
+            t, h, w = item[f"{modality}_grid_thw"].data.tolist()
+            budget = image_budget(self.desap_keep(out_mm_kwargs, modality, i), t * h * w // unit)
+            if modality == "image":
+                return [tokens["image"]] * budget
+            # the pruned span's length, whichever frames keep the tokens (the model writes the span)
+            span = video_span(config, self.info.get_tokenizer(), item["timestamps"].data, [budget] + [0] * (t - 1))
+            return [tokens["video"]] * len(span)
+
+        def kept(modality: str):
+            return lambda i: placeholders(i, modality)
+
+        return [PromptReplacement(modality=update.modality, target=update.target, replacement=kept(update.modality))
+                if update.modality in tokens else update for update in updates]
+
+
+class DesapQwen3Mixin(DesapQwenModelMixin):
+    """DeSAP over any of vLLM's Qwen3-generation classes (put before it in the bases)."""
+
+    desap_family = FAMILY
+
+    def desap_budget(self, options: DesapOptions, tokens: int) -> int:
+        """An item's budget under its request's ``options`` (the one place the model reads ``keep``)."""
+        return image_budget(options.keep, tokens)
+
+    def desap_media(self, media, modality: str, texts, text_mask, options) -> list[torch.Tensor]:
+        """Per image (or video): its embeddings, each row followed by its position channels
+        (``mrope``). An image: its kept tokens. A video: its whole span (``video_span``), the kept
+        tokens of each frame between its markers, the text rows embedded as the language model
+        embeds them (their DeepStack levels zero, as transformers adds none there)."""
+        merge = self.visual.spatial_merge_size
+        out = []
+        for i, (t, h, w), hidden, branch, saliency in self.desap_tower_items(media, modality):
+            tokens, kept = self.desap_prune_item(hidden, branch, saliency, texts[i:i + 1], text_mask[i:i + 1],
+                                                 options[i])
+            if modality == "image":
+                out.append(with_position_channels(tokens, media_positions(1, h // merge, w // merge)[:, kept]))
+            else:
+                out.append(self.desap_video_span(tokens, kept, (t, h // merge, w // merge), media["timestamps"][i]))
+        return out
+
+    def desap_prune_item(self, hidden, branch, saliency, texts, text_mask,
+                         options) -> tuple[torch.Tensor, torch.Tensor]:
+        """One item's kept rows (K, C with its DeepStack levels after, as vLLM's tower lays them)
+        and their indices (CPU, ascending: frame-major for a video)."""
+        width = self.visual_dim
+        features = hidden[:, :width]
+        levels = hidden[:, width:].split(width, dim=1) if hidden.shape[1] > width else ()
+        signals = VllmTowerSignals(features[None], branch[None], saliency[None])
+        result = self.desap_prune(signals, texts, text_mask, self.desap_budget(options, features.shape[0]), options)
+        merge = options.merge and not options.ideal   # the ideal setting keeps its tokens unmerged
+        merged = [merge_tokens(level[None], result.indices, result.assignment, merge)[0] for level in levels]
+        return torch.cat([result.tokens[0], *merged], dim=1), result.indices[0].cpu()
+
+    def desap_video_span(self, tokens: torch.Tensor, kept: torch.Tensor, grid: tuple[int, int, int],
+                         timestamps) -> torch.Tensor:
+        """A video's span rows: transformers' pruned span (the full span without the dropped
+        tokens), text rows embedded, the kept tokens in order, all at their full-span positions."""
+        t, h, w = grid
+        video = self.config.video_token_id
+        full = torch.tensor(video_span(self.config, self._tokenizer, timestamps, [h * w] * t))
+        is_video = full == video
+        rows = ~is_video
+        rows[is_video.nonzero()[:, 0][kept]] = True
+        ids = full[rows]
+        span = tokens.new_zeros(ids.shape[0], tokens.shape[1])
+        text = self.get_language_model().embed_input_ids(ids[ids != video].to(tokens.device))
+        span[ids != video, :text.shape[1]] = text.to(span.dtype)
+        span[ids == video] = tokens
+        return with_position_channels(span, span_positions(full.tolist(), video, h, w)[:, rows])
+
+    def desap_media_layouts(self, input_tokens, mm_features) -> list[Media]:
+        merge = self.config.vision_config.spatial_merge_size
+        layouts = []
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            t, h, w = feature.data[f"{feature.modality}_grid_thw"].data.tolist()
+            h, w = h // merge, w // merge
+            if feature.modality == "image":
+                positions = media_positions(1, h, w)
+            else:
+                full = video_span(self.config, self._tokenizer, feature.data["timestamps"].data, [h * w] * t)
+                positions = span_positions(full, self.config.video_token_id, h, w)
+            layouts.append(Media(feature.mm_position.offset, feature.mm_position.length, positions))
+        return layouts
+
+
+@registered_with(DesapQwen3VLProcessor, Qwen3VLForConditionalGeneration)
+class DesapQwen3VLForConditionalGeneration(DesapQwen3Mixin, Qwen3VLForConditionalGeneration):
+    """vLLM's Qwen3-VL with DeSAP in ``embed_multimodal`` and in its M-RoPE positions."""
+
+
+@registered_with(DesapQwen3VLProcessor, Qwen3VLMoeForConditionalGeneration)
+class DesapQwen3VLMoeForConditionalGeneration(DesapQwen3Mixin, Qwen3VLMoeForConditionalGeneration):
+    """vLLM's Qwen3-VL-MoE with DeSAP, as Qwen3-VL."""
+
+
+@registered_with(DesapQwen3VLProcessor, Qwen3_5ForConditionalGeneration)
+class DesapQwen3_5ForConditionalGeneration(DesapQwen3Mixin, Qwen3_5ForConditionalGeneration):
+    """vLLM's Qwen3.5 with DeSAP, as Qwen3-VL (its tower has no DeepStack)."""
+
+
+@registered_with(DesapQwen3VLProcessor, Qwen3_5MoeForConditionalGeneration)
+class DesapQwen3_5MoeForConditionalGeneration(DesapQwen3Mixin, Qwen3_5MoeForConditionalGeneration):
+    """vLLM's Qwen3.5-MoE with DeSAP, as Qwen3-VL."""

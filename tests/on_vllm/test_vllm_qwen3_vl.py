@@ -1,0 +1,98 @@
+"""DeSAP in vLLM's Qwen3-VL (dense and MoE), against transformers with apply_desap on the same
+checkpoint: the kept tokens (DeepStack levels with them), the prompt, the rotary positions of every
+prompt token and greedy output, for two prompts on one image, a video beside an image, and under
+tensor parallelism 2 (the MoE variant); vLLM's own class without ``desap``; the start-up refusals.
+
+A Qwen3-VL video is, per frame, a timestamp text, a start marker, the frame's tokens and an end
+marker. Which frames keep how many tokens is known only after the encoder, so in vLLM the video's
+whole span is ``<|video_pad|>`` placeholders (its length that of transformers' pruned span) whose
+embeddings the model writes: the prompt ids match transformers' everywhere else."""
+import pytest
+
+from engines import (QWEN_PROMPTS, assert_batched_positions, assert_same_answers, qwen3_expected, qwen3_media,
+                     qwen3_requests, qwen3_video_span, run_engine, transformers_run)
+
+from desap_ops.cli.checkpoint import save_qwen_checkpoint, tiny_vllm_qwen3_vl
+
+OPTIONS = {"keep": 6}
+VIDEO_TOKEN = 152
+LIMITS = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
+ENGINE = {"hf_overrides": {"desap": OPTIONS}, **LIMITS}
+CLASS = "DesapQwen3VLForConditionalGeneration"
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """The dense and MoE checkpoints and the media (``engines.qwen3_media``)."""
+    folder = tmp_path_factory.mktemp("qwen3_vl")
+    return {"qwen3_vl": save_qwen_checkpoint(tiny_vllm_qwen3_vl(0), folder / "dense"),
+            "qwen3_vl_moe": save_qwen_checkpoint(tiny_vllm_qwen3_vl(0, moe=True), folder / "moe"),
+            **qwen3_media(folder)}
+
+
+def test_images_and_videos_get_apply_desaps_tokens_positions_and_output_in_a_batch_and_from_the_cache(media,
+                                                                                                      tmp_path):
+    folder, requests = media["qwen3_vl"], qwen3_requests(media)
+    expected = qwen3_expected("qwen3_vl", folder, requests, OPTIONS)
+    assert expected[0]["indices"] != expected[1]["indices"]   # one image, two prompts, two choices
+    ids = expected[2]["transformers_ids"]
+    span = qwen3_video_span(ids)
+    frames = [ids[i + 1:].index(154) for i in span if ids[i] == 153]   # kept tokens per frame
+    assert len(frames) == 3 and sum(frames) == OPTIONS["keep"]   # one budget for the clip
+    assert ids[span.start:span.stop].count(VIDEO_TOKEN) == OPTIONS["keep"]
+    assert expected[3]["indices"] == [[0, 1, 2, 3]]   # under keep: whole
+
+    got = run_engine(tmp_path, folder, ENGINE, requests, rounds=2, positions=True)
+    assert_same_answers(got, expected, CLASS)   # the second round from the processor and prefix caches
+    for round_ in got["positions"]:
+        assert_batched_positions(round_, expected)
+
+
+def test_moe_under_tensor_parallelism_keeps_apply_desaps_tokens_on_every_rank(media, tmp_path):
+    folder = media["qwen3_vl_moe"]
+    options = {"keep": 5, "task_ratio": "auto", "text_budget": 3}
+    requests = [(QWEN_PROMPTS[0], media["large"]), qwen3_requests(media)[2]]
+    expected = qwen3_expected("qwen3_vl_moe", folder, requests, options)
+    got = run_engine(tmp_path, folder, {**ENGINE, "hf_overrides": {"desap": options}}, requests, tp=2)
+    first, second = got["ranks"]   # each rank holds 2 of the tower's 4 heads
+    assert first["class"] == "DesapQwen3VLMoeForConditionalGeneration"
+    assert first["history"] == second["history"] and len(first["history"]) == 3
+    assert sorted(tuple(r["indices"]) for r in first["history"]) == sorted(
+        tuple(k) for want in expected for k in want["indices"])
+    for out, want in zip(got["rounds"][0], expected):
+        assert out["prompt_token_ids"] == want["prompt_ids"]
+        assert out["output_token_ids"] == want["output_ids"]
+
+
+def test_without_the_desap_key_vllm_runs_its_own_qwen3_vl_unchanged(media, tmp_path):
+    folder = media["qwen3_vl"]
+    requests = qwen3_requests(media)[1:3]
+    got = run_engine(tmp_path, folder, LIMITS, requests)
+    (rank,) = got["ranks"]
+    assert rank["class"] == "Qwen3VLForConditionalGeneration" and rank["history"] == []
+    for out, (prompt, item) in zip(got["rounds"][0], requests):
+        want = transformers_run("qwen3_vl", folder, prompt, item)
+        assert out["prompt_token_ids"] == want["prompt_ids"]   # every token, every timestamp
+        assert out["output_token_ids"] == want["output_ids"]
+
+
+@pytest.mark.parametrize("model, parallel, message", [
+    ({"video_pruning_rate": 0.5}, {}, "does not run together with video_pruning_rate"),
+    ({}, {"pipeline_parallel_size": 2}, "pipeline_parallel_size must be 1"),
+    ({"mm_encoder_tp_mode": "data"}, {}, 'mm_encoder_tp_mode="data"'),
+])
+def test_engine_settings_desap_cannot_run_are_refused_when_vllm_builds_the_config(media, model, parallel, message):
+    from vllm.config import ModelConfig, ParallelConfig, VllmConfig
+
+    from desap_ops.integrations.vllm import register
+
+    register()   # as vLLM's plugin loading does in an engine's process
+
+    def build(desap):
+        overrides = {"desap": OPTIONS} if desap else {}
+        config = ModelConfig(model=str(media["qwen3_vl"]), hf_overrides=overrides, max_model_len=512, **model)
+        return VllmConfig(model_config=config, parallel_config=ParallelConfig(**parallel))
+
+    build(desap=False)   # vLLM alone accepts the setting
+    with pytest.raises(ValueError, match=message):
+        build(desap=True)
