@@ -251,3 +251,11 @@ def assert_matches_reference(result, case: Case, *, exact_assignment=True):
     assert result.tokens.dtype == case.hidden.dtype
     assert result.indices.dtype == result.assignment.dtype == result.task_keep.dtype == torch.int64
     assert result.task_scores.dtype == torch.float32
+
+
+def one_error_line(err: str) -> str:
+    """The single ``desap: error:`` line of a refused command (progress lines start with '... ')."""
+    assert "Traceback" not in err
+    errors = [line for line in err.strip().splitlines() if not line.startswith("... ")]
+    assert len(errors) == 1 and errors[0].startswith("desap: error: "), err
+    return errors[0]

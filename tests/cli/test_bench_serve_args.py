@@ -2,7 +2,6 @@
 ``desap: error: ...`` and returns 2 before vLLM is looked for or a model is built; the settings,
 the requests per level, the comparisons and the target read from rows. The run itself needs vLLM:
 tests/on_vllm/test_vllm_bench_serve.py."""
-import importlib.util
 import os
 
 import pytest
@@ -10,22 +9,12 @@ import pytest
 from desap_ops.cli import bench_serve, vllm_cpu
 from desap_ops.cli.main import main
 from desap_ops.cli.vllm_runs import Setting, parse_keeps
-
-
-def _one_error_line(err: str) -> str:
-    assert "Traceback" not in err
-    errors = [line for line in err.strip().splitlines() if not line.startswith("... ")]
-    assert len(errors) == 1 and errors[0].startswith("desap: error: "), err
-    return errors[0]
+from helpers import one_error_line
 
 
 @pytest.fixture
-def nothing_runs(monkeypatch):
+def nothing_runs(monkeypatch, no_vllm):
     """vLLM is not importable, and neither a checkpoint nor a server may start."""
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *rest: None if name == "vllm" else find_spec(name, *rest))
-
     def refuse(*_args, **_kwargs):
         raise AssertionError("the run started before the arguments were checked")
 
@@ -51,12 +40,12 @@ def nothing_runs(monkeypatch):
 ])
 def test_a_mistake_is_one_line_and_exit_2_before_anything_runs(nothing_runs, tmp_path, capsys, args, message):
     assert main(["bench", "serve", *(arg.replace("{tmp}", str(tmp_path)) for arg in args)]) == 2
-    assert message in _one_error_line(capsys.readouterr().err)
+    assert message in one_error_line(capsys.readouterr().err)
 
 
 def test_without_vllm_one_line_names_the_install(nothing_runs, capsys):
     assert main(["bench", "serve", "--model", "tiny"]) == 2
-    assert "bench serve needs vLLM" in _one_error_line(capsys.readouterr().err)
+    assert "bench serve needs vLLM" in one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -67,7 +56,7 @@ def test_without_vllm_one_line_names_the_install(nothing_runs, capsys):
 def test_budgets_are_checked_against_the_model_before_it_is_built(nothing_runs, monkeypatch, capsys, args, message):
     monkeypatch.setattr(bench_serve, "check_vllm", lambda command: None)
     assert main(["bench", "serve", *args]) == 2
-    assert message in _one_error_line(capsys.readouterr().err)
+    assert message in one_error_line(capsys.readouterr().err)
 
 
 def test_settings_are_the_full_model_then_desap_then_the_ideal_at_each_budget():

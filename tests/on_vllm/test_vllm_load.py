@@ -5,7 +5,6 @@ text and options), a path a single request never takes. No request may fail, eve
 import random
 import re
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -20,11 +19,7 @@ LOAD_TIMEOUT = 120   # seconds for all the requests together
 
 
 def _send(url: str, body: dict) -> tuple[int, dict]:
-    """(HTTP status, JSON reply) of one chat request; a 4xx or 5xx is returned, not raised."""
-    try:
-        return 200, serve.post(f"{url}/v1/chat/completions", body, timeout=LOAD_TIMEOUT)
-    except urllib.error.HTTPError as error:
-        return error.code, {"error": error.read().decode(errors="replace")}
+    return serve.send(url, body, timeout=LOAD_TIMEOUT)
 
 
 def _metric(url: str, name: str) -> float:
