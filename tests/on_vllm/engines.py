@@ -269,6 +269,22 @@ def assert_same_answers(got: dict, expected: list, model_class: str) -> None:
     assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}
 
 
+def assert_alone_positions(out: dict, forwards: list, want: dict) -> list:
+    """A request that ran alone (``one_by_one``): its forwards are its prefill chunks, from its
+    cached tokens on, at exactly ``transformers_run``'s 3D positions, then one token each past their
+    top. Returns where its prompt's chunks ended (the cached tokens' end first)."""
+    hits = out["num_cached_tokens"]
+    rows = [row[hits:] for row in want["positions"][-3:]]
+    top = max(map(max, want["positions"][-3:]))
+    decode = [(top + 1 + i,) * 3 for i in range(len(out["output_token_ids"]) - 1)]
+    columns = [column for positions in forwards for column in zip(*positions)]
+    assert columns == list(zip(*rows)) + decode, want["prompt_ids"]
+    ends = [hits] if hits else []
+    for positions in forwards:
+        ends.append(ends[-1] + len(positions[0]) if ends else len(positions[0]))
+    return ends
+
+
 def assert_batched_positions(forwards: list, expected: list) -> None:
     """In one round's forwards (batched, unchunked), each request's prompt ran at exactly
     ``transformers_run``'s 3D positions, and the next forward decoded it one past their top."""

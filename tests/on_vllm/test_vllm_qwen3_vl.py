@@ -9,8 +9,9 @@ whole span is ``<|video_pad|>`` placeholders (its length that of transformers' p
 embeddings the model writes: the prompt ids match transformers' everywhere else."""
 import pytest
 
-from engines import (QWEN_PROMPTS, assert_batched_positions, assert_same_answers, qwen3_expected, qwen3_media,
-                     qwen3_requests, qwen3_video_span, run_engine, transformers_run)
+from engines import (QWEN_IMAGE, QWEN_PROMPTS, QWEN_VIDEO, assert_alone_positions, assert_batched_positions,
+                     assert_same_answers, qwen3_expected, qwen3_media, qwen3_requests, qwen3_video_span, run_engine,
+                     transformers_run)
 
 from desap_ops.cli.checkpoint import save_qwen_checkpoint, tiny_vllm_qwen3_vl
 
@@ -19,6 +20,7 @@ VIDEO_TOKEN = 152
 LIMITS = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
 ENGINE = {"hf_overrides": {"desap": OPTIONS}, **LIMITS}
 CLASS = "DesapQwen3VLForConditionalGeneration"
+BLOCK = 32   # prefix-cache block (the CPU attention takes multiples of 32)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,28 @@ def test_images_and_videos_get_apply_desaps_tokens_positions_and_output_in_a_bat
     assert_same_answers(got, expected, CLASS)   # the second round from the processor and prefix caches
     for round_ in got["positions"]:
         assert_batched_positions(round_, expected)
+
+
+def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(media, tmp_path):
+    """Prefill in chunks of 5 tokens, each request alone, every prompt twice (the second time from
+    its blocks in the prefix cache): chunks end inside a video's span, whose rows the model writes,
+    and every prompt still runs at transformers' positions with its tokens and output."""
+    folder = media["qwen3_vl"]
+    requests = qwen3_requests(media)[2:] + [
+        (f"USER: w60 w61 w62 {QWEN_VIDEO} w63 {QWEN_IMAGE} how many people are there ? ASSISTANT:",
+         {"video": media["wide"], "image": media["large"]})]
+    expected = qwen3_expected("qwen3_vl", folder, requests, OPTIONS)
+    engine = {**ENGINE, "block_size": BLOCK, "enable_chunked_prefill": True, "max_num_batched_tokens": 5,
+              "max_num_seqs": 2}
+    got = run_engine(tmp_path, folder, engine, requests, rounds=2, positions=True, one_by_one=True)
+    assert_same_answers(got, expected, CLASS)
+    inside = 0
+    for outputs, forwards in zip(got["rounds"], got["positions"]):
+        for out, steps, want in zip(outputs, forwards, expected):
+            span = qwen3_video_span(want["transformers_ids"])
+            inside += sum(span.start < end < span.stop for end in assert_alone_positions(out, steps, want))
+    assert inside > 0
+    assert max(out["num_cached_tokens"] for out in got["rounds"][1]) >= BLOCK   # the second round reused blocks
 
 
 def test_moe_under_tensor_parallelism_keeps_apply_desaps_tokens_on_every_rank(media, tmp_path):

@@ -12,7 +12,8 @@ right before and right after <|vision_start|>, inside an image and between two i
 The other runs the grid unchunked in a single batch."""
 import pytest
 
-from engines import QWEN_IMAGE, assert_batched_positions, assert_same_answers, run_engine, transformers_run
+from engines import (QWEN_IMAGE, assert_alone_positions, assert_batched_positions, assert_same_answers, run_engine,
+                     transformers_run)
 
 OPTIONS = {"keep": 6}
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"   # 7 tokens here
@@ -62,10 +63,6 @@ def _kinds(ids: list, end: int) -> set:
     return kinds
 
 
-def _columns(forwards: list) -> list:
-    return [column for positions in forwards for column in zip(*positions)]
-
-
 def _expected(checkpoints):
     folder = checkpoints["qwen2_5_vl"]
     requests = [(prompt, [checkpoints[name] for name in names]) for prompt, names in GRID]
@@ -89,14 +86,7 @@ def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(expect
         for out, forwards, want in zip(outputs, got["positions"][round_], expected):
             ids, hits = want["prompt_ids"], out["num_cached_tokens"]
             assert (hits > 0) == (round_ == 1 and len(ids) > BLOCK)
-            # the request ran alone: its forwards are its prefill chunks, then one token each
-            rows = [row[hits:] for row in want["positions"][-3:]]
-            top = max(map(max, want["positions"][-3:]))
-            decode = [(top + 1 + i,) * 3 for i in range(len(out["output_token_ids"]) - 1)]
-            assert _columns(forwards) == list(zip(*rows)) + decode, (round_, ids)
-            ends = [hits] if hits else []
-            for positions in forwards:
-                ends.append(ends[-1] + len(positions[0]) if ends else len(positions[0]))
+            ends = assert_alone_positions(out, forwards, want)
             for end in ends:
                 if 0 < end < len(ids):
                     for kind in _kinds(ids, end):
