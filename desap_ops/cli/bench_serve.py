@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Union
@@ -129,20 +127,6 @@ def make_plan(args, command: str = "") -> Plan:
 
 # --- one setting: a server and vLLM's client ----------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def serve_command(plan: Plan, setting: Setting, folder: Path, port: int) -> list[str]:
     """``vllm serve`` for one setting on 127.0.0.1:``port``."""
     command = [str(Path(sys.executable).parent / "vllm"), "serve", str(folder), "--host", "127.0.0.1",
@@ -169,7 +153,7 @@ def run_setting(plan: Plan, setting: Setting, folder: Path, logs: Path, say: Cal
     """Serve ``setting``, run the client against it, stop the server; the client's levels with the
     server's start-up time, OpenMP binding and the load average around the setting."""
     name = setting.name.replace("=", "")
-    port = _free_port()
+    port = vllm_runs.free_port()
     url = f"http://127.0.0.1:{port}"
     server_log = logs / f"{name}.server.log"
     load_before = load_average()
@@ -179,7 +163,7 @@ def run_setting(plan: Plan, setting: Setting, folder: Path, logs: Path, say: Cal
         server = subprocess.Popen(serve_command(plan, setting, folder, port), env=engine_environment(),
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        while not _healthy(url):
+        while not vllm_runs.is_healthy(url):
             if server.poll() is not None or time.perf_counter() - start > start_timeout:
                 tail = server_log.read_text(errors="replace").strip().splitlines()[-15:]
                 raise ProcessFailed(f"vllm serve ({setting.name})", server.poll(), server_log, tail)

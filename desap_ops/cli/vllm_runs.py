@@ -12,9 +12,11 @@ import os
 import platform
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -311,3 +313,19 @@ def machine_title(result: dict) -> str:
     threads = result["engine"].get("omp_threads")
     return (f"vLLM {env['vllm']} on {env['cpu']} ({env['cpu_count']} CPUs), engine on {threads or '?'} "
             f"thread{'s' * (threads != 1)}")
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that no one listens on now (for a ``vllm serve`` of our own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_healthy(url: str) -> bool:
+    """Whether the ``vllm serve`` at ``url`` answers its health check."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False

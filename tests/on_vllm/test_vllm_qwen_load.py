@@ -10,7 +10,6 @@ answers after them. The helpers are ``test_vllm_load.py``'s and
 ``test_vllm_serve.py``'s."""
 import base64
 import random
-import socket
 import time
 
 import test_vllm_load as load
@@ -18,18 +17,13 @@ import test_vllm_serve as serve
 
 from engines import QWEN_IMAGE, transformers_run
 
+from desap_ops.cli.vllm_runs import free_port
+
 OPTIONS = {"keep": 6}
 IMAGES = ("large", "wide", "tall")
 QUESTIONS = ("what is the color of the sky ?", "read the text on the sign", "how many people are there ?",
              "where is the dog on the left ?")
 REPEATS = 2   # 3 images x 4 questions x 2 = 24 requests
-
-
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with_url(body: dict, url: str) -> dict:
@@ -51,7 +45,7 @@ def test_repeated_concurrent_qwen_chat_requests_all_succeed_with_apply_desaps_an
     # image URLs that cannot be read: a local file (not allowed) and one nothing answers on; vLLM
     # 0.32 raises from its own media fetch before any model code runs, and answers 500
     unreadable = [_with_url(bodies[0], "file:///nonexistent/missing.png"),
-                  _with_url(bodies[0], f"http://127.0.0.1:{_closed_port()}/missing.png")]
+                  _with_url(bodies[0], f"http://127.0.0.1:{free_port()}/missing.png")]
     broken = malformed + unreadable
     bodies[middle:middle] = broken
     with serve.served(folder, OPTIONS, tmp_path / "serve.log") as (url, server):

@@ -3,7 +3,6 @@ image gets the pruned prompt and the same greedy answer as transformers with app
 server helpers here serve ``test_vllm_load.py`` and ``test_vllm_request_options.py`` too."""
 import base64
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,10 @@ from typing import Iterator
 
 from engines import engine_environment, transformers_run
 
+from desap_ops.cli.vllm_runs import free_port, is_healthy
+
 OPTIONS = {"keep": 6, "task_ratio": 0.5}
 QUESTION = "what is the color of the sky ?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:
@@ -40,14 +35,6 @@ def send(url: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
         return error.code, {"error": error.read().decode(errors="replace")}
 
 
-def is_healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def chat_body(folder: Path, image: str, question: str, max_tokens: int = 8) -> dict:
     """A greedy OpenAI chat request with ``image`` as a PNG data URL before ``question``."""
     data = base64.b64encode(open(image, "rb").read()).decode()
@@ -62,7 +49,7 @@ def served(folder: Path, options: dict, log_file: Path, start_timeout: float = 3
            extra_args: Sequence[str] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
     """``vllm serve folder`` with DeSAP ``options`` on 127.0.0.1 and ``extra_args``: (its base URL,
     its process), once healthy; stopped on exit. Its output goes to ``log_file``."""
-    port = _free_port()
+    port = free_port()
     command = [str(Path(sys.executable).parent / "vllm"), "serve", str(folder), "--host", "127.0.0.1",
                "--port", str(port), "--hf-overrides", json.dumps({"desap": options}), "--dtype", "float32",
                "--max-model-len", "512", "--gpu-memory-utilization", "0.1", "--enforce-eager", "--seed", "0",
