@@ -1,8 +1,13 @@
 """Packaging for desap-ops.
 
-The Triton sources live in the top-level ``kernels/`` folder of the repository but are installed as
-``desap_ops.kernels``: a top-level ``kernels`` module would shadow the Hugging Face package of that
-name, which transformers probes for.
+The Triton sources live in the top-level ``kernels/`` folder of the repository and are installed as
+``desap_ops.kernels`` through the link ``desap_ops/kernels -> ../kernels``. ``kernels/`` has no
+``__init__.py`` on purpose: Python ranks a folder without one below every installed package, so
+running from the repository root never shadows Hugging Face's ``kernels``, which transformers
+(5.25 and newer) imports at start-up (tests/test_repository_root.py). The link makes
+``desap_ops.kernels`` an implicit namespace package, which both a wheel and an editable install
+resolve; a ``package_dir`` mapping instead is lost by setuptools' editable finder without the
+``__init__.py``.
 """
 import re
 
@@ -22,7 +27,6 @@ setup(
     python_requires=">=3.10",
     packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations", "desap_ops.integrations.vllm",
               "desap_ops.cli", "desap_ops.cli.vllm_cpu"],   # vllm_cpu: the sitecustomize the vLLM benches load
-    package_dir={"desap_ops": "desap_ops", "desap_ops.kernels": "kernels"},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
@@ -47,7 +51,8 @@ setup(
     extras_require={
         "hf": [TRANSFORMERS_TESTED],
         "bench": ["pytest-benchmark>=4"],
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", TRANSFORMERS_TESTED],
+        # kernels: Hugging Face's, which tests/test_repository_root.py checks the root never shadows
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "kernels", TRANSFORMERS_TESTED],
     },
     entry_points={"console_scripts": ["desap=desap_ops.cli.main:main"],
                   # vLLM loads it in every process; DeSAP is on only with hf_overrides={"desap": {...}}

@@ -196,6 +196,8 @@ def _imports(module: str) -> tuple[set[str], set[str]]:
     spec = importlib.util.find_spec(module)
     package = module if spec.submodule_search_locations is not None else module.rpartition(".")[0]
     own, other = set(), set()
+    if spec.origin is None:   # a namespace package (desap_ops.kernels): no code of its own
+        return own, other
     for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
