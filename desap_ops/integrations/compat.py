@@ -22,7 +22,7 @@ from torch import nn
 # The range CI runs the integration tests against (.ci/run): the oldest release below is
 # reinstalled and tested on every change; the newest is whatever the registry serves that day.
 OLDEST_TESTED = "5.16.1"
-NEWEST_TESTED = "5.24.0"
+NEWEST_TESTED = "5.25.0"
 TESTED = f"transformers {OLDEST_TESTED} to {NEWEST_TESTED}"
 
 _warned: set[str] = set()
