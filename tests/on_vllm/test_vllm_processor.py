@@ -146,16 +146,16 @@ def test_qwen_engine_settings_that_would_lose_positions_or_signals_are_refused(s
 
     from desap_ops.integrations.vllm.qwen2_5_vl import check_engine
 
-    def config(use_v2_model_runner=False, video_pruning_rate=None, compile_mm_encoder=False):
+    def config(video_pruning_rate=None, compile_mm_encoder=False):
+        # no use_v2_model_runner: vLLM 0.34 removed it, so the check must not read it
         return SimpleNamespace(
-            use_v2_model_runner=use_v2_model_runner, parallel_config=SimpleNamespace(pipeline_parallel_size=1),
+            parallel_config=SimpleNamespace(pipeline_parallel_size=1),
             model_config=SimpleNamespace(multimodal_config=SimpleNamespace(video_pruning_rate=video_pruning_rate)),
             compilation_config=SimpleNamespace(compile_mm_encoder=compile_mm_encoder))
 
     with pytest.raises(ValueError, match=message):
         check_engine(config(**setting))
     check_engine(config())   # vLLM's CPU defaults pass
-    check_engine(config(use_v2_model_runner=True))   # V2 recomputes positions through its MultiModalPruner
 
 
 @pytest.mark.parametrize("kind, model, parallel, message", [

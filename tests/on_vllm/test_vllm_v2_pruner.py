@@ -91,7 +91,7 @@ def _schedule(cases, config, chunk: int, cached: int):
     from vllm.v1.worker.gpu.mm.encoder_runner import EncoderRunner
     from vllm.v1.worker.gpu.model_states import default
 
-    from desap_ops.integrations.vllm.mrope import CHANNELS, prune_in_v2_runner
+    from desap_ops.integrations.vllm.mrope import CHANNELS, recompute_after_encoder
 
     model = DesapStandIn(config)
     length = max(len(c["ids"]) for c in cases)
@@ -104,7 +104,7 @@ def _schedule(cases, config, chunk: int, cached: int):
         token_ids[r, :len(case["ids"])] = torch.tensor(case["ids"])
         cache.add_request(f"req{r}", case["features"])
         cache.encoder_outputs.update(case["outputs"])
-    prune_in_v2_runner()
+    recompute_after_encoder()   # every runner this vLLM has, V2 among them
     model_config = SimpleNamespace(multimodal_config=SimpleNamespace(is_multimodal_pruning_enabled=lambda: False),
                                    get_inputs_embeds_size=lambda: HIDDEN)
     pruner = default.maybe_create_mm_pruner(model_config, model, rope, cache)

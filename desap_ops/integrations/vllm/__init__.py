@@ -15,14 +15,14 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator
 
+from .hooks import QWEN3_ARCHITECTURES
+
 # vLLM architecture -> (DeSAP class, start-up check), as "module:attribute" to import lazily
 SUPPORTED: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("llava:DesapLlavaForConditionalGeneration", "llava:check"),
     "LlavaNextForConditionalGeneration": ("llava_next:DesapLlavaNextForConditionalGeneration", "llava_next:check"),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl:DesapQwen2_5_VLForConditionalGeneration", "qwen2_5_vl:check"),
-    **{arch: (f"qwen3_vl:Desap{arch}", "qwen3_vl:check")
-       for arch in ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
-                    "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")},
+    **{arch: (f"qwen3_vl:Desap{arch}", "qwen3_vl:check") for arch in QWEN3_ARCHITECTURES},
 }
 PREFIX = "Desap"
 # set while a DeSAP model builds its parts: a part built from the same config (Qwen2.5-VL's language
@@ -99,9 +99,9 @@ def register() -> None:
     the rest is checked when a config asks for DeSAP (:func:`desap_architecture`)."""
     from vllm import ModelRegistry
 
-    from .hooks import REGISTRY_HOOKS, check_vllm_hooks
+    from .hooks import REGISTRY_HOOKS, HookGroup, check_vllm_hooks
 
-    check_vllm_hooks(REGISTRY_HOOKS)
+    check_vllm_hooks([HookGroup("the model registry's lookups, which catch a desap config", REGISTRY_HOOKS)])
     for arch, (target, _) in SUPPORTED.items():
         ModelRegistry.register_model(PREFIX + arch, f"{__name__}.{target}")
     for name in ("inspect_model_cls", "resolve_model_cls"):

