@@ -163,7 +163,13 @@ GROUPS: tuple[HookGroup, ...] = (
               _v2_pruner("vllm.v1.worker.gpu.model_states.default", "vllm.v1.worker.gpu.model_states.mm_pruning")
               + (Hook("vllm.config.model:ModelConfig.get_inputs_embeds_size", ()),)),
     V2_CPU_RUNNER,
-    HookGroup("the per-architecture config check that refuses engine settings at start-up (engine_checks)", (
+    HookGroup("the engine settings read and refused at start-up (engine_checks, qwen_model.check_engine)", (
+        # the fields read: one a release dropped would read as unset and let a setting through
+        Hook("vllm.config.model:ModelConfig.architecture"),
+        Hook("vllm.config.multimodal:MultiModalConfig", reads=("video_pruning_rate:", "mm_encoder_tp_mode:")),
+        Hook("vllm.config.compilation:CompilationConfig", reads=("compile_mm_encoder:",)),
+        Hook("vllm.config.scheduler:SchedulerConfig", reads=("max_num_encoder_input_tokens:",)),
+        Hook("vllm.config.parallel:ParallelConfig", reads=("pipeline_parallel_size:",)),
         Hook("vllm.model_executor.models.config:MODELS_CONFIG_MAP"),
         Hook("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_config", ("vllm_config",),
              exact=True),
