@@ -8,7 +8,7 @@ from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGenera
 from vllm.multimodal.processing.processor import BaseMultiModalProcessor
 
 from desap_ops.integrations.vllm import SUPPORTED, hooks, register
-from desap_ops.integrations.vllm.hooks import (GROUPS, HOOKS, REGISTRY, SUPPORTED_VLLM, V1_RUNNER, VllmVersionError,
+from desap_ops.integrations.vllm.hooks import (HOOKS, REGISTRY, SUPPORTED_VLLM, V1_RUNNER, VllmVersionError,
                                               check_vllm_hooks, hook_problem, registered_class, required)
 
 register()
