@@ -56,32 +56,89 @@ class ChatMarkers:
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any) -> "ChatMarkers":
-        """The markers of the two template styles, recognised from the vocabulary: ChatML
-        (Qwen2.5-VL: ``<|im_start|>`` is a token) or else LLaVA-1.5 ("USER:", "ASSISTANT:"
-        written as plain text). Takes a tokenizer or a processor holding one."""
+        """The markers of a tokenizer (or a processor holding one): read from its chat template
+        where it has one (:func:`template_markers`), else recognised from the vocabulary: ChatML
+        where ``<|im_start|>`` is a token, or else LLaVA-1.5's "USER:" and "ASSISTANT:"."""
         if not _is_tokenizer(tokenizer):
             raise TypeError("ChatMarkers.from_tokenizer needs a tokenizer or a processor, "
                             f"got {type(tokenizer).__name__}")
+        template = getattr(tokenizer, "chat_template", None)
         tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-
-        def spellings(*texts: str) -> Markers:
-            # each text on its own, with and without a leading space (SentencePiece spells them
-            # differently); the template's newline after a marker belongs to the marker
-            found = []
-            for text in texts:
-                for variant in (text, " " + text):
-                    ids = tuple(tokenizer.encode(variant, add_special_tokens=False))
-                    if ids and ids not in found:
-                        found.append(ids)
-            return tuple(found)
-
+        template = template or getattr(tokenizer, "chat_template", None)
+        texts = template_markers(tokenizer, template) if template else None
+        if texts is not None:
+            return cls(**{role: _spellings(tokenizer, *found) for role, found in texts.items()})
         if CHATML_START in tokenizer.get_vocab():
-            def opener(role: str) -> Markers:
-                return spellings(f"{CHATML_START}{role}\n", f"{CHATML_START}{role}")
+            return cls(user=_spellings(tokenizer, f"{CHATML_START}user\n", f"{CHATML_START}user"),
+                       assistant=_spellings(tokenizer, f"{CHATML_START}assistant\n", f"{CHATML_START}assistant"),
+                       other=_spellings(tokenizer, f"{CHATML_END}\n", CHATML_END, f"{CHATML_START}system\n",
+                                        f"{CHATML_START}system"))
+        return cls(user=_spellings(tokenizer, "USER:"), assistant=_spellings(tokenizer, "ASSISTANT:"))
 
-            return cls(user=opener("user"), assistant=opener("assistant"),
-                       other=spellings(f"{CHATML_END}\n", CHATML_END) + opener("system"))
-        return cls(user=spellings("USER:"), assistant=spellings("ASSISTANT:"))
+
+def _spellings(tokenizer: Any, *texts: str) -> Markers:
+    """Each marker text as token ids, as it stands and stripped of the whitespace around it, each
+    with and without a leading space (SentencePiece spells a word after a space differently)."""
+    found = []
+    for text in texts:
+        for variant in dict.fromkeys((text, text.strip(), " " + text.strip())):
+            ids = tuple(tokenizer.encode(variant, add_special_tokens=False)) if variant.strip() else ()
+            if ids and ids not in found:
+                found.append(ids)
+    return tuple(found)
+
+
+# sentinel words rendered through a chat template: what the template writes around them is its markers
+_USER, _USER2, _ANSWER, _SYSTEM = "desapuserwordsone", "desapuserwordstwo", "desapanswerwords", "desapsystemwords"
+
+
+def template_markers(tokenizer: Any, template: str) -> Optional[dict[str, tuple[str, ...]]]:
+    """A chat template's markers as text, read by rendering conversations of sentinel words with it
+    (``{"user": openers, "assistant": openers, "other": ...}``); None where the template does not
+    render them (it needs arguments we cannot guess, or drops the words).
+
+    - the generation prompt (the rendering with ``add_generation_prompt`` minus the one without)
+      opens an assistant turn;
+    - what follows an answer up to the next user's words is the answer's close and the user opener;
+      the answer's close is what the template writes after a last answer;
+    - what follows the user's words before an answer is the user turn's close and the opener;
+    - a system message's opener and close never count, nor a default system prompt (it comes
+      before the first user opener, in no user turn)."""
+    def render(messages, generation: bool) -> Optional[str]:
+        for as_parts in (True, False):
+            conversation = [{"role": role, "content": [{"type": "text", "text": text}] if as_parts else text}
+                            for role, text in messages]
+            try:
+                rendered = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                                         add_generation_prompt=generation)
+            except Exception:   # a template that wants other arguments: try the other content form
+                continue
+            if isinstance(rendered, str) and all(text in rendered for _, text in messages):
+                return rendered
+        return None
+
+    one, one_asked = render([("user", _USER)], False), render([("user", _USER)], True)
+    answered = render([("user", _USER), ("assistant", _ANSWER)], False)
+    two = render([("user", _USER), ("assistant", _ANSWER), ("user", _USER2)], False)
+    if None in (one, one_asked, answered, two) or not one_asked.startswith(one):
+        return None
+    assistant = one_asked[len(one):]
+    answer_close = answered[answered.index(_ANSWER) + len(_ANSWER):]
+    between = two[two.index(_ANSWER) + len(_ANSWER):two.index(_USER2)]
+    user = between[len(answer_close):] if between.startswith(answer_close) else between
+    user_close = answered[answered.index(_USER) + len(_USER):answered.index(_ANSWER)]
+    if user_close.rstrip().endswith(assistant.strip()):
+        user_close = user_close.rstrip()[:len(user_close.rstrip()) - len(assistant.strip())]
+    other = [user_close, answer_close]
+    system = render([("system", _SYSTEM), ("user", _USER)], False)
+    if system is not None:
+        other += [system[:system.index(_SYSTEM)],
+                  system[system.index(_SYSTEM) + len(_SYSTEM):system.index(_USER)].removesuffix(user)]
+    if not (user.strip() and assistant.strip()):
+        return None
+    roles = {user.strip(), assistant.strip()}   # a template without a system role writes it as a turn
+    return {"user": (user,), "assistant": (assistant,),
+            "other": tuple(dict.fromkeys(t for t in other if t.strip() and t.strip() not in roles))}
 
 
 def _is_tokenizer(value: Any) -> bool:

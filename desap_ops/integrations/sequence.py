@@ -121,10 +121,15 @@ def image_text_tokens(
     ignored_ids: set[int],
     turns: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image, the text tokens of its prompt: the tokens after its placeholders to the end of
-    its row, without padding, placeholders or ``ignored_ids``. With ``turns`` (B, T) int64, a
-    chat's user words numbered by turn (``chat.user_turns``), only the words of the image's own
-    user turn count: later turns and answers never change what an image keeps.
+    """Per image, the text tokens its task score reads (docs/algorithm.md, "The text an image
+    reads"), never padding, placeholders (of any image) or ``ignored_ids``:
+
+    - with ``turns`` (B, T) int64, a chat's user words numbered by turn (``chat.user_turns``): every
+      word of the user turn the image sits in, before and after it. The system prompt, role words,
+      answers and other turns never count, so what an image keeps does not change as the
+      conversation goes on; an image outside a user turn reads nothing.
+    - without: the text after the image to the end of its row; where nothing follows it, the text
+      before it (a question asked before the image).
 
     Returns (ids (I, L), mask (I, L)) with L >= 1; an image with no such token has an all-False row.
     """
@@ -141,11 +146,14 @@ def image_text_tokens(
         if hits.numel() == 0:
             per_image.append(input_ids.new_empty(0))
             continue
-        row, last = int(hits[0, 0]), int(hits[:, 1].max())
-        text = valid[row] & (positions > last)
-        if turns is not None:   # the words of the image's own turn; none if it is outside a user turn
+        row, first, last = int(hits[0, 0]), int(hits[:, 1].min()), int(hits[:, 1].max())
+        if turns is not None:
             own = int(turns[row, last])
-            text &= (turns[row] == own) & (own >= 0)
+            text = valid[row] & (turns[row] == own) & (own >= 0)
+        else:
+            text = valid[row] & (positions > last)
+            if not bool(text.any()):
+                text = valid[row] & (positions < first)
         per_image.append(input_ids[row][text])
     width = max(1, max(t.numel() for t in per_image))
     ids = input_ids.new_zeros((len(lengths), width))

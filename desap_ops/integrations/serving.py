@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import types
 from typing import Callable, Optional, Sequence
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..api import prune
 from ..reference import PruneResult
+from .prompt import TEXT_BLIND
 from .sequence import count_placeholders, first_placeholders, image_budget, shrink_placeholders
 from .state import RECORD_FIELDS, DesapState
 
@@ -156,6 +158,8 @@ def shrink_runs(model: nn.Module, arguments: dict, token_id: int, lengths: Seque
         if shrunk[name] is not None:
             arguments[name] = shrunk[name]
 
+log = logging.getLogger(__name__)
+
 
 # --- the operator -------------------------------------------------------------------------------
 
@@ -176,4 +180,9 @@ def run_prune(model: nn.Module, hidden: torch.Tensor, attn: torch.Tensor, text: 
     for name in ("indices", "assignment", "task_scores", "task_keep"):
         state.last[name].extend(getattr(result, name))
     state.last["saliency"].extend(saliency)
+    text_tokens = text_mask.sum(dim=1)
+    state.last["text_tokens"].extend(text_tokens)
+    if not state.told_text_blind and bool((text_tokens == 0).any()):
+        state.told_text_blind = True
+        log.warning(TEXT_BLIND)
     return result

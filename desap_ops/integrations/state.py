@@ -18,6 +18,7 @@ class PruneRecord:
     task_scores: list      # (N,) float32
     saliency: list         # (N,) float32: the saliency the operator was given
     task_keep: list        # 0-d int64: how many of the kept tokens were chosen by task score
+    text_tokens: list      # 0-d int64: how many prompt text tokens its task score read; 0: text-blind
 
 
 RECORD_FIELDS = tuple(f.name for f in fields(PruneRecord))
@@ -48,3 +49,4 @@ class DesapState:
     #                                    kept positions, rope deltas); None where nothing is planned
     # kept until the next vision pass: RECORD_FIELDS name -> one tensor per image (see last_prune)
     last: dict = field(default_factory=dict)
+    told_text_blind: bool = False   # the text-blind warning (prompt.TEXT_BLIND) was logged for this model

@@ -7,7 +7,7 @@ from integration_prompts import (CHAT, CHATML_SPECIALS, CHATML_TEMPLATE, LLAVA_S
 from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, QWEN_IMAGE, tiny_llava, tiny_qwen2_5_vl
 from desap_ops.integrations import ChatMarkers, apply_desap, last_prune
 from desap_ops.integrations.chat import as_chat_markers, user_text, user_turns
-from desap_ops.integrations.prompt import ignored_token_ids
+from desap_ops.integrations.prompt import TEXT_BLIND, ignored_token_ids
 from desap_ops.integrations.sequence import image_text_tokens
 
 STYLES = {  # style -> (tokenizer, image token, tiny model)
@@ -69,11 +69,12 @@ def test_a_templated_multi_turn_chat_gives_the_image_exactly_the_user_words(styl
 
 def test_each_image_reads_only_its_own_turn():
     chat = ChatMarkers(user=((20, 21),), assistant=((22, 21),))
-    # USER: <img> 7 ASSISTANT: 8 USER: 9 <img> 10 ASSISTANT: 11
+    # USER: <img> 7 ASSISTANT: 8 USER: 9 <img> 10 ASSISTANT: 11: the second image's turn asks 9
+    # before it and 10 after it, and both count
     ids = torch.tensor([[20, 21, 50, 50, 7, 22, 21, 8, 20, 21, 9, 50, 50, 10, 22, 21, 11]])
     assert user_turns(ids, chat).tolist() == [[-1, -1, 1, 1, 1, -1, -1, -1, -1, -1, 2, 2, 2, 2, -1, -1, -1]]
     text, mask = image_text_tokens(ids, None, 50, [2, 2], set(), user_turns(ids, chat))
-    assert [row[m].tolist() for row, m in zip(text, mask)] == [[7], [10]]
+    assert [row[m].tolist() for row, m in zip(text, mask)] == [[7], [9, 10]]
     # an image outside every user turn (inside an answer) has no text
     text, mask = image_text_tokens(ids[:, 5:9].clone().index_fill_(1, torch.tensor([2]), 50), None, 50, [1], set(),
                                    user_turns(ids[:, 5:9], chat))
@@ -157,3 +158,36 @@ def test_generate_with_a_chat_matches_forward_and_batches_equal_rows(style):
         alone = model.generate(**inputs, max_new_tokens=3, do_sample=False)
         assert together[i, -3:].tolist() == alone[0, -3:].tolist()
         assert alone[0, -3] == model(**inputs).logits[0, -1].argmax()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_the_question_counts_before_or_after_the_image_and_a_text_blind_prune_is_told(style, caplog):
+    """With the template's markers the image reads its turn's words wherever they stand (the
+    ChatML template keeps the parts' order; LLaVA's puts images first); an image without words is
+    recorded as text-blind (text_tokens 0) and warned about once per model."""
+    tokenizer, _, build = STYLES[style]
+    model = apply_desap(build(), keep=5, chat=tokenizer)
+    image, question = {"type": "image"}, {"type": "text", "text": " ".join(USER_WORDS)}
+    records = {}
+    for name, parts in (("image first", [image, question]), ("question first", [question, image]),
+                        ("no question", [image]), ("no question again", [image])):
+        model(**_inputs(style, torch.tensor([_prompt(style, [{"role": "user", "content": parts}])])))
+        records[name] = last_prune(model)
+    first, second = records["image first"], records["question first"]
+    assert torch.equal(first.indices[0], second.indices[0]) and torch.equal(first.task_scores[0], second.task_scores[0])
+    assert int(first.text_tokens[0]) == int(second.text_tokens[0]) == len(USER_WORDS)
+    assert int(records["no question"].text_tokens[0]) == 0 == int(records["no question again"].text_tokens[0])
+    assert [r.message for r in caplog.records].count(TEXT_BLIND) == 1
+
+
+def test_without_markers_a_question_before_the_image_counts_where_nothing_follows_it():
+    tokenizer, image, build = STYLES["llava"]
+    model = apply_desap(build(), keep=5)
+    question = list(_ids(tokenizer, " ".join(USER_WORDS)))
+    records = []
+    for ids in ([image] * N + question, question + [image] * N):
+        model(**_inputs("llava", torch.tensor([ids])))
+        records.append(last_prune(model))
+        assert int(records[-1].text_tokens[0]) == len(USER_WORDS)
+    assert torch.equal(records[0].task_scores[0], records[1].task_scores[0])
+    assert torch.equal(records[0].indices[0], records[1].indices[0])

@@ -16,6 +16,21 @@ def test_shrink_keeps_the_first_placeholders_and_repads():
     assert new_labels.tolist() == [[-100, 2, 3, 4, 6], [7, 8, 9, 11, 12]]
 
 
+def test_without_chat_markers_an_image_reads_the_text_after_it_or_else_the_text_before_it():
+    # "q q <img>": nothing follows, so the question before counts; "<img> a <img> b": the first
+    # image reads what follows it (a, b), the second b; a system prompt before the image does not
+    # count while a question follows
+    ids = torch.tensor([[1, 5, 6, IMG, IMG, 2, 0, 0],
+                        [1, IMG, IMG, 7, IMG, IMG, 8, 2],
+                        [1, 9, 9, IMG, IMG, 3, 2, 0]])
+    mask = (ids != 0).long()
+    text, text_mask = image_text_tokens(ids, mask, IMG, [2, 2, 2, 2], ignored_ids={0, 1, 2, IMG})
+    assert [t[m].tolist() for t, m in zip(text, text_mask)] == [[5, 6], [7, 8], [8], [3]]
+    # an image alone in its row reads nothing: saliency alone decides
+    text, text_mask = image_text_tokens(torch.tensor([[1, IMG, IMG, 2]]), None, IMG, [2], ignored_ids={1, 2})
+    assert not text_mask.any()
+
+
 def test_each_image_reads_the_text_after_it():
     ids = torch.tensor([[1, 5, IMG, IMG, 6, 7, IMG, IMG, 8, 2], [0, 1, IMG, IMG, 9, 2, 0, 0, 0, 0]])
     mask = (ids != 0).long()

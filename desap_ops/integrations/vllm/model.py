@@ -12,6 +12,7 @@ for. The tower therefore runs in micro-batches (:func:`encoder_batches`) of at m
 ``max_num_encoder_input_tokens`` full-size tokens, the budget vLLM plans without DeSAP."""
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Optional, Sequence
 
@@ -19,11 +20,13 @@ import torch
 
 from ...api import prune
 from ...reference import PruneResult
+from ..prompt import TEXT_BLIND
 from . import building_parts
 from .options import DesapOptions, decode_request, read_options
 from .processor import OPTIONS_KEYS, TEXT_KEY
 from .tower import VllmTowerSignals, read_vllm_tower
 
+log = logging.getLogger(__name__)
 HISTORY = 256   # images whose prune record a model keeps (``desap_history``), for inspection and tests
 
 
@@ -81,6 +84,7 @@ def registered_with(processor_class, architecture: str):
 
 class DesapModelMixin:
     desap: Optional[DesapOptions]
+    told_text_blind = False   # the text-blind warning (prompt.TEXT_BLIND) was logged in this process
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         with building_parts():
@@ -157,7 +161,11 @@ class DesapModelMixin:
             attn = self.desap_text_space(signals.branch)
             result = prune(signals.hidden, attn, texts.to(attn.dtype), signals.saliency, keep, text_mask=text_mask,
                            **options.operator_options())
+        text_tokens = text_mask.sum(dim=1).cpu()
         for i in range(result.indices.shape[0]):
             self.desap_history.append({"indices": result.indices[i].cpu(), "assignment": result.assignment[i].cpu(),
-                                       "task_keep": result.task_keep[i].cpu()})
+                                       "task_keep": result.task_keep[i].cpu(), "text_tokens": text_tokens[i]})
+        if not options.ideal and not DesapModelMixin.told_text_blind and bool((text_tokens == 0).any()):
+            DesapModelMixin.told_text_blind = True   # once per engine process
+            log.warning(TEXT_BLIND)
         return result

@@ -2,8 +2,8 @@
 
 - Each image gets ``keep`` placeholder tokens instead of its full count (``placeholder_count``),
   so the scheduler, the KV cache and the positions all see the pruned prompt.
-- Each image's prompt text (the tokens after its placeholder, as ``apply_desap`` reads them)
-  travels with the image as the field ``desap_text_ids`` to the model's ``embed_multimodal``; a
+- Each image's prompt text (``prompt_texts``: the rule ``apply_desap`` reads it with) travels
+  with the image as the field ``desap_text_ids`` to the model's ``embed_multimodal``; a
   model that prunes videos too (``desap_media_tokens``) sends each video's as ``desap_video_text_ids``.
 - A request's own options (``mm_processor_kwargs={"desap": {...}}``, ``options.request_options``)
   are checked in ``apply`` (a bad one is a ValueError, a 400 from the server) and travel with each
@@ -57,18 +57,20 @@ def placeholder_runs(prompt: list[int], token_id: int) -> list[int]:
     return runs
 
 
-def prompt_texts(prompt: list[int], token_id: int, images: int, ignored: set[int],
-                 chat: Optional[ChatMarkers]) -> tuple[tuple[int, ...], ...]:
-    """Per image, the ids of its prompt text: the tokens after its placeholder to the end of the
-    prompt, without ``ignored`` ids, and only the user's words of the image's own turn under ``chat``."""
-    if images == 0:
+def prompt_texts(prompt: list[int], token_id: int, items: int, ignored: set[int],
+                 chat: Optional[ChatMarkers], modality: str = "image") -> tuple[tuple[int, ...], ...]:
+    """Per image (or video: ``modality``), the ids of the prompt text it reads, by the rule
+    ``apply_desap`` reads it with (``sequence.image_text_tokens``): under ``chat``, the user's words
+    of its own turn, before and after it; without, the text after it, or before it where nothing
+    follows; never ``ignored`` ids."""
+    if items == 0:
         return ()
     runs = placeholder_runs(prompt, token_id)
     count = sum(runs)
-    lengths = [1] * images if count == images else runs
-    if len(lengths) != images:
-        raise ValueError(f"DeSAP found {count} image placeholder tokens in {len(runs)} runs for {images} images: "
-                         "give each image one placeholder in the prompt")
+    lengths = [1] * items if count == items else runs
+    if len(lengths) != items:
+        raise ValueError(f"DeSAP found {count} {modality} placeholder tokens in {len(runs)} runs for {items} "
+                         f"{modality}s: give each {modality} one placeholder in the prompt")
     ids = torch.tensor([prompt], dtype=torch.long)
     turns = None if chat is None else user_turns(ids, chat)
     text, mask = image_text_tokens(ids, None, token_id, lengths, ignored, turns)
@@ -125,7 +127,7 @@ class DesapProcessorMixin:
         for modality, token in self.desap_media_tokens().items():
             items = len(inputs.mm_data_items.get(modality, ())) if modality in inputs.mm_data_items else 0
             kwargs[TEXT_KEYS[modality]] = prompt_texts(list(inputs.prompt), token, items, self.desap_ignored,
-                                                       self.desap_chat)
+                                                       self.desap_chat, modality)
         return super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
 
     def _get_mm_hashes(self, inputs):
