@@ -2,5 +2,32 @@
 
     PYTHONPATH=tests/on_vllm python -m pytest -q tests/on_vllm
 
-(``sitecustomize.py`` here must load in every process: see its docstring.)"""
-from engines import checkpoints  # noqa: F401  (the session fixture)
+(``sitecustomize.py`` here must load in every process: see its docstring.)
+
+Engines are shared (``engines.run_engine``): a test module names the engines its tests' jobs run
+on in ``ENGINES``, {test name: [(checkpoint name, settings) or (checkpoint name, settings, tp)]} in
+the order the test runs them (a value may be a function of the test's parameters, giving that
+list), and the pool starts them ahead of the tests that want them and stops them when none ahead
+does."""
+import pytest
+
+from engines import POOL, checkpoints, engine_key  # noqa: F401  (checkpoints: the session fixture)
+
+
+def _wanted(item) -> list:
+    ahead = getattr(item.module, "ENGINES", {}).get(getattr(item, "originalname", item.name), [])
+    if callable(ahead):
+        ahead = ahead(**(item.callspec.params if hasattr(item, "callspec") else {}))
+    return [spec if len(spec) == 3 else (*spec, 1) for spec in ahead]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engines_ahead(request, tmp_path_factory):
+    """Plan the session's engines (the selected tests', in the order they run); stop them all at its end."""
+    POOL.folder = tmp_path_factory.mktemp("engines")
+    wanted = [spec for item in request.session.items for spec in _wanted(item)]
+    if wanted:
+        folders = request.getfixturevalue("checkpoints")
+        POOL.plan([engine_key(folders[name], settings, tp) for name, settings, tp in wanted])
+    yield
+    POOL.shutdown()

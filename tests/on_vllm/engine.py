@@ -1,7 +1,8 @@
-"""Run one vLLM engine on a job and write what it did as JSON (the vLLM tests start each engine in
-its own process: vLLM spawns workers, and one engine per process is what it is built for).
+"""Run a vLLM engine on jobs and write what it did as JSON (the vLLM tests start each engine in its
+own process: vLLM spawns workers, and one engine per process is what it is built for).
 
-    python engine.py JOB.json OUT.json
+    python engine.py JOB.json OUT.json     one job on a fresh engine, then exit
+    python engine.py --serve               one engine, many jobs (``engines.run_engine``)
 
 JOB: {"model": folder, "engine": {LLM keyword arguments}, "requests": [{"prompt": str,
 "image": "file.png" or [files], "video": {"frames": "file.npy", "metadata": {...}} (either or both),
@@ -13,21 +14,35 @@ name and its DeSAP history; with "positions", per round, the rotary positions of
 language-model forward (M-RoPE: 3 rows) on the first rank (with "one_by_one": per round, per
 request, the forwards of that request). With "watch": ["module:function", "module:function"], the
 first runs in every worker before the rounds and the second's result per rank is "watched".
+
+With ``--serve`` the process reads JSON lines on its standard input: first {"model", "engine"},
+which it builds the engine from, answering {"ready": true}; then {"job": JOB.json, "out":
+OUT.json} per job (the job's own "model" and "engine" are those of the engine), answering
+{"done": true} or {"error": traceback}. Before every job but the first it empties what a job
+could leave behind for the next: the prefix cache, the multimodal processor and encoder caches,
+the model's DeSAP history and its recorded positions, so each job sees what a fresh engine would.
+Its answers go to the standard output it started with; vLLM's logs (its own and its processes')
+go to the standard error, with a line "=== job N: JOB.json" before each job's.
 """
 import json
 import os
 import sys
+import traceback
 
 
-def main():
+def build(model: str, engine: dict):
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"   # apply_model sends a function to the workers
+    from vllm import LLM
+
+    return LLM(model=model, **engine)
+
+
+def run(llm, job: dict) -> dict:
+    """What the engine did on ``job`` (the module docstring's OUT)."""
     from PIL import Image
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     from probe import history, positions_seen, watch_positions
-
-    job = json.load(open(sys.argv[1]))
-    llm = LLM(model=job["model"], **job["engine"])
 
     def image(entry):
         return [Image.open(f).convert("RGB") for f in entry] if isinstance(entry, list) else Image.open(entry).convert("RGB")
@@ -66,7 +81,51 @@ def main():
             positions.append(seen if job.get("one_by_one") else seen[0])
     ranks = llm.apply_model(history)
     watched = llm.apply_model(_named(job["watch"][1])) if job.get("watch") else None
-    json.dump({"rounds": rounds, "ranks": ranks, "positions": positions, "watched": watched}, open(sys.argv[2], "w"))
+    return {"rounds": rounds, "ranks": ranks, "positions": positions, "watched": watched}
+
+
+def forget(llm) -> None:
+    """Empty what a job leaves in the engine for the next: the prefix cache, the multimodal caches
+    (processor, sender and receiver, encoder outputs), the DeSAP history and recorded positions."""
+    from probe import forget_job
+
+    assert llm.reset_prefix_cache(), "the prefix cache could not be reset"
+    llm.reset_mm_cache()
+    llm.llm_engine.reset_encoder_cache()
+    llm.apply_model(forget_job)
+
+
+def main():
+    job = json.load(open(sys.argv[1]))
+    llm = build(job["model"], job["engine"])
+    json.dump(run(llm, job), open(sys.argv[2], "w"))
+
+
+def serve():
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)   # everything else, vLLM's logs and its processes', to the standard error
+    llm = None
+    count = 0
+    while line := sys.stdin.readline():
+        message = json.loads(line)
+        count += 1
+        try:
+            if llm is None:
+                llm = build(message["model"], message["engine"])
+                reply = {"ready": True}
+            else:
+                print(f"=== job {count - 1}: {message['job']}", file=sys.stderr, flush=True)
+                if count > 2:
+                    forget(llm)
+                json.dump(run(llm, json.load(open(message["job"]))), open(message["out"], "w"))
+                reply = {"done": True}
+        except Exception:   # the caller stops this engine: a failed one is not reused
+            traceback.print_exc()
+            reply = {"error": traceback.format_exc()}
+        answers.write(json.dumps(reply) + "\n")
+        answers.flush()
+        if "error" in reply:
+            break
 
 
 def _named(target):
@@ -77,4 +136,4 @@ def _named(target):
 
 
 if __name__ == "__main__":
-    main()
+    serve() if sys.argv[1:] == ["--serve"] else main()

@@ -1,10 +1,18 @@
-"""Helpers of the vLLM tests: each engine runs in its own process (``engine.py``), and transformers
-with ``apply_desap`` runs the same checkpoint here."""
+"""Helpers of the vLLM tests: each engine runs in its own process (``engine.py --serve``), kept
+alive and shared by the jobs of the same model, settings and environment, and transformers with
+``apply_desap`` runs the same checkpoint here."""
+import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import tempfile
+import warnings
+from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -22,6 +30,9 @@ PROMPTS = ("USER: <image> what is the color of the sky ? ASSISTANT:",
            "USER: <image> read the text on the sign ASSISTANT:",
            "USER: <image> how many people are there ? ASSISTANT:")
 QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# one engine for the unchunked Qwen2.5-VL jobs at keep 6 (test_vllm_qwen_sweep, test_vllm_qwen_video,
+# test_vllm_small_images): up to 3 images and a video in a prompt
+QWEN_KEEP_6 = {"hf_overrides": {"desap": {"keep": 6}}, "limit_mm_per_prompt": {"image": 3, "video": 1}}
 QWEN_PROMPTS = tuple(p.replace("<image>", QWEN_IMAGE) for p in PROMPTS)
 # the transformers model each checkpoint was saved from
 BUILDERS = {"llava": tiny_vllm_llava, "llava_next": lambda seed: tiny_vllm_llava(seed, next_layout=True),
@@ -32,35 +43,200 @@ BUILDERS = {"llava": tiny_vllm_llava, "llava_next": lambda seed: tiny_vllm_llava
             "qwen3_5_moe": lambda seed: tiny_vllm_qwen3_5(seed, moe=True).to(torch.bfloat16)}
 
 
+# the session's environment, as it was before any test imported vLLM here (which sets variables of its own)
+SESSION = dict(os.environ)
+
+
 def engine_environment() -> dict:
-    """This process's environment for an engine: sitecustomize.py on the path (torchvision)."""
-    env = dict(os.environ)
+    """The session's environment for an engine: sitecustomize.py on the path (torchvision)."""
+    env = dict(SESSION)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return env
 
 
-def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
-               tp: int = 1, positions: bool = False, one_by_one: bool = False) -> dict:
-    """Run one engine on ``requests`` ([(prompt, image file(s))], or [(prompt, {"image": file(s),
-    "video": video})] with a video of :func:`save_video`) in a fresh process; its JSON (``engine.py``
-    says what it holds)."""
-    job, out = tmp_path / "job.json", tmp_path / "out.json"
-    engine = {**ENGINE, **engine, "tensor_parallel_size": tp}
+class EngineKey(NamedTuple):
+    """What makes two engines the same: the model folder, the ``LLM`` settings and the environment
+    (JSON, keys sorted)."""
+    model: str
+    settings_json: str
+    env_json: str
+
+    @property
+    def settings(self) -> dict:
+        return json.loads(self.settings_json)
+
+    @property
+    def env(self) -> dict:
+        return json.loads(self.env_json)
+
+
+def engine_key(model: Path, engine: dict, tp: int = 1) -> EngineKey:
+    """The engine :func:`run_engine` runs a job on: ``ENGINE`` with ``engine`` over it, ``tp`` ranks."""
+    settings = {**ENGINE, **engine, "tensor_parallel_size": tp}
     if tp == 1:
-        engine.setdefault("distributed_executor_backend", "uni")
-    json.dump({"model": str(model), "engine": engine, "max_tokens": max_tokens, "rounds": rounds,
-               "positions": positions, "one_by_one": one_by_one,
-               "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},
-              open(job, "w"))
+        settings.setdefault("distributed_executor_backend", "uni")
     env = engine_environment()
     if tp > 1:   # without a core per worker the CPU build fails its NUMA-binding check
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(tp))
-    run = subprocess.run([sys.executable, str(HERE / "engine.py"), str(job), str(out)], env=env,
-                         capture_output=True, text=True, timeout=600)
-    (tmp_path / "engine.log").write_text(run.stderr)   # the whole log, for a failure's root cause
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.load(open(out))
+    return EngineKey(str(model), json.dumps(settings, sort_keys=True), json.dumps(env, sort_keys=True))
+
+
+JOB_TIMEOUT = 600   # seconds for an engine to start, and then for each job
+
+
+class _Engine:
+    """One ``engine.py --serve`` process (its own session: stopping it stops vLLM's processes too),
+    its log in a file."""
+
+    def __init__(self, key: EngineKey, log: Path):
+        self.key, self.log, self.ready, self.jobs = key, log, False, 0
+        with open(log, "w") as stderr:
+            self.process = subprocess.Popen([sys.executable, str(HERE / "engine.py"), "--serve"], env=key.env,
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                            start_new_session=True)
+        self._send({"model": key.model, "engine": key.settings})
+
+    def _send(self, message: dict) -> None:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+
+    def _answer(self, what: str) -> dict:
+        ready, _, _ = select.select([self.process.stdout], [], [], JOB_TIMEOUT)
+        line = self.process.stdout.readline() if ready else None
+        if not line:
+            self.stop()
+            why = "ended" if ready else f"gave no answer in {JOB_TIMEOUT} s"
+            raise AssertionError(f"the engine {why} ({what}):\n" + self.log.read_text()[-4000:])
+        return json.loads(line)
+
+    def run(self, job: Path, out: Path) -> dict:
+        if not self.ready:
+            answer = self._answer("starting")
+            assert answer.get("ready"), answer.get("error", answer)
+            self.ready = True
+        self.jobs += 1
+        self._send({"job": str(job), "out": str(out)})
+        answer = self._answer(f"job {self.jobs}")
+        assert answer.get("done"), f"{answer.get('error', answer)}\n{self.log.read_text()[-4000:]}"
+        return json.load(open(out))
+
+    def stop(self) -> None:
+        """End the job stream: the process stops its engine and exits (:meth:`wait` reaps it)."""
+        if self.process.stdin and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:   # it had ended
+                pass
+
+    def wait(self, timeout: float = 60) -> None:
+        self.stop()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+        self.process.stdout.close()
+
+
+class EnginePool:
+    """The live engines, at most ``DESAP_VLLM_ENGINES`` (3) at once (each holds the model and
+    ``VLLM_CPU_KVCACHE_SPACE`` GiB of KV cache), by :class:`EngineKey`. :meth:`plan` names the
+    engines the session's jobs will want, in order: the pool starts the next ones while the tests
+    before them run, and stops an engine once no job ahead wants it."""
+
+    def __init__(self):
+        self.size = int(os.environ.get("DESAP_VLLM_ENGINES", "3"))
+        self.live: OrderedDict[EngineKey, _Engine] = OrderedDict()   # least recently used first
+        self.ahead: list[EngineKey] = []   # the planned jobs' engines, in order
+        self.stopped: list[_Engine] = []   # stopping: reaped at the end
+        self.started = 0
+        self.folder = None
+
+    def _log(self) -> Path:
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(prefix="vllm-engines-"))
+        self.started += 1
+        return self.folder / f"engine-{self.started}.log"
+
+    def plan(self, keys: list) -> None:
+        self.ahead = list(keys)
+        self._fill()
+
+    def run(self, key: EngineKey, job: Path, out: Path, log: Path, fresh: bool = False) -> dict:
+        if fresh:
+            engine = _Engine(key, self._log())
+            try:
+                return engine.run(job, out)
+            finally:
+                log.write_text(engine.log.read_text())
+                engine.wait()
+        if key in self.ahead:   # the jobs planned before this one will not come (skipped, failed, deselected)
+            del self.ahead[:self.ahead.index(key) + 1]
+        engine = self.live.get(key)
+        if engine is None:
+            self._make_room()
+            engine = self.live[key] = _Engine(key, self._log())
+        self.live.move_to_end(key)
+        try:
+            return engine.run(job, out)
+        except BaseException:
+            self._stop(key)
+            raise
+        finally:
+            log.write_text(engine.log.read_text())   # the engine's whole log so far: its start, every job
+            self._fill()
+
+    def _stop(self, key: EngineKey) -> None:
+        engine = self.live.pop(key)
+        engine.stop()
+        self.stopped.append(engine)
+
+    def _make_room(self) -> None:
+        """Stop engines until one more fits: first those no job ahead wants (least recently used
+        first), then the one wanted last."""
+        while len(self.live) >= self.size:
+            unwanted = [key for key in self.live if key not in self.ahead]
+            self._stop(unwanted[0] if unwanted else max(self.live, key=self.ahead.index))
+
+    def _fill(self) -> None:
+        """Start the next planned engines that fit."""
+        for key in [k for k in self.live if k not in self.ahead]:   # used, and wanted by no job ahead
+            self._stop(key)
+        for key in dict.fromkeys(self.ahead):
+            if key not in self.live:
+                if len(self.live) >= self.size:
+                    break
+                self.live[key] = _Engine(key, self._log())
+
+    def shutdown(self) -> None:
+        if self.ahead:
+            warnings.warn(f"{len(self.ahead)} planned vLLM job(s) never ran")
+        for key in list(self.live):
+            self._stop(key)
+        for engine in self.stopped:
+            engine.wait()
+        self.stopped, self.ahead = [], []
+
+
+POOL = EnginePool()
+atexit.register(POOL.shutdown)
+
+
+def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
+               tp: int = 1, positions: bool = False, one_by_one: bool = False, fresh: bool = False) -> dict:
+    """Run an engine on ``requests`` ([(prompt, image file(s))], or [(prompt, {"image": file(s),
+    "video": video})] with a video of :func:`save_video`); its JSON (``engine.py`` says what it
+    holds). The engine is the live one of the same model, settings and environment (started ahead
+    by :func:`plan`, or by a job before), emptied of what earlier jobs left (``engine.py --serve``):
+    the job sees what a fresh engine would. ``fresh``: an engine of its own, stopped after."""
+    job, out = tmp_path / "job.json", tmp_path / "out.json"
+    key = engine_key(model, engine, tp)
+    json.dump({"model": str(model), "engine": key.settings, "max_tokens": max_tokens, "rounds": rounds,
+               "positions": positions, "one_by_one": one_by_one,
+               "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},
+              open(job, "w"))
+    return POOL.run(key, job, out, tmp_path / "engine.log", fresh=fresh)
 
 
 def save_video(folder: Path, name: str, frames: int, width: int, height: int, seed: int, fps: float = 2.0) -> dict:
@@ -80,18 +256,39 @@ def save_image(folder: Path, name: str, width: int, height: int, seed: int) -> s
     return str(path)
 
 
+class _Checkpoints(dict):
+    """The session's checkpoints and images; the Qwen3-generation checkpoints saved on first use."""
+
+    def __init__(self, folder: Path, saved: dict):
+        super().__init__(saved)
+        self.folder = folder
+
+    def __missing__(self, name: str) -> Path:
+        if name not in LATER:
+            raise KeyError(name)
+        self[name] = save_qwen_checkpoint(LATER[name](0), self.folder / name)
+        return self[name]
+
+
+# saved when first asked for: dense and MoE Qwen3-VL and Qwen3.5 (in float32, as saved before)
+LATER = {"qwen3_vl": tiny_vllm_qwen3_vl, "qwen3_vl_moe": lambda seed: tiny_vllm_qwen3_vl(seed, moe=True),
+         "qwen3_5": tiny_vllm_qwen3_5, "qwen3_5_moe": lambda seed: tiny_vllm_qwen3_5(seed, moe=True)}
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """Tiny LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL checkpoints (seeded), with images, saved once per
-    session. Qwen2.5-VL makes 16 tokens of a 112 x 112 image, 8 of a 112 x 56 or 56 x 112 one."""
+    session (and the Qwen3 generation's, ``LATER``, when first asked for). Qwen2.5-VL makes 16 tokens
+    of a 112 x 112 image, 8 of a 112 x 56 or 56 x 112 one."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    return {"llava": save_llava_checkpoint(BUILDERS["llava"](0), folder / "llava"),
-            "llava_next": save_llava_checkpoint(BUILDERS["llava_next"](0), folder / "llava_next"),
-            "qwen2_5_vl": save_qwen_checkpoint(BUILDERS["qwen2_5_vl"](0), folder / "qwen2_5_vl"),
-            "square": save_image(folder, "square", 56, 56, 1), "other": save_image(folder, "other", 56, 56, 2),
-            "wide": save_image(folder, "wide", 112, 56, 3), "odd": save_image(folder, "odd", 60, 100, 4),
-            "large": save_image(folder, "large", 112, 112, 5), "large2": save_image(folder, "large2", 112, 112, 6),
-            "tall": save_image(folder, "tall", 56, 112, 7)}
+    return _Checkpoints(folder, {
+        "llava": save_llava_checkpoint(BUILDERS["llava"](0), folder / "llava"),
+        "llava_next": save_llava_checkpoint(BUILDERS["llava_next"](0), folder / "llava_next"),
+        "qwen2_5_vl": save_qwen_checkpoint(BUILDERS["qwen2_5_vl"](0), folder / "qwen2_5_vl"),
+        "square": save_image(folder, "square", 56, 56, 1), "other": save_image(folder, "other", 56, 56, 2),
+        "wide": save_image(folder, "wide", 112, 56, 3), "odd": save_image(folder, "odd", 60, 100, 4),
+        "large": save_image(folder, "large", 112, 112, 5), "large2": save_image(folder, "large2", 112, 112, 6),
+        "tall": save_image(folder, "tall", 56, 112, 7)})
 
 
 def transformers_run(kind: str, folder: Path, prompt: str, image_files, options: dict = None,

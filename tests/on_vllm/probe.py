@@ -9,17 +9,31 @@ def history(model):
 
 
 def watch_positions(model):
-    """Record the rotary positions of every forward of the model from now on."""
+    """Record the rotary positions of every forward of the model from now on (one hook, however
+    many jobs an engine runs)."""
     model.desap_positions_seen = []
+    if getattr(model, "desap_positions_hook", None) is not None:
+        return
 
     def record(module, args, kwargs):
         positions = kwargs["positions"] if "positions" in kwargs else args[1]
-        model.desap_positions_seen.append(positions.tolist())
+        module.desap_positions_seen.append(positions.tolist())
 
-    model.register_forward_pre_hook(record, with_kwargs=True)
+    model.desap_positions_hook = model.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def positions_seen(model):
     """The positions recorded since the last call, one entry per forward."""
     seen, model.desap_positions_seen = model.desap_positions_seen, []
     return seen
+
+
+def forget_job(model):
+    """What a fresh engine's model holds before its first job: no DeSAP history, no positions
+    recorded (``engine.py --serve``, between two jobs)."""
+    if hasattr(model, "desap_history"):
+        model.desap_history.clear()
+    if getattr(model, "desap_positions_hook", None) is not None:
+        model.desap_positions_hook.remove()
+        model.desap_positions_hook = None
+    model.desap_positions_seen = []

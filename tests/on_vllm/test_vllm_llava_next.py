@@ -3,6 +3,8 @@ transformers with apply_desap on the same checkpoint."""
 from engines import PROMPTS, run_engine, transformers_run
 
 OPTIONS = {"keep": 12, "task_ratio": 0.5}
+ENGINES = {"test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes":
+           [("llava_next", {"hf_overrides": {"desap": OPTIONS}})]}   # conftest.py starts it ahead
 
 
 def test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes(checkpoints, tmp_path):

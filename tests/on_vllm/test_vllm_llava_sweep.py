@@ -72,6 +72,16 @@ GRIDS = {
 KINDS = ("before an image", "inside an image", "after an image", "between two images")
 
 
+def _engine(kind: str) -> dict:
+    return {"hf_overrides": {"desap": {"keep": GRIDS[kind][0], "task_ratio": 0.5}}, "block_size": BLOCK,
+            "enable_chunked_prefill": True, "max_num_batched_tokens": CHUNK, "max_num_seqs": 2,
+            "enable_prefix_caching": True}
+
+
+# the engine each test runs its job on (conftest.py starts it ahead)
+ENGINES = {"test_chunked_and_prefix_cached_prefills_match_apply_desap": lambda kind: [(kind, _engine(kind))]}
+
+
 def _spans(ids: list, keep: int) -> list:
     """(start, end) of each image's placeholders: runs of the image token, ``keep`` to an image
     (two glued images make one run)."""
@@ -153,8 +163,8 @@ def test_the_grid_puts_chunk_and_cache_ends_everywhere(expected, kind):
 @pytest.mark.parametrize("kind", GRIDS)
 def test_chunked_and_prefix_cached_prefills_match_apply_desap(expected, kind, checkpoints, tmp_path):
     options, requests, want = expected[kind]
-    engine = {"hf_overrides": {"desap": options}, "block_size": BLOCK, "enable_chunked_prefill": True,
-              "max_num_batched_tokens": CHUNK, "max_num_seqs": 2, "enable_prefix_caching": True}
+    engine = _engine(kind)
+    assert engine["hf_overrides"]["desap"] == options
     got = run_engine(tmp_path, checkpoints[kind], engine, requests, rounds=2, positions=True, one_by_one=True)
 
     actual_ends = {}

@@ -21,6 +21,16 @@ FOLLOW_UP = "where is the red car ?"
 TURN_1 = f"{PREAMBLE} USER: <image> {QUESTION} ASSISTANT:"
 
 
+def _engine(chat: bool) -> dict:
+    return {"hf_overrides": {"desap": {"keep": KEEP, "task_ratio": 0.5, **({"chat": True} if chat else {})}},
+            "block_size": BLOCK, "enable_prefix_caching": True}
+
+
+# the engines the tests' fixture runs its jobs on, in order (conftest.py starts them ahead)
+ENGINES = {"test_with_chat_markers_the_second_turn_reuses_the_first_turns_blocks_past_the_image":
+           [("llava", _engine(True)), ("llava", _engine(False))]}
+
+
 def _turns(folder, image, chat):
     """(options, [turn 1, turn 2], their apply_desap runs); turn 2 holds apply_desap's turn-1 answer,
     which the engine must give too."""
@@ -49,9 +59,7 @@ def runs(checkpoints, tmp_path_factory):
     out = {}
     for chat in (True, False):
         options, prompts, want = _turns(folder, image, chat)
-        engine = {"hf_overrides": {"desap": {"keep": KEEP, "task_ratio": 0.5, **({"chat": True} if chat else {})}},
-                  "block_size": BLOCK, "enable_prefix_caching": True}
-        got = run_engine(tmp_path_factory.mktemp("chat" if chat else "plain"), folder, engine,
+        got = run_engine(tmp_path_factory.mktemp("chat" if chat else "plain"), folder, _engine(chat),
                          [(p, image) for p in prompts], positions=True, one_by_one=True)
         out[chat] = (prompts, want, got)
     return out

@@ -11,6 +11,17 @@ LONGER = ("find the small dog and the large cat on the left of the blue tree in 
           "describe the picture and show me the small object in the center and the face ? ASSISTANT:")
 
 
+TP_OPTIONS = {"keep": 5, "task_ratio": "auto", "text_budget": 3}
+# the engines each test runs its jobs on, in order (conftest.py starts them ahead)
+ENGINES = {
+    "test_same_kept_tokens_positions_and_greedy_output_as_apply_desap_with_tall_wide_and_two_images":
+        [("qwen2_5_vl", {"hf_overrides": {"desap": OPTIONS}, "block_size": 32})],
+    "test_without_the_desap_key_vllm_runs_its_own_qwen_unchanged": [("qwen2_5_vl", {})],
+    "test_tensor_parallel_ranks_keep_the_same_tokens_as_apply_desap":
+        [("qwen2_5_vl", {"hf_overrides": {"desap": TP_OPTIONS}}, 2)],
+}
+
+
 def _distinct(records):
     return sorted({tuple(r["indices"]) for r in records})
 
@@ -80,7 +91,7 @@ def test_without_the_desap_key_vllm_runs_its_own_qwen_unchanged(checkpoints, tmp
 
 def test_tensor_parallel_ranks_keep_the_same_tokens_as_apply_desap(checkpoints, tmp_path):
     folder = checkpoints["qwen2_5_vl"]
-    options = {"keep": 5, "task_ratio": "auto", "text_budget": 3}
+    options = TP_OPTIONS
     requests = [(QWEN_PROMPTS[0], checkpoints["large"]), (QWEN_PROMPTS[2], checkpoints["large2"])]
     got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": options}}, requests, tp=2)
     expected = [transformers_run("qwen2_5_vl", folder, p, i, options) for p, i in requests]

@@ -17,19 +17,21 @@ import pytest
 from engines import (qwen3_expected, qwen3_media, qwen3_requests, run_engine,
                      transformers_logits, transformers_run)
 
-from desap_ops.cli.checkpoint import save_qwen_checkpoint, tiny_vllm_qwen3_5
-
 OPTIONS = {"keep": 6}
 TOLERANCE = 0.05   # logits of a few units: a few bfloat16 steps
 ENGINE = {"hf_overrides": {"desap": OPTIONS}, "limit_mm_per_prompt": {"image": 1, "video": 1}, "dtype": "bfloat16"}
+WITHOUT = {key: value for key, value in ENGINE.items() if key != "hf_overrides"}
+# the engines each test runs its job on (conftest.py starts them ahead)
+ENGINES = {"test_images_and_videos_get_apply_desaps_prompt_ids_and_kept_tokens_at_bf16": [("qwen3_5", ENGINE)],
+           "test_moe_under_tensor_parallelism_keeps_the_same_tokens_on_every_rank": [("qwen3_5_moe", ENGINE, 2)],
+           "test_without_the_desap_key_vllm_runs_its_own_qwen3_5_within_tolerance": [("qwen3_5", WITHOUT)]}
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen3_5")
-    return {"qwen3_5": save_qwen_checkpoint(tiny_vllm_qwen3_5(0), folder / "dense"),
-            "qwen3_5_moe": save_qwen_checkpoint(tiny_vllm_qwen3_5(0, moe=True), folder / "moe"),
-            **qwen3_media(folder)}
+def media(checkpoints, tmp_path_factory):
+    """The dense and MoE checkpoints (the session's) and the media (``engines.qwen3_media``)."""
+    return {"qwen3_5": checkpoints["qwen3_5"], "qwen3_5_moe": checkpoints["qwen3_5_moe"],
+            **qwen3_media(tmp_path_factory.mktemp("qwen3_5"))}
 
 
 def _assert_greedy_within_tolerance(kind, folder, requests, outputs):
@@ -77,8 +79,7 @@ def test_moe_under_tensor_parallelism_keeps_the_same_tokens_on_every_rank(media,
 def test_without_the_desap_key_vllm_runs_its_own_qwen3_5_within_tolerance(media, tmp_path):
     folder = media["qwen3_5"]
     requests = qwen3_requests(media)[1:3]
-    engine = {key: value for key, value in ENGINE.items() if key != "hf_overrides"}
-    got = run_engine(tmp_path, folder, engine, requests)
+    got = run_engine(tmp_path, folder, WITHOUT, requests)
     (rank,) = got["ranks"]
     assert rank["class"] == "Qwen3_5ForConditionalGeneration" and rank["history"] == []
     for out, (prompt, item) in zip(got["rounds"][0], requests):

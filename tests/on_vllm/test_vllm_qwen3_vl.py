@@ -13,23 +13,31 @@ from engines import (QWEN_IMAGE, QWEN_PROMPTS, QWEN_VIDEO, assert_alone_position
                      assert_same_answers, qwen3_expected, qwen3_media, qwen3_requests, qwen3_video_span, run_engine,
                      transformers_run)
 
-from desap_ops.cli.checkpoint import save_qwen_checkpoint, tiny_vllm_qwen3_vl
-
 OPTIONS = {"keep": 6}
 VIDEO_TOKEN = 152
 LIMITS = {"limit_mm_per_prompt": {"image": 1, "video": 1}}
 ENGINE = {"hf_overrides": {"desap": OPTIONS}, **LIMITS}
 CLASS = "DesapQwen3VLForConditionalGeneration"
 BLOCK = 32   # prefix-cache block (the CPU attention takes multiples of 32)
+CHUNKED = {**ENGINE, "block_size": BLOCK, "enable_chunked_prefill": True, "max_num_batched_tokens": 5,
+           "max_num_seqs": 2}
+TP_OPTIONS = {"keep": 5, "task_ratio": "auto", "text_budget": 3}
+# the engines each test runs its job on (conftest.py starts them ahead)
+ENGINES = {
+    "test_images_and_videos_get_apply_desaps_tokens_positions_and_output_in_a_batch_and_from_the_cache":
+        [("qwen3_vl", ENGINE)],
+    "test_chunked_and_prefix_cached_prefills_run_at_transformers_positions": [("qwen3_vl", CHUNKED)],
+    "test_moe_under_tensor_parallelism_keeps_apply_desaps_tokens_on_every_rank":
+        [("qwen3_vl_moe", {**ENGINE, "hf_overrides": {"desap": TP_OPTIONS}}, 2)],
+    "test_without_the_desap_key_vllm_runs_its_own_qwen3_vl_unchanged": [("qwen3_vl", LIMITS)],
+}
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    """The dense and MoE checkpoints and the media (``engines.qwen3_media``)."""
-    folder = tmp_path_factory.mktemp("qwen3_vl")
-    return {"qwen3_vl": save_qwen_checkpoint(tiny_vllm_qwen3_vl(0), folder / "dense"),
-            "qwen3_vl_moe": save_qwen_checkpoint(tiny_vllm_qwen3_vl(0, moe=True), folder / "moe"),
-            **qwen3_media(folder)}
+def media(checkpoints, tmp_path_factory):
+    """The dense and MoE checkpoints (the session's) and the media (``engines.qwen3_media``)."""
+    return {"qwen3_vl": checkpoints["qwen3_vl"], "qwen3_vl_moe": checkpoints["qwen3_vl_moe"],
+            **qwen3_media(tmp_path_factory.mktemp("qwen3_vl"))}
 
 
 def test_images_and_videos_get_apply_desaps_tokens_positions_and_output_in_a_batch_and_from_the_cache(media,
@@ -59,9 +67,7 @@ def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(media,
         (f"USER: w60 w61 w62 {QWEN_VIDEO} w63 {QWEN_IMAGE} how many people are there ? ASSISTANT:",
          {"video": media["wide"], "image": media["large"]})]
     expected = qwen3_expected("qwen3_vl", folder, requests, OPTIONS)
-    engine = {**ENGINE, "block_size": BLOCK, "enable_chunked_prefill": True, "max_num_batched_tokens": 5,
-              "max_num_seqs": 2}
-    got = run_engine(tmp_path, folder, engine, requests, rounds=2, positions=True, one_by_one=True)
+    got = run_engine(tmp_path, folder, CHUNKED, requests, rounds=2, positions=True, one_by_one=True)
     assert_same_answers(got, expected, CLASS)
     inside = 0
     for outputs, forwards in zip(got["rounds"], got["positions"]):
@@ -74,7 +80,7 @@ def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(media,
 
 def test_moe_under_tensor_parallelism_keeps_apply_desaps_tokens_on_every_rank(media, tmp_path):
     folder = media["qwen3_vl_moe"]
-    options = {"keep": 5, "task_ratio": "auto", "text_budget": 3}
+    options = TP_OPTIONS
     requests = [(QWEN_PROMPTS[0], media["large"]), qwen3_requests(media)[2]]
     expected = qwen3_expected("qwen3_vl_moe", folder, requests, options)
     got = run_engine(tmp_path, folder, {**ENGINE, "hf_overrides": {"desap": options}}, requests, tp=2)

@@ -12,8 +12,8 @@ right before and right after <|vision_start|>, inside an image and between two i
 The other runs the grid unchunked in a single batch."""
 import pytest
 
-from engines import (QWEN_IMAGE, assert_alone_positions, assert_batched_positions, assert_same_answers, run_engine,
-                     transformers_run)
+from engines import (QWEN_IMAGE, QWEN_KEEP_6, assert_alone_positions, assert_batched_positions, assert_same_answers,
+                     run_engine, transformers_run)
 
 OPTIONS = {"keep": 6}
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"   # 7 tokens here
@@ -48,6 +48,15 @@ GRID = [
 ]
 
 
+CHUNKED = {"hf_overrides": {"desap": OPTIONS}, "block_size": BLOCK, "enable_chunked_prefill": True,
+           "max_num_batched_tokens": CHUNK, "max_num_seqs": 2, "limit_mm_per_prompt": {"image": 3}}
+UNCHUNKED = QWEN_KEEP_6
+assert UNCHUNKED["hf_overrides"]["desap"] == OPTIONS
+# the engines each test runs its job on (conftest.py starts them ahead; the second is shared)
+ENGINES = {"test_chunked_and_prefix_cached_prefills_run_at_transformers_positions": [("qwen2_5_vl", CHUNKED)],
+           "test_unchunked_batch_runs_at_transformers_positions": [("qwen2_5_vl", UNCHUNKED)]}
+
+
 def _kinds(ids: list, end: int) -> set:
     """Where a chunk that ends before token ``end`` ends, relative to the images."""
     images = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN]
@@ -76,9 +85,7 @@ def expected(checkpoints):
 
 def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(expected, tmp_path):
     folder, requests, expected = expected
-    engine = {"hf_overrides": {"desap": OPTIONS}, "block_size": BLOCK, "enable_chunked_prefill": True,
-              "max_num_batched_tokens": CHUNK, "max_num_seqs": 2, "limit_mm_per_prompt": {"image": 3}}
-    got = run_engine(tmp_path, folder, engine, requests, rounds=2, positions=True, one_by_one=True)
+    got = run_engine(tmp_path, folder, CHUNKED, requests, rounds=2, positions=True, one_by_one=True)
     assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
 
     seen = {"before <vs>": 0, "after <vs>": 0, "inside an image": 0, "between images": 0}
@@ -97,7 +104,6 @@ def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(expect
 
 def test_unchunked_batch_runs_at_transformers_positions(expected, tmp_path):
     folder, requests, expected = expected
-    engine = {"hf_overrides": {"desap": OPTIONS}, "limit_mm_per_prompt": {"image": 3}}
-    got = run_engine(tmp_path, folder, engine, requests, positions=True)
+    got = run_engine(tmp_path, folder, UNCHUNKED, requests, positions=True)
     assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
     assert_batched_positions(got["positions"][0], expected)

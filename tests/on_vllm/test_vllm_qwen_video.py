@@ -6,7 +6,8 @@ also counts its time). A video alone, a video and an image in one prompt, a shor
 batch twice (the second time from vLLM's processor cache), and prefilled in chunks of 5 tokens."""
 import pytest
 
-from engines import QWEN_IMAGE, assert_batched_positions, assert_same_answers, run_engine, save_video, transformers_run
+from engines import (QWEN_IMAGE, QWEN_KEEP_6, assert_batched_positions, assert_same_answers, run_engine, save_video,
+                     transformers_run)
 
 OPTIONS = {"keep": 6}
 QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -14,7 +15,13 @@ IMAGE_TOKEN, VIDEO_TOKEN = 151, 152
 PROMPTS = (f"USER: {QWEN_VIDEO} what is the color of the sky ? ASSISTANT:",
            f"USER: {QWEN_VIDEO} {QWEN_IMAGE} read the text on the sign ASSISTANT:",
            f"USER: {QWEN_VIDEO} how many people are there ? ASSISTANT:")
-ENGINE = {"hf_overrides": {"desap": OPTIONS}, "limit_mm_per_prompt": {"image": 1, "video": 1}}
+CHUNKED = {"hf_overrides": {"desap": OPTIONS}, "limit_mm_per_prompt": {"image": 1, "video": 1},
+           "enable_chunked_prefill": True, "max_num_batched_tokens": 5, "max_num_seqs": 2}
+assert QWEN_KEEP_6["hf_overrides"]["desap"] == OPTIONS
+# the engines each test runs its job on (conftest.py starts them ahead; the first is shared)
+ENGINES = {"test_videos_get_apply_desaps_tokens_positions_and_output_in_one_batch_and_from_the_cache":
+           [("qwen2_5_vl", QWEN_KEEP_6)],
+           "test_videos_prefilled_in_chunks_run_at_transformers_positions": [("qwen2_5_vl", CHUNKED)]}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +51,7 @@ def test_videos_get_apply_desaps_tokens_positions_and_output_in_one_batch_and_fr
     # the text after the first video starts past its extent (4), not past its time (0, 4, 8)
     assert times[video[-1] + 1] == times[video[0] - 1] + 1 + 4
 
-    got = run_engine(tmp_path, folder, ENGINE, requests, rounds=2, positions=True)
+    got = run_engine(tmp_path, folder, QWEN_KEEP_6, requests, rounds=2, positions=True)
     assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
     for round_ in got["positions"]:   # the second round's videos come from the processor cache
         assert_batched_positions(round_, expected)
@@ -52,8 +59,7 @@ def test_videos_get_apply_desaps_tokens_positions_and_output_in_one_batch_and_fr
 
 def test_videos_prefilled_in_chunks_run_at_transformers_positions(cases, tmp_path):
     folder, requests, expected = cases
-    engine = {**ENGINE, "enable_chunked_prefill": True, "max_num_batched_tokens": 5, "max_num_seqs": 2}
-    got = run_engine(tmp_path, folder, engine, requests, positions=True, one_by_one=True)
+    got = run_engine(tmp_path, folder, CHUNKED, requests, positions=True, one_by_one=True)
     assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
     inside = 0
     for out, forwards, want in zip(got["rounds"][0], got["positions"][0], expected):

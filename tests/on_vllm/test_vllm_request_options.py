@@ -15,6 +15,9 @@ DEFAULTS = {"keep": 4, "task_ratio": 0.5}
 ENGINE = {**DEFAULTS, "max_keep": 12}
 QUESTION = "what is the color of the sky ?"
 CHAT_PROMPT = f"USER: <image> {QUESTION} ASSISTANT:"   # what the chat template renders
+# the engine of the LLM.generate test (conftest.py starts it ahead)
+ENGINES = {"test_llm_generate_ideal_keeps_each_images_first_tokens_at_each_requests_keep":
+           [("llava", {"hf_overrides": {"desap": {**ENGINE, "ideal": True}}})]}
 
 
 def _processor(folder, desap):

@@ -1,20 +1,25 @@
 """``keep`` means at most in vLLM as in apply_desap (``sequence.image_budget``): an image with no
 more tokens than ``keep`` passes whole, with its own placeholder count, against transformers with
 apply_desap on the same checkpoint."""
-from engines import PROMPTS, QWEN_IMAGE, run_engine, transformers_run
+from engines import PROMPTS, QWEN_IMAGE, QWEN_KEEP_6, run_engine, transformers_run
 from test_vllm_qwen2_5_vl import _rows, _step_running
 
 
 SMALL_ONLY = f"USER: {QWEN_IMAGE} what is the color of the sky ? ASSISTANT:"
+# the engines each test runs its job on (conftest.py starts them ahead; the first is shared)
+ENGINES = {"test_qwen_small_image_passes_whole_next_to_a_pruned_one_at_transformers_positions":
+           [("qwen2_5_vl", QWEN_KEEP_6)],
+           "test_llava_keep_above_the_images_tokens_sends_every_token":
+           [("llava", {"hf_overrides": {"desap": {"keep": 20}}})]}
 
 
 def test_qwen_small_image_passes_whole_next_to_a_pruned_one_at_transformers_positions(checkpoints, tmp_path):
     folder = checkpoints["qwen2_5_vl"]
-    options = {"keep": 6}
+    options = QWEN_KEEP_6["hf_overrides"]["desap"]
     prompt = f"USER: {QWEN_IMAGE} {QWEN_IMAGE} which one is larger ? ASSISTANT:"
     requests = [(prompt, [checkpoints["square"], checkpoints["large"]]),   # 4 tokens (whole), 16 (to 6)
                 (SMALL_ONLY, checkpoints["square"])]
-    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": options}}, requests, positions=True)
+    got = run_engine(tmp_path, folder, QWEN_KEEP_6, requests, positions=True)
     expected = [transformers_run("qwen2_5_vl", folder, p, i, options) for p, i in requests]
 
     from transformers import AutoConfig
