@@ -83,19 +83,30 @@ def engine_key(model: Path, engine: dict, tp: int = 1) -> EngineKey:
 
 
 JOB_TIMEOUT = 600   # seconds for an engine to start, and then for each job
+AHEAD_NICE = 10     # an engine started ahead of its job yields the CPU to the test running now
 
 
 class _Engine:
-    """One ``engine.py --serve`` process (its own session: stopping it stops vLLM's processes too),
-    its log in a file."""
+    """One ``engine.py --serve`` process (its own session and process group: stopping it stops
+    vLLM's processes too), its log in a file. ``ahead``: started at a lower priority (``AHEAD_NICE``),
+    restored for its first job where this process may (a raised niceness only root may lower)."""
 
-    def __init__(self, key: EngineKey, log: Path):
+    def __init__(self, key: EngineKey, log: Path, ahead: bool = False):
         self.key, self.log, self.ready, self.jobs = key, log, False, 0
         with open(log, "w") as stderr:
             self.process = subprocess.Popen([sys.executable, str(HERE / "engine.py"), "--serve"], env=key.env,
                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                             start_new_session=True)
+        self.niced = ahead and self._nice(AHEAD_NICE)
         self._send({"model": key.model, "engine": key.settings})
+
+    def _nice(self, value: int) -> bool:
+        """Set the niceness of the engine's processes (its group: vLLM's processes are in it)."""
+        try:
+            os.setpriority(os.PRIO_PGRP, self.process.pid, value)
+            return True
+        except OSError:   # gone, or not allowed
+            return False
 
     def _send(self, message: dict) -> None:
         self.process.stdin.write(json.dumps(message) + "\n")
@@ -111,6 +122,8 @@ class _Engine:
         return json.loads(line)
 
     def run(self, job: Path, out: Path) -> dict:
+        if self.niced:
+            self.niced = not self._nice(0)
         if not self.ready:
             answer = self._answer("starting")
             assert answer.get("ready"), answer.get("error", answer)
@@ -207,7 +220,7 @@ class EnginePool:
             if key not in self.live:
                 if len(self.live) >= self.size:
                     break
-                self.live[key] = _Engine(key, self._log())
+                self.live[key] = _Engine(key, self._log(), ahead=key != self.ahead[0])
 
     def shutdown(self) -> None:
         if self.ahead:
