@@ -7,7 +7,9 @@ vLLM reads LLaVA's hub key layout (``model.vision_tower.vision_model.*``); trans
 vLLM's Qwen2.5-VL maps transformers 5's keys (``model.visual.*``, ``model.language_model.*``)
 itself. The tokenizer knows a fixed list of words (``WORDS``) plus numbered filler words up to the
 model's vocabulary, and the model's special tokens (image, video, vision start / end) at its ids;
-prompts written in ``WORDS`` turn into the same ids in transformers and in vLLM.
+prompts written in ``WORDS`` turn into the same ids in transformers and in vLLM. Each checkpoint
+speaks its family's chat template: LLaVA's ``USER: ... ASSISTANT:``, Qwen2.5-VL's ChatML with its
+default system prompt, the Qwen3 generation's ChatML without one (images and videos in both).
 """
 from __future__ import annotations
 
@@ -32,21 +34,41 @@ LLAVA_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' 
                   "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-# LLaVA's template with Qwen's image part: the processor widens the pad to the image's tokens
-QWEN_TEMPLATE = LLAVA_TEMPLATE.replace(f"{IMAGE} ", f"{VISION_START}{IMAGE_PAD}{VISION_END} ")
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Qwen's ChatML templates as the published checkpoints ship them, for the parts a request can hold
+# (text, image, video, as a string or a list): Qwen2.5-VL adds its default system prompt when the
+# conversation has none, the Qwen3 generation (Qwen3-VL, Qwen3.5) adds none. The processor widens
+# each pad to the image's (or video's) tokens.
+_QWEN_PARTS = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+               "{% for content in message['content'] %}"
+               "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+               f"{VISION_START}{IMAGE_PAD}{VISION_END}"
+               "{% elif content['type'] == 'video' or 'video' in content or 'video_url' in content %}"
+               f"{VISION_START}{VIDEO_PAD}{VISION_END}"
+               "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}")
+QWEN2_5_TEMPLATE = ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+                    f"{IM_START}system\nYou are a helpful assistant.{IM_END}\n{{% endif %}}"
+                    f"{IM_START}{{{{ message['role'] }}}}\n" + _QWEN_PARTS + f"{IM_END}\n{{% endfor %}}"
+                    f"{{% if add_generation_prompt %}}{IM_START}assistant\n{{% endif %}}")
+QWEN3_TEMPLATE = QWEN2_5_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}" f"{IM_START}system\nYou are a helpful assistant.{IM_END}\n"
+    "{% endif %}", "")
+# ChatML's role words: plain words of the Qwen tokenizers (at the top of their vocabulary)
+CHATML_WORDS = ("system", "user", "assistant")
 # the tokenizer attributes the processors look their placeholders up by
 TOKEN_ROLES = {IMAGE: "image_token", IMAGE_PAD: "image_token", VIDEO_PAD: "video_token"}
 
 
 def build_tokenizer(vocab_size: int, specials: int | dict[str, int], pad_id: int = 0, bos_id: int = 1,
-                    eos_id: int = 2, chat_template: str = LLAVA_TEMPLATE):
+                    eos_id: int = 2, chat_template: str = LLAVA_TEMPLATE, words: dict[str, int] | None = None):
     """A word-level fast tokenizer over ``WORDS`` and filler words, ``vocab_size`` ids in all, with
-    ``specials`` (token -> id; an int: LLaVA's ``<image>`` at that id) as added special tokens."""
+    ``specials`` (token -> id; an int: LLaVA's ``<image>`` at that id) as added special tokens and
+    ``words`` (word -> id) as further plain words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = {IMAGE: specials} if isinstance(specials, int) else specials
-    vocab = {PAD: pad_id, BOS: bos_id, EOS: eos_id, **specials}
+    vocab = {PAD: pad_id, BOS: bos_id, EOS: eos_id, **specials, **(words or {})}
     taken = set(vocab.values())   # a set: the scan below is linear even at a real vocabulary's size
     free = (i for i in range(vocab_size) if i not in taken)
     vocab[UNK] = next(free)
@@ -118,15 +140,19 @@ def save_qwen_checkpoint(model: nn.Module, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config
     vision = config.vision_config
-    tokenizer = build_tokenizer(config.text_config.vocab_size,
-                                {IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id,
-                                 VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id},
-                                chat_template=QWEN_TEMPLATE)
+    qwen2_5 = config.model_type == "qwen2_5_vl"
+    template = QWEN2_5_TEMPLATE if qwen2_5 else QWEN3_TEMPLATE
+    vocab_size = config.text_config.vocab_size
+    specials = {IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id,
+                VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id}
+    # ChatML's markers and role words on the highest free ids (prompts write filler words from 54 up)
+    top = [i for i in range(vocab_size - 1, -1, -1) if i not in specials.values()][:2 + len(CHATML_WORDS)]
+    specials.update({IM_START: top[0], IM_END: top[1]})
+    tokenizer = build_tokenizer(vocab_size, specials, chat_template=template, words=dict(zip(CHATML_WORDS, top[2:])))
     side = 2 * vision.patch_size * vision.spatial_merge_size   # two merged patches
     sizes = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                  temporal_patch_size=vision.temporal_patch_size,
                  size={"shortest_edge": side * side, "longest_edge": 4 * side * side})
-    qwen2_5 = config.model_type == "qwen2_5_vl"
     processor_class, video_class = (("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor") if qwen2_5 else
                                     ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"))
     if not qwen2_5:   # the published checkpoints' mean and std; vLLM normalizes videos with the image's
@@ -135,7 +161,7 @@ def save_qwen_checkpoint(model: nn.Module, folder: str | Path) -> Path:
                                               size={"shortest_edge": side * side, "longest_edge": 64 * side * side})
     processor = getattr(transformers, processor_class)(
         image_processor=transformers.Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
-        video_processor=getattr(transformers, video_class)(**video_sizes), chat_template=QWEN_TEMPLATE)
+        video_processor=getattr(transformers, video_class)(**video_sizes), chat_template=template)
     processor.save_pretrained(folder)
     _save_model(model, folder, qwen_hub_experts(model.state_dict(), config.model_type), config.tie_word_embeddings)
     return folder

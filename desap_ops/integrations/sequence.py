@@ -124,12 +124,13 @@ def image_text_tokens(
     """Per image, the text tokens its task score reads (docs/algorithm.md, "The text an image
     reads"), never padding, placeholders (of any image) or ``ignored_ids``:
 
-    - with ``turns`` (B, T) int64, a chat's user words numbered by turn (``chat.user_turns``): every
-      word of the user turn the image sits in, before and after it. The system prompt, role words,
-      answers and other turns never count, so what an image keeps does not change as the
-      conversation goes on; an image outside a user turn reads nothing.
-    - without: the text after the image to the end of its row; where nothing follows it, the text
-      before it (a question asked before the image).
+    - with ``turns`` (B, T) int64, a chat's user words numbered by turn (``chat.user_turns``), for an
+      image inside a user turn: every word of that turn, before and after the image. The system
+      prompt, role words, answers and other turns never count, so what an image keeps does not
+      change as the conversation goes on; an image inside an answer reads nothing.
+    - without ``turns``, or where no user turn opened before the image (a raw prompt): the text
+      after the image to the end of its row (markers left out); where nothing follows it, the
+      text before it (a question asked before the image).
 
     Returns (ids (I, L), mask (I, L)) with L >= 1; an image with no such token has an all-False row.
     """
@@ -147,13 +148,14 @@ def image_text_tokens(
             per_image.append(input_ids.new_empty(0))
             continue
         row, first, last = int(hits[0, 0]), int(hits[:, 1].min()), int(hits[:, 1].max())
-        if turns is not None:
-            own = int(turns[row, last])
-            text = valid[row] & (turns[row] == own) & (own >= 0)
-        else:
-            text = valid[row] & (positions > last)
+        own = 0 if turns is None else int(turns[row, last])
+        if own != 0:   # inside a user turn: its words (-1, inside an answer: none)
+            text = valid[row] & (turns[row] == own) & (own > 0)
+        else:          # no user turn opened before the image (or no markers): after it, else before it
+            words = valid[row] if turns is None else valid[row] & (turns[row] >= 0)
+            text = words & (positions > last)
             if not bool(text.any()):
-                text = valid[row] & (positions < first)
+                text = words & (positions < first)
         per_image.append(input_ids[row][text])
     width = max(1, max(t.numel() for t in per_image))
     ids = input_ids.new_zeros((len(lengths), width))

@@ -191,3 +191,35 @@ def test_without_markers_a_question_before_the_image_counts_where_nothing_follow
         assert int(records[-1].text_tokens[0]) == len(USER_WORDS)
     assert torch.equal(records[0].task_scores[0], records[1].task_scores[0])
     assert torch.equal(records[0].indices[0], records[1].indices[0])
+
+
+@pytest.mark.parametrize("template, system", [("QWEN2_5_TEMPLATE", True), ("QWEN3_TEMPLATE", False),
+                                              ("LLAVA_TEMPLATE", False)])
+def test_markers_are_read_from_the_checkpoints_chat_templates(template, system):
+    """The markers the tiny checkpoints' templates (Qwen's ChatML, Qwen2.5-VL's with its default
+    system prompt; LLaVA's words) give, and the turns they cut a rendered conversation into: the
+    image reads its own turn's words, before and after it, and nothing of the system prompt."""
+    from desap_ops.cli import checkpoint
+    from desap_ops.integrations.chat import template_markers
+
+    chatml = template != "LLAVA_TEMPLATE"
+    specials = {checkpoint.IMAGE_PAD: 151, checkpoint.VISION_START: 153, checkpoint.VISION_END: 154,
+                checkpoint.IM_START: 159, checkpoint.IM_END: 158} if chatml else 100
+    words = dict(zip(checkpoint.CHATML_WORDS, (157, 156, 155))) if chatml else None
+    tokenizer = checkpoint.build_tokenizer(160, specials, chat_template=getattr(checkpoint, template), words=words)
+    texts = template_markers(tokenizer, tokenizer.chat_template)
+    if chatml:
+        assert texts == {"user": ("<|im_start|>user\n",), "assistant": ("<|im_start|>assistant\n",),
+                         "other": ("<|im_end|>\n", "<|im_start|>system\n")}
+    else:
+        assert texts["user"] == ("USER: ",) and texts["assistant"] == ("ASSISTANT:",)
+    image = 151 if chatml else 100
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is"}, {"type": "image"},
+                                             {"type": "text", "text": "the color ?"}]},
+                {"role": "assistant", "content": "a cat"}, {"role": "user", "content": "where is the dog ?"}]
+    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                       add_generation_prompt=True),
+                                         add_special_tokens=False)])
+    assert bool((ids == tokenizer.convert_tokens_to_ids("are")).any()) == system   # Qwen2.5-VL's system prompt
+    text, mask = image_text_tokens(ids, None, image, [1], {image, 153, 154}, user_turns(ids, ChatMarkers.from_tokenizer(tokenizer)))
+    assert tokenizer.convert_ids_to_tokens(text[0][mask[0]].tolist()) == "what is the color ?".split()

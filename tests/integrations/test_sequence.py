@@ -26,6 +26,10 @@ def test_without_chat_markers_an_image_reads_the_text_after_it_or_else_the_text_
     mask = (ids != 0).long()
     text, text_mask = image_text_tokens(ids, mask, IMG, [2, 2, 2, 2], ignored_ids={0, 1, 2, IMG})
     assert [t[m].tolist() for t, m in zip(text, text_mask)] == [[5, 6], [7, 8], [8], [3]]
+    # with turns but no user turn opened before the image (a raw prompt), the same rule
+    turns = torch.where(ids == 0, -1, torch.zeros_like(ids))
+    text, text_mask = image_text_tokens(ids, mask, IMG, [2, 2, 2, 2], ignored_ids={0, 1, 2, IMG}, turns=turns)
+    assert [t[m].tolist() for t, m in zip(text, text_mask)] == [[5, 6], [7, 8], [8], [3]]
     # an image alone in its row reads nothing: saliency alone decides
     text, text_mask = image_text_tokens(torch.tensor([[1, IMG, IMG, 2]]), None, IMG, [2], ignored_ids={1, 2})
     assert not text_mask.any()

@@ -304,6 +304,26 @@ def checkpoints(tmp_path_factory):
         "tall": save_image(folder, "tall", 56, 112, 7)})
 
 
+def rendered_chat(folder: Path, messages: list) -> str:
+    """The prompt the checkpoint's chat template renders for OpenAI chat ``messages`` (with the
+    generation prompt), as vLLM renders it for a template that loops over a message's parts: a
+    string content becomes one text part, an ``image_url`` part an ``image`` part, a ``video_url``
+    a ``video`` part."""
+    from transformers import AutoProcessor
+
+    kinds = {"image_url": {"type": "image"}, "video_url": {"type": "video"}}
+    parts = [{**m, "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str)
+              else [kinds.get(part["type"], part) for part in m["content"]]} for m in messages]
+    return AutoProcessor.from_pretrained(folder).apply_chat_template(parts, add_generation_prompt=True, tokenize=False)
+
+
+def as_engine_defaults(options: dict, processor) -> dict:
+    """``apply_desap``'s options as DeSAP's vLLM engine reads the same request by default: with the
+    markers of the checkpoint's chat template (``chat: true``), unless ``options`` sets ``chat``
+    (None, as the engine's ``chat: false``)."""
+    return {"chat": processor.tokenizer, **options}
+
+
 def transformers_run(kind: str, folder: Path, prompt: str, image_files, options: dict = None,
                      max_tokens: int = 8) -> dict:
     """The same checkpoint, prompt and image in transformers (with ``apply_desap(**options)`` when
@@ -327,7 +347,7 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
         more = {"videos": [np.load(video["frames"])], "video_metadata": [VideoMetadata(**video["metadata"])]}
     inputs = processor(text=prompt, images=images, return_tensors="pt", **more)
     if options is not None:
-        apply_desap(model, **options)
+        apply_desap(model, **as_engine_defaults(options, processor))
     seen = []   # position_ids of each language-model forward; the first is the prompt's
     hook = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
@@ -374,7 +394,7 @@ def transformers_logits(kind: str, folder: Path, prompt: str, media: dict, optio
     if "mm_token_type_ids" in inputs:
         inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(extra)], dim=1)
     if options is not None:
-        apply_desap(model, **options)
+        apply_desap(model, **as_engine_defaults(options, processor))
     with torch.no_grad():
         logits = model(**inputs).logits[0].float()
     return logits[-len(continuation) - 1:-1]

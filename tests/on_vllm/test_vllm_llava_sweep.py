@@ -32,7 +32,8 @@ def _words(n: int, start: int) -> str:
 def _prompt(preamble: int, images: int, between: int = 2, start: int = 0) -> str:
     """``preamble`` words, USER:, the images (``between`` words between two), the question. Each
     prompt has its own ``start``: its question has a word of its own, so no image has the same text
-    (and hash) in two prompts, and the first round encodes every image once, in order."""
+    (and hash) in two prompts, and the first round encodes every image once, in order. (Two images
+    of one prompt read the same words, their turn's: the same image twice would be one cache entry.)"""
     parts = ([_words(preamble, start)] if preamble else []) + ["USER:", "<image>"]
     if images == 2:
         parts += ([_words(between, start + 50)] if between else []) + ["<image>"]
@@ -52,7 +53,7 @@ GRIDS = {
         (_prompt(20, 2, between=8, start=6), ["other", "square"]),           # 32: between the images
         (_prompt(28, 1, start=9), ["other"]),                                # 32: inside the image
         (_prompt(31, 1, start=12), ["square"]),                              # 32: right before the image
-        (_prompt(25, 2, between=3, start=15), ["square", "square"]),         # 32: right after the first image
+        (_prompt(25, 2, between=3, start=15), ["square", "other"]),          # 32: right after the first image
         (_prompt(40, 2, between=14, start=18), ["other", "square"]),         # 64: inside the second image
         (_prompt(45, 1, start=21), ["square"]),                              # 32: in the preamble
         (_prompt(45, 2, between=4, start=24), ["square", "other"]),          # 64: after both images

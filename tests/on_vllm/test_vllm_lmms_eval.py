@@ -26,27 +26,29 @@ QUESTIONS = (("read the text on the sign", "square"), ("what is the color of the
              ("how many people are there ?", "other"))
 
 
-def _prompt(question: str) -> str:
-    """The prompt vLLM renders from lmms-eval's message (image first) with the checkpoint's template."""
-    return f"USER: <image> {question} ASSISTANT:"
+def _prompt(question: str, question_first: bool) -> str:
+    """The prompt vLLM renders from lmms-eval's message with the checkpoint's template. lmms-eval
+    0.7.3's ``--model vllm`` builds its chat messages from the task, image first for this task;
+    with ``--force_simple`` its simple vLLM model puts the question first (unless ``image_first=True``)."""
+    return f"USER: {question} <image> ASSISTANT:" if question_first else f"USER: <image> {question} ASSISTANT:"
 
 
 def _model_args(folder: Path, desap: dict | None = None) -> str:
     """lmms-eval's ``--model_args`` for the tiny checkpoint, with ``hf_overrides={"desap": desap}`` when given."""
-    args = [f"model={folder}", "image_first=True", f"max_new_tokens={MAX_TOKENS}", "dtype=float32",
+    args = [f"model={folder}", f"max_new_tokens={MAX_TOKENS}", "dtype=float32",
             "gpu_memory_utilization=0.1", "max_model_len=512", "enforce_eager=True"]
     if desap is not None:
         args.append("hf_overrides=" + json.dumps({"desap": desap}))
     return ",".join(args)
 
 
-def _lmms_eval(tmp_path: Path, name: str, model_args: str) -> list:
+def _lmms_eval(tmp_path: Path, name: str, model_args: str, *more: str) -> list:
     """Run ``lmms-eval --model vllm --model_args MODEL_ARGS`` on the local task, in ``tmp_path``, its
     output under ``tmp_path / name``; what vLLM served it, per ``LLM.chat`` call (``lmms/run_lmms_eval.py``)."""
     out = tmp_path / name
     out.mkdir()
     args = ["--model", "vllm", "--model_args", model_args, "--tasks", TASK, "--include_path", str(HERE / "lmms"),
-            "--batch_size", str(len(QUESTIONS)), "--log_samples", "--output_path", str(out)]
+            "--batch_size", str(len(QUESTIONS)), "--log_samples", "--output_path", str(out), *more]
     env = {**engine_environment(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run = subprocess.run([sys.executable, str(HERE / "lmms" / "run_lmms_eval.py"), str(out / "served.json"), *args],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -66,9 +68,12 @@ def _results(folder: Path) -> tuple:
 def test_lmms_eval_with_hf_overrides_prunes_as_apply_desap_and_scores_its_answers(checkpoints, tmp_path):
     assert importlib.util.find_spec("lmms_eval"), "lmms-eval is not installed: install it as .ci/run does"
     folder = checkpoints["llava"]
-    requests = [(_prompt(q), checkpoints[image]) for q, image in QUESTIONS]
-    pruned = [transformers_run("llava", folder, p, i, OPTIONS, max_tokens=MAX_TOKENS) for p, i in requests]
-    full = [transformers_run("llava", folder, p, i, max_tokens=MAX_TOKENS) for p, i in requests]
+    # DeSAP through the simple model (the question first: DeSAP reads it all the same), the full
+    # model through the chat model (the image first)
+    pruned = [transformers_run("llava", folder, _prompt(q, True), checkpoints[image], OPTIONS, max_tokens=MAX_TOKENS)
+              for q, image in QUESTIONS]
+    full = [transformers_run("llava", folder, _prompt(q, False), checkpoints[image], max_tokens=MAX_TOKENS)
+            for q, image in QUESTIONS]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     answers = {name: [tokenizer.decode(e["output_ids"], skip_special_tokens=True).strip() for e in runs]
                for name, runs in (("desap", pruned), ("full", full))}
@@ -80,7 +85,7 @@ def test_lmms_eval_with_hf_overrides_prunes_as_apply_desap_and_scores_its_answer
         for (question, image), target in zip(QUESTIONS, targets):
             data.write(json.dumps({"image": checkpoints[image], "question": question, "answer": target}) + "\n")
     # one batch of the three questions per run, one engine at a time
-    (desap_call,) = _lmms_eval(tmp_path, "desap", _model_args(folder, OPTIONS))
+    (desap_call,) = _lmms_eval(tmp_path, "desap", _model_args(folder, OPTIONS), "--force_simple")
     (full_call,) = _lmms_eval(tmp_path, "full", _model_args(folder))
     for call, expected, model_class in ((desap_call, pruned, "DesapLlavaForConditionalGeneration"),
                                         (full_call, full, "LlavaForConditionalGeneration")):
@@ -99,6 +104,9 @@ def test_lmms_eval_with_hf_overrides_prunes_as_apply_desap_and_scores_its_answer
             == sorted(len(r["prompt_token_ids"]) + tokens - OPTIONS["keep"] for r in desap_call["requests"]))
     assert ({tuple(r["indices"]) for r in desap_call["ranks"][0]["history"]}
             == {tuple(k) for e in pruned for k in e["indices"]})
+    # the question before the image is what each image read (the template's markers, DeSAP's default)
+    assert (sorted(r["text_tokens"] for r in desap_call["ranks"][0]["history"])
+            == sorted(len(tokenizer(q, add_special_tokens=False).input_ids) for q, _ in QUESTIONS))
     assert full_call["ranks"][0]["history"] == []
 
     for name in ("desap", "full"):

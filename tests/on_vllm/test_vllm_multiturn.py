@@ -22,7 +22,7 @@ TURN_1 = f"{PREAMBLE} USER: <image> {QUESTION} ASSISTANT:"
 
 
 def _engine(chat: bool) -> dict:
-    return {"hf_overrides": {"desap": {"keep": KEEP, "task_ratio": 0.5, **({"chat": True} if chat else {})}},
+    return {"hf_overrides": {"desap": {"keep": KEEP, "task_ratio": 0.5, "chat": chat}},
             "block_size": BLOCK, "enable_prefix_caching": True}
 
 
@@ -37,7 +37,7 @@ def _turns(folder, image, chat):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    options = {"keep": KEEP, "task_ratio": 0.5, **({"chat": tokenizer} if chat else {})}
+    options = {"keep": KEEP, "task_ratio": 0.5, "chat": tokenizer if chat else None}
     first = transformers_run("llava", folder, TURN_1, image, options)
     answer = tokenizer.decode(first["output_ids"], skip_special_tokens=True)
     assert answer.strip() and not {"USER:", "ASSISTANT:"} & set(answer.split()), answer   # one answer, no turn

@@ -34,8 +34,9 @@ def test_each_image_gets_keep_placeholders_and_its_prompt_text(checkpoints):
     assert out["prompt_token_ids"].count(image_token) == 5
     (item,) = out["mm_kwargs"]["image"]
     text = item["desap_text_ids"].data.tolist()
-    # the words after the image; "USER:" before it and the image token itself are not text
-    assert tokenizer.convert_ids_to_tokens(text) == "what is the color of the sky ? ASSISTANT:".split()
+    # the user's words of the image's turn (the template's markers, the default): no "USER:", no
+    # "ASSISTANT:", not the image token itself
+    assert tokenizer.convert_ids_to_tokens(text) == "what is the color of the sky ?".split()
 
 
 def test_one_image_under_two_prompts_is_two_cache_entries_only_with_desap(checkpoints):
@@ -52,12 +53,31 @@ def test_one_image_under_two_prompts_is_two_cache_entries_only_with_desap(checkp
     assert _process(other_keep, PROMPT_A, image)["mm_hashes"] != a["mm_hashes"]      # the options count too
 
 
-def test_chat_true_counts_only_the_users_words(checkpoints):
-    processor = _processor(checkpoints["llava"], {"desap": {"keep": 5, "chat": True}})
+@pytest.mark.parametrize("desap, read", [
+    ({"keep": 5}, "what is the color of the sky ?"),                  # the default: the template's markers
+    ({"keep": 5, "chat": True}, "what is the color of the sky ?"),
+    ({"keep": 5, "chat": False}, "what is the color of the sky ? ASSISTANT:"),   # plain: all after the image
+])
+def test_by_default_the_image_reads_its_user_turns_words_and_chat_false_reads_all_after_it(checkpoints, desap, read):
+    processor = _processor(checkpoints["llava"], {"desap": desap})
     out = _process(processor, PROMPT_A, checkpoints["square"])
     (item,) = out["mm_kwargs"]["image"]
     words = processor.info.get_tokenizer().convert_ids_to_tokens(item["desap_text_ids"].data.tolist())
+    assert words == read.split()
+
+
+def test_a_question_before_the_image_is_read_and_an_error_names_the_modality(checkpoints):
+    from desap_ops.integrations.vllm.processor import prompt_texts
+
+    processor = _processor(checkpoints["llava"], {"desap": {"keep": 5}})
+    question_first = PROMPT_A.replace("<image> what is the color of the sky ?", "what is the color of the sky ? <image>")
+    assert question_first != PROMPT_A
+    out = _process(processor, question_first, checkpoints["square"])
+    (item,) = out["mm_kwargs"]["image"]
+    words = processor.info.get_tokenizer().convert_ids_to_tokens(item["desap_text_ids"].data.tolist())
     assert words == "what is the color of the sky ?".split()
+    with pytest.raises(ValueError, match="found 0 video placeholder tokens in 0 runs for 1 videos"):
+        prompt_texts([1, 2, 3], 152, 1, set(), None, "video")
 
 
 def test_a_model_desap_does_not_support_fails_at_start_up(tmp_path):

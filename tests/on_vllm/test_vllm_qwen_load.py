@@ -15,7 +15,7 @@ import time
 import test_vllm_load as load
 import test_vllm_serve as serve
 
-from engines import QWEN_IMAGE, transformers_run
+from engines import rendered_chat, transformers_run
 
 from desap_ops.cli.vllm_runs import free_port
 
@@ -74,8 +74,8 @@ def test_repeated_concurrent_qwen_chat_requests_all_succeed_with_apply_desaps_an
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for (image, question), (content, prompt_tokens) in first.items():
-        want = transformers_run("qwen2_5_vl", folder, f"USER: {QWEN_IMAGE} {question} ASSISTANT:",
-                                checkpoints[image], OPTIONS)
+        prompt = rendered_chat(folder, serve.chat_body(folder, checkpoints[image], question)["messages"])
+        want = transformers_run("qwen2_5_vl", folder, prompt, checkpoints[image], OPTIONS)
         assert prompt_tokens == len(want["prompt_ids"]), (image, question)
         assert content.split() == tokenizer.decode(want["output_ids"], skip_special_tokens=True).split(), \
             (image, question)

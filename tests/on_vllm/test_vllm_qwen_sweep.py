@@ -1,7 +1,7 @@
 """DeSAP's Qwen2.5-VL in vLLM over a fixed grid of prompts, against transformers with apply_desap on
 the same checkpoint: text before the images from none to more than 40 tokens (Qwen's own system
-prompt among them: this tokenizer knows few of its words and none of its chat markers, which become
-<unk> and move no position), one to three images of three shapes, an image with no
+prompt among them: the checkpoint's tokenizer knows Qwen's chat markers and role words, few of the
+system prompt's other words, which become <unk>), one to three images of three shapes, an image with no
 <|vision_start|> before it, prefill in small chunks and from the prefix cache. Every prompt must run
 at transformers' rotary positions in every forward, with the same prompt ids, kept tokens and
 greedy output, and the engine must stay up.
@@ -16,7 +16,7 @@ from engines import (QWEN_IMAGE, QWEN_KEEP_6, assert_alone_positions, assert_bat
                      run_engine, transformers_run)
 
 OPTIONS = {"keep": 6}
-SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"   # 7 tokens here
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"   # 10 tokens here
 CHUNK, BLOCK = 5, 32
 IMAGE_TOKEN, VISION_START = 151, 153
 
@@ -38,11 +38,11 @@ GRID = [
     (_prompt("", 2, between=0), ["tall", "wide"]),                                  # images glued by their markers
     (_prompt(SYSTEM, 2), ["large", "tall"]),
     (_prompt(SYSTEM + _words(3), 3), ["wide", "large", "tall"]),
-    (_prompt(SYSTEM + _words(21), 2, between=4), ["tall", "large"]),   # 32: between the images, before <vs>
-    (_prompt(SYSTEM + _words(21), 1), ["wide"]),                       # 32: inside the image
+    (_prompt(SYSTEM + _words(18), 2, between=4), ["tall", "large"]),   # 32: between the images, before <vs>
+    (_prompt(SYSTEM + _words(18), 1), ["wide"]),                       # 32: inside the image
     (_prompt(_words(31), 2), ["large", "wide"]),                       # 32: right after <vs>
     (_prompt(_words(32), 3), ["tall", "wide", "large2"]),              # 32: right before <vs>
-    (_prompt(SYSTEM + _words(40), 2), ["wide", "tall"]),               # 47 tokens before the first image
+    (_prompt(SYSTEM + _words(37), 2), ["wide", "tall"]),               # 47 tokens before the first image
     (_prompt(_words(45, first=61), 1), ["large2"]),
     ("<|image_pad|> " + _prompt(_words(3), 1), ["wide", "large"]),     # the first image: token 0, no <vs>
 ]

@@ -46,9 +46,10 @@ def chat_body(folder: Path, image: str, question: str, max_tokens: int = 8) -> d
 
 @contextmanager
 def served(folder: Path, options: dict, log_file: Path, start_timeout: float = 300,
-           extra_args: Sequence[str] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``vllm serve folder`` with DeSAP ``options`` on 127.0.0.1 and ``extra_args``: (its base URL,
-    its process), once healthy; stopped on exit. Its output goes to ``log_file``."""
+           extra_args: Sequence[str] = (), env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``vllm serve folder`` with DeSAP ``options`` on 127.0.0.1 and ``extra_args`` (``env``: more
+    environment variables): (its base URL, its process), once healthy; stopped on exit. Its output
+    goes to ``log_file``."""
     port = free_port()
     command = [str(Path(sys.executable).parent / "vllm"), "serve", str(folder), "--host", "127.0.0.1",
                "--port", str(port), "--hf-overrides", json.dumps({"desap": options}), "--dtype", "float32",
@@ -56,7 +57,8 @@ def served(folder: Path, options: dict, log_file: Path, start_timeout: float = 3
                *extra_args]
     url = f"http://127.0.0.1:{port}"
     with open(log_file, "w") as log:
-        server = subprocess.Popen(command, env=engine_environment(), stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, env={**engine_environment(), **(env or {})}, stdout=log,
+                                  stderr=subprocess.STDOUT)
         try:
             deadline = time.time() + start_timeout
             while not is_healthy(url):

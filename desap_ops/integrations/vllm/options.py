@@ -3,8 +3,10 @@
 ``LLM(model, hf_overrides={"desap": {"keep": 64, "task_ratio": 0.5}})`` and
 ``vllm serve MODEL --hf-overrides '{"desap": {"keep": 64}}'`` put the dict on the model's config
 as ``config.desap``. Its keys are ``apply_desap``'s options by the same names; ``chat`` is
-``true`` (the markers read from the model's tokenizer) or ``{"user": [[ids]], "assistant":
-[[ids]], "other": [[ids]]}``. ``max_keep`` is the largest ``keep`` a request may ask for (default:
+``true`` (the default: the markers read from the tokenizer's chat template, which vLLM always has,
+so an image reads its own user turn's words and never role words or a system prompt), ``false``
+(no markers: the text after the image, or before it where nothing follows) or ``{"user": [[ids]],
+"assistant": [[ids]], "other": [[ids]]}``. ``max_keep`` is the largest ``keep`` a request may ask for (default:
 the engine's ``keep``), and ``ideal: true`` keeps each image's first ``keep`` tokens, unscored and
 unmerged (the benchmark's ideal).
 
@@ -24,7 +26,7 @@ import torch
 from ...validation import AUTO, TEXT_REDUCTIONS, check_backend, check_keep, check_options, check_text_budget
 
 DEFAULTS = dict(keep=64, task_ratio=0.5, merge=True, text_reduce="max", backend="auto", text_budget=None,
-                exclude_token_ids=(), chat=None, max_keep=None, ideal=False)
+                exclude_token_ids=(), chat=True, max_keep=None, ideal=False)
 # what one request may set; the order is that of encode_request's tensor
 REQUEST_OPTIONS = ("keep", "task_ratio", "merge", "text_reduce", "text_budget")
 ENGINE = 'hf_overrides["desap"]'
@@ -40,7 +42,7 @@ class DesapOptions:
     backend: str
     text_budget: Optional[int]
     exclude_token_ids: tuple[int, ...]
-    chat: Any            # None, True (read from the tokenizer) or a dict of marker lists
+    chat: Any            # None (no markers), True (read from the tokenizer's template) or a dict of marker lists
     max_keep: int        # the largest keep a request may ask for
     ideal: bool          # keep the first tokens, unscored and unmerged
 
@@ -69,7 +71,7 @@ def read_options(hf_config) -> Optional[DesapOptions]:
         raise TypeError(f'{ENGINE}["exclude_token_ids"] must be a list of int token ids, got {excluded!r}')
     chat = given["chat"]
     if chat not in (None, True, False) and not isinstance(chat, dict):
-        raise TypeError(f'{ENGINE}["chat"] must be true or a dict of marker lists, got {chat!r}')
+        raise TypeError(f'{ENGINE}["chat"] must be true, false or a dict of marker lists, got {chat!r}')
     if not isinstance(given["ideal"], bool):
         raise TypeError(f'{ENGINE}["ideal"] must be true or false, got {given["ideal"]!r}')
     return DesapOptions(keep=keep, task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
