@@ -80,7 +80,10 @@ PROCESSORS: dict[str, str] = {
 }
 _REG = "vllm.model_executor.models.registry:"
 _V1 = "vllm.v1.worker.gpu_model_runner"
-_V2_CPU = "vllm.v1.worker.cpu.model_states.default"
+# each V2 runner's (module of maybe_create_mm_pruner, module of MultiModalPruner): hooked here, wrapped
+# by mrope.recompute_after_encoder
+V2_GPU_PRUNER = ("vllm.v1.worker.gpu.model_states.default", "vllm.v1.worker.gpu.model_states.mm_pruning")
+V2_CPU_PRUNER = ("vllm.v1.worker.cpu.model_states.default", "vllm.v1.worker.cpu.mm_pruning")
 
 
 def _on(architectures: Iterable[str], *methods: tuple) -> tuple[Hook, ...]:
@@ -104,7 +107,7 @@ V1_RUNNER = HookGroup("the V1 model runner's M-RoPE step after the encoder (reco
     Hook(f"{_V1}:GPUModelRunner.get_model", ()),
 ), where=_V1)
 V2_CPU_RUNNER = HookGroup("the V2 CPU model runner's pruner, as the GPU runner's",
-                          _v2_pruner(_V2_CPU, "vllm.v1.worker.cpu.mm_pruning"), where=_V2_CPU)
+                          _v2_pruner(*V2_CPU_PRUNER), where=V2_CPU_PRUNER[0])
 # what register() touches: the model registry, already imported when vLLM loads its plugins
 REGISTRY_HOOKS: tuple[Hook, ...] = (
     Hook(_REG + "_ModelRegistry.register_model", ("model_arch", "model_cls")),
@@ -160,7 +163,7 @@ GROUPS: tuple[HookGroup, ...] = (
     )),
     V1_RUNNER,
     HookGroup("the V2 model runner's pruner, which places M-RoPE positions after the encoder",
-              _v2_pruner("vllm.v1.worker.gpu.model_states.default", "vllm.v1.worker.gpu.model_states.mm_pruning")
+              _v2_pruner(*V2_GPU_PRUNER)
               + (Hook("vllm.config.model:ModelConfig.get_inputs_embeds_size", ()),)),
     V2_CPU_RUNNER,
     HookGroup("the engine settings read and refused at start-up (engine_checks, qwen_model.check_engine)", (

@@ -190,13 +190,13 @@ def recompute_after_encoder() -> None:
     subclasses it), the V2 runner always, and the V2 CPU runner where it exists (0.34). Whichever
     runner the engine picks then places the kept tokens; models without the attribute are
     untouched. The names are ``hooks.V1_RUNNER`` and the V2 groups, checked before any model loads."""
-    from .hooks import V1_RUNNER, V2_CPU_RUNNER, installed_has_module
+    from .hooks import V1_RUNNER, V2_CPU_PRUNER, V2_GPU_PRUNER, installed_has_module
 
     if installed_has_module(V1_RUNNER.where):
         _turn_on_v1_step()
-    _build_v2_pruner("vllm.v1.worker.gpu.model_states.default", "vllm.v1.worker.gpu.model_states.mm_pruning")
-    if installed_has_module(V2_CPU_RUNNER.where):
-        _build_v2_pruner(V2_CPU_RUNNER.where, "vllm.v1.worker.cpu.mm_pruning")
+    _build_v2_pruner(*V2_GPU_PRUNER)
+    if installed_has_module(V2_CPU_PRUNER[0]):
+        _build_v2_pruner(*V2_CPU_PRUNER)
 
 
 def _turn_on_v1_step() -> None:
