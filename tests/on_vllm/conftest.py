@@ -8,8 +8,12 @@ Engines are shared (``engines.run_engine``): a test module names the engines its
 on in ``ENGINES``, {test name: [(checkpoint name, settings) or (checkpoint name, settings, tp)]} in
 the order the test runs them (a value may be a function of the test's parameters, giving that
 list), and the pool starts them ahead of the tests that want them and stops them when none ahead
-does."""
+does.
+
+The tests that send OpenAI requests share one ``vllm serve`` a family (``servers.py``): a test
+names its families with ``@pytest.mark.parametrize("server", [...], indirect=True)``."""
 import pytest
+import servers
 
 from engines import POOL, checkpoints, engine_key  # noqa: F401  (checkpoints: the session fixture)
 
@@ -31,3 +35,15 @@ def engines_ahead(request, tmp_path_factory):
         POOL.plan([engine_key(folders[name], settings, tp) for name, settings, tp in wanted])
     yield
     POOL.shutdown()
+
+
+@pytest.fixture(scope="session")
+def server(request, tmp_path_factory):
+    """The family's shared ``vllm serve`` (``servers.Server``). Session-scoped and parametrized, so
+    pytest groups each family's tests and stops the server after its last one."""
+    family = request.param
+    folder = request.getfixturevalue("checkpoints")[family]
+    log = tmp_path_factory.mktemp(f"serve-{family}") / "serve.log"
+    with servers.served(folder, servers.OPTIONS[family], log, extra_args=servers.args(family),
+                        env=servers.ENVIRONMENT) as (url, process):
+        yield servers.Server(family, url, process, folder, log)

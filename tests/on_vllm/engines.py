@@ -237,16 +237,18 @@ atexit.register(POOL.shutdown)
 
 
 def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
-               tp: int = 1, positions: bool = False, one_by_one: bool = False, fresh: bool = False) -> dict:
+               tp: int = 1, positions: bool = False, one_by_one: bool = False, fresh: bool = False,
+               watch: tuple[str, str] | None = None) -> dict:
     """Run an engine on ``requests`` ([(prompt, image file(s))], or [(prompt, {"image": file(s),
     "video": video})] with a video of :func:`save_video`); its JSON (``engine.py`` says what it
     holds). The engine is the live one of the same model, settings and environment (started ahead
     by :func:`plan`, or by a job before), emptied of what earlier jobs left (``engine.py --serve``):
-    the job sees what a fresh engine would. ``fresh``: an engine of its own, stopped after."""
+    the job sees what a fresh engine would. ``fresh``: an engine of its own, stopped after.
+    ``watch``: ("module:function" run in every worker first, "module:function" read at the end)."""
     job, out = tmp_path / "job.json", tmp_path / "out.json"
     key = engine_key(model, engine, tp)
     json.dump({"model": str(model), "engine": key.settings, "max_tokens": max_tokens, "rounds": rounds,
-               "positions": positions, "one_by_one": one_by_one,
+               "positions": positions, "one_by_one": one_by_one, **({"watch": list(watch)} if watch else {}),
                "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},
               open(job, "w"))
     return POOL.run(key, job, out, tmp_path / "engine.log", fresh=fresh)

@@ -13,29 +13,25 @@ same template renders: the prompt's ids, each image's kept tokens and how many t
   alone and beside an image, four at once, each pruned by its question.
 """
 import base64
-import json
 import threading
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-import test_vllm_serve as serve
+import servers
 
 from engines import as_vllm_video_prompt, rendered_chat, save_image, transformers_run
 
-OPTIONS = {"keep": 6}
 QUESTION = "what is the color of the sky ?"
 SYSTEM = "describe the picture on the left"
 # a first turn long enough to fill a 32-token block past the image, so that its prefix can be cached
 LONG_QUESTION = " ".join(["what is the color of the sky and where is the dog on the left of the picture ?"] * 2)
-BLOCK = 32
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl")
 # each family's two images: on LLaVA-NeXT two 112 x 56 ones, whose budget is keep (a square one's crop
 # equals its base image, which ties exactly: docs/vllm.md; a taller one keeps more for its newlines)
 IMAGES = {"llava": ("square", "other"), "llava_next": ("wide", "wide2"), "qwen2_5_vl": ("large", "wide"),
           "qwen3_vl": ("large", "wide")}
-VIDEO_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+VIDEO_FAMILIES = servers.VIDEO_FAMILIES
 
 
 def _data_url(path: str, kind: str) -> str:
@@ -80,62 +76,33 @@ def write_mp4(folder: Path, name: str, frames: int, width: int, height: int, see
                          "frames_indices": list(range(frames)), "video_backend": "opencv"}}
 
 
-class Server:
-    """One ``vllm serve`` of a checkpoint with DeSAP, its workers' records readable."""
-
-    def __init__(self, url: str, folder: Path, images: list):
-        self.url, self.folder, self.images = url, folder, images
-
-    def chat(self, messages: list, max_tokens: int = 6) -> tuple[int, dict]:
-        return serve.send(self.url, {"model": str(self.folder), "temperature": 0, "max_tokens": max_tokens,
-                                     "return_token_ids": True, "messages": messages})
-
-    def forget_caches(self) -> None:
-        """Empty the prefix, multimodal and encoder caches: the next request runs the encoder."""
-        for path in ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache"):
-            urllib.request.urlopen(urllib.request.Request(self.url + path, b"", method="POST"), timeout=60).close()
-
-    def records(self) -> list:
-        """What DeSAP kept since the last call (and forgets it): one record per image or video."""
-        history = serve.post(f"{self.url}/collective_rpc", {"method": "desap_history"})["results"][0]["history"]
-        serve.post(f"{self.url}/collective_rpc", {"method": "desap_forget"})
-        return history
+@pytest.fixture
+def images(server, checkpoints, tmp_path):
+    """The server's family's two images."""
+    return [checkpoints[name] if name in checkpoints else save_image(tmp_path, name, 112, 56, 8)
+            for name in IMAGES[server.family]]
 
 
-@pytest.fixture(scope="module")
-def server(request, checkpoints, tmp_path_factory):
-    """One server per family (the tests name theirs through indirect parameters)."""
-    kind = request.param
-    folder = checkpoints[kind]
-    limits = {"image": 2, **({"video": 1} if kind in VIDEO_FAMILIES else {})}
-    log = tmp_path_factory.mktemp(kind) / "serve.log"
-    images = {name: checkpoints[name] if name in checkpoints else save_image(log.parent, name, 112, 56, 8)
-              for name in IMAGES[kind]}
-    with serve.served(folder, OPTIONS, log, env={"VLLM_SERVER_DEV_MODE": "1"},
-                      extra_args=["--worker-extension-cls", "served_history.DesapHistory",
-                                  "--limit-mm-per-prompt", json.dumps(limits),
-                                  "--enable-prompt-tokens-details", "--block-size", str(BLOCK)]) as (url, _):
-        yield kind, Server(url, folder, [images[name] for name in IMAGES[kind]])
-
-
-def _expected(kind: str, folder: Path, messages: list, media, max_tokens: int = 6) -> dict:
+def _expected(server: servers.Server, messages: list, media, max_tokens: int = 6) -> dict:
     """transformers with apply_desap and the template's markers (``engines.as_engine_defaults``) on
     the prompt the template renders (a Qwen3 video's span as DeSAP's vLLM plugin lays it out:
     ``as_vllm_video_prompt``)."""
-    want = transformers_run(kind, folder, rendered_chat(folder, messages), media, OPTIONS, max_tokens=max_tokens)
+    kind, folder = server.family, server.folder
+    want = transformers_run(kind, folder, rendered_chat(folder, messages), media, server.options,
+                            max_tokens=max_tokens)
     if kind == "qwen3_vl" and isinstance(media, dict) and "video" in media:
         want["prompt_ids"] = as_vllm_video_prompt(want["prompt_ids"])
     return want
 
 
-def _check(server: Server, kind: str, messages: list, media, words: int) -> list:
+def _check(server: servers.Server, messages: list, media, words: int) -> list:
     """Send ``messages`` to a server with empty caches; the prompt, kept tokens and answer must be
     transformers'; every image read ``words`` text tokens. Returns the records."""
-    server.forget_caches()
+    server.fresh()
     status, reply = server.chat(messages)
     assert status == 200, reply
     records = server.records()
-    want = _expected(kind, server.folder, messages, media)
+    want = _expected(server, messages, media)
     assert reply["prompt_token_ids"] == want["prompt_ids"]
     assert [r["indices"] for r in records] == want["indices"]
     assert [r["text_tokens"] for r in records] == [words] * len(records)
@@ -144,66 +111,62 @@ def _check(server: Server, kind: str, messages: list, media, words: int) -> list
 
 
 @pytest.mark.parametrize("server", FAMILIES, indirect=True)
-def test_the_question_counts_before_or_after_the_image_and_a_system_prompt_never(server):
-    kind, served = server
-    image = served.images[0]
+def test_the_question_counts_before_or_after_the_image_and_a_system_prompt_never(server, images):
+    image = images[0]
     question_words = len(QUESTION.split())
-    after = _check(served, kind, [{"role": "user", "content": [_image(image), _text(QUESTION)]}], image,
+    after = _check(server, [{"role": "user", "content": [_image(image), _text(QUESTION)]}], image,
                    question_words)
-    before = _check(served, kind, [{"role": "user", "content": [_text(QUESTION), _image(image)]}], image,
+    before = _check(server, [{"role": "user", "content": [_text(QUESTION), _image(image)]}], image,
                     question_words)
-    system = _check(served, kind, [{"role": "system", "content": SYSTEM},
-                                   {"role": "user", "content": [_image(image), _text(QUESTION)]}], image,
-                    question_words)
+    system = _check(server, [{"role": "system", "content": SYSTEM},
+                             {"role": "user", "content": [_image(image), _text(QUESTION)]}], image, question_words)
     assert after == before == system
 
 
 @pytest.mark.parametrize("server", FAMILIES, indirect=True)
-def test_two_images_read_the_words_between_and_after_them(server):
-    kind, served = server
-    first, second = served.images
+def test_two_images_read_the_words_between_and_after_them(server, images):
+    first, second = images
     words = ("show me", "and", "how many people are there ?")
     content = [_text(words[0]), _image(first), _text(words[1]), _image(second), _text(words[2])]
-    _check(served, kind, [{"role": "user", "content": content}], [first, second], len(" ".join(words).split()))
+    _check(server, [{"role": "user", "content": content}], [first, second], len(" ".join(words).split()))
 
 
 @pytest.mark.parametrize("server", FAMILIES, indirect=True)
-def test_a_second_turn_leaves_the_first_images_kept_tokens_and_cache_as_they_were(server):
-    kind, served = server
-    image = served.images[0]
+def test_a_second_turn_leaves_the_first_images_kept_tokens_and_cache_as_they_were(server, images):
+    image = images[0]
     turn = [{"role": "user", "content": [_image(image), _text(LONG_QUESTION)]}]
-    first = _check(served, kind, turn, image, len(LONG_QUESTION.split()))
-    status, reply = served.chat(turn + [{"role": "assistant", "content": "a cat"},
+    first = _check(server, turn, image, len(LONG_QUESTION.split()))
+    status, reply = server.chat(turn + [{"role": "assistant", "content": "a cat"},
                                         {"role": "user", "content": "and the dog ?"}])
     assert status == 200, reply
-    again = served.records()
+    again = server.records()
     # the image and its turn come from the caches: either the encoder did not run again, or it kept
     # exactly what it kept the first time
     assert again in ([], first)
     # the first turn's blocks, past the image, come from the prefix cache
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(served.folder)
+    config = AutoConfig.from_pretrained(server.folder)
     image_token = getattr(config, "image_token_id", None) or config.image_token_index
     image_end = max(i for i, t in enumerate(reply["prompt_token_ids"]) if t == image_token) + 1
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] >= image_end
-    want = _expected(kind, served.folder, turn + [{"role": "assistant", "content": "a cat"},
-                                                  {"role": "user", "content": "and the dog ?"}], image)
+    want = _expected(server, turn + [{"role": "assistant", "content": "a cat"},
+                                     {"role": "user", "content": "and the dog ?"}], image)
     assert want["indices"] == [first[0]["indices"]] and reply["prompt_token_ids"] == want["prompt_ids"]
 
 
 @pytest.mark.parametrize("server", VIDEO_FAMILIES, indirect=True)
-def test_openai_video_requests_alone_and_beside_an_image_four_at_once(server, tmp_path):
-    kind, served = server
-    side = 64 if kind == "qwen3_vl" else 56
+def test_openai_video_requests_alone_and_beside_an_image_four_at_once(server, images, tmp_path):
+    side = 64 if server.family == "qwen3_vl" else 56
     video = write_mp4(tmp_path, "clip", 4, 2 * side, side, 21)
-    image = served.images[0]
+    image = images[0]
+    server.fresh()
     requests = [[{"role": "user", "content": [_video(video["mp4"]), _text(QUESTION)]}],
                 [{"role": "user", "content": [_text("read the text on the sign"), _image(image), _video(video["mp4"])]}]]
     replies = [None] * 4
 
     def send(i):
-        replies[i] = served.chat(requests[i % 2])
+        replies[i] = server.chat(requests[i % 2])
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
     for thread in threads:
@@ -211,12 +174,12 @@ def test_openai_video_requests_alone_and_beside_an_image_four_at_once(server, tm
     for thread in threads:
         thread.join(timeout=300)
     assert [status for status, _ in replies] == [200] * 4, replies
-    records = served.records()   # each video and image pruned by its question, within keep
-    assert records and all(0 < len(r["indices"]) <= OPTIONS["keep"] and r["text_tokens"] > 0 for r in records)
+    records = server.records()   # each video and image pruned by its question, within keep
+    assert records and all(0 < len(r["indices"]) <= server.options["keep"] and r["text_tokens"] > 0 for r in records)
     for i, messages in enumerate(requests):
         media = {"video": {"frames": video["frames"], "metadata": video["metadata"]},
                  **({"image": image} if i == 1 else {})}
-        want = _expected(kind, served.folder, messages, media)
+        want = _expected(server, messages, media)
         for status, reply in replies[i::2]:
             assert reply["prompt_token_ids"] == want["prompt_ids"]
             assert reply["choices"][0]["token_ids"] == want["output_ids"]

@@ -4,13 +4,9 @@ vLLM planned its encoder memory for; the DeSAP model runs the tower on micro-bat
 ``max_num_encoder_input_tokens`` full-size tokens (what vLLM charges the images without DeSAP).
 A forward pre-hook on the tower records each call in the worker (``tower_probe.py``); the output
 still equals transformers with apply_desap on the same checkpoint."""
-import json
-import subprocess
-import sys
-
 import pytest
 
-from engines import ENGINE, HERE, QWEN_IMAGE, engine_environment, save_image, transformers_run
+from engines import QWEN_IMAGE, run_engine, save_image, transformers_run
 
 # short prompts: many requests fit one scheduler step, so one embed_multimodal call brings many images
 PROMPTS = ("USER: <image> sky ? ASSISTANT:", "USER: <image> sign ASSISTANT:", "USER: <image> people ? ASSISTANT:")
@@ -20,16 +16,18 @@ CASES = {  # kind: (options, max_num_batched_tokens, image (width, height), full
     "qwen2_5_vl": ({"keep": 4}, 64, (112, 112), 16),     # 64 patches merged 2 x 2
 }
 
+WATCH = ("tower_probe:watch_tower", "tower_probe:tower_seen")
 
-def _run(tmp_path, model, engine, requests, max_tokens):
-    job, out = tmp_path / "job.json", tmp_path / "out.json"
-    json.dump({"model": str(model), "engine": {**ENGINE, "distributed_executor_backend": "uni", **engine},
-               "max_tokens": max_tokens, "watch": ["tower_probe:watch_tower", "tower_probe:tower_seen"],
-               "requests": [{"prompt": p, "image": i} for p, i in requests]}, open(job, "w"))
-    run = subprocess.run([sys.executable, str(HERE / "engine.py"), str(job), str(out)], env=engine_environment(),
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.load(open(out))
+
+def _engine(kind: str) -> dict:
+    options, budget, _, _ = CASES[kind]
+    return {"hf_overrides": {"desap": options}, "max_num_batched_tokens": budget}
+
+
+# each case's engine, started ahead by the pool (conftest.py); the tower's hook stays in its workers,
+# so no other job shares it: no other test asks for these settings
+ENGINES = {"test_the_tower_never_sees_more_than_the_encoder_budget_and_outputs_match_apply_desap":
+           lambda kind: [(kind, _engine(kind))]}
 
 
 def _full_tokens(kind, call, per_image):
@@ -49,8 +47,7 @@ def test_the_tower_never_sees_more_than_the_encoder_budget_and_outputs_match_app
     images = [save_image(tmp_path, f"image{i}", width, height, 20 + i) for i in range(4)]
     prompts = [p.replace("<image>", QWEN_IMAGE) for p in PROMPTS] if kind == "qwen2_5_vl" else PROMPTS
     requests = [(p, i) for i in images for p in prompts]
-    got = _run(tmp_path, folder, {"hf_overrides": {"desap": options}, "max_num_batched_tokens": budget},
-               requests, max_tokens=2)
+    got = run_engine(tmp_path, folder, _engine(kind), requests, max_tokens=2, watch=WATCH)
     (seen,) = got["watched"]
 
     calls = [_full_tokens(kind, call, per_image) for call in seen["tower"]]

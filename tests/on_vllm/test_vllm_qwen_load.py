@@ -6,20 +6,20 @@ answer and prompt length, which are apply_desap's, and the repeats take vLLM's p
 In the middle of the load, two malformed requests (a data URL that is not base64, one that is no
 image) each get a 4xx, and two whose image URL cannot be read (a local file, a port nothing answers
 on) get an error (vLLM 0.32 answers its own fetch failure with a 500); the server stays up and
-answers after them. The helpers are ``test_vllm_load.py``'s and
-``test_vllm_serve.py``'s."""
+answers after them. The server is the session's shared Qwen2.5-VL one (``servers.py``); the load
+helpers are ``test_vllm_load.py``'s."""
 import base64
 import random
 import time
 
+import pytest
+import servers
 import test_vllm_load as load
-import test_vllm_serve as serve
 
 from engines import rendered_chat, transformers_run
 
 from desap_ops.cli.vllm_runs import free_port
 
-OPTIONS = {"keep": 6}
 IMAGES = ("large", "wide", "tall")
 QUESTIONS = ("what is the color of the sky ?", "read the text on the sign", "how many people are there ?",
              "where is the dog on the left ?")
@@ -33,11 +33,12 @@ def _with_url(body: dict, url: str) -> dict:
     return {**body, "messages": [{"role": "user", "content": content}]}
 
 
-def test_repeated_concurrent_qwen_chat_requests_all_succeed_with_apply_desaps_answers(checkpoints, tmp_path):
-    folder = checkpoints["qwen2_5_vl"]
+@pytest.mark.parametrize("server", ["qwen2_5_vl"], indirect=True)
+def test_repeated_concurrent_qwen_chat_requests_all_succeed_with_apply_desaps_answers(server, checkpoints):
+    folder = server.folder
     pairs = [(image, question) for image in IMAGES for question in QUESTIONS] * REPEATS
     random.Random(0).shuffle(pairs)
-    bodies = [serve.chat_body(folder, checkpoints[image], question) for image, question in pairs]
+    bodies = [servers.chat_body(folder, checkpoints[image], question) for image, question in pairs]
     middle = len(bodies) // 2
     # malformed: a data URL that is not base64, and base64 that is no image
     malformed = [_with_url(bodies[0], "data:image/png;base64,this-is-not-base64!"),
@@ -48,15 +49,16 @@ def test_repeated_concurrent_qwen_chat_requests_all_succeed_with_apply_desaps_an
                   _with_url(bodies[0], f"http://127.0.0.1:{free_port()}/missing.png")]
     broken = malformed + unreadable
     bodies[middle:middle] = broken
-    with serve.served(folder, OPTIONS, tmp_path / "serve.log") as (url, server):
-        started = time.time()
-        replies = load._load(url, bodies)
-        elapsed = time.time() - started
-        cache_hits = load._metric(url, "vllm:mm_cache_hits_total")
-        assert server.poll() is None and serve.is_healthy(url), (tmp_path / "serve.log").read_text()[-4000:]
-        # still serving after the bad requests: one more good request
-        status, after = load._send(url, bodies[0])
-        assert status == 200, after
+    server.fresh()
+    hits_before = server.metric("vllm:mm_cache_hits_total")
+    started = time.time()
+    replies = load._load(server.url, bodies)
+    elapsed = time.time() - started
+    cache_hits = server.metric("vllm:mm_cache_hits_total") - hits_before
+    assert server.alive(), server.log_tail()
+    # still serving after the bad requests: one more good request
+    status, after = load._send(server.url, bodies[0])
+    assert status == 200, after
 
     bad = [replies.pop(middle) for _ in broken]
     assert all(400 <= status < 500 for status, _ in bad[:len(malformed)]), bad
@@ -74,8 +76,8 @@ def test_repeated_concurrent_qwen_chat_requests_all_succeed_with_apply_desaps_an
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for (image, question), (content, prompt_tokens) in first.items():
-        prompt = rendered_chat(folder, serve.chat_body(folder, checkpoints[image], question)["messages"])
-        want = transformers_run("qwen2_5_vl", folder, prompt, checkpoints[image], OPTIONS)
+        prompt = rendered_chat(folder, servers.chat_body(folder, checkpoints[image], question)["messages"])
+        want = transformers_run("qwen2_5_vl", folder, prompt, checkpoints[image], server.options)
         assert prompt_tokens == len(want["prompt_ids"]), (image, question)
         assert content.split() == tokenizer.decode(want["output_ids"], skip_special_tokens=True).split(), \
             (image, question)

@@ -5,7 +5,7 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import test_vllm_serve as serve
+import servers
 from PIL import Image
 
 from engines import PROMPTS, QWEN_PROMPTS, run_engine, transformers_run
@@ -137,33 +137,36 @@ def test_llm_generate_ideal_keeps_each_images_first_tokens_at_each_requests_keep
 
 
 def _chat(folder, image, desap=None) -> dict:
-    body = serve.chat_body(folder, image, QUESTION)
+    body = servers.chat_body(folder, image, QUESTION)
     return {**body, "mm_processor_kwargs": {"desap": desap}} if desap is not None else body
 
 
+@pytest.mark.parametrize("server", ["llava"], indirect=True)
 def test_vllm_serve_two_concurrent_requests_with_their_own_keep_match_apply_desap_and_bad_ones_get_400(
-        checkpoints, tmp_path):
-    folder, image = checkpoints["llava"], checkpoints["square"]
-    asked = [{"keep": 6}, {"keep": 10, "task_ratio": "auto"}]
-    bad = [({"keep": 13}, '[\\"keep\\"] is 13, above the most this engine allows'),
+        server, checkpoints):
+    # the session's shared LLaVA server (servers.py): keep 6 by default, at most 12 a request
+    folder, image, defaults = server.folder, checkpoints["square"], server.options
+    limit = servers.OPTIONS["llava"]["max_keep"]
+    asked = [{"keep": 4}, {"keep": 10, "task_ratio": "auto"}]
+    bad = [({"keep": limit + 1}, f'[\\"keep\\"] is {limit + 1}, above the most this engine allows'),
            ({"task_ratio": 2}, "task_ratio must lie in [0, 1], got 2.0"),
            ({"ratio": 0.5}, "unknown option(s) ['ratio']"),
            ({"max_keep": 64}, "sets ['max_keep'], which only the engine sets")]
-    with serve.served(folder, ENGINE, tmp_path / "serve.log", extra_args=["--trust-request-mm-kwargs"]) as (url, _):
-        with ThreadPoolExecutor(2) as pool:   # one image, two budgets, at once; then again, from the caches
-            replies = list(pool.map(lambda a: serve.send(url, _chat(folder, image, a)), asked * 2))
-        refused = [serve.send(url, _chat(folder, image, desap)) for desap, _ in bad]
-        after = serve.send(url, _chat(folder, image))   # the engine's own keep
+    server.fresh()
+    with ThreadPoolExecutor(2) as pool:   # one image, two budgets, at once; then again, from the caches
+        replies = list(pool.map(lambda a: servers.send(server.url, _chat(folder, image, a)), asked * 2))
+    refused = [servers.send(server.url, _chat(folder, image, desap)) for desap, _ in bad]
+    after = servers.send(server.url, _chat(folder, image))   # the engine's own keep
 
     for (status, reply), (desap, message) in zip(refused, bad):
         assert status == 400 and message in reply["error"], (desap, status, reply)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    wants = [transformers_run("llava", folder, CHAT_PROMPT, image, {**DEFAULTS, **a}) for a in asked + [{}]]
-    assert len(wants[0]["prompt_ids"]) != len(wants[1]["prompt_ids"])
+    wants = [transformers_run("llava", folder, CHAT_PROMPT, image, {**defaults, **a}) for a in asked + [{}]]
+    assert len({len(w["prompt_ids"]) for w in wants}) == 3
     # the answers tell the options apart: the request's task_ratio reached the model, not only its keep
-    engines_ratio = transformers_run("llava", folder, CHAT_PROMPT, image, {**DEFAULTS, "keep": 10})
+    engines_ratio = transformers_run("llava", folder, CHAT_PROMPT, image, {**defaults, "keep": 10})
     assert len({tuple(w["output_ids"]) for w in (wants[0], wants[1], engines_ratio)}) == 3
     for (status, reply), want in zip(replies + [after], wants[:2] * 2 + wants[2:]):
         assert status == 200, reply
