@@ -42,19 +42,32 @@ def _model_args(folder: Path, desap: dict | None = None) -> str:
     return ",".join(args)
 
 
-def _lmms_eval(tmp_path: Path, name: str, model_args: str, *more: str) -> list:
-    """Run ``lmms-eval --model vllm --model_args MODEL_ARGS`` on the local task, in ``tmp_path``, its
-    output under ``tmp_path / name``; what vLLM served it, per ``LLM.chat`` call (``lmms/run_lmms_eval.py``)."""
-    out = tmp_path / name
-    out.mkdir()
-    args = ["--model", "vllm", "--model_args", model_args, "--tasks", TASK, "--include_path", str(HERE / "lmms"),
-            "--batch_size", str(len(QUESTIONS)), "--log_samples", "--output_path", str(out), *more]
+def _lmms_eval(tmp_path: Path, runs: dict[str, tuple[str, ...]]) -> dict[str, list]:
+    """Run ``lmms-eval --model vllm --model_args MODEL_ARGS MORE...`` on the local task once per
+    ``runs`` entry (name: (model_args, *more)), all at once (each its own process and engine: most
+    of a run is starting Python, lmms-eval and vLLM, which overlap), in ``tmp_path``, each one's
+    output under ``tmp_path / name``; per run, what vLLM served it, per ``LLM.chat`` call
+    (``lmms/run_lmms_eval.py``)."""
     env = {**engine_environment(), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, str(HERE / "lmms" / "run_lmms_eval.py"), str(out / "served.json"), *args],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    (out / "lmms_eval.log").write_text(run.stdout + run.stderr)   # the whole log, for a failure's root cause
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads((out / "served.json").read_text())
+    started = {}
+    for name, (model_args, *more) in runs.items():
+        out = tmp_path / name
+        out.mkdir()
+        args = ["--model", "vllm", "--model_args", model_args, "--tasks", TASK, "--include_path", str(HERE / "lmms"),
+                "--batch_size", str(len(QUESTIONS)), "--log_samples", "--output_path", str(out), *more]
+        log = open(out / "lmms_eval.log", "w")   # the whole log, for a failure's root cause
+        started[name] = (subprocess.Popen([sys.executable, str(HERE / "lmms" / "run_lmms_eval.py"),
+                                           str(out / "served.json"), *args],
+                                          cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    served = {}
+    for name, (process, log) in started.items():
+        try:
+            code = process.wait(timeout=600)
+        finally:
+            log.close()
+        assert code == 0, (tmp_path / name / "lmms_eval.log").read_text()[-4000:]
+        served[name] = json.loads((tmp_path / name / "served.json").read_text())
+    return served
 
 
 def _results(folder: Path) -> tuple:
@@ -84,9 +97,10 @@ def test_lmms_eval_with_hf_overrides_prunes_as_apply_desap_and_scores_its_answer
     with open(tmp_path / f"{TASK}.jsonl", "w") as data:
         for (question, image), target in zip(QUESTIONS, targets):
             data.write(json.dumps({"image": checkpoints[image], "question": question, "answer": target}) + "\n")
-    # one batch of the three questions per run, one engine at a time
-    (desap_call,) = _lmms_eval(tmp_path, "desap", _model_args(folder, OPTIONS), "--force_simple")
-    (full_call,) = _lmms_eval(tmp_path, "full", _model_args(folder))
+    # one batch of the three questions per run, both runs at once
+    served = _lmms_eval(tmp_path, {"desap": (_model_args(folder, OPTIONS), "--force_simple"),
+                                   "full": (_model_args(folder),)})
+    (desap_call,), (full_call,) = served["desap"], served["full"]
     for call, expected, model_class in ((desap_call, pruned, "DesapLlavaForConditionalGeneration"),
                                         (full_call, full, "LlavaForConditionalGeneration")):
         # lmms-eval may reorder a batch: match each request by its prompt
