@@ -52,11 +52,12 @@ def prune(
         ``hidden`` only.
     """
     check_backend(backend)
-    keep, task_ratio, merge, text_reduce, text_budget = check_inputs(
-        hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce, text_budget)
+    options = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
+                           text_reduce, text_budget)
     if backend == "reference":
-        return reference.prune(hidden, attn, text, saliency, keep, text_mask=text_mask,
-                               task_ratio=task_ratio, merge=merge, metric=metric,
-                               text_reduce=text_reduce, text_budget=text_budget)
-    return PruneResult(*PruneFunction.apply(hidden, attn, text, saliency, keep, text_mask, task_ratio,
-                                            merge, metric, text_reduce, backend, text_budget))
+        return reference.prune(hidden, attn, text, saliency, options.keep, text_mask=text_mask,
+                               task_ratio=options.task_ratio, merge=options.merge, metric=metric,
+                               text_reduce=options.text_reduce, text_budget=options.text_budget)
+    return PruneResult(*PruneFunction.apply(hidden, attn, text, saliency, options.keep, text_mask,
+                                            options.task_ratio, options.merge, metric, options.text_reduce,
+                                            backend, options.text_budget))

@@ -1,20 +1,21 @@
 """``PruneFunction``: the operator as a ``torch.autograd.Function`` (as Liger-Kernel's ``LigerXFunction``).
 
 Its forward runs the registered forward op (``desap::prune``, or ``desap::prune_triton`` for
-``backend="triton"``) and its backward runs the registered ``desap::prune_backward``: the Function
-calls the ops, never the reverse, so the ops stay differentiable on their own (each has
-``register_autograd``) and this class is only a second, familiar door to the same kernels. The
-backward of the backward exists because ``desap::prune_backward`` is itself differentiable.
+``backend="triton"``); its ``setup_context`` and ``backward`` are the ops' own
+(``ops.autograd_setup_context``, ``ops.autograd_backward``), so there is one backward, through the
+registered ``desap::prune_backward``. The Function calls the ops, never the reverse, so the ops stay
+differentiable on their own and this class is only a second, familiar door to the same kernels.
+The backward of the backward exists because ``desap::prune_backward`` is itself differentiable.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .validation import AUTO
+from .reference import AUTO
 
 
 class PruneFunction(torch.autograd.Function):
@@ -28,23 +29,13 @@ class PruneFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, attn: Tensor, text: Tensor, saliency: Tensor, keep: int,
-                text_mask: Optional[Tensor] = None, task_ratio: float = 0.5, merge: bool = True,
+    def forward(hidden: Tensor, attn: Tensor, text: Tensor, saliency: Tensor, keep: int,
+                text_mask: Optional[Tensor] = None, task_ratio: Union[float, str] = 0.5, merge: bool = True,
                 metric: Optional[Tensor] = None, text_reduce: str = "max", backend: str = "auto",
-                text_budget: Optional[int] = None):
+                text_budget: Optional[int] = None) -> ops.OpResult:
         op = ops.prune_triton if backend == "triton" else ops.prune
         ratio = None if task_ratio == AUTO else task_ratio   # the op's schema spells "auto" None
-        outputs = op(hidden, attn, text, text_mask, saliency, metric, keep, ratio, merge, text_reduce,
-                     text_budget)
-        _, indices, assignment, scores, task_keep = outputs
-        ctx.save_for_backward(assignment)
-        ctx.mark_non_differentiable(indices, assignment, scores, task_keep)
-        return outputs
+        return op(hidden, attn, text, text_mask, saliency, metric, keep, ratio, merge, text_reduce, text_budget)
 
-    @staticmethod
-    def backward(ctx, grad_tokens, *unused_grads):
-        (assignment,) = ctx.saved_tensors
-        grad_hidden = None
-        if ctx.needs_input_grad[0] and grad_tokens is not None:
-            grad_hidden = ops.prune_backward(grad_tokens.contiguous(), assignment)
-        return (grad_hidden,) + (None,) * 11
+    setup_context = staticmethod(ops.autograd_setup_context)
+    backward = staticmethod(ops.autograd_backward)

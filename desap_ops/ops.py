@@ -5,7 +5,8 @@
 - ``desap::prune_triton``: the same schema, always the Triton kernels (CPU tensors only under
   ``TRITON_INTERPRET=1``); it is what ``backend="triton"`` calls and what the kernel tests exercise.
 - ``desap::prune_backward``: grad(tokens) -> grad(hidden) with the assignment held fixed. Both
-  forward ops register it as their backward, so torch.compile and AOTAutograd see one graph.
+  forward ops, and ``PruneFunction``, reach it through the one ``autograd_backward`` here, so
+  torch.compile and AOTAutograd see one graph.
 
 The fake implementations depend only on shapes and arguments, never on values.
 """
@@ -35,10 +36,11 @@ def _triton_module():
 
 def _run_reference(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
                    text_reduce, text_budget=None) -> OpResult:
+    options = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
+                           text_reduce, text_budget)
     with torch.no_grad():  # the op's own autograd formula applies, not the reference's graph
-        return tuple(reference.prune(hidden, attn, text, saliency, keep, text_mask=text_mask,
-                                     task_ratio=task_ratio, merge=merge, metric=metric,
-                                     text_reduce=text_reduce, text_budget=text_budget))
+        return tuple(reference.prune(hidden, attn, text, saliency, text_mask=text_mask, metric=metric,
+                                     **options._asdict()))
 
 
 def _run_triton(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
@@ -50,14 +52,14 @@ def _run_triton(hidden, attn, text, text_mask, saliency, metric, keep, task_rati
             "the Triton kernels got CPU tensors: move the tensors to CUDA, use backend='reference', "
             "or set TRITON_INTERPRET=1 before triton is imported to interpret the kernels on the CPU"
         )
-    return _triton_module().prune(hidden, attn, text, text_mask, saliency, metric, *options)
+    return _triton_module().prune(hidden, attn, text, text_mask, saliency, metric, **options._asdict())
 
 
 def _fake_outputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
                   text_reduce, text_budget=None) -> OpResult:
     # shapes and arguments only, never values; keep may be a SymInt under dynamic shapes
-    keep, *_ = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
-                            text_reduce, text_budget)
+    keep = check_inputs(hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge,
+                        text_reduce, text_budget).keep
     batch, tokens, width = hidden.shape
     return (
         hidden.new_empty((batch, keep, width)),
@@ -137,23 +139,27 @@ def _prune_backward_backward(ctx, grad_hidden: Tensor):
 prune_backward.register_autograd(_prune_backward_backward, setup_context=_prune_backward_setup)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def autograd_setup_context(ctx, inputs, output) -> None:
+    """What the backward keeps of a forward (both forward ops and ``PruneFunction``): the assignment."""
     _, _, assignment, task_scores, task_keep = output
     ctx.save_for_backward(assignment)
-    ctx.mark_non_differentiable(task_scores, task_keep)
+    ctx.mark_non_differentiable(task_scores, task_keep)   # integer outputs never are
 
 
-def _backward(ctx, grad_tokens, *unused_grads):
+def autograd_backward(ctx, grad_tokens: Optional[Tensor], *unused_grads):
+    """The one backward of both forward ops and of ``PruneFunction``: grad(tokens) -> grad(hidden)
+    through ``desap::prune_backward``, None for every other input, counted from
+    ``ctx.needs_input_grad`` (one entry per input of whichever forward ran)."""
     (assignment,) = ctx.saved_tensors
     grad_hidden = None
     if ctx.needs_input_grad[0] and grad_tokens is not None:
         grad_hidden = prune_backward(grad_tokens.contiguous(), assignment)
-    return (grad_hidden,) + (None,) * 10
+    return (grad_hidden,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 for _op in (prune, prune_triton):
     _op.register_fake(_fake_outputs)
-    _op.register_autograd(_backward, setup_context=_setup_context)
+    _op.register_autograd(autograd_backward, setup_context=autograd_setup_context)
 
 
 @register_flop_formula([torch.ops.desap.prune, torch.ops.desap.prune_triton])

@@ -6,15 +6,16 @@ differentiable from ``tokens`` to ``hidden`` through ordinary PyTorch autograd.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import math
+from typing import NamedTuple, Optional, Union
 
 import torch
 
-from .validation import AUTO, check_inputs, split_budget
-
 NORM_EPS = 1e-6
-# task_ratio="auto" (contract, step 2): the robust z-score g of the best task score maps linearly to a
-# task share from 0 at g = AUTO_LOW to AUTO_MAX_SHARE at g = AUTO_HIGH.
+AUTO = "auto"  # task_ratio="auto" (contract, step 2): each image's split read from its own task scores
+# task_ratio="auto": the robust z-score g of the best task score maps linearly to a task share from 0
+# at g = AUTO_LOW to AUTO_MAX_SHARE at g = AUTO_HIGH. Written here only: the selection kernel gets
+# them from the operator (triton_backend.auto_split), since the kernels never import the operator.
 AUTO_LOW, AUTO_HIGH, AUTO_MAX_SHARE = 4.0, 8.0, 0.75
 MAD_TO_SIGMA = 1.4826       # a normal distribution's standard deviation over its median absolute deviation
 SKETCH_WIDTH = 32           # text_budget (contract, step 0): width of the random-sign sketch
@@ -178,7 +179,14 @@ def guidance(scores: torch.Tensor) -> torch.Tensor:
     return (top - median) / spread
 
 
-def task_budget(scores: torch.Tensor, keep: int, task_ratio, has_text: torch.Tensor) -> torch.Tensor:
+def split_budget(keep: int, task_ratio: float) -> tuple[int, int]:
+    """Step 2 for a number rho: (K_sal, K_task) with K_task = floor(rho * K + 0.5), K_sal = K - K_task."""
+    k_task = math.floor(task_ratio * keep + 0.5)
+    return keep - k_task, k_task
+
+
+def task_budget(scores: torch.Tensor, keep: int, task_ratio: Union[float, str],
+                has_text: torch.Tensor) -> torch.Tensor:
     """Step 2: (B,) int64 K_task per image; 0 for an image without valid text.
 
     A number rho gives floor(rho * K + 0.5) to every image. "auto" reads each image's own scores:
@@ -289,15 +297,17 @@ def prune(
     keep: int,
     *,
     text_mask: Optional[torch.Tensor] = None,
-    task_ratio=0.5,
+    task_ratio: Union[float, str] = 0.5,
     merge: bool = True,
     metric: Optional[torch.Tensor] = None,
     text_reduce: str = "max",
     text_budget: Optional[int] = None,
 ) -> PruneResult:
-    """The whole operator, step by step. Same arguments as :func:`desap_ops.prune`."""
-    keep, task_ratio, merge, text_reduce, text_budget = check_inputs(
-        hidden, attn, text, text_mask, saliency, metric, keep, task_ratio, merge, text_reduce, text_budget)
+    """The whole operator, step by step, on checked inputs: the arguments of :func:`desap_ops.prune`
+    as ``validation.check_inputs`` passes and normalises them (``task_ratio`` a number or ``AUTO``).
+    Every entry point checks before it gets here; ``desap_ops.prune(..., backend="reference")`` is
+    this function behind the checks. The reference defines the steps and checks nothing itself, so
+    that the checks can use its definitions (``AUTO``) and imports run one way."""
     has_text = has_valid_text(text_mask, hidden.shape[0], hidden.device)
     text, text_mask = budget_text(attn.detach(), text.detach(), text_mask, text_budget)
     # the scores choose tokens, a piecewise-constant decision: like the op, they carry no graph

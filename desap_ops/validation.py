@@ -2,21 +2,34 @@
 
 They read only metadata (shape, dtype, device) and scalars, so they never synchronise with a device,
 and they run unchanged on fake tensors and symbolic sizes inside ``torch.compile`` (dynamic shapes
-included). The rules are the contract's (docs/contract.md, "Inputs" and "Errors").
+included). The rules are the contract's (docs/contract.md, "Inputs" and "Errors"); what the steps
+mean (``AUTO`` among them) is the reference's, so this module imports the reference and never the
+reverse.
 """
 from __future__ import annotations
 
-import math
 import operator
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 
+from .reference import AUTO
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TEXT_REDUCTIONS = ("max", "mean")
-AUTO = "auto"  # task_ratio="auto": each image's split read from its own task scores
 BACKENDS = ("auto", "triton", "reference")
+
+
+class PruneOptions(NamedTuple):
+    """The scalar options of one call, checked and normalised by :func:`check_inputs`. The field
+    names are the keyword arguments of ``reference.prune`` and ``triton_backend.prune``."""
+
+    keep: int                       # K, in [1, N] (a SymInt under torch.compile stays one)
+    task_ratio: Union[float, str]   # rho in [0, 1], or AUTO (the op's None comes back as AUTO)
+    merge: bool
+    text_reduce: str                # one of TEXT_REDUCTIONS
+    text_budget: Optional[int]      # M >= 1, or None for every text token
 
 
 def _check_tensor(name: str, value, rank: int, shape_hint: str) -> None:
@@ -52,9 +65,9 @@ def check_inputs(
     merge: bool,
     text_reduce: str,
     text_budget: Optional[int] = None,
-) -> tuple:
+) -> PruneOptions:
     """Raise ``TypeError``/``ValueError`` naming the bad argument (contract, "Errors"); return the
-    normalised scalar options (keep, task_ratio, merge, text_reduce, text_budget)."""
+    normalised scalar options."""
     _check_tensor("hidden", hidden, 3, "(B, N, D)")
     _check_float("hidden", hidden)
     batch, tokens = hidden.shape[0], hidden.shape[1]
@@ -102,7 +115,8 @@ def check_inputs(
         if value is not None and value.device != device:
             raise ValueError(f"{name} is on {value.device} but hidden is on {device}; all tensors must share one device")
 
-    return check_options(keep, task_ratio, merge, text_reduce, tokens=tokens) + (check_text_budget(text_budget),)
+    return PruneOptions(*check_options(keep, task_ratio, merge, text_reduce, tokens=tokens),
+                        check_text_budget(text_budget))
 
 
 def _is_bool(value) -> bool:
@@ -123,7 +137,7 @@ def _as_integer(name: str, value):
                         f"got {type(value).__name__}") from None
 
 
-def check_keep(keep, tokens=None):
+def check_keep(keep, tokens: Optional[int] = None) -> int:
     """``keep`` as an int, in [1, tokens] when ``tokens`` is given. Comparisons on a SymInt become
     guards, so this stays traceable."""
     keep = _as_integer("keep", keep)
@@ -133,7 +147,7 @@ def check_keep(keep, tokens=None):
     return keep
 
 
-def check_text_budget(text_budget):
+def check_text_budget(text_budget) -> Optional[int]:
     """None, or an integer M >= 1: the most text tokens per image that take part (contract, step 0)."""
     if text_budget is None:
         return None
@@ -143,7 +157,7 @@ def check_text_budget(text_budget):
     return text_budget
 
 
-def check_task_ratio(task_ratio):
+def check_task_ratio(task_ratio) -> Union[float, str]:
     """``task_ratio`` as a float (or a SymFloat under torch.compile) in [0, 1], or "auto" (None,
     which the registered op's schema uses for "auto", means "auto" too).
 
@@ -177,7 +191,8 @@ def check_merge(merge) -> bool:
     raise TypeError(f"merge must be a bool (or 0 or 1), got {type(merge).__name__} {merge!r}")
 
 
-def check_options(keep, task_ratio, merge, text_reduce, tokens=None):
+def check_options(keep, task_ratio, merge, text_reduce,
+                  tokens: Optional[int] = None) -> tuple[int, Union[float, str], bool, str]:
     """The scalar options, checked and normalised: (keep, task_ratio, merge, text_reduce)."""
     keep = check_keep(keep, tokens)
     task_ratio = check_task_ratio(task_ratio)
@@ -191,9 +206,3 @@ def check_backend(backend) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
-
-
-def split_budget(keep: int, task_ratio: float) -> tuple[int, int]:
-    """Contract step 2: K_task = floor(rho * K + 0.5), K_sal = K - K_task."""
-    k_task = math.floor(task_ratio * keep + 0.5)
-    return keep - k_task, k_task

@@ -21,7 +21,7 @@ whose limits differ between triton 3.6 and 3.9.
 Bytes: saliency and scores 8 B/token per program (L2-resident), metric rows of the block and of
 the kept tokens. FLOPs: 2 * B * N * K * E for the assignment.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import triton
 import triton.language as tl
@@ -71,20 +71,32 @@ def _key_value(key):
     return tl.where(key == NAN_KEY, float("nan"), bits.to(tl.float32, bitcast=True))
 
 
+class AutoSplit(NamedTuple):
+    """The constants of task_ratio="auto" (contract, step 2). desap_ops.reference names them; the
+    operator passes them in (triton_backend.auto_split), and the kernel takes them as constexprs,
+    each rounded to float32 as PyTorch rounds a Python float against a float32 tensor."""
+
+    low: float            # g at which the task share leaves 0 (AUTO_LOW)
+    width: float          # AUTO_HIGH - AUTO_LOW: the g over which the share rises to max_share
+    max_share: float      # AUTO_MAX_SHARE
+    mad_to_sigma: float   # MAD_TO_SIGMA
+
+
 @triton.jit
-def _auto_task_keep(task, n_ok, N, keep):
+def _auto_task_keep(task, n_ok, N, keep, LOW: tl.constexpr, WIDTH: tl.constexpr,
+                    MAX_SHARE: tl.constexpr, MAD_TO_SIGMA: tl.constexpr):
     """task_ratio="auto" (contract, step 2), the float32 operations of reference.task_budget in the
-    same order: g = (max - median) / (1.4826 MAD) of the task scores, then
-    K_task = round-half-up(0.75 K clamp((g - 4) / 4, 0, 1))."""
+    same order: g = (max - median) / (MAD_TO_SIGMA MAD) of the task scores, then
+    K_task = round-half-up(MAX_SHARE K clamp((g - LOW) / WIDTH, 0, 1))."""
     half = (N + 1) // 2
     key = tl.where(n_ok, _order_key(task), PAD_KEY)
     top = _key_value(_kth_key(key, 1))
     median = _key_value(_kth_key(key, half))
     deviation = tl.where(n_ok, _order_key(tl.abs(task - median)), PAD_KEY)
-    spread = _key_value(_kth_key(deviation, half)) * 1.4826
-    share = ((top - median) / spread - 4.0) / 4.0
+    spread = _key_value(_kth_key(deviation, half)) * MAD_TO_SIGMA
+    share = ((top - median) / spread - LOW) / WIDTH
     share = tl.where(share != share, 0.0, tl.minimum(tl.maximum(share, 0.0), 1.0))
-    wanted = share * (keep.to(tl.float32) * 0.75)
+    wanted = share * (keep.to(tl.float32) * MAX_SHARE)
     whole = tl.floor(wanted)
     return whole.to(tl.int32) + (wanted - whole >= 0.5).to(tl.int32)
 
@@ -96,6 +108,7 @@ def _select_assign_kernel(
     stride_sb, stride_sn, stride_mb, stride_ml,
     stride_xb, stride_xn, stride_xe,
     HAS_MASK: tl.constexpr, AUTO: tl.constexpr, MERGE: tl.constexpr, DOT_FP32: tl.constexpr,
+    AUTO_LOW: tl.constexpr, AUTO_WIDTH: tl.constexpr, AUTO_MAX_SHARE: tl.constexpr, MAD_TO_SIGMA: tl.constexpr,
     TARGET: tl.constexpr, N_POW2: tl.constexpr,
     BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
@@ -109,7 +122,8 @@ def _select_assign_kernel(
 
     # The split: a fixed K_TASK, or read from this image's own scores; none without valid text.
     if AUTO:
-        k_task = _auto_task_keep(task, n_ok, tl.cast(N, tl.int32), keep)
+        k_task = _auto_task_keep(task, n_ok, tl.cast(N, tl.int32), keep,
+                                 AUTO_LOW, AUTO_WIDTH, AUTO_MAX_SHARE, MAD_TO_SIGMA)
     else:
         k_task = tl.cast(K_TASK, tl.int32)
     if HAS_MASK:
@@ -174,7 +188,11 @@ def _select_assign_kernel(
     tl.store(assign_ptr + b * N + j, result, mask=j_ok)
 
 
-MAX_TOKENS = 16384  # the whole-image selection lives in registers
+# The whole-image selection keeps N_POW2-wide vectors in registers. Compiled for sm_90 with triton
+# 3.9 (tests/sm90_compile.py, which compiles N = MAX_TOKENS): N_POW2 = 8192 on 8 warps takes 216-255
+# registers and no stack; 16384 spills at every warp count (stack 152-1056 B on 8 warps, 104-520 B
+# on 16, 152-344 B on 32). Larger images run the reference (desap::prune on CUDA) or are refused.
+MAX_TOKENS = 8192
 
 
 def check_tokens(tokens: int) -> None:
@@ -186,9 +204,12 @@ def check_tokens(tokens: int) -> None:
         )
 
 
-def select_and_assign(saliency, scores, text_mask, metric, keep: int, k_task: Optional[int], merge: bool):
+def select_and_assign(saliency: torch.Tensor, scores: torch.Tensor, text_mask: Optional[torch.Tensor],
+                      metric: torch.Tensor, keep: int, k_task: Optional[int], merge: bool, *,
+                      auto_split: AutoSplit):
     """(indices (B, K) ascending, assignment (B, N), task_keep (B,)), contract steps 2-4 (the
-    assignment); ``k_task`` None: task_ratio="auto", each image's split from its own scores."""
+    assignment); ``k_task`` None: task_ratio="auto", each image's split from its own scores by
+    ``auto_split``."""
     batch, tokens = saliency.shape
     check_tokens(tokens)
     indices = torch.empty((batch, keep), dtype=torch.int64, device=saliency.device)
@@ -199,7 +220,7 @@ def select_and_assign(saliency, scores, text_mask, metric, keep: int, k_task: Op
     mask_strides = text_mask.stride() if text_mask is not None else (0, 0)
     n_text = text_mask.shape[1] if text_mask is not None else 1
     fp32 = dot_in_fp32(metric, metric)
-    # tiles without spills on sm_90 up to N = 8192 on 8 warps (tests/sm90_compile.py)
+    # tiles without spills on sm_90 up to N = MAX_TOKENS on 8 warps (see MAX_TOKENS)
     block = 32 if fp32 else 64
     block_j = block
     grid = (batch, triton.cdiv(tokens, block_j))
@@ -207,8 +228,9 @@ def select_and_assign(saliency, scores, text_mask, metric, keep: int, k_task: Op
         _select_assign_kernel, grid,
         (saliency, scores, mask, metric, indices, assignment, task_keep, tokens, n_text, metric.shape[2], keep,
          0 if k_task is None else k_task, *saliency.stride(), *mask_strides, *metric.stride()),
-        dict(HAS_MASK=text_mask is not None, AUTO=k_task is None, MERGE=merge, DOT_FP32=fp32, TARGET=scale_target(metric, metric),
-             N_POW2=n_pow2,
+        dict(HAS_MASK=text_mask is not None, AUTO=k_task is None, MERGE=merge, DOT_FP32=fp32,
+             AUTO_LOW=auto_split.low, AUTO_WIDTH=auto_split.width, AUTO_MAX_SHARE=auto_split.max_share,
+             MAD_TO_SIGMA=auto_split.mad_to_sigma, TARGET=scale_target(metric, metric), N_POW2=n_pow2,
              BLOCK_J=block_j, BLOCK_K=next_block(keep, block),
              BLOCK_E=next_block(metric.shape[2], 32), BLOCK_L=next_block(n_text, 128)),
         num_warps=8,

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from desap_ops import reference
-from desap_ops.validation import split_budget
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TOKEN_TOL = {  # (rtol, atol) for merged tokens against the reference
@@ -84,7 +83,7 @@ def tie_free_case(batch=2, tokens=40, width=32, text_width=24, n_text=5, keep=8,
     kept tokens: each dropped token is a noisy copy of one kept token, far from the others.
     """
     gen = torch.Generator().manual_seed(seed)
-    k_sal, k_task = split_budget(keep, task_ratio)
+    k_sal, k_task = reference.split_budget(keep, task_ratio)
     for attempt in range(200):
         saliency = torch.stack([torch.randperm(tokens, generator=gen) for _ in range(batch)]).float()
         saliency = (saliency + 1) / tokens

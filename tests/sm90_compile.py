@@ -66,7 +66,7 @@ SHAPES = [  # (B, N, K, D, C, L): LLaVA-1.5, LLaVA-NeXT, video, long prompt, tin
     (1, 576, 64, 1024, 4096, 1024),
     (1, 5, 1, 8, 8, 1),      # keep = 1 and L = 1: the JIT makes both compile-time constants
     (1, 1, 1, 1, 1, 1),      # every size 1
-    (1, 8192, 1024, 1024, 8192, 2048),
+    (1, selection.MAX_TOKENS, 1024, 1024, 8192, 2048),   # the largest N the kernels take
 ]
 
 

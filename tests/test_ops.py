@@ -187,14 +187,14 @@ def test_tensors_on_different_devices_are_rejected():
         desap_ops.prune(good["hidden"], good["attn"], good["text"], good["saliency"].to("meta"), 3)
 
 
-def testtriton_backend_on_cpu_needs_the_interpreter(monkeypatch):
+def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     good = _good()
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         desap_ops.prune(*[good[k] for k in ("hidden", "attn", "text", "saliency", "keep")], backend="triton")
 
 
-def testtriton_backend_rejects_float64():
+def test_triton_backend_rejects_float64():
     good = {k: (v.double().to(TRITON_DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in _good().items()}
     with pytest.raises(TypeError, match="hidden is torch.float64"):
         desap_ops.prune(*[good[k] for k in ("hidden", "attn", "text", "saliency", "keep")], backend="triton")

@@ -66,7 +66,7 @@ def test_ratio_zero_is_top_saliency_and_one_is_top_task_score(dtype):
 @pytest.mark.parametrize("keep,ratio,expected", [(64, 0.5, 32), (5, 0.5, 3), (5, 0.3, 2), (1, 0.5, 1),
                                                  (1, 0.49, 0), (7, 1.0, 7), (7, 0.0, 0)])
 def test_budget_split(keep, ratio, expected):
-    assert desap_ops.validation.split_budget(keep, ratio) == (keep - expected, expected)
+    assert reference.split_budget(keep, ratio) == (keep - expected, expected)
 
 
 def test_two_stages_do_not_overlap():

@@ -76,6 +76,26 @@ def test_a_fixed_ratio_reports_its_split(keep, ratio):
     assert result.task_keep.tolist() == [math.floor(ratio * keep + 0.5), 0]
 
 
+def test_the_kernels_take_the_auto_constants_from_the_reference(monkeypatch):
+    """The auto split's constants are written once, in the reference: with other values there, the
+    Triton path's split follows them (a kernel that typed its own would keep the old split)."""
+    gen = torch.Generator().manual_seed(21)
+    attn = torch.randn(8, 64, 32, generator=gen)
+    mix = torch.linspace(0.1, 0.9, 8)[:, None]                       # g from about 2 to 6
+    text = (mix * attn[:, 0] + (1 - mix) * torch.randn(8, 32, generator=gen))[:, None]
+    hidden, saliency = torch.randn(8, 64, 16, generator=gen), torch.rand(8, 64, generator=gen)
+    args = [t.to(TRITON_DEVICE) for t in (hidden, attn, text, saliency)]
+    has_text = torch.ones(8, dtype=torch.bool)
+    shipped = desap_ops.prune(*args, 16, task_ratio="auto", backend="triton")
+    # dyadic values: each product and quotient of the rule is then exact, whoever rounds it
+    for name, value in (("AUTO_LOW", 2.5), ("AUTO_HIGH", 6.5), ("AUTO_MAX_SHARE", 0.625), ("MAD_TO_SIGMA", 1.5)):
+        monkeypatch.setattr(reference, name, value)
+    moved = desap_ops.prune(*args, 16, task_ratio="auto", backend="triton")
+    expected = reference.task_budget(moved.task_scores.cpu(), 16, "auto", has_text)
+    assert torch.equal(moved.task_keep.cpu(), expected)
+    assert not torch.equal(expected, shipped.task_keep.cpu()), "the new constants must change some split"
+
+
 def test_guidance_ignores_any_affine_map_of_the_scores():
     scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(9))
     scores[:, 7] = 4.0

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from desap_ops import prune
-from desap_ops.reference import AUTO_HIGH, AUTO_LOW, AUTO_MAX_SHARE, PruneResult, guidance
+from desap_ops.reference import AUTO, AUTO_HIGH, AUTO_LOW, AUTO_MAX_SHARE, PruneResult, guidance
 
 from . import vit_s
 from .errors import UsageError, check_writable
@@ -44,7 +44,6 @@ DEFAULT_BOX = (360, 10, 460, 270)   # the space shuttle in skimage's astronaut p
 # branch those tokens stand apart from the rest (g about 36), while the shuttle's 24 tokens resemble
 # the background (g about 0.7: no task tokens at all); the summary prints the shuttle's split.
 AUTO_DEFAULT_BOX = (184, 56, 264, 168)  # 8 px beyond the 6 cells, so that the box shows beside their borders
-AUTO = "auto"
 FEATURE_LAYER = 10                  # second-to-last of ViT-S/14's 12 layers, as LLaVA's -2
 FIGURE_SIZE = (15.0, 6.6)           # inches at 100 dpi: a 1500 x 660 PNG
 AUTO_FIGURE_SIZE = (15.0, 13.0)     # two rows, strong and weak cue: a 1500 x 1300 PNG

@@ -4,8 +4,7 @@ import math
 import pytest
 import torch
 
-from desap_ops import reference
-from desap_ops.validation import split_budget
+from desap_ops import reference, triton_backend
 
 from helpers import DTYPES, tie_free_case, triton_devices
 
@@ -17,9 +16,9 @@ DEVICES = triton_devices()
 
 def _select(kernels, saliency, scores, mask, metric, keep, ratio, merge):
     """The kernel's (indices, assignment), after checking the split it reports."""
-    k_task = None if ratio == "auto" else split_budget(keep, ratio)[1]
+    k_task = None if ratio == "auto" else reference.split_budget(keep, ratio)[1]
     indices, assignment, task_keep = kernels[1].select_and_assign(saliency, scores, mask, metric, keep, k_task,
-                                                                  merge)
+                                                                  merge, auto_split=triton_backend.auto_split())
     has_text = reference.has_valid_text(mask, saliency.shape[0], saliency.device)
     assert torch.equal(task_keep, reference.task_budget(scores, keep, ratio, has_text))
     return indices, assignment

@@ -23,7 +23,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ...validation import AUTO, TEXT_REDUCTIONS, check_backend, check_keep, check_options, check_text_budget
+from ...reference import AUTO
+from ...validation import TEXT_REDUCTIONS, check_backend, check_keep, check_options, check_text_budget
 
 DEFAULTS = dict(keep=64, task_ratio=0.5, merge=True, text_reduce="max", backend="auto", text_budget=None,
                 exclude_token_ids=(), chat=True, max_keep=None, ideal=False)
