@@ -9,7 +9,7 @@ from desap_ops.integrations.hf.clip_tower import encoder_layers
 
 from ..prompts import N, llava_pixels, llava_prompt, pad
 from .fed import fed_rows, language_model_input
-from .operator_by_hand import OPTIONS, PLANTED, check_record, plant_and_prune
+from .operator_by_hand import OPTIONS, PLANTED, check_record, contract_split, plant, plant_and_prune
 
 
 @pytest.fixture
@@ -93,13 +93,19 @@ def test_a_text_budget_covering_the_text_changes_nothing(pixels, options):
         assert torch.equal(model(input_ids=ids, pixel_values=pixels[:1]).logits, expected)
 
 
-def test_generate_under_auto_and_a_text_budget_starts_from_the_pruned_prefill(pixels):
-    model = apply_desap(tiny_llava(), keep=4, task_ratio="auto", text_budget=2)
-    ids = torch.tensor([llava_prompt([5], 1, [7, 8, 9, 10])])
+def test_generate_under_auto_and_a_text_budget_starts_from_the_pruned_prefill_with_the_contracts_split(pixels):
+    keep, text = 4, [7, 8, PLANTED, 10]
+    model = _sharpened()
+    plant(model, *_signals_by_hand(_sharpened("eager"), pixels[:1]), keep)   # one token the prompt singles out
+    apply_desap(model, keep=keep, task_ratio="auto", text_budget=2)
+    ids = torch.tensor([llava_prompt([5], 1, text)])
     out = model.generate(input_ids=ids, pixel_values=pixels[:1], max_new_tokens=3, do_sample=False)
     assert torch.equal(out[:, :-3], ids)    # the caller's prompt, then the new tokens
     assert out[0, -3] == model(input_ids=ids, pixel_values=pixels[:1]).logits[0, -1].argmax()
-    assert [int(k) for k in last_prune(model).task_keep] == [0]   # a random model: the prompt singles out nothing
+    # the planted token stands about 6.4 robust deviations above the typical score: "auto" gives the
+    # task score 2 of 4 (0.75 * 4 * (6.4 - 4) / 4 = 1.8), by the contract's formula on the record's own scores
+    record = last_prune(model)
+    assert [int(k) for k in record.task_keep] == [contract_split(record.task_scores[0], keep)] == [2]
 
 
 def test_generate_is_deterministic_and_starts_from_the_pruned_prefill(pixels):
