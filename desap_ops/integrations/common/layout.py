@@ -13,7 +13,7 @@ for transformers and vLLM):
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 

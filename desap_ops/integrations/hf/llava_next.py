@@ -8,8 +8,9 @@ between the newlines, and with ``keep`` = all tokens the model gets exactly its 
 ``keep`` means at most (``sequence.image_budget``): an image with no more tokens passes whole, and
 one whose newlines leave no room keeps its newlines and one visual token.
 
-:func:`install` patches ``model.model.get_image_features``, ``model.forward`` and
-``model.generate`` as for LLaVA-1.5 (``remove_desap`` undoes it).
+The packed layout and the kept tokens' return between the newlines are ``common.layout``'s, which
+vLLM's LLaVA-NeXT uses too. :func:`install` patches ``model.model.get_image_features``,
+``model.forward`` and ``model.generate`` as for LLaVA-1.5 (``remove_desap`` undoes it).
 """
 from __future__ import annotations
 

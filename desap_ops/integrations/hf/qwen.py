@@ -76,7 +76,7 @@ class QwenPlan:
     image: Optional[PlannedMedium]   # None: the call brought no images
     video: Optional[PlannedMedium]   # None: the call brought no videos
     positions: torch.Tensor          # (3, B, T'): the shortened prompt's positions
-    rope_deltas: torch.Tensor        # (B, 1): as the model's get_rope_index gives them
+    rope_deltas: torch.Tensor        # (B, 1): largest position + 1 - length, per row (the model's rope_deltas)
 
     def medium(self, kind: str) -> Optional[PlannedMedium]:
         """The planned medium of ``kind`` ("image" or "video")."""
@@ -205,7 +205,8 @@ def plan(model: nn.Module, arguments: dict, pad_left: bool, read_tower: ReadTowe
     valid = new_mask.bool() if new_mask is not None else torch.ones_like(shrunk["input_ids"], dtype=torch.bool)
     top = shrunk["position_ids"].masked_fill(~valid[None], 0).amax(dim=(0, 2))
     model._desap.call.plan = QwenPlan(image=media.get("image"), video=media.get("video"),
-                                      positions=shrunk["position_ids"], rope_deltas=(top + 1 - valid.sum(dim=1))[:, None])
+                                      positions=shrunk["position_ids"],
+                                      rope_deltas=(top + 1 - valid.sum(dim=1))[:, None])
     out = {"input_ids": shrunk["input_ids"], "mm_token_type_ids": shrunk["token_types"],
            "position_ids": shrunk["position_ids"]}
     for name in ("attention_mask", "labels"):

@@ -51,7 +51,7 @@ class DesapQwenProcessorMixin(DesapProcessorMixin):
     def desap_media_tokens(self) -> dict[str, int]:
         return {"image": self.desap_image_token(), "video": self.info.get_hf_config().video_token_id}
 
-    def desap_budget(self, out_mm_kwargs, modality: str, index: int) -> int:
+    def desap_item_budget(self, out_mm_kwargs, modality: str, index: int) -> int:
         """Item ``index``'s budget under its request's ``keep``: a video's frames share one, and a
         small image or short video passes whole."""
         t, h, w = out_mm_kwargs[modality][index][f"{modality}_grid_thw"].data.tolist()
@@ -60,7 +60,7 @@ class DesapQwenProcessorMixin(DesapProcessorMixin):
 
     def desap_placeholders(self, out_mm_kwargs, modality: str, index: int) -> list[int]:
         """The prompt's placeholders of item ``index``: one per kept token."""
-        return [self.desap_media_tokens()[modality]] * self.desap_budget(out_mm_kwargs, modality, index)
+        return [self.desap_media_tokens()[modality]] * self.desap_item_budget(out_mm_kwargs, modality, index)
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)

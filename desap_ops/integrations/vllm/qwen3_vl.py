@@ -67,7 +67,7 @@ class DesapQwen3VLProcessor(DesapQwenProcessorMixin, Qwen3VLMultiModalProcessor)
             return super().desap_placeholders(out_mm_kwargs, modality, index)
         item = out_mm_kwargs[modality][index]
         t = int(item[f"{modality}_grid_thw"].data[0])
-        budget = self.desap_budget(out_mm_kwargs, modality, index)
+        budget = self.desap_item_budget(out_mm_kwargs, modality, index)
         # the pruned span's length, whichever frames keep the tokens
         span = video_span(self.info.get_hf_config(), self.info.get_tokenizer(), item["timestamps"].data,
                           [budget] + [0] * (t - 1))

@@ -13,7 +13,8 @@ from ..prompts import CHAT, STYLES, USER_WORDS, chat_ids, token_ids
 def test_from_tokenizer_reads_the_llava_markers_as_plain_words():
     tokenizer = STYLES["llava"][0]
     markers = ChatMarkers.from_tokenizer(tokenizer)
-    assert markers == ChatMarkers(user=(token_ids(tokenizer, "USER :"),), assistant=(token_ids(tokenizer, "ASSISTANT :"),))
+    assert markers == ChatMarkers(user=(token_ids(tokenizer, "USER :"),),
+                                  assistant=(token_ids(tokenizer, "ASSISTANT :"),))
 
 
 def test_from_tokenizer_reads_the_chatml_markers_from_a_processor():
@@ -120,7 +121,8 @@ def test_markers_are_read_from_the_checkpoints_chat_templates(template, system):
                                                                        add_generation_prompt=True),
                                          add_special_tokens=False)])
     assert bool((ids == tokenizer.convert_tokens_to_ids("are")).any()) == system   # Qwen2.5-VL's system prompt
-    text, mask = image_text_tokens(ids, None, image, [1], {image, 153, 154}, user_turns(ids, ChatMarkers.from_tokenizer(tokenizer)))
+    turns = user_turns(ids, ChatMarkers.from_tokenizer(tokenizer))
+    text, mask = image_text_tokens(ids, None, image, [1], {image, 153, 154}, turns)
     assert tokenizer.convert_ids_to_tokens(text[0][mask[0]].tolist()) == "what is the color ?".split()
 
 

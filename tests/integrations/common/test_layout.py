@@ -8,7 +8,7 @@ from desap_ops.cli.models import tiny_llava_next
 from desap_ops.integrations.common.layout import (crops_per_image, packed_budget, packed_sources, tokens_per_crop,
                                                   with_newlines)
 
-SIZES = [[56, 112], [112, 112], [56, 56]]   # grids of 1 x 2, 2 x 2 and 1 x 1 crops of 56 pixels, each after its base crop
+SIZES = [[56, 112], [112, 112], [56, 56]]   # grids of 1 x 2, 2 x 2 and 1 x 1 crops of 56 pixels, after a base crop
 
 
 @pytest.fixture(scope="module")

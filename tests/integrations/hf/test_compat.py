@@ -4,7 +4,6 @@ import sys
 import warnings
 
 import pytest
-import torch
 
 from desap_ops.cli.models import tiny_llava, tiny_qwen2_5_vl
 from desap_ops.integrations import apply_desap

@@ -6,11 +6,11 @@ import functools
 import pytest
 import torch
 
-from desap_ops.cli.models import (IMAGE_TOKEN_ID, QWEN_IMAGE, VIDEO_TOKEN_ID, tiny_llava, tiny_llava_next,
+from desap_ops.cli.models import (QWEN_IMAGE, VIDEO_TOKEN_ID, tiny_llava, tiny_llava_next,
                                   tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 from desap_ops.integrations import apply_desap
 
-from ..prompts import N, llava_pixels, llava_prompt, pad
+from ..prompts import llava_pixels, llava_prompt, pad
 
 NEXT_SIZES, NEXT_TOKENS = torch.tensor([[56, 112], [112, 112]]), [52, 88]
 FRAMES = 3
