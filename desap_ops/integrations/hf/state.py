@@ -3,13 +3,16 @@ four parts by lifetime, and the public record of the last prune."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from ..common.chat import ChatMarkers
 from ..common.pruning import PruneOptions
+
+if TYPE_CHECKING:   # the Qwen base patcher imports this module
+    from .qwen import QwenPlan
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class CallContext:
     methods; emptied when the call returns."""
 
     prompt: Optional[Prompt] = None
-    plan: Optional[Any] = None   # the Qwen families' planned call (``qwen.QwenPlan``); None where nothing is planned
+    plan: Optional[QwenPlan] = None   # the Qwen families' planned call; None where nothing is planned
 
 
 @dataclass

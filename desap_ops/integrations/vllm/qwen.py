@@ -19,6 +19,7 @@ import torch
 from vllm.multimodal.processing import PromptReplacement
 
 from ..common.sequence import image_budget
+from ..common.signals import TowerSignals
 from .model import DesapModelMixin, encoder_batches
 from .mrope import CHANNELS, Media, decode_fields, place_media, prompt_positions, recompute_after_encoder
 from .options import DesapOptions
@@ -117,11 +118,10 @@ class DesapQwenModelMixin(DesapModelMixin):
                                            self.desap_item_options(options[modality], len(text)))
         return tuple(embeddings)
 
-    def desap_tower_items(self, media, modality: str) -> Iterator[tuple[int, list[int], torch.Tensor, torch.Tensor,
-                                                                          torch.Tensor]]:
-        """Each item of ``media`` as (index, its (t, h, w) patch grid, hidden, branch, saliency),
-        read from vLLM's own tower (``qwen_tower``) run on micro-batches within vLLM's encoder
-        budget (``model.encoder_batches``)."""
+    def desap_tower_items(self, media, modality: str) -> Iterator[tuple[int, list[int], TowerSignals]]:
+        """Each item of ``media`` as (index, its (t, h, w) patch grid, its signals (T', .)), read
+        from vLLM's own tower (``qwen_tower``) run on micro-batches within vLLM's encoder budget
+        (``model.encoder_batches``)."""
         pixels = media["pixel_values" if modality == "image" else "pixel_values_videos"]
         grids = media[f"{modality}_grid_thw"].tolist()
         patches = [t * h * w for t, h, w in grids]
@@ -130,9 +130,8 @@ class DesapQwenModelMixin(DesapModelMixin):
         for batch in encoder_batches(sizes, self.desap_encoder_budget):
             signals = read_qwen_tower(self.visual, pixels[starts[batch.start]:starts[batch.stop]],
                                       grids[batch.start:batch.stop])
-            for i, (hidden, branch, saliency) in zip(batch, zip(*(s.split(sizes[batch.start:batch.stop])
-                                                                  for s in signals))):
-                yield i, grids[i], hidden, branch, saliency
+            for i, item in zip(batch, signals.split(sizes[batch.start:batch.stop]), strict=True):
+                yield i, grids[i], item
 
     def desap_media(self, media, modality: str, texts, text_mask, options) -> list[torch.Tensor]:
         """Per image (or video) of ``media``: its embeddings, each row followed by its position channels."""

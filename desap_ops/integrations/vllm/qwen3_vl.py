@@ -86,23 +86,22 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
         embeds them (their DeepStack levels zero, as transformers adds none there)."""
         merge = self.visual.spatial_merge_size
         out = []
-        for i, (t, h, w), hidden, branch, saliency in self.desap_tower_items(media, modality):
-            tokens, kept = self.desap_prune_item(hidden, branch, saliency, texts[i:i + 1], text_mask[i:i + 1],
-                                                 options[i])
+        for i, (t, h, w), item in self.desap_tower_items(media, modality):
+            tokens, kept = self.desap_prune_item(item, texts[i:i + 1], text_mask[i:i + 1], options[i])
             if modality == "image":
                 out.append(with_position_channels(tokens, media_positions(1, h // merge, w // merge)[:, kept]))
             else:
                 out.append(self.desap_video_span(tokens, kept, (t, h // merge, w // merge), media["timestamps"][i]))
         return out
 
-    def desap_prune_item(self, hidden, branch, saliency, texts, text_mask,
-                         options) -> tuple[torch.Tensor, torch.Tensor]:
-        """One item's kept rows (K, C with its DeepStack levels after, as vLLM's tower lays them)
-        and their indices (CPU, ascending: frame-major for a video)."""
-        width = self.visual_dim
+    def desap_prune_item(self, item: TowerSignals, texts, text_mask, options) -> tuple[torch.Tensor, torch.Tensor]:
+        """One item's kept rows (K, C with its DeepStack levels after, as vLLM's tower lays them
+        along the channels of ``item.hidden``) and their indices (CPU, ascending: frame-major for a
+        video)."""
+        width, hidden = self.visual_dim, item.hidden
         features = hidden[:, :width]
         levels = hidden[:, width:].split(width, dim=1) if hidden.shape[1] > width else ()
-        signals = TowerSignals(features[None], branch[None], saliency[None])
+        signals = TowerSignals(features[None], item.branch[None], item.saliency[None])
         result = self.desap_prune(signals, texts, text_mask, self.desap_budget(options, features.shape[0]), options)
         merged = [merge_tokens(level[None], result.indices, result.assignment, options.merges)[0] for level in levels]
         return torch.cat([result.tokens[0], *merged], dim=1), result.indices[0].cpu()
