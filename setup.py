@@ -13,8 +13,8 @@ import re
 
 from setuptools import setup
 
-# the oldest transformers apply_desap is tested with: one number, kept in integrations/compat.py
-_COMPAT = open("desap_ops/integrations/compat.py", encoding="utf-8").read()
+# the oldest transformers apply_desap is tested with: one number, kept in integrations/hf/compat.py
+_COMPAT = open("desap_ops/integrations/hf/compat.py", encoding="utf-8").read()
 TRANSFORMERS_TESTED = "transformers>=" + re.search(r'OLDEST_TESTED = "([^"]+)"', _COMPAT).group(1)
 
 setup(
@@ -25,16 +25,17 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations", "desap_ops.integrations.vllm",
+    packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations", "desap_ops.integrations.common",
+              "desap_ops.integrations.hf", "desap_ops.integrations.vllm",
               "desap_ops.cli", "desap_ops.cli.vllm_cpu"],   # vllm_cpu: the sitecustomize the vLLM benches load
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
         # any release: the operator never imports it, and `desap demo` reads only CLIP-style
-        # layers. apply_desap checks its tested range when it patches (integrations/compat.py);
+        # layers. apply_desap checks its tested range when it patches (integrations/hf/compat.py);
         # the `hf` extra asks pip for that range.
         "transformers",
-        "packaging",   # integrations/compat.py compares transformers releases
+        "packaging",   # integrations/hf/compat.py compares transformers releases
         # imported directly by the checkpoint writer of ``desap bench vllm`` (transformers needs them too)
         "safetensors",
         "tokenizers",

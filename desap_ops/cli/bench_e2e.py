@@ -49,10 +49,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from desap_ops import ops
 from desap_ops.integrations import apply_desap, image_token_counts, remove_desap
-from desap_ops.integrations.clip_tower import drops_cls, tokens_per_crop
-from desap_ops.integrations.llava_next import crops_per_image
-from desap_ops.integrations.sequence import first_placeholders, shrink_placeholders
-from desap_ops.integrations.video import tokens_per_frame
+from desap_ops.integrations.common.layout import crops_per_image, drops_cls, tokens_per_crop
+from desap_ops.integrations.common.sequence import first_placeholders, shrink_placeholders
+from desap_ops.integrations.hf.video import tokens_per_frame
 
 from .errors import UsageError
 from .models import MODELS, build_model, weight_bytes
@@ -174,7 +173,7 @@ def _ideal_features(model, family: str, batch: Batch, keep: int, original: Calla
             return list(project(tokens[:, :keep]))
     elif family == "llava_next":
         sizes = batch.inputs["image_sizes"]
-        crops = crops_per_image(inner, sizes)
+        crops = crops_per_image(config, sizes)
         strategy = config.vision_feature_select_strategy
         # which of each image's first ``keep`` packed slots hold a visual token (the rest: image-newlines)
         ones = [torch.ones(n, tokens_per_crop(config), 1) for n in crops]

@@ -135,7 +135,7 @@ def vit_signals(image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(hidden (1, N, D), attention branch (1, N, C), [CLS] saliency (1, N), grid) of the real ViT-S/14
     on ``image``, [CLS] left out: what DeSAP is given."""
     # here, not at the top: desap_ops.integrations imports transformers, and a refused argument need not wait
-    from desap_ops.integrations.signals import capture
+    from desap_ops.integrations.common.signals import capture
 
     try:
         model = vit_s.load_vit_s()

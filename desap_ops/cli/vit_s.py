@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from desap_ops.integrations.signals import AttentionLayout
+from desap_ops.integrations.common.signals import AttentionLayout
 
 HIDDEN, LAYERS, HEADS, PATCH = 384, 12, 6, 14
 IMAGE_SIZE = 224                    # what preprocess resizes to
@@ -83,7 +83,7 @@ def load_vit_s(attn_implementation: str = "sdpa") -> torch.nn.Module:
 
 
 def dinov2_layout(model, layer_index: int) -> AttentionLayout:
-    """The AttentionLayout of one Dinov2 layer (for desap_ops.integrations.signals.capture)."""
+    """The AttentionLayout of one Dinov2 layer (for desap_ops.integrations.common.signals.capture)."""
     attention = model.encoder.layer[layer_index].attention
     if hasattr(attention, "q_proj"):
         query, key = attention.q_proj, attention.k_proj

@@ -133,7 +133,7 @@ def image_tokens(model: VllmModel, config: "PretrainedConfig") -> int:
     if model.kind.tokens_follow_size:
         vision = config.vision_config
         return (model.image_side // (vision.patch_size * vision.spatial_merge_size)) ** 2
-    from desap_ops.integrations.clip_tower import tokens_per_crop
+    from desap_ops.integrations.common.layout import tokens_per_crop
 
     return tokens_per_crop(config)
 

@@ -1,131 +1,48 @@
-"""Drop-in DeSAP for Hugging Face transformers models (see docs/integrations.md).
+"""DeSAP inside vision-language model engines (docs/integrations.md, docs/vllm.md), in three tiers:
+
+- ``common``: what both engines need, written once: the checked options and the one pruning call
+  (with the ``ideal`` option), the one type of a vision tower's signals, placeholder surgery and
+  budgets, the prompt text each image reads, chat markers, LLaVA-NeXT's packing with its
+  image-newlines. It imports neither of the tiers below.
+- ``hf``: ``apply_desap`` for Hugging Face transformers: the registry, one patcher per model family
+  over this tier's shared modules (serving, state, the CLIP tower, the Qwen base patcher).
+- ``vllm``: the vLLM plugin (entry point ``vllm.general_plugins`` -> ``vllm.register``), which
+  imports ``common`` and never ``hf``.
 
     from desap_ops.integrations import apply_desap, remove_desap
     apply_desap(model, keep=64, task_ratio=0.5, merge=True)
     apply_desap(model, keep=64, task_ratio="auto", text_budget=32, chat=processor)   # beyond the paper
+    apply_desap(model, keep=64, ideal=True)   # each image's first 64 tokens: the ideal's speed
 
-Imports point one way: this registry -> one patcher per model family (``llava``, ``llava_next``,
-``qwen2_5_vl``, ``qwen3_vl``, ``video``) -> the shared modules (``serving``, ``qwen_plan``, ``prompt``,
-``chat``, ``clip_tower``, ``state``, ``signals``, ``sequence``). A patcher imports only shared modules.
+The names below are ``hf.registry``'s (and ``ChatMarkers``, ``common.chat``'s), loaded on first use:
+importing the vLLM plugin, or ``common``, does not load the transformers tier.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional, Union
+import importlib
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from .common.chat import ChatMarkers
+    from .hf.registry import SUPPORTED, apply_desap, image_token_counts, last_prune, remove_desap
+    from .hf.state import PruneRecord
 
-from ..validation import check_backend, check_options, check_text_budget
-from . import compat, llava, llava_next, qwen2_5_vl, qwen3_vl, video
-from .chat import ChatMarkers, as_chat_markers
-from .prompt import ignored_token_ids
-from .serving import uninstall_methods
-from .state import RECORD_FIELDS, DesapState, PruneRecord
-
-# model class name -> install(model, state): patches the model in place
-PATCHERS: dict[str, Callable[[nn.Module, DesapState], None]] = {
-    "LlavaForConditionalGeneration": llava.install,
-    "LlavaNextForConditionalGeneration": llava_next.install,
-    "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl.install,
-    "Qwen3VLForConditionalGeneration": qwen3_vl.install,
-    "Qwen3VLMoeForConditionalGeneration": qwen3_vl.install,
-    "Qwen3_5ForConditionalGeneration": qwen3_vl.install,
-    "Qwen3_5MoeForConditionalGeneration": qwen3_vl.install,
-    "LlavaNextVideoForConditionalGeneration": video.install_llava_next_video,
-    "VideoLlavaForConditionalGeneration": video.install_video_llava,
-}
-SUPPORTED = tuple(PATCHERS)
-
-# model class name -> the model internals its patch uses (checked before patching: compat)
-HOOKS: dict[str, tuple[compat.Hook, ...]] = {
-    "LlavaForConditionalGeneration": llava.HOOKS,
-    "LlavaNextForConditionalGeneration": llava_next.HOOKS,
-    "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl.HOOKS,
-    "Qwen3VLForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_VL,
-    "Qwen3VLMoeForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_VL_MOE,
-    "Qwen3_5ForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_5,
-    "Qwen3_5MoeForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_5_MOE,
-    "LlavaNextVideoForConditionalGeneration": video.HOOKS,
-    "VideoLlavaForConditionalGeneration": video.HOOKS,
-}
-
-# model class name -> the processor's placeholder count of each image, for the LLaVA image paths
-IMAGE_TOKEN_COUNTS: dict[str, Callable[..., list[int]]] = {
-    "LlavaForConditionalGeneration": llava.image_tokens,
-    "LlavaNextForConditionalGeneration": llava_next.image_tokens,
-    "LlavaNextVideoForConditionalGeneration": llava_next.image_tokens,   # its images are LLaVA-NeXT's
+# public name -> the module that defines it
+_EXPORTS = {
+    "apply_desap": ".hf.registry", "remove_desap": ".hf.registry", "last_prune": ".hf.registry",
+    "image_token_counts": ".hf.registry", "SUPPORTED": ".hf.registry", "PruneRecord": ".hf.state",
+    "ChatMarkers": ".common.chat",
 }
 
 
-def _lookup(table: dict, model, caller: str):
-    """The entry of ``model``'s class, or of the nearest supported class it derives from."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in table:
-            return table[cls.__name__]
-    raise TypeError(f"{caller} supports {', '.join(table)}; got {type(model).__name__}")
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
 
 
-def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Literal["auto"]] = 0.5,
-                merge: bool = True, *, text_reduce: str = "max", exclude_token_ids=(), backend: str = "auto",
-                text_budget: Optional[int] = None, chat: Union[ChatMarkers, Any, None] = None) -> nn.Module:
-    """Patch ``model`` in place so every image reaches the language model as at most ``keep`` tokens.
-
-    Args:
-        model: one of ``SUPPORTED`` (or a subclass): LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL
-            and Qwen3.5 (dense and MoE), LLaVA-NeXT-Video, Video-LLaVA.
-        keep: at most this many tokens per image (LLaVA-NeXT: per image over its base and crops
-            together; the Qwen models: language-model tokens, each a merged 2 x 2 group of
-            patches) or per video across all its frames (the video models and the Qwen models).
-        task_ratio, merge, text_reduce, backend, text_budget: as in :func:`desap_ops.prune`
-            (``task_ratio="auto"``: each image's split read from its own task scores;
-            ``text_budget=M``: at most M text tokens per image take part).
-        exclude_token_ids: token ids that never count as prompt text; padding, BOS, EOS and image
-            tokens never count.
-        chat: the chat template's markers, a :class:`ChatMarkers` or a tokenizer or processor to
-            read them from: then only the user's words of the image's own turn count as text (no
-            role words, turn ends, answers or later turns; docs/integrations.md). None: every
-            token after the image does.
-    Returns the model. Applying again replaces the previous patch.
-
-    Raises:
-        TypeError: an unsupported model (the model is left as it was), or an option of the wrong type.
-        RuntimeError: a transformers release older than the oldest tested one, or one that lacks a
-            model internal the patch uses (``compat``); the model is left as it was. A release
-            newer than the newest tested one gives a warning.
-        ValueError: an option out of range; a supported model is left without DeSAP. (A ``keep``
-            above an image's tokens is no error: that image passes whole.)
-    """
-    install = _lookup(PATCHERS, model, "apply_desap")
-    compat.check_version()
-    compat.check_hooks(model, _lookup(HOOKS, model, "apply_desap"))
-    remove_desap(model)
-    keep, task_ratio, merge, text_reduce = check_options(keep, task_ratio, merge, text_reduce)
-    state = DesapState(keep=keep, task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
-                       backend=check_backend(backend), ignored_ids=ignored_token_ids(model, exclude_token_ids),
-                       text_budget=check_text_budget(text_budget), chat=as_chat_markers(chat))
-    install(model, state)
-    return model
-
-
-def remove_desap(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_desap`: the model's own methods again, and nothing of DeSAP left on it."""
-    if getattr(model, "_desap", None) is not None:
-        uninstall_methods(model)
-    return model
-
-
-def last_prune(model: nn.Module) -> Optional[PruneRecord]:
-    """The record of the last prune ``model`` ran under :func:`apply_desap` (None before any)."""
-    state: Optional[DesapState] = getattr(model, "_desap", None)
-    if state is None or not state.last:
-        return None
-    return PruneRecord(**{name: list(state.last[name]) for name in RECORD_FIELDS})
-
-
-def image_token_counts(model: nn.Module, pixel_values: torch.Tensor, image_sizes=None) -> list[int]:
-    """How many placeholder tokens the processor gives each image (before pruning): LLaVA-1.5,
-    LLaVA-NeXT and LLaVA-NeXT-Video; ``image_sizes`` as the processor returns it (LLaVA-NeXT)."""
-    return _lookup(IMAGE_TOKEN_COUNTS, model, "image_token_counts")(model, pixel_values, image_sizes)
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 __all__ = ["apply_desap", "remove_desap", "last_prune", "PruneRecord", "ChatMarkers", "image_token_counts",

@@ -19,7 +19,7 @@ from desap_ops import reference
 from desap_ops.cli import demo as demo_module
 from desap_ops.cli import vit_s
 from desap_ops.cli.main import main
-from desap_ops.integrations.signals import capture
+from desap_ops.integrations.common.signals import capture
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIZE = (1500, 660)  # demo_module.FIGURE_SIZE at demo_module.DPI

@@ -1,7 +1,6 @@
 """DeSAP options per request (``mm_processor_kwargs={"desap": {...}}``) and the engine's ``ideal``
 option: in the processor (no engine), through ``LLM.generate`` and through ``vllm serve``, against
 transformers with ``apply_desap`` at each request's own options."""
-import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -85,35 +84,6 @@ def test_a_bad_request_option_fails_in_the_processor_naming_it(checkpoints, desa
         processor(PROMPTS[0], _items(processor, checkpoints["square"]), hf_processor_mm_kwargs={"desap": desap})
 
 
-def _ideal_run(folder, prompt: str, image: str, keep: int, max_tokens: int = 8) -> dict:
-    """The ideal in transformers: the tiny LLaVA with each image's first ``keep`` projected
-    features in place of all of them, and ``keep`` placeholders; its prompt and greedy output ids."""
-    import torch
-    from transformers import AutoProcessor
-
-    from engines import BUILDERS
-
-    model = BUILDERS["llava"](0)
-    inputs = AutoProcessor.from_pretrained(folder)(text=prompt, images=[Image.open(image).convert("RGB")],
-                                                   return_tensors="pt")
-    features = model.model.get_image_features
-
-    @functools.wraps(features)   # generate reads the encoder's parameters from its signature
-    def first_features(*args, **kwargs):
-        out = features(*args, **kwargs)
-        out.pooler_output = [f[:keep] for f in out.pooler_output]
-        return out
-
-    model.model.get_image_features = first_features
-    ids, token = inputs["input_ids"][0].tolist(), model.config.image_token_id
-    start, count = ids.index(token), ids.count(token)
-    ids = ids[:start] + [token] * keep + ids[start + count:]
-    with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             pixel_values=inputs["pixel_values"], max_new_tokens=max_tokens, do_sample=False)
-    return {"prompt_ids": ids, "output_ids": out[0, len(ids):].tolist()}
-
-
 def test_llm_generate_ideal_keeps_each_images_first_tokens_at_each_requests_keep(checkpoints, tmp_path):
     # the ideal engine: the same tower, each image keeps its first K tokens, unmerged (K per request)
     folder, image = checkpoints["llava"], checkpoints["square"]
@@ -129,9 +99,10 @@ def test_llm_generate_ideal_keeps_each_images_first_tokens_at_each_requests_keep
         keep = len(record["indices"])
         assert record["assignment"] == list(range(keep)) + [-1] * (16 - keep)   # nothing merged
     for out, keep in zip(got["rounds"][0], keeps):
-        want = _ideal_run(folder, PROMPTS[0], image, keep)
-        # DeSAP's prompt at the same keep, and the first keep features' greedy answer
+        # transformers' ideal: apply_desap(ideal=True) at the request's keep; its prompt is DeSAP's at that keep
+        want = transformers_run("llava", folder, PROMPTS[0], image, {**DEFAULTS, "keep": keep, "ideal": True})
         desap = transformers_run("llava", folder, PROMPTS[0], image, {**DEFAULTS, "keep": keep}, max_tokens=1)
+        assert want["indices"] == [list(range(keep))]
         assert out["prompt_token_ids"] == desap["prompt_ids"] == want["prompt_ids"]
         assert out["output_token_ids"] == want["output_ids"]
 

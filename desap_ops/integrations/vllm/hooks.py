@@ -166,7 +166,7 @@ GROUPS: tuple[HookGroup, ...] = (
               _v2_pruner(*V2_GPU_PRUNER)
               + (Hook("vllm.config.model:ModelConfig.get_inputs_embeds_size", ()),)),
     V2_CPU_RUNNER,
-    HookGroup("the engine settings read and refused at start-up (engine_checks, qwen_model.check_engine)", (
+    HookGroup("the engine settings read and refused at start-up (engine_checks, qwen.check_engine)", (
         # the fields read: one a release dropped would read as unset and let a setting through
         Hook("vllm.config.model:ModelConfig.architecture"),
         Hook("vllm.config.multimodal:MultiModalConfig", reads=("video_pruning_rate:", "mm_encoder_tp_mode:")),

@@ -6,10 +6,10 @@ from __future__ import annotations
 from vllm.model_executor.models.llava import LlavaMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
-from ..clip_tower import drops_cls, tokens_per_crop
-from ..sequence import image_budget
-from .model import DesapModelMixin, equal_runs, registered_with
+from ..common.layout import drops_cls, tokens_per_crop
+from ..common.sequence import image_budget
 from .hooks import registered_class
+from .model import DesapModelMixin, equal_runs, registered_with
 from .options import DesapOptions
 from .processor import DesapProcessorMixin
 
@@ -46,7 +46,7 @@ class DesapLlavaForConditionalGeneration(DesapModelMixin, registered_class("Llav
         signals = self.desap_signals(image_input["pixel_values"][batch.start:batch.stop], drops_cls(self.config))
         features = []
         for run in equal_runs(options):   # one operator call per run of images sharing their options
-            part = type(signals)(*(s[run.start:run.stop] for s in signals))
+            part = signals.map(lambda t: t[run.start:run.stop])
             keep = image_budget(options[run.start].keep, signals.hidden.shape[1])
             result = self.desap_prune(part, texts[run.start:run.stop], text_mask[run.start:run.stop], keep,
                                       options[run.start])

@@ -3,8 +3,8 @@
 image with no more passes whole) with ``desap_ops.prune`` (the reference on CPU, the Triton
 kernels on CUDA), each with its own request's options (the per-item field ``desap_options``:
 :meth:`DesapModelMixin.desap_item_options`). Under the engine option ``ideal`` an image keeps its
-first ``keep`` tokens instead (:func:`first_tokens`). Without ``desap`` in the config every method
-is the model's own.
+first ``keep`` tokens instead (``common.pruning``, as ``apply_desap(ideal=True)``). Without
+``desap`` in the config every method is the model's own.
 
 The scheduler charges a pruned image its placeholders, not the tokens the vision tower runs on,
 so one ``embed_multimodal`` call may bring more images than vLLM's encoder budget was planned
@@ -18,13 +18,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...api import prune
 from ...reference import PruneResult
-from ..prompt import TEXT_BLIND
+from ..common.prompt import TEXT_BLIND
+from ..common.pruning import prune_images
+from ..common.signals import TowerSignals
 from . import building_parts
 from .options import DesapOptions, decode_request, read_options
 from .processor import OPTIONS_KEYS, TEXT_KEY
-from .tower import VllmTowerSignals, read_vllm_tower
+from .tower import read_vllm_tower
 
 log = logging.getLogger(__name__)
 HISTORY = 256   # images whose prune record a model keeps (``desap_history``), for inspection and tests
@@ -52,17 +53,6 @@ def equal_runs(values: Sequence) -> list[range]:
             runs.append(range(start, i))
             start = i
     return runs
-
-
-def first_tokens(hidden: torch.Tensor, keep: int) -> PruneResult:
-    """The ideal setting: each image's first ``keep`` tokens of ``hidden`` (B, N, D), in order,
-    with no scoring and no merging (task scores and task_keep are zeros)."""
-    batch, tokens = hidden.shape[:2]
-    order = torch.arange(tokens, device=hidden.device)
-    assignment = torch.where(order < keep, order, -1)
-    return PruneResult(hidden[:, :keep], order[:keep].expand(batch, keep), assignment.expand(batch, tokens),
-                       torch.zeros(batch, tokens, device=hidden.device),
-                       torch.zeros(batch, dtype=torch.long, device=hidden.device))
 
 
 def registered_with(processor_class, architecture: str):
@@ -143,24 +133,19 @@ class DesapModelMixin:
         embedded = self.get_language_model().embed_input_ids(ids.to(device).reshape(-1))
         return embedded.reshape(len(rows), width, -1), mask.to(device)
 
-    def desap_signals(self, pixel_values: torch.Tensor, drop_cls: bool) -> VllmTowerSignals:
+    def desap_signals(self, pixel_values: torch.Tensor, drop_cls: bool) -> TowerSignals:
         return read_vllm_tower(self.vision_tower, pixel_values, drop_cls)
 
     def desap_text_space(self, branch: torch.Tensor) -> torch.Tensor:
         """The attention branch mapped to the language model's space: LLaVA's projector."""
         return self.multi_modal_projector(branch)
 
-    def desap_prune(self, signals: VllmTowerSignals, texts: torch.Tensor, text_mask: torch.Tensor,
+    def desap_prune(self, signals: TowerSignals, texts: torch.Tensor, text_mask: torch.Tensor,
                     keep: int, options: DesapOptions) -> PruneResult:
         """``desap_ops.prune`` on one batch of images that share ``options`` (their request's);
         recorded. ``keep`` is the images' budget (``sequence.image_budget``); at their token count
-        every token is kept, in order. Under ``ideal``: the first ``keep`` tokens."""
-        if options.ideal:
-            result = first_tokens(signals.hidden, keep)
-        else:
-            attn = self.desap_text_space(signals.branch)
-            result = prune(signals.hidden, attn, texts.to(attn.dtype), signals.saliency, keep, text_mask=text_mask,
-                           **options.operator_options())
+        every token is kept, in order. Under ``ideal``: the first ``keep`` tokens (``common.pruning``)."""
+        result = prune_images(signals, self.desap_text_space, texts, text_mask, keep, options)
         text_tokens = text_mask.sum(dim=1).cpu()
         for i in range(result.indices.shape[0]):
             self.desap_history.append({"indices": result.indices[i].cpu(), "assignment": result.assignment[i].cpu(),

@@ -1,5 +1,7 @@
-"""Multimodal rotary (M-RoPE) positions for pruned images and videos in vLLM's Qwen2.5-VL
-(a video is one medium: all its frames, one run of placeholders).
+"""Multimodal rotary (M-RoPE) positions for pruned images and videos in every DeSAP Qwen family in
+vLLM (Qwen2.5-VL, Qwen3-VL, Qwen3.5 and their MoE; a video is one medium: all its frames, one run of
+placeholders, which in the Qwen3 generation also holds each frame's timestamp text and markers:
+:func:`span_positions`).
 
 vLLM gives each prompt token its (t, h, w) rotary position when the request arrives
 (``get_mrope_input_positions``), before the encoder has chosen which image tokens survive:

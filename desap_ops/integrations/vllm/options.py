@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 
 from ...reference import AUTO
-from ...validation import TEXT_REDUCTIONS, check_backend, check_keep, check_options, check_text_budget
+from ...validation import TEXT_REDUCTIONS, check_keep, check_options, check_text_budget
+from ..common.pruning import PruneOptions
 
 DEFAULTS = dict(keep=64, task_ratio=0.5, merge=True, text_reduce="max", backend="auto", text_budget=None,
                 exclude_token_ids=(), chat=True, max_keep=None, ideal=False)
@@ -35,22 +36,13 @@ REQUEST = 'mm_processor_kwargs["desap"]'
 
 
 @dataclass(frozen=True)
-class DesapOptions:
-    keep: int
-    task_ratio: Union[float, str]
-    merge: bool
-    text_reduce: str
-    backend: str
-    text_budget: Optional[int]
+class DesapOptions(PruneOptions):
+    """The prune's options (``common.pruning.PruneOptions``: apply_desap's by the same names) and
+    the engine's own."""
+
     exclude_token_ids: tuple[int, ...]
     chat: Any            # None (no markers), True (read from the tokenizer's template) or a dict of marker lists
     max_keep: int        # the largest keep a request may ask for
-    ideal: bool          # keep the first tokens, unscored and unmerged
-
-    def operator_options(self) -> dict:
-        """The keyword arguments of ``desap_ops.prune`` these options set (all but keep)."""
-        return dict(task_ratio=self.task_ratio, merge=self.merge, text_reduce=self.text_reduce,
-                    backend=self.backend, text_budget=self.text_budget)
 
 
 def read_options(hf_config) -> Optional[DesapOptions]:
@@ -64,8 +56,6 @@ def read_options(hf_config) -> Optional[DesapOptions]:
     if unknown:
         raise ValueError(f"{ENGINE} has unknown option(s) {unknown}; the options are {sorted(DEFAULTS)}")
     given = {**DEFAULTS, **raw}
-    keep, task_ratio, merge, text_reduce = check_options(given["keep"], given["task_ratio"], given["merge"],
-                                                         given["text_reduce"])
     excluded = given["exclude_token_ids"]
     if not isinstance(excluded, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                           for t in excluded):
@@ -75,10 +65,10 @@ def read_options(hf_config) -> Optional[DesapOptions]:
         raise TypeError(f'{ENGINE}["chat"] must be true, false or a dict of marker lists, got {chat!r}')
     if not isinstance(given["ideal"], bool):
         raise TypeError(f'{ENGINE}["ideal"] must be true or false, got {given["ideal"]!r}')
-    return DesapOptions(keep=keep, task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
-                        backend=check_backend(given["backend"]), text_budget=check_text_budget(given["text_budget"]),
-                        exclude_token_ids=tuple(excluded), chat=chat or None,
-                        max_keep=_max_keep(given["max_keep"], keep), ideal=given["ideal"])
+    prune = PruneOptions.checked(given["keep"], given["task_ratio"], given["merge"], given["text_reduce"],
+                                 given["backend"], given["text_budget"], given["ideal"])
+    return DesapOptions(**vars(prune), exclude_token_ids=tuple(excluded), chat=chat or None,
+                        max_keep=_max_keep(given["max_keep"], prune.keep))
 
 
 def _max_keep(max_keep, keep: int) -> int:

@@ -27,9 +27,9 @@ from typing import Optional
 
 import torch
 
-from ..chat import ChatMarkers, user_turns
-from ..prompt import config_ignored_ids
-from ..sequence import image_text_tokens
+from ..common.chat import ChatMarkers, user_turns
+from ..common.prompt import config_ignored_ids
+from ..common.sequence import image_text_tokens
 from .options import DesapOptions, decode_request, encode_request, read_options, request_options
 
 TEXT_KEY = "desap_text_ids"   # the per-image text: a processor kwarg on the way in, a field on the way out

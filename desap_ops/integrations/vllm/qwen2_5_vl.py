@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLMultiModalProcessor
-from vllm.multimodal.processing import PromptReplacement
 
-from ..sequence import image_budget
-from . import qwen_model
+from . import qwen
 from .hooks import registered_class
 from .model import registered_with
 from .mrope import Media, media_positions, prompt_positions, with_position_channels
 from .options import DesapOptions
-from .processor import DesapProcessorMixin
-from .qwen_model import DesapQwenModelMixin
-from .tower import VllmTowerSignals
+from .qwen import DesapQwenModelMixin, DesapQwenProcessorMixin
 
 
 def check(hf_config, options: DesapOptions) -> None:
@@ -36,36 +32,12 @@ def check(hf_config, options: DesapOptions) -> None:
 
 
 def check_engine(vllm_config) -> None:
-    """The engine settings Qwen2.5-VL refuses (``qwen_model.check_engine``)."""
-    qwen_model.check_engine(vllm_config, "Qwen2.5-VL")
+    """The engine settings Qwen2.5-VL refuses (``qwen.check_engine``)."""
+    qwen.check_engine(vllm_config, "Qwen2.5-VL")
 
 
-class DesapQwen2_5_VLProcessor(DesapProcessorMixin, Qwen2_5_VLMultiModalProcessor):
-    def desap_image_token(self) -> int:
-        return self.info.get_hf_config().image_token_id
-
-    def desap_media_tokens(self) -> dict[str, int]:
-        return {"image": self.desap_image_token(), "video": self.info.get_hf_config().video_token_id}
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if self.desap is None:
-            return updates
-        tokens = self.desap_media_tokens()
-        merge = self.info.get_hf_config().vision_config.spatial_merge_size
-
-        def kept_placeholders(i: int, modality: str) -> list[int]:
-            grid = out_mm_kwargs[modality][i][f"{modality}_grid_thw"].data
-            # a video's frames share one budget; a small image or short video passes whole
-            keep = self.desap_item(out_mm_kwargs, modality, i).keep
-            return [tokens[modality]] * image_budget(keep, int(grid.prod()) // merge**2)
-
-        def kept(modality: str):
-            return lambda i: kept_placeholders(i, modality)
-
-        return [PromptReplacement(modality=update.modality, target=[tokens[update.modality]],
-                                  replacement=kept(update.modality))
-                if update.modality in tokens else update for update in updates]
+class DesapQwen2_5_VLProcessor(DesapQwenProcessorMixin, Qwen2_5_VLMultiModalProcessor):
+    """vLLM's Qwen2.5-VL processor with DeSAP's placeholders (``qwen.DesapQwenProcessorMixin``)."""
 
 
 @registered_with(DesapQwen2_5_VLProcessor, "Qwen2_5_VLForConditionalGeneration")
@@ -83,11 +55,11 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapQwenModelMixin, registered_cl
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         seconds = media.get("second_per_grid_ts")
         out = []
-        for i, (t, h, w), hidden, branch, saliency in self.desap_tower_items(media, modality):
+        for i, (t, h, w), item in self.desap_tower_items(media, modality):
             # the video's time scale, as iter_mm_grid_thw reads it (images have none)
             t_factor = 1.0 if modality == "image" else per_second * (float(seconds[i]) if seconds is not None else 1.0)
-            result = self.desap_prune(VllmTowerSignals(hidden[None], branch[None], saliency[None]), texts[i:i + 1],
-                                      text_mask[i:i + 1], image_budget(options[i].keep, hidden.shape[0]), options[i])
+            result = self.desap_prune(item.map(lambda tensor: tensor[None]), texts[i:i + 1], text_mask[i:i + 1],
+                                      self.desap_budget(options[i], item.hidden.shape[0]), options[i])
             kept = media_positions(t, h // merge, w // merge, t_factor)[:, result.indices[0].cpu()]
             out.append(with_position_channels(result.tokens[0], kept))
         return out

@@ -23,18 +23,15 @@ from typing import Sequence
 
 import torch
 from vllm.model_executor.models.qwen3_vl import Qwen3VLMultiModalProcessor
-from vllm.multimodal.processing import PromptReplacement
 
 from ...reference import merge_tokens
-from ..sequence import image_budget
-from . import qwen_model
+from ..common.signals import TowerSignals
+from . import qwen
 from .hooks import registered_class
 from .model import registered_with
 from .mrope import Media, media_positions, span_positions, with_position_channels
 from .options import DesapOptions
-from .processor import DesapProcessorMixin
-from .qwen_model import DesapQwenModelMixin
-from .tower import VllmTowerSignals
+from .qwen import DesapQwenModelMixin, DesapQwenProcessorMixin
 
 FAMILY = "Qwen3-VL and Qwen3.5"
 
@@ -49,7 +46,7 @@ def check(hf_config, options: DesapOptions) -> None:
 
 def check_engine(vllm_config) -> None:
     """The engine settings Qwen3-VL and Qwen3.5 refuse (``engine_checks``), as Qwen2.5-VL's."""
-    qwen_model.check_engine(vllm_config, FAMILY)
+    qwen.check_engine(vllm_config, FAMILY)
 
 
 def video_span(config, tokenizer, timestamps: Sequence[float], tokens_per_frame: Sequence[int]) -> list[int]:
@@ -61,49 +58,26 @@ def video_span(config, tokenizer, timestamps: Sequence[float], tokens_per_frame:
         video_token_id=config.video_token_id).full
 
 
-class DesapQwen3VLProcessor(DesapProcessorMixin, Qwen3VLMultiModalProcessor):
-    def desap_image_token(self) -> int:
-        return self.info.get_hf_config().image_token_id
+class DesapQwen3VLProcessor(DesapQwenProcessorMixin, Qwen3VLMultiModalProcessor):
+    """vLLM's Qwen3-VL processor (Qwen3.5's too) with DeSAP's placeholders: an image's as every
+    Qwen family's, a video's its whole pruned span (the model writes it)."""
 
-    def desap_media_tokens(self) -> dict[str, int]:
-        return {"image": self.desap_image_token(), "video": self.info.get_hf_config().video_token_id}
-
-    def desap_keep(self, out_mm_kwargs, modality: str, index: int) -> int:
-        """The ``keep`` of one item: its request's (the one place the processor reads it)."""
-        return self.desap_item(out_mm_kwargs, modality, index).keep
-
-    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
-        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
-        if self.desap is None:
-            return updates
-        config = self.info.get_hf_config()
-        tokens, unit = self.desap_media_tokens(), config.vision_config.spatial_merge_size ** 2
-
-        def placeholders(i: int, modality: str) -> list[int]:
-            item = out_mm_kwargs[modality][i]
-            t, h, w = item[f"{modality}_grid_thw"].data.tolist()
-            budget = image_budget(self.desap_keep(out_mm_kwargs, modality, i), t * h * w // unit)
-            if modality == "image":
-                return [tokens["image"]] * budget
-            # the pruned span's length, whichever frames keep the tokens (the model writes the span)
-            span = video_span(config, self.info.get_tokenizer(), item["timestamps"].data, [budget] + [0] * (t - 1))
-            return [tokens["video"]] * len(span)
-
-        def kept(modality: str):
-            return lambda i: placeholders(i, modality)
-
-        return [PromptReplacement(modality=update.modality, target=update.target, replacement=kept(update.modality))
-                if update.modality in tokens else update for update in updates]
+    def desap_placeholders(self, out_mm_kwargs, modality: str, index: int) -> list[int]:
+        if modality == "image":
+            return super().desap_placeholders(out_mm_kwargs, modality, index)
+        item = out_mm_kwargs[modality][index]
+        t = int(item[f"{modality}_grid_thw"].data[0])
+        budget = self.desap_item_budget(out_mm_kwargs, modality, index)
+        # the pruned span's length, whichever frames keep the tokens
+        span = video_span(self.info.get_hf_config(), self.info.get_tokenizer(), item["timestamps"].data,
+                          [budget] + [0] * (t - 1))
+        return [self.desap_media_tokens()["video"]] * len(span)
 
 
 class DesapQwen3Mixin(DesapQwenModelMixin):
     """DeSAP over any of vLLM's Qwen3-generation classes (put before it in the bases)."""
 
     desap_family = FAMILY
-
-    def desap_budget(self, options: DesapOptions, tokens: int) -> int:
-        """An item's budget under its request's ``options`` (the one place the model reads ``keep``)."""
-        return image_budget(options.keep, tokens)
 
     def desap_media(self, media, modality: str, texts, text_mask, options) -> list[torch.Tensor]:
         """Per image (or video): its embeddings, each row followed by its position channels
@@ -112,26 +86,24 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
         embeds them (their DeepStack levels zero, as transformers adds none there)."""
         merge = self.visual.spatial_merge_size
         out = []
-        for i, (t, h, w), hidden, branch, saliency in self.desap_tower_items(media, modality):
-            tokens, kept = self.desap_prune_item(hidden, branch, saliency, texts[i:i + 1], text_mask[i:i + 1],
-                                                 options[i])
+        for i, (t, h, w), item in self.desap_tower_items(media, modality):
+            tokens, kept = self.desap_prune_item(item, texts[i:i + 1], text_mask[i:i + 1], options[i])
             if modality == "image":
                 out.append(with_position_channels(tokens, media_positions(1, h // merge, w // merge)[:, kept]))
             else:
                 out.append(self.desap_video_span(tokens, kept, (t, h // merge, w // merge), media["timestamps"][i]))
         return out
 
-    def desap_prune_item(self, hidden, branch, saliency, texts, text_mask,
-                         options) -> tuple[torch.Tensor, torch.Tensor]:
-        """One item's kept rows (K, C with its DeepStack levels after, as vLLM's tower lays them)
-        and their indices (CPU, ascending: frame-major for a video)."""
-        width = self.visual_dim
+    def desap_prune_item(self, item: TowerSignals, texts, text_mask, options) -> tuple[torch.Tensor, torch.Tensor]:
+        """One item's kept rows (K, C with its DeepStack levels after, as vLLM's tower lays them
+        along the channels of ``item.hidden``) and their indices (CPU, ascending: frame-major for a
+        video)."""
+        width, hidden = self.visual_dim, item.hidden
         features = hidden[:, :width]
         levels = hidden[:, width:].split(width, dim=1) if hidden.shape[1] > width else ()
-        signals = VllmTowerSignals(features[None], branch[None], saliency[None])
+        signals = TowerSignals(features[None], item.branch[None], item.saliency[None])
         result = self.desap_prune(signals, texts, text_mask, self.desap_budget(options, features.shape[0]), options)
-        merge = options.merge and not options.ideal   # the ideal setting keeps its tokens unmerged
-        merged = [merge_tokens(level[None], result.indices, result.assignment, merge)[0] for level in levels]
+        merged = [merge_tokens(level[None], result.indices, result.assignment, options.merges)[0] for level in levels]
         return torch.cat([result.tokens[0], *merged], dim=1), result.indices[0].cpu()
 
     def desap_video_span(self, tokens: torch.Tensor, kept: torch.Tensor, grid: tuple[int, int, int],

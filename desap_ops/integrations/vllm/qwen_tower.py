@@ -1,7 +1,7 @@
 """DeSAP's signals from vLLM's own Qwen vision encoders (Qwen2.5-VL's
 ``Qwen2_5_VisionTransformer``; the Qwen3 generation's ``qwen3_vl.Qwen3_VisionTransformer``, which
 Qwen3-VL, Qwen3.5 and their MoE share), read as the transformers path reads them
-(``integrations/qwen2_5_vl.py``, ``integrations/qwen3_vl.py``): at the last full-attention block
+(``integrations/hf/qwen2_5_vl.py``, ``integrations/hf/qwen3_vl.py``): at the last full-attention block
 (Qwen3: every block is one, so the last), the attention each language-model token receives (its
 2 x 2 patches summed) and the attention branch mapped by the model's own patch merger.
 
@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..signals import received_attention
-from .tower import VllmTowerSignals, mean_over_ranks
+from ..common.signals import TowerSignals, received_attention
+from .tower import mean_over_ranks
 
 
 def frame_segments(grid_thw: list[list[int]]) -> list[tuple[int, int]]:
@@ -38,7 +38,7 @@ def saliency_block(visual: nn.Module) -> int:
     return full[-1] if full else len(visual.blocks) - 1
 
 
-def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]]) -> VllmTowerSignals:
+def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]]) -> TowerSignals:
     """Run ``visual`` on the images of ``grid_thw`` and read, per language-model token in the
     model's order (all images concatenated): hidden (T', C; Qwen3-VL: its DeepStack levels
     follow along the channels, as vLLM's tower returns them), branch (T', C), saliency (T',)."""
@@ -67,4 +67,4 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
     order = metadata.get("reverse_indices")   # Qwen2.5-VL: window order -> model order
     if order is not None:
         saliency, branch = saliency[order], branch[order]
-    return VllmTowerSignals(hidden, branch, saliency)
+    return TowerSignals(hidden, branch, saliency)

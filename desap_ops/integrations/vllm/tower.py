@@ -10,18 +10,10 @@ same tokens.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
-from ..signals import cls_attention
-
-
-class VllmTowerSignals(NamedTuple):
-    hidden: torch.Tensor     # (B, T, D) the feature layer's output
-    branch: torch.Tensor     # (B, T, D) its attention branch, before the residual add
-    saliency: torch.Tensor   # (B, T) float32 [CLS] attention, mean over all heads of all ranks
+from ..common.signals import TowerSignals, cls_attention
 
 
 def mean_over_ranks(local_mean: torch.Tensor, local_heads: int, heads: int, tp_size: int) -> torch.Tensor:
@@ -43,9 +35,11 @@ def cls_saliency(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
     return mean_over_ranks(mean, local_heads, attention.num_heads, getattr(attention, "tp_size", 1))
 
 
-def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool) -> VllmTowerSignals:
+def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool) -> TowerSignals:
     """Run vLLM's CLIP ``tower`` (built up to the feature layer) on ``pixel_values`` and read the
-    signals at its last layer; ``drop_cls`` removes [CLS] from all three."""
+    signals at its last layer ((B, T, .): the layer's output, its attention branch before the
+    residual add, and the [CLS] saliency averaged over all heads of all ranks); ``drop_cls``
+    removes [CLS] from all three."""
     layer = tower.vision_model.encoder.layers[-1]
     attention = layer.self_attn
     seen = {}
@@ -61,7 +55,5 @@ def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool
     finally:
         for handle in handles:
             handle.remove()
-    branch, saliency = seen["branch"], cls_saliency(seen["qkv"], attention)
-    if drop_cls:
-        hidden, branch, saliency = hidden[:, 1:], branch[:, 1:], saliency[:, 1:]
-    return VllmTowerSignals(hidden, branch, saliency)
+    signals = TowerSignals(hidden, seen["branch"], cls_saliency(seen["qkv"], attention))
+    return signals.map(lambda t: t[:, 1:]) if drop_cls else signals

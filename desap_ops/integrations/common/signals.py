@@ -1,0 +1,121 @@
+"""DeSAP's signals from a vision tower, for every family and both engines.
+
+:class:`TowerSignals` is what a tower pass gives the operator, whichever engine read it. The rest
+computes them. Hooks on the feature layer's attention module (:func:`capture`) capture:
+- the attention branch: the attention module's output (after its output projection), before the
+  layer adds it to the residual stream;
+- the queries and keys, from the outputs of the query and key projections. [CLS] saliency is the
+  softmax of the [CLS] query against all keys, averaged over heads: O(T) per head, so the attention
+  implementation (eager, SDPA, flash) is left as it is and no T x T matrix is ever formed.
+
+Encoders without [CLS] (the Qwen families) use :func:`received_attention` instead: the attention
+each token receives, one block of queries at a time.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TowerSignals:
+    """DeSAP's inputs from one pass of a vision tower. Every tensor has the same leading
+    dimensions: (images or crops, tokens) for a CLIP-style tower, (tokens,) for a Qwen tower's
+    items one after another."""
+
+    hidden: torch.Tensor     # (..., D): the tokens that are kept and merged
+    branch: torch.Tensor     # (..., D'): the attention branch (CLIP: before the projector; Qwen: through the merger)
+    saliency: torch.Tensor   # (...,) float32: [CLS] attention, or the attention a token receives
+    levels: tuple[torch.Tensor, ...] = ()   # DeepStack levels (Qwen3-VL in transformers), row for row with hidden
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TowerSignals":
+        """``function`` applied to every tensor (an index, a reshape): the rows stay aligned."""
+        return TowerSignals(function(self.hidden), function(self.branch), function(self.saliency),
+                            tuple(function(level) for level in self.levels))
+
+    def split(self, sizes: Sequence[int]) -> list["TowerSignals"]:
+        """One :class:`TowerSignals` per part of the leading dimension (``sizes`` rows each)."""
+        parts = [t.split(list(sizes)) for t in (self.hidden, self.branch, self.saliency, *self.levels)]
+        return [TowerSignals(h, b, s, tuple(levels)) for h, b, s, *levels in zip(*parts)]
+
+
+@dataclass
+class AttentionLayout:
+    """Where the pieces of one self-attention module are."""
+
+    attention: nn.Module      # returns the attention branch (a tensor or a tuple starting with it)
+    query: nn.Module          # Linear producing the queries (B, T, H * d)
+    key: nn.Module            # Linear producing the keys (B, T, H * d)
+    num_heads: int
+    scale: float
+
+
+@dataclass
+class CapturedSignals:
+    attention_branch: Optional[torch.Tensor] = None   # (B, T, D)
+    queries: Optional[torch.Tensor] = None            # (B, T, H * d)
+    keys: Optional[torch.Tensor] = None               # (B, T, H * d)
+    num_heads: int = 1
+    scale: float = 1.0
+    handles: list = field(default_factory=list)
+
+    def cls_saliency(self, cls_index: int = 0) -> torch.Tensor:
+        """(B, T) float32: attention of the [CLS] query to every token, averaged over heads."""
+        return cls_attention(self.queries[:, cls_index], self.keys, self.num_heads, self.scale)
+
+
+def cls_attention(query: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """softmax(q . k_t * scale) over t for one query per image, averaged over heads: (B, T) float32."""
+    batch, tokens, width = keys.shape
+    head_dim = width // num_heads
+    q = query.float().view(batch, num_heads, 1, head_dim)
+    k = keys.float().view(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)).squeeze(2) * scale          # (B, H, T)
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+QUERY_BLOCK_BYTES = 64 * 2**20   # bound on the scores of one block of queries
+
+
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, segments, scale: float) -> torch.Tensor:
+    """(T,) float32: for each token, the mean over the queries of its segment of the softmax
+    attention it receives, averaged over heads. queries, keys: (T, H, d)."""
+    tokens, heads, _ = keys.shape
+    out = torch.zeros(tokens, dtype=torch.float32, device=keys.device)
+    for start, end in segments:
+        k = keys[start:end].transpose(0, 1).float()                     # (H, n, d)
+        block = max(1, QUERY_BLOCK_BYTES // (4 * heads * (end - start)))
+        for first in range(start, end, block):
+            q = queries[first:min(first + block, end)].transpose(0, 1).float()   # (H, b, d)
+            weights = ((q @ k.transpose(1, 2)) * scale).softmax(dim=-1)           # (H, b, n)
+            out[start:end] += weights.sum(dim=1).mean(dim=0)
+        out[start:end] /= end - start
+    return out
+
+
+@contextmanager
+def capture(layout: AttentionLayout) -> Iterator[CapturedSignals]:
+    """Capture the signals of one forward pass through ``layout.attention``."""
+    signals = CapturedSignals(num_heads=layout.num_heads, scale=layout.scale)
+
+    def save(name):
+        def hook(module, args, output):
+            value = output[0] if isinstance(output, (tuple, list)) else output
+            setattr(signals, name, value)
+        return hook
+
+    signals.handles = [
+        layout.attention.register_forward_hook(save("attention_branch")),
+        layout.query.register_forward_hook(save("queries")),
+        layout.key.register_forward_hook(save("keys")),
+    ]
+    try:
+        yield signals
+    finally:
+        for handle in signals.handles:
+            handle.remove()
+        signals.handles = []

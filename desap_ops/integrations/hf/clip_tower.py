@@ -1,0 +1,53 @@
+"""Reading a transformers CLIP-style vision tower at the model's feature layer (LLaVA-1.5,
+LLaVA-NeXT and the video models): one run of the tower gives the hidden states, the attention
+branch and the [CLS] saliency of every token (``common.signals``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..common.signals import AttentionLayout, TowerSignals, capture
+
+
+def feature_layer(config) -> int:
+    """The index into the tower's hidden_states that ``config.vision_feature_layer`` selects; its
+    attention is encoder layer index - 1. A list of layers, or the embeddings, are refused."""
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"apply_desap needs a single vision_feature_layer, the model uses {layer}")
+    count = config.vision_config.num_hidden_layers
+    index = layer if layer >= 0 else count + 1 + layer
+    if not 1 <= index <= count:
+        raise ValueError(f"vision_feature_layer {layer} has no attention layer to read DeSAP's signals from")
+    return index
+
+
+def clip_layout(encoder_layer: nn.Module) -> AttentionLayout:
+    """CLIP / SigLIP-style layer: ``self_attn`` with ``q_proj`` and ``k_proj``."""
+    attention = encoder_layer.self_attn
+    return AttentionLayout(attention, attention.q_proj, attention.k_proj,
+                           num_heads=attention.num_heads, scale=attention.scale)
+
+
+def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a CLIP-style vision tower (transformers 5 and 4 layouts)."""
+    for path in ("encoder.layers", "vision_model.encoder.layers"):
+        try:
+            return vision_tower.get_submodule(path)
+        except AttributeError:
+            continue
+    raise TypeError(f"cannot find the encoder layers of {type(vision_tower).__name__}")
+
+
+def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool) -> tuple[TowerSignals, object]:
+    """Run ``tower`` once on ``pixel_values`` and read the signals at hidden_states[``layer``]
+    ((B, T, .) each; ``drop_cls`` removes the [CLS] token from all three). Returns them and the
+    tower's own output (hidden_states included), which the model's feature method also returns."""
+    with capture(clip_layout(encoder_layers(tower)[layer - 1])) as captured:
+        outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
+        saliency = captured.cls_saliency()
+        branch = captured.attention_branch
+    signals = TowerSignals(outputs.hidden_states[layer], branch, saliency)
+    if drop_cls:
+        signals = signals.map(lambda t: t[:, 1:])
+    return signals, outputs

@@ -1,0 +1,309 @@
+"""The Qwen base patcher: planned calls for the Qwen vision-language models (Qwen2.5-VL, Qwen3-VL,
+Qwen3.5 and their MoE).
+
+Which tokens survive depends on the pixels, so a Qwen call is planned before the model's own
+``forward`` or ``generate`` runs: the vision tower runs once per medium (images, videos), each
+image or video is pruned to at most ``keep`` tokens (``sequence.image_budget``; a video's frames
+compete for one budget), the prompt loses the dropped placeholders, and the kept tokens keep the
+3D rotary positions the model's own ``get_rope_index`` gives the full prompt. The model's
+``get_image_features`` and ``get_video_features`` then hand out the planned tokens (and their
+DeepStack levels, Qwen3-VL), and generate's position preparation hands out the planned positions.
+
+A family supplies ``read_tower(model, pixels, grid) -> TowerSignals`` (its saliency layer and
+merger; ``common.signals``) and ``output(features, levels)`` (the model output its forward
+reads), then calls :func:`install`. Everything else is here, the same for every Qwen family. What
+a call plans travels as a :class:`QwenPlan` on the call's context (``state.CallContext.plan``).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ...reference import merge_tokens
+from ..common.sequence import count_placeholders, drop_tokens, image_budget
+from ..common.signals import TowerSignals, received_attention
+from .compat import Hook
+from .serving import install_serving, pad_token_id, run_prune, start_record
+from .state import DesapState
+from .text import text_embeddings
+
+# the internals every Qwen patch uses through this module (each family adds its tower's own)
+PLAN_HOOKS = (
+    Hook("model.model.get_image_features", ("pixel_values", "image_grid_thw")),
+    Hook("model.model.get_video_features", ("pixel_values_videos", "video_grid_thw")),
+    Hook("model._prepare_position_ids_for_generation", ("inputs_tensor", "model_kwargs")),
+    Hook("transformers.generation.utils.GenerationMixin._prepare_position_ids_for_generation",
+         ("inputs_tensor", "model_kwargs")),
+    Hook("model.model.visual.blocks"),
+    Hook("model.model.visual.merger"),
+    Hook("model.model.language_model"),
+    Hook("model.forward", ("input_ids", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                           "attention_mask", "position_ids", "mm_token_type_ids", "labels")),
+    Hook("model.generate"),
+)
+
+
+class Medium(NamedTuple):
+    """Where one kind of visual input sits in a call's arguments and the model's config."""
+
+    kind: str          # "image" or "video": the name of its get_<kind>_features
+    pixels: str        # its pixel argument
+    grid: str          # its (t, h, w) grid argument
+    token_type: int    # its value in mm_token_type_ids
+    token_attr: str    # the config attribute of its placeholder id
+
+
+MEDIA = (Medium("image", "pixel_values", "image_grid_thw", 1, "image_token_id"),
+         Medium("video", "pixel_values_videos", "video_grid_thw", 2, "video_token_id"))
+
+
+class PlannedMedium(NamedTuple):
+    """What the model's ``get_<kind>_features`` hands out for one medium of a planned call."""
+
+    features: list[torch.Tensor]       # per item (image or video): (K, C), its kept tokens
+    levels: list[list[torch.Tensor]]   # per DeepStack level: per item (K, C), pruned and merged alike
+    items_per_row: list[int]           # how many items each row of the batch holds
+
+
+@dataclass(frozen=True)
+class QwenPlan:
+    """A planned call: the pruned features of each medium, and the kept tokens' 3D positions."""
+
+    image: Optional[PlannedMedium]   # None: the call brought no images
+    video: Optional[PlannedMedium]   # None: the call brought no videos
+    positions: torch.Tensor          # (3, B, T'): the shortened prompt's positions
+    rope_deltas: torch.Tensor        # (B, 1): largest position + 1 - length, per row (the model's rope_deltas)
+
+    def medium(self, kind: str) -> Optional[PlannedMedium]:
+        """The planned medium of ``kind`` ("image" or "video")."""
+        return self.image if kind == "image" else self.video
+
+
+# TowerSignals here: (T', .) for every language-model token of a tower pass (all items, in order),
+# the merged tokens, the attention branch through the merger, the attention received summed over
+# each token's 2 x 2 patches, and the DeepStack levels
+ReadTower = Callable[[nn.Module, torch.Tensor, torch.Tensor], TowerSignals]
+Output = Callable[[list, list], object]   # (features per item, levels x items) -> the model output
+
+
+# --- reading a vision block ----------------------------------------------------------------------
+
+@contextmanager
+def capture_block(block: nn.Module) -> Iterator[dict]:
+    """Inputs and outputs of one Qwen vision block's attention while the tower runs: rotary tables
+    (``position_embeddings``), segments (``cu_seqlens``), ``qkv`` and the attention ``branch``."""
+    store = {}
+
+    def before(module, args, kwargs):
+        store["position_embeddings"] = kwargs.get("position_embeddings")
+        store["cu_seqlens"] = kwargs.get("cu_seqlens")
+
+    def save(name):
+        def hook(module, args, output):
+            store[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [block.attn.register_forward_pre_hook(before, with_kwargs=True),
+               block.attn.qkv.register_forward_hook(save("qkv")),
+               block.attn.register_forward_hook(save("branch"))]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def block_received_attention(block: nn.Module, store: dict, apply_rotary: Callable) -> torch.Tensor:
+    """(patches,) float32: the attention each patch receives in ``block`` within its segment (an
+    image, or one frame of a video), from the block's own queries and keys with rotary applied."""
+    qkv = store["qkv"]
+    queries, keys, _ = qkv.reshape(qkv.shape[0], 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    queries, keys = apply_rotary(queries, keys, *store["position_embeddings"])
+    bounds = store["cu_seqlens"].tolist()
+    return received_attention(queries, keys, list(zip(bounds[:-1], bounds[1:])), block.attn.scaling)
+
+
+# --- planning a call -----------------------------------------------------------------------------
+
+def _present(arguments: dict) -> list[Medium]:
+    return [medium for medium in MEDIA if arguments.get(medium.pixels) is not None]
+
+
+def _sizes(model: nn.Module, grid: torch.Tensor) -> list[int]:
+    """Language-model tokens of each item: its patches over the 2 x 2 merge."""
+    return (grid.prod(-1) // model.model.visual.spatial_merge_unit).tolist()
+
+
+def _items_per_row(input_ids: torch.Tensor, token_id: int, sizes: list[int]) -> list[int]:
+    """How many items of ``sizes`` each row holds (an item's row is that of its first placeholder)."""
+    flat = (input_ids == token_id).reshape(-1).nonzero()[:, 0]
+    firsts = torch.tensor([0] + sizes[:-1], device=flat.device).cumsum(0)
+    rows = flat[firsts] // input_ids.shape[1]
+    return torch.bincount(rows, minlength=input_ids.shape[0]).tolist()
+
+
+def _prune_medium(model: nn.Module, signals: TowerSignals, sizes: list[int], input_ids, mask,
+                  token_id: int) -> tuple[PlannedMedium, torch.Tensor]:
+    """Prune each item to its budget. Returns the planned features (and DeepStack levels, pruned
+    with the same indices and merged with the same assignment) and the keep flag of every
+    placeholder of this medium, in row-major order."""
+    options = model._desap.options
+    texts, text_mask = text_embeddings(model, input_ids, mask, token_id, sizes, signals.hidden.device)
+    features, planned_levels, flags = [], [[] for _ in signals.levels], []
+    for i, item in enumerate(signals.split(sizes)):
+        tokens = item.hidden.shape[0]
+        result = run_prune(model, item.map(lambda t: t[None]), lambda branch: branch.to(item.hidden.dtype),
+                           texts[i:i + 1], text_mask[i:i + 1],
+                           keep=image_budget(options.keep, tokens))   # a small item passes whole
+        features.append(result.tokens[0])
+        for level, planned in zip(item.levels, planned_levels):
+            planned.append(merge_tokens(level[None], result.indices, result.assignment, options.merges)[0])
+        kept = torch.zeros(tokens, dtype=torch.bool, device=item.hidden.device)
+        kept[result.indices[0]] = True
+        flags.append(kept)
+    planned = PlannedMedium(features, planned_levels, _items_per_row(input_ids, token_id, sizes))
+    return planned, torch.cat(flags)
+
+
+def _full_positions(model: nn.Module, arguments: dict, token_types: torch.Tensor) -> torch.Tensor:
+    """(3, B, T): the caller's 3D positions, or the model's own for the full prompt."""
+    positions = arguments.get("position_ids")
+    if positions is not None and positions.dim() == 3 and positions.shape[0] == 3:
+        return positions
+    extra = {k: arguments[k] for k in ("second_per_grid_ts",) if arguments.get(k) is not None}
+    positions, _ = model.model.get_rope_index(
+        arguments["input_ids"], mm_token_type_ids=token_types, image_grid_thw=arguments.get("image_grid_thw"),
+        video_grid_thw=arguments.get("video_grid_thw"), attention_mask=arguments.get("attention_mask"), **extra)
+    return positions
+
+
+def plan(model: nn.Module, arguments: dict, pad_left: bool, read_tower: ReadTower) -> dict:
+    """Prune every image and video, shorten the prompt, keep the kept tokens' positions. Returns
+    the arguments for the model's own forward (or generate) and plans the features it will get."""
+    input_ids, mask = arguments["input_ids"], arguments.get("attention_mask")
+    token_types = arguments.get("mm_token_type_ids")
+    if token_types is None:
+        token_types = torch.zeros_like(input_ids, dtype=torch.int)
+        for medium in MEDIA:
+            token_types[input_ids == getattr(model.config, medium.token_attr)] = medium.token_type
+    kept = torch.ones_like(input_ids, dtype=torch.bool)
+    media: dict[str, PlannedMedium] = {}
+    start_record(model)
+    for medium in _present(arguments):
+        grid, token_id = arguments[medium.grid], getattr(model.config, medium.token_attr)
+        signals = read_tower(model, arguments[medium.pixels], grid)
+        media[medium.kind], flags = _prune_medium(model, signals, _sizes(model, grid), input_ids, mask, token_id)
+        kept[input_ids == token_id] = flags.to(kept.device)
+
+    shrunk = drop_tokens(kept, pad_token_id(model), input_ids, mask, arguments.get("labels"),
+                         _full_positions(model, arguments, token_types), token_types, pad_left=pad_left)
+    new_mask = shrunk["attention_mask"]
+    valid = new_mask.bool() if new_mask is not None else torch.ones_like(shrunk["input_ids"], dtype=torch.bool)
+    top = shrunk["position_ids"].masked_fill(~valid[None], 0).amax(dim=(0, 2))
+    model._desap.call.plan = QwenPlan(image=media.get("image"), video=media.get("video"),
+                                      positions=shrunk["position_ids"],
+                                      rope_deltas=(top + 1 - valid.sum(dim=1))[:, None])
+    out = {"input_ids": shrunk["input_ids"], "mm_token_type_ids": shrunk["token_types"],
+           "position_ids": shrunk["position_ids"]}
+    for name in ("attention_mask", "labels"):
+        if shrunk[name] is not None:
+            out[name] = shrunk[name]
+    return out
+
+
+def needs_plan(model: nn.Module, arguments: dict) -> bool:
+    """True for a call that brings pixels and the processor's placeholders; False for one that
+    brings none, or for the prefill of a generate call already planned (placeholders at budget)."""
+    media = _present(arguments)
+    if not media:
+        return False
+    state: DesapState = model._desap
+    full, planned = True, state.call.plan is not None
+    for medium in media:
+        input_ids, grid = arguments.get("input_ids"), arguments.get(medium.grid)
+        if input_ids is None or grid is None:
+            raise ValueError(f"apply_desap needs input_ids and {medium.grid} when {medium.pixels} are given")
+        sizes = _sizes(model, grid)
+        budgeted = sum(image_budget(state.options.keep, n) for n in sizes)
+        found = count_placeholders(input_ids, getattr(model.config, medium.token_attr))
+        full &= found == sum(sizes)
+        planned &= found == budgeted
+        if found not in (sum(sizes), budgeted):
+            raise ValueError(f"input_ids hold {found} {medium.kind} tokens for {len(sizes)} {medium.kind}s: "
+                             f"expected {sum(sizes)} (the processor's count)")
+    if full:
+        return True
+    if planned:
+        return False
+    raise ValueError("input_ids hold the processor's placeholder count for some media and not for others")
+
+
+def prepare(model: nn.Module, arguments: dict, generating: bool, read_tower: ReadTower) -> None:
+    """``serving``'s prepare step: plan the call if it brings the processor's placeholders."""
+    if not needs_plan(model, arguments):
+        return
+    arguments.update(plan(model, arguments, pad_left=generating, read_tower=read_tower))
+    if generating:
+        arguments.pop("position_ids")  # generate prepares them (from the plan)
+    else:
+        model.model.rope_deltas = model._desap.call.plan.rope_deltas
+
+
+# --- handing out what was planned ----------------------------------------------------------------
+
+def as_expanded(items: list, items_per_row: list[int], grid_rows: int) -> list:
+    """The planned items, each row's items repeated as generate repeats them for beams or
+    ``num_return_sequences`` when it expands the inputs before the encoder runs (transformers
+    before 5.18): row by row, each row's items ``repeats`` times in a row."""
+    repeats = grid_rows // max(1, len(items))
+    if repeats <= 1:
+        return list(items)
+    expanded, start = [], 0
+    for count in items_per_row:
+        expanded += items[start:start + count] * repeats
+        start += count
+    return expanded
+
+
+def planned_features(model: nn.Module, kind: str, pixels, grid, output: Output, **kwargs):
+    """``get_<kind>_features`` under DeSAP: the planned tokens (the tower already ran), or the
+    model's own method for a call that was not planned."""
+    state: DesapState = model._desap
+    planned = None if state.call.plan is None else state.call.plan.medium(kind)
+    if planned is None:
+        return state.patch.originals[f"get_{kind}_features"](pixels, grid, **kwargs)
+    expand = lambda items: as_expanded(items, planned.items_per_row, grid.shape[0])  # noqa: E731
+    return output(expand(planned.features), [expand(level) for level in planned.levels])
+
+
+def position_ids_for_generation(model: nn.Module, inputs_tensor, model_kwargs):
+    """generate's 3D positions: for a planned prefill, the kept tokens' original positions."""
+    state: DesapState = model._desap
+    plan = state.call.plan
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+    if plan is None or (cache is not None and cache.get_seq_length() > 0):
+        return state.patch.originals["_prepare_position_ids_for_generation"](inputs_tensor, model_kwargs)
+    from transformers.generation.utils import GenerationMixin  # loaded by now; costly at import time
+
+    # the text positions generate would give a text-only model, plus the planned 3D ones
+    text = GenerationMixin._prepare_position_ids_for_generation(model, inputs_tensor, model_kwargs)
+    model.model.rope_deltas = plan.rope_deltas
+    return torch.cat([text[None], plan.positions.to(text.device)], dim=0)
+
+
+def install(model: nn.Module, state: DesapState, read_tower: ReadTower, output: Output) -> None:
+    """Patch a Qwen model: forward, generate, generate's positions, the image and video features."""
+    def image_features(inner, pixel_values, image_grid_thw=None, **kwargs):
+        return planned_features(model, "image", pixel_values, image_grid_thw, output, **kwargs)
+
+    def video_features(inner, pixel_values_videos, video_grid_thw=None, **kwargs):
+        return planned_features(model, "video", pixel_values_videos, video_grid_thw, output, **kwargs)
+
+    install_serving(model, state, lambda m, arguments, generating: prepare(m, arguments, generating, read_tower),
+                    (model.model, "get_image_features", image_features),
+                    (model.model, "get_video_features", video_features),
+                    (model, "_prepare_position_ids_for_generation", position_ids_for_generation))

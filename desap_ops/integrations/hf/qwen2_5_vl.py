@@ -1,0 +1,72 @@
+"""DeSAP inside transformers' Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``).
+
+Qwen2.5-VL's vision encoder has no [CLS] token, runs window attention in most layers, and merges
+each 2 x 2 group of patches into one language-model token. DeSAP runs at the level of those
+language-model tokens:
+
+- saliency: the attention each token *receives* at the encoder's last full-attention layer (the
+  mean over queries of softmax(q k^T) within its image, or its frame of a video, averaged over
+  heads, summed over the 2 x 2 patches of the token). It is computed from that layer's own queries
+  and keys (rotary applied), one block of queries at a time, so no attention matrix is ever held,
+  and the model's own attention (SDPA or flash) runs unchanged in every layer;
+- attention branch: that layer's attention output, mapped to the language model's space by the
+  model's own patch merger;
+- hidden and metric: the merged tokens the language model receives.
+
+Images get ``keep`` tokens each, videos ``keep`` across all their frames. Planning the call,
+positions and generation are shared with the other Qwen families (``qwen``, the Qwen base patcher).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..common.signals import TowerSignals
+from . import qwen
+from .compat import Hook
+from .state import DesapState
+
+HOOKS = (
+    *qwen.PLAN_HOOKS,
+    Hook("model.model.get_rope_index", ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask",
+                                        "video_grid_thw", "second_per_grid_ts")),
+    Hook("transformers.vision_utils.get_vision_window_index", ("spatial_merge_size", "window_size", "patch_size",
+                                                                          "kwargs")),
+    Hook("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl.apply_rotary_pos_emb_vision"),
+)
+
+
+def saliency_layer(model: nn.Module) -> int:
+    """The vision block DeSAP reads: the last full-attention block."""
+    return model.config.vision_config.fullatt_block_indexes[-1]
+
+
+def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> TowerSignals:
+    """One tower pass over images or videos, read at :func:`saliency_layer`: per language-model
+    token (all images, or all videos, in the model's order) the hidden state (T', C), the attention
+    branch in text space (T', C) and the saliency (T',). Needs no patch: it reads the model as it is."""
+    # here, not at the top: importing the modeling module costs seconds
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = model.model.visual
+    block = visual.blocks[saliency_layer(model)]
+    with qwen.capture_block(block) as store:
+        outputs = visual(pixels.type(visual.dtype), grid_thw=grid_thw)
+    received = qwen.block_received_attention(block, store, apply_rotary_pos_emb_vision)
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size,
+                                              kwargs={})
+    order = torch.argsort(window_index.to(received.device))   # encoder (window) order -> model order
+    saliency = received.view(-1, visual.spatial_merge_unit).sum(dim=1)[order]
+    return TowerSignals(outputs.pooler_output, visual.merger(store["branch"])[order], saliency)
+
+
+def _output(features: list, levels: list) -> BaseModelOutputWithPooling:
+    return BaseModelOutputWithPooling(pooler_output=features)
+
+
+def install(model: nn.Module, state: DesapState) -> None:
+    """Patch a Qwen2.5-VL model: forward, generate, generate's positions, the image and video features."""
+    qwen.install(model, state, read_tower, _output)

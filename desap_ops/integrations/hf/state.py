@@ -1,0 +1,91 @@
+"""What :func:`desap_ops.integrations.apply_desap` leaves on a patched model (``model._desap``), in
+four parts by lifetime, and the public record of the last prune."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from ..common.chat import ChatMarkers
+from ..common.pruning import PruneOptions
+
+if TYPE_CHECKING:   # the Qwen base patcher imports this module
+    from .qwen import QwenPlan
+
+
+@dataclass(frozen=True)
+class PruneRecord:
+    """What the last prune of a patched model kept, one tensor per image (or video), in the
+    order the model received them."""
+
+    indices: list          # (K,) int64, ascending: kept candidate tokens
+    assignment: list       # (N,) int64: output position of each candidate token
+    task_scores: list      # (N,) float32
+    saliency: list         # (N,) float32: the saliency the operator was given
+    task_keep: list        # 0-d int64: how many of the kept tokens were chosen by task score
+    text_tokens: list      # 0-d int64: how many prompt text tokens its task score read; 0: text-blind
+
+
+@dataclass(frozen=True)
+class Options(PruneOptions):
+    """apply_desap's options, checked: the prune's, and which prompt tokens count as its text."""
+
+    ignored_ids: frozenset[int]       # token ids that never count as prompt text
+    chat: Optional[ChatMarkers]       # count only the user's words of a chat; None: all text
+
+
+class SavedAttribute(NamedTuple):
+    """An attribute the patch set on ``owner``, and what the instance held under ``name`` before
+    (None: nothing; the class's method showed through)."""
+
+    owner: nn.Module
+    name: str
+    previous: Any
+
+
+@dataclass
+class Patch:
+    """The patch's bookkeeping, for as long as it is installed."""
+
+    saved: list[SavedAttribute] = field(default_factory=list)        # to restore
+    originals: dict[str, Callable] = field(default_factory=dict)     # method name -> the method DeSAP shadows
+    feature_layer: int = 0   # CLIP-style towers: index into hidden_states of the layer the signals are read
+    #                          at (its attention is layer feature_layer - 1); 0 where the patcher reads a
+    #                          fixed layer instead (the Qwen families)
+
+
+class Prompt(NamedTuple):
+    """The prompt of the call being served, after shrinking: the text side reads it."""
+
+    input_ids: Optional[torch.Tensor]
+    attention_mask: Optional[torch.Tensor]
+
+
+@dataclass
+class CallContext:
+    """What one ``forward`` or ``generate`` call carries from its prepare step to the model's
+    methods; emptied when the call returns."""
+
+    prompt: Optional[Prompt] = None
+    plan: Optional[QwenPlan] = None   # the Qwen families' planned call; None where nothing is planned
+
+
+@dataclass
+class Records:
+    """What outlives a call: the record of the last vision pass (``last_prune``), kept until the
+    next one starts, and whether this model has logged the text-blind warning."""
+
+    last: Optional[PruneRecord] = None
+    told_text_blind: bool = False
+
+
+@dataclass
+class DesapState:
+    """DeSAP's state on a patched model, the same parts for every family."""
+
+    options: Options
+    patch: Patch = field(default_factory=Patch)
+    call: CallContext = field(default_factory=CallContext)
+    records: Records = field(default_factory=Records)

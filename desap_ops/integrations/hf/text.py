@@ -1,0 +1,37 @@
+"""The prompt text a patched model's task score reads, embedded: each image's (or video's) text
+tokens by the rule of ``common.sequence.image_text_tokens`` (with a chat's markers,
+``apply_desap(chat=...)``: only the user's words of the image's own turn), through the model's
+own input embeddings."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..common.chat import user_turns
+from ..common.sequence import image_text_tokens
+from .state import DesapState
+
+
+def text_embeddings(model: nn.Module, input_ids: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
+                    token_id: int, lengths: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (I, L, C) and mask (I, L) of the prompt text of each of the runs of ``token_id``
+    placeholders (``lengths`` long, in order) in ``input_ids``; all-masked (saliency alone decides)
+    without ``input_ids``."""
+    options = model._desap.options
+    if input_ids is None:
+        ids = torch.zeros(len(lengths), 1, dtype=torch.long, device=device)
+        mask = torch.zeros(len(lengths), 1, dtype=torch.bool, device=device)
+    else:
+        turns = None if options.chat is None else user_turns(input_ids, options.chat)
+        ids, mask = image_text_tokens(input_ids, attention_mask, token_id, lengths, options.ignored_ids, turns)
+    return model.get_input_embeddings()(ids.to(device)), mask.to(device)
+
+
+def served_text_embeddings(model: nn.Module, count: int, token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`text_embeddings` of the ``count`` images (or videos) of the call being served, whose
+    prompt already holds ``keep`` placeholders for each."""
+    state: DesapState = model._desap
+    input_ids, attention_mask = state.call.prompt or (None, None)
+    return text_embeddings(model, input_ids, attention_mask, token_id, [state.options.keep] * count, device)

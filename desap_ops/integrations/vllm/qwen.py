@@ -1,0 +1,165 @@
+"""What every DeSAP Qwen family in vLLM shares (Qwen2.5-VL, Qwen3-VL, Qwen3.5 and their MoE).
+
+- :class:`DesapQwenProcessorMixin`, over :class:`processor.DesapProcessorMixin`: images and videos
+  both pruned, each item's placeholders at its budget; a family whose video span mixes text with
+  its tokens (Qwen3) overrides ``desap_placeholders``.
+- :class:`DesapQwenModelMixin`, over :class:`model.DesapModelMixin`: the engine settings it
+  refuses, the runner hooks that let it place the kept tokens' positions after the encoder
+  (``mrope``), and its M-RoPE methods. A family supplies ``desap_media`` (its layout of a medium's
+  embeddings, from ``desap_tower_items``) and ``desap_media_layouts`` (each medium's placeholders
+  and positions on arrival; Qwen2.5-VL overrides ``get_mrope_input_positions`` itself instead,
+  which the V2 runner test's stand-in binds alone)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator
+
+import torch
+from vllm.multimodal.processing import PromptReplacement
+
+from ..common.sequence import image_budget
+from ..common.signals import TowerSignals
+from .model import DesapModelMixin, encoder_batches
+from .mrope import CHANNELS, Media, decode_fields, place_media, prompt_positions, recompute_after_encoder
+from .options import DesapOptions
+from .processor import OPTIONS_KEYS, TEXT_KEYS, DesapProcessorMixin
+from .qwen_tower import read_qwen_tower
+
+log = logging.getLogger(__name__)
+
+
+def check_engine(vllm_config, family: str) -> None:
+    """Refuse engine settings under which the kept tokens' positions or signals would be lost (the
+    runner names the plugin hooks for positions are in ``hooks.HOOKS``, checked with the rest)."""
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ValueError(f"DeSAP on {family} places the kept tokens' positions after the encoder, on the first "
+                         "pipeline stage only: pipeline_parallel_size must be 1")
+    if vllm_config.model_config.multimodal_config.video_pruning_rate:
+        raise ValueError(f"DeSAP prunes {family}'s images and videos: it does not run together with "
+                         "video_pruning_rate")
+    if vllm_config.compilation_config.compile_mm_encoder:
+        raise ValueError("DeSAP reads the vision encoder through hooks, which a compiled encoder skips: "
+                         "turn compile_mm_encoder off")
+
+
+class DesapQwenProcessorMixin(DesapProcessorMixin):
+    """Put before the vLLM Qwen processor class in the bases."""
+
+    def desap_image_token(self) -> int:
+        return self.info.get_hf_config().image_token_id
+
+    def desap_media_tokens(self) -> dict[str, int]:
+        return {"image": self.desap_image_token(), "video": self.info.get_hf_config().video_token_id}
+
+    def desap_item_budget(self, out_mm_kwargs, modality: str, index: int) -> int:
+        """Item ``index``'s budget under its request's ``keep``: a video's frames share one, and a
+        small image or short video passes whole."""
+        t, h, w = out_mm_kwargs[modality][index][f"{modality}_grid_thw"].data.tolist()
+        unit = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
+        return image_budget(self.desap_item(out_mm_kwargs, modality, index).keep, t * h * w // unit)
+
+    def desap_placeholders(self, out_mm_kwargs, modality: str, index: int) -> list[int]:
+        """The prompt's placeholders of item ``index``: one per kept token."""
+        return [self.desap_media_tokens()[modality]] * self.desap_item_budget(out_mm_kwargs, modality, index)
+
+    def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        if self.desap is None:
+            return updates
+
+        def placeholders(modality: str):
+            return lambda i: self.desap_placeholders(out_mm_kwargs, modality, i)
+
+        return [PromptReplacement(modality=update.modality, target=update.target,
+                                  replacement=placeholders(update.modality))
+                if update.modality in self.desap_media_tokens() else update for update in updates]
+
+
+class DesapQwenModelMixin(DesapModelMixin):
+    """Put before the vLLM Qwen class in the bases; ``desap_family`` names it in errors."""
+
+    desap_family = "Qwen"
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if self.desap is not None:
+            check_engine(vllm_config, self.desap_family)
+            recompute_after_encoder()   # in whichever runner the engine uses (never a field 0.34 lacks)
+
+    @property
+    def desap_recomputes_mrope(self) -> bool:
+        return self.desap is not None
+
+    def desap_text_space(self, branch: torch.Tensor) -> torch.Tensor:
+        return branch   # the tower reader already ran the patch merger
+
+    def desap_budget(self, options: DesapOptions, tokens: int) -> int:
+        """An item's budget under its request's ``options`` (the one place the model reads ``keep``)."""
+        return image_budget(options.keep, tokens)
+
+    def get_encoder_cudagraph_config(self):
+        config = super().get_encoder_cudagraph_config()
+        # the CUDA-graph encoder path would return unpruned features without positions
+        return config if self.desap is None else dataclasses.replace(config, modalities=[])
+
+    def embed_multimodal(self, **kwargs):
+        if self.desap is None:
+            return super().embed_multimodal(**kwargs)
+        texts = {modality: kwargs.pop(key, None) for modality, key in TEXT_KEYS.items()}
+        options = {modality: kwargs.pop(key, None) for modality, key in OPTIONS_KEYS.items()}
+        embeddings = []
+        for modality, media in self._parse_and_validate_multimodal_inputs(**kwargs).items():
+            pixels_key = "pixel_values" if modality == "image" else "pixel_values_videos"
+            if media["type"] != pixels_key:
+                raise ValueError(f"DeSAP prunes from pixels; this request gave {media['type']}")
+            text, text_mask = self.desap_texts(texts[modality])
+            embeddings += self.desap_media(media, modality, text, text_mask,
+                                           self.desap_item_options(options[modality], len(text)))
+        return tuple(embeddings)
+
+    def desap_tower_items(self, media, modality: str) -> Iterator[tuple[int, list[int], TowerSignals]]:
+        """Each item of ``media`` as (index, its (t, h, w) patch grid, its signals (T', .)), read
+        from vLLM's own tower (``qwen_tower``) run on micro-batches within vLLM's encoder budget
+        (``model.encoder_batches``)."""
+        pixels = media["pixel_values" if modality == "image" else "pixel_values_videos"]
+        grids = media[f"{modality}_grid_thw"].tolist()
+        patches = [t * h * w for t, h, w in grids]
+        sizes = [n // self.visual.spatial_merge_size**2 for n in patches]
+        starts = [sum(patches[:i]) for i in range(len(patches) + 1)]
+        for batch in encoder_batches(sizes, self.desap_encoder_budget):
+            signals = read_qwen_tower(self.visual, pixels[starts[batch.start]:starts[batch.stop]],
+                                      grids[batch.start:batch.stop])
+            for i, item in zip(batch, signals.split(sizes[batch.start:batch.stop]), strict=True):
+                yield i, grids[i], item
+
+    def desap_media(self, media, modality: str, texts, text_mask, options) -> list[torch.Tensor]:
+        """Per image (or video) of ``media``: its embeddings, each row followed by its position channels."""
+        raise NotImplementedError
+
+    def desap_media_layouts(self, input_tokens, mm_features) -> list[Media]:
+        """Each medium's placeholders in the prompt and its full (4, N) positions (``mrope``)."""
+        raise NotImplementedError
+
+    def get_mrope_input_positions(self, input_tokens, mm_features):
+        if self.desap is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        return prompt_positions(len(input_tokens), self.desap_media_layouts(input_tokens, mm_features))
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """vLLM's runners call this after the encoder with the embeddings of the scheduled window
+        (V1: ``GPUModelRunner._gather_mm_embeddings``, V2: ``MultiModalPruner.recompute``): the
+        embeddings without their position channels, the prompt's positions with each window
+        embedding's placeholders at its tokens' own positions, and the position delta."""
+        if self.desap is None:
+            return super().recompute_mrope_positions(input_ids, multimodal_embeddings, mrope_positions,
+                                                     num_computed_tokens)
+        stripped = [embedding[:, :-CHANNELS] for embedding in multimodal_embeddings]
+        try:
+            fields = [decode_fields(embedding[:, -CHANNELS:]) for embedding in multimodal_embeddings]
+            positions, delta = place_media(input_ids, fields, mrope_positions, num_computed_tokens,
+                                           (self.config.image_token_id, self.config.video_token_id))
+        except Exception:   # an exception here would take the engine down with every request in it
+            log.warning("DeSAP M-RoPE: positions left as they were", exc_info=True)
+            positions, delta = mrope_positions, int(mrope_positions.max()) + 1 - mrope_positions.shape[1]
+        return stripped, positions, delta

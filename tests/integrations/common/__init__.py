@@ -1,0 +1,1 @@
+"""Tests of ``desap_ops.integrations.common``: what both engines share."""
