@@ -21,7 +21,7 @@ TEXT_REDUCTIONS = ("max", "mean")
 BACKENDS = ("auto", "triton", "reference")
 
 
-class PruneOptions(NamedTuple):
+class CheckedOptions(NamedTuple):
     """The scalar options of one call, checked and normalised by :func:`check_inputs`. The field
     names are the keyword arguments of ``reference.prune`` and ``triton_backend.prune``."""
 
@@ -65,7 +65,7 @@ def check_inputs(
     merge: bool,
     text_reduce: str,
     text_budget: Optional[int] = None,
-) -> PruneOptions:
+) -> CheckedOptions:
     """Raise ``TypeError``/``ValueError`` naming the bad argument (contract, "Errors"); return the
     normalised scalar options."""
     _check_tensor("hidden", hidden, 3, "(B, N, D)")
@@ -115,7 +115,7 @@ def check_inputs(
         if value is not None and value.device != device:
             raise ValueError(f"{name} is on {value.device} but hidden is on {device}; all tensors must share one device")
 
-    return PruneOptions(*check_options(keep, task_ratio, merge, text_reduce, tokens=tokens),
+    return CheckedOptions(*check_options(keep, task_ratio, merge, text_reduce, tokens=tokens),
                         check_text_budget(text_budget))
 
 
