@@ -1,7 +1,7 @@
-"""Prompts and padded batches for the integration tests (tiny models from desap_ops.cli.models)."""
+"""Prompts and padded batches for the integration tests (tiny models from desap_ops.testing.tiny)."""
 import torch
 
-from desap_ops.cli.models import BOS, IMAGE_TOKEN_ID as IMG
+from desap_ops.testing.tiny import BOS, IMAGE_TOKEN_ID as IMG
 
 N = 16  # patch tokens per image of the tiny LLaVA (4 x 4)
 

@@ -4,7 +4,7 @@ import torch
 from integration_prompts import (CHAT, CHATML_SPECIALS, CHATML_TEMPLATE, LLAVA_SPECIALS, LLAVA_TEMPLATE, N,
                                  USER_WORDS, chat_ids, llava_pixels, pad, word_tokenizer)
 
-from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, QWEN_IMAGE, tiny_llava, tiny_qwen2_5_vl
+from desap_ops.testing.tiny import IMAGE_TOKEN_ID as IMG, QWEN_IMAGE, tiny_llava, tiny_qwen2_5_vl
 from desap_ops.integrations import ChatMarkers, apply_desap, last_prune
 from desap_ops.integrations.chat import as_chat_markers, user_text, user_turns
 from desap_ops.integrations.prompt import TEXT_BLIND, ignored_token_ids
@@ -199,7 +199,7 @@ def test_markers_are_read_from_the_checkpoints_chat_templates(template, system):
     """The markers the tiny checkpoints' templates (Qwen's ChatML, Qwen2.5-VL's with its default
     system prompt; LLaVA's words) give, and the turns they cut a rendered conversation into: the
     image reads its own turn's words, before and after it, and nothing of the system prompt."""
-    from desap_ops.cli import checkpoint
+    from desap_ops.testing import checkpoint
     from desap_ops.integrations.chat import template_markers
 
     chatml = template != "LLAVA_TEMPLATE"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from integration_prompts import N, llava_pixels, llava_prompt, pad
 
-from desap_ops.cli.models import (IMAGE_TOKEN_ID, QWEN_IMAGE, VIDEO_TOKEN_ID, tiny_llava, tiny_llava_next,
+from desap_ops.testing.tiny import (IMAGE_TOKEN_ID, QWEN_IMAGE, VIDEO_TOKEN_ID, tiny_llava, tiny_llava_next,
                                   tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 from desap_ops.integrations import apply_desap
 

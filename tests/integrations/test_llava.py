@@ -6,7 +6,7 @@ from integration_prompts import N, llava_pixels, llava_prompt, pad
 from operator_by_hand import OPTIONS, PLANTED, check_record, plant_and_prune
 
 from desap_ops import reference
-from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, tiny_llava
+from desap_ops.testing.tiny import IMAGE_TOKEN_ID as IMG, tiny_llava
 from desap_ops.integrations import apply_desap, last_prune, remove_desap
 from desap_ops.integrations.signals import encoder_layers
 

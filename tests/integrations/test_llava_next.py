@@ -4,7 +4,7 @@ import torch
 from fed import fed_rows, language_model_input
 from integration_prompts import llava_prompt, pad
 
-from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, tiny_llava_next
+from desap_ops.testing.tiny import IMAGE_TOKEN_ID as IMG, tiny_llava_next
 from desap_ops.integrations import apply_desap, last_prune
 
 NEXT_SIZES = torch.tensor([[56, 112], [112, 112]])

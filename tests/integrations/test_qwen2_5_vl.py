@@ -9,7 +9,7 @@ from qwen_checks import (TEXT, VIDEO, check_batch_equals_rows, check_generate_ma
                          language_model_call)
 
 from desap_ops import reference
-from desap_ops.cli.models import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
+from desap_ops.testing.tiny import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
 from desap_ops.integrations import apply_desap, last_prune, qwen2_5_vl, remove_desap, signals
 
 START, END = 153, 154

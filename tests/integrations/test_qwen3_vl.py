@@ -5,7 +5,7 @@ import pytest
 from qwen_checks import (check_batch_equals_rows, check_generate_matches_forward, check_keep_all_leaves_logits_unchanged,
                          check_one_budget_per_clip, check_reference_operator_and_positions, check_remove_restores)
 
-from desap_ops.cli.models import tiny_qwen3_vl
+from desap_ops.testing.tiny import tiny_qwen3_vl
 
 BUILDS = {"dense": tiny_qwen3_vl, "moe": functools.partial(tiny_qwen3_vl, moe=True)}
 

@@ -5,7 +5,7 @@ import transformers
 from integration_prompts import N, llava_pixels, llava_prompt
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from desap_ops.cli.models import QWEN_IMAGE, tiny_llava, tiny_llava_next, tiny_llava_next_video, tiny_qwen2_5_vl
+from desap_ops.testing.tiny import QWEN_IMAGE, tiny_llava, tiny_llava_next, tiny_llava_next_video, tiny_qwen2_5_vl
 from desap_ops.integrations import (HOOKS, SUPPORTED, PruneRecord, apply_desap, image_token_counts, last_prune,
                                     remove_desap)
 

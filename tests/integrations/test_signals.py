@@ -2,7 +2,7 @@
 import torch
 from integration_prompts import llava_pixels
 
-from desap_ops.cli.models import tiny_llava
+from desap_ops.testing.tiny import tiny_llava
 from desap_ops.integrations.clip_tower import read_tower
 from desap_ops.integrations.signals import capture, clip_layout, encoder_layers
 

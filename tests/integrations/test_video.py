@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from integration_prompts import pad
 
 from desap_ops import reference
-from desap_ops.cli.models import VIDEO_TOKEN_ID as VID, tiny_llava_next_video, tiny_video_llava
+from desap_ops.testing.tiny import VIDEO_TOKEN_ID as VID, tiny_llava_next_video, tiny_video_llava
 from desap_ops.integrations import apply_desap, last_prune, remove_desap
 from desap_ops.integrations.signals import encoder_layers
 

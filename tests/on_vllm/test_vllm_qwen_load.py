@@ -17,7 +17,7 @@ import test_vllm_serve as serve
 
 from engines import rendered_chat, transformers_run
 
-from desap_ops.cli.vllm_runs import free_port
+from desap_ops.benchmarks.vllm.processes import free_port
 
 OPTIONS = {"keep": 6}
 IMAGES = ("large", "wide", "tall")

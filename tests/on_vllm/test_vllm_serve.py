@@ -15,7 +15,7 @@ from typing import Iterator
 
 from engines import engine_environment, transformers_run
 
-from desap_ops.cli.vllm_runs import free_port, is_healthy
+from desap_ops.benchmarks.vllm.processes import free_port, is_healthy
 
 OPTIONS = {"keep": 6, "task_ratio": 0.5}
 QUESTION = "what is the color of the sky ?"
