@@ -21,16 +21,16 @@ the rounds (CUDA events on CUDA), and the ratios are ratios of those medians. Th
 LLaVA-NeXT layouts also time the vision tower alone once per round.
 
 FLOPs come from ``torch.utils.flop_counter`` (with a formula for SDPA's CPU kernel, which torch
-leaves uncounted). For the LLaVA-1.5 and LLaVA-NeXT layouts they are counted over the pieces
-(vision tower, projector, DeSAP's operator, language model) on a meta copy of the model, so
-``--device meta`` counts them at any size without memory. The Qwen and video models count them on
-the real forward passes (the prompt surgery reads token ids); with ``--device meta`` those passes
-run on a CPU under :class:`desap_ops.benchmarks.flops.ShapesOnly`, with parameters that hold no memory: every counted op runs
-on meta and gives zeros, the rest for real, so the count is exact at any size (the same as a real
-forward's; tests/benchmarks/test_bench_e2e.py compares them) and a few GiB suffice. Real model shapes
-carry random weights: the timings hold for any weights; the outputs mean nothing. Before
-building, the model's memory is estimated and compared with what the device has free, so a model
-that cannot fit is refused instead of killed.
+leaves uncounted). For the LLaVA-1.5 and LLaVA-NeXT layouts they are counted over the pieces (vision
+tower, projector, DeSAP's operator, language model) on a meta copy of the model, so ``--device
+meta`` counts them at any size without memory. The Qwen and video models count them on the real
+forward passes (the prompt surgery reads token ids); with ``--device meta`` those passes run on a
+CPU under :class:`desap_ops.benchmarks.flops.ShapesOnly`, with parameters that hold no memory: every
+counted op runs on meta and gives zeros, the rest for real, so the count is exact at any size (the
+same as a real forward's; tests/benchmarks/test_bench_e2e.py compares them) and a few GiB suffice.
+Real model shapes carry random weights: the timings hold for any weights; the outputs mean nothing.
+Before building, the model's memory is estimated and compared with what the device has free, so a
+model that cannot fit is refused instead of killed.
 """
 from __future__ import annotations
 

@@ -391,7 +391,8 @@ def legend(ceilings: Ceilings) -> list[str]:
     return ["MB: the bytes the op must move (with a text budget, its sketch step's too); GFLOP: the registered formula",
             "floor ms: the least time the op could take here, the larger of bytes / copy bandwidth and FLOPs / matrix",
             (f"          rate, both measured on this device ({ceilings.copy_bytes_per_s / 1e9:.1f} GB/s copy, "
-             f"{ceilings.matmul_flops_per_s / 1e12:.2f} TFLOP/s {ceilings.matmul_dtype.removeprefix('torch.')} matmul)"),
+             f"{ceilings.matmul_flops_per_s / 1e12:.2f} TFLOP/s "
+             f"{ceilings.matmul_dtype.removeprefix('torch.')} matmul)"),
             "%floor: floor ms / the best measured time (fused, else compile, else eager); 100% = at the floor",
             "x eager, x comp: eager and compile time / fused time; graph: the fused op replayed in a CUDA graph"]
 

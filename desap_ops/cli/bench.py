@@ -95,7 +95,7 @@ def _vllm_common(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", default=next(iter(VLLM_MODELS)),
                          help=f"{models}; random weights, the checkpoint written once under ~/.cache/desap-ops/vllm "
                               f"(default {next(iter(VLLM_MODELS))})")
-    command.add_argument("--dtype", choices=list(vllm_settings.DTYPES), default="bf16",
+    command.add_argument("--dtype", choices=list(vllm_settings.DTYPE_CHOICES), default="bf16",
                          help="vLLM's dtype (default bf16)")
     command.add_argument("--task-ratio", default="0.5",
                          help="share of the kept tokens chosen by task score, in [0, 1], or auto (default 0.5)")

@@ -122,7 +122,8 @@ def test_bench_e2e_counts_full_size_flops_on_meta(tmp_path, capsys):
 
     # the vision tower's share of the pruned prefill grows as the language model shrinks
     tower_share = lambda row: row.flops.vision_tower / row.flops.desap  # noqa: E731
-    smaller = [e2e.run(e2e.make_plan(name, [64], "meta")).rows[0] for name in ("llava-tinyllama-1.1b", "llava-qwen2-0.5b")]
+    smaller = [e2e.run(e2e.make_plan(name, [64], "meta")).rows[0]
+               for name in ("llava-tinyllama-1.1b", "llava-qwen2-0.5b")]
     assert tower_share(rows[1]) < tower_share(smaller[0]) < tower_share(smaller[1])
     assert tower_share(smaller[1]) > 0.5     # at 64 of 576 the tower is most of a 0.5B-class model's prefill
 

@@ -242,6 +242,11 @@ def test_a_plain_install_brings_everything_the_command_line_imports():
             queue += sorted(own)
             third_party |= {name for name in other if name not in sys.stdlib_module_names and name != "__future__"}
     assert {"PIL", "skimage", "onnx", "matplotlib"} <= third_party, third_party
+    # and setup.py installs every package of desap_ops they come from
+    packages = set(ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == "packages")))
+    reached = {m if importlib.util.find_spec(m).submodule_search_locations is not None else m.rpartition(".")[0]
+               for m in seen}
+    assert "desap_ops.benchmarks.vllm._cpu_fixes" in reached and reached <= packages, reached - packages
     distributions = importlib.metadata.packages_distributions()
     for name in sorted(third_party):
         assert name in distributions, f"{name} is imported but not installed"
@@ -304,7 +309,7 @@ def test_llava_keep_is_checked_against_the_config_before_the_weights(tmp_path, m
 
     monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", refuse)
     assert main(["demo", "--model", str(tmp_path / "tiny"), "--keep", "17", "--out", str(tmp_path / "k.png")]) == 2
-    assert "--keep must lie in [1, 16]" in capsys.readouterr().err
+    assert "--keep must lie in [1, N] = [1, 16], got 17" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ from helpers import one_error_line
 
 def test_help_names_every_command_and_model(capsys):
     for argv, expected in ((["--help"], ["demo", "bench"]), (["bench", "--help"], ["op", "e2e", "vllm", "serve"]),
-                           (["bench", "e2e", "--help"], list(MODELS)), (["bench", "serve", "--help"], list(VLLM_MODELS))):
+                           (["bench", "e2e", "--help"], list(MODELS)),
+                           (["bench", "serve", "--help"], list(VLLM_MODELS))):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 0

@@ -407,7 +407,8 @@ def run(plan: ServePlan, progress: Optional[Progress] = None) -> ServeResult:
     rows = [ServeRow.of(raw, level) for raw in raws for level in raw.levels]
     compare(rows)
     first = raws[0]
-    engine = ServeEngine(max_model_len=plan.max_model_len, kv_cache_memory_bytes=plan.kv_cache_bytes if plan.cpu else None,
+    engine = ServeEngine(max_model_len=plan.max_model_len,
+                         kv_cache_memory_bytes=plan.kv_cache_bytes if plan.cpu else None,
                          enforce_eager=plan.cpu, prefix_caching=False, mm_processor_cache_gb=0,
                          sampling="greedy, ignore_eos", binding=first.binding)
     return ServeResult(

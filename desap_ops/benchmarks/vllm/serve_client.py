@@ -109,7 +109,8 @@ def client(spec: ClientSpec) -> list[LevelRecord]:
         run_bench(bench_arguments(spec, spec.warmups, spec.warmups, 0, f"{spec.name}-warmup.json"))
     levels = []
     for level in spec.levels:
-        argv = bench_arguments(spec, level.concurrency, level.prompts, level.seed, f"{spec.name}-c{level.concurrency}.json")
+        argv = bench_arguments(spec, level.concurrency, level.prompts, level.seed,
+                               f"{spec.name}-c{level.concurrency}.json")
         say_mark(f"concurrency {level.concurrency}, {level.prompts} requests")
         load_before, before = load_average(), read_metrics(spec.url)
         with PeakKvUsage(spec.url) as peak:

@@ -12,7 +12,7 @@ from desap_ops.testing.vllm_models import MODELS, VllmModel
 
 from ..skeleton import check_budgets, paper_budgets
 
-DTYPES = ("bf16", "fp32")   # the --dtype names the vLLM benches take (vLLM's CPU backend runs these)
+DTYPE_CHOICES = ("bf16", "fp32")   # the names of machine.DTYPES the vLLM benches take (its CPU backend runs both)
 
 
 @dataclass(frozen=True)
