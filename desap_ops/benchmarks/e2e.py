@@ -177,7 +177,9 @@ def make_plan(model: str, keeps: Optional[list[int]] = None, device: str = "cpu"
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
     counter = build_model(model, "meta", DTYPES[dtype], shrink)
     tokens = make_batch(counter, model, batch, "meta", DTYPES[dtype]).tokens
-    keeps = keeps or default_keeps(tokens)
+    keeps = default_keeps(tokens) if keeps is None else keeps
+    if not keeps:
+        raise UsageError("--keep needs at least one budget")
     check_budgets(keeps, tokens, model)
     if device != "meta":
         weights = weight_bytes(counter)

@@ -114,8 +114,9 @@ def check_at_least_one(**values: int) -> None:
 
 def parse_budgets(text: Optional[str], full: bool = False) -> Optional[list[int]]:
     """The budgets of ``--keep`` ("192,128,64"; with ``full`` the word ``full`` may stand among them
-    and is left out), each at least 1, in the order given without repeats; None without text. The
-    upper bound needs the model: :func:`check_budgets`."""
+    and is left out: ``--keep full`` is no budget, []), each at least 1, in the order given without
+    repeats; None without text (the bench's defaults). The upper bound needs the model:
+    :func:`check_budgets`."""
     if not text:
         return None
     parts = [part.strip() for part in text.split(",")]

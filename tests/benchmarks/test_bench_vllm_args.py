@@ -85,6 +85,7 @@ def test_settings_always_start_with_the_full_model():
     assert [s.name for s in settings(parse_budgets("64,full,128,64", full=True), 576, "m")] == \
         ["full", "keep=64", "keep=128"]
     assert [s.keep for s in settings(None, 16, "m")] == [None, 5, 3, 1]
+    assert [s.name for s in settings(parse_budgets("full", full=True), 576, "m")] == ["full"]   # --keep full
 
 
 def test_prompts_are_written_in_the_checkpoint_words():

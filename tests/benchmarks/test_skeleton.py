@@ -81,7 +81,7 @@ def test_a_failed_run_prints_its_logs_tail_and_returns_1(capsys):
 
 @pytest.mark.parametrize("text,full,expected", [
     (None, False, None), ("192,128,64", False, [192, 128, 64]), ("64,128,64", False, [64, 128]),
-    ("full,64", True, [64]), (" 8 , 4", False, [8, 4])])
+    ("full,64", True, [64]), ("full", True, []), (" 8 , 4", False, [8, 4])])
 def test_budgets_parse_in_the_order_given(text, full, expected):
     assert skeleton.parse_budgets(text, full) == expected
 

@@ -35,7 +35,7 @@ class Setting:
 def settings(keeps: Optional[list[int]], tokens: int, model: str, ideal: bool = False) -> list[Setting]:
     """The settings to run: the full model first (the ratios' baseline, also where ``--keep`` leaves
     it out), then DeSAP at each budget (default: the paper's), then with ``ideal`` the ideal at each."""
-    keeps = keeps or paper_budgets(tokens)
+    keeps = paper_budgets(tokens) if keeps is None else keeps   # [] (--keep full): the full model alone
     check_budgets(keeps, tokens, model)
     return [Setting(None)] + [Setting(k) for k in keeps] + [Setting(k, ideal=True) for k in keeps if ideal]
 
