@@ -211,8 +211,8 @@ def plan(args: Namespace) -> E2ePlan:
 def ideal_variant(model: nn.Module, family: str, batch: Batch, keep: int) -> Iterator[dict]:
     """The ideal at budget ``keep``: yields the prompt with each image's (or video's) placeholders
     cut to their first ``keep``, while the model's feature method (``get_image_features`` /
-    ``get_video_features``) returns those tokens' features only, projected only they (see the
-    module docstring). The one place this bench derives the ideal: ``apply_desap(..., ideal=True)``,
+    ``get_video_features``) returns only those tokens' features, and only they go through the
+    projector (see the module docstring). The one place this bench derives the ideal: ``apply_desap(..., ideal=True)``,
     once the integrations have it, replaces this function."""
     inner, config = model.model, model.config
     inputs = batch.inputs
