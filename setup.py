@@ -27,7 +27,9 @@ setup(
     python_requires=">=3.10",
     packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations", "desap_ops.integrations.common",
               "desap_ops.integrations.hf", "desap_ops.integrations.vllm",
-              "desap_ops.cli", "desap_ops.cli.vllm_cpu"],   # vllm_cpu: the sitecustomize the vLLM benches load
+              "desap_ops.cli", "desap_ops.benchmarks", "desap_ops.benchmarks.vllm",
+              "desap_ops.benchmarks.vllm._cpu_fixes",   # the sitecustomize the vLLM benches' engines load
+              "desap_ops.testing"],
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",

@@ -19,8 +19,10 @@ cd "$(mktemp -d)" || exit 1
 } | tee "$out/environment.txt"
 
 # CUDA tests: every kernel against the reference, compiled; determinism (bitwise reruns); the op;
-# the integrations. The command line's tests (tests/cli) run on CPU and are left out.
-python3 -m pytest -q -m 'not sweep' "$root/tests" --ignore="$root/tests/cli" 2>&1 | tee "$out/tests.log" | tail -n 15
+# the integrations. The app's tests (the command line, the benchmarks, the test models: tests/cli,
+# tests/benchmarks, tests/testing) run on CPU and are left out.
+python3 -m pytest -q -m 'not sweep' "$root/tests" --ignore="$root/tests/cli" --ignore="$root/tests/benchmarks" \
+  --ignore="$root/tests/testing" 2>&1 | tee "$out/tests.log" | tail -n 15
 
 python3 -m desap_ops bench op --device cuda --dtype bf16 --out "$out/op-bf16.json" 2>&1 | tee "$out/op.txt"
 python3 -m desap_ops bench e2e --model llava-1.5-7b --device cuda --keep 576,192,128,64 \

@@ -1,14 +1,16 @@
 """pytest-benchmark microbenchmarks of the operator (not part of the test suite).
 
     python -m pytest bench/ --benchmark-only                # CUDA if present, else CPU
-The shapes, inputs and implementations are those of ``desap bench op`` (desap_ops.cli.bench_op).
+The shapes, inputs and implementations are those of ``desap bench op`` (desap_ops.benchmarks.op).
 CUDA timings synchronise inside the timed call, so each round is one full op; for numbers to
 report, use ``desap bench op`` (CUDA events, medians, CUDA graphs, floors).
 """
+from dataclasses import asdict
+
 import pytest
 import torch
 
-from desap_ops.cli import bench_op
+from desap_ops.benchmarks import op as bench_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = bench_op.SHAPES if DEVICE == "cuda" else bench_op.SHAPES[:1] + bench_op.TINY_SHAPES
@@ -31,7 +33,7 @@ def test_prune(benchmark, shape, impl):
     inputs = bench_op.make_inputs(shape, DEVICE, DTYPE)
     op = bench_op.implementations(shape.keep, shape.text_budget, with_compile=impl == "compile",
                                   with_fused=impl == "fused")[impl]
-    benchmark.extra_info.update(bench_op.traffic(shape, DTYPE))
+    benchmark.extra_info.update(asdict(bench_op.traffic(shape, DTYPE)))
     with torch.no_grad():
         result = benchmark(_synced(lambda: op(*inputs)))
     assert result.tokens.shape == (shape.batch, shape.keep, shape.width)

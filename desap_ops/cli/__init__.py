@@ -1,3 +1,4 @@
-"""The application layer: the ``desap`` command line (main), the demo (demo, vit_s), the benchmarks
-(bench_op, bench_e2e, report) and the model zoo they run (models). It imports the library; nothing
-in the library imports it."""
+"""The ``desap`` command line and nothing else: ``main`` wires the commands, each a module with
+``add_parser`` and ``run`` (``demo``, its running and drawing halves ``demo_run`` and ``demo_draw``
+and the ViT it runs, ``vit_s``; ``bench``, over :mod:`desap_ops.benchmarks`); ``errors`` holds the
+one-line error and the argument checks commands and benchmarks share."""

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from desap_ops.integrations.common.signals import AttentionLayout
+if TYPE_CHECKING:   # desap_ops.integrations imports transformers: where a layout is made, not at start-up
+    from desap_ops.integrations.common.signals import AttentionLayout
 
 HIDDEN, LAYERS, HEADS, PATCH = 384, 12, 6, 14
 IMAGE_SIZE = 224                    # what preprocess resizes to
@@ -84,6 +86,8 @@ def load_vit_s(attn_implementation: str = "sdpa") -> torch.nn.Module:
 
 def dinov2_layout(model, layer_index: int) -> AttentionLayout:
     """The AttentionLayout of one Dinov2 layer (for desap_ops.integrations.common.signals.capture)."""
+    from desap_ops.integrations.common.signals import AttentionLayout
+
     attention = model.encoder.layer[layer_index].attention
     if hasattr(attention, "q_proj"):
         query, key = attention.q_proj, attention.k_proj

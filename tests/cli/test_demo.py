@@ -16,14 +16,13 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from desap_ops import reference
-from desap_ops.cli import demo as demo_module
-from desap_ops.cli import vit_s
+from desap_ops.cli import demo_draw, demo_run, vit_s
 from desap_ops.cli.main import main
 from desap_ops.integrations.common.signals import capture
 
 REPO = Path(__file__).resolve().parents[2]
-PNG_SIZE = (1500, 660)  # demo_module.FIGURE_SIZE at demo_module.DPI
-AUTO_PNG_SIZE = (1500, 1300)  # demo_module.AUTO_FIGURE_SIZE: two rows, strong and weak cue
+PNG_SIZE = (1500, 660)  # demo_draw.FIGURE_SIZE at demo_draw.DPI
+AUTO_PNG_SIZE = (1500, 1300)  # demo_draw.AUTO_FIGURE_SIZE: two rows, strong and weak cue
 SPLIT = re.compile(r"^(strong cue|weak cue): split task (\d+) / saliency (\d+) of (\d+), "
                    r"chosen by task_ratio auto from g = ([\d.]+)$", re.MULTILINE)
 
@@ -62,23 +61,23 @@ def test_demo_auto_prints_both_splits_and_draws_both_cues(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def astronaut() -> demo_module.DemoResult:
+def astronaut() -> demo_run.DemoResult:
     """24 of 256 tokens kept on the astronaut photo, the space shuttle as the query box."""
-    picture, _ = demo_module.load_image(None)
-    return demo_module.run_vit(picture, 24, 0.5, demo_module.DEFAULT_BOX, None)
+    picture, _ = demo_run.load_image(None)
+    return demo_run.run_vit(picture, 24, 0.5, demo_run.DEFAULT_BOX, None)
 
 
 @pytest.fixture(scope="module")
-def astronaut_auto() -> list[demo_module.DemoResult]:
+def astronaut_auto() -> list[demo_run.DemoResult]:
     """task_ratio="auto", 32 of 256 tokens: the face's tokens (the default box) and the mean row as the texts."""
-    picture, _ = demo_module.load_image(None)
-    return demo_module.run_vit_auto(picture, 32, None, None)
+    picture, _ = demo_run.load_image(None)
+    return demo_run.run_vit_auto(picture, 32, None, None)
 
 
 def test_auto_gives_the_strong_cue_a_larger_task_share_than_the_weak_one(astronaut_auto):
     strong, weak = astronaut_auto
     assert (strong.cue, weak.cue) == ("strong cue", "weak cue")
-    assert strong.box == demo_module.AUTO_DEFAULT_BOX and weak.box is None
+    assert strong.box == demo_run.AUTO_DEFAULT_BOX and weak.box is None
     # the operator's rule on the g measured here: 0 task tokens up to g = 4, 24 (3/4 of 32) from g = 8
     assert strong.guidance > 8 and weak.guidance < 4
     assert (strong.task_keep, weak.task_keep) == (24, 0)
@@ -86,18 +85,18 @@ def test_auto_gives_the_strong_cue_a_larger_task_share_than_the_weak_one(astrona
         torch.testing.assert_close(torch.tensor([result.guidance]), reference.guidance(result.task_scores[None]))
     # the strong cue's text is its box's tokens, so they score 1 and are kept; without task tokens the
     # weak cue keeps exactly the 32 most salient tokens
-    box_cells = demo_module.box_tokens(strong.box, 512, 512, 16)
+    box_cells = demo_run.box_tokens(strong.box, 512, 512, 16)
     assert box_cells.numel() == 6 and torch.isin(box_cells, strong.indices).all()
     assert torch.equal(weak.indices, weak.saliency.topk(32).indices.sort().values)
 
 
 def test_the_auto_figure_compares_the_cues(astronaut_auto):
     strong, weak = astronaut_auto
-    fig = demo_module.figure_auto(astronaut_auto)
+    fig = demo_draw.figure_auto(astronaut_auto)
     try:
-        assert tuple(fig.get_size_inches() * demo_module.DPI) == AUTO_PNG_SIZE
+        assert tuple(fig.get_size_inches() * demo_draw.DPI) == AUTO_PNG_SIZE
         (_, strong_task, strong_kept, note_ax, weak_task, weak_kept) = fig.axes[:6]
-        assert fig.axes[0].get_title() == demo_module.SALIENCY_TITLE
+        assert fig.axes[0].get_title() == demo_draw.SALIENCY_TITLE
         assert strong_kept.get_title() == ("strong cue: kept 32 of 256 tokens\n"
                                            f"task 24 / saliency 8 of 32 (auto, g = {strong.guidance:.1f})")
         assert weak_kept.get_title() == ("weak cue: kept 32 of 256 tokens\n"
@@ -123,7 +122,7 @@ def test_demo_keeps_what_the_operator_keeps(astronaut):
     assert 0 < float(result.saliency.sum()) <= 1 + 1e-6          # [CLS] also attends to itself
     top_salient = result.saliency.topk(12).indices                # K_sal = 24 - round(0.5 * 24)
     assert torch.isin(top_salient, result.indices).all()
-    box_cells = demo_module.box_tokens(demo_module.DEFAULT_BOX, 512, 512, 16)
+    box_cells = demo_run.box_tokens(demo_run.DEFAULT_BOX, 512, 512, 16)
     assert torch.isin(result.indices, box_cells).any(), "the exemplar box should draw task tokens"
 
 
@@ -137,8 +136,8 @@ def _touching_pairs(groups: np.ndarray) -> list[tuple[int, int]]:
 
 def test_touching_merge_groups_get_different_colours(astronaut):
     groups = astronaut.assignment.view(16, 16).numpy()
-    colours = demo_module.colour_groups(groups, len(demo_module.GROUP_PALETTE))
-    assert set(colours) == set(range(24)) and set(colours.values()) <= set(range(len(demo_module.GROUP_PALETTE)))
+    colours = demo_draw.colour_groups(groups, len(demo_draw.GROUP_PALETTE))
+    assert set(colours) == set(range(24)) and set(colours.values()) <= set(range(len(demo_draw.GROUP_PALETTE)))
     assert all(colours[a] != colours[b] for a, b in _touching_pairs(groups))
 
 
@@ -148,26 +147,26 @@ def test_colouring_is_proper_whenever_the_palette_allows(seed):
     always suffices for a greedy colouring, so no touching pair may share one."""
     groups = torch.randint(0, 40, (16, 16), generator=torch.Generator().manual_seed(seed)).numpy()
     groups[0, 0] = -1  # a token in no group is left uncoloured
-    most_neighbours = max(len(near) for near in demo_module.group_neighbours(groups).values())
-    colours = demo_module.colour_groups(groups, most_neighbours + 1)
+    most_neighbours = max(len(near) for near in demo_draw.group_neighbours(groups).values())
+    colours = demo_draw.colour_groups(groups, most_neighbours + 1)
     assert -1 not in colours
     assert all(colours[a] != colours[b] for a, b in _touching_pairs(groups) if min(a, b) >= 0)
 
 
 def test_colouring_with_too_few_colours_still_colours_every_group():
-    colours = demo_module.colour_groups(np.array([[0, 1], [2, 0]]), 1)
+    colours = demo_draw.colour_groups(np.array([[0, 1], [2, 0]]), 1)
     assert colours == {0: 0, 1: 0, 2: 0}
 
 
 def test_group_borders_run_between_different_groups():
-    segments = demo_module.group_borders(np.array([[0, 0], [1, 0]]))
+    segments = demo_draw.group_borders(np.array([[0, 0], [1, 0]]))
     assert sorted(segments) == [((0, 1), (1, 1)), ((1, 1), (1, 2))]
 
 
 def test_the_figure_explains_itself(astronaut):
     """Colour bars on both heat maps spanning their data, the query box on the task and kept panels,
     group borders, a legend and a title that say what is real and what stands in."""
-    fig = demo_module.figure(astronaut)
+    fig = demo_draw.figure(astronaut)
     try:
         saliency_ax, task_ax, kept_ax = fig.axes[:3]
         for ax, values in ((saliency_ax, astronaut.saliency), (task_ax, astronaut.task_scores)):
@@ -181,7 +180,7 @@ def test_the_figure_explains_itself(astronaut):
             assert drawn == [(x0, y0, x1 - x0, y1 - y0)]
         (borders,) = [c for c in kept_ax.collections if isinstance(c, LineCollection)]
         groups = astronaut.assignment.view(16, 16).numpy()
-        assert len(borders.get_segments()) == len(demo_module.group_borders(groups))
+        assert len(borders.get_segments()) == len(demo_draw.group_borders(groups))
         legend = " ".join(text.get_text() for text in kept_ax.get_legend().get_texts())
         for entry in ("kept token (24 in all)", "merged into the kept token", "query box"):
             assert entry in legend
@@ -231,7 +230,10 @@ def test_a_plain_install_brings_everything_the_command_line_imports():
     requires = ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == "install_requires"))
     required = {_distribution(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in requires}
 
-    seen, queue, third_party = set(), ["desap_ops.cli.main", "desap_ops.cli.demo"], set()
+    # the command line and the benchmarks it imports when one runs (but the two modules inside vLLM)
+    queue = ["desap_ops.cli.main", "desap_ops.benchmarks.op", "desap_ops.benchmarks.e2e",
+             "desap_ops.benchmarks.vllm.offline", "desap_ops.benchmarks.vllm.serve"]
+    seen, third_party = set(), set()
     while queue:
         module = queue.pop()
         if module not in seen:
@@ -240,6 +242,11 @@ def test_a_plain_install_brings_everything_the_command_line_imports():
             queue += sorted(own)
             third_party |= {name for name in other if name not in sys.stdlib_module_names and name != "__future__"}
     assert {"PIL", "skimage", "onnx", "matplotlib"} <= third_party, third_party
+    # and setup.py installs every package of desap_ops they come from
+    packages = set(ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == "packages")))
+    reached = {m if importlib.util.find_spec(m).submodule_search_locations is not None else m.rpartition(".")[0]
+               for m in seen}
+    assert "desap_ops.benchmarks.vllm._cpu_fixes" in reached and reached <= packages, reached - packages
     distributions = importlib.metadata.packages_distributions()
     for name in sorted(third_party):
         assert name in distributions, f"{name} is imported but not installed"
@@ -250,10 +257,10 @@ def test_a_plain_install_brings_everything_the_command_line_imports():
 def test_real_vit_saliency_matches_its_eager_attention_matrix():
     """[CLS] saliency recomputed from queries and keys equals the eager attention matrix's [CLS] row
     on the real ViT-S/14 and a real photograph."""
-    picture, _ = demo_module.load_image(None)
+    picture, _ = demo_run.load_image(None)
     pixels = vit_s.preprocess(picture)
     model = vit_s.load_vit_s(attn_implementation="eager")
-    for layer in (5, demo_module.FEATURE_LAYER):
+    for layer in (5, demo_run.FEATURE_LAYER):
         with torch.no_grad(), capture(vit_s.dinov2_layout(model, layer)) as signals:
             out = model(pixels, output_attentions=True)
             saliency = signals.cls_saliency()
@@ -264,7 +271,7 @@ def _tiny_checkpoint(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
-    from desap_ops.cli.models import tiny_llava
+    from desap_ops.testing.tiny import tiny_llava
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<image>": 100}
     vocab.update({f"w{i}": i for i in range(4, 100)})
@@ -302,7 +309,7 @@ def test_llava_keep_is_checked_against_the_config_before_the_weights(tmp_path, m
 
     monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", refuse)
     assert main(["demo", "--model", str(tmp_path / "tiny"), "--keep", "17", "--out", str(tmp_path / "k.png")]) == 2
-    assert "--keep must lie in [1, 16]" in capsys.readouterr().err
+    assert "--keep must lie in [1, N] = [1, 16], got 17" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """Prompts, padded batches and templated chats for the integration tests (tiny models from
-desap_ops.cli.models)."""
+desap_ops.testing.tiny)."""
 import torch
 
-from desap_ops.cli.models import BOS, IMAGE_TOKEN_ID as IMG, QWEN_IMAGE, tiny_llava, tiny_qwen2_5_vl
+from desap_ops.testing.tiny import BOS, IMAGE_TOKEN_ID as IMG, QWEN_IMAGE, tiny_llava, tiny_qwen2_5_vl
 
 N = 16  # patch tokens per image of the tiny LLaVA (4 x 4)
 

@@ -19,8 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from desap_ops.cli.checkpoint import (save_llava_checkpoint, save_qwen_checkpoint, tiny_vllm_llava,
-                                      tiny_vllm_qwen2_5_vl, tiny_vllm_qwen3_5, tiny_vllm_qwen3_vl)
+from desap_ops.testing.checkpoint import save_llava_checkpoint, save_qwen_checkpoint
+from desap_ops.testing.tiny_vllm import (tiny_vllm_llava, tiny_vllm_qwen2_5_vl, tiny_vllm_qwen3_5,
+                                        tiny_vllm_qwen3_vl)
 
 HERE = Path(__file__).parent
 ENGINE = dict(gpu_memory_utilization=0.1, max_model_len=512, dtype="float32", enforce_eager=True, seed=0,

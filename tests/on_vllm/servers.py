@@ -23,7 +23,7 @@ from typing import Iterator
 
 from engines import engine_environment
 
-from desap_ops.cli.vllm_runs import free_port, is_healthy
+from desap_ops.benchmarks.vllm.processes import free_port, is_healthy
 
 # each family's DeSAP options (the engine's defaults for every request); LLaVA's engine lets a
 # request ask for up to 12 tokens an image (test_vllm_request_options.py)

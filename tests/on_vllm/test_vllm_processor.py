@@ -83,7 +83,7 @@ def test_a_question_before_the_image_is_read_and_an_error_names_the_modality(che
 def test_a_model_desap_does_not_support_fails_at_start_up(tmp_path):
     from transformers import LlamaConfig
 
-    from desap_ops.cli.checkpoint import build_tokenizer
+    from desap_ops.testing.checkpoint import build_tokenizer
 
     LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2, head_dim=64,
                 vocab_size=128, architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)

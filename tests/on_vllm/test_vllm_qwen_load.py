@@ -18,7 +18,7 @@ import test_vllm_load as load
 
 from engines import rendered_chat, transformers_run
 
-from desap_ops.cli.vllm_runs import free_port
+from desap_ops.benchmarks.vllm.processes import free_port
 
 IMAGES = ("large", "wide", "tall")
 QUESTIONS = ("what is the color of the sky ?", "read the text on the sign", "how many people are there ?",

@@ -100,7 +100,7 @@ def test_markers_are_read_from_the_checkpoints_chat_templates(template, system):
     """The markers the tiny checkpoints' templates (Qwen's ChatML, Qwen2.5-VL's with its default
     system prompt; LLaVA's words) give, and the turns they cut a rendered conversation into: the
     image reads its own turn's words, before and after it, and nothing of the system prompt."""
-    from desap_ops.cli import checkpoint
+    from desap_ops.testing import checkpoint
 
     chatml = template != "LLAVA_TEMPLATE"
     specials = {checkpoint.IMAGE_PAD: 151, checkpoint.VISION_START: 153, checkpoint.VISION_END: 154,

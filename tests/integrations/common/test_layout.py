@@ -4,7 +4,7 @@ back between the newlines."""
 import pytest
 import torch
 
-from desap_ops.cli.models import tiny_llava_next
+from desap_ops.testing.tiny import tiny_llava_next
 from desap_ops.integrations.common.layout import (crops_per_image, packed_budget, packed_sources, tokens_per_crop,
                                                   with_newlines)
 

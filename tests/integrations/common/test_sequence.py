@@ -1,7 +1,7 @@
 """Sequence surgery: shrinking placeholder runs, and each image's prompt text."""
 import torch
 
-from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG
+from desap_ops.testing.tiny import IMAGE_TOKEN_ID as IMG
 from desap_ops.integrations.common.sequence import first_placeholders, image_text_tokens, shrink_placeholders
 
 

@@ -1,9 +1,9 @@
-"""Prompts for the tiny Qwen models (desap_ops.cli.models): images and videos, as the processors
+"""Prompts for the tiny Qwen models (desap_ops.testing.tiny): images and videos, as the processors
 lay them out. A medium is ("image", h, w) or ("video", t, h, w), in patches (2 x 2 patches make a
 language-model token; a video's t counts temporal patches, its "frames")."""
 import torch
 
-from desap_ops.cli.models import BOS, QWEN_IMAGE as IMG, QWEN_VIDEO as VID
+from desap_ops.testing.tiny import BOS, QWEN_IMAGE as IMG, QWEN_VIDEO as VID
 
 from ..prompts import pad
 

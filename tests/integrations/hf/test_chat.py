@@ -3,7 +3,7 @@ words of its own turn alone."""
 import pytest
 import torch
 
-from desap_ops.cli.models import QWEN_IMAGE
+from desap_ops.testing.tiny import QWEN_IMAGE
 from desap_ops.integrations import ChatMarkers, apply_desap, last_prune
 from desap_ops.integrations.common.prompt import TEXT_BLIND
 

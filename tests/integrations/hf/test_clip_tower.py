@@ -2,7 +2,7 @@
 against an eager attention matrix."""
 import torch
 
-from desap_ops.cli.models import tiny_llava
+from desap_ops.testing.tiny import tiny_llava
 from desap_ops.integrations.common.signals import capture
 from desap_ops.integrations.hf.clip_tower import clip_layout, encoder_layers, read_tower
 

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from desap_ops.cli.models import tiny_llava, tiny_qwen2_5_vl
+from desap_ops.testing.tiny import tiny_llava, tiny_qwen2_5_vl
 from desap_ops.integrations import apply_desap
 from desap_ops.integrations.hf import compat
 
@@ -49,7 +49,7 @@ def test_a_renamed_parameter_is_named(monkeypatch):
     from transformers.models.llava_next import modeling_llava_next
 
     monkeypatch.setattr(modeling_llava_next, "image_size_to_num_patches", lambda size, pinpoints, patch: 1)
-    from desap_ops.cli.models import tiny_llava_next
+    from desap_ops.testing.tiny import tiny_llava_next
 
     with pytest.raises(RuntimeError, match="image_size_to_num_patches takes no image_size, grid_pinpoints, patch_size"):
         apply_desap(tiny_llava_next(), keep=20)

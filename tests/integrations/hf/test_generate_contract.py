@@ -6,7 +6,7 @@ import functools
 import pytest
 import torch
 
-from desap_ops.cli.models import (QWEN_IMAGE, VIDEO_TOKEN_ID, tiny_llava, tiny_llava_next,
+from desap_ops.testing.tiny import (QWEN_IMAGE, VIDEO_TOKEN_ID, tiny_llava, tiny_llava_next,
                                   tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 from desap_ops.integrations import apply_desap
 

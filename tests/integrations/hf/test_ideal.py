@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from desap_ops.cli.models import (IMAGE_TOKEN_ID as IMG, VIDEO_TOKEN_ID as VID, tiny_llava, tiny_llava_next,
+from desap_ops.testing.tiny import (IMAGE_TOKEN_ID as IMG, VIDEO_TOKEN_ID as VID, tiny_llava, tiny_llava_next,
                                   tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_vl)
 from desap_ops.integrations import apply_desap, last_prune
 

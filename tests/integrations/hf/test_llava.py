@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from desap_ops import reference
-from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, tiny_llava
+from desap_ops.testing.tiny import IMAGE_TOKEN_ID as IMG, tiny_llava
 from desap_ops.integrations import apply_desap, last_prune, remove_desap
 from desap_ops.integrations.hf.clip_tower import encoder_layers
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from desap_ops.cli.models import IMAGE_TOKEN_ID as IMG, tiny_llava_next
+from desap_ops.testing.tiny import IMAGE_TOKEN_ID as IMG, tiny_llava_next
 from desap_ops.integrations import apply_desap, last_prune
 
 from ..prompts import llava_prompt, pad

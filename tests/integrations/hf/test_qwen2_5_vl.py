@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from desap_ops import reference
-from desap_ops.cli.models import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
+from desap_ops.testing.tiny import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
 from desap_ops.integrations import apply_desap, last_prune, remove_desap
 from desap_ops.integrations.common import signals
 from desap_ops.integrations.hf import qwen2_5_vl

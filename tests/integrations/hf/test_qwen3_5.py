@@ -5,7 +5,7 @@ import functools
 
 import pytest
 
-from desap_ops.cli.models import tiny_qwen3_5
+from desap_ops.testing.tiny import tiny_qwen3_5
 
 from .qwen_checks import (check_batch_equals_rows, check_generate_matches_forward,
                           check_keep_all_leaves_logits_unchanged, check_one_budget_per_clip,

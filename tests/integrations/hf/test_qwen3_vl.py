@@ -3,7 +3,7 @@ import functools
 
 import pytest
 
-from desap_ops.cli.models import tiny_qwen3_vl
+from desap_ops.testing.tiny import tiny_qwen3_vl
 
 from .qwen_checks import (check_batch_equals_rows, check_generate_matches_forward,
                           check_keep_all_leaves_logits_unchanged, check_one_budget_per_clip,

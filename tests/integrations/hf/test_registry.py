@@ -7,7 +7,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from desap_ops.cli.models import (QWEN_IMAGE, tiny_llava, tiny_llava_next, tiny_llava_next_video, tiny_qwen2_5_vl,
+from desap_ops.testing.tiny import (QWEN_IMAGE, tiny_llava, tiny_llava_next, tiny_llava_next_video, tiny_qwen2_5_vl,
                                   tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 from desap_ops.integrations import SUPPORTED, PruneRecord, apply_desap, image_token_counts, last_prune, remove_desap
 from desap_ops.integrations.hf import compat

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from desap_ops import reference
-from desap_ops.cli.models import VIDEO_TOKEN_ID as VID, tiny_llava_next_video, tiny_video_llava
+from desap_ops.testing.tiny import VIDEO_TOKEN_ID as VID, tiny_llava_next_video, tiny_video_llava
 from desap_ops.integrations import apply_desap, last_prune, remove_desap
 from desap_ops.integrations.hf.clip_tower import encoder_layers
 

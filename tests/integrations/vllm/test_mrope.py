@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from desap_ops.cli.models import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
+from desap_ops.testing.tiny import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
 from desap_ops.integrations.vllm.mrope import (CHANNELS, Media, decode_fields, encode_fields, media_positions,
                                                medium_fields, place_media, prompt_positions)
 

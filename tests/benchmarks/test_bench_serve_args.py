@@ -6,9 +6,11 @@ import os
 
 import pytest
 
-from desap_ops.cli import bench_serve, vllm_cpu
+from desap_ops.benchmarks.machine import LoadAverage
+from desap_ops.benchmarks.vllm import _cpu_fixes as vllm_cpu
+from desap_ops.benchmarks.vllm import serve as bench_serve
+from desap_ops.benchmarks.vllm.settings import Setting, settings
 from desap_ops.cli.main import main
-from desap_ops.cli.vllm_runs import Setting, parse_keeps
 from helpers import one_error_line
 
 
@@ -49,7 +51,7 @@ def test_without_vllm_one_line_names_the_install(nothing_runs, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--keep", "577"], "--keep values must lie in [1, 576] (the model's image tokens), got 577"),
+    (["--keep", "577"], "--keep values must lie in [1, 576] (the image tokens of llava-tinyllama-1.1b), got 577"),
     (["--model", "qwen2.5-vl-small", "--keep", "145"], "--keep values must lie in [1, 144]"),
     (["--max-tokens", "2000"], "--max-tokens 2000 does not fit: llava-tinyllama-1.1b holds 2048 positions"),
 ])
@@ -60,12 +62,12 @@ def test_budgets_are_checked_against_the_model_before_it_is_built(nothing_runs, 
 
 
 def test_settings_are_the_full_model_then_desap_then_the_ideal_at_each_budget():
-    settings = parse_keeps("64,128", 576, ideal=True)
-    assert [s.name for s in settings] == ["full", "keep=64", "keep=128", "ideal=64", "ideal=128"]
-    assert settings[0].hf_overrides(0.5) is None
-    assert settings[1].hf_overrides("auto") == {"desap": {"keep": 64, "task_ratio": "auto"}}
-    assert settings[3].hf_overrides(0.5) == {"desap": {"keep": 64, "ideal": True}}
-    assert [s.name for s in parse_keeps(None, 576)] == ["full", "keep=192", "keep=128", "keep=64"]
+    runs = settings([64, 128], 576, "m", ideal=True)
+    assert [s.name for s in runs] == ["full", "keep=64", "keep=128", "ideal=64", "ideal=128"]
+    assert runs[0].hf_overrides(0.5) is None
+    assert runs[1].hf_overrides("auto") == {"desap": {"keep": 64, "task_ratio": "auto"}}
+    assert runs[3].hf_overrides(0.5) == {"desap": {"keep": 64, "ideal": True}}
+    assert [s.name for s in settings(None, 576, "m")] == ["full", "keep=192", "keep=128", "keep=64"]
 
 
 def test_requests_per_level_reach_the_concurrency():
@@ -75,11 +77,14 @@ def test_requests_per_level_reach_the_concurrency():
     assert bench_serve.parse_concurrency("16,1,4,4") == [1, 4, 16]
 
 
-def _row(setting: Setting, concurrency: int, rps: float, ttft: float) -> dict:
-    return {"setting": setting.name, "keep": setting.keep, "ideal": setting.ideal, "concurrency": concurrency,
-            "requests_per_s": rps, "output_tokens_per_s": 8 * rps, "ttft_ms_median": ttft, "ttft_ms_p99": 2 * ttft,
-            "tpot_ms_median": 10.0, "tpot_ms_p99": 20.0, "prefill_tokens": 100 if setting.keep is None else 20,
-            "peak_kv_usage": 0.5 if setting.keep is None else 0.1}
+def _row(setting: Setting, concurrency: int, rps: float, ttft: float) -> bench_serve.ServeRow:
+    return bench_serve.ServeRow(
+        setting=setting.name, keep=setting.keep, ideal=setting.ideal, concurrency=concurrency, requests=4,
+        completed=4, failed=0, duration_s=4 / rps, requests_per_s=rps, output_tokens_per_s=8 * rps,
+        ttft_ms_median=ttft, ttft_ms_p99=2 * ttft, tpot_ms_median=10.0, tpot_ms_p99=20.0,
+        prefill_tokens=100 if setting.keep is None else 20, prefill_tokens_per_request=25.0,
+        prefill_tokens_counter=None, peak_kv_usage=0.5 if setting.keep is None else 0.1, kv_usage_samples=3,
+        preemptions=0.0, load_average=LoadAverage([1.0] * 3, [1.0] * 3))
 
 
 def test_rows_are_compared_with_the_full_model_and_the_ideal_at_the_same_concurrency():
@@ -87,13 +92,13 @@ def test_rows_are_compared_with_the_full_model_and_the_ideal_at_the_same_concurr
     rows = [_row(full, 1, 1.0, 400.0), _row(full, 4, 2.0, 800.0), _row(desap, 1, 2.0, 100.0),
             _row(desap, 4, 3.0, 200.0), _row(ideal, 1, 2.0, 90.0), _row(ideal, 4, 4.0, 150.0)]
     bench_serve.compare(rows)
-    by = {(r["setting"], r["concurrency"]): r for r in rows}
-    assert by[("keep=64", 4)]["requests_per_s_x"] == 1.5 and by[("keep=64", 4)]["share_of_ideal"] == 0.75
-    assert by[("keep=64", 1)]["ttft_ms_median_reduction"] == 4.0
-    assert by[("keep=64", 1)]["prefill_tokens_reduction"] == 5.0 and by[("keep=64", 1)]["peak_kv_usage_reduction"] == 5.0
-    assert by[("ideal=64", 1)]["share_of_ideal"] is None and by[("full", 4)]["requests_per_s_x"] == 1.0
+    by = {(r.setting, r.concurrency): r for r in rows}
+    assert by[("keep=64", 4)].requests_per_s_x == 1.5 and by[("keep=64", 4)].share_of_ideal == 0.75
+    assert by[("keep=64", 1)].ttft_ms_median_reduction == 4.0
+    assert by[("keep=64", 1)].prefill_tokens_reduction == 5.0 and by[("keep=64", 1)].peak_kv_usage_reduction == 5.0
+    assert by[("ideal=64", 1)].share_of_ideal is None and by[("full", 4)].requests_per_s_x == 1.0
     aim = bench_serve.target(rows, 576)
-    assert aim["keep"] == 64 and aim["levels"][1]["holds"] and not aim["levels"][4]["holds"] and not aim["holds"]
+    assert aim.keep == 64 and aim.levels[1].holds and not aim.levels[4].holds and not aim.holds
     assert bench_serve.target(rows, 144) is None   # keep=16 did not run
 
 

@@ -1,9 +1,9 @@
 """The client of ``desap bench serve``: vLLM's own ``vllm bench serve`` against one running server,
 once per concurrency level, with the server's metrics read around each level. Run as ``python -m
-desap_ops.cli.serve_client SPEC RESULT`` by :func:`desap_ops.cli.bench_serve.run_setting` (SPEC:
-:func:`desap_ops.cli.bench_serve.client_spec`); vLLM's benchmark runs in this process (its
-``main``, parsed from the same arguments the command takes) so that vLLM is imported once per
-setting. The only module of ``bench serve`` that imports vLLM."""
+desap_ops.benchmarks.vllm.serve_client SPEC RESULT`` by :func:`.serve.run_setting` (SPEC: a
+:class:`.serve.ClientSpec`; RESULT: a list of :class:`.serve.LevelRecord`); vLLM's benchmark runs in
+this process (its ``main``, parsed from the same arguments the command takes) so that vLLM is
+imported once per setting. The only module of ``bench serve`` that imports vLLM."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,10 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from .vllm_runs import load_average, say_mark
+from ..machine import LoadAverage, load_average
+from ..skeleton import from_json, to_json
+from .processes import say_mark
+from .serve import ClientSpec, LevelRecord
 
 KV_USAGE = "vllm:kv_cache_usage_perc"
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",
@@ -66,20 +69,20 @@ class PeakKvUsage:
         self._thread.join()
 
 
-def bench_arguments(spec: dict, concurrency: int, prompts: int, seed: int, name: str) -> list[str]:
+def bench_arguments(spec: ClientSpec, concurrency: int, prompts: int, seed: int, name: str) -> list[str]:
     """``vllm bench serve``'s arguments for one level: random-mm, one square image and ``input_len``
     random words per request, greedy with ignore_eos, every request sent at once."""
-    side = spec["image_side"]
-    return ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", spec["url"],
-            "--model", spec["folder"], "--tokenizer", spec["folder"], "--dataset-name", "random-mm",
-            "--random-input-len", str(spec["input_len"]), "--random-output-len", str(spec["max_tokens"]),
+    side = spec.image_side
+    return ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", spec.url,
+            "--model", spec.folder, "--tokenizer", spec.folder, "--dataset-name", "random-mm",
+            "--random-input-len", str(spec.input_len), "--random-output-len", str(spec.max_tokens),
             "--random-range-ratio", "0", "--random-mm-base-items-per-request", "1",
             "--random-mm-num-mm-items-range-ratio", "0",
             "--random-mm-limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
             "--random-mm-bucket-config", f"{{({side}, {side}, 1): 1.0}}", "--num-prompts", str(prompts),
             "--max-concurrency", str(concurrency), "--request-rate", "inf", "--ignore-eos", "--temperature", "0",
             "--seed", str(seed), "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
-            "--disable-tqdm", "--save-result", "--result-dir", spec["result_dir"], "--result-filename", name]
+            "--disable-tqdm", "--save-result", "--result-dir", spec.result_dir, "--result-filename", name]
 
 
 def run_bench(argv: list[str]) -> dict:
@@ -98,32 +101,31 @@ KEPT = ("completed", "failed", "duration", "request_throughput", "output_through
         "p99_e2el_ms", "max_concurrency", "num_prompts")
 
 
-def client(spec: dict) -> list[dict]:
+def client(spec: ClientSpec) -> list[LevelRecord]:
     """The warm-up, then every level of ``spec`` in turn; per level what vLLM's benchmark reported,
     the server's counters over it and its peak KV-cache usage."""
-    url, name = spec["url"], spec["name"]
-    if spec["warmups"]:
-        say_mark(f"warm-up ({spec['warmups']} requests)")
-        warm = spec["warmups"]
-        run_bench(bench_arguments(spec, warm, warm, 0, f"{name}-warmup.json"))
+    if spec.warmups:
+        say_mark(f"warm-up ({spec.warmups} requests)")
+        run_bench(bench_arguments(spec, spec.warmups, spec.warmups, 0, f"{spec.name}-warmup.json"))
     levels = []
-    for level in spec["levels"]:
-        concurrency, prompts = level["concurrency"], level["prompts"]
-        argv = bench_arguments(spec, concurrency, prompts, level["seed"], f"{name}-c{concurrency}.json")
-        say_mark(f"concurrency {concurrency}, {prompts} requests")
-        load_before, before = load_average(), read_metrics(url)
-        with PeakKvUsage(url) as peak:
+    for level in spec.levels:
+        argv = bench_arguments(spec, level.concurrency, level.prompts, level.seed,
+                               f"{spec.name}-c{level.concurrency}.json")
+        say_mark(f"concurrency {level.concurrency}, {level.prompts} requests")
+        load_before, before = load_average(), read_metrics(spec.url)
+        with PeakKvUsage(spec.url) as peak:
             result = run_bench(argv)
-        after = read_metrics(url)
-        levels.append({"concurrency": concurrency, "prompts": prompts, "seed": level["seed"],
-                       "command": shlex.join(["vllm", "bench", "serve", *argv]),
-                       "result": {key: result.get(key) for key in KEPT},
-                       "metrics": {key: after.get(key, 0.0) - before.get(key, 0.0) for key in COUNTERS},
-                       "peak_kv_usage": peak.peak if peak.samples else None, "kv_usage_samples": peak.samples,
-                       "load_average": {"before": load_before, "after": load_average()}})
+        after = read_metrics(spec.url)
+        levels.append(LevelRecord(
+            concurrency=level.concurrency, prompts=level.prompts, seed=level.seed,
+            command=shlex.join(["vllm", "bench", "serve", *argv]), result={key: result.get(key) for key in KEPT},
+            metrics={key: after.get(key, 0.0) - before.get(key, 0.0) for key in COUNTERS},
+            peak_kv_usage=peak.peak if peak.samples else None, kv_usage_samples=peak.samples,
+            load_average=LoadAverage(load_before, load_average())))
     return levels
 
 
 if __name__ == "__main__":   # vLLM's benchmark may start processes: the guard is needed
     spec_path, result_path = sys.argv[1:3]
-    Path(result_path).write_text(json.dumps(client(json.loads(Path(spec_path).read_text()))))
+    spec = from_json(ClientSpec, json.loads(Path(spec_path).read_text()))
+    Path(result_path).write_text(json.dumps(to_json(client(spec))))

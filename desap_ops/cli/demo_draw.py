@@ -1,0 +1,251 @@
+"""The drawing half of ``desap demo``: a :class:`~desap_ops.cli.demo_run.DemoResult` as a picture
+that reads without the terminal ([CLS] saliency and task score with colour bars, the kept tokens
+and their merge groups, touching groups in different colours, a title that says what is real and
+what stands in)."""
+from __future__ import annotations
+
+import math
+import textwrap
+from collections import Counter
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from desap_ops.reference import AUTO_HIGH, AUTO_LOW, AUTO_MAX_SHARE
+
+from .demo_run import QUERY_BOX_COLOUR, DemoResult, split_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+Segment = tuple[tuple[int, int], tuple[int, int]]
+
+FIGURE_SIZE = (15.0, 6.6)           # inches at 100 dpi: a 1500 x 660 PNG
+AUTO_FIGURE_SIZE = (15.0, 13.0)     # two rows, strong and weak cue: a 1500 x 1300 PNG
+DPI = 100
+# tab10 without grey (lost on the greyed photo) and cyan (the query box): 8 colours that stay apart
+GROUP_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
+
+
+def group_neighbours(groups: np.ndarray) -> dict[int, set[int]]:
+    """Every merge group in the (grid, grid) assignment and the groups it touches (4-neighbours);
+    negative entries (no group) are left out."""
+    neighbours: dict[int, set[int]] = {int(g): set() for g in np.unique(groups) if g >= 0}
+    for first, second in ((groups[:, :-1], groups[:, 1:]), (groups[:-1], groups[1:])):
+        for a, b in zip(first.ravel().tolist(), second.ravel().tolist()):
+            if a != b and a >= 0 and b >= 0:
+                neighbours[a].add(b)
+                neighbours[b].add(a)
+    return neighbours
+
+
+def colour_groups(groups: np.ndarray, palette_size: int) -> dict[int, int]:
+    """A palette index for every merge group such that touching groups differ: a greedy (DSATUR)
+    colouring of the group adjacency. Merge groups are scattered, not regions, so a proper colouring
+    may need more colours than the palette has; then a group takes the colour its neighbours use least."""
+    neighbours = group_neighbours(groups)
+    colour: dict[int, int] = {}
+    while len(colour) < len(neighbours):
+        # the most constrained group first: most distinct colours around it, then most neighbours
+        group = max((g for g in neighbours if g not in colour),
+                    key=lambda g: (len({colour[n] for n in neighbours[g] if n in colour}), len(neighbours[g]), -g))
+        used = Counter(colour[n] for n in neighbours[group] if n in colour)
+        colour[group] = min(range(palette_size), key=lambda c: (used[c], c))
+    return colour
+
+
+def group_borders(groups: np.ndarray) -> list[Segment]:
+    """Line segments ((x0, y0), (x1, y1)) in grid units between 4-neighbouring cells of different groups."""
+    rows, cols = groups.shape
+    segments = [((c + 1, r), (c + 1, r + 1)) for r in range(rows) for c in range(cols - 1)
+                if groups[r, c] != groups[r, c + 1]]
+    segments += [((c, r + 1), (c + 1, r + 1)) for r in range(rows - 1) for c in range(cols)
+                 if groups[r, c] != groups[r + 1, c]]
+    return segments
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed), imported when a picture is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class Panels:
+    """Draws one result's panels over its greyed photo (grey, so that the overlays' colours read true)."""
+
+    def __init__(self, result: DemoResult):
+        self.result = result
+        self.photo = np.asarray(result.image.convert("L"))
+        height, width = self.photo.shape
+        self.cell_w, self.cell_h = width / result.grid, height / result.grid
+        self.extent = (0, width, height, 0)
+        self.clash = False  # whether some touching merge groups had to share a colour
+
+    def photo_on(self, ax) -> None:
+        ax.imshow(self.photo, cmap="gray", extent=self.extent)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    def query_box(self, ax) -> None:
+        from matplotlib.patches import Rectangle
+
+        if self.result.box is not None:
+            x0, y0, x1, y1 = self.result.box
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=QUERY_BOX_COLOUR,
+                                   linewidth=2, linestyle="--"))
+
+    def heat_map(self, fig, ax, values: torch.Tensor, title: str, label: str) -> None:
+        """``values`` over the grid with a colour bar under the panel, as wide as it."""
+        from matplotlib.ticker import MaxNLocator
+
+        grid = self.result.grid
+        finite = torch.nan_to_num(values.float(), nan=0.0, posinf=0.0, neginf=0.0).view(grid, grid).numpy()
+        image = ax.imshow(finite, cmap="inferno", alpha=0.65, extent=self.extent, interpolation="nearest")
+        ax.set_title(title)
+        bar = fig.colorbar(image, cax=ax.inset_axes((0.0, -0.09, 1.0, 0.045)), orientation="horizontal")
+        bar.set_label(label)
+        bar.locator = MaxNLocator(nbins=5)
+        bar.update_ticks()
+
+    def kept(self, ax, title: str) -> None:
+        """Every merge group in one colour (touching groups differ), borders between groups, kept tokens
+        boxed in white and drawn more opaque than the tokens merged into them."""
+        from matplotlib.collections import LineCollection
+        from matplotlib.colors import to_rgb
+        from matplotlib.patches import Rectangle
+
+        grid, cell_w, cell_h = self.result.grid, self.cell_w, self.cell_h
+        groups = self.result.assignment.view(grid, grid).numpy()
+        colours = colour_groups(groups, len(GROUP_PALETTE))
+        self.clash = any(colours[a] == colours[b] for a, near in group_neighbours(groups).items() for b in near)
+        overlay = np.zeros((grid, grid, 4))
+        for (row, col), group in np.ndenumerate(groups):
+            if group >= 0:
+                overlay[row, col] = (*to_rgb(GROUP_PALETTE[colours[int(group)]]), 0.6)
+        for index in self.result.indices.tolist():
+            overlay[divmod(index, grid)][3] = 0.95
+        ax.imshow(overlay, extent=self.extent, interpolation="nearest")
+        borders = [((x0 * cell_w, y0 * cell_h), (x1 * cell_w, y1 * cell_h))
+                   for (x0, y0), (x1, y1) in group_borders(groups)]
+        ax.add_collection(LineCollection(borders, colors="black", linewidths=0.8))
+        for index in self.result.indices.tolist():
+            row, col = divmod(index, grid)
+            ax.add_patch(Rectangle((col * cell_w, row * cell_h), cell_w, cell_h, fill=False, edgecolor="white",
+                                   linewidth=2))
+        self.query_box(ax)
+        ax.set_title(title)
+
+    def legend(self, ax, clash: bool, query_box: Optional[str]) -> None:
+        """What the kept panel's marks mean, below ``ax``, on grey so that the white box shows;
+        ``query_box``: the query box's entry (None: no box drawn)."""
+        from matplotlib.patches import Patch
+
+        keep = self.result.indices.numel()
+        handles = [Patch(facecolor=GROUP_PALETTE[1], edgecolor="white", linewidth=2,
+                         label=f"white box: a kept token ({keep} in all)"),
+                   Patch(facecolor=GROUP_PALETTE[0], alpha=0.6, edgecolor="black",
+                         label="coloured cells: tokens merged into the kept token of their colour\n(black lines part "
+                               "the groups; " + ("a few touching groups share a colour)" if clash
+                                                 else "touching groups never share a colour)"))]
+        if query_box:
+            handles.append(Patch(fill=False, edgecolor=QUERY_BOX_COLOUR, linestyle="--", linewidth=2, label=query_box))
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.015), fontsize=9,
+                  facecolor="0.8", framealpha=1.0)
+
+
+SALIENCY_TITLE = "[CLS] saliency: where the encoder's [CLS] token looks"
+SALIENCY_LABEL = "[CLS] attention to the token (mean over heads)"
+
+
+def kept_title(result: DemoResult) -> str:
+    """The kept panel's title; with "auto" it names the split the scores chose and their g."""
+    keep, tokens = result.indices.numel(), result.grid * result.grid
+    if result.guidance is None:
+        return f"kept {keep} of {tokens} tokens and the tokens merged into each"
+    return f"{result.cue + ': ' if result.cue else ''}kept {keep} of {tokens} tokens\n" \
+           f"{split_text(result.task_keep, keep)} (auto, g = {result.guidance:.1f})"
+
+
+def figure(result: DemoResult) -> Figure:
+    """The picture, readable without the terminal: [CLS] saliency and task score over the (greyed)
+    photo with colour bars, the kept tokens with their merge groups and a legend, a title saying what
+    is real and what stands in. Returns the matplotlib Figure."""
+    plt = _pyplot()
+    panels = Panels(result)
+    fig, axes = plt.subplots(1, 3, figsize=FIGURE_SIZE, dpi=DPI)
+    # a kept title of two lines (the split, with "auto") needs room below the figure's title
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.85 if result.guidance is None else 0.82, bottom=0.17,
+                        wspace=0.04)
+    for ax in axes:
+        panels.photo_on(ax)
+    panels.heat_map(fig, axes[0], result.saliency, SALIENCY_TITLE, SALIENCY_LABEL)
+    panels.heat_map(fig, axes[1], result.task_scores, "task score: decoupled similarity to the text",
+                    "task score (higher = more like the text)")
+    panels.query_box(axes[1])
+    panels.kept(axes[2], kept_title(result))
+    panels.legend(axes[2], panels.clash, None if result.box is None else "query box: its tokens play the text")
+    fig.suptitle(f"DeSAP keeps {result.indices.numel()} of {result.grid * result.grid} visual tokens\n{result.title}",
+                 fontsize=13)
+    return fig
+
+
+def figure_auto(results: list[DemoResult]) -> Figure:
+    """task_ratio="auto" with a strong and a weak cue, one row each: the task score of that cue and
+    what was kept, titled with the split and g; the [CLS] saliency (the same for both) above a note
+    on the rule and the stand-ins. Returns the matplotlib Figure."""
+    plt = _pyplot()
+    strong, weak = results
+    keep, tokens = strong.indices.numel(), strong.grid * strong.grid
+    fig, axes = plt.subplots(2, 3, figsize=AUTO_FIGURE_SIZE, dpi=DPI)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.875, bottom=0.085, wspace=0.04, hspace=0.3)
+    clash = False
+    for row, result in zip(axes, results):
+        panels = Panels(result)
+        for ax in row[1:]:
+            panels.photo_on(ax)
+        panels.heat_map(fig, row[1], result.task_scores, f"{result.cue}: task score, similarity to its text",
+                        f"task score ({result.cue}; higher = more like its text)")
+        panels.query_box(row[1])
+        panels.kept(row[2], kept_title(result))
+        clash |= panels.clash
+    top = Panels(strong)
+    top.photo_on(axes[0, 0])
+    top.heat_map(fig, axes[0, 0], strong.saliency, SALIENCY_TITLE, SALIENCY_LABEL)
+    top.legend(axes[1, 2], clash, "query box: its tokens play the strong cue's text")
+
+    def item(text: str) -> str:
+        return textwrap.fill(text, 54, initial_indent="  ", subsequent_indent="    ")
+
+    rule = "\n".join([
+        f'How task_ratio="auto" splits the {keep} kept tokens',
+        item("g = (best task score - median) / (1.4826 x MAD): how far the best match stands above the "
+             "typical token, in robust standard deviations"),
+        item(f"task tokens = round({AUTO_MAX_SHARE} x {keep} x clamp((g - {AUTO_LOW:g}) / {AUTO_HIGH - AUTO_LOW:g}, "
+             f"0, 1)): none up to g = {AUTO_LOW:g}, all {math.floor(AUTO_MAX_SHARE * keep + 0.5)} from "
+             f"g = {AUTO_HIGH:g}; the rest are chosen by [CLS] saliency"),
+        "",
+        "What plays the text (no aligned text encoder ships)",
+        item(f"strong cue: {strong.text}"),
+        item(f'weak cue: {weak.text}; like "Describe the image.", it resembles every token a little and '
+             "singles out none"),
+    ])
+    axes[1, 0].axis("off")
+    axes[1, 0].text(0.0, 0.97, rule, va="top", ha="left", fontsize=10.5, family="monospace",
+                    transform=axes[1, 0].transAxes)
+    fig.suptitle(f"DeSAP keeps {keep} of {tokens} visual tokens; with task_ratio=\"auto\" the task scores "
+                 f"choose the split\n{strong.title}", fontsize=13)
+    return fig
+
+
+def render(results: list[DemoResult], out: str) -> None:
+    """:func:`figure` (one result) or :func:`figure_auto` (strong and weak cue) to ``out`` (PNG unless
+    its extension names another format)."""
+    plt = _pyplot()
+    fig = figure(results[0]) if len(results) == 1 else figure_auto(results)
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
