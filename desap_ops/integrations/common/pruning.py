@@ -1,7 +1,9 @@
 """The one place both engines prune an image: ``desap_ops.prune`` with the checked options, or,
 under the ``ideal`` option, each image's first ``keep`` tokens, unscored and unmerged (the speed
 pruning could reach if it cost nothing: ``apply_desap(..., ideal=True)`` and vLLM's
-``hf_overrides={"desap": {..., "ideal": true}}`` alike)."""
+``hf_overrides={"desap": {..., "ideal": true}}`` alike). Under the ideal both engines run the tower
+plainly, with no attention capture, and embed no text: its signals carry the hidden states alone
+(``TowerSignals.branch`` and ``saliency`` None) and its texts are empty."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,12 +62,12 @@ def first_tokens(hidden: torch.Tensor, keep: int) -> PruneResult:
                        torch.zeros(batch, dtype=torch.long, device=hidden.device))
 
 
-def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], torch.Tensor], texts: torch.Tensor,
-                 text_mask: torch.Tensor, keep: int, options: PruneOptions) -> PruneResult:
+def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], torch.Tensor], texts: Optional[torch.Tensor],
+                 text_mask: Optional[torch.Tensor], keep: int, options: PruneOptions) -> PruneResult:
     """Prune each image of ``signals`` ((B, N, .)) to ``keep`` tokens for its text ``texts``
     (B, L, C) and ``text_mask`` (B, L). ``text_space`` maps the attention branch into the text's
-    space (a projector, or nothing where the tower's merger already did); the ideal needs no
-    branch, so it is mapped only when the operator runs."""
+    space (a projector, or nothing where the tower's merger already did). The ideal reads only
+    ``signals.hidden``: its branch, saliency and texts may be None or empty."""
     if options.ideal:
         return first_tokens(signals.hidden, keep)
     attn = text_space(signals.branch)

@@ -25,22 +25,28 @@ from torch import nn
 class TowerSignals:
     """DeSAP's inputs from one pass of a vision tower. Every tensor has the same leading
     dimensions: (images or crops, tokens) for a CLIP-style tower, (tokens,) for a Qwen tower's
-    items one after another."""
+    items one after another. Under the ideal (``common.pruning``) the tower is run plainly and
+    ``branch`` and ``saliency`` are None: nothing scores the tokens, so nothing reads them."""
 
-    hidden: torch.Tensor     # (..., D): the tokens that are kept and merged
-    branch: torch.Tensor     # (..., D'): the attention branch (CLIP: before the projector; Qwen: through the merger)
-    saliency: torch.Tensor   # (...,) float32: [CLS] attention, or the attention a token receives
-    levels: tuple[torch.Tensor, ...] = ()   # DeepStack levels (Qwen3-VL in transformers), row for row with hidden
+    hidden: torch.Tensor                       # (..., D): the tokens that are kept and merged
+    branch: Optional[torch.Tensor] = None      # (..., D'): the attention branch (CLIP: before the projector; Qwen: through the merger)
+    saliency: Optional[torch.Tensor] = None    # (...,) float32: [CLS] attention, or the attention a token receives
+    levels: tuple[torch.Tensor, ...] = ()      # DeepStack levels (Qwen3-VL in transformers), row for row with hidden
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TowerSignals":
         """``function`` applied to every tensor (an index, a reshape): the rows stay aligned."""
-        return TowerSignals(function(self.hidden), function(self.branch), function(self.saliency),
+        def apply(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else function(t)
+        return TowerSignals(function(self.hidden), apply(self.branch), apply(self.saliency),
                             tuple(function(level) for level in self.levels))
 
     def split(self, sizes: Sequence[int]) -> list["TowerSignals"]:
         """One :class:`TowerSignals` per part of the leading dimension (``sizes`` rows each)."""
-        parts = [t.split(list(sizes)) for t in (self.hidden, self.branch, self.saliency, *self.levels)]
-        return [TowerSignals(h, b, s, tuple(levels)) for h, b, s, *levels in zip(*parts)]
+        def parts(t: Optional[torch.Tensor]) -> Sequence[Optional[torch.Tensor]]:
+            return [None] * len(sizes) if t is None else t.split(list(sizes))
+        levels = [parts(level) for level in self.levels]
+        return [TowerSignals(h, b, s, tuple(level[i] for level in levels))
+                for i, (h, b, s) in enumerate(zip(parts(self.hidden), parts(self.branch), parts(self.saliency)))]
 
 
 @dataclass

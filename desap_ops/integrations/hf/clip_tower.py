@@ -39,15 +39,22 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
     raise TypeError(f"cannot find the encoder layers of {type(vision_tower).__name__}")
 
 
-def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool) -> tuple[TowerSignals, object]:
+def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool,
+               ideal: bool = False) -> tuple[TowerSignals, object]:
     """Run ``tower`` once on ``pixel_values`` and read the signals at hidden_states[``layer``]
     ((B, T, .) each; ``drop_cls`` removes the [CLS] token from all three). Returns them and the
-    tower's own output (hidden_states included), which the model's feature method also returns."""
-    with capture(clip_layout(encoder_layers(tower)[layer - 1])) as captured:
+    tower's own output (hidden_states included), which the model's feature method also returns.
+    ``ideal``: the tower runs plainly, with no capture, and only the hidden states are read (the
+    ideal scores nothing: ``common.pruning``)."""
+    if ideal:
         outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
-        saliency = captured.cls_saliency()
-        branch = captured.attention_branch
-    signals = TowerSignals(outputs.hidden_states[layer], branch, saliency)
+        signals = TowerSignals(outputs.hidden_states[layer])
+    else:
+        with capture(clip_layout(encoder_layers(tower)[layer - 1])) as captured:
+            outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
+            saliency = captured.cls_saliency()
+            branch = captured.attention_branch
+        signals = TowerSignals(outputs.hidden_states[layer], branch, saliency)
     if drop_cls:
         signals = signals.map(lambda t: t[:, 1:])
     return signals, outputs

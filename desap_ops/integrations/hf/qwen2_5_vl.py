@@ -42,15 +42,18 @@ def saliency_layer(model: nn.Module) -> int:
     return model.config.vision_config.fullatt_block_indexes[-1]
 
 
-def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> TowerSignals:
+def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, ideal: bool = False) -> TowerSignals:
     """One tower pass over images or videos, read at :func:`saliency_layer`: per language-model
     token (all images, or all videos, in the model's order) the hidden state (T', C), the attention
-    branch in text space (T', C) and the saliency (T',). Needs no patch: it reads the model as it is."""
+    branch in text space (T', C) and the saliency (T',); ``ideal``: the hidden states alone, from a
+    plain pass with no capture. Needs no patch: it reads the model as it is."""
     # here, not at the top: importing the modeling module costs seconds
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     from transformers.vision_utils import get_vision_window_index
 
     visual = model.model.visual
+    if ideal:
+        return TowerSignals(visual(pixels.type(visual.dtype), grid_thw=grid_thw).pooler_output)
     block = visual.blocks[saliency_layer(model)]
     with qwen.capture_block(block) as store:
         outputs = visual(pixels.type(visual.dtype), grid_thw=grid_thw)

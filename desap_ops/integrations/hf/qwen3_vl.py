@@ -60,9 +60,13 @@ def has_deepstack(model: nn.Module) -> bool:
     return len(getattr(model.model.visual, "deepstack_merger_list", ())) > 0
 
 
-def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor) -> TowerSignals:
-    """One tower pass over images or videos, read at the last block; DeepStack levels included."""
+def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, ideal: bool = False) -> TowerSignals:
+    """One tower pass over images or videos, read at the last block; DeepStack levels included.
+    ``ideal``: the hidden states and levels alone, from a plain pass with no capture."""
     visual = model.model.visual
+    if ideal:
+        outputs = visual(pixels.type(visual.dtype), grid_thw=grid_thw)
+        return TowerSignals(outputs.pooler_output, levels=tuple(getattr(outputs, "deepstack_features", None) or ()))
     block = visual.blocks[-1]
     with qwen.capture_block(block) as store:
         outputs = visual(pixels.type(visual.dtype), grid_thw=grid_thw)

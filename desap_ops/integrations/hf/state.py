@@ -23,9 +23,9 @@ class PruneRecord:
     indices: list          # (K,) int64, ascending: kept candidate tokens
     assignment: list       # (N,) int64: output position of each candidate token
     task_scores: list      # (N,) float32
-    saliency: list         # (N,) float32: the saliency the operator was given
+    saliency: list         # (N,) float32: the saliency the operator was given (the ideal: zeros)
     task_keep: list        # 0-d int64: how many of the kept tokens were chosen by task score
-    text_tokens: list      # 0-d int64: how many prompt text tokens its task score read; 0: text-blind
+    text_tokens: list      # 0-d int64: how many prompt text tokens its task score read; 0: text-blind (or the ideal)
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,12 @@ def text_embeddings(model: nn.Module, input_ids: Optional[torch.Tensor], attenti
                     token_id: int, lengths: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (I, L, C) and mask (I, L) of the prompt text of each of the runs of ``token_id``
     placeholders (``lengths`` long, in order) in ``input_ids``; all-masked (saliency alone decides)
-    without ``input_ids``."""
+    without ``input_ids``; empty (I, 0, C) under the ideal, which reads no text and so embeds none."""
     options = model._desap.options
+    if options.ideal:
+        weight = model.get_input_embeddings().weight
+        return (torch.empty(len(lengths), 0, weight.shape[1], dtype=weight.dtype, device=device),
+                torch.zeros(len(lengths), 0, dtype=torch.bool, device=device))
     if input_ids is None:
         ids = torch.zeros(len(lengths), 1, dtype=torch.long, device=device)
         mask = torch.zeros(len(lengths), 1, dtype=torch.bool, device=device)

@@ -61,11 +61,13 @@ def _video_features(model, inner, pooled: bool, pixel_values_videos, vision_feat
     state: DesapState = model._desap
     videos, frames = pixel_values_videos.shape[:2]
     tower_module = inner.video_tower if hasattr(inner, "video_tower") else inner.vision_tower
+    ideal = state.options.ideal
     signals, outputs = read_tower(tower_module, pixel_values_videos.flatten(0, 1), state.patch.feature_layer,
-                                  drop_cls=pooled)
-    if pooled:
-        signals = TowerSignals(inner.vision_resampler(signals.hidden), inner.vision_resampler(signals.branch),
-                               pool_saliency(signals.saliency, model.config.spatial_pool_stride))
+                                  drop_cls=pooled, ideal=ideal)
+    if pooled:   # the ideal read no branch or saliency to pool
+        signals = TowerSignals(inner.vision_resampler(signals.hidden),
+                               None if ideal else inner.vision_resampler(signals.branch),
+                               None if ideal else pool_saliency(signals.saliency, model.config.spatial_pool_stride))
     signals = signals.map(lambda t: t.reshape(videos, frames * t.shape[1], *t.shape[2:]))   # frame-major
     projector = inner.multi_modal_projector
     text, text_mask = served_text_embeddings(model, videos, model.config.video_token_id, signals.hidden.device)

@@ -1,7 +1,8 @@
 """apply_desap(ideal=True): each image's (or video's) first ``keep`` tokens, unscored and unmerged,
 where DeSAP puts its kept tokens: the semantics of vLLM's ``"ideal": true``
 (``vllm/model.py``: the first tokens in the model's order, LLaVA-NeXT's newlines kept, the Qwen
-models' tokens at their original positions, DeepStack levels cut alike). Expected values come from
+models' tokens at their original positions, DeepStack levels cut alike), with no pruning work: no
+attention capture and no prompt text read (the autouse fixture refuses both). Expected values come from
 the unpatched model's own features; tests/on_vllm/test_vllm_request_options.py runs vLLM's ideal
 engine against this."""
 import logging
@@ -19,6 +20,23 @@ from .qwen_checks import language_model_call
 from .qwen_inputs import IMG as QWEN_IMG, inputs, tokens
 
 N = 16   # tokens of an image of the tiny LLaVA
+
+
+class PruningWork(AssertionError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def no_pruning_work(monkeypatch):
+    """The ideal costs no pruning work: in every test here, reading a tower's DeSAP signals (the
+    CLIP attention capture, the Qwen block capture) or the prompt's text for an image raises."""
+    from desap_ops.integrations.hf import clip_tower, qwen, text
+
+    def refuse(*args, **kwargs):
+        raise PruningWork("the ideal read DeSAP's signals or the prompt's text")
+
+    for module, name in ((clip_tower, "capture"), (qwen, "capture_block"), (text, "image_text_tokens")):
+        monkeypatch.setattr(module, name, refuse)
 
 
 def _check_first_tokens(record, tokens_per_item: list, keeps: list) -> None:
@@ -95,3 +113,36 @@ def test_qwen_feeds_the_first_tokens_at_their_original_positions_and_deepstack_l
     columns = sorted((ids[0] != QWEN_IMG).nonzero()[:, 0].tolist() + placeholders[:keep].tolist())
     assert torch.equal(seen["position_ids"][-3:, 0], positions[:, 0, columns])
     _check_first_tokens(last_prune(model), [tokens(medium)], [keep])
+
+
+@pytest.mark.parametrize("ideal", [False, True])
+def test_llava_runs_its_tower_with_no_capture_and_embeds_no_text_only_under_the_ideal(ideal):
+    """Under the fixture DeSAP itself fails (the refusal bites); the ideal runs, recording no
+    saliency and no text read."""
+    model = apply_desap(tiny_llava(), keep=5, ideal=ideal)
+    ids = torch.tensor([llava_prompt([5], 1, [7, 8])])
+    with torch.no_grad():
+        if not ideal:
+            with pytest.raises(PruningWork):
+                model(input_ids=ids, pixel_values=llava_pixels()[:1])
+            return
+        model(input_ids=ids, pixel_values=llava_pixels()[:1])
+    record = last_prune(model)
+    assert not record.saliency[0].any() and record.saliency[0].shape == (N,) and int(record.text_tokens[0]) == 0
+
+
+@pytest.mark.parametrize("build", [tiny_qwen2_5_vl, tiny_qwen3_vl])
+@pytest.mark.parametrize("ideal", [False, True])
+def test_qwen_runs_its_tower_with_no_capture_and_embeds_no_text_only_under_the_ideal(build, ideal):
+    medium = ("image", 8, 12)
+    data = inputs([medium], seed=6, timestamps=build is tiny_qwen3_vl, after=(7, 8, 9))
+    model = apply_desap(build(), keep=7, ideal=ideal)
+    with torch.no_grad():
+        if not ideal:
+            with pytest.raises(PruningWork):
+                model(**data)
+            return
+        model(**data)
+    record = last_prune(model)
+    assert not record.saliency[0].any() and record.saliency[0].shape == (tokens(medium),)
+    assert int(record.text_tokens[0]) == 0
