@@ -7,13 +7,15 @@ video, and 32 text tokens; logits of the last position only, as generate's prefi
 
 - full: the unpatched model, N image (or video) tokens;
 - desap: ``apply_desap(model, keep=K)``, all of DeSAP's work included;
-- ideal: the model fed K tokens with no pruning work at all, the speed DeSAP could reach if pruning
-  cost nothing. The vision tower runs on every token (pruning after the encoder cannot save it),
-  then only the first K feature tokens go through the projector (LLaVA-NeXT: the first K of its
-  packed order, image-newlines in place; the video models: the first K of the clip, frame-major).
-  The Qwen projector (the patch merger) is part of the vision encoder, which DeSAP runs on every
-  patch too: there the ideal takes the encoder's first K tokens, at their original positions (and
-  Qwen3-VL's DeepStack levels their first K). All of it is :func:`ideal_variant`.
+- ideal: ``apply_desap(model, keep=K, ideal=True)``, each image's (or video's) first K tokens with
+  no pruning work at all, the speed DeSAP could reach if pruning cost nothing. The vision tower
+  runs plainly on every token (pruning after the encoder cannot save it; no attention capture,
+  no text embedded), then only the kept tokens go through the projector: the first K of the image
+  (the video models: of the clip, frame-major; the Qwen models: of the encoder's output, its patch
+  merger included, at their original positions, and Qwen3-VL's DeepStack levels their first K).
+  On LLaVA-NeXT K counts the image-newlines, as DeSAP's K does: every newline is kept, and the
+  first K - newlines visual tokens of the packed order. It is the library's ideal, the one vLLM's
+  ``"ideal": true`` keeps too (``integrations.common.pruning``).
 
 Timing: rounds after one warm-up round; in each round, for each K, full, desap and ideal run one
 after another, so load from other processes hits all three alike; each time is the median over
@@ -46,8 +48,8 @@ from torch import nn
 from desap_ops import ops
 from desap_ops.cli.errors import UsageError
 from desap_ops.integrations import apply_desap, image_token_counts, remove_desap
-from desap_ops.integrations.common.layout import crops_per_image, drops_cls, tokens_per_crop
-from desap_ops.integrations.common.sequence import first_placeholders, shrink_placeholders
+from desap_ops.integrations.common.layout import drops_cls, packed_sources
+from desap_ops.integrations.common.sequence import image_budget
 from desap_ops.integrations.hf.video import tokens_per_frame
 from desap_ops.testing.models import MODELS, build_model
 from desap_ops.testing.real_shapes import weight_bytes
@@ -81,6 +83,7 @@ class Batch:
     tokens: int        # placeholder tokens per image or video (before pruning)
     token_id: int      # the placeholder's id
     features: str      # the model's method that returns those tokens' features
+    newlines: int = 0  # image-newlines among the placeholders (LLaVA-NeXT), which every budget keeps
 
 
 def _pooled(model) -> bool:
@@ -98,6 +101,7 @@ def make_batch(model: nn.Module, name: str, batch: int, device: str, dtype: torc
     count, for any model of :data:`MODELS` (``model`` is ``build_model(name, ...)``)."""
     spec = MODELS[name]
     config = model.config
+    newlines = 0
     gen = torch.Generator().manual_seed(0)
     text = torch.randint(3, min(1000, config.text_config.vocab_size), (batch, TEXT_TOKENS), generator=gen)
     full = lambda n, token: torch.full((batch, n), token)  # noqa: E731
@@ -110,6 +114,8 @@ def make_batch(model: nn.Module, name: str, batch: int, device: str, dtype: torc
             pixels = torch.randn(batch, 3, side, side, generator=gen)
             inputs = {}
         tokens = image_token_counts(model, pixels, inputs.get("image_sizes"))[0]
+        if spec.family == "llava_next":
+            newlines = int((packed_sources(config, inputs["image_sizes"][:1])[0] < 0).sum())
         token_id, features = config.image_token_id, "get_image_features"
         text[text == token_id] = 3
         inputs.update(input_ids=_prompt(batch, text, full(tokens, token_id)), pixel_values=pixels.to(dtype))
@@ -131,7 +137,7 @@ def make_batch(model: nn.Module, name: str, batch: int, device: str, dtype: torc
         text[text == token_id] = 3
         videos = torch.randn(batch, frames, 3, size, size, generator=gen)
         inputs = dict(input_ids=_prompt(batch, text, full(tokens, token_id)), pixel_values_videos=videos.to(dtype))
-    return Batch({k: v.to(device) for k, v in inputs.items()}, tokens, token_id, features)
+    return Batch({k: v.to(device) for k, v in inputs.items()}, tokens, token_id, features, newlines)
 
 
 # --- the plan ----------------------------------------------------------------------------------------
@@ -204,119 +210,17 @@ def plan(args: Namespace) -> E2ePlan:
     return make_plan(args.model, parse_budgets(args.keep), args.device, args.dtype, args.batch, args.repeats)
 
 
-# --- the ideal: K tokens, no pruning work -----------------------------------------------------------
-
-@contextmanager
-def ideal_variant(model: nn.Module, family: str, batch: Batch, keep: int) -> Iterator[dict]:
-    """The ideal at budget ``keep``: yields the prompt with each image's (or video's) placeholders
-    cut to their first ``keep``, while the model's feature method (``get_image_features`` /
-    ``get_video_features``) returns only those tokens' features, and only they go through the
-    projector (see the module docstring). The one place this bench derives the ideal: ``apply_desap(..., ideal=True)``,
-    once the integrations have it, replaces this function."""
-    inner, config = model.model, model.config
-    inputs = batch.inputs
-    ids = inputs["input_ids"]
-
-    # the prompt: the first K placeholders of each image kept (Qwen: at their original positions)
-    flags = first_placeholders([batch.tokens] * ids.shape[0], keep, ids.device)
-    positions = None
-    if "mm_token_type_ids" in inputs:
-        positions, _ = inner.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
-                                            image_grid_thw=inputs["image_grid_thw"])
-    shrunk = shrink_placeholders(flags, batch.token_id, 0, ids, None, None, positions,
-                                 inputs.get("mm_token_type_ids"))
-    short = {**inputs, "input_ids": shrunk["input_ids"]}
-    if positions is not None:
-        short.update(position_ids=shrunk["position_ids"], mm_token_type_ids=shrunk["token_types"])
-
-    # the features: the tower on every patch, then the first K of the tokens the projector takes
-    original = getattr(inner, batch.features)
-
-    def feature_tokens(tower, pixels: torch.Tensor, drop_cls: bool) -> torch.Tensor:
-        """(crops or frames, T, D): the tower's hidden states at the model's feature layer."""
-        outputs = tower(pixels, output_hidden_states=True, return_dict=True)
-        hidden = outputs.hidden_states[config.vision_feature_layer]
-        return hidden[:, 1:] if drop_cls else hidden
-
-    def first_of_each(level):
-        """A DeepStack level's first K tokens of each image: per image (transformers >= 5.18) or one
-        tensor of ``batch.tokens`` per image (before)."""
-        if isinstance(level, torch.Tensor):
-            return torch.cat([image[:keep] for image in level.split(batch.tokens)])
-        return [image[:keep] for image in level]
-
-    if family in QWEN:   # the encoder (merger included) on every patch, then the first K of each image
-        def ideal_features(*args, **kwargs):
-            out = original(*args, **kwargs)
-            out.pooler_output = [f[:keep] for f in out.pooler_output]
-            if getattr(out, "deepstack_features", None):   # Qwen3-VL: each DeepStack level too
-                out.deepstack_features = [first_of_each(level) for level in out.deepstack_features]
-            return out
-    else:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        project = inner.multi_modal_projector
-        drop = drops_cls(config)
-        if family == "llava":
-            def features(pixel_values, **_):
-                return list(project(feature_tokens(inner.vision_tower, pixel_values, drop)[:, :keep]))
-        elif family == "llava_next":   # the first K of the packed order, image-newlines in place
-            sizes = batch.inputs["image_sizes"]
-            crops = crops_per_image(config, sizes)
-            strategy = config.vision_feature_select_strategy
-            # which of each image's first ``keep`` packed slots hold a visual token (the rest: image-newlines)
-            ones = [torch.ones(n, tokens_per_crop(config), 1) for n in crops]
-            marks = inner.pack_image_features(ones, sizes.cpu(), strategy, image_newline=torch.zeros(1))[0]
-            visual = [m[:keep, 0].bool().to(sizes.device) for m in marks]
-
-            def features(pixel_values, image_sizes, **_):
-                if pixel_values.dim() == 5:
-                    pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, crops)], dim=0)
-                tokens = feature_tokens(inner.vision_tower, pixel_values, drop)
-                packed = inner.pack_image_features(torch.split(tokens, crops), image_sizes, strategy,
-                                                   image_newline=tokens.new_zeros(tokens.shape[-1]))[0]
-                out = []
-                for row, is_visual in zip(packed, visual):
-                    image = inner.image_newline.to(tokens.dtype).expand(keep, -1).clone()
-                    image[is_visual] = project(row[:keep][is_visual]).to(image.dtype)
-                    out.append(image)
-                return out
-        elif family in ("llava_next_video", "video_llava"):   # the first K of the clip, frame-major
-            tower = inner.video_tower if family == "video_llava" else inner.vision_tower
-
-            def features(pixel_values_videos, **_):
-                videos = pixel_values_videos.shape[0]
-                # transformers: LLaVA-NeXT-Video drops [CLS] under "default" and pools; Video-LLaVA keeps all
-                tokens = feature_tokens(tower, pixel_values_videos.flatten(0, 1), drop and family == "llava_next_video")
-                if family == "llava_next_video":
-                    tokens = inner.vision_resampler(tokens)
-                return project(tokens.reshape(videos, -1, tokens.shape[-1])[:, :keep])
-        else:
-            raise ValueError(f"no ideal for the family {family}")
-
-        def ideal_features(*args, **kwargs):
-            return BaseModelOutputWithPooling(pooler_output=features(*args, **kwargs))
-
-    setattr(inner, batch.features, ideal_features)
-    try:
-        yield short
-    finally:
-        delattr(inner, batch.features)
-
-
 # --- the variants --------------------------------------------------------------------------------------
 
 @contextmanager
-def variant(model: nn.Module, family: str, data: Batch, name: str, keep: int) -> Iterator[dict]:
-    """The model set up for one of :data:`VARIANTS` at budget ``keep``; yields that prefill's inputs."""
-    if name == "ideal":
-        with ideal_variant(model, family, data, keep) as short:
-            yield short
-        return
-    if name == "desap":
-        apply_desap(model, keep=keep)
+def variant(model: nn.Module, name: str, keep: int) -> Iterator[None]:
+    """The model set up for one of :data:`VARIANTS` at budget ``keep``: as it is (full), or
+    patched by ``apply_desap`` (desap; ideal: ``ideal=True``) and restored after. Every variant
+    reads the same inputs."""
+    if name != "full":
+        apply_desap(model, keep=keep, ideal=name == "ideal")
     try:
-        yield data.inputs
+        yield
     finally:
         remove_desap(model)
 
@@ -413,8 +317,11 @@ class E2eResult:
 
 # --- FLOPs -------------------------------------------------------------------------------------------
 
-def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int) -> Flops:
-    """FLOPs of full, desap and ideal prefill of LLaVA-1.5 / LLaVA-NeXT from the pieces (runs on meta)."""
+def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int, newlines: int = 0) -> Flops:
+    """FLOPs of full, desap and ideal prefill of LLaVA-1.5 / LLaVA-NeXT from the pieces (runs on
+    meta). An image sends the language model ``sequence.image_budget`` placeholders, its
+    ``newlines`` (LLaVA-NeXT) among them; DeSAP's operator reads, and the projector projects, only
+    the visual tokens: all of them, then the kept ones (DeSAP and the ideal keep as many)."""
     inner = model.model
     vision = model.config.vision_config
     pixels = inputs["pixel_values"]
@@ -423,15 +330,17 @@ def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int
     width, text_width = vision.hidden_size, model.config.text_config.hidden_size
     rows = lambda n, w=width: torch.empty(batch, n, w, device=pixels.device, dtype=pixels.dtype)  # noqa: E731
     per_crop = (vision.image_size // vision.patch_size) ** 2
+    sent = image_budget(keep, image_tokens, newlines)       # placeholders per image after pruning
+    visual, kept = image_tokens - newlines, sent - newlines   # visual tokens per image: all, kept
 
     tower = flops_of(_tower_call(model, inputs))
     project_all = flops_of(lambda: inner.multi_modal_projector(rows(crops // batch * per_crop)))
-    project_kept = flops_of(lambda: inner.multi_modal_projector(rows(keep)))
-    operator = ops.prune_flops((batch, image_tokens, width), (batch, image_tokens, text_width),
-                               (batch, TEXT_TOKENS, text_width), None, None, None, keep)
+    project_kept = flops_of(lambda: inner.multi_modal_projector(rows(kept)))
+    operator = ops.prune_flops((batch, visual, width), (batch, visual, text_width),
+                               (batch, TEXT_TOKENS, text_width), None, None, None, kept)
     length_full = inputs["input_ids"].shape[1]
     language_full, language_keep = (flops_of(lambda: model(inputs_embeds=rows(n, text_width), logits_to_keep=1))
-                                    for n in (length_full, length_full - image_tokens + keep))
+                                    for n in (length_full, length_full - image_tokens + sent))
     return Flops(full=tower + project_all + language_full,
                  desap=tower + project_all + operator + project_kept + language_keep,
                  ideal=tower + project_kept + language_keep, operator=operator, vision_tower=tower,
@@ -450,8 +359,8 @@ def forward_flops(model: nn.Module, family: str, data: Batch, keeps: list[int], 
     for keep in keeps:
         each = {}
         for name in VARIANTS[1:]:
-            with variant(model, family, data, name, keep) as inputs:
-                each[name] = flops_of(_prefill(model, inputs), shapes_only)
+            with variant(model, name, keep):
+                each[name] = flops_of(_prefill(model, data.inputs), shapes_only)
         counted.append(Flops(full=full, vision_tower=tower, **each))
     return counted
 
@@ -473,8 +382,8 @@ def time_rounds(model: nn.Module, family: str, data: Batch, keeps: list[int], de
                 tower.append(ms)
         for keep in keeps:
             for name in VARIANTS:
-                with variant(model, family, data, name, keep) as inputs:
-                    ms = time_call_ms(_prefill(model, inputs), device)
+                with variant(model, name, keep):
+                    ms = time_call_ms(_prefill(model, data.inputs), device)
                 if counted:
                     getattr(times[keep], name).append(ms)
     return times, tower
@@ -508,7 +417,7 @@ def run(plan: E2ePlan, progress: Optional[Progress] = None) -> E2eResult:
         if piecewise:
             counter = model if plan.device == "meta" else build_model(plan.model, "meta", dtype, plan.shrink)
             counted = data if plan.device == "meta" else make_batch(counter, plan.model, plan.batch, "meta", dtype)
-            flops = [piecewise_flops(counter, counted.inputs, data.tokens, keep) for keep in plan.keeps]
+            flops = [piecewise_flops(counter, counted.inputs, data.tokens, keep, data.newlines) for keep in plan.keeps]
         else:
             flops = forward_flops(model, family, data, plan.keeps, shapes_only)
     result.rows = [E2eRow.of(keep, counted_flops, times.get(keep)) for keep, counted_flops in zip(plan.keeps, flops)]

@@ -1,6 +1,6 @@
 """``desap bench e2e``: the prompts each variant feeds the language model, each time landing on its
-variant, the rows covering the plan, FLOPs on meta equal to the real forward's, the ideal feeding
-the first K tokens, the memory refusal, and the command's JSON and plot."""
+variant, the rows covering the plan, FLOPs on meta equal to the real forward's, the ideal being
+apply_desap's first K tokens with no pruning work, the memory refusal, and the command's JSON and plot."""
 import json
 
 import pytest
@@ -12,6 +12,7 @@ from desap_ops.benchmarks.flops import flops_of
 from desap_ops.benchmarks.skeleton import from_json
 from desap_ops.cli.errors import UsageError
 from desap_ops.cli.main import main
+from desap_ops.integrations.common.layout import packed_sources
 from desap_ops.testing.models import MODELS, build_model
 
 # every real layout family, at reduced depth and width: (name, a budget below its token count)
@@ -212,17 +213,36 @@ def test_real_layouts_run_every_variant(name, keep):
     assert row.flops.full > row.flops.ideal > 0 and row.flops.desap > row.flops.ideal
 
 
-@pytest.mark.parametrize("name,keep", REAL_LAYOUTS)
-def test_the_ideal_feeds_the_first_k_tokens_projecting_only_those(name, keep):
-    """The language model gets the full prompt with the image's tokens cut to their first K, and
-    (LLaVA layouts) the projector runs on those K tokens only, never on all N."""
+# one model of every family the bench supports (LLaVA-NeXT has no tiny one: its real shape, shrunk),
+# with a budget below its token count; the other real layouts, slow
+IDEAL_MODELS = [(name, 4) for name in TINY] + [("llava-next-7b", 640)] + [
+    pytest.param(name, keep, marks=pytest.mark.slow)
+    for name, keep in REAL_LAYOUTS if MODELS[name].family != "llava_next"]
+
+
+def _no_pruning_work(monkeypatch) -> None:
+    """The ideal must cost no pruning work: reading the tower's signals, or the prompt's text, raises."""
+    from desap_ops.integrations.hf import clip_tower, qwen, text
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ideal did pruning work")
+
+    for module, name in ((clip_tower, "capture"), (qwen, "capture_block"), (text, "image_text_tokens")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.mark.parametrize("name,keep", IDEAL_MODELS)
+def test_the_ideal_is_apply_desaps_first_k_tokens_with_no_pruning_work(monkeypatch, name, keep):
+    """Through ``apply_desap(ideal=True)``, with no signal read and no text embedded, the language
+    model gets each row's prompt with its image's tokens cut to K (LLaVA-NeXT: every newline and
+    the first K - newlines visual tokens), the text untouched; the projector (LLaVA layouts) runs on
+    the kept visual tokens only, never on all N; the model is unpatched after."""
     model = build_model(name, "cpu", torch.float32, shrink=True)
-    data = e2e.make_batch(model, name, 1, "cpu", torch.float32)
+    data = e2e.make_batch(model, name, 2, "cpu", torch.float32)
     family, inner, n = MODELS[name].family, model.model, data.tokens
-    embeds, projected = [], []
+    embeds, projected, levels = [], [], []
     inner.language_model.register_forward_pre_hook(lambda m, a, k: embeds.append(k["inputs_embeds"]),
                                                    with_kwargs=True)
-    levels = []
     if family == "qwen3_vl":
         inner.language_model.register_forward_pre_hook(
             lambda m, a, k: levels.append(k["deepstack_visual_embeds"]), with_kwargs=True)
@@ -230,21 +250,31 @@ def test_the_ideal_feeds_the_first_k_tokens_projecting_only_those(name, keep):
         inner.multi_modal_projector.register_forward_hook(lambda m, a, o: projected.append(a[0].shape[:-1].numel()))
     with torch.no_grad():
         model(**data.inputs, logits_to_keep=1)
-        with e2e.ideal_variant(model, family, data, keep) as short:
-            model(**short, logits_to_keep=1)
+        _no_pruning_work(monkeypatch)
+        with e2e.variant(model, "ideal", keep):
+            assert model._desap.options.ideal and model._desap.options.keep == keep
+            model(**data.inputs, logits_to_keep=1)
     full, ideal = embeds
-    placeholders = (data.inputs["input_ids"][0] == data.token_id).nonzero()[:, 0]
-    first = int(placeholders[0])
-    assert ideal.shape[1] == full.shape[1] - n + keep
-    torch.testing.assert_close(ideal, torch.cat([full[:, :first + keep], full[:, first + n:]], dim=1))
+    is_newline = torch.zeros(n, dtype=torch.bool)
     if family == "llava_next":
-        # 576 base tokens, then the grid's first row (48 tokens and its newline), then 15 more tokens
-        assert projected == [5 * 576, keep - 1]
-    elif family not in e2e.QWEN:
-        assert projected[1:] == [keep] and projected[0] >= n
-    if family == "qwen3_vl":   # every DeepStack level cut to its first K tokens too
+        is_newline = packed_sources(model.config, data.inputs["image_sizes"][:1])[0] < 0
+        assert int(is_newline.sum()) == data.newlines > 0
+    kept = is_newline.clone()
+    kept[(~is_newline).nonzero()[:keep - data.newlines, 0]] = True   # the newlines count toward K
+    assert int(kept.sum()) == keep
+    ids = data.inputs["input_ids"]
+    for row in range(ids.shape[0]):
+        placeholders = (ids[row] == data.token_id).nonzero()[:, 0]
+        first = int(placeholders[0])
+        assert placeholders.tolist() == list(range(first, first + n))
+        expected = torch.cat([full[row, :first], full[row, first:first + n][kept], full[row, first + n:]])
+        torch.testing.assert_close(ideal[row], expected)
+    if family not in e2e.QWEN:   # the full model projects every crop's tokens; the ideal the kept visual ones
+        visual = ids.shape[0] * (n - data.newlines)
+        assert projected[0] >= visual and sum(projected[1:]) == ids.shape[0] * (keep - data.newlines)
+    if family == "qwen3_vl":   # every DeepStack level cut to each image's first K tokens too
         assert len(levels[0]) == len(levels[1]) == 2
         for full_level, ideal_level in zip(*levels):
-            assert full_level.shape[0] == n
-            torch.testing.assert_close(ideal_level, full_level[:keep])
-    assert data.features not in vars(inner)   # the model's own feature method is back
+            assert full_level.shape[0] == 2 * n
+            torch.testing.assert_close(ideal_level, torch.cat([image[:keep] for image in full_level.split(n)]))
+    assert not hasattr(model, "_desap") and data.features not in vars(inner)   # remove_desap undid the patch
