@@ -2,10 +2,13 @@
 option: in the processor (no engine), through ``LLM.generate`` and through ``vllm serve``, against
 transformers with ``apply_desap`` at each request's own options."""
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import servers
+import torch
 from PIL import Image
+from torch import nn
 
 from engines import PROMPTS, QWEN_PROMPTS, run_engine, transformers_run
 
@@ -90,10 +93,15 @@ def test_llm_generate_ideal_keeps_each_images_first_tokens_at_each_requests_keep
     asked = [None, {"keep": 3}, {"keep": 10, "task_ratio": "auto"}]
     requests = [(PROMPTS[0], {"image": image, **({"mm_processor_kwargs": {"desap": a}} if a else {})})
                 for a in asked]
-    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": {**ENGINE, "ideal": True}}}, requests)
+    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": {**ENGINE, "ideal": True}}}, requests,
+                     watch=("ideal_probe:watch_pruning_work", "ideal_probe:pruning_work"))
     keeps = [ENGINE["keep"], 3, 10]
     (rank,) = got["ranks"]
     assert rank["class"] == "DesapLlavaForConditionalGeneration"
+    # no pruning work: no saliency read, no text embedded, in calls that did run
+    (work,) = got["watched"]
+    assert work["cls_saliency"] == work["received_attention"] == 0
+    assert work["text_widths"] and set(work["text_widths"]) == {0}
     assert sorted(r["indices"] for r in rank["history"]) == sorted(list(range(k)) for k in keeps)
     for record in rank["history"]:
         keep = len(record["indices"])
@@ -144,3 +152,95 @@ def test_vllm_serve_two_concurrent_requests_with_their_own_keep_match_apply_desa
         assert reply["usage"]["prompt_tokens"] == len(want["prompt_ids"])
         answer = reply["choices"][0]["message"]["content"].split()
         assert answer == tokenizer.decode(want["output_ids"], skip_special_tokens=True).split() and answer
+
+
+class _Attention(nn.Module):   # vLLM's CLIP attention as read_vllm_tower reads it: a fused qkv_proj
+    def __init__(self):
+        super().__init__()
+        self.qkv_proj = nn.Linear(8, 24)
+
+    def forward(self, x):
+        return self.qkv_proj(x)[..., :8]
+
+
+class _ClipTower(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.Module()
+        layer.self_attn = _Attention()
+        self.vision_model = nn.Module()
+        self.vision_model.encoder = nn.Module()
+        self.vision_model.encoder.layers = nn.ModuleList([layer])
+
+    def forward(self, pixel_values, feature_select_strategy=None):
+        return pixel_values + self.vision_model.encoder.layers[-1].self_attn(pixel_values)
+
+
+class _QwenAttention(nn.Module):   # vLLM's Qwen vision attention: its backend gets query and key by name
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.forward = lambda query, key: query
+        self.attn.scale = 1.0
+        self.num_attention_heads_per_partition, self.tp_size = 1, 1
+
+    def forward(self, x):
+        return self.attn(query=x[None, :, None], key=x[None, :, None])[0, :, 0]
+
+
+class _QwenVisual(nn.Module):
+    spatial_merge_unit = 4
+
+    def __init__(self):
+        super().__init__()
+        block = nn.Module()
+        block.attn = _QwenAttention()
+        self.blocks = nn.ModuleList([block])
+        self.merger = nn.Identity()
+
+    def prepare_encoder_metadata(self, grid_thw):
+        return {}
+
+    def forward(self, pixels, grid_thw, encoder_metadata):
+        return pixels + self.blocks[-1].attn(pixels)
+
+
+def test_the_ideal_runs_each_tower_plainly_and_embeds_no_text(monkeypatch):
+    """No engine: under ``ideal`` vLLM's tower readers run the tower with no hook and read no
+    signal, and ``desap_texts`` embeds nothing; without it each reads its signals (refused here)."""
+    from desap_ops.integrations.vllm import qwen_tower, tower
+    from desap_ops.integrations.vllm.model import DesapModelMixin
+
+    class Refused(AssertionError):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise Refused
+
+    monkeypatch.setattr(tower, "cls_saliency", refuse)
+    monkeypatch.setattr(qwen_tower, "received_attention", refuse)
+    clip, pixels = _ClipTower(), torch.randn(2, 5, 8)
+    with pytest.raises(Refused):
+        tower.read_vllm_tower(clip, pixels, drop_cls=True)
+    signals = tower.read_vllm_tower(clip, pixels, drop_cls=True, ideal=True)
+    assert signals.branch is None and signals.saliency is None
+    torch.testing.assert_close(signals.hidden, clip(pixels)[:, 1:])
+    attention = clip.vision_model.encoder.layers[-1].self_attn
+    assert not attention._forward_hooks and not attention.qkv_proj._forward_hooks   # none left behind
+
+    visual, patches = _QwenVisual(), torch.randn(16, 4)
+    with pytest.raises(Refused):
+        qwen_tower.read_qwen_tower(visual, patches, [[1, 4, 4]])
+    signals = qwen_tower.read_qwen_tower(visual, patches, [[1, 4, 4]], ideal=True)
+    assert signals.branch is None and signals.saliency is None
+    torch.testing.assert_close(signals.hidden, visual(patches, [[1, 4, 4]], {}))
+
+    language_model = nn.Linear(3, 6)
+    language_model.embed_input_ids = refuse
+    engine = SimpleNamespace(get_language_model=lambda: language_model,
+                             config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(hidden_size=6)))
+    ids = [torch.tensor([5, 6, 7]), torch.tensor([8])]
+    with pytest.raises(Refused):
+        DesapModelMixin.desap_texts(SimpleNamespace(**vars(engine), desap=SimpleNamespace(ideal=False)), ids)
+    texts, mask = DesapModelMixin.desap_texts(SimpleNamespace(**vars(engine), desap=SimpleNamespace(ideal=True)), ids)
+    assert texts.shape == (2, 0, 6) and mask.shape == (2, 0) and texts.dtype == language_model.weight.dtype

@@ -3,7 +3,8 @@
 image with no more passes whole) with ``desap_ops.prune`` (the reference on CPU, the Triton
 kernels on CUDA), each with its own request's options (the per-item field ``desap_options``:
 :meth:`DesapModelMixin.desap_item_options`). Under the engine option ``ideal`` an image keeps its
-first ``keep`` tokens instead (``common.pruning``, as ``apply_desap(ideal=True)``). Without
+first ``keep`` tokens instead (``common.pruning``, as ``apply_desap(ideal=True)``), from a plain
+tower pass: no attention hooks, no text embedded. Without
 ``desap`` in the config every method is the model's own.
 
 The scheduler charges a pruned image its placeholders, not the tokens the vision tower runs on,
@@ -121,10 +122,16 @@ class DesapModelMixin:
 
     def desap_texts(self, text_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (I, L, C) and mask (I, L) of each image's prompt text (``desap_text_ids``: a
-        (I, L) tensor or I 1-D tensors)."""
+        (I, L) tensor or I 1-D tensors); empty (I, 0, C) under ``ideal``, which reads no text and
+        so embeds none."""
         rows = list(text_ids) if text_ids is not None else []
+        parameter = next(self.get_language_model().parameters())
+        device = parameter.device
+        if self.desap.ideal:
+            width = self.config.get_text_config().hidden_size
+            return (torch.empty(len(rows), 0, width, dtype=parameter.dtype, device=device),
+                    torch.zeros(len(rows), 0, dtype=torch.bool, device=device))
         width = max([1] + [int(r.numel()) for r in rows])
-        device = next(self.get_language_model().parameters()).device
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.bool)
         for i, row in enumerate(rows):
@@ -134,7 +141,7 @@ class DesapModelMixin:
         return embedded.reshape(len(rows), width, -1), mask.to(device)
 
     def desap_signals(self, pixel_values: torch.Tensor, drop_cls: bool) -> TowerSignals:
-        return read_vllm_tower(self.vision_tower, pixel_values, drop_cls)
+        return read_vllm_tower(self.vision_tower, pixel_values, drop_cls, self.desap.ideal)
 
     def desap_text_space(self, branch: torch.Tensor) -> torch.Tensor:
         """The attention branch mapped to the language model's space: LLaVA's projector."""

@@ -129,7 +129,7 @@ class DesapQwenModelMixin(DesapModelMixin):
         starts = [sum(patches[:i]) for i in range(len(patches) + 1)]
         for batch in encoder_batches(sizes, self.desap_encoder_budget):
             signals = read_qwen_tower(self.visual, pixels[starts[batch.start]:starts[batch.stop]],
-                                      grids[batch.start:batch.stop])
+                                      grids[batch.start:batch.stop], self.desap.ideal)
             for i, item in zip(batch, signals.split(sizes[batch.start:batch.stop]), strict=True):
                 yield i, grids[i], item
 

@@ -19,6 +19,7 @@ its attention branch through the merger), in micro-batches within vLLM's encoder
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -101,7 +102,7 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
         width, hidden = self.visual_dim, item.hidden
         features = hidden[:, :width]
         levels = hidden[:, width:].split(width, dim=1) if hidden.shape[1] > width else ()
-        signals = TowerSignals(features[None], item.branch[None], item.saliency[None])
+        signals = dataclasses.replace(item, hidden=features).map(lambda t: t[None])   # no levels: they ride in hidden
         result = self.desap_prune(signals, texts, text_mask, self.desap_budget(options, features.shape[0]), options)
         merged = [merge_tokens(level[None], result.indices, result.assignment, options.merges)[0] for level in levels]
         return torch.cat([result.tokens[0], *merged], dim=1), result.indices[0].cpu()

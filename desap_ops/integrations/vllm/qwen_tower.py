@@ -38,11 +38,15 @@ def saliency_block(visual: nn.Module) -> int:
     return full[-1] if full else len(visual.blocks) - 1
 
 
-def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]]) -> TowerSignals:
+def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]],
+                    ideal: bool = False) -> TowerSignals:
     """Run ``visual`` on the images of ``grid_thw`` and read, per language-model token in the
     model's order (all images concatenated): hidden (T', C; Qwen3-VL: its DeepStack levels
-    follow along the channels, as vLLM's tower returns them), branch (T', C), saliency (T',)."""
+    follow along the channels, as vLLM's tower returns them), branch (T', C), saliency (T',).
+    ``ideal``: hidden alone, from a plain pass with no hooks (the ideal scores nothing)."""
     metadata = visual.prepare_encoder_metadata(grid_thw)
+    if ideal:
+        return TowerSignals(visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata))
     attention = visual.blocks[saliency_block(visual)].attn
     seen = {}
 

@@ -35,11 +35,15 @@ def cls_saliency(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
     return mean_over_ranks(mean, local_heads, attention.num_heads, getattr(attention, "tp_size", 1))
 
 
-def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool) -> TowerSignals:
+def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool, ideal: bool = False) -> TowerSignals:
     """Run vLLM's CLIP ``tower`` (built up to the feature layer) on ``pixel_values`` and read the
     signals at its last layer ((B, T, .): the layer's output, its attention branch before the
     residual add, and the [CLS] saliency averaged over all heads of all ranks); ``drop_cls``
-    removes [CLS] from all three."""
+    removes [CLS] from all three. ``ideal``: the tower runs plainly, no hooks, and only its output
+    is read (the ideal scores nothing: ``common.pruning``)."""
+    if ideal:
+        signals = TowerSignals(tower(pixel_values, feature_select_strategy=None))
+        return signals.map(lambda t: t[:, 1:]) if drop_cls else signals
     layer = tower.vision_model.encoder.layers[-1]
     attention = layer.self_attn
     seen = {}
