@@ -17,8 +17,7 @@ a call plans travels as a :class:`QwenPlan` on the call's context (``state.CallC
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -28,7 +27,7 @@ from ..common.sequence import count_placeholders, drop_tokens, image_budget
 from ..common.signals import TowerSignals, received_attention
 from .compat import Hook
 from .serving import install_serving, pad_token_id, run_prune, start_record
-from .state import DesapState
+from .state import DesapState, PlannedMedium, QwenPlan
 from .text import text_embeddings
 
 # the internals every Qwen patch uses through this module (each family adds its tower's own)
@@ -59,28 +58,6 @@ class Medium(NamedTuple):
 
 MEDIA = (Medium("image", "pixel_values", "image_grid_thw", 1, "image_token_id"),
          Medium("video", "pixel_values_videos", "video_grid_thw", 2, "video_token_id"))
-
-
-class PlannedMedium(NamedTuple):
-    """What the model's ``get_<kind>_features`` hands out for one medium of a planned call."""
-
-    features: list[torch.Tensor]       # per item (image or video): (K, C), its kept tokens
-    levels: list[list[torch.Tensor]]   # per DeepStack level: per item (K, C), pruned and merged alike
-    items_per_row: list[int]           # how many items each row of the batch holds
-
-
-@dataclass(frozen=True)
-class QwenPlan:
-    """A planned call: the pruned features of each medium, and the kept tokens' 3D positions."""
-
-    image: Optional[PlannedMedium]   # None: the call brought no images
-    video: Optional[PlannedMedium]   # None: the call brought no videos
-    positions: torch.Tensor          # (3, B, T'): the shortened prompt's positions
-    rope_deltas: torch.Tensor        # (B, 1): largest position + 1 - length, per row (the model's rope_deltas)
-
-    def medium(self, kind: str) -> Optional[PlannedMedium]:
-        """The planned medium of ``kind`` ("image" or "video")."""
-        return self.image if kind == "image" else self.video
 
 
 # TowerSignals here: (T', .) for every language-model token of a tower pass (all items, in order),

@@ -3,16 +3,13 @@ four parts by lifetime, and the public record of the last prune."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from ..common.chat import ChatMarkers
 from ..common.pruning import PruneOptions
-
-if TYPE_CHECKING:   # the Qwen base patcher imports this module
-    from .qwen import QwenPlan
 
 
 @dataclass(frozen=True)
@@ -61,6 +58,29 @@ class Prompt(NamedTuple):
 
     input_ids: Optional[torch.Tensor]
     attention_mask: Optional[torch.Tensor]
+
+
+# the Qwen families' planned call (hf/qwen.py builds it; the call context holds it)
+class PlannedMedium(NamedTuple):
+    """What the model's ``get_<kind>_features`` hands out for one medium of a planned call."""
+
+    features: list[torch.Tensor]       # per item (image or video): (K, C), its kept tokens
+    levels: list[list[torch.Tensor]]   # per DeepStack level: per item (K, C), pruned and merged alike
+    items_per_row: list[int]           # how many items each row of the batch holds
+
+
+@dataclass(frozen=True)
+class QwenPlan:
+    """A planned call: the pruned features of each medium, and the kept tokens' 3D positions."""
+
+    image: Optional[PlannedMedium]   # None: the call brought no images
+    video: Optional[PlannedMedium]   # None: the call brought no videos
+    positions: torch.Tensor          # (3, B, T'): the shortened prompt's positions
+    rope_deltas: torch.Tensor        # (B, 1): largest position + 1 - length, per row (the model's rope_deltas)
+
+    def medium(self, kind: str) -> Optional[PlannedMedium]:
+        """The planned medium of ``kind`` ("image" or "video")."""
+        return self.image if kind == "image" else self.video
 
 
 @dataclass
