@@ -8,7 +8,7 @@ Python loop over tokens.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -46,6 +46,16 @@ def first_placeholders(lengths: Sequence[int], keep: Union[int, Sequence[int]], 
     return torch.cat([torch.arange(n, device=device) < k for n, k in zip(lengths, keeps)])
 
 
+class Shortened(NamedTuple):
+    """A batch's prompt tensors with tokens dropped and the rows padded again (None where none was given)."""
+
+    input_ids: torch.Tensor
+    attention_mask: Optional[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    position_ids: Optional[torch.Tensor]   # (B, T') or (3, B, T')
+    token_types: Optional[torch.Tensor]
+
+
 def shrink_placeholders(
     kept_placeholders: torch.Tensor,
     image_token_id: int,
@@ -56,14 +66,14 @@ def shrink_placeholders(
     position_ids: Optional[torch.Tensor] = None,
     token_types: Optional[torch.Tensor] = None,
     pad_left: bool = False,
-) -> dict:
+) -> Shortened:
     """Drop the placeholders whose flag in ``kept_placeholders`` (one per placeholder of the batch,
     in row-major order) is False, and every padding position.
 
     The rows are padded again to the longest, on the side the batch was padded on (``pad_left``
     when it was not padded), with pad tokens, mask 0 and label -100. ``position_ids`` may be (B, T)
-    or (3, B, T) (multimodal rotary positions); kept tokens keep their positions. Returns a dict
-    of input_ids, attention_mask, labels, position_ids and token_types (None where None was given).
+    or (3, B, T) (multimodal rotary positions); kept tokens keep their positions. Returns them as
+    :class:`Shortened` (None where None was given).
     """
     is_image = input_ids == image_token_id
     kept = torch.ones_like(is_image)
@@ -80,7 +90,7 @@ def drop_tokens(
     position_ids: Optional[torch.Tensor] = None,
     token_types: Optional[torch.Tensor] = None,
     pad_left: bool = False,
-) -> dict:
+) -> Shortened:
     """:func:`shrink_placeholders` with the positions to keep given as a (B, T) bool mask (any
     token, of any kind of placeholder); padding positions are dropped too."""
     kept = kept.clone()
@@ -109,8 +119,8 @@ def drop_tokens(
         position_ids = torch.stack([gather(p, 0) for p in position_ids])
     else:
         position_ids = gather(position_ids, 0)
-    return {"input_ids": gather(input_ids, pad_token_id), "attention_mask": gather(attention_mask, 0),
-            "labels": gather(labels, -100), "position_ids": position_ids, "token_types": gather(token_types, 0)}
+    return Shortened(gather(input_ids, pad_token_id), gather(attention_mask, 0), gather(labels, -100), position_ids,
+                     gather(token_types, 0))
 
 
 def image_text_tokens(

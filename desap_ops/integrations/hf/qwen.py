@@ -178,17 +178,17 @@ def plan(model: nn.Module, arguments: dict, pad_left: bool, read_tower: ReadTowe
 
     shrunk = drop_tokens(kept, pad_token_id(model), input_ids, mask, arguments.get("labels"),
                          _full_positions(model, arguments, token_types), token_types, pad_left=pad_left)
-    new_mask = shrunk["attention_mask"]
-    valid = new_mask.bool() if new_mask is not None else torch.ones_like(shrunk["input_ids"], dtype=torch.bool)
-    top = shrunk["position_ids"].masked_fill(~valid[None], 0).amax(dim=(0, 2))
+    new_mask = shrunk.attention_mask
+    valid = new_mask.bool() if new_mask is not None else torch.ones_like(shrunk.input_ids, dtype=torch.bool)
+    top = shrunk.position_ids.masked_fill(~valid[None], 0).amax(dim=(0, 2))
     model._desap.call.plan = QwenPlan(image=media.get("image"), video=media.get("video"),
-                                      positions=shrunk["position_ids"],
+                                      positions=shrunk.position_ids,
                                       rope_deltas=(top + 1 - valid.sum(dim=1))[:, None])
-    out = {"input_ids": shrunk["input_ids"], "mm_token_type_ids": shrunk["token_types"],
-           "position_ids": shrunk["position_ids"]}
+    out = {"input_ids": shrunk.input_ids, "mm_token_type_ids": shrunk.token_types,
+           "position_ids": shrunk.position_ids}
     for name in ("attention_mask", "labels"):
-        if shrunk[name] is not None:
-            out[name] = shrunk[name]
+        if getattr(shrunk, name) is not None:
+            out[name] = getattr(shrunk, name)
     return out
 
 

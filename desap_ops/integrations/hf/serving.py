@@ -158,8 +158,8 @@ def shrink_runs(model: nn.Module, arguments: dict, token_id: int, lengths: Seque
         arguments.get("attention_mask"), None if generating else arguments.get("labels"),
         arguments.get("position_ids"), pad_left=generating)
     for name in ("input_ids", "attention_mask", "labels", "position_ids"):
-        if shrunk[name] is not None:
-            arguments[name] = shrunk[name]
+        if getattr(shrunk, name) is not None:
+            arguments[name] = getattr(shrunk, name)
 
 
 # --- the operator -------------------------------------------------------------------------------

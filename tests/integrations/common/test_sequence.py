@@ -10,7 +10,7 @@ def test_shrink_keeps_the_first_placeholders_and_repads():
     mask = (ids != 0).long()
     labels = torch.arange(14).view(2, 7)
     shrunk = shrink_placeholders(first_placeholders([3, 3, 3], 2), IMG, 0, ids, mask, labels)
-    new_ids, new_mask, new_labels = shrunk["input_ids"], shrunk["attention_mask"], shrunk["labels"]
+    new_ids, new_mask, new_labels = shrunk.input_ids, shrunk.attention_mask, shrunk.labels
     assert new_ids.tolist() == [[0, 1, IMG, IMG, 5], [1, IMG, IMG, IMG, IMG]]
     assert new_mask.tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]
     assert new_labels.tolist() == [[-100, 2, 3, 4, 6], [7, 8, 9, 11, 12]]
