@@ -5,7 +5,7 @@
 (``sitecustomize.py`` here must load in every process: see its docstring.)
 
 Engines are shared (``engines.run_engine``): a test module names the engines its tests' jobs run
-on in ``ENGINES``, {test name: [(checkpoint name, settings) or (checkpoint name, settings, tp)]} in
+on in ``ENGINES``, {test name: [(checkpoint name, settings[, tp[, environment]])]} in
 the order the test runs them (a value may be a function of the test's parameters, giving that
 list), and the pool starts them ahead of the tests that want them and stops them when none ahead
 does.
@@ -22,7 +22,11 @@ def _wanted(item) -> list:
     ahead = getattr(item.module, "ENGINES", {}).get(getattr(item, "originalname", item.name), [])
     if callable(ahead):
         ahead = ahead(**(item.callspec.params if hasattr(item, "callspec") else {}))
-    return [spec if len(spec) == 3 else (*spec, 1) for spec in ahead]
+    return [_spec(*spec) for spec in ahead]
+
+
+def _spec(name: str, settings: dict, tp: int = 1, env: dict | None = None) -> tuple:
+    return name, settings, tp, env
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,7 +36,7 @@ def engines_ahead(request, tmp_path_factory):
     wanted = [spec for item in request.session.items for spec in _wanted(item)]
     if wanted:
         folders = request.getfixturevalue("checkpoints")
-        POOL.plan([engine_key(folders[name], settings, tp) for name, settings, tp in wanted])
+        POOL.plan([engine_key(folders[name], settings, tp, env) for name, settings, tp, env in wanted])
     yield
     POOL.shutdown()
 

@@ -72,12 +72,13 @@ class EngineKey(NamedTuple):
         return json.loads(self.env_json)
 
 
-def engine_key(model: Path, engine: dict, tp: int = 1) -> EngineKey:
-    """The engine :func:`run_engine` runs a job on: ``ENGINE`` with ``engine`` over it, ``tp`` ranks."""
+def engine_key(model: Path, engine: dict, tp: int = 1, env: dict | None = None) -> EngineKey:
+    """The engine :func:`run_engine` runs a job on: ``ENGINE`` with ``engine`` over it, ``tp`` ranks,
+    ``env`` over the session's environment."""
     settings = {**ENGINE, **engine, "tensor_parallel_size": tp}
     if tp == 1:
         settings.setdefault("distributed_executor_backend", "uni")
-    env = engine_environment()
+    env = {**engine_environment(), **(env or {})}
     if tp > 1:   # without a core per worker the CPU build fails its NUMA-binding check
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(tp))
     return EngineKey(str(model), json.dumps(settings, sort_keys=True), json.dumps(env, sort_keys=True))
@@ -239,15 +240,16 @@ atexit.register(POOL.shutdown)
 
 def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
                tp: int = 1, positions: bool = False, one_by_one: bool = False, fresh: bool = False,
-               watch: tuple[str, str] | None = None) -> dict:
+               watch: tuple[str, str] | None = None, env: dict | None = None) -> dict:
     """Run an engine on ``requests`` ([(prompt, image file(s))], or [(prompt, {"image": file(s),
     "video": video})] with a video of :func:`save_video`); its JSON (``engine.py`` says what it
     holds). The engine is the live one of the same model, settings and environment (started ahead
     by :func:`plan`, or by a job before), emptied of what earlier jobs left (``engine.py --serve``):
     the job sees what a fresh engine would. ``fresh``: an engine of its own, stopped after.
-    ``watch``: ("module:function" run in every worker first, "module:function" read at the end)."""
+    ``watch``: ("module:function" run in every worker first, "module:function" read at the end).
+    ``env``: environment variables of this engine beyond the session's."""
     job, out = tmp_path / "job.json", tmp_path / "out.json"
-    key = engine_key(model, engine, tp)
+    key = engine_key(model, engine, tp, env)
     json.dump({"model": str(model), "engine": key.settings, "max_tokens": max_tokens, "rounds": rounds,
                "positions": positions, "one_by_one": one_by_one, **({"watch": list(watch)} if watch else {}),
                "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},

@@ -17,6 +17,10 @@ CASES = {  # kind: (options, max_num_batched_tokens, image (width, height), full
 }
 
 WATCH = ("tower_probe:watch_tower", "tower_probe:tower_seen")
+# the engine core in the LLM's own process: it steps only once every request is in, so the first
+# step brings as many images as the token budget holds. In its own process it may step on the first
+# request alone while the rest arrive, and under load no step brought more than the budget.
+IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def _engine(kind: str) -> dict:
@@ -27,7 +31,7 @@ def _engine(kind: str) -> dict:
 # each case's engine, started ahead by the pool (conftest.py); the tower's hook stays in its workers,
 # so no other job shares it: no other test asks for these settings
 ENGINES = {"test_the_tower_never_sees_more_than_the_encoder_budget_and_outputs_match_apply_desap":
-           lambda kind: [(kind, _engine(kind))]}
+           lambda kind: [(kind, _engine(kind), 1, IN_PROCESS)]}
 
 
 def _full_tokens(kind, call, per_image):
@@ -47,7 +51,8 @@ def test_the_tower_never_sees_more_than_the_encoder_budget_and_outputs_match_app
     images = [save_image(tmp_path, f"image{i}", width, height, 20 + i) for i in range(4)]
     prompts = [p.replace("<image>", QWEN_IMAGE) for p in PROMPTS] if kind == "qwen2_5_vl" else PROMPTS
     requests = [(p, i) for i in images for p in prompts]
-    got = run_engine(tmp_path, folder, _engine(kind), requests, max_tokens=2, watch=WATCH)
+    got = run_engine(tmp_path, folder, _engine(kind), requests, max_tokens=2, watch=WATCH,
+                     env=IN_PROCESS)
     (seen,) = got["watched"]
 
     calls = [_full_tokens(kind, call, per_image) for call in seen["tower"]]
