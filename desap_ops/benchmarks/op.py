@@ -326,7 +326,7 @@ class BudgetSpeedup:
 
 
 @dataclass
-class OpResult:
+class OpBenchResult:
     environment: Environment
     ceilings: Ceilings
     rounds: int
@@ -367,7 +367,7 @@ def budget_speedups(rows: list[OpRow]) -> list[BudgetSpeedup]:
     return out
 
 
-def run(plan: OpPlan, progress: Optional[Progress] = None) -> OpResult:
+def run(plan: OpPlan, progress: Optional[Progress] = None) -> OpBenchResult:
     """Every shape of ``plan`` timed once per round, the shapes in turn; each time the median over
     the rounds: on a shared machine a load that comes and goes then falls on every shape alike, not
     on whichever ran during it."""
@@ -380,7 +380,7 @@ def run(plan: OpPlan, progress: Optional[Progress] = None) -> OpResult:
                          for shape in plan.shapes])
     rows = [OpRow.of(shape, plan.dtype, list(rounds), ceilings, input_sets(shape, plan.device, plan.dtype))
             for shape, rounds in zip(plan.shapes, zip(*by_round))]
-    return OpResult(Environment.here(plan.device), ceilings, plan.rounds, rows, check_targets(rows),
+    return OpBenchResult(Environment.here(plan.device), ceilings, plan.rounds, rows, check_targets(rows),
                   budget_speedups(rows))
 
 
@@ -397,7 +397,7 @@ def legend(ceilings: Ceilings) -> list[str]:
             "x eager, x comp: eager and compile time / fused time; graph: the fused op replayed in a CUDA graph"]
 
 
-def table(result: OpResult) -> str:
+def table(result: OpBenchResult) -> str:
     """The rows as a text table, a legend of the derived columns, the text budget's speedups and the targets."""
     env = result.environment
     head = (f"{'shape':<18}{'MB':>8}{'GFLOP':>8}{'floor ms':>10}{'eager ms':>10}{'compile':>10}{'fused':>10}"
@@ -420,7 +420,7 @@ def table(result: OpResult) -> str:
     return "\n".join(lines)
 
 
-def figure(result: OpResult) -> Figure:
+def figure(result: OpBenchResult) -> Figure:
     """Each shape's measured times (bars, log scale) against its floor (a black mark)."""
     from matplotlib.figure import Figure
 

@@ -24,7 +24,7 @@ def test_cpu_run_writes_the_documented_fields(tmp_path):
     path = tmp_path / "op.json"
     write_json(result, path)
     saved = json.loads(path.read_text())
-    assert from_json(bench_op.OpResult, saved) == result   # the file reads back as the result it was
+    assert from_json(bench_op.OpBenchResult, saved) == result   # the file reads back as the result it was
     assert {"date", "device", "torch", "triton"} <= saved["environment"].keys()
     assert {"copy_bytes_per_s", "matmul_flops_per_s"} <= saved["ceilings"].keys()
     (row,) = saved["rows"]

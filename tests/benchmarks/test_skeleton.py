@@ -16,7 +16,7 @@ from desap_ops.benchmarks.vllm import offline, serve
 from desap_ops.cli.errors import UsageError
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
-KINDS = {"op": op.OpResult, "e2e": e2e.E2eResult, "serve": serve.ServeResult, "vllm": offline.OfflineResult}
+KINDS = {"op": op.OpBenchResult, "e2e": e2e.E2eResult, "serve": serve.ServeResult, "vllm": offline.OfflineResult}
 
 
 class Recorder:
