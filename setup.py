@@ -25,7 +25,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["desap_ops", "desap_ops.kernels", "desap_ops.integrations", "desap_ops.integrations.common",
+    packages=["desap_ops", "desap_ops.kernels", "desap_ops.methods", "desap_ops.integrations", "desap_ops.integrations.common",
               "desap_ops.integrations.hf", "desap_ops.integrations.vllm",
               "desap_ops.cli", "desap_ops.benchmarks", "desap_ops.benchmarks.vllm",
               "desap_ops.benchmarks.vllm._cpu_fixes",   # the sitecustomize the vLLM benches' engines load

@@ -3,6 +3,8 @@
 ``desap_ops.prune`` is the entry point; ``PruneFunction`` the same operator as a
 ``torch.autograd.Function``; ``torch.ops.desap.prune`` the registered operator;
 ``desap_ops.reference`` the pure-PyTorch oracle. The contract all of them keep is docs/contract.md.
+``register_method`` adds a pruning method beside DeSAP and the built-in baselines
+(``desap_ops.methods``), for both engines.
 Importing this package loads no kernel and queries no device.
 
 ``apply_desap`` and ``remove_desap`` are ``desap_ops.integrations``'s, re-exported here for
@@ -13,9 +15,11 @@ integrations nor transformers). That lazy import is the one exception to "import
 from . import ops, reference
 from .api import prune
 from .function import PruneFunction
+from .methods import MethodInputs, Selection, available_methods, register_method
 from .reference import PruneResult
 
-__all__ = ["prune", "PruneResult", "PruneFunction", "apply_desap", "remove_desap", "reference", "ops"]
+__all__ = ["prune", "PruneResult", "PruneFunction", "apply_desap", "remove_desap", "reference", "ops",
+           "register_method", "available_methods", "MethodInputs", "Selection"]
 __version__ = "0.1.0"
 
 

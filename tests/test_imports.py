@@ -3,7 +3,8 @@
 Layers, lowest first: the reference defines the contract's steps; validation checks inputs against
 them; the kernels import nothing of the operator (the operator hands them what they need, such as
 the auto split's constants); then the Triton path, the registered ops, PruneFunction, the entry
-point. A module may import only from layers below its own (the kernels from each other too).
+point, and the pruning methods over it. A module may import only from layers below its own (the
+files of the kernels and of the methods from each other too).
 """
 import ast
 from pathlib import Path
@@ -11,14 +12,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["reference", "validation", "kernels", "triton_backend", "ops", "function", "api"]
-FILES = {f"desap_ops/{name}.py": name for name in LAYERS if name != "kernels"}
+LAYERS = ["reference", "validation", "kernels", "triton_backend", "ops", "function", "api", "methods"]
+PACKAGES = ("kernels", "methods")   # layers that are folders: their files may import each other
+FILES = {f"desap_ops/{name}.py": name for name in LAYERS if name not in PACKAGES}
 FILES.update({f"kernels/{path.name}": "kernels" for path in (ROOT / "kernels").glob("*.py")})
+FILES.update({f"desap_ops/methods/{path.name}": "methods" for path in (ROOT / "desap_ops" / "methods").glob("*.py")})
 
 
 def _imported(path: Path) -> set:
     """The layers of desap_ops (or 'integrations', 'cli', ...) that a file imports, anywhere in it."""
-    package = ["desap_ops", "kernels"] if path.parent.name == "kernels" else ["desap_ops"]
+    package = ["desap_ops", path.parent.name] if path.parent.name in PACKAGES else ["desap_ops"]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
@@ -36,7 +39,7 @@ def _imported(path: Path) -> set:
 @pytest.mark.parametrize("relative", sorted(FILES))
 def test_each_operator_module_imports_only_layers_below_it(relative):
     layer = FILES[relative]
-    below = set(LAYERS[:LAYERS.index(layer)]) | ({"kernels"} if layer == "kernels" else set())
+    below = set(LAYERS[:LAYERS.index(layer)]) | ({layer} if layer in PACKAGES else set())
     imported = _imported(ROOT / relative)
     assert imported <= below, f"{relative} imports {sorted(imported - below)}, not below {layer}"
 

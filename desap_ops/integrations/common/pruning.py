@@ -1,9 +1,10 @@
-"""The one place both engines prune an image: ``desap_ops.prune`` with the checked options, or,
-under the ``ideal`` option, each image's first ``keep`` tokens, unscored and unmerged (the speed
-pruning could reach if it cost nothing: ``apply_desap(..., ideal=True)`` and vLLM's
-``hf_overrides={"desap": {..., "ideal": true}}`` alike). Under the ideal both engines run the tower
-plainly, with no attention capture, and embed no text: its signals carry the hidden states alone
-(``TowerSignals.branch`` and ``saliency`` None) and its texts are empty."""
+"""The one place both engines prune an image: the options' pruning method (``desap_ops.methods``;
+DeSAP by default, through ``desap_ops.prune``) on the tower's signals. Each method names the signals
+it reads (``PruneOptions.reads``), and the engines compute only those: a method that reads no
+saliency and no attention branch runs the tower plainly, with no attention capture, and one that
+reads no text embeds none. The ``ideal`` option is the method ``first`` unmerged (the speed pruning
+could reach if it cost nothing: ``apply_desap(..., ideal=True)`` and vLLM's
+``hf_overrides={"desap": {..., "ideal": true}}`` alike)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,10 +12,12 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ...api import prune
+from ...methods import DEFAULT_METHOD, MethodInputs, content_seeds, get_method, run_method
 from ...reference import PruneResult
 from ...validation import check_backend, check_options, check_text_budget
 from .signals import TowerSignals
+
+IDEAL_METHOD = "first"
 
 
 @dataclass(frozen=True)
@@ -28,21 +31,24 @@ class PruneOptions:
     backend: str
     text_budget: Optional[int]        # at most this many text tokens per image; None: all
     ideal: bool                       # keep the first ``keep`` tokens, unscored and unmerged
+    method: str                       # a registered pruning method (``desap_ops.methods``)
 
     @staticmethod
-    def checked(keep, task_ratio, merge, text_reduce, backend, text_budget, ideal) -> "PruneOptions":
-        """The options checked and normalised (``desap_ops.validation``); an engine's own options
-        extend them (``PruneOptions`` subclasses built from ``vars()`` of these)."""
+    def checked(keep, task_ratio, merge, text_reduce, backend, text_budget, ideal,
+                method=DEFAULT_METHOD) -> "PruneOptions":
+        """The options checked and normalised (``desap_ops.validation``; ``method`` must be
+        registered); an engine's own options extend them (``PruneOptions`` subclasses built from
+        ``vars()`` of these)."""
         keep, task_ratio, merge, text_reduce = check_options(keep, task_ratio, merge, text_reduce)
         if not isinstance(ideal, bool):
             raise TypeError(f"ideal must be True or False, got {ideal!r}")
+        method = get_method(method).name
+        if ideal and method not in (DEFAULT_METHOD, IDEAL_METHOD):
+            raise ValueError(f"ideal is the method {IDEAL_METHOD!r} unmerged; it cannot be combined with "
+                             f"method={method!r}")
         return PruneOptions(keep=keep, task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
-                            backend=check_backend(backend), text_budget=check_text_budget(text_budget), ideal=ideal)
-
-    def operator_options(self) -> dict:
-        """The keyword arguments of ``desap_ops.prune`` these options set (all but keep)."""
-        return dict(task_ratio=self.task_ratio, merge=self.merge, text_reduce=self.text_reduce,
-                    backend=self.backend, text_budget=self.text_budget)
+                            backend=check_backend(backend), text_budget=check_text_budget(text_budget), ideal=ideal,
+                            method=IDEAL_METHOD if ideal else method)
 
     @property
     def merges(self) -> bool:
@@ -50,26 +56,31 @@ class PruneOptions:
         the features that follow the kept tokens (DeepStack levels) are merged by too."""
         return self.merge and not self.ideal
 
+    @property
+    def reads(self) -> frozenset:
+        """The signals the method reads (``desap_ops.methods.SIGNALS``): what the engines compute."""
+        return get_method(self.method).reads
 
-def first_tokens(hidden: torch.Tensor, keep: int) -> PruneResult:
-    """The ideal: each image's first ``keep`` tokens of ``hidden`` (B, N, D), in order, with no
-    scoring and no merging (task scores and task_keep are zeros, a dropped token's assignment -1)."""
-    batch, tokens = hidden.shape[:2]
-    order = torch.arange(tokens, device=hidden.device)
-    assignment = torch.where(order < keep, order, -1)
-    return PruneResult(hidden[:, :keep], order[:keep].expand(batch, keep), assignment.expand(batch, tokens),
-                       torch.zeros(batch, tokens, device=hidden.device),
-                       torch.zeros(batch, dtype=torch.long, device=hidden.device))
+
+def tower_reads(options) -> frozenset:
+    """The signals any of ``options`` (one per image of a tower pass) reads."""
+    return frozenset().union(*(o.reads for o in options))
 
 
 def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], torch.Tensor], texts: Optional[torch.Tensor],
                  text_mask: Optional[torch.Tensor], keep: int, options: PruneOptions) -> PruneResult:
     """Prune each image of ``signals`` ((B, N, .)) to ``keep`` tokens for its text ``texts``
-    (B, L, C) and ``text_mask`` (B, L). ``text_space`` maps the attention branch into the text's
-    space (a projector, or nothing where the tower's merger already did). The ideal reads only
-    ``signals.hidden``: its branch, saliency and texts may be None or empty."""
-    if options.ideal:
-        return first_tokens(signals.hidden, keep)
-    attn = text_space(signals.branch)
-    return prune(signals.hidden, attn, texts.to(attn.dtype), signals.saliency, keep, text_mask=text_mask,
-                 **options.operator_options())
+    (B, L, C) and ``text_mask`` (B, L), with ``options.method``. ``text_space`` maps the attention
+    branch into the text's space (a projector, or nothing where the tower's merger already did).
+    Only the signals the method reads are touched: the others may be None or empty."""
+    method = get_method(options.method)
+    reads = method.reads
+    attn = text_space(signals.branch) if "attn" in reads else None
+    text = texts if "text" in reads else None
+    inputs = MethodInputs(hidden=signals.hidden, keep=keep,
+                          saliency=signals.saliency if "saliency" in reads else None, attn=attn, text=text,
+                          text_mask=text_mask if "text" in reads else None,
+                          seeds=content_seeds(signals.content) if "seed" in reads else None,
+                          task_ratio=options.task_ratio, text_reduce=options.text_reduce,
+                          text_budget=options.text_budget, backend=options.backend)
+    return run_method(method, inputs, options.merges)

@@ -14,39 +14,68 @@ each token receives, one block of queries at a time.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from typing import AbstractSet, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
+
+from ...methods import content_rows
+
+TOWER_READS = frozenset({"saliency", "attn"})   # the signals that need the tower's attention captured
 
 
 @dataclass(frozen=True)
 class TowerSignals:
     """DeSAP's inputs from one pass of a vision tower. Every tensor has the same leading
     dimensions: (images or crops, tokens) for a CLIP-style tower, (tokens,) for a Qwen tower's
-    items one after another. Under the ideal (``common.pruning``) the tower is run plainly and
-    ``branch`` and ``saliency`` are None: nothing scores the tokens, so nothing reads them."""
+    items one after another. A signal the pruning method does not read (``common.pruning``) is
+    None: a method that reads neither ``branch`` nor ``saliency`` runs the tower plainly."""
 
     hidden: torch.Tensor                       # (..., D): the tokens that are kept and merged
     branch: Optional[torch.Tensor] = None      # (..., D'): the attention branch (CLIP: before the projector; Qwen: through the merger)
     saliency: Optional[torch.Tensor] = None    # (...,) float32: [CLS] attention, or the attention a token receives
     levels: tuple[torch.Tensor, ...] = ()      # DeepStack levels (Qwen3-VL in transformers), row for row with hidden
+    content: Optional[torch.Tensor] = None     # (...,) int64: a hash of the pixels each token comes from (methods.content)
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TowerSignals":
         """``function`` applied to every tensor (an index, a reshape): the rows stay aligned."""
         def apply(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else function(t)
         return TowerSignals(function(self.hidden), apply(self.branch), apply(self.saliency),
-                            tuple(function(level) for level in self.levels))
+                            tuple(function(level) for level in self.levels), apply(self.content))
 
     def split(self, sizes: Sequence[int]) -> list["TowerSignals"]:
         """One :class:`TowerSignals` per part of the leading dimension (``sizes`` rows each)."""
         def parts(t: Optional[torch.Tensor]) -> Sequence[Optional[torch.Tensor]]:
             return [None] * len(sizes) if t is None else t.split(list(sizes))
         levels = [parts(level) for level in self.levels]
-        return [TowerSignals(h, b, s, tuple(level[i] for level in levels))
-                for i, (h, b, s) in enumerate(zip(parts(self.hidden), parts(self.branch), parts(self.saliency)))]
+        return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c)
+                for i, (h, b, s, c) in enumerate(zip(parts(self.hidden), parts(self.branch), parts(self.saliency),
+                                                     parts(self.content)))]
+
+
+def captures(reads: AbstractSet[str]) -> bool:
+    """Whether a tower pass for a method reading ``reads`` must capture attention (saliency or
+    the attention branch); otherwise the tower runs plainly."""
+    return bool(reads & TOWER_READS)
+
+
+def with_content(signals: TowerSignals, content: Callable[[], torch.Tensor], reads: AbstractSet[str]) -> TowerSignals:
+    """``signals`` with their pixel hashes (``content()``, row for row) where the method reads the seed."""
+    return replace(signals, content=content()) if "seed" in reads else signals
+
+
+def frame_content(pixel_values: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) int64: the hash of each image's (crop's, frame's) pixels ``pixel_values`` (B, ...) as
+    ``dtype``, for each of its ``tokens`` tokens."""
+    return content_rows(pixel_values, dtype)[:, None].expand(-1, tokens)
+
+
+def patch_content(pixels: torch.Tensor, merge_unit: int, dtype: torch.dtype) -> torch.Tensor:
+    """(T',) int64: per language-model token of a Qwen tower, the hash of the ``merge_unit`` patch
+    rows of ``pixels`` (T, patch) it merges (the processor lays each token's patches out together)."""
+    return content_rows(pixels, dtype).view(-1, merge_unit).sum(dim=1)
 
 
 @dataclass

@@ -3,10 +3,13 @@ LLaVA-NeXT and the video models): one run of the tower gives the hidden states, 
 branch and the [CLS] saliency of every token (``common.signals``)."""
 from __future__ import annotations
 
+from typing import AbstractSet
+
 import torch
 from torch import nn
 
-from ..common.signals import AttentionLayout, TowerSignals, capture
+from ...methods import SIGNALS
+from ..common.signals import AttentionLayout, TowerSignals, capture, captures, frame_content, with_content
 
 
 def feature_layer(config) -> int:
@@ -40,13 +43,13 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
 
 
 def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool,
-               ideal: bool = False) -> tuple[TowerSignals, object]:
+               reads: AbstractSet[str] = SIGNALS) -> tuple[TowerSignals, object]:
     """Run ``tower`` once on ``pixel_values`` and read the signals at hidden_states[``layer``]
     ((B, T, .) each; ``drop_cls`` removes the [CLS] token from all three). Returns them and the
     tower's own output (hidden_states included), which the model's feature method also returns.
-    ``ideal``: the tower runs plainly, with no capture, and only the hidden states are read (the
-    ideal scores nothing: ``common.pruning``)."""
-    if ideal:
+    Only the signals the pruning method ``reads`` are read (``common.signals.captures``): without
+    saliency and branch the tower runs plainly, with no capture."""
+    if not captures(reads):
         outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
         signals = TowerSignals(outputs.hidden_states[layer])
     else:
@@ -55,6 +58,8 @@ def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cl
             saliency = captured.cls_saliency()
             branch = captured.attention_branch
         signals = TowerSignals(outputs.hidden_states[layer], branch, saliency)
+    hidden = signals.hidden
+    signals = with_content(signals, lambda: frame_content(pixel_values, hidden.shape[1], hidden.dtype), reads)
     if drop_cls:
         signals = signals.map(lambda t: t[:, 1:])
     return signals, outputs

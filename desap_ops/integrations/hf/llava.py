@@ -44,7 +44,7 @@ def _image_features(model, inner, pixel_values, vision_feature_layer=None, visio
     """Replacement for ``inner.get_image_features``: the pruned, projected features of each image."""
     state: DesapState = model._desap
     signals, outputs = read_tower(inner.vision_tower, pixel_values, state.patch.feature_layer, drops_cls(model.config),
-                                  state.options.ideal)
+                                  state.options.reads)
     projector = inner.multi_modal_projector
     text, text_mask = served_text_embeddings(model, signals.hidden.shape[0], model.config.image_token_id,
                                              signals.hidden.device)

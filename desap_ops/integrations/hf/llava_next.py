@@ -57,7 +57,7 @@ def _image_features(model, inner, pixel_values, image_sizes=None, vision_feature
     if pixel_values.dim() == 5:
         pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, crops)], dim=0)
     signals, outputs = read_tower(inner.vision_tower, pixel_values, state.patch.feature_layer, drops_cls(model.config),
-                                  state.options.ideal)
+                                  state.options.reads)
     projector = inner.multi_modal_projector
     texts, text_mask = served_text_embeddings(model, len(crops), model.config.image_token_id, signals.hidden.device)
     newline = inner.image_newline.to(signals.hidden.dtype)

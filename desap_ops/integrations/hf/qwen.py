@@ -9,8 +9,9 @@ compete for one budget), the prompt loses the dropped placeholders, and the kept
 ``get_image_features`` and ``get_video_features`` then hand out the planned tokens (and their
 DeepStack levels, Qwen3-VL), and generate's position preparation hands out the planned positions.
 
-A family supplies ``read_tower(model, pixels, grid, ideal) -> TowerSignals`` (its saliency layer and
-merger; ``common.signals``; under ``ideal`` a plain pass that reads only the features) and
+A family supplies ``read_tower(model, pixels, grid, reads) -> TowerSignals`` (its saliency layer and
+merger; ``common.signals``; only the signals the method ``reads``: without saliency and branch, a
+plain pass that reads only the features) and
 ``output(features, levels)`` (the model output its forward reads), then calls :func:`install`. Everything else is here, the same for every Qwen family. What
 a call plans travels as a :class:`QwenPlan` on the call's context (``state.CallContext.plan``).
 """
@@ -63,7 +64,7 @@ MEDIA = (Medium("image", "pixel_values", "image_grid_thw", 1, "image_token_id"),
 # TowerSignals here: (T', .) for every language-model token of a tower pass (all items, in order),
 # the merged tokens, the attention branch through the merger, the attention received summed over
 # each token's 2 x 2 patches, and the DeepStack levels
-ReadTower = Callable[[nn.Module, torch.Tensor, torch.Tensor, bool], TowerSignals]   # (model, pixels, grid, ideal)
+ReadTower = Callable[[nn.Module, torch.Tensor, torch.Tensor, frozenset], TowerSignals]   # (model, pixels, grid, reads)
 Output = Callable[[list, list], object]   # (features per item, levels x items) -> the model output
 
 
@@ -172,7 +173,7 @@ def plan(model: nn.Module, arguments: dict, pad_left: bool, read_tower: ReadTowe
     start_record(model)
     for medium in _present(arguments):
         grid, token_id = arguments[medium.grid], getattr(model.config, medium.token_attr)
-        signals = read_tower(model, arguments[medium.pixels], grid, model._desap.options.ideal)
+        signals = read_tower(model, arguments[medium.pixels], grid, model._desap.options.reads)
         media[medium.kind], flags = _prune_medium(model, signals, _sizes(model, grid), input_ids, mask, token_id)
         kept[input_ids == token_id] = flags.to(kept.device)
 

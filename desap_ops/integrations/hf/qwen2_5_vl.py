@@ -18,11 +18,14 @@ positions and generation are shared with the other Qwen families (``qwen``, the 
 """
 from __future__ import annotations
 
+from typing import AbstractSet
+
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..common.signals import TowerSignals
+from ...methods import SIGNALS
+from ..common.signals import TowerSignals, captures, patch_content, with_content
 from . import qwen
 from .compat import Hook
 from .state import DesapState
@@ -42,18 +45,25 @@ def saliency_layer(model: nn.Module) -> int:
     return model.config.vision_config.fullatt_block_indexes[-1]
 
 
-def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, ideal: bool = False) -> TowerSignals:
+def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
+               reads: AbstractSet[str] = SIGNALS) -> TowerSignals:
     """One tower pass over images or videos, read at :func:`saliency_layer`: per language-model
     token (all images, or all videos, in the model's order) the hidden state (T', C), the attention
-    branch in text space (T', C) and the saliency (T',); ``ideal``: the hidden states alone, from a
-    plain pass with no capture. Needs no patch: it reads the model as it is."""
+    branch in text space (T', C) and the saliency (T',), and the pixel hashes; only those the method
+    ``reads`` (without saliency and branch, a plain pass with no capture). Needs no patch: it reads
+    the model as it is."""
+    visual = model.model.visual
+    signals = _read(model, visual, pixels, grid_thw, reads)
+    return with_content(signals, lambda: patch_content(pixels, visual.spatial_merge_unit, visual.dtype), reads)
+
+
+def _read(model: nn.Module, visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, reads) -> TowerSignals:
+    if not captures(reads):
+        return TowerSignals(visual(pixels.type(visual.dtype), grid_thw=grid_thw).pooler_output)
     # here, not at the top: importing the modeling module costs seconds
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     from transformers.vision_utils import get_vision_window_index
 
-    visual = model.model.visual
-    if ideal:
-        return TowerSignals(visual(pixels.type(visual.dtype), grid_thw=grid_thw).pooler_output)
     block = visual.blocks[saliency_layer(model)]
     with qwen.capture_block(block) as store:
         outputs = visual(pixels.type(visual.dtype), grid_thw=grid_thw)

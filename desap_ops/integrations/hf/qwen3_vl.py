@@ -22,11 +22,14 @@ from __future__ import annotations
 import inspect
 import sys
 
+from typing import AbstractSet
+
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..common.signals import TowerSignals
+from ...methods import SIGNALS
+from ..common.signals import TowerSignals, captures, patch_content, with_content
 from . import qwen
 from .compat import Hook
 from .state import DesapState
@@ -60,11 +63,18 @@ def has_deepstack(model: nn.Module) -> bool:
     return len(getattr(model.model.visual, "deepstack_merger_list", ())) > 0
 
 
-def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, ideal: bool = False) -> TowerSignals:
+def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
+               reads: AbstractSet[str] = SIGNALS) -> TowerSignals:
     """One tower pass over images or videos, read at the last block; DeepStack levels included.
-    ``ideal``: the hidden states and levels alone, from a plain pass with no capture."""
+    Only the signals the method ``reads`` (without saliency and branch: the hidden states and
+    levels alone, from a plain pass with no capture), and the pixel hashes where it reads the seed."""
     visual = model.model.visual
-    if ideal:
+    signals = _read(model, visual, pixels, grid_thw, reads)
+    return with_content(signals, lambda: patch_content(pixels, visual.spatial_merge_unit, visual.dtype), reads)
+
+
+def _read(model: nn.Module, visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, reads) -> TowerSignals:
+    if not captures(reads):
         outputs = visual(pixels.type(visual.dtype), grid_thw=grid_thw)
         return TowerSignals(outputs.pooler_output, levels=tuple(getattr(outputs, "deepstack_features", None) or ()))
     block = visual.blocks[-1]

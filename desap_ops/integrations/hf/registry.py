@@ -61,7 +61,7 @@ def _lookup(table: dict, model, caller: str):
 def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Literal["auto"]] = 0.5,
                 merge: bool = True, *, text_reduce: str = "max", exclude_token_ids=(), backend: str = "auto",
                 text_budget: Optional[int] = None, chat: Union[ChatMarkers, Any, None] = None,
-                ideal: bool = False) -> nn.Module:
+                ideal: bool = False, method: str = "desap") -> nn.Module:
     """Patch ``model`` in place so every image reaches the language model as at most ``keep`` tokens.
 
     Args:
@@ -81,7 +81,12 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
             token after the image does.
         ideal: keep each image's (or video's) first ``keep`` tokens instead, unscored and unmerged,
             in the same places (LLaVA-NeXT: its first visual tokens in packed order, every newline
-            kept): the speed pruning could reach if it cost nothing, as vLLM's ``"ideal": true``.
+            kept): the speed pruning could reach if it cost nothing, as vLLM's ``"ideal": true``
+            (the method ``"first"`` unmerged).
+        method: the pruning method that chooses the kept tokens: ``"desap"`` (the contract), a
+            baseline (``"first"``, ``"random"``, ``"saliency"``, ``"similarity"``, ``"divprune"``) or
+            one registered with :func:`desap_ops.register_method` (docs/api.md). The budget, the
+            placeholders, positions and merging are the same for every method.
     Returns the model. Applying again replaces the previous patch.
 
     Raises:
@@ -97,7 +102,7 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
     compat.check_hooks(model, _lookup(HOOKS, model, "apply_desap"))
     remove_desap(model)
     ignored = config_ignored_ids(model.config, getattr(model, "generation_config", None), exclude_token_ids)
-    prune = PruneOptions.checked(keep, task_ratio, merge, text_reduce, backend, text_budget, ideal)
+    prune = PruneOptions.checked(keep, task_ratio, merge, text_reduce, backend, text_budget, ideal, method)
     install(model, DesapState(Options(**vars(prune), ignored_ids=frozenset(ignored), chat=as_chat_markers(chat))))
     return model
 

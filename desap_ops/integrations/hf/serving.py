@@ -181,11 +181,11 @@ def run_prune(model: nn.Module, signals: TowerSignals, text_space: Callable[[tor
     record = state.records.last
     for name in ("indices", "assignment", "task_scores", "task_keep"):
         getattr(record, name).extend(getattr(result, name))
-    # the ideal reads no saliency: zeros, as its task scores
+    # a method that reads no saliency (the ideal) records zeros, as its task scores
     record.saliency.extend(torch.zeros_like(result.task_scores) if signals.saliency is None else signals.saliency)
     text_tokens = text_mask.sum(dim=1)
     record.text_tokens.extend(text_tokens)
-    if not options.ideal and not state.records.told_text_blind and bool((text_tokens == 0).any()):
-        state.records.told_text_blind = True   # the ideal reads no text: nothing to tell
+    if "text" in options.reads and not state.records.told_text_blind and bool((text_tokens == 0).any()):
+        state.records.told_text_blind = True   # a method that reads no text (the ideal): nothing to tell
         log.warning(TEXT_BLIND)
     return result

@@ -18,9 +18,9 @@ def text_embeddings(model: nn.Module, input_ids: Optional[torch.Tensor], attenti
                     token_id: int, lengths: Sequence[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings (I, L, C) and mask (I, L) of the prompt text of each of the runs of ``token_id``
     placeholders (``lengths`` long, in order) in ``input_ids``; all-masked (saliency alone decides)
-    without ``input_ids``; empty (I, 0, C) under the ideal, which reads no text and so embeds none."""
+    without ``input_ids``; empty (I, 0, C) for a method that reads no text (the ideal), which so embeds none."""
     options = model._desap.options
-    if options.ideal:
+    if "text" not in options.reads:
         weight = model.get_input_embeddings().weight
         return (torch.empty(len(lengths), 0, weight.shape[1], dtype=weight.dtype, device=device),
                 torch.zeros(len(lengths), 0, dtype=torch.bool, device=device))

@@ -61,13 +61,16 @@ def _video_features(model, inner, pooled: bool, pixel_values_videos, vision_feat
     state: DesapState = model._desap
     videos, frames = pixel_values_videos.shape[:2]
     tower_module = inner.video_tower if hasattr(inner, "video_tower") else inner.vision_tower
-    ideal = state.options.ideal
+    reads = state.options.reads
     signals, outputs = read_tower(tower_module, pixel_values_videos.flatten(0, 1), state.patch.feature_layer,
-                                  drop_cls=pooled, ideal=ideal)
-    if pooled:   # the ideal read no branch or saliency to pool
-        signals = TowerSignals(inner.vision_resampler(signals.hidden),
-                               None if ideal else inner.vision_resampler(signals.branch),
-                               None if ideal else pool_saliency(signals.saliency, model.config.spatial_pool_stride))
+                                  drop_cls=pooled, reads=reads)
+    if pooled:   # only what the method read is pooled; a frame's tokens share its pixel hash
+        pooled_hidden = inner.vision_resampler(signals.hidden)
+        signals = TowerSignals(pooled_hidden,
+                               None if signals.branch is None else inner.vision_resampler(signals.branch),
+                               None if signals.saliency is None else pool_saliency(signals.saliency,
+                                                                                    model.config.spatial_pool_stride),
+                               content=None if signals.content is None else signals.content[:, :pooled_hidden.shape[1]])
     signals = signals.map(lambda t: t.reshape(videos, frames * t.shape[1], *t.shape[2:]))   # frame-major
     projector = inner.multi_modal_projector
     text, text_mask = served_text_embeddings(model, videos, model.config.video_token_id, signals.hidden.device)

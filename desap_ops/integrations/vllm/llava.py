@@ -7,6 +7,7 @@ from vllm.model_executor.models.llava import LlavaMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
 from ..common.layout import drops_cls, tokens_per_crop
+from ..common.pruning import tower_reads
 from ..common.sequence import image_budget
 from .hooks import registered_class
 from .model import DesapModelMixin, equal_runs, registered_with
@@ -43,7 +44,8 @@ class DesapLlavaForConditionalGeneration(DesapModelMixin, registered_class("Llav
         return [tokens_per_crop(self.config)] * len(image_input["pixel_values"])
 
     def desap_features(self, image_input, batch, texts, text_mask, options):
-        signals = self.desap_signals(image_input["pixel_values"][batch.start:batch.stop], drops_cls(self.config))
+        signals = self.desap_signals(image_input["pixel_values"][batch.start:batch.stop], drops_cls(self.config),
+                                     tower_reads(options))
         features = []
         for run in equal_runs(options):   # one operator call per run of images sharing their options
             part = signals.map(lambda t: t[run.start:run.stop])

@@ -10,6 +10,7 @@ from vllm.model_executor.models.llava_next import LlavaNextMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
 from ..common.layout import crops_per_image, drops_cls, packed_budget, packed_sources, with_newlines
+from ..common.pruning import tower_reads
 from .hooks import registered_class
 from .llava import check  # noqa: F401  (LLaVA-1.5's start-up check serves NeXT too: SUPPORTED names it here)
 from .model import DesapModelMixin, registered_with
@@ -52,7 +53,7 @@ class DesapLlavaNextForConditionalGeneration(DesapModelMixin, registered_class("
         sizes = [tuple(int(v) for v in image_input["image_sizes"][i]) for i in batch]
         crops = crops_per_image(config, sizes)
         pixels = torch.cat([image_input["pixel_values"][i][:n] for i, n in zip(batch, crops)])
-        signals = self.desap_signals(pixels, drops_cls(config))
+        signals = self.desap_signals(pixels, drops_cls(config), tower_reads(options))
         features = []
         for i, (image, size) in enumerate(zip(signals.split(crops), sizes)):
             sources = layout(config, size).to(signals.hidden.device)

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from dataclasses import replace
 from typing import Optional, Sequence
 
 import torch
 
 from ...reference import PruneResult
 from ..common.prompt import TEXT_BLIND
-from ..common.pruning import prune_images
+from ...methods import MethodFailure
+from ..common.pruning import IDEAL_METHOD, prune_images, tower_reads
 from ..common.signals import TowerSignals
 from . import building_parts
 from .options import DesapOptions, decode_request, read_options
@@ -95,8 +97,8 @@ class DesapModelMixin:
             return []
         if image_input["type"] != "pixel_values":
             raise ValueError(f"DeSAP prunes from pixels; this request gave {image_input['type']}")
-        texts, text_mask = self.desap_texts(text_ids)
-        options = self.desap_item_options(encoded, len(texts))
+        options = self.desap_item_options(encoded, len(text_ids) if text_ids is not None else 0)
+        texts, text_mask = self.desap_texts(text_ids, tower_reads(options))
         features = []
         for batch in encoder_batches(self.desap_image_tokens(image_input), self.desap_encoder_budget):
             features += self.desap_features(image_input, batch, texts[batch.start:batch.stop],
@@ -114,20 +116,20 @@ class DesapModelMixin:
         raise NotImplementedError
 
     def desap_item_options(self, encoded, items: int) -> list[DesapOptions]:
-        """Each item's options from its field ``desap_options`` (``encoded``: (I, 5) or I tensors
+        """Each item's options from its field ``desap_options`` (``encoded``: (I, 6) or I tensors
         of ``options.encode_request``); the engine's for all ``items`` where the field is absent."""
         if encoded is None:
             return [self.desap] * items
         return [decode_request(self.desap, row) for row in encoded]
 
-    def desap_texts(self, text_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    def desap_texts(self, text_ids, reads: frozenset) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (I, L, C) and mask (I, L) of each image's prompt text (``desap_text_ids``: a
-        (I, L) tensor or I 1-D tensors); empty (I, 0, C) under ``ideal``, which reads no text and
-        so embeds none."""
+        (I, L) tensor or I 1-D tensors); empty (I, 0, C) where no method of the call ``reads`` text
+        (the ideal), which so embeds none."""
         rows = list(text_ids) if text_ids is not None else []
         parameter = next(self.get_language_model().parameters())
         device = parameter.device
-        if self.desap.ideal:
+        if "text" not in reads:
             width = self.config.get_text_config().hidden_size
             return (torch.empty(len(rows), 0, width, dtype=parameter.dtype, device=device),
                     torch.zeros(len(rows), 0, dtype=torch.bool, device=device))
@@ -140,8 +142,8 @@ class DesapModelMixin:
         embedded = self.get_language_model().embed_input_ids(ids.to(device).reshape(-1))
         return embedded.reshape(len(rows), width, -1), mask.to(device)
 
-    def desap_signals(self, pixel_values: torch.Tensor, drop_cls: bool) -> TowerSignals:
-        return read_vllm_tower(self.vision_tower, pixel_values, drop_cls, self.desap.ideal)
+    def desap_signals(self, pixel_values: torch.Tensor, drop_cls: bool, reads: frozenset) -> TowerSignals:
+        return read_vllm_tower(self.vision_tower, pixel_values, drop_cls, reads)
 
     def desap_text_space(self, branch: torch.Tensor) -> torch.Tensor:
         """The attention branch mapped to the language model's space: LLaVA's projector."""
@@ -151,13 +153,22 @@ class DesapModelMixin:
                     keep: int, options: DesapOptions) -> PruneResult:
         """``desap_ops.prune`` on one batch of images that share ``options`` (their request's);
         recorded. ``keep`` is the images' budget (``sequence.image_budget``); at their token count
-        every token is kept, in order. Under ``ideal``: the first ``keep`` tokens (``common.pruning``)."""
-        result = prune_images(signals, self.desap_text_space, texts, text_mask, keep, options)
+        every token is kept, in order. The images' method chooses (``common.pruning``); a method that
+        fails (``MethodFailure``: it raised, or gave back a wrong selection) is logged with its name
+        and the images keep their first ``keep`` tokens: an exception here would take the engine
+        down with every request in it."""
+        try:
+            result = prune_images(signals, self.desap_text_space, texts, text_mask, keep, options)
+        except MethodFailure as failure:
+            log.error("DeSAP: %s; these %d image(s) keep their first %d tokens instead", failure,
+                      signals.hidden.shape[0], keep)
+            result = prune_images(signals, self.desap_text_space, texts, text_mask, keep,
+                                  replace(options, method=IDEAL_METHOD))
         text_tokens = text_mask.sum(dim=1).cpu()
         for i in range(result.indices.shape[0]):
             self.desap_history.append({"indices": result.indices[i].cpu(), "assignment": result.assignment[i].cpu(),
                                        "task_keep": result.task_keep[i].cpu(), "text_tokens": text_tokens[i]})
-        if not options.ideal and not DesapModelMixin.told_text_blind and bool((text_tokens == 0).any()):
+        if "text" in options.reads and not DesapModelMixin.told_text_blind and bool((text_tokens == 0).any()):
             DesapModelMixin.told_text_blind = True   # once per engine process
             log.warning(TEXT_BLIND)
         return result

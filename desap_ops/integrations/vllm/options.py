@@ -8,7 +8,8 @@ so an image reads its own user turn's words and never role words or a system pro
 (no markers: the text after the image, or before it where nothing follows) or ``{"user": [[ids]],
 "assistant": [[ids]], "other": [[ids]]}``. ``max_keep`` is the largest ``keep`` a request may ask for (default:
 the engine's ``keep``), and ``ideal: true`` keeps each image's first ``keep`` tokens, unscored and
-unmerged (the benchmark's ideal).
+unmerged (the benchmark's ideal). ``method`` is the pruning method (``desap_ops.methods``: a
+built-in or a plugin's); ``methods`` limits the ones a request may ask for (default: any registered).
 
 A request may override ``REQUEST_OPTIONS`` with ``mm_processor_kwargs={"desap": {...}}``
 (:func:`request_options`); the rest are the engine's alone. The resolved options travel with each
@@ -23,14 +24,15 @@ from typing import Any, Optional
 
 import torch
 
+from ...methods import DEFAULT_METHOD, get_method, method_by_code, method_code
 from ...reference import AUTO
 from ...validation import TEXT_REDUCTIONS, check_keep, check_options, check_text_budget
 from ..common.pruning import PruneOptions
 
 DEFAULTS = dict(keep=64, task_ratio=0.5, merge=True, text_reduce="max", backend="auto", text_budget=None,
-                exclude_token_ids=(), chat=True, max_keep=None, ideal=False)
+                exclude_token_ids=(), chat=True, max_keep=None, ideal=False, method=DEFAULT_METHOD, methods=None)
 # what one request may set; the order is that of encode_request's tensor
-REQUEST_OPTIONS = ("keep", "task_ratio", "merge", "text_reduce", "text_budget")
+REQUEST_OPTIONS = ("keep", "task_ratio", "merge", "text_reduce", "text_budget", "method")
 ENGINE = 'hf_overrides["desap"]'
 REQUEST = 'mm_processor_kwargs["desap"]'
 
@@ -43,6 +45,7 @@ class DesapOptions(PruneOptions):
     exclude_token_ids: tuple[int, ...]
     chat: Any            # None (no markers), True (read from the tokenizer's template) or a dict of marker lists
     max_keep: int        # the largest keep a request may ask for
+    methods: Optional[tuple[str, ...]]   # the methods a request may ask for; None: any registered
 
 
 def read_options(hf_config) -> Optional[DesapOptions]:
@@ -65,10 +68,28 @@ def read_options(hf_config) -> Optional[DesapOptions]:
         raise TypeError(f'{ENGINE}["chat"] must be true, false or a dict of marker lists, got {chat!r}')
     if not isinstance(given["ideal"], bool):
         raise TypeError(f'{ENGINE}["ideal"] must be true or false, got {given["ideal"]!r}')
-    prune = PruneOptions.checked(given["keep"], given["task_ratio"], given["merge"], given["text_reduce"],
-                                 given["backend"], given["text_budget"], given["ideal"])
+    try:
+        prune = PruneOptions.checked(given["keep"], given["task_ratio"], given["merge"], given["text_reduce"],
+                                     given["backend"], given["text_budget"], given["ideal"], given["method"])
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"{ENGINE}: {error}") from None
     return DesapOptions(**vars(prune), exclude_token_ids=tuple(excluded), chat=chat or None,
-                        max_keep=_max_keep(given["max_keep"], prune.keep))
+                        max_keep=_max_keep(given["max_keep"], prune.keep),
+                        methods=_allowed_methods(given["methods"], prune.method))
+
+
+def _allowed_methods(methods, method: str) -> Optional[tuple[str, ...]]:
+    if methods is None:
+        return None
+    if not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods):
+        raise TypeError(f'{ENGINE}["methods"] must be a list of method names, got {methods!r}')
+    try:
+        allowed = tuple(sorted({get_method(m).name for m in methods}))
+    except ValueError as error:
+        raise ValueError(f'{ENGINE}["methods"]: {error}') from None
+    if method not in allowed:
+        raise ValueError(f'{ENGINE}["methods"] = {list(methods)} leaves out the engine\'s own method {method!r}')
+    return allowed
 
 
 def _max_keep(max_keep, keep: int) -> int:
@@ -103,25 +124,35 @@ def request_options(engine: DesapOptions, raw: Optional[Mapping]) -> DesapOption
         keep, task_ratio, merge, text_reduce = check_options(given["keep"], given["task_ratio"], given["merge"],
                                                              given["text_reduce"])
         text_budget = check_text_budget(given["text_budget"])
+        method = get_method(given["method"]).name
     except (TypeError, ValueError) as error:
         raise ValueError(f"{REQUEST}: {error}") from None
     if keep > engine.max_keep:
         raise ValueError(f'{REQUEST}["keep"] is {keep}, above the most this engine allows, '
                          f'{ENGINE}["max_keep"] = {engine.max_keep}')
+    if method != engine.method and engine.ideal:
+        raise ValueError(f'{REQUEST}["method"] is {method!r}, but this engine runs the ideal ({ENGINE}["ideal"]), '
+                         f'which is the method {engine.method!r}')
+    if engine.methods is not None and method not in engine.methods:
+        raise ValueError(f'{REQUEST}["method"] is {method!r}, which this engine does not allow; '
+                         f'{ENGINE}["methods"] = {list(engine.methods)}')
     return replace(engine, keep=int(keep), task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
-                   text_budget=text_budget)
+                   text_budget=text_budget, method=method)
 
 
 def encode_request(options: DesapOptions) -> torch.Tensor:
-    """(5,) float64, ``REQUEST_OPTIONS`` in order: "auto" as NaN, ``text_reduce`` as its index in
-    ``TEXT_REDUCTIONS``, no ``text_budget`` as 0 (a budget is at least 1). Exact for every value."""
+    """(6,) float64, ``REQUEST_OPTIONS`` in order: "auto" as NaN, ``text_reduce`` as its index in
+    ``TEXT_REDUCTIONS``, no ``text_budget`` as 0 (a budget is at least 1), the method as its
+    ``method_code`` (a 32-bit number: every process that loaded the same methods decodes it alike).
+    Exact for every value."""
     return torch.tensor([options.keep, math.nan if options.task_ratio == AUTO else options.task_ratio,
                          float(options.merge), TEXT_REDUCTIONS.index(options.text_reduce),
-                         options.text_budget or 0], dtype=torch.float64)
+                         options.text_budget or 0, method_code(options.method)], dtype=torch.float64)
 
 
 def decode_request(engine: DesapOptions, encoded: torch.Tensor) -> DesapOptions:
     """The options :func:`encode_request` encoded, over ``engine``'s engine-wide ones."""
-    keep, task_ratio, merge, reduce, text_budget = encoded.reshape(-1).tolist()
+    keep, task_ratio, merge, reduce, text_budget, method = encoded.reshape(-1).tolist()
     return replace(engine, keep=int(keep), task_ratio=AUTO if math.isnan(task_ratio) else task_ratio,
-                   merge=bool(merge), text_reduce=TEXT_REDUCTIONS[int(reduce)], text_budget=int(text_budget) or None)
+                   merge=bool(merge), text_reduce=TEXT_REDUCTIONS[int(reduce)], text_budget=int(text_budget) or None,
+                   method=method_by_code(int(method)).name)

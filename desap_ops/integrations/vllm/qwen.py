@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from vllm.multimodal.processing import PromptReplacement
 
+from ..common.pruning import tower_reads
 from ..common.sequence import image_budget
 from ..common.signals import TowerSignals
 from .model import DesapModelMixin, encoder_batches
@@ -113,15 +114,16 @@ class DesapQwenModelMixin(DesapModelMixin):
             pixels_key = "pixel_values" if modality == "image" else "pixel_values_videos"
             if media["type"] != pixels_key:
                 raise ValueError(f"DeSAP prunes from pixels; this request gave {media['type']}")
-            text, text_mask = self.desap_texts(texts[modality])
-            embeddings += self.desap_media(media, modality, text, text_mask,
-                                           self.desap_item_options(options[modality], len(text)))
+            items = self.desap_item_options(options[modality], len(texts[modality] or ()))
+            text, text_mask = self.desap_texts(texts[modality], tower_reads(items))
+            embeddings += self.desap_media(media, modality, text, text_mask, items)
         return tuple(embeddings)
 
-    def desap_tower_items(self, media, modality: str) -> Iterator[tuple[int, list[int], TowerSignals]]:
+    def desap_tower_items(self, media, modality: str,
+                          reads: frozenset) -> Iterator[tuple[int, list[int], TowerSignals]]:
         """Each item of ``media`` as (index, its (t, h, w) patch grid, its signals (T', .)), read
         from vLLM's own tower (``qwen_tower``) run on micro-batches within vLLM's encoder budget
-        (``model.encoder_batches``)."""
+        (``model.encoder_batches``); only the signals the items' methods ``reads``."""
         pixels = media["pixel_values" if modality == "image" else "pixel_values_videos"]
         grids = media[f"{modality}_grid_thw"].tolist()
         patches = [t * h * w for t, h, w in grids]
@@ -129,7 +131,7 @@ class DesapQwenModelMixin(DesapModelMixin):
         starts = [sum(patches[:i]) for i in range(len(patches) + 1)]
         for batch in encoder_batches(sizes, self.desap_encoder_budget):
             signals = read_qwen_tower(self.visual, pixels[starts[batch.start]:starts[batch.stop]],
-                                      grids[batch.start:batch.stop], self.desap.ideal)
+                                      grids[batch.start:batch.stop], reads)
             for i, item in zip(batch, signals.split(sizes[batch.start:batch.stop]), strict=True):
                 yield i, grids[i], item
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLMultiModalProcessor
 
+from ..common.pruning import tower_reads
 from . import qwen
 from .hooks import registered_class
 from .model import registered_with
@@ -55,7 +56,7 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapQwenModelMixin, registered_cl
         per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         seconds = media.get("second_per_grid_ts")
         out = []
-        for i, (t, h, w), item in self.desap_tower_items(media, modality):
+        for i, (t, h, w), item in self.desap_tower_items(media, modality, tower_reads(options)):
             # the video's time scale, as iter_mm_grid_thw reads it (images have none)
             t_factor = 1.0 if modality == "image" else per_second * (float(seconds[i]) if seconds is not None else 1.0)
             result = self.desap_prune(item.map(lambda tensor: tensor[None]), texts[i:i + 1], text_mask[i:i + 1],

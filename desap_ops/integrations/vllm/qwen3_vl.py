@@ -26,6 +26,7 @@ import torch
 from vllm.model_executor.models.qwen3_vl import Qwen3VLMultiModalProcessor
 
 from ...reference import merge_tokens
+from ..common.pruning import tower_reads
 from ..common.signals import TowerSignals
 from . import qwen
 from .hooks import registered_class
@@ -87,7 +88,7 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
         embeds them (their DeepStack levels zero, as transformers adds none there)."""
         merge = self.visual.spatial_merge_size
         out = []
-        for i, (t, h, w), item in self.desap_tower_items(media, modality):
+        for i, (t, h, w), item in self.desap_tower_items(media, modality, tower_reads(options)):
             tokens, kept = self.desap_prune_item(item, texts[i:i + 1], text_mask[i:i + 1], options[i])
             if modality == "image":
                 out.append(with_position_channels(tokens, media_positions(1, h // merge, w // merge)[:, kept]))

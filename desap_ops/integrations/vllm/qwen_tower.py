@@ -14,10 +14,13 @@ of them with one all-reduce (``tower.mean_over_ranks``), so every rank keeps the
 """
 from __future__ import annotations
 
+from typing import AbstractSet
+
 import torch
 from torch import nn
 
-from ..common.signals import TowerSignals, received_attention
+from ...methods import SIGNALS
+from ..common.signals import TowerSignals, captures, patch_content, received_attention, with_content
 from .tower import mean_over_ranks
 
 
@@ -39,13 +42,20 @@ def saliency_block(visual: nn.Module) -> int:
 
 
 def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]],
-                    ideal: bool = False) -> TowerSignals:
+                    reads: AbstractSet[str] = SIGNALS) -> TowerSignals:
     """Run ``visual`` on the images of ``grid_thw`` and read, per language-model token in the
     model's order (all images concatenated): hidden (T', C; Qwen3-VL: its DeepStack levels
     follow along the channels, as vLLM's tower returns them), branch (T', C), saliency (T',).
-    ``ideal``: hidden alone, from a plain pass with no hooks (the ideal scores nothing)."""
+    Only the signals the methods ``reads`` (without saliency and branch: hidden alone, from a plain
+    pass with no hooks), and the pixel hashes where they read the seed."""
+    signals = _read(visual, pixel_values, grid_thw, reads)
+    return with_content(signals, lambda: patch_content(pixel_values, visual.spatial_merge_unit, signals.hidden.dtype),
+                        reads)
+
+
+def _read(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]], reads) -> TowerSignals:
     metadata = visual.prepare_encoder_metadata(grid_thw)
-    if ideal:
+    if not captures(reads):
         return TowerSignals(visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata))
     attention = visual.blocks[saliency_block(visual)].attn
     seen = {}

@@ -10,10 +10,13 @@ same tokens.
 """
 from __future__ import annotations
 
+from typing import AbstractSet
+
 import torch
 from torch import nn
 
-from ..common.signals import TowerSignals, cls_attention
+from ...methods import SIGNALS
+from ..common.signals import TowerSignals, captures, cls_attention, frame_content, with_content
 
 
 def mean_over_ranks(local_mean: torch.Tensor, local_heads: int, heads: int, tp_size: int) -> torch.Tensor:
@@ -35,15 +38,22 @@ def cls_saliency(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
     return mean_over_ranks(mean, local_heads, attention.num_heads, getattr(attention, "tp_size", 1))
 
 
-def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool, ideal: bool = False) -> TowerSignals:
+def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool,
+                    reads: AbstractSet[str] = SIGNALS) -> TowerSignals:
     """Run vLLM's CLIP ``tower`` (built up to the feature layer) on ``pixel_values`` and read the
     signals at its last layer ((B, T, .): the layer's output, its attention branch before the
     residual add, and the [CLS] saliency averaged over all heads of all ranks); ``drop_cls``
-    removes [CLS] from all three. ``ideal``: the tower runs plainly, no hooks, and only its output
-    is read (the ideal scores nothing: ``common.pruning``)."""
-    if ideal:
-        signals = TowerSignals(tower(pixel_values, feature_select_strategy=None))
-        return signals.map(lambda t: t[:, 1:]) if drop_cls else signals
+    removes [CLS] from all three. Only the signals the methods ``reads`` (``common.signals.captures``):
+    without saliency and branch the tower runs plainly, no hooks, and only its output is read."""
+    signals = _read(tower, pixel_values, reads)
+    hidden = signals.hidden
+    signals = with_content(signals, lambda: frame_content(pixel_values, hidden.shape[1], hidden.dtype), reads)
+    return signals.map(lambda t: t[:, 1:]) if drop_cls else signals
+
+
+def _read(tower: nn.Module, pixel_values: torch.Tensor, reads: AbstractSet[str]) -> TowerSignals:
+    if not captures(reads):
+        return TowerSignals(tower(pixel_values, feature_select_strategy=None))
     layer = tower.vision_model.encoder.layers[-1]
     attention = layer.self_attn
     seen = {}
@@ -59,5 +69,4 @@ def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool
     finally:
         for handle in handles:
             handle.remove()
-    signals = TowerSignals(hidden, seen["branch"], cls_saliency(seen["qkv"], attention))
-    return signals.map(lambda t: t[:, 1:]) if drop_cls else signals
+    return TowerSignals(hidden, seen["branch"], cls_saliency(seen["qkv"], attention))

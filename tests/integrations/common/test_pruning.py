@@ -1,10 +1,11 @@
-"""The one pruning call of both engines (``integrations/common/pruning.py``): the operator with the
-checked options, or under ``ideal`` each image's first tokens."""
+"""The one pruning call of both engines (``integrations/common/pruning.py``): the options' method
+on the signals it reads (DeSAP: the operator with the checked options), or under ``ideal`` each
+image's first tokens."""
 import pytest
 import torch
 
 import desap_ops
-from desap_ops.integrations.common.pruning import PruneOptions, first_tokens, prune_images
+from desap_ops.integrations.common.pruning import PruneOptions, prune_images
 from desap_ops.integrations.common.signals import TowerSignals
 
 
@@ -14,9 +15,11 @@ def _signals(seed=0, batch=2, tokens=9):
                         torch.rand(batch, tokens, generator=gen))
 
 
-def test_first_tokens_keeps_each_images_first_tokens_unmerged_in_order():
+def test_the_ideal_keeps_each_images_first_tokens_unmerged_in_order():
     hidden = torch.randn(2, 5, 3)
-    result = first_tokens(hidden, 3)
+    ideal = PruneOptions.checked(3, 0.5, True, "max", "reference", None, True)
+    assert ideal.method == "first" and ideal.reads == frozenset()
+    result = prune_images(TowerSignals(hidden), None, None, None, 3, ideal)
     assert torch.equal(result.tokens, hidden[:, :3])
     assert result.indices.tolist() == [[0, 1, 2]] * 2
     assert result.assignment.tolist() == [[0, 1, 2, -1, -1]] * 2
@@ -52,9 +55,10 @@ def test_options_are_checked_and_the_ideal_never_merges():
 
 def test_tower_signals_split_and_map_keep_their_rows_aligned():
     signals = TowerSignals(torch.arange(10.0).view(5, 2), torch.arange(5.0)[:, None], torch.arange(5.0),
-                           (torch.arange(5.0) * 10,))
+                           (torch.arange(5.0) * 10,), torch.arange(5) + 100)
     first, second = signals.split([2, 3])
     assert first.hidden.tolist() == [[0, 1], [2, 3]] and second.saliency.tolist() == [2, 3, 4]
+    assert first.content.tolist() == [100, 101] and signals.map(lambda t: t[[3]]).content.tolist() == [103]
     assert second.levels[0].tolist() == [20, 30, 40]
     picked = signals.map(lambda t: t[[4, 0]])
     assert picked.branch[:, 0].tolist() == [4, 0] == picked.saliency.tolist() and picked.levels[0].tolist() == [40, 0]

@@ -96,5 +96,5 @@ def test_the_engines_options_are_the_prunes_options_by_the_same_names():
 
     options = engine(task_ratio="auto", text_budget=3, ideal=True)
     assert isinstance(options, PruneOptions) and options.merges is False
-    assert options.operator_options() == dict(task_ratio="auto", merge=True, text_reduce="max", backend="auto",
-                                              text_budget=3)
+    assert (options.task_ratio, options.merge, options.text_reduce, options.backend, options.text_budget,
+            options.method) == ("auto", True, "max", "auto", 3, "first")

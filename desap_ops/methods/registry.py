@@ -1,0 +1,186 @@
+"""The method registry: what a method is given (:class:`MethodInputs`), what it gives back
+(:class:`Selection`), and where methods are found (built-ins, :func:`register_method`, and the
+entry-point group ``desap_ops.methods``, read once per process on first use)."""
+from __future__ import annotations
+
+import re
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import AbstractSet, Callable, NamedTuple, Optional, Union
+
+import torch
+
+DEFAULT_METHOD = "desap"
+ENTRY_POINT_GROUP = "desap_ops.methods"
+# the signals a method may read besides ``hidden``; the engines compute only those a method names
+# (the tower's attention hooks for "saliency" and "attn", text embeddings for "text", a hash of the
+# pixels for "seed")
+SIGNALS = frozenset({"saliency", "attn", "text", "seed"})
+NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+
+class MethodFailure(ValueError):
+    """A method raised, or gave back something that is not a selection. The message names it."""
+
+
+@dataclass(frozen=True)
+class MethodInputs:
+    """What a method sees: B images (or video clips) of N candidate tokens each, to keep K of.
+    Signals the method did not ask for (``Method.reads``) are None."""
+
+    hidden: torch.Tensor                     # (B, N, D): the tokens' features, what is kept and merged
+    keep: int                                # K, 1 <= K <= N: how many to keep (the engines' budget rule decided it)
+    saliency: Optional[torch.Tensor] = None  # (B, N) float32: [CLS] attention, or the attention a token receives
+    attn: Optional[torch.Tensor] = None      # (B, N, C): the attention branch in the text's space
+    text: Optional[torch.Tensor] = None      # (B, L, C): the prompt text each image reads
+    text_mask: Optional[torch.Tensor] = None # (B, L) bool: True for valid text tokens
+    seeds: Optional[torch.Tensor] = None     # (B,) int64 CPU: a hash of each image's pixels, the same in every engine
+    task_ratio: object = 0.5                 # the operator's options, for methods that read them
+    text_reduce: str = "max"
+    text_budget: Optional[int] = None
+    backend: str = "auto"
+
+
+class Selection(NamedTuple):
+    """What a method gives back: ``indices`` (B, K) int64, strictly ascending in [0, N); optionally
+    ``assignment`` (B, N) int64, each token's output position (a kept token its own, a dropped one
+    that of the kept token it merges into). Without one, dropped tokens merge into their nearest
+    kept token by cosine similarity of ``hidden``."""
+
+    indices: torch.Tensor
+    assignment: Optional[torch.Tensor] = None
+
+
+SelectFn = Callable[[MethodInputs], Union[torch.Tensor, Selection]]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its name, its function, and the signals it reads (``SIGNALS``)."""
+
+    name: str
+    select: SelectFn
+    reads: frozenset
+
+    @property
+    def code(self) -> int:
+        return method_code(self.name)
+
+
+def method_code(name: str) -> int:
+    """A method's number where it travels as a tensor (vLLM's per-item options): exact in float64."""
+    return zlib.crc32(name.encode())
+
+
+_METHODS: dict[str, Method] = {}
+_LOCK = threading.Lock()
+_loaded_entry_points = False
+
+
+def _check_reads(name: str, reads) -> frozenset:
+    if isinstance(reads, str) or not all(isinstance(s, str) for s in reads):
+        raise TypeError(f"method {name!r}: reads must be a collection of signal names from {sorted(SIGNALS)}, "
+                        f"got {reads!r}")
+    reads = frozenset(reads)
+    unknown = sorted(reads - SIGNALS)
+    if unknown:
+        raise ValueError(f"method {name!r} reads unknown signal(s) {unknown}; the signals are {sorted(SIGNALS)}")
+    return reads
+
+
+def _add(method: Method) -> None:
+    with _LOCK:
+        if method.name in _METHODS:
+            raise ValueError(f"a pruning method named {method.name!r} is already registered")
+        clash = [m.name for m in _METHODS.values() if m.code == method.code]
+        if clash:
+            raise ValueError(f"method name {method.name!r} has the same code as {clash[0]!r}; choose another name")
+        _METHODS[method.name] = method
+
+
+def register_method(name: str, select: Optional[SelectFn] = None, *,
+                    reads: AbstractSet[str] = ("saliency", "attn", "text")):
+    """Register ``select`` as the pruning method ``name`` (lower-case letters, digits, ``_.-``).
+
+    ``select(inputs: MethodInputs)`` returns the kept indices (B, K), ascending, or a
+    :class:`Selection` with an assignment too. ``reads`` names the signals it uses (``SIGNALS``);
+    the engines compute only those. Used bare (``select`` None) it is a decorator. Returns ``select``."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"method name must be 1 to 63 lower-case letters, digits, '_', '.' or '-', "
+                         f"starting with a letter or digit, got {name!r}")
+    reads = _check_reads(name, reads)
+
+    def register(fn: SelectFn) -> SelectFn:
+        if not callable(fn):
+            raise TypeError(f"method {name!r}: select must be callable, got {type(fn).__name__}")
+        _load_entry_points()
+        _add(Method(name, fn, reads))
+        return fn
+
+    return register if select is None else register(select)
+
+
+def unregister_method(name: str) -> None:
+    """Forget the method ``name`` (tests; a built-in cannot be removed)."""
+    from .builtin import BUILTIN
+
+    if name in BUILTIN:
+        raise ValueError(f"{name!r} is a built-in method and stays registered")
+    with _LOCK:
+        _METHODS.pop(name, None)
+
+
+def _load_entry_points() -> None:
+    """Register every method of the ``desap_ops.methods`` entry points, once per process. An entry
+    point names either a :class:`Method` or a select function (which then reads every signal
+    but the seed)."""
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
+    from importlib.metadata import entry_points
+
+    from .builtin import register_builtins
+
+    register_builtins(_add)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            target = point.load()
+        except Exception as error:
+            raise RuntimeError(f"pruning method {point.name!r} ({point.value}, entry point group "
+                               f"{ENTRY_POINT_GROUP!r}) failed to load: {error!r}") from error
+        if isinstance(target, Method):
+            if target.name != point.name:
+                raise ValueError(f"entry point {point.name!r} of group {ENTRY_POINT_GROUP!r} names the method "
+                                 f"{target.name!r}: the two names must agree")
+            _add(Method(target.name, target.select, _check_reads(target.name, target.reads)))
+        elif point.name not in _METHODS:
+            register_method(point.name, target)
+
+
+def available_methods() -> list[str]:
+    """Every registered method's name, sorted."""
+    _load_entry_points()
+    return sorted(_METHODS)
+
+
+def get_method(name) -> Method:
+    """The method ``name``; a ValueError naming it and the registered ones when there is none."""
+    _load_entry_points()
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a method name (str), got {type(name).__name__} {name!r}")
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"method {name!r} is not a registered pruning method; registered: "
+                         f"{sorted(_METHODS)}") from None
+
+
+def method_by_code(code: int) -> Method:
+    """The registered method whose :func:`method_code` is ``code``."""
+    _load_entry_points()
+    for method in _METHODS.values():
+        if method.code == code:
+            return method
+    raise ValueError(f"no registered pruning method has code {code}; registered: {sorted(_METHODS)}")
