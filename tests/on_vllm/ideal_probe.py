@@ -20,8 +20,8 @@ def watch_pruning_work(model):
     counted(qwen_tower, "received_attention")
     texts = model.desap_texts
 
-    def desap_texts(text_ids):
-        embedded, mask = texts(text_ids)
+    def desap_texts(text_ids, reads):
+        embedded, mask = texts(text_ids, reads)
         work["text_widths"].append(int(embedded.shape[1]))
         return embedded, mask
 
