@@ -206,8 +206,9 @@ class _QwenVisual(nn.Module):
 
 
 def test_the_ideal_runs_each_tower_plainly_and_embeds_no_text(monkeypatch):
-    """No engine: under ``ideal`` vLLM's tower readers run the tower with no hook and read no
-    signal, and ``desap_texts`` embeds nothing; without it each reads its signals (refused here)."""
+    """No engine: for a method that reads no signal (the ideal's ``first``) vLLM's tower readers run
+    the tower with no hook, and ``desap_texts`` embeds nothing; for DeSAP each reads its signals
+    (refused here)."""
     from desap_ops.integrations.vllm import qwen_tower, tower
     from desap_ops.integrations.vllm.model import DesapModelMixin
 
@@ -222,7 +223,7 @@ def test_the_ideal_runs_each_tower_plainly_and_embeds_no_text(monkeypatch):
     clip, pixels = _ClipTower(), torch.randn(2, 5, 8)
     with pytest.raises(Refused):
         tower.read_vllm_tower(clip, pixels, drop_cls=True)
-    signals = tower.read_vllm_tower(clip, pixels, drop_cls=True, ideal=True)
+    signals = tower.read_vllm_tower(clip, pixels, drop_cls=True, reads=frozenset())
     assert signals.branch is None and signals.saliency is None
     torch.testing.assert_close(signals.hidden, clip(pixels)[:, 1:])
     attention = clip.vision_model.encoder.layers[-1].self_attn
@@ -231,7 +232,7 @@ def test_the_ideal_runs_each_tower_plainly_and_embeds_no_text(monkeypatch):
     visual, patches = _QwenVisual(), torch.randn(16, 4)
     with pytest.raises(Refused):
         qwen_tower.read_qwen_tower(visual, patches, [[1, 4, 4]])
-    signals = qwen_tower.read_qwen_tower(visual, patches, [[1, 4, 4]], ideal=True)
+    signals = qwen_tower.read_qwen_tower(visual, patches, [[1, 4, 4]], reads=frozenset())
     assert signals.branch is None and signals.saliency is None
     torch.testing.assert_close(signals.hidden, visual(patches, [[1, 4, 4]], {}))
 
@@ -241,6 +242,6 @@ def test_the_ideal_runs_each_tower_plainly_and_embeds_no_text(monkeypatch):
                              config=SimpleNamespace(get_text_config=lambda: SimpleNamespace(hidden_size=6)))
     ids = [torch.tensor([5, 6, 7]), torch.tensor([8])]
     with pytest.raises(Refused):
-        DesapModelMixin.desap_texts(SimpleNamespace(**vars(engine), desap=SimpleNamespace(ideal=False)), ids)
-    texts, mask = DesapModelMixin.desap_texts(SimpleNamespace(**vars(engine), desap=SimpleNamespace(ideal=True)), ids)
+        DesapModelMixin.desap_texts(SimpleNamespace(**vars(engine)), ids, frozenset({"text"}))
+    texts, mask = DesapModelMixin.desap_texts(SimpleNamespace(**vars(engine)), ids, frozenset())
     assert texts.shape == (2, 0, 6) and mask.shape == (2, 0) and texts.dtype == language_model.weight.dtype
