@@ -35,6 +35,11 @@ QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 # test_vllm_small_images): up to 3 images and a video in a prompt
 QWEN_KEEP_6 = {"hf_overrides": {"desap": {"keep": 6}}, "limit_mm_per_prompt": {"image": 3, "video": 1}}
 QWEN_PROMPTS = tuple(p.replace("<image>", QWEN_IMAGE) for p in PROMPTS)
+# every built-in pruning method and the test plugin's (tests/method_plugin, which .ci/run installs in
+# this environment: its entry point is all that registers it, here and in every engine process).
+# The sweeps spread them over their requests (per request: ``with_method``), so each family runs
+# each method on its paths on engines that start anyway.
+METHODS = ("desap", "first", "random", "saliency", "similarity", "divprune", "largest-norm")
 # the transformers model each checkpoint was saved from
 BUILDERS = {"llava": tiny_vllm_llava, "llava_next": lambda seed: tiny_vllm_llava(seed, next_layout=True),
             "qwen2_5_vl": tiny_vllm_qwen2_5_vl, "qwen3_vl": tiny_vllm_qwen3_vl,
@@ -255,6 +260,20 @@ def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_to
                "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},
               open(job, "w"))
     return POOL.run(key, job, out, tmp_path / "engine.log", fresh=fresh)
+
+
+def with_method(media, method: str) -> dict:
+    """A request's media (``run_engine``'s form: file(s), or a dict) asking for ``method`` per request
+    (``mm_processor_kwargs``); :func:`transformers_run` reads the media and ignores the rest."""
+    return {**(media if isinstance(media, dict) else {"image": media}),
+            "mm_processor_kwargs": {"desap": {"method": method}}}
+
+
+def spread_methods(requests: list) -> list:
+    """``requests`` ([(prompt, media)]) with ``METHODS`` in turn, one a request: [(prompt, media
+    asking for its method, method)]."""
+    return [(prompt, with_method(media, METHODS[i % len(METHODS)]), METHODS[i % len(METHODS)])
+            for i, (prompt, media) in enumerate(requests)]
 
 
 def save_video(folder: Path, name: str, frames: int, width: int, height: int, seed: int, fps: float = 2.0) -> dict:

@@ -26,9 +26,12 @@ from engines import engine_environment
 from desap_ops.benchmarks.vllm.processes import free_port, is_healthy
 
 # each family's DeSAP options (the engine's defaults for every request); LLaVA's engine lets a
-# request ask for up to 12 tokens an image (test_vllm_request_options.py)
-OPTIONS = {"llava": {"keep": 6, "task_ratio": 0.5, "max_keep": 12}, "llava_next": {"keep": 12, "task_ratio": 0.5},
-           "qwen2_5_vl": {"keep": 6}, "qwen3_vl": {"keep": 6}}
+# request ask for up to 12 tokens an image (test_vllm_request_options.py) and for four methods, two
+# of them the test plugin's (test_vllm_serve.py)
+OPTIONS = {"llava": {"keep": 6, "task_ratio": 0.5, "max_keep": 12,
+                     "methods": ["desap", "saliency", "largest-norm", "broken-order"]},
+           "llava_next": {"keep": 12, "task_ratio": 0.5}, "qwen2_5_vl": {"keep": 6}, "qwen3_vl": {"keep": 6}}
+ENGINE_ONLY = ("max_keep", "methods")   # the engine's limits on requests, which apply_desap has not
 VIDEO_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 BLOCK = 32   # tokens a KV block: a short first turn fills whole blocks a second turn can reuse
 ENVIRONMENT = {"VLLM_SERVER_DEV_MODE": "1"}   # /collective_rpc and the cache resets
@@ -42,8 +45,8 @@ def args(family: str) -> list[str]:
 
 
 def apply_desap_options(family: str) -> dict:
-    """The server's DeSAP options as apply_desap takes them (``max_keep`` is the engine's limit only)."""
-    return {k: v for k, v in OPTIONS[family].items() if k != "max_keep"}
+    """The server's DeSAP options as apply_desap takes them (without ``ENGINE_ONLY``)."""
+    return {k: v for k, v in OPTIONS[family].items() if k not in ENGINE_ONLY}
 
 
 def post(url: str, body: dict, timeout: float = 120) -> dict:

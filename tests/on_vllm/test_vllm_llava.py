@@ -1,5 +1,5 @@
 """DeSAP in vLLM's LLaVA-1.5, against transformers with apply_desap on the same checkpoint."""
-from engines import PROMPTS, run_engine, transformers_run
+from engines import METHODS, PROMPTS, run_engine, transformers_run, with_method
 
 OPTIONS = {"keep": 6, "task_ratio": 0.5}
 # the options beyond the paper, by apply_desap's names, here with two ranks
@@ -56,11 +56,13 @@ def test_without_the_desap_key_vllm_runs_its_own_model_unchanged(checkpoints, tm
 
 def test_tensor_parallel_ranks_keep_the_same_tokens_as_one_rank_and_as_apply_desap(checkpoints, tmp_path):
     folder = checkpoints["llava"]
-    requests = [(PROMPTS[0], checkpoints["square"]), (PROMPTS[1], checkpoints["other"])]
-    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": BEYOND}}, requests, tp=2)
-    expected = [transformers_run("llava", folder, p, i, BEYOND) for p, i in requests]
+    # every method, per request, on the two images in turn (the ranks' signals are all-reduced)
+    asked = [(PROMPTS[i % 2], with_method(checkpoints[("square", "other")[i % 2]], method), method)
+             for i, method in enumerate(METHODS)]
+    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": BEYOND}}, [(p, m) for p, m, _ in asked], tp=2)
+    expected = [transformers_run("llava", folder, p, m, {**BEYOND, "method": method}) for p, m, method in asked]
     first, second = got["ranks"]
-    assert first["history"] == second["history"] and len(first["history"]) == 2
+    assert first["history"] == second["history"] and len(first["history"]) == len(METHODS)
     assert _distinct(first["history"]) == sorted({tuple(e["indices"][0]) for e in expected})
     for out, want in zip(got["rounds"][0], expected):
         assert out["output_token_ids"] == want["output_ids"]

@@ -1,6 +1,6 @@
 """DeSAP in vLLM's LLaVA-NeXT (AnyRes crops, image-newline tokens counted toward keep), against
-transformers with apply_desap on the same checkpoint."""
-from engines import PROMPTS, run_engine, transformers_run
+transformers with apply_desap on the same checkpoint, under every pruning method (per request)."""
+from engines import METHODS, PROMPTS, run_engine, transformers_run, with_method
 
 OPTIONS = {"keep": 12, "task_ratio": 0.5}
 ENGINES = {"test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes":
@@ -9,12 +9,19 @@ ENGINES = {"test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image
 
 def test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes(checkpoints, tmp_path):
     folder = checkpoints["llava_next"]
-    requests = [(PROMPTS[0], checkpoints["wide"]), (PROMPTS[1], checkpoints["odd"]),
-                (PROMPTS[2], checkpoints["wide"])]
+    # every method, per request; the first prompt on the wide image under three of them: one prompt,
+    # one placeholder count, three cache entries
+    asked = [(PROMPTS[0], "wide", "desap"), (PROMPTS[1], "odd", "first"), (PROMPTS[2], "wide", "desap"),
+             (PROMPTS[0], "wide", "random"), (PROMPTS[1], "odd", "saliency"), (PROMPTS[2], "wide", "similarity"),
+             (PROMPTS[0], "wide", "divprune"), (PROMPTS[1], "odd", "largest-norm")]
+    assert {method for _, _, method in asked} == set(METHODS)
+    requests = [(p, with_method(checkpoints[image], method)) for p, image, method in asked]
     # round 2 repeats every request in a new generate call: each image comes from vLLM's processor cache
     got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": OPTIONS}}, requests, rounds=2)
-    expected = [transformers_run("llava_next", folder, p, i, OPTIONS) for p, i in requests]
+    expected = [transformers_run("llava_next", folder, p, checkpoints[image], {**OPTIONS, "method": method})
+                for p, image, method in asked]
     assert expected[0]["indices"] != expected[2]["indices"]   # one image, two prompts, two choices
+    assert len({tuple(expected[i]["indices"][0]) for i in (0, 3, 6)}) == 3   # one prompt, three methods, three choices
     for outputs in got["rounds"]:
         for out, want in zip(outputs, expected):
             assert out["prompt_token_ids"] == want["prompt_ids"]

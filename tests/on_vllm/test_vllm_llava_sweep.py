@@ -4,7 +4,7 @@ checkpoint tokenizer's words), one or two images per prompt (LLaVA-NeXT: 112 x 5
 60 x 100 and 112 x 112; two images glued with no text between them), prefill in chunks of 5
 tokens and from the prefix cache. Every prompt must get the same prompt ids, kept indices and
 greedy output as apply_desap, run every forward at transformers' positions, and the engine must
-stay up.
+stay up. The prompts take the pruning methods in turn (per request: ``engines.METHODS``).
 
 One engine per model: each request goes alone (so its forwards are its own), every prompt twice;
 the second time it starts from its 32-token blocks in the prefix cache (32: the smallest block the
@@ -15,7 +15,7 @@ where they fall without an engine, and the engine tests check the same from the 
 """
 import pytest
 
-from engines import run_engine, transformers_run
+from engines import METHODS, run_engine, spread_methods, transformers_run
 
 CHUNK, BLOCK = 5, 32
 IMAGE_TOKEN = 100
@@ -140,8 +140,13 @@ def expected(checkpoints):
     out = {}
     for kind, (keep, grid) in GRIDS.items():
         options = {"keep": keep, "task_ratio": 0.5}
-        requests = [(prompt, [checkpoints[name] for name in names]) for prompt, names in grid]
-        out[kind] = (options, requests, [transformers_run(kind, checkpoints[kind], p, i, options) for p, i in requests])
+        # each prompt asks for its own method (every one at least once a family), against
+        # apply_desap with that method
+        asked = spread_methods([(prompt, [checkpoints[name] for name in names]) for prompt, names in grid])
+        assert {method for _, _, method in asked} == set(METHODS)
+        out[kind] = (options, [(p, media) for p, media, _ in asked],
+                     [transformers_run(kind, checkpoints[kind], p, media, {**options, "method": method})
+                      for p, media, method in asked])
     return out
 
 

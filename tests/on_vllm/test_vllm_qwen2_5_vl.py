@@ -1,7 +1,7 @@
 """DeSAP in vLLM's Qwen2.5-VL, against transformers with apply_desap on the same checkpoint: the
 kept tokens, the prompt, and greedy output, which goes wrong if a kept token or the text after an
 image gets another rotary position than transformers gives it."""
-from engines import QWEN_IMAGE, QWEN_PROMPTS, run_engine, transformers_run
+from engines import METHODS, QWEN_IMAGE, QWEN_PROMPTS, run_engine, transformers_run, with_method
 
 OPTIONS = {"keep": 6, "task_ratio": 0.5}
 TWO_IMAGES = f"USER: {QWEN_IMAGE} {QWEN_IMAGE} how many people are there ? ASSISTANT:"
@@ -92,11 +92,13 @@ def test_without_the_desap_key_vllm_runs_its_own_qwen_unchanged(checkpoints, tmp
 def test_tensor_parallel_ranks_keep_the_same_tokens_as_apply_desap(checkpoints, tmp_path):
     folder = checkpoints["qwen2_5_vl"]
     options = TP_OPTIONS
-    requests = [(QWEN_PROMPTS[0], checkpoints["large"]), (QWEN_PROMPTS[2], checkpoints["large2"])]
-    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": options}}, requests, tp=2)
-    expected = [transformers_run("qwen2_5_vl", folder, p, i, options) for p, i in requests]
+    # every method, per request, on the two images in turn (the ranks' signals are all-reduced)
+    asked = [(QWEN_PROMPTS[2 * (i % 2)], with_method(checkpoints[("large", "large2")[i % 2]], method), method)
+             for i, method in enumerate(METHODS)]
+    got = run_engine(tmp_path, folder, {"hf_overrides": {"desap": options}}, [(p, m) for p, m, _ in asked], tp=2)
+    expected = [transformers_run("qwen2_5_vl", folder, p, m, {**options, "method": method}) for p, m, method in asked]
     first, second = got["ranks"]   # each rank holds 2 of the encoder's 4 heads
-    assert first["history"] == second["history"] and len(first["history"]) == 2
+    assert first["history"] == second["history"] and len(first["history"]) == len(METHODS)
     assert _distinct(first["history"]) == _expected_indices(expected)
     for out, want in zip(got["rounds"][0], expected):
         assert out["output_token_ids"] == want["output_ids"]

@@ -4,7 +4,7 @@ prompt among them: the checkpoint's tokenizer knows Qwen's chat markers and role
 system prompt's other words, which become <unk>), one to three images of three shapes, an image with no
 <|vision_start|> before it, prefill in small chunks and from the prefix cache. Every prompt must run
 at transformers' rotary positions in every forward, with the same prompt ids, kept tokens and
-greedy output, and the engine must stay up.
+greedy output, and the engine must stay up. The requests take the pruning methods in turn.
 
 Two engines: one prefills in chunks of 5 tokens, each request alone, every prompt twice (the
 second time from its 32-token blocks in the prefix cache); chunk ends and cache boundaries fall
@@ -12,8 +12,8 @@ right before and right after <|vision_start|>, inside an image and between two i
 The other runs the grid unchunked in a single batch."""
 import pytest
 
-from engines import (QWEN_IMAGE, QWEN_KEEP_6, assert_alone_positions, assert_batched_positions, assert_same_answers,
-                     run_engine, transformers_run)
+from engines import (METHODS, QWEN_IMAGE, QWEN_KEEP_6, assert_alone_positions, assert_batched_positions,
+                     assert_same_answers, run_engine, spread_methods, transformers_run)
 
 OPTIONS = {"keep": 6}
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"   # 10 tokens here
@@ -45,7 +45,13 @@ GRID = [
     (_prompt(SYSTEM + _words(37), 2), ["wide", "tall"]),               # 47 tokens before the first image
     (_prompt(_words(45, first=61), 1), ["large2"]),
     ("<|image_pad|> " + _prompt(_words(3), 1), ["wide", "large"]),     # the first image: token 0, no <vs>
+    (_prompt(SYSTEM + _words(18), 1), ["wide"]),                       # GRID[5] again, under another method
 ]
+# the requests take the pruning methods in turn (per request: engines.METHODS). GRID[11] repeats
+# GRID[5], whose first 32-token block holds image placeholders, under another method: its prompt
+# ids are the same, and yet in the first round it must find nothing in the prefix cache (the method
+# is part of the image's hash, so of the block's)
+REPEAT, REPEATED = 11, 5
 
 
 CHUNKED = {"hf_overrides": {"desap": OPTIONS}, "block_size": BLOCK, "enable_chunked_prefill": True,
@@ -74,8 +80,11 @@ def _kinds(ids: list, end: int) -> set:
 
 def _expected(checkpoints):
     folder = checkpoints["qwen2_5_vl"]
-    requests = [(prompt, [checkpoints[name] for name in names]) for prompt, names in GRID]
-    return folder, requests, [transformers_run("qwen2_5_vl", folder, p, i, OPTIONS) for p, i in requests]
+    asked = spread_methods([(prompt, [checkpoints[name] for name in names]) for prompt, names in GRID])
+    assert {method for _, _, method in asked} == set(METHODS)
+    assert GRID[REPEAT] == GRID[REPEATED] and asked[REPEAT][2] != asked[REPEATED][2]
+    return folder, [(p, media) for p, media, _ in asked], [
+        transformers_run("qwen2_5_vl", folder, p, media, {**OPTIONS, "method": method}) for p, media, method in asked]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +96,10 @@ def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(expect
     folder, requests, expected = expected
     got = run_engine(tmp_path, folder, CHUNKED, requests, rounds=2, positions=True, one_by_one=True)
     assert_same_answers(got, expected, "DesapQwen2_5_VLForConditionalGeneration")
+    # one prompt, two methods: the same ids, two prefix-cache entries (no hit in the first round)
+    assert expected[REPEAT]["prompt_ids"] == expected[REPEATED]["prompt_ids"]
+    assert expected[REPEAT]["indices"] != expected[REPEATED]["indices"]
+    assert got["rounds"][0][REPEAT]["num_cached_tokens"] == 0
 
     seen = {"before <vs>": 0, "after <vs>": 0, "inside an image": 0, "between images": 0}
     for round_, outputs in enumerate(got["rounds"]):

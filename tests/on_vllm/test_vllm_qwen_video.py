@@ -3,11 +3,12 @@ one budget per video across all its frames (``keep`` means at most: a short vide
 the kept tokens at their own (t, h, w) positions with the video's time scale, and the text after a
 video where transformers puts it (past the larger of its height and width; vLLM's own Qwen2.5-VL
 also counts its time). A video alone, a video and an image in one prompt, a short video; in one
-batch twice (the second time from vLLM's processor cache), and prefilled in chunks of 5 tokens."""
+batch twice (the second time from vLLM's processor cache), and prefilled in chunks of 5 tokens;
+each request under its own pruning method (``engines.METHODS`` in turn)."""
 import pytest
 
-from engines import (QWEN_IMAGE, QWEN_KEEP_6, assert_batched_positions, assert_same_answers, run_engine, save_video,
-                     transformers_run)
+from engines import (METHODS, QWEN_IMAGE, QWEN_KEEP_6, assert_batched_positions, assert_same_answers, run_engine,
+                     save_video, spread_methods, transformers_run)
 
 OPTIONS = {"keep": 6}
 QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -31,10 +32,15 @@ def cases(checkpoints, tmp_path_factory):
     4 frames 112 x 112 at 2 fps, 2 x 4 x 4 = 32 tokens; 2 frames 56 x 56, 4 tokens (under keep)."""
     videos = tmp_path_factory.mktemp("videos")
     folder = checkpoints["qwen2_5_vl"]
-    requests = [(PROMPTS[0], {"video": save_video(videos, "wide", 6, 112, 56, 11, fps=1.0)}),
-                (PROMPTS[1], {"video": save_video(videos, "square", 4, 112, 112, 12), "image": checkpoints["large"]}),
-                (PROMPTS[2], {"video": save_video(videos, "short", 2, 56, 56, 13)})]
-    return folder, requests, [transformers_run("qwen2_5_vl", folder, p, m, OPTIONS) for p, m in requests]
+    media = [(PROMPTS[0], {"video": save_video(videos, "wide", 6, 112, 56, 11, fps=1.0)}),
+             (PROMPTS[1], {"video": save_video(videos, "square", 4, 112, 112, 12), "image": checkpoints["large"]}),
+             (PROMPTS[2], {"video": save_video(videos, "short", 2, 56, 56, 13)})]
+    # each request its own method (engines.METHODS in turn): the first two again, so that every
+    # method prunes a video (the same video under two methods: two cache entries)
+    asked = spread_methods(media + media[:2] * 2)
+    assert {method for _, _, method in asked} == set(METHODS)
+    return folder, [(p, m) for p, m, _ in asked], [
+        transformers_run("qwen2_5_vl", folder, p, m, {**OPTIONS, "method": method}) for p, m, method in asked]
 
 
 def _columns(forwards: list) -> list:
@@ -44,7 +50,7 @@ def _columns(forwards: list) -> list:
 def test_videos_get_apply_desaps_tokens_positions_and_output_in_one_batch_and_from_the_cache(cases, tmp_path):
     folder, requests, expected = cases
     counts = [(want["prompt_ids"].count(IMAGE_TOKEN), want["prompt_ids"].count(VIDEO_TOKEN)) for want in expected]
-    assert counts == [(0, 6), (6, 6), (0, 4)]   # one budget per video; the short one whole
+    assert counts == [(0, 6), (6, 6), (0, 4)] + [(0, 6), (6, 6)] * 2   # one budget per video; the short one whole
     assert expected[2]["indices"] == [[0, 1, 2, 3]]
     ids, (times, *_) = expected[0]["prompt_ids"], expected[0]["positions"][-3:]
     video = [i for i, t in enumerate(ids) if t == VIDEO_TOKEN]

@@ -80,11 +80,34 @@ def test_the_processor_cache_keeps_each_requests_budget_apart(checkpoints):
     ({"keep": 13}, r'\["keep"\] is 13, above the most this engine allows, hf_overrides\["desap"\]\["max_keep"\] = 12'),
     ({"ratio": 0.5}, r"unknown option\(s\) \['ratio'\]"),
     ({"ideal": True}, r"sets \['ideal'\], which only the engine sets"),
+    ({"method": "no-such"}, r"""\]: method 'no-such' is not a registered pruning method; registered: \[.*'largest-norm'"""),
+    ({"method": 3}, r"method must be a method name \(str\), got int 3"),
 ])
 def test_a_bad_request_option_fails_in_the_processor_naming_it(checkpoints, desap, message):
     _, processor = _processor(checkpoints["llava"], ENGINE)
     with pytest.raises(ValueError, match=message):
         processor(PROMPTS[0], _items(processor, checkpoints["square"]), hf_processor_mm_kwargs={"desap": desap})
+
+
+def test_the_method_is_part_of_the_images_hash_and_the_engine_limits_the_methods_a_request_may_ask_for(checkpoints):
+    """No engine: one image and prompt under three methods is three cache entries (the hash vLLM's
+    processor, encoder and prefix caches key on); asking for the engine's own method is asking for
+    nothing. A method outside the engine's ``methods`` is refused by name."""
+    _, processor = _processor(checkpoints["llava"], {**ENGINE, "methods": ["desap", "saliency", "largest-norm"]})
+    items = _items(processor, checkpoints["square"])
+
+    def process(desap=None):
+        return processor(PROMPTS[0], items, hf_processor_mm_kwargs={"desap": desap} if desap else {})
+
+    out = {method: process({"method": method}) for method in ("desap", "saliency", "largest-norm")}
+    assert len({tuple(o["mm_hashes"]["image"]) for o in out.values()}) == 3
+    assert process()["mm_hashes"] == out["desap"]["mm_hashes"]
+    assert len({tuple(o["prompt_token_ids"]) for o in out.values()}) == 1   # the same placeholders
+    for method, o in out.items():   # the method travels with the image to the model
+        assert processor.desap_item(o["mm_kwargs"], "image", 0).method == method
+    with pytest.raises(ValueError, match=r"""\["method"\] is 'divprune', which this engine does not allow; """
+                                         r"""hf_overrides\["desap"\]\["methods"\] = \['desap', 'largest-norm', 'saliency'\]"""):
+        process({"method": "divprune"})
 
 
 def test_llm_generate_ideal_keeps_each_images_first_tokens_at_each_requests_keep(checkpoints, tmp_path):
