@@ -514,10 +514,10 @@ def qwen3_expected(kind: str, folder: Path, requests: list, options: dict) -> li
 def assert_same_answers(got: dict, expected: list, model_class: str) -> None:
     """Every round of an engine run gave each request ``transformers_run``'s prompt ids and greedy
     tokens, on the DeSAP class ``model_class``, which kept the same tokens as apply_desap."""
-    for outputs in got["rounds"]:
-        for out, want in zip(outputs, expected):
-            assert out["prompt_token_ids"] == want["prompt_ids"]
-            assert out["output_token_ids"] == want["output_ids"]
+    for round_, outputs in enumerate(got["rounds"]):
+        for i, (out, want) in enumerate(zip(outputs, expected, strict=True)):
+            assert out["prompt_token_ids"] == want["prompt_ids"], (round_, i)
+            assert out["output_token_ids"] == want["output_ids"], (round_, i, out["output_token_ids"], want["output_ids"])
     (rank,) = got["ranks"]
     assert rank["class"] == model_class
     assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}

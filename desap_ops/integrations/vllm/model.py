@@ -160,7 +160,7 @@ class DesapModelMixin:
         try:
             result = prune_images(signals, self.desap_text_space, texts, text_mask, keep, options)
         except MethodFailure as failure:
-            log.error("DeSAP: %s; these %d image(s) keep their first %d tokens instead", failure,
+            log.error("DeSAP: MethodFailure: %s; these %d image(s) keep their first %d tokens instead", failure,
                       signals.hidden.shape[0], keep)
             result = prune_images(signals, self.desap_text_space, texts, text_mask, keep,
                                   replace(options, method=IDEAL_METHOD))

@@ -114,7 +114,8 @@ class DesapQwenModelMixin(DesapModelMixin):
             pixels_key = "pixel_values" if modality == "image" else "pixel_values_videos"
             if media["type"] != pixels_key:
                 raise ValueError(f"DeSAP prunes from pixels; this request gave {media['type']}")
-            items = self.desap_item_options(options[modality], len(texts[modality] or ()))
+            count = len(texts[modality]) if texts[modality] is not None else 0   # a (I, L) tensor or I tensors
+            items = self.desap_item_options(options[modality], count)
             text, text_mask = self.desap_texts(texts[modality], tower_reads(items))
             embeddings += self.desap_media(media, modality, text, text_mask, items)
         return tuple(embeddings)
