@@ -501,10 +501,13 @@ def qwen3_requests(media: dict) -> list:
             (f"USER: {QWEN_VIDEO} how many people are there ? ASSISTANT:", {"video": media["small"]})]
 
 
-def qwen3_expected(kind: str, folder: Path, requests: list, options: dict) -> list:
+def qwen3_expected(kind: str, folder: Path, requests: list, options: dict, methods: list | None = None) -> list:
     """transformers' runs, their prompts as DeSAP's vLLM plugin holds them (a video's span all
-    placeholders: :func:`as_vllm_video_prompt`; transformers' own under "transformers_ids")."""
-    expected = [transformers_run(kind, folder, prompt, item, options) for prompt, item in requests]
+    placeholders: :func:`as_vllm_video_prompt`; transformers' own under "transformers_ids").
+    ``methods``: each request's pruning method (None: ``options``' own)."""
+    methods = methods or [None] * len(requests)
+    expected = [transformers_run(kind, folder, prompt, item, options if method is None else {**options, "method": method})
+                for (prompt, item), method in zip(requests, methods, strict=True)]
     for want, (_, item) in zip(expected, requests):
         if isinstance(item, dict) and "video" in item:
             want["transformers_ids"], want["prompt_ids"] = want["prompt_ids"], as_vllm_video_prompt(want["prompt_ids"])

@@ -1,6 +1,7 @@
 """DeSAP in vLLM's Qwen3-VL (dense and MoE), against transformers with apply_desap on the same
 checkpoint: the kept tokens (DeepStack levels with them), the prompt, the rotary positions of every
-prompt token and greedy output, for two prompts on one image, a video beside an image, and under
+prompt token and greedy output, for two prompts on one image, a video beside an image (and both again
+under every other pruning method, per request), and under
 tensor parallelism 2 (the MoE variant); vLLM's own class without ``desap``; the start-up refusals.
 
 A Qwen3-VL video is, per frame, a timestamp text, a start marker, the frame's tokens and an end
@@ -9,9 +10,9 @@ whole span is ``<|video_pad|>`` placeholders (its length that of transformers' p
 embeddings the model writes: the prompt ids match transformers' everywhere else."""
 import pytest
 
-from engines import (QWEN_IMAGE, QWEN_PROMPTS, QWEN_VIDEO, assert_alone_positions, assert_batched_positions,
+from engines import (METHODS, QWEN_IMAGE, QWEN_PROMPTS, QWEN_VIDEO, assert_alone_positions, assert_batched_positions,
                      assert_same_answers, qwen3_expected, qwen3_media, qwen3_requests, qwen3_video_span, run_engine,
-                     transformers_run)
+                     transformers_run, with_method)
 
 OPTIONS = {"keep": 6}
 VIDEO_TOKEN = 152
@@ -42,8 +43,12 @@ def media(checkpoints, tmp_path_factory):
 
 def test_images_and_videos_get_apply_desaps_tokens_positions_and_output_in_a_batch_and_from_the_cache(media,
                                                                                                       tmp_path):
-    folder, requests = media["qwen3_vl"], qwen3_requests(media)
-    expected = qwen3_expected("qwen3_vl", folder, requests, OPTIONS)
+    folder, base = media["qwen3_vl"], qwen3_requests(media)
+    # then the other methods, per request, on an image and on a video beside an image in turn
+    methods = [None] * len(base) + list(METHODS[1:])
+    requests = base + [(prompt, with_method(item, method))
+                       for (prompt, item), method in zip([base[0], base[2]] * 3, METHODS[1:], strict=True)]
+    expected = qwen3_expected("qwen3_vl", folder, requests, OPTIONS, methods)
     assert expected[0]["indices"] != expected[1]["indices"]   # one image, two prompts, two choices
     ids = expected[2]["transformers_ids"]
     span = qwen3_video_span(ids)
