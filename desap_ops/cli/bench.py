@@ -73,6 +73,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     _vllm_common(serve)
     serve.add_argument("--keep", help="comma-separated budgets (default: N/3, 2N/9, N/9); the full model always runs "
                                       "first, then DeSAP and the ideal at each budget")
+    serve.add_argument("--methods", help=f"comma-separated pruning methods, each asked for per request on DeSAP's "
+                                         f"server at every budget after DeSAP, e.g. {METHODS_EXAMPLE} (default: "
+                                         f"desap alone)")
     serve.add_argument("--no-ideal", action="store_true",
                        help="leave out the ideal (the first K tokens kept, no scoring), for a plugin without it")
     serve.add_argument("--concurrency", default="1,4,16,64", help="vllm bench serve --max-concurrency levels "
