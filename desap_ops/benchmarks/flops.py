@@ -1,6 +1,6 @@
 """FLOPs as ``torch.utils.flop_counter`` counts them, for ``desap bench e2e``: formulas for SDPA's
-CPU kernel and the matrix-vector product (which torch leaves uncounted), and :class:`ShapesOnly`, which counts a full-size forward
-pass on a CPU in little memory."""
+CPU kernel and the matrix-vector product (which torch leaves uncounted), and :class:`ShapesOnly`,
+which counts a full-size forward pass on a CPU in little memory."""
 from __future__ import annotations
 
 from typing import Callable

@@ -162,8 +162,8 @@ def _level(concurrency: int, rps: float, method=None) -> bench_serve.LevelRecord
     result = {"completed": 4, "failed": 0, "duration": 4 / rps, "request_throughput": rps,
               "output_throughput": 8 * rps, "median_ttft_ms": 100.0, "p99_ttft_ms": 200.0, "median_tpot_ms": 10.0,
               "p99_tpot_ms": 20.0, "total_input_tokens": 80}
-    return bench_serve.LevelRecord(concurrency=concurrency, prompts=4, seed=1, command="vllm bench serve", result=result,
-                                   metrics={}, peak_kv_usage=None, kv_usage_samples=0,
+    return bench_serve.LevelRecord(concurrency=concurrency, prompts=4, seed=1, command="vllm bench serve",
+                                   result=result, metrics={}, peak_kv_usage=None, kv_usage_samples=0,
                                    load_average=LoadAverage([1.0] * 3, [1.0] * 3), method=method)
 
 

@@ -316,7 +316,8 @@ class ServeRow:
         bench = level.result
         completed = bench["completed"]
         name = setting.setting if level.method is None else method_setting(level.method, setting.keep)
-        return cls(setting=name, method=level.method, keep=setting.keep, ideal=setting.ideal, concurrency=level.concurrency,
+        return cls(setting=name, method=level.method, keep=setting.keep, ideal=setting.ideal,
+                   concurrency=level.concurrency,
                    requests=level.prompts, completed=completed, failed=bench["failed"], duration_s=bench["duration"],
                    requests_per_s=bench["request_throughput"], output_tokens_per_s=bench["output_throughput"],
                    ttft_ms_median=bench["median_ttft_ms"], ttft_ms_p99=bench["p99_ttft_ms"],

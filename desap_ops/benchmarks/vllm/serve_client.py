@@ -76,7 +76,8 @@ def bench_arguments(spec: ClientSpec, concurrency: int, prompts: int, seed: int,
     random words per request, greedy with ignore_eos, every request sent at once; with ``method``
     every request asks for that pruning method (``mm_processor_kwargs``, in its body)."""
     side = spec.image_side
-    extra = [] if method is None else ["--extra-body", json.dumps({"mm_processor_kwargs": {"desap": {"method": method}}})]
+    body = {"mm_processor_kwargs": {"desap": {"method": method}}}
+    extra = [] if method is None else ["--extra-body", json.dumps(body)]
     return extra + ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", spec.url,
             "--model", spec.folder, "--tokenizer", spec.folder, "--dataset-name", "random-mm",
             "--random-input-len", str(spec.input_len), "--random-output-len", str(spec.max_tokens),
