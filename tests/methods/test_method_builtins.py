@@ -159,7 +159,7 @@ def test_divprune_forms_its_distances_in_blocks_alike(monkeypatch):
 
     inputs = _inputs(2, 40, 6, 9, seed=5)
     whole = _select("divprune", inputs)
-    monkeypatch.setattr(builtin, "DIVPRUNE_BLOCK", 7)   # 40 rows in blocks of 7: the last one short
+    monkeypatch.setattr(builtin, "DIVPRUNE_BLOCK_BYTES", 4 * 2 * 40 * 7)   # 40 rows in blocks of 7: the last one short
     assert torch.equal(_select("divprune", inputs), whole)
 
 
