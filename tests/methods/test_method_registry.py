@@ -164,7 +164,8 @@ def test_a_method_that_raises_is_a_method_failure_naming_it(registered):
 
     register_method("test-raises", broken, reads=())
     registered.append("test-raises")
-    with pytest.raises(MethodFailure, match=r"pruning method 'test-raises' raised KeyError\('no such signal'\)") as caught:
+    message = r"pruning method 'test-raises' raised KeyError\('no such signal'\)"
+    with pytest.raises(MethodFailure, match=message) as caught:
         run_method(get_method("test-raises"), MethodInputs(hidden=torch.randn(1, 4, 2), keep=2), merge=True)
     assert isinstance(caught.value, ValueError) and isinstance(caught.value.__cause__, KeyError)
 

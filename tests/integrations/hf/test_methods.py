@@ -17,8 +17,8 @@ from desap_ops.integrations import apply_desap, last_prune, remove_desap
 from desap_ops.integrations.common.layout import drops_cls
 from desap_ops.integrations.common.signals import captures
 from desap_ops.integrations.hf.clip_tower import feature_layer
-from desap_ops.methods import (MethodFailure, MethodInputs, content_rows, content_seeds, get_method, register_method,
-                               run_method, unregister_method)
+from desap_ops.methods import (MethodFailure, MethodInputs, Selection, content_rows, content_seeds, get_method,
+                               register_method, run_method, unregister_method)
 from desap_ops.testing.tiny import (BOS, IMAGE_TOKEN_ID as IMG, VIDEO_TOKEN_ID as VID, tiny_llava, tiny_llava_next,
                                   tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 
@@ -389,3 +389,43 @@ def test_a_plugins_method_runs_through_its_entry_point_with_no_other_code(tmp_pa
         with pytest.raises(MethodFailure, match="pruning method 'broken-order'"):
             apply_desap(model, keep=4, method="broken-order")(input_ids=torch.tensor([llava_prompt([5], 1, [7])]),
                                                                pixel_values=pixels)
+
+
+def every_dropped_into_the_first(inputs: MethodInputs):
+    """Keeps the largest-norm tokens and merges every dropped token into the first kept one."""
+    indices = largest_norm(inputs)
+    assignment = torch.zeros(inputs.hidden.shape[:2], dtype=torch.long)
+    assignment.scatter_(1, indices, torch.arange(inputs.keep).expand_as(indices))
+    return Selection(indices, assignment)
+
+
+@pytest.mark.parametrize("build", [tiny_llava, tiny_qwen3_vl])
+def test_a_methods_own_assignment_merges_the_tokens_and_the_deepstack_levels(build):
+    register_method("test-own-assignment", every_dropped_into_the_first, reads=())
+    try:
+        keep, model = 4, build()
+        if build is tiny_llava:
+            pixels = llava_pixels(seed=11)[:1]
+            call = dict(input_ids=torch.tensor([llava_prompt([5], 1, [7])]), pixel_values=pixels)
+            hidden, project, levels = clip_hidden(model, pixels)[0], model.model.multi_modal_projector, []
+        else:
+            call = qwen_inputs([IMAGE], seed=11)
+            with torch.no_grad():
+                features = model.model.get_image_features(call["pixel_values"], call["image_grid_thw"])
+            hidden, project = features.pooler_output[0], (lambda rows: rows)
+            levels = [level[0] if isinstance(level, (list, tuple)) else level for level in features.deepstack_features]
+        with applied(model, keep=keep, method="test-own-assignment"), language_model_call(model) as seen, \
+                torch.no_grad():
+            model(**call)
+            record = last_prune(model)
+        indices = record.indices[0]
+        assert indices.tolist() == largest_norm(MethodInputs(hidden=hidden[None], keep=keep))[0].tolist()
+        assignment = record.assignment[0]
+        assert assignment.tolist() == [indices.tolist().index(j) if j in indices else 0 for j in range(len(hidden))]
+        token = IMG if build is tiny_llava else QWEN_IMG
+        fed = seen["inputs_embeds"][0][seen["input_ids"][0] == token]
+        torch.testing.assert_close(fed, project(group_means(hidden, assignment, keep)), **TOL)
+        for level, fed_level in zip(levels, seen.get("deepstack_visual_embeds") or [], strict=True):
+            torch.testing.assert_close(fed_level, group_means(level, assignment, keep), **TOL)
+    finally:
+        unregister_method("test-own-assignment")
