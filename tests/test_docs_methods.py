@@ -1,8 +1,8 @@
-"""The method snippets of README.md ("Pruning methods") and docs/api.md ("Writing one") run as
-written, on a tiny LLaVA with 100 tokens an image (so their ``keep=64`` prunes), and the model then
-feeds its language model what each snippet's method says: the kept tokens, and for docs/api.md's
-``Selection`` the groups its assignment merges. Expected values come from the unpatched tower's
-own features. Every method a snippet registers is unregistered afterwards."""
+"""The method snippets of README.md ("Pruning methods") and docs/methods.md ("Registering a
+method") run as written, on a tiny LLaVA with 100 tokens an image (so their ``keep=64`` prunes),
+and the model then feeds its language model what each snippet's method says: the kept tokens, and
+for docs/methods.md's ``Selection`` the groups its assignment merges. Expected values come from
+the unpatched tower's own features. Every method a snippet registers is unregistered afterwards."""
 import re
 from pathlib import Path
 
@@ -89,8 +89,8 @@ def test_readme_method_keeps_the_largest_norm_tokens(run_snippet):
     assert not record.task_scores[0].any() and int(record.task_keep[0]) == 0   # not DeSAP: no task score
 
 
-def test_api_method_selection_keeps_a_grid_and_merges_by_its_assignment(run_snippet):
-    model, added, _ = run_snippet("docs/api.md")
+def test_methods_doc_selection_keeps_a_grid_and_merges_by_its_assignment(run_snippet):
+    model, added, _ = run_snippet("docs/methods.md")
     assert added == ["grid"] and get_method("grid").reads == frozenset()
     image = pixels()
     rows, features, projector = fed(model, image)
