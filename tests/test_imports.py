@@ -48,3 +48,9 @@ def test_the_package_reexports_the_integrations_as_its_one_exception():
     imported = _imported(ROOT / "desap_ops" / "__init__.py")
     assert imported - set(LAYERS) == {"integrations"}
     assert "one exception" in (ROOT / "desap_ops" / "__init__.py").read_text()
+
+
+def test_a_package_of_methods_needs_only_the_public_methods_module():
+    """tests/method_plugin, written as a user would write one: it imports desap_ops.methods alone."""
+    plugin = ROOT / "tests" / "method_plugin" / "desap_method_plugin" / "__init__.py"
+    assert _imported(plugin) == {"methods"}

@@ -17,8 +17,12 @@ video, and 32 text tokens; logits of the last position only, as generate's prefi
   first K - newlines visual tokens of the packed order. It is the library's ideal, the one vLLM's
   ``"ideal": true`` keeps too (``integrations.common.pruning``).
 
-Timing: rounds after one warm-up round; in each round, for each K, full, desap and ideal run one
-after another, so load from other processes hits all three alike; each time is the median over
+Other pruning methods (``--methods``, ``desap_ops.methods``): ``apply_desap(model, keep=K,
+method=m)`` at every budget beside these three, each one more variant of the same rounds; their
+cost beyond the ideal (time and FLOPs) is what choosing and merging their tokens costs.
+
+Timing: rounds after one warm-up round; in each round, for each K, full, desap, ideal and every
+other method run one after another, so load from other processes hits them all alike; each time is the median over
 the rounds (CUDA events on CUDA), and the ratios are ratios of those medians. The LLaVA-1.5 and
 LLaVA-NeXT layouts also time the vision tower alone once per round.
 
@@ -39,18 +43,19 @@ from __future__ import annotations
 import statistics
 from argparse import Namespace
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from desap_ops import ops
-from desap_ops.cli.errors import UsageError
+from desap_ops.cli.errors import UsageError, parse_methods
 from desap_ops.integrations import apply_desap, image_token_counts, remove_desap
 from desap_ops.integrations.common.layout import drops_cls, packed_sources
 from desap_ops.integrations.common.sequence import image_budget
 from desap_ops.integrations.hf.video import tokens_per_frame
+from desap_ops.methods import DEFAULT_METHOD, MethodInputs, get_method, run_method
 from desap_ops.testing.models import MODELS, build_model
 from desap_ops.testing.real_shapes import weight_bytes
 
@@ -152,10 +157,16 @@ class E2ePlan:
     batch: int = 1
     repeats: int = 5            # timed rounds after WARMUP_ROUNDS
     shrink: bool = False        # a real shape at reduced depth and width (tests)
+    methods: list[str] = field(default_factory=lambda: [DEFAULT_METHOD])   # DeSAP first, then the others
 
     @property
     def timed(self) -> bool:
         return self.device != "meta"
+
+    @property
+    def others(self) -> list[str]:
+        """The methods measured beside DeSAP."""
+        return self.methods[1:]
 
 
 def default_keeps(tokens: int) -> list[int]:
@@ -171,11 +182,13 @@ def memory_needed(weights: int) -> int:
 
 
 def make_plan(model: str, keeps: Optional[list[int]] = None, device: str = "cpu", dtype: Optional[str] = None,
-              batch: int = 1, repeats: int = 5, shrink: bool = False) -> E2ePlan:
+              batch: int = 1, repeats: int = 5, shrink: bool = False,
+              methods: Optional[list[str]] = None) -> E2ePlan:
     """The run of ``model`` at ``keeps`` (default: :func:`default_keeps`) checked against the model,
     before anything is built but on meta: the budgets within its image tokens, and for a timed run
     its memory within what ``device`` has free (UsageError). ``dtype`` defaults to fp32 on a CPU,
-    else bf16."""
+    else bf16. ``methods``: registered pruning methods measured beside DeSAP, which always runs
+    first (default DeSAP alone)."""
     if model not in MODELS:
         raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model}")
     check_at_least_one(repeats=repeats, batch=batch)
@@ -196,29 +209,35 @@ def make_plan(model: str, keeps: Optional[list[int]] = None, device: str = "cpu"
         check_memory(f"{model} in {dtype}", memory_needed(weights), device,
                      f"{weights / GIB:.1f} GiB of weights + {MEMORY_MARGIN:.0%} + {MEMORY_FIXED / GIB:.0f} GiB for "
                      "activations", hint)
-    return E2ePlan(model, keeps, tokens, device, dtype, batch, repeats, shrink)
+    methods = list(dict.fromkeys([DEFAULT_METHOD, *(parse_methods(",".join(methods)) if methods else [])]))
+    return E2ePlan(model, keeps, tokens, device, dtype, batch, repeats, shrink, methods)
 
 
 def check(args: Namespace) -> None:
-    """The device, the budgets' syntax and the rounds (UsageError)."""
+    """The device, the budgets' syntax, the methods and the rounds (UsageError)."""
     check_device(args.device)
     parse_budgets(args.keep)
+    if args.methods is not None:
+        parse_methods(args.methods)
     check_at_least_one(repeats=args.repeats, batch=args.batch)
 
 
 def plan(args: Namespace) -> E2ePlan:
-    return make_plan(args.model, parse_budgets(args.keep), args.device, args.dtype, args.batch, args.repeats)
+    return make_plan(args.model, parse_budgets(args.keep), args.device, args.dtype, args.batch, args.repeats,
+                     methods=None if args.methods is None else parse_methods(args.methods))
 
 
 # --- the variants --------------------------------------------------------------------------------------
 
 @contextmanager
 def variant(model: nn.Module, name: str, keep: int) -> Iterator[None]:
-    """The model set up for one of :data:`VARIANTS` at budget ``keep``: as it is (full), or
-    patched by ``apply_desap`` (desap; ideal: ``ideal=True``) and restored after. Every variant
-    reads the same inputs."""
-    if name != "full":
-        apply_desap(model, keep=keep, ideal=name == "ideal")
+    """The model set up for one of :data:`VARIANTS`, or a pruning method by name, at budget
+    ``keep``: as it is (full), or patched by ``apply_desap`` (ideal: ``ideal=True``; desap or
+    another method: ``method=name``) and restored after. Every variant reads the same inputs."""
+    if name == "ideal":
+        apply_desap(model, keep=keep, ideal=True)
+    elif name != "full":
+        apply_desap(model, keep=keep, method=name)
     try:
         yield
     finally:
@@ -249,6 +268,7 @@ class Flops:
     vision_tower: Optional[int] = optional()      # the tower (LLaVA layouts), the encoder with its mergers (Qwen)
     language_full: Optional[int] = optional()     # the language model on the full prompt (LLaVA layouts)
     language_keep: Optional[int] = optional()     # ... on the pruned prompt
+    methods: Optional[dict[str, int]] = optional()   # each other method's prefill (--methods)
 
 
 @dataclass
@@ -257,6 +277,20 @@ class VariantTimes:
     full: list[float]
     desap: list[float]
     ideal: list[float]
+    methods: Optional[dict[str, list[float]]] = optional()   # each other method's (--methods)
+
+
+@dataclass
+class MethodRow:
+    """One other method at one budget, beside DeSAP: what its prefill costs against the full model
+    and the ideal (its time and FLOPs beyond the ideal are its pruning work)."""
+    flops: int
+    flops_reduction: float                                 # full / method FLOPs
+    pruning_flops: int                                     # method - ideal FLOPs
+    ms: Optional[float] = optional()                       # median over the rounds
+    speedup: Optional[float] = optional()                  # full / method time
+    overhead_ms: Optional[float] = optional()              # method - ideal
+    share_of_ideal_speedup: Optional[float] = optional()   # ideal / method time
 
 
 @dataclass
@@ -275,19 +309,35 @@ class E2eRow:
     overhead_ms: Optional[float] = optional()              # desap - ideal: what the pruning itself costs
     overhead_share: Optional[float] = optional()           # of the desap time
     share_of_ideal_speedup: Optional[float] = optional()   # ideal / desap time
+    methods: Optional[dict[str, MethodRow]] = optional()   # the other methods (--methods), in their order
 
     @classmethod
     def of(cls, keep: int, flops: Flops, rounds: Optional[VariantTimes] = None) -> "E2eRow":
         row = cls(keep, flops, flops.full / flops.desap, rounds_ms=rounds)
         if flops.language_keep:
             row.language_flops_reduction = flops.language_full / flops.language_keep
+        if flops.methods:
+            row.methods = {name: MethodRow(count, flops.full / count, count - flops.ideal)
+                           for name, count in flops.methods.items()}
         if rounds is not None:
             full, desap, ideal = (statistics.median(getattr(rounds, v)) for v in VARIANTS)
             row.full_ms, row.desap_ms, row.ideal_ms = full, desap, ideal
             row.speedup, row.ideal_speedup = full / desap, full / ideal
             row.overhead_ms, row.overhead_share = desap - ideal, (desap - ideal) / desap
             row.share_of_ideal_speedup = ideal / desap
+            for name, times in (rounds.methods or {}).items():
+                other = row.methods[name]
+                other.ms = statistics.median(times)
+                other.speedup, other.overhead_ms = full / other.ms, other.ms - ideal
+                other.share_of_ideal_speedup = ideal / other.ms
         return row
+
+    def costs(self) -> dict[str, MethodRow]:
+        """Every method at this budget as a :class:`MethodRow`, DeSAP first (from its own fields)."""
+        f = self.flops
+        desap = MethodRow(f.desap, self.flops_reduction, f.desap - f.ideal, self.desap_ms, self.speedup,
+                          self.overhead_ms, self.share_of_ideal_speedup)
+        return {DEFAULT_METHOD: desap, **(self.methods or {})}
 
 
 @dataclass
@@ -309,19 +359,46 @@ class E2eResult:
     vision_tower_ms: Optional[float] = optional()          # median of the tower alone (LLaVA layouts)
     vision_tower_rounds_ms: Optional[list[float]] = optional()
     command: Optional[str] = optional()   # the call that ran it, where not the command line (a shrunk shape)
+    methods: Optional[list[str]] = optional()   # DeSAP then the other methods (--methods); None: DeSAP alone
 
     @property
     def timed(self) -> bool:
         return self.measured == "timed"
 
+    @property
+    def others(self) -> list[str]:
+        """The methods measured beside DeSAP."""
+        return (self.methods or [DEFAULT_METHOD])[1:]
+
 
 # --- FLOPs -------------------------------------------------------------------------------------------
 
-def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int, newlines: int = 0) -> Flops:
-    """FLOPs of full, desap and ideal prefill of LLaVA-1.5 / LLaVA-NeXT from the pieces (runs on
-    meta). An image sends the language model ``sequence.image_budget`` placeholders, its
-    ``newlines`` (LLaVA-NeXT) among them; DeSAP's operator reads, and the projector projects, only
-    the visual tokens: all of them, then the kept ones (DeSAP and the ideal keep as many)."""
+def method_flops(name: str, batch: int, visual: int, width: int, text_width: int, kept: int) -> int:
+    """FLOPs of the pruning method ``name`` choosing ``kept`` of ``visual`` tokens per image and
+    merging the others (``run_method``), counted on a CPU on random signals of the shapes the
+    LLaVA layouts give it (matrix work depends on the shapes alone): hidden (batch, visual, width),
+    the attention branch in the text's space and TEXT_TOKENS of text where the method reads them."""
+    method = get_method(name)
+    gen = torch.Generator().manual_seed(0)
+    signal = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    reads = method.reads
+    inputs = MethodInputs(
+        hidden=signal(batch, visual, width), keep=kept,
+        saliency=signal(batch, visual).softmax(-1) if "saliency" in reads else None,
+        attn=signal(batch, visual, text_width) if "attn" in reads else None,
+        text=signal(batch, TEXT_TOKENS, text_width) if "text" in reads else None,
+        text_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.bool) if "text" in reads else None,
+        seeds=torch.arange(batch, dtype=torch.long) if "seed" in reads else None)
+    return flops_of(lambda: run_method(method, inputs, merge=True))
+
+
+def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int, newlines: int = 0,
+                    others: Sequence[str] = ()) -> Flops:
+    """FLOPs of full, desap and ideal prefill (and of each method of ``others``) of LLaVA-1.5 /
+    LLaVA-NeXT from the pieces (runs on meta). An image sends the language model
+    ``sequence.image_budget`` placeholders, its ``newlines`` (LLaVA-NeXT) among them; DeSAP's
+    operator reads, and the projector projects, only the visual tokens: all of them (the attention
+    branch, for a method that reads it), then the kept ones (every variant keeps as many)."""
     inner = model.model
     vision = model.config.vision_config
     pixels = inputs["pixel_values"]
@@ -341,13 +418,17 @@ def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int
     length_full = inputs["input_ids"].shape[1]
     language_full, language_keep = (flops_of(lambda: model(inputs_embeds=rows(n, text_width), logits_to_keep=1))
                                     for n in (length_full, length_full - image_tokens + sent))
+    ideal = tower + project_kept + language_keep
+    methods = {name: ideal + method_flops(name, batch, visual, width, text_width, kept)
+               + (project_all if "attn" in get_method(name).reads else 0) for name in others}
     return Flops(full=tower + project_all + language_full,
                  desap=tower + project_all + operator + project_kept + language_keep,
-                 ideal=tower + project_kept + language_keep, operator=operator, vision_tower=tower,
-                 language_full=language_full, language_keep=language_keep)
+                 ideal=ideal, operator=operator, vision_tower=tower,
+                 language_full=language_full, language_keep=language_keep, methods=methods or None)
 
 
-def forward_flops(model: nn.Module, family: str, data: Batch, keeps: list[int], shapes_only: bool) -> list[Flops]:
+def forward_flops(model: nn.Module, family: str, data: Batch, keeps: list[int], shapes_only: bool,
+                  others: Sequence[str] = ()) -> list[Flops]:
     """FLOPs of the real forward passes of every variant at each budget (the Qwen and video models,
     whose forward reads token ids); the Qwen encoder (mergers included) counted apart."""
     full = flops_of(_prefill(model, data.inputs), shapes_only)
@@ -358,20 +439,22 @@ def forward_flops(model: nn.Module, family: str, data: Batch, keeps: list[int], 
     counted = []
     for keep in keeps:
         each = {}
-        for name in VARIANTS[1:]:
+        for name in (*VARIANTS[1:], *others):
             with variant(model, name, keep):
                 each[name] = flops_of(_prefill(model, data.inputs), shapes_only)
-        counted.append(Flops(full=full, vision_tower=tower, **each))
+        methods = {name: each.pop(name) for name in others}
+        counted.append(Flops(full=full, vision_tower=tower, methods=methods or None, **each))
     return counted
 
 
 # --- the run -----------------------------------------------------------------------------------------
 
 def time_rounds(model: nn.Module, family: str, data: Batch, keeps: list[int], device: str, repeats: int,
-                say: Progress) -> tuple[dict[int, VariantTimes], list[float]]:
+                say: Progress, others: Sequence[str] = ()) -> tuple[dict[int, VariantTimes], list[float]]:
     """({keep: each variant's ms per round}, [vision tower ms per round]) over ``repeats`` rounds
-    after :data:`WARMUP_ROUNDS`, the variants interleaved within each round."""
-    times = {keep: VariantTimes([], [], []) for keep in keeps}
+    after :data:`WARMUP_ROUNDS`, the variants (and the methods of ``others``) interleaved within
+    each round."""
+    times = {keep: VariantTimes([], [], [], {name: [] for name in others} or None) for keep in keeps}
     tower = []
     for round_ in range(WARMUP_ROUNDS + repeats):
         counted = round_ >= WARMUP_ROUNDS
@@ -381,11 +464,11 @@ def time_rounds(model: nn.Module, family: str, data: Batch, keeps: list[int], de
             if counted:
                 tower.append(ms)
         for keep in keeps:
-            for name in VARIANTS:
+            for name in (*VARIANTS, *others):
                 with variant(model, name, keep):
                     ms = time_call_ms(_prefill(model, data.inputs), device)
                 if counted:
-                    getattr(times[keep], name).append(ms)
+                    (times[keep].methods[name] if name in others else getattr(times[keep], name)).append(ms)
     return times, tower
 
 
@@ -403,12 +486,14 @@ def run(plan: E2ePlan, progress: Optional[Progress] = None) -> E2eResult:
     model = build_model(plan.model, build_device, dtype, plan.shrink, weights=not shapes_only)
     data = make_batch(model, plan.model, plan.batch, build_device, dtype)
     result = E2eResult(Environment.here(plan.device), plan.model, "random", "timed" if plan.timed else "FLOPs counted",
-                    plan.device, plan.dtype, plan.batch, plan.image_tokens, TEXT_TOKENS, rows=[], shrink=plan.shrink)
+                    plan.device, plan.dtype, plan.batch, plan.image_tokens, TEXT_TOKENS, rows=[], shrink=plan.shrink,
+                    methods=plan.methods if plan.others else None)
     times: dict[int, VariantTimes] = {}
     with torch.no_grad():
         if plan.timed:
             before = load_average()
-            times, tower = time_rounds(model, family, data, plan.keeps, plan.device, plan.repeats, say)
+            times, tower = time_rounds(model, family, data, plan.keeps, plan.device, plan.repeats, say,
+                                       plan.others)
             result.repeats, result.warmup_rounds = plan.repeats, WARMUP_ROUNDS
             result.load_average = LoadAverage(before, load_average())
             if tower:
@@ -417,9 +502,10 @@ def run(plan: E2ePlan, progress: Optional[Progress] = None) -> E2eResult:
         if piecewise:
             counter = model if plan.device == "meta" else build_model(plan.model, "meta", dtype, plan.shrink)
             counted = data if plan.device == "meta" else make_batch(counter, plan.model, plan.batch, "meta", dtype)
-            flops = [piecewise_flops(counter, counted.inputs, data.tokens, keep, data.newlines) for keep in plan.keeps]
+            flops = [piecewise_flops(counter, counted.inputs, data.tokens, keep, data.newlines, plan.others)
+                     for keep in plan.keeps]
         else:
-            flops = forward_flops(model, family, data, plan.keeps, shapes_only)
+            flops = forward_flops(model, family, data, plan.keeps, shapes_only, plan.others)
     result.rows = [E2eRow.of(keep, counted_flops, times.get(keep)) for keep, counted_flops in zip(plan.keeps, flops)]
     return result
 
@@ -474,18 +560,45 @@ def table(result: E2eResult) -> str:
                          f"{r.flops_reduction:>8.2f}"
                          + (f"{r.language_flops_reduction:>11.2f}" if language else "")
                          + (f"{f.vision_tower / f.desap:>16.0%}" if tower else ""))
+    if result.others:
+        lines += methods_table(result)
     return "\n".join(lines)
 
 
+def methods_table(result: E2eResult) -> list[str]:
+    """One line per method at each budget, DeSAP first: its prefill against the full model and the
+    ideal, and its pruning work (time and FLOPs beyond the ideal)."""
+    timed = result.timed
+    lines = ["each method's prefill beside DeSAP; pruning = beyond the ideal (the first K tokens, no work)",
+             f"{'keep':>6}  {'method':<12}" + (f"{'ms':>10}{'speedup':>9}{'of ideal':>10}{'pruning ms':>12}" if timed
+                                               else "") + f"{'GFLOP':>10}{'FLOP x':>8}{'pruning MFLOP':>15}"]
+    for r in result.rows:
+        for name, cost in r.costs().items():
+            lines.append(f"{r.keep:>6}  {name:<12}"
+                         + (f"{cost.ms:>10.2f}{cost.speedup:>9.2f}{cost.share_of_ideal_speedup:>10.0%}"
+                            f"{cost.overhead_ms:>12.2f}" if timed else "")
+                         + f"{cost.flops / 1e9:>10.4g}{cost.flops_reduction:>8.2f}{cost.pruning_flops / 1e6:>15.4g}")
+    return lines
+
+
 def figure(result: E2eResult) -> Figure:
-    """Speedups (timed runs) and FLOP reduction against the budget."""
+    """Speedups (timed runs) and FLOP reduction against the budget; with other methods, each
+    method's speedup (timed) or FLOP reduction (meta) beside the ideal's."""
     from matplotlib.figure import Figure
 
     rows = result.rows
     keeps = [r.keep for r in rows]
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
-    if result.timed:
+    if result.others:   # one series per method, DeSAP first
+        markers = "ov^<>sdph*"
+        for i, name in enumerate(result.methods):
+            values = [r.costs()[name].speedup if result.timed else r.costs()[name].flops_reduction for r in rows]
+            ax.plot(keeps, values, f"{markers[i % len(markers)]}-", label=name)
+        if result.timed:
+            ax.plot(keeps, [r.ideal_speedup for r in rows], "k--", label="ideal (no pruning work)")
+        ax.set_ylabel(f"full model / method ({'time' if result.timed else 'FLOPs'}, x)")
+    elif result.timed:
         ax.plot(keeps, [r.speedup for r in rows], "o-", label="DeSAP speedup (timed)")
         ax.plot(keeps, [r.ideal_speedup for r in rows], "s--", label="ideal speedup (no pruning work)")
         ax.plot(keeps, [r.flops_reduction for r in rows], "^:", label="FLOP reduction (counted)")

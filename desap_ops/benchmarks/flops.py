@@ -1,6 +1,6 @@
-"""FLOPs as ``torch.utils.flop_counter`` counts them, for ``desap bench e2e``: a formula for SDPA's
-CPU kernel (which torch leaves uncounted), and :class:`ShapesOnly`, which counts a full-size forward
-pass on a CPU in little memory."""
+"""FLOPs as ``torch.utils.flop_counter`` counts them, for ``desap bench e2e``: formulas for SDPA's
+CPU kernel and the matrix-vector product (which torch leaves uncounted), and :class:`ShapesOnly`,
+which counts a full-size forward pass on a CPU in little memory."""
 from __future__ import annotations
 
 from typing import Callable
@@ -16,6 +16,13 @@ if _CPU_SDPA not in flop_registry:
     @register_flop_formula(_CPU_SDPA)
     def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# nor for a matrix-vector product (DivPrune's greedy steps): 2 FLOPs per element of the matrix
+if torch.ops.aten.mv not in flop_registry:
+    @register_flop_formula(torch.ops.aten.mv)
+    def _mv_flops(matrix_shape, vector_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * matrix_shape[0] * matrix_shape[1]
 
 
 class ShapesOnly(TorchDispatchMode):

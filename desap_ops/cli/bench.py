@@ -12,6 +12,7 @@ from desap_ops.benchmarks.vllm import settings as vllm_settings
 from desap_ops.testing.models import MODELS
 from desap_ops.testing.vllm_models import MODELS as VLLM_MODELS
 
+METHODS_EXAMPLE = "desap,first,random,saliency,similarity,divprune"   # the built-ins
 # bench -> the module that runs it
 BENCHES = {"op": "desap_ops.benchmarks.op", "e2e": "desap_ops.benchmarks.e2e",
            "vllm": "desap_ops.benchmarks.vllm.offline", "serve": "desap_ops.benchmarks.vllm.serve"}
@@ -52,6 +53,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     e2e.add_argument("--batch", type=int, default=1, help="images (or videos) per prefill (default 1)")
     e2e.add_argument("--repeats", type=int, default=5,
                      help="timed rounds after one warm-up, full/desap/ideal interleaved in each (default 5)")
+    e2e.add_argument("--methods", help=f"comma-separated pruning methods measured beside DeSAP, the ideal and the "
+                                       f"full model in the same rounds, e.g. {METHODS_EXAMPLE} (default: desap "
+                                       f"alone; desap always runs)")
     _outputs(e2e, "speedup and FLOP reduction against budget")
 
     vllm = bench.add_parser("vllm", help="vLLM offline serving throughput with and without DeSAP (needs vLLM)")
@@ -69,6 +73,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     _vllm_common(serve)
     serve.add_argument("--keep", help="comma-separated budgets (default: N/3, 2N/9, N/9); the full model always runs "
                                       "first, then DeSAP and the ideal at each budget")
+    serve.add_argument("--methods", help=f"comma-separated pruning methods, each asked for per request on DeSAP's "
+                                         f"server at every budget after DeSAP, e.g. {METHODS_EXAMPLE} (default: "
+                                         f"desap alone)")
     serve.add_argument("--no-ideal", action="store_true",
                        help="leave out the ideal (the first K tokens kept, no scoring), for a plugin without it")
     serve.add_argument("--concurrency", default="1,4,16,64", help="vllm bench serve --max-concurrency levels "

@@ -9,12 +9,13 @@ from typing import Optional, Union
 
 import torch
 
+from desap_ops.methods import DEFAULT_METHOD
 from desap_ops.reference import AUTO
 
 from . import demo_draw, vit_s
 from .demo_run import (DemoResult, check_budget, load_image, parse_box, run_llava, run_vit, run_vit_auto,
-                       split_text)
-from .errors import UsageError, check_writable, parse_task_ratio
+                       run_vit_methods, split_text)
+from .errors import UsageError, check_writable, parse_methods, parse_task_ratio
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -29,13 +30,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                            "picture compares a strong cue (the query box) with a weak one")
     demo.add_argument("--model", help="local LLaVA-1.5 / LLaVA-NeXT checkpoint folder (offline)")
     demo.add_argument("--query-box", help="x0,y0,x1,y1: tokens in this box play the text (no --model)")
+    demo.add_argument("--methods", help="comma-separated pruning methods drawn side by side on the same photo, e.g. "
+                                        "desap,saliency,divprune (the ViT only; default: DeSAP alone)")
     demo.add_argument("--out", default="kept.png",
                       help="picture to write, its format from the extension (default kept.png)")
 
 
 def run(args: argparse.Namespace) -> int:
     print(demo(image=args.image, prompt=args.prompt, keep=args.keep, task_ratio=args.task_ratio,
-               model=args.model, out=args.out, query_box=args.query_box))
+               model=args.model, out=args.out, query_box=args.query_box, methods=args.methods))
     return 0
 
 
@@ -59,10 +62,12 @@ def summary(results: list[DemoResult], source: str, out: str) -> str:
         grid, keep = result.grid, result.indices.numel()
         counts = torch.bincount(result.assignment[result.assignment >= 0], minlength=keep)
         cells = [divmod(i, grid) for i in result.indices.tolist()]
-        head = f"{result.cue}: " if result.cue else ""
+        label = result.method or result.cue
+        head = f"{label}: " if label else ""
         chosen = "" if result.guidance is None else f", chosen by task_ratio auto from g = {result.guidance:.2f}"
-        lines += [f"{head}split {split_text(result.task_keep, keep)}{chosen}",
-                  f"{head}kept {keep} of {grid * grid} tokens ({grid}x{grid} grid), as (row, col):",
+        if result.method in ("", DEFAULT_METHOD):   # the other methods have no task/saliency split
+            lines.append(f"{head}split {split_text(result.task_keep, keep)}{chosen}")
+        lines += [f"{head}kept {keep} of {grid * grid} tokens ({grid}x{grid} grid), as (row, col):",
                   "  " + " ".join(f"({r},{c})" for r, c in cells),
                   f"{head}tokens merged into each kept token: min {int(counts.min())}, median {int(counts.median())}, "
                   f"max {int(counts.max())}"]
@@ -72,12 +77,18 @@ def summary(results: list[DemoResult], source: str, out: str) -> str:
 
 def demo(image: Optional[str] = None, prompt: Optional[str] = None, keep: int = 32,
          task_ratio: Union[float, str] = 0.5, model: Optional[str] = None, out: str = "kept.png",
-         query_box: Optional[str] = None) -> str:
+         query_box: Optional[str] = None, methods: Optional[str] = None) -> str:
     """Run the demo, write ``out`` and return the summary; a fixable mistake raises UsageError, and
     every argument is checked before a model is loaded. ``task_ratio`` "auto" on the ViT draws the
-    strong and the weak cue, one row each."""
+    strong and the weak cue, one row each. ``methods`` ("desap,saliency,divprune"): those pruning
+    methods on the ViT's signals, side by side."""
     task_ratio = parse_task_ratio(task_ratio)
     check_out(out)
+    names = parse_methods(methods) if methods is not None else None
+    if names is not None and model is not None:
+        raise UsageError("--methods draws the methods on the ViT-S/14's signals; it does not take --model")
+    if names is not None and task_ratio == AUTO:
+        raise UsageError("--methods takes a task ratio in [0, 1]; --task-ratio auto draws the strong and weak cue")
     if model is not None:
         if not os.path.isdir(model):
             raise UsageError(f"--model must be a local checkpoint folder, got {model}")
@@ -97,7 +108,9 @@ def demo(image: Optional[str] = None, prompt: Optional[str] = None, keep: int = 
         results = [run_llava(model, picture, prompt, keep, task_ratio)]
     else:
         box = parse_box(query_box, *picture.size)
-        if task_ratio != AUTO:
+        if names is not None:
+            results = run_vit_methods(picture, keep, task_ratio, box, prompt, names)
+        elif task_ratio != AUTO:
             results = [run_vit(picture, keep, task_ratio, box, prompt)]
         elif box is None and picture.size != (512, 512):
             raise UsageError("--task-ratio auto compares a strong cue, the tokens in --query-box, with a weak one: "

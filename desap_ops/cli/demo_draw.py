@@ -24,6 +24,7 @@ Segment = tuple[tuple[int, int], tuple[int, int]]
 FIGURE_SIZE = (15.0, 6.6)           # inches at 100 dpi: a 1500 x 660 PNG
 AUTO_FIGURE_SIZE = (15.0, 13.0)     # two rows, strong and weak cue: a 1500 x 1300 PNG
 DPI = 100
+METHOD_PANEL_SIZE = (5.0, 6.6)      # inches per method with --methods: M panels side by side, 500M x 660 PNG
 # tab10 without grey (lost on the greyed photo) and cyan (the query box): 8 colours that stay apart
 GROUP_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
 
@@ -242,10 +243,42 @@ def figure_auto(results: list[DemoResult]) -> Figure:
     return fig
 
 
-def render(results: list[DemoResult], out: str) -> None:
-    """:func:`figure` (one result) or :func:`figure_auto` (strong and weak cue) to ``out`` (PNG unless
-    its extension names another format)."""
+def method_title(result: DemoResult) -> str:
+    """A method panel's title: the method, and DeSAP's split."""
+    keep, tokens = result.indices.numel(), result.grid * result.grid
+    split = f"\n{split_text(result.task_keep, keep)}" if result.method == "desap" else "\n"
+    return f"{result.method}: kept {keep} of {tokens}{split}"
+
+
+def figure_methods(results: list[DemoResult]) -> Figure:
+    """Several pruning methods on the same photo, one panel each, side by side: the kept tokens and
+    their merge groups, titled with the method; one legend, a title saying what is real and what
+    stands in. Returns the matplotlib Figure."""
     plt = _pyplot()
-    fig = figure(results[0]) if len(results) == 1 else figure_auto(results)
+    first = results[0]
+    width, height = METHOD_PANEL_SIZE
+    fig, axes = plt.subplots(1, len(results), figsize=(width * len(results), height), dpi=DPI, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.8, bottom=0.17, wspace=0.04)
+    clash = False
+    for ax, result in zip(axes[0], results):
+        panels = Panels(result)
+        panels.photo_on(ax)
+        panels.kept(ax, method_title(result))
+        clash |= panels.clash
+    Panels(first).legend(axes[0, 0], clash, None if first.box is None else "query box: its tokens play the text")
+    title = textwrap.fill(first.title, 40 * len(results))
+    fig.suptitle(f"{len(results)} pruning methods keep {first.indices.numel()} of {first.grid * first.grid} "
+                 f"visual tokens of the same photo\n{title}", fontsize=12)
+    return fig
+
+
+def render(results: list[DemoResult], out: str) -> None:
+    """:func:`figure` (one result), :func:`figure_methods` (--methods) or :func:`figure_auto` (strong
+    and weak cue) to ``out`` (PNG unless its extension names another format)."""
+    plt = _pyplot()
+    if results[0].method:
+        fig = figure_methods(results)
+    else:
+        fig = figure(results[0]) if len(results) == 1 else figure_auto(results)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)

@@ -7,6 +7,10 @@ tokens inside ``--query-box`` play the text tokens, in the encoder's own space (
 "find more of this"). With ``--model DIR`` (a local LLaVA-1.5 / LLaVA-NeXT checkpoint with its
 processor): the real model, the real prompt, through ``apply_desap``.
 
+``--methods`` runs several pruning methods (``desap_ops.methods``) on the same ViT signals, each
+through ``run_method`` with a ``MethodInputs`` of every signal (``random`` seeded from the photo's
+pixels), one panel each.
+
 ``--task-ratio auto`` lets each image's task scores choose the split (docs/algorithm.md, "Beyond
 the paper"). On the ViT it compares two texts on the same image: a strong cue (the query box's
 tokens, as above) and a weak one (a single text row equal to the mean of all tokens'
@@ -54,6 +58,7 @@ class DemoResult:
     guidance: Optional[float] = None  # g of the task scores (reference.guidance), with task_ratio "auto"
     cue: str = ""                   # with "auto" on the ViT: which text this row's scores come from
     text: str = ""                  # ... and what plays that text, for the figure's note
+    method: str = ""                # with --methods: the pruning method that chose this row's tokens
 
 
 def load_image(path: Optional[str]) -> tuple:
@@ -156,6 +161,39 @@ def run_vit(image, keep: int, task_ratio: float, box: Optional[tuple], prompt: O
         result = prune(hidden, branch, text, saliency, keep, text_mask=text_mask, task_ratio=task_ratio)
     return DemoResult(image, grid, saliency[0], result.task_scores[0], result.indices[0], result.assignment[0],
                       box, notes, title, int(result.task_keep[0]))
+
+
+def run_vit_methods(image, keep: int, task_ratio: float, box: Optional[tuple], prompt: Optional[str],
+                    methods: list[str]) -> list[DemoResult]:
+    """Each of ``methods`` (registered pruning methods, DeSAP among them or not) on the same signals
+    of the real ViT-S/14, as :func:`run_vit` gives DeSAP its own: the tokens inside ``box`` play the
+    text. One result per method, in their order; merging as DeSAP merges."""
+    from desap_ops.methods import MethodInputs, content_rows, content_seeds, get_method, run_method
+
+    hidden, branch, saliency, grid = vit_signals(image)
+    box = box if box is not None else DEFAULT_BOX if image.size == (512, 512) else None
+    notes, title = vit_notes(prompt)
+    if box is not None:
+        cells = box_tokens(box, *image.size, grid)
+        text, text_mask = branch[:, cells], torch.ones(1, cells.numel(), dtype=torch.bool)
+        notes.insert(1, f"stand-in: the {cells.numel()} tokens inside the query box {box} play the text tokens for "
+                        "the methods that read text (desap, similarity), in the encoder's own space")
+        title += f";  stand-in: the {cells.numel()} tokens in the {QUERY_BOX_COLOUR} query box play the text prompt"
+    else:
+        text, text_mask = branch[:, :1], torch.zeros(1, 1, dtype=torch.bool)
+        notes.insert(1, "no query box: no text, so DeSAP and similarity have no task tokens")
+        title += ";  no query box and no text"
+    pixels = vit_s.preprocess(image)
+    seeds = content_seeds(content_rows(pixels, pixels.dtype)[:, None])   # the photo's pixels seed "random"
+    inputs = MethodInputs(hidden=hidden, keep=keep, saliency=saliency, attn=branch, text=text, text_mask=text_mask,
+                          seeds=seeds, task_ratio=task_ratio)
+    results = []
+    for name in methods:
+        with torch.no_grad():
+            result = run_method(get_method(name), inputs, merge=True)
+        results.append(DemoResult(image, grid, saliency[0], result.task_scores[0], result.indices[0],
+                                  result.assignment[0], box, notes, title, int(result.task_keep[0]), method=name))
+    return results
 
 
 def run_vit_auto(image, keep: int, box: Optional[tuple], prompt: Optional[str]) -> list[DemoResult]:

@@ -1,5 +1,6 @@
 """The one error every command raises for a mistake the person running ``desap`` can fix, and the
-checks of arguments more than one command takes: a file it will write, ``--task-ratio``."""
+checks of arguments more than one command takes: a file it will write, ``--task-ratio``,
+``--methods``."""
 from __future__ import annotations
 
 import math
@@ -39,3 +40,17 @@ def parse_task_ratio(value: Union[float, str]) -> Union[float, str]:
     if math.isnan(value) or not 0.0 <= value <= 1.0:
         raise UsageError(f"--task-ratio must lie in [0, 1], got {given}")
     return value
+
+
+def parse_methods(text: str) -> list[str]:
+    """``--methods`` ("desap,first,divprune"): registered pruning methods (``desap_ops.methods``), in
+    the order given without repeats. An unknown name is refused in one line naming it and the
+    registered ones."""
+    from desap_ops.methods import available_methods   # here: --help imports no torch
+
+    names = [part.strip() for part in text.split(",")]
+    known = available_methods()
+    for name in names:
+        if name not in known:
+            raise UsageError(f"--methods: {name!r} is not a registered pruning method; registered: {', '.join(known)}")
+    return list(dict.fromkeys(names))

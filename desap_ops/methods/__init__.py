@@ -13,5 +13,5 @@ from .run import run_method
 from .content import content_rows, content_seeds
 
 __all__ = ["DEFAULT_METHOD", "ENTRY_POINT_GROUP", "SIGNALS", "Method", "MethodFailure", "MethodInputs", "Selection",
-           "available_methods", "get_method", "method_by_code", "method_code", "register_method", "unregister_method", "run_method",
-           "content_rows", "content_seeds"]
+           "available_methods", "get_method", "method_by_code", "method_code", "register_method", "unregister_method",
+           "run_method", "content_rows", "content_seeds"]

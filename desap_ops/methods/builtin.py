@@ -9,7 +9,7 @@ import torch
 from .. import reference
 from .registry import DEFAULT_METHOD, Method, MethodInputs
 
-DIVPRUNE_BLOCK = 1024   # rows of the cosine-distance matrix formed at once
+DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
 
 
 def top_scores(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -55,30 +55,32 @@ def similarity(inputs: MethodInputs) -> torch.Tensor:
 
 
 def divprune(inputs: MethodInputs) -> torch.Tensor:
-    """DivPrune (Alvar et al., CVPR 2025): greedy max-min diversity under cosine distance. The first
-    token kept is the one farthest from its nearest neighbour; each next one the token farthest from
-    everything kept so far."""
-    rows = []
-    for hidden in inputs.hidden:
-        unit = reference.unit_rows(hidden.float())                               # (N, D)
-        tokens = unit.shape[0]
-        nearest = torch.empty(tokens, device=unit.device)
-        for start in range(0, tokens, DIVPRUNE_BLOCK):
-            distance = 1 - unit[start:start + DIVPRUNE_BLOCK] @ unit.T                # (b, N)
-            own = torch.arange(start, min(start + DIVPRUNE_BLOCK, tokens), device=unit.device)
-            distance[own - start, own] = float("inf")
-            nearest[start:start + DIVPRUNE_BLOCK] = distance.amin(dim=1)
-        chosen = torch.zeros(tokens, dtype=torch.bool, device=unit.device)
-        picked = []
-        score = nearest
-        for _ in range(inputs.keep):
-            best = int(score.masked_fill(chosen, float("-inf")).argmax())   # the first of equal maxima
-            picked.append(best)
-            chosen[best] = True
-            distance = 1 - unit @ unit[best]
-            score = distance if len(picked) == 1 else torch.minimum(score, distance)
-        rows.append(torch.tensor(sorted(picked), device=unit.device))
-    return torch.stack(rows)
+    """DivPrune (Alvar et al., CVPR 2025): greedy max-min diversity under cosine distance
+    ``1 - cos(hidden_i, hidden_j)``. The first token kept is the one farthest from its nearest
+    other token; each next one the token farthest from the nearest token kept so far. Every image
+    of the batch at once, with no synchronisation with the device: K steps of (B, N) work."""
+    unit = reference.unit_rows(inputs.hidden.float())                              # (B, N, D)
+    batch, tokens, _ = unit.shape
+    rows = torch.arange(batch, device=unit.device)
+    # each token's distance to its nearest other token, a block of rows at a time (B, b, N) ...
+    nearest = torch.empty(batch, tokens, device=unit.device)
+    block = max(1, DIVPRUNE_BLOCK_BYTES // (4 * batch * tokens))
+    for start in range(0, tokens, block):
+        stop = min(start + block, tokens)
+        distance = 1 - unit[:, start:stop] @ unit.transpose(1, 2)
+        own = torch.arange(start, stop, device=unit.device)
+        distance[:, own - start, own] = float("inf")
+        nearest[:, start:stop] = distance.amin(dim=2)
+    chosen = torch.zeros(batch, tokens, dtype=torch.bool, device=unit.device)
+    picked = torch.empty(batch, inputs.keep, dtype=torch.int64, device=unit.device)
+    score = nearest
+    for step in range(inputs.keep):
+        best = score.masked_fill(chosen, float("-inf")).argmax(dim=1)          # the first of equal maxima
+        picked[:, step] = best
+        chosen[rows, best] = True
+        distance = 1 - (unit @ unit[rows, best][:, :, None]).squeeze(2)         # (B, N) to the token just kept
+        score = distance if step == 0 else torch.minimum(score, distance)
+    return picked.sort(dim=1).values
 
 
 BUILTIN: dict[str, tuple[Callable, frozenset]] = {

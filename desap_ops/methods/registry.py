@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "desap_ops.methods"
 # (the tower's attention hooks for "saliency" and "attn", text embeddings for "text", a hash of the
 # pixels for "seed")
 SIGNALS = frozenset({"saliency", "attn", "text", "seed"})
+DEFAULT_READS = frozenset({"saliency", "attn", "text"})   # what a method registered without ``reads`` reads
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
@@ -74,12 +75,21 @@ def method_code(name: str) -> int:
 
 
 _METHODS: dict[str, Method] = {}
-_LOCK = threading.Lock()
-_loaded_entry_points = False
+_LOCK = threading.RLock()   # re-entered by a plugin that registers its methods as it is imported
+_loaded_entry_points = False   # the built-ins and the entry points are registered
+_loading = False               # they are being registered (under _LOCK)
+_entry_point_error: Optional[str] = None   # why the entry points failed to load: raised on every lookup
+
+
+def _check_name(name) -> None:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"method name must be 1 to 63 lower-case letters, digits, '_', '.' or '-', "
+                         f"starting with a letter or digit, got {name!r}")
 
 
 def _check_reads(name: str, reads) -> frozenset:
-    if isinstance(reads, str) or not all(isinstance(s, str) for s in reads):
+    if isinstance(reads, str) or not isinstance(reads, (AbstractSet, list, tuple)) or \
+            not all(isinstance(s, str) for s in reads):
         raise TypeError(f"method {name!r}: reads must be a collection of signal names from {sorted(SIGNALS)}, "
                         f"got {reads!r}")
     reads = frozenset(reads)
@@ -100,15 +110,13 @@ def _add(method: Method) -> None:
 
 
 def register_method(name: str, select: Optional[SelectFn] = None, *,
-                    reads: AbstractSet[str] = ("saliency", "attn", "text")):
+                    reads: AbstractSet[str] = DEFAULT_READS):
     """Register ``select`` as the pruning method ``name`` (lower-case letters, digits, ``_.-``).
 
     ``select(inputs: MethodInputs)`` returns the kept indices (B, K), ascending, or a
     :class:`Selection` with an assignment too. ``reads`` names the signals it uses (``SIGNALS``);
     the engines compute only those. Used bare (``select`` None) it is a decorator. Returns ``select``."""
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ValueError(f"method name must be 1 to 63 lower-case letters, digits, '_', '.' or '-', "
-                         f"starting with a letter or digit, got {name!r}")
+    _check_name(name)
     reads = _check_reads(name, reads)
 
     def register(fn: SelectFn) -> SelectFn:
@@ -132,31 +140,54 @@ def unregister_method(name: str) -> None:
 
 
 def _load_entry_points() -> None:
-    """Register every method of the ``desap_ops.methods`` entry points, once per process. An entry
-    point names either a :class:`Method` or a select function (which then reads every signal
-    but the seed)."""
-    global _loaded_entry_points
-    if _loaded_entry_points:
+    """Register the built-ins and every method of the ``desap_ops.methods`` entry points, once per
+    process. An entry point names either a :class:`Method` (of the entry point's name) or a select
+    function (which then reads every signal but the seed). One that fails to load, or clashes with
+    a registered name, is a RuntimeError naming it, on this lookup and on every later one: a
+    process never runs on with some of its methods silently missing."""
+    global _loaded_entry_points, _loading, _entry_point_error
+    if _loaded_entry_points and _entry_point_error is None:
         return
-    _loaded_entry_points = True
     from importlib.metadata import entry_points
 
     from .builtin import register_builtins
 
-    register_builtins(_add)
-    for point in entry_points(group=ENTRY_POINT_GROUP):
+    with _LOCK:
+        if _entry_point_error is not None:
+            raise RuntimeError(_entry_point_error)
+        if _loaded_entry_points or _loading:
+            return
+        _loading = True
         try:
-            target = point.load()
-        except Exception as error:
-            raise RuntimeError(f"pruning method {point.name!r} ({point.value}, entry point group "
-                               f"{ENTRY_POINT_GROUP!r}) failed to load: {error!r}") from error
-        if isinstance(target, Method):
-            if target.name != point.name:
-                raise ValueError(f"entry point {point.name!r} of group {ENTRY_POINT_GROUP!r} names the method "
-                                 f"{target.name!r}: the two names must agree")
-            _add(Method(target.name, target.select, _check_reads(target.name, target.reads)))
-        elif point.name not in _METHODS:
-            register_method(point.name, target)
+            register_builtins(_add)
+            failures = []
+            for point in entry_points(group=ENTRY_POINT_GROUP):
+                try:
+                    _add(_entry_point_method(point))
+                except Exception as error:
+                    failures.append(f"pruning method {point.name!r} ({point.value}, entry point group "
+                                    f"{ENTRY_POINT_GROUP!r}) failed to load: {error!r}")
+            if failures:
+                _entry_point_error = "; ".join(failures)
+                raise RuntimeError(_entry_point_error)
+        finally:
+            _loading = False
+            _loaded_entry_points = True
+
+
+def _entry_point_method(point) -> Method:
+    """The method an entry point names, checked as :func:`register_method` checks one."""
+    target = point.load()
+    _check_name(point.name)
+    if isinstance(target, Method):
+        if target.name != point.name:
+            raise ValueError(f"the entry point names the method {target.name!r}: the two names must agree")
+        select, reads = target.select, _check_reads(target.name, target.reads)
+    else:
+        select, reads = target, DEFAULT_READS
+    if not callable(select):
+        raise TypeError(f"an entry point must name a Method or a select function, got {type(select).__name__}")
+    return Method(point.name, select, reads)
 
 
 def available_methods() -> list[str]:

@@ -44,7 +44,7 @@ def check_selection(name: str, chosen, batch: int, tokens: int, keep: int, devic
     if not isinstance(indices, torch.Tensor):
         raise fail(f"{type(indices).__name__}, not a tensor of indices (or a Selection)")
     if indices.dtype not in (torch.int64, torch.int32):
-        raise fail(f"indices of dtype {indices.dtype}; they must be int64")
+        raise fail(f"indices of dtype {indices.dtype}; they must be int64 (or int32)")
     if tuple(indices.shape) != (batch, keep):
         raise fail(f"indices of shape {tuple(indices.shape)}; expected (images, keep) = {(batch, keep)}")
     indices = indices.to(device=device, dtype=torch.int64)
@@ -56,6 +56,8 @@ def check_selection(name: str, chosen, batch: int, tokens: int, keep: int, devic
         return indices, None
     if not isinstance(assignment, torch.Tensor) or tuple(assignment.shape) != (batch, tokens):
         raise fail(f"an assignment that is not a ({batch}, {tokens}) tensor")
+    if assignment.dtype not in (torch.int64, torch.int32):
+        raise fail(f"an assignment of dtype {assignment.dtype}; it must be int64 (or int32)")
     assignment = assignment.to(device=device, dtype=torch.int64)
     own = torch.arange(keep, device=device).expand(batch, keep)
     if bool(((assignment < 0) | (assignment >= keep)).any()) or not torch.equal(assignment.gather(1, indices), own):

@@ -9,10 +9,11 @@ from PIL import Image
 
 from desap_ops.benchmarks import e2e, machine
 from desap_ops.benchmarks.flops import flops_of
-from desap_ops.benchmarks.skeleton import from_json
+from desap_ops.benchmarks.skeleton import from_json, to_json
 from desap_ops.cli.errors import UsageError
 from desap_ops.cli.main import main
 from desap_ops.integrations.common.layout import packed_sources
+from desap_ops.methods import available_methods
 from desap_ops.testing.models import MODELS, build_model
 
 # every real layout family, at reduced depth and width: (name, a budget below its token count)
@@ -278,3 +279,122 @@ def test_the_ideal_is_apply_desaps_first_k_tokens_with_no_pruning_work(monkeypat
             assert full_level.shape[0] == 2 * n
             torch.testing.assert_close(ideal_level, torch.cat([image[:keep] for image in full_level.split(n)]))
     assert not hasattr(model, "_desap") and data.features not in vars(inner)   # remove_desap undid the patch
+
+
+# --- other pruning methods beside DeSAP (--methods) ----------------------------------------------------
+
+BUILTINS = ["desap", "first", "random", "saliency", "similarity", "divprune"]
+
+
+@pytest.fixture
+def timed_by_variant(monkeypatch):
+    """Each prefill "takes" a time that names its variant: full 1000 ms, the ideal 2000, the method
+    at position i of BUILTINS 3000 + i (read from the patch apply_desap left on the model); the
+    tower alone 0.5 ms. A time that lands on another variant or method shows in the row."""
+    models = []
+    build = e2e.build_model
+
+    def hooked(*args, **kwargs):
+        models.append(build(*args, **kwargs))
+        return models[-1]
+
+    def time_call_ms(fn, device):
+        state = getattr(models[-1], "_desap", None)
+        fn()
+        if state is None:
+            return 1000.0
+        return 2000.0 if state.options.ideal else 3000.0 + BUILTINS.index(state.options.method)
+
+    monkeypatch.setattr(e2e, "build_model", hooked)
+    monkeypatch.setattr(e2e, "time_call_ms", time_call_ms)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-qwen3-vl"])
+def test_each_methods_time_lands_on_it_in_every_round(timed_by_variant, name):
+    others = BUILTINS[1:]
+    plan = e2e.make_plan(name, [TINY[name], 4], "cpu", repeats=2, methods=["divprune", *others])
+    assert plan.methods == ["desap", "divprune", "first", "random", "saliency", "similarity"]
+    result = e2e.run(plan)
+    assert result.methods == plan.methods
+    for row in result.rows:
+        assert (row.rounds_ms.full, row.rounds_ms.desap, row.rounds_ms.ideal) == ([1000.0] * 2, [3000.0] * 2,
+                                                                                 [2000.0] * 2)
+        assert list(row.rounds_ms.methods) == list(row.methods) == plan.others
+        for method, cost in row.methods.items():
+            ms = 3000.0 + BUILTINS.index(method)
+            assert row.rounds_ms.methods[method] == [ms] * 2
+            assert (cost.ms, cost.speedup, cost.overhead_ms, cost.share_of_ideal_speedup) == (
+                ms, 1000.0 / ms, ms - 2000.0, 2000.0 / ms)
+        assert list(row.costs()) == plan.methods and row.costs()["desap"].ms == 3000.0
+
+
+def test_desap_alone_keeps_the_earlier_layout():
+    result = e2e.run(e2e.make_plan("tiny", [4], "meta"))
+    assert result.methods is None and result.rows[0].methods is None and result.rows[0].flops.methods is None
+    assert "methods" not in json.dumps(to_json(result))
+
+
+def test_each_methods_pruning_flops_are_its_own_work_beyond_the_ideal():
+    """LLaVA layout, counted from the pieces: first, random and saliency choose with no matrix work,
+    so beyond the ideal they cost the merge alone, the same for all three; DivPrune adds its
+    distance matrix (2 N^2 D) and one matrix-vector product per kept token (2 N D each);
+    similarity adds the attention branch's projection and the task scores."""
+    keep = 4
+    result = e2e.run(e2e.make_plan("tiny", [16, keep], "meta", methods=BUILTINS))
+    config = build_model("tiny", "meta", torch.float32).config
+    n, width = 16, config.vision_config.hidden_size
+    for row in result.rows:
+        costs = row.costs()
+        merge = costs["first"].pruning_flops
+        assert merge > 0 and costs["random"].pruning_flops == costs["saliency"].pruning_flops == merge
+        assert costs["divprune"].pruning_flops - merge == 2 * n * width * (n + row.keep)
+        assert costs["similarity"].pruning_flops > merge
+        assert costs["desap"].pruning_flops == row.flops.desap - row.flops.ideal
+        for cost in costs.values():
+            assert cost.flops == row.flops.ideal + cost.pruning_flops
+            assert cost.flops_reduction == row.flops.full / cost.flops
+            assert cost.ms is None
+
+
+def test_meta_counts_each_methods_qwen_forward_exactly():
+    """The Qwen models count every method on the real forward passes: under ShapesOnly (--device
+    meta) the same FLOPs as on the CPU, method by method."""
+    methods = ["first", "similarity", "divprune"]
+    counted = e2e.run(e2e.make_plan("tiny-qwen3-vl", [16, 4], "meta", methods=methods))
+    timed = e2e.run(e2e.make_plan("tiny-qwen3-vl", [16, 4], "cpu", repeats=1, methods=methods))
+    assert [r.flops for r in counted.rows] == [r.flops for r in timed.rows]
+    small = counted.rows[1]
+    assert set(small.flops.methods) == set(methods)
+    assert small.methods["divprune"].pruning_flops > small.methods["first"].pruning_flops > 0
+
+
+def test_the_command_with_methods_writes_json_that_reads_back_a_table_and_one_series_per_method(tmp_path, capsys):
+    out, plot = tmp_path / "e2e.json", tmp_path / "e2e.png"
+    assert main(["bench", "e2e", "--model", "tiny", "--keep", "16,4", "--repeats", "1", "--methods",
+                 "saliency,divprune", "--out", str(out), "--plot", str(plot)]) == 0
+    saved = from_json(e2e.E2eResult, json.loads(out.read_text()))
+    assert saved.methods == ["desap", "saliency", "divprune"]
+    for row in saved.rows:
+        assert list(row.methods) == ["saliency", "divprune"] and len(row.rounds_ms.methods["divprune"]) == 1
+        assert row.methods["divprune"].ms == row.rounds_ms.methods["divprune"][0]
+    table = capsys.readouterr().out.splitlines()
+    method_lines = [line.split() for line in table if line.split()[:1] in (["16"], ["4"]) and len(line.split()) == 9]
+    assert [(words[0], words[1]) for words in method_lines] == [
+        (keep, name) for keep in ("16", "4") for name in ("desap", "saliency", "divprune")]
+    lines = e2e.figure(saved).axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["desap", "saliency", "divprune", "ideal (no pruning work)"]
+    for line, name in zip(lines, saved.methods):
+        assert list(line.get_xdata()) == [16, 4]
+        assert list(line.get_ydata()) == [row.costs()[name].speedup for row in saved.rows]
+
+
+def test_an_unknown_method_is_one_line_and_exit_2_before_anything_is_built(monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(e2e, "build_model", refuse)
+    assert main(["bench", "e2e", "--model", "tiny", "--methods", "desap,nope"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("... ")]
+    assert err == ["desap: error: --methods: 'nope' is not a registered pruning method; registered: "
+                   + ", ".join(available_methods())]
+    assert set(BUILTINS) <= set(available_methods())

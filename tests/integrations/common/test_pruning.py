@@ -62,3 +62,52 @@ def test_tower_signals_split_and_map_keep_their_rows_aligned():
     assert second.levels[0].tolist() == [20, 30, 40]
     picked = signals.map(lambda t: t[[4, 0]])
     assert picked.branch[:, 0].tolist() == [4, 0] == picked.saliency.tolist() and picked.levels[0].tolist() == [40, 0]
+
+
+@pytest.mark.parametrize("name", ["desap", "first", "random", "saliency", "similarity", "divprune"])
+def test_each_method_gets_the_signals_it_reads_and_nothing_else(name):
+    from desap_ops.methods import MethodInputs, content_seeds, get_method, run_method
+
+    reads = get_method(name).reads
+    full = _signals(seed=3)
+    content = torch.arange(18).view(2, 9) * 1000003
+    # the signals a method does not read are absent: None, as an engine that skipped them gives them
+    signals = TowerSignals(full.hidden, full.branch if "attn" in reads else None,
+                           full.saliency if "saliency" in reads else None,
+                           content=content if "seed" in reads else None)
+    text, mask = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4)), torch.ones(2, 3, dtype=torch.bool)
+
+    def text_space(branch):
+        assert "attn" in reads, f"{name} reads no attention branch"
+        return 2 * branch
+
+    options = PruneOptions.checked(4, 0.5, True, "max", "reference", None, False, name)
+    assert options.method == name and options.reads == reads
+    got = prune_images(signals, text_space, text if "text" in reads else None, mask if "text" in reads else None, 4,
+                       options)
+    expected = run_method(get_method(name), MethodInputs(
+        hidden=full.hidden, keep=4, saliency=full.saliency, attn=2 * full.branch, text=text, text_mask=mask,
+        seeds=content_seeds(content), backend="reference"), merge=True)
+    for field in ("tokens", "indices", "assignment", "task_scores", "task_keep"):
+        assert torch.equal(getattr(got, field), getattr(expected, field))
+
+
+def test_the_method_option_is_checked():
+    with pytest.raises(ValueError, match=r"method 'nope' is not a registered pruning method; registered: \['desap'"):
+        PruneOptions.checked(4, 0.5, True, "max", "auto", None, False, "nope")
+    with pytest.raises(ValueError, match=r"ideal is the method 'first' unmerged; it cannot be combined with "
+                                         r"method='divprune'"):
+        PruneOptions.checked(4, 0.5, True, "max", "auto", None, True, "divprune")
+    assert PruneOptions.checked(4, 0.5, True, "max", "auto", None, True, "first").method == "first"
+    assert PruneOptions.checked(4, 0.5, True, "max", "auto", None, False).method == "desap"
+
+
+def test_a_tower_pass_reads_what_any_of_its_images_methods_reads():
+    from desap_ops.integrations.common.pruning import tower_reads
+
+    def options(method):
+        return PruneOptions.checked(4, 0.5, True, "max", "auto", None, False, method)
+
+    assert tower_reads([options("first"), options("divprune")]) == frozenset()
+    assert tower_reads([options("first"), options("random"), options("saliency")]) == {"seed", "saliency"}
+    assert tower_reads([options("similarity"), options("desap")]) == {"saliency", "attn", "text"}

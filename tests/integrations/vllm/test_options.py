@@ -8,6 +8,7 @@ import torch
 
 from desap_ops.integrations.vllm.options import (REQUEST_OPTIONS, decode_request, encode_request, read_options,
                                                  request_options)
+from desap_ops.methods import method_code, register_method, unregister_method
 
 
 class Config:
@@ -80,7 +81,7 @@ def test_the_per_item_encoding_gives_back_the_same_options_exactly(raw):
     encoded = encode_request(options)
     assert encoded.shape == (len(REQUEST_OPTIONS),) and encoded.dtype == torch.float64
     assert decode_request(base, encoded) == options
-    assert decode_request(base, encoded[None]) == options   # a stacked (1, 5) row too
+    assert decode_request(base, encoded[None]) == options   # a stacked (1, 6) row too
     assert math.isnan(encoded[1]) == (options.task_ratio == "auto")
 
 
@@ -98,3 +99,64 @@ def test_the_engines_options_are_the_prunes_options_by_the_same_names():
     assert isinstance(options, PruneOptions) and options.merges is False
     assert (options.task_ratio, options.merge, options.text_reduce, options.backend, options.text_budget,
             options.method) == ("auto", True, "max", "auto", 3, "first")
+
+
+# --- the pruning method ---------------------------------------------------------------------------------
+
+REGISTERED = r"registered: \['desap', 'divprune', 'first', 'random', 'saliency', 'similarity'"
+
+
+def test_the_engine_sets_a_method_and_may_limit_what_requests_ask_for():
+    assert engine().method == "desap" and engine().methods is None
+    options = engine(method="divprune", methods=["random", "divprune", "random"])
+    assert (options.method, options.methods, options.reads) == ("divprune", ("divprune", "random"), frozenset())
+    assert engine(method="random").reads == {"seed"} and engine(method="similarity").reads == {"attn", "text"}
+    assert engine(ideal=True, method="first").method == "first"
+
+
+@pytest.mark.parametrize("desap, error, message", [
+    ({"method": "nope"}, ValueError, r"hf_overrides\[\"desap\"\]: method 'nope' is not a registered pruning method; "
+                                     + REGISTERED),
+    ({"method": 3}, TypeError, r"hf_overrides\[\"desap\"\]: method must be a method name"),
+    ({"ideal": True, "method": "random"}, ValueError, r"ideal is the method 'first' unmerged"),
+    ({"methods": ["random", "nope"]}, ValueError, r"\[\"methods\"\]: method 'nope' is not a registered"),
+    ({"methods": "random"}, TypeError, r"\[\"methods\"\] must be a list of method names, got 'random'"),
+    ({"methods": ["random"]}, ValueError, r"\[\"methods\"\] = \['random'\] leaves out the engine's own method 'desap'"),
+])
+def test_a_bad_engine_method_is_refused_naming_it(desap, error, message):
+    with pytest.raises(error, match=message):
+        engine(**desap)
+
+
+def test_a_request_picks_a_method_and_a_wrong_one_is_a_value_error_naming_it():
+    base = engine(methods=["desap", "first", "saliency"])
+    options = request_options(base, {"method": "saliency"})
+    assert options.method == "saliency" and options.reads == {"saliency"}
+    assert repr(options) != repr(base)   # the image's cache key folds in the method
+    assert request_options(engine(), {"method": "divprune"}).method == "divprune"   # no list: any registered one
+    for raw, message in [
+        ({"method": "random"}, r'\["method"\] is \'random\', which this engine does not allow; '
+                               r'hf_overrides\["desap"\]\["methods"\] = \[\'desap\', \'first\', \'saliency\'\]'),
+        ({"method": "nope"}, r"method 'nope' is not a registered pruning method; " + REGISTERED),
+        ({"method": ["first"]}, r"method must be a method name"),
+    ]:
+        with pytest.raises(ValueError, match=r'mm_processor_kwargs\["desap"\]') as caught:
+            request_options(base, raw)
+        assert caught.match(message)
+    with pytest.raises(ValueError, match=r'\["method"\] is \'divprune\', but this engine runs the ideal '
+                                         r'\(hf_overrides\["desap"\]\["ideal"\]\), which is the method \'first\''):
+        request_options(engine(ideal=True), {"method": "divprune"})
+    assert request_options(engine(ideal=True), {"method": "first"}).method == "first"
+
+
+def test_the_method_travels_as_its_code_and_comes_back_by_name():
+    register_method("test-travels", lambda inputs: None, reads=())
+    try:
+        base = engine(max_keep=16)
+        for method in ("desap", "first", "random", "saliency", "similarity", "divprune", "test-travels"):
+            options = request_options(base, {"method": method, "keep": 12})
+            encoded = encode_request(options)
+            assert encoded.shape == (6,) and encoded[5] == method_code(method)
+            assert decode_request(base, encoded) == options and decode_request(base, encoded).method == method
+    finally:
+        unregister_method("test-travels")
