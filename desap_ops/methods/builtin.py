@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .. import reference
-from .registry import DEFAULT_METHOD, Method, MethodInputs
+from .interface import DEFAULT_METHOD, Method, MethodInputs
 
 DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
 

@@ -1,77 +1,18 @@
-"""The method registry: what a method is given (:class:`MethodInputs`), what it gives back
-(:class:`Selection`), and where methods are found (built-ins, :func:`register_method`, and the
-entry-point group ``desap_ops.methods``, read once per process on first use)."""
+"""The method registry: where methods are found (the built-ins, :func:`register_method`, and the
+entry-point group ``desap_ops.methods``, read once per process on first use). The interface's
+types live in ``interface``."""
 from __future__ import annotations
 
 import re
 import threading
-import zlib
-from dataclasses import dataclass
-from typing import AbstractSet, Callable, NamedTuple, Optional, Union
+from typing import AbstractSet, Optional
 
-import torch
+from .builtin import BUILTIN, register_builtins
+from .interface import (DEFAULT_METHOD, DEFAULT_READS, SIGNALS, Method, MethodFailure, MethodInputs, Selection,  # noqa: F401
+                    SelectFn, method_code)
 
-DEFAULT_METHOD = "desap"
 ENTRY_POINT_GROUP = "desap_ops.methods"
-# the signals a method may read besides ``hidden``; the engines compute only those a method names
-# (the tower's attention hooks for "saliency" and "attn", text embeddings for "text", a hash of the
-# pixels for "seed")
-SIGNALS = frozenset({"saliency", "attn", "text", "seed"})
-DEFAULT_READS = frozenset({"saliency", "attn", "text"})   # what a method registered without ``reads`` reads
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
-
-
-class MethodFailure(ValueError):
-    """A method raised, or gave back something that is not a selection. The message names it."""
-
-
-@dataclass(frozen=True)
-class MethodInputs:
-    """What a method sees: B images (or video clips) of N candidate tokens each, to keep K of.
-    Signals the method did not ask for (``Method.reads``) are None."""
-
-    hidden: torch.Tensor                     # (B, N, D): the tokens' features, what is kept and merged
-    keep: int                                # K, 1 <= K <= N: how many to keep (the engines' budget rule decided it)
-    saliency: Optional[torch.Tensor] = None  # (B, N) float32: [CLS] attention, or the attention a token receives
-    attn: Optional[torch.Tensor] = None      # (B, N, C): the attention branch in the text's space
-    text: Optional[torch.Tensor] = None      # (B, L, C): the prompt text each image reads
-    text_mask: Optional[torch.Tensor] = None # (B, L) bool: True for valid text tokens
-    seeds: Optional[torch.Tensor] = None     # (B,) int64 CPU: a hash of each image's pixels, the same in every engine
-    task_ratio: object = 0.5                 # the operator's options, for methods that read them
-    text_reduce: str = "max"
-    text_budget: Optional[int] = None
-    backend: str = "auto"
-
-
-class Selection(NamedTuple):
-    """What a method gives back: ``indices`` (B, K) int64, strictly ascending in [0, N); optionally
-    ``assignment`` (B, N) int64, each token's output position (a kept token its own, a dropped one
-    that of the kept token it merges into). Without one, dropped tokens merge into their nearest
-    kept token by cosine similarity of ``hidden``."""
-
-    indices: torch.Tensor
-    assignment: Optional[torch.Tensor] = None
-
-
-SelectFn = Callable[[MethodInputs], Union[torch.Tensor, Selection]]
-
-
-@dataclass(frozen=True)
-class Method:
-    """A registered method: its name, its function, and the signals it reads (``SIGNALS``)."""
-
-    name: str
-    select: SelectFn
-    reads: frozenset
-
-    @property
-    def code(self) -> int:
-        return method_code(self.name)
-
-
-def method_code(name: str) -> int:
-    """A method's number where it travels as a tensor (vLLM's per-item options): exact in float64."""
-    return zlib.crc32(name.encode())
 
 
 _METHODS: dict[str, Method] = {}
@@ -131,8 +72,6 @@ def register_method(name: str, select: Optional[SelectFn] = None, *,
 
 def unregister_method(name: str) -> None:
     """Forget the method ``name`` (tests; a built-in cannot be removed)."""
-    from .builtin import BUILTIN
-
     if name in BUILTIN:
         raise ValueError(f"{name!r} is a built-in method and stays registered")
     with _LOCK:
@@ -149,8 +88,6 @@ def _load_entry_points() -> None:
     if _loaded_entry_points and _entry_point_error is None:
         return
     from importlib.metadata import entry_points
-
-    from .builtin import register_builtins
 
     with _LOCK:
         if _entry_point_error is not None:

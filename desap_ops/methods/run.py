@@ -7,7 +7,7 @@ import torch
 from .. import reference
 from ..api import prune
 from ..reference import PruneResult
-from .registry import DEFAULT_METHOD, Method, MethodFailure, MethodInputs, Selection
+from .interface import DEFAULT_METHOD, Method, MethodFailure, MethodInputs, Selection
 
 
 def run_method(method: Method, inputs: MethodInputs, merge: bool) -> PruneResult:
