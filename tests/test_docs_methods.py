@@ -1,5 +1,5 @@
-"""The method snippets of README.md ("Pruning methods") and docs/methods.md ("Registering a
-method") run as written, on a tiny LLaVA with 100 tokens an image (so their ``keep=64`` prunes),
+"""The method snippets of README.md ("Pruning methods"), docs/api.md ("Pruning methods") and
+docs/methods.md ("Registering a method") run as written, on a tiny LLaVA with 100 tokens an image (so their ``keep=64`` prunes),
 and the model then feeds its language model what each snippet's method says: the kept tokens, and
 for docs/methods.md's ``Selection`` the groups its assignment merges. Expected values come from
 the unpatched tower's own features. Every method a snippet registers is unregistered afterwards."""
@@ -102,3 +102,16 @@ def test_methods_doc_selection_keeps_a_grid_and_merges_by_its_assignment(run_sni
     groups = torch.stack([features[[t for t in range(TOKENS) if owner[t] == k]].mean(dim=0) for k in range(KEEP)])
     with torch.no_grad():
         torch.testing.assert_close(rows, projector(groups), rtol=1e-5, atol=1e-5)
+
+
+def test_api_doc_method_keeps_the_tokens_closest_to_the_mean_token(run_snippet):
+    model, added, namespace = run_snippet("docs/api.md")
+    assert added == ["typical"] and get_method("typical").reads == frozenset()
+    assert get_method("typical").select is namespace["typical"]
+    image = pixels()
+    rows, features, _ = fed(model, image)
+    closeness = torch.nn.functional.cosine_similarity(features, features.mean(dim=0, keepdim=True), dim=-1)
+    ranked = closeness.sort(descending=True).values
+    assert ranked[KEEP - 1] - ranked[KEEP] > 1e-5   # no near-tie at the cut
+    assert last_prune(model).indices[0].tolist() == closeness.topk(KEEP).indices.sort().values.tolist()
+    assert rows.shape[0] == KEEP
