@@ -189,16 +189,24 @@ def _locate(rows: torch.Tensor, is_media: torch.Tensor, positions: torch.Tensor,
 def recompute_after_encoder() -> None:
     """Make every model runner this vLLM has run its M-RoPE step after the encoder for a model that
     sets ``desap_recomputes_mrope``: the V1 runner where it still exists (0.32, 0.33; its CPU runner
-    subclasses it), the V2 runner always, and the V2 CPU runner where it exists (0.34). Whichever
-    runner the engine picks then places the kept tokens; models without the attribute are
-    untouched. The names are ``hooks.V1_RUNNER`` and the V2 groups, checked before any model loads."""
+    subclasses it), the V2 runner always, and the V2 CPU runner where it exists (0.34) and the
+    platform is the CPU: elsewhere no engine runs it, and importing it would load the CPU build's
+    ops (``vllm._cpu_ops``) into a GPU worker. Whichever runner the engine picks then places the
+    kept tokens; models without the attribute are untouched. The names are ``hooks.V1_RUNNER``,
+    the V2 groups and ``hooks.CPU_PLATFORM``, checked before any model loads."""
     from .hooks import V1_RUNNER, V2_CPU_PRUNER, V2_GPU_PRUNER, installed_has_module
 
     if installed_has_module(V1_RUNNER.where):
         _turn_on_v1_step()
     _build_v2_pruner(*V2_GPU_PRUNER)
-    if installed_has_module(V2_CPU_PRUNER[0]):
+    if _on_cpu() and installed_has_module(V2_CPU_PRUNER[0]):   # the platform first: the lookup imports packages
         _build_v2_pruner(*V2_CPU_PRUNER)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
 
 
 def _turn_on_v1_step() -> None:
