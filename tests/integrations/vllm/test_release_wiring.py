@@ -140,8 +140,10 @@ BROKEN = {
         f"{_W}{_STATE}.__init__ is now defined in vllm.v1.worker.gpu.model_states.base"),
     "the staged writes flushed before the pruner": (
         _GPU + "model_states/default.py",
-        "mm_embeds = self.mm_pruner.recompute(mm_embeds, input_batch, req_states)\n            self.apply_staged_writes()",
-        "self.apply_staged_writes()\n            mm_embeds = self.mm_pruner.recompute(mm_embeds, input_batch, req_states)",
+        "mm_embeds = self.mm_pruner.recompute(mm_embeds, input_batch, req_states)\n"
+        "            self.apply_staged_writes()",
+        "self.apply_staged_writes()\n"
+        "            mm_embeds = self.mm_pruner.recompute(mm_embeds, input_batch, req_states)",
         f"{_W}{_STATE}.prepare_inputs_embeds now uses apply_staged_writes before mm_pruner.recompute"),
     "the pruner no longer called": (
         _GPU + "model_states/default.py", "mm_embeds = self.mm_pruner.recompute(mm_embeds, input_batch, req_states)",
@@ -215,7 +217,8 @@ BROKEN = {
 
 # files a case adds beside the one it breaks, and what else it breaks: a model state moved to another
 # module takes the factory's import with it, which the binding rule refuses too
-ADDED = {"the model state moved to another module": {_GPU + "model_states/base.py": RELEASE[_GPU + "model_states/default.py"]}}
+ADDED = {"the model state moved to another module": {
+    _GPU + "model_states/base.py": RELEASE[_GPU + "model_states/default.py"]}}
 ALSO = {"the model state moved to another module": ["vllm.v1.worker.gpu.model_states.base (line 3) binds "
                                                     "maybe_create_mm_pruner"]}
 
