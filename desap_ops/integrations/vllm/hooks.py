@@ -487,8 +487,9 @@ def binding_problems(bindings: Iterable[SoleBinding], modules: Iterable[ModuleSo
                            if isinstance(node, (ast.stmt, ast.expr))
                            and _bound_as(node, module, binding.name, binding.modules))
             if lines:
-                found.append(f"{module.name} (line {lines[0]}) binds {binding.name}, which the plugin replaces "
-                             f"only in {', '.join(binding.modules)} ({binding.serves})")
+                found.append(f"{module.name} (line {lines[0]}) binds {binding.name}, which only "
+                             f"{', '.join(binding.modules)} may: where it is defined and where the plugin "
+                             f"replaces it ({binding.serves})")
     return found
 
 
