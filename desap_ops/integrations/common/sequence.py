@@ -143,11 +143,10 @@ def image_text_tokens(
       after the image to the end of its row (markers left out); where nothing follows it, the
       text before it (a question asked before the image).
 
-    What the processor wrote is never the user's words, so both engines read the same text (vLLM
-    reads the prompt before the processor expands it): every token from an item's first placeholder
-    to its last (Qwen3-VL's frame timestamps and markers between a video's frames), and the tokens
-    ``written`` (B, T) bool marks (the timestamp before a video's first frame: ``hf.qwen3_vl``).
-    ``lengths`` are the item's placeholder counts in this prompt, each item's own.
+    What the processor wrote beside the items, ``written`` (B, T) bool (Qwen3-VL's frame timestamps:
+    ``hf.qwen3_vl.video_frame_text``), is never the user's words: vLLM reads the prompt before its
+    processor writes them, so both engines read the same text. ``lengths`` are the items'
+    placeholder counts in this prompt, each item's own.
 
     Returns (ids (I, L), mask (I, L)) with L >= 1; an image with no such token has an all-False row.
     """
@@ -164,10 +163,6 @@ def image_text_tokens(
     for image in range(len(lengths)):
         hits = (owner == image).nonzero()
         spans.append(None if hits.numel() == 0 else (int(hits[0, 0]), int(hits[:, 1].min()), int(hits[:, 1].max())))
-    for span in spans:   # inside an item's span, between its placeholder runs: the processor's
-        if span is not None:
-            row, first, last = span
-            valid[row, first:last + 1] = False
     per_image = []
     for span in spans:
         if span is None:

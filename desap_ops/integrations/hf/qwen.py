@@ -176,12 +176,15 @@ def plan(model: nn.Module, arguments: dict, pad_left: bool, read_tower: ReadTowe
     kept = torch.ones_like(input_ids, dtype=torch.bool)
     media: dict[str, PlannedMedium] = {}
     start_record(model)
+    videos = arguments.get("video_grid_thw") if arguments.get("pixel_values_videos") is not None else None
+    # the processor's text beside the videos is no item's text, an image's in the same turn included
+    written = None if videos is None or video_text is None else video_text(model, input_ids, mask,
+                                                                           _sizes(model, videos))
     for medium in _present(arguments):
         grid, token_id = arguments[medium.grid], getattr(model.config, medium.token_attr)
         signals = read_tower(model, arguments[medium.pixels], grid, model._desap.options.reads)
-        sizes = _sizes(model, grid)
-        written = video_text(model, input_ids, mask, sizes) if medium.kind == "video" and video_text else None
-        media[medium.kind], flags = _prune_medium(model, signals, sizes, input_ids, mask, token_id, written)
+        media[medium.kind], flags = _prune_medium(model, signals, _sizes(model, grid), input_ids, mask, token_id,
+                                                  written)
         kept[input_ids == token_id] = flags.to(kept.device)
 
     shrunk = drop_tokens(kept, pad_token_id(model), input_ids, mask, arguments.get("labels"),

@@ -95,13 +95,13 @@ def deepstack_per_image(model: nn.Module) -> bool:
     return "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters
 
 
-def leading_timestamps(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], token_id: int,
+def video_frame_text(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], token_id: int,
                        lengths: Sequence[int], start_id: int, end_id: int) -> torch.Tensor:
-    """(B, T) bool: the timestamp the processor wrote before each video's first frame.
+    """(B, T) bool: the text the processor wrote for each video: its frames' timestamps and markers.
 
     The processor writes each frame group as ``<t seconds>`` ``<|vision_start|>`` its tokens
-    ``<|vision_end|>``. Everything between a video's first and last placeholder is the processor's
-    (``sequence.image_text_tokens`` drops it); the first timestamp stands before the first frame:
+    ``<|vision_end|>``. Everything between a video's first and last placeholder is the processor's;
+    the first timestamp stands before the first frame:
 
     - where the prompt's own ``<|vision_start|>`` still wraps the video (transformers before it
       collapsed that wrapper), it is everything between that marker and the first frame's;
@@ -120,10 +120,12 @@ def leading_timestamps(input_ids: torch.Tensor, attention_mask: Optional[torch.T
         if hits.numel() == 0:
             continue
         row, columns = int(hits[0, 0]), hits[:, 1]
-        first = int(columns.min())
-        if first == 0 or int(input_ids[row, first - 1]) != start_id:
+        first, last = int(columns.min()), int(columns.max())
+        if (first == 0 or last + 1 == input_ids.shape[1] or int(input_ids[row, first - 1]) != start_id
+                or int(input_ids[row, last + 1]) != end_id):
             continue   # not the processor's frame layout
         frame = first - 1
+        written[row, frame:last + 2] = owner[row, frame:last + 2] != item   # the frames' markers and later timestamps
         stop = frame - 1   # the nearest marker, placeholder or padding before the first frame's marker
         while stop >= 0 and not bool(stops[row, stop]):
             stop -= 1
@@ -144,10 +146,10 @@ def leading_timestamps(input_ids: torch.Tensor, attention_mask: Optional[torch.T
 
 def frame_timestamps(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                      lengths: list) -> torch.Tensor:
-    """``qwen.VideoText`` of Qwen3-VL and Qwen3.5: the first frame's timestamp of each video
-    (:func:`leading_timestamps`; the later frames' lie inside the video's span)."""
+    """``qwen.VideoText`` of Qwen3-VL and Qwen3.5: each video's frame timestamps and markers
+    (:func:`video_frame_text`)."""
     config = model.config
-    return leading_timestamps(input_ids, attention_mask, config.video_token_id, lengths,
+    return video_frame_text(input_ids, attention_mask, config.video_token_id, lengths,
                               config.vision_start_token_id, config.vision_end_token_id)
 
 
