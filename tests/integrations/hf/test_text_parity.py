@@ -57,6 +57,16 @@ def spy_texts(monkeypatch) -> list:
     return seen
 
 
+@pytest.fixture(scope="module")
+def qwen3_vl():
+    return tiny_qwen3_vl()
+
+
+@pytest.fixture(scope="module")
+def llava_next():
+    return tiny_llava_next()
+
+
 VIDEO_GRID, IMAGE_GRID = ("video", 2, 4, 4), ("image", 4, 4)   # 2 frame groups of 4 tokens; 4 tokens
 
 
@@ -64,17 +74,23 @@ VIDEO_GRID, IMAGE_GRID = ("video", 2, 4, 4), ("image", 4, 4)   # 2 frame groups 
 @pytest.mark.parametrize("chat", [CHAT, None], ids=["chat", "plain"])
 @pytest.mark.parametrize("question", [QUESTION, []], ids=["question", "none"])
 @pytest.mark.parametrize("times", [[0.5, 1.5], [9.5, 10.5]], ids=["same-width", "wider-second"])
-def test_a_qwen3_videos_frame_timestamps_are_never_its_text(monkeypatch, wrapped, chat, question, times):
-    model = apply_desap(tiny_qwen3_vl(), keep=3, chat=chat)
+@pytest.mark.parametrize("image_first", [False, True], ids=["video-first", "image-first"])
+def test_a_qwen3_videos_frame_timestamps_are_never_an_items_text(qwen3_vl, monkeypatch, wrapped, chat, question, times,
+                                                                 image_first):
+    model = apply_desap(qwen3_vl, keep=3, chat=chat)   # replaces the previous test's patch
     seen = spy_texts(monkeypatch)
     image = [START] + [QWEN_IMAGE] * 4 + [END]
-    ids = turn(qwen3_video(times, 4, wrapped), image, question) + [OPEN, ASSISTANT]
+    media = [qwen3_video(times, 4, wrapped), image]
+    sent_media = [[START, QWEN_VIDEO, END], [START, QWEN_IMAGE, END]]
+    if image_first:
+        media, sent_media = media[::-1], sent_media[::-1]
+    ids = turn(*media, question) + [OPEN, ASSISTANT]
     data = pixels([IMAGE_GRID, VIDEO_GRID], seed=3)
     inputs = torch.tensor([ids])
     model(input_ids=inputs, mm_token_type_ids=(inputs == QWEN_IMAGE).int() + 2 * (inputs == QWEN_VIDEO).int(), **data)
 
     # vLLM: the same turn before its processor expanded the video
-    sent = turn([START, QWEN_VIDEO, END], [START, QWEN_IMAGE, END], question) + [OPEN, ASSISTANT]
+    sent = turn(*sent_media, question) + [OPEN, ASSISTANT]
     ignored = config_ignored_ids(model.config, model.generation_config)
     served = (prompt_texts(sent, QWEN_IMAGE, 1, ignored, chat) + prompt_texts(sent, QWEN_VIDEO, 1, ignored, chat, "video"))
     assert seen == list(served)   # the image, then the video
@@ -107,8 +123,8 @@ LLAVA_CHAT = ChatMarkers(user=[LLAVA_USER], assistant=[LLAVA_ASSISTANT])
 
 @pytest.mark.parametrize("keep", [4, 12, 60])
 @pytest.mark.parametrize("chat", [LLAVA_CHAT, None], ids=["chat", "plain"])
-def test_llava_next_images_of_a_chat_read_their_own_turns_at_any_keep(monkeypatch, keep, chat):
-    model = apply_desap(tiny_llava_next(), keep=keep, chat=chat)
+def test_llava_next_images_of_a_chat_read_their_own_turns_at_any_keep(llava_next, monkeypatch, keep, chat):
+    model = apply_desap(llava_next, keep=keep, chat=chat)
     seen = spy_texts(monkeypatch)
     first, second, answer = [40, 41, 42, 43, 44], [45, 46, 47, 48], [50, 51]
 
