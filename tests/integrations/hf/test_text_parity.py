@@ -94,7 +94,8 @@ def test_a_qwen3_videos_frame_timestamps_are_never_an_items_text(qwen3_vl, monke
     # vLLM: the same turn before its processor expanded the video
     sent = turn(*sent_media, question) + [OPEN, ASSISTANT]
     ignored = config_ignored_ids(model.config, model.generation_config)
-    served = (prompt_texts(sent, QWEN_IMAGE, 1, ignored, chat) + prompt_texts(sent, QWEN_VIDEO, 1, ignored, chat, "video"))
+    served = prompt_texts(sent, QWEN_IMAGE, 1, ignored, chat) + prompt_texts(sent, QWEN_VIDEO, 1, ignored, chat,
+                                                                             "video")
     assert seen == list(served)   # the image, then the video
     if chat is not None:
         assert served == (tuple(question),) * 2
