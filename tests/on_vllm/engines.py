@@ -383,7 +383,13 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
     image_token = model.config.image_token_id
     # images glued together (no token between their placeholders) make one run of placeholders
     glued = _run_lengths(processor.tokenizer(text_prompt)["input_ids"], image_token)
-    prompt = ids if options is None else _pruned(ids, image_token, options["keep"], glued)
+    budgets = None
+    if options is not None and kind == "llava_next":   # an image's newlines may take it past keep
+        from desap_ops.integrations.common.layout import packed_budget
+        from desap_ops.integrations.hf.llava_next import image_layouts
+
+        budgets = [packed_budget(options["keep"], s) for s in image_layouts(model, inputs["image_sizes"])]
+    prompt = ids if options is None else _pruned(ids, image_token, options["keep"], glued, budgets)
     if video is not None and options is not None:   # the placeholders of the tokens the video kept
         (video_tokens,) = (inputs["video_grid_thw"].prod(-1) // model.config.vision_config.spatial_merge_size**2)
         prompt = _kept(prompt, model.config.video_token_id, int(video_tokens), record.indices[-1].tolist())
@@ -391,6 +397,7 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
     served = len(ids) if out[0, :len(ids)].tolist() == ids else len(prompt)
     return {"prompt_ids": prompt, "output_ids": out[0, served:].tolist(),
             "indices": [r.tolist() for r in record.indices] if record else None,
+            "text_tokens": [int(n) for n in record.text_tokens] if record else None,
             "positions": None if seen[0] is None else seen[0].reshape(-1, seen[0].shape[-1]).tolist()}
 
 
@@ -436,16 +443,18 @@ def _run_lengths(ids: list, token: int) -> list:
     return runs
 
 
-def _pruned(ids: list, image_token: int, keep: int, images_per_run: list = None) -> list:
+def _pruned(ids: list, image_token: int, keep: int, images_per_run: list = None, budgets: list = None) -> list:
     """``ids`` with each run of image placeholders cut to its first ``keep`` (``keep`` per image
-    where ``images_per_run`` says a run holds several glued images)."""
-    out, run, index = [], 0, -1
+    where ``images_per_run`` says a run holds several glued images; ``budgets``: each image's own)."""
+    out, run, index, image, allowed = [], 0, -1, 0, 0
     for t in ids:
         if t == image_token and run == 0:
             index += 1
+            images = images_per_run[index] if images_per_run and index < len(images_per_run) else 1
+            allowed = keep * images if budgets is None else sum(budgets[image:image + images])
+            image += images
         run = run + 1 if t == image_token else 0
-        images = images_per_run[index] if images_per_run and index < len(images_per_run) else 1
-        if t != image_token or run <= keep * images:
+        if t != image_token or run <= allowed:
             out.append(t)
     return out
 

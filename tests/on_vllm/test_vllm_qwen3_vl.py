@@ -11,8 +11,8 @@ embeddings the model writes: the prompt ids match transformers' everywhere else.
 import pytest
 
 from engines import (METHODS, QWEN_IMAGE, QWEN_PROMPTS, QWEN_VIDEO, assert_alone_positions, assert_batched_positions,
-                     assert_same_answers, qwen3_expected, qwen3_media, qwen3_requests, qwen3_video_span, run_engine,
-                     transformers_run, with_method)
+                     assert_same_answers, qwen3_expected, qwen3_media, qwen3_requests, qwen3_video_span, rendered_chat,
+                     run_engine, transformers_run, with_method)
 
 OPTIONS = {"keep": 6}
 VIDEO_TOKEN = 152
@@ -31,6 +31,7 @@ ENGINES = {
     "test_moe_under_tensor_parallelism_keeps_apply_desaps_tokens_on_every_rank":
         [("qwen3_vl_moe", {**ENGINE, "hf_overrides": {"desap": TP_OPTIONS}}, 2)],
     "test_without_the_desap_key_vllm_runs_its_own_qwen3_vl_unchanged": [("qwen3_vl", LIMITS)],
+    "test_a_videos_frame_timestamps_are_no_items_text": [("qwen3_vl", ENGINE)],
 }
 
 
@@ -61,6 +62,25 @@ def test_images_and_videos_get_apply_desaps_tokens_positions_and_output_in_a_bat
     assert_same_answers(got, expected, CLASS)   # the second round from the processor and prefix caches
     for round_ in got["positions"]:
         assert_batched_positions(round_, expected)
+
+
+def test_a_videos_frame_timestamps_are_no_items_text(media, tmp_path):
+    """A chat turn holding a 3-group clip and an image and no words, and one holding the clip and
+    a question: the timestamps transformers' processor writes before each frame group are no
+    item's text, so each item reads what vLLM reads (nothing, then the question's 6 words) and
+    keeps the same tokens."""
+    folder = media["qwen3_vl"]
+    silent = rendered_chat(folder, [{"role": "user", "content": [{"type": "video_url"}, {"type": "image_url"}]}])
+    asked = rendered_chat(folder, [{"role": "user", "content": [
+        {"type": "video_url"}, {"type": "text", "text": "what happens in this clip ?"}]}])
+    requests = [(silent, {"video": media["wide"], "image": media["large2"]}), (asked, {"video": media["wide"]})]
+    expected = qwen3_expected("qwen3_vl", folder, requests, OPTIONS)
+    assert [want["text_tokens"] for want in expected] == [[0, 0], [6]]   # the image, then the video
+    got = run_engine(tmp_path, folder, ENGINE, requests)
+    assert_same_answers(got, expected, CLASS)
+    (rank,) = got["ranks"]
+    assert (sorted((tuple(r["indices"]), r["text_tokens"]) for r in rank["history"])
+            == sorted((tuple(k), n) for want in expected for k, n in zip(want["indices"], want["text_tokens"])))
 
 
 def test_chunked_and_prefix_cached_prefills_run_at_transformers_positions(media, tmp_path):

@@ -130,6 +130,7 @@ def image_text_tokens(
     lengths: Sequence[int],
     ignored_ids: set[int],
     turns: Optional[torch.Tensor] = None,
+    written: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image, the text tokens its task score reads (docs/algorithm.md, "The text an image
     reads"), never padding, placeholders (of any image) or ``ignored_ids``:
@@ -142,22 +143,32 @@ def image_text_tokens(
       after the image to the end of its row (markers left out); where nothing follows it, the
       text before it (a question asked before the image).
 
+    What the processor wrote beside the items, ``written`` (B, T) bool (Qwen3-VL's frame timestamps:
+    ``hf.qwen3_vl.video_frame_text``), is never the user's words: vLLM reads the prompt before its
+    processor writes them, so both engines read the same text. ``lengths`` are the items'
+    placeholder counts in this prompt, each item's own.
+
     Returns (ids (I, L), mask (I, L)) with L >= 1; an image with no such token has an all-False row.
     """
     owner, _ = placeholder_owners(input_ids, image_token_id, lengths)
     valid = owner < 0
     if attention_mask is not None:
         valid &= attention_mask.bool()
+    if written is not None:
+        valid &= ~written.to(valid.device)
     for token in ignored_ids:
         valid &= input_ids != token
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    per_image = []
+    spans = []   # (row, first, last) of each item's placeholders; None for an item not in the prompt
     for image in range(len(lengths)):
         hits = (owner == image).nonzero()
-        if hits.numel() == 0:
+        spans.append(None if hits.numel() == 0 else (int(hits[0, 0]), int(hits[:, 1].min()), int(hits[:, 1].max())))
+    per_image = []
+    for span in spans:
+        if span is None:
             per_image.append(input_ids.new_empty(0))
             continue
-        row, first, last = int(hits[0, 0]), int(hits[:, 1].min()), int(hits[:, 1].max())
+        row, first, last = span
         own = 0 if turns is None else int(turns[row, last])
         if own != 0:   # inside a user turn: its words (-1, inside an answer: none)
             text = valid[row] & (turns[row] == own) & (own > 0)

@@ -18,7 +18,7 @@ a call plans travels as a :class:`QwenPlan` on the call's context (``state.CallC
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -66,6 +66,9 @@ MEDIA = (Medium("image", "pixel_values", "image_grid_thw", 1, "image_token_id"),
 # each token's 2 x 2 patches, and the DeepStack levels
 ReadTower = Callable[[nn.Module, torch.Tensor, torch.Tensor, frozenset], TowerSignals]   # (model, pixels, grid, reads)
 Output = Callable[[list, list], object]   # (features per item, levels x items) -> the model output
+# (model, input_ids, attention_mask, lengths) -> (B, T) bool: the text the processor wrote beside a
+# call's videos (Qwen3-VL's frame timestamps), which is never the user's words
+VideoText = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor], list], torch.Tensor]
 
 
 # --- reading a vision block ----------------------------------------------------------------------
@@ -125,12 +128,13 @@ def _items_per_row(input_ids: torch.Tensor, token_id: int, sizes: list[int]) -> 
 
 
 def _prune_medium(model: nn.Module, signals: TowerSignals, sizes: list[int], input_ids, mask,
-                  token_id: int) -> tuple[PlannedMedium, torch.Tensor]:
+                  token_id: int, written: Optional[torch.Tensor] = None) -> tuple[PlannedMedium, torch.Tensor]:
     """Prune each item to its budget. Returns the planned features (and DeepStack levels, pruned
     with the same indices and merged with the same assignment) and the keep flag of every
-    placeholder of this medium, in row-major order."""
+    placeholder of this medium, in row-major order. ``written``: tokens the processor wrote beside
+    the items, never their text."""
     options = model._desap.options
-    texts, text_mask = text_embeddings(model, input_ids, mask, token_id, sizes, signals.hidden.device)
+    texts, text_mask = text_embeddings(model, input_ids, mask, token_id, sizes, signals.hidden.device, written)
     features, planned_levels, flags = [], [[] for _ in signals.levels], []
     for i, item in enumerate(signals.split(sizes)):
         tokens = item.hidden.shape[0]
@@ -159,7 +163,8 @@ def _full_positions(model: nn.Module, arguments: dict, token_types: torch.Tensor
     return positions
 
 
-def plan(model: nn.Module, arguments: dict, pad_left: bool, read_tower: ReadTower) -> dict:
+def plan(model: nn.Module, arguments: dict, pad_left: bool, read_tower: ReadTower,
+         video_text: Optional[VideoText] = None) -> dict:
     """Prune every image and video, shorten the prompt, keep the kept tokens' positions. Returns
     the arguments for the model's own forward (or generate) and plans the features it will get."""
     input_ids, mask = arguments["input_ids"], arguments.get("attention_mask")
@@ -171,10 +176,15 @@ def plan(model: nn.Module, arguments: dict, pad_left: bool, read_tower: ReadTowe
     kept = torch.ones_like(input_ids, dtype=torch.bool)
     media: dict[str, PlannedMedium] = {}
     start_record(model)
+    videos = arguments.get("video_grid_thw") if arguments.get("pixel_values_videos") is not None else None
+    # the processor's text beside the videos is no item's text, an image's in the same turn included
+    written = None if videos is None or video_text is None else video_text(model, input_ids, mask,
+                                                                           _sizes(model, videos))
     for medium in _present(arguments):
         grid, token_id = arguments[medium.grid], getattr(model.config, medium.token_attr)
         signals = read_tower(model, arguments[medium.pixels], grid, model._desap.options.reads)
-        media[medium.kind], flags = _prune_medium(model, signals, _sizes(model, grid), input_ids, mask, token_id)
+        media[medium.kind], flags = _prune_medium(model, signals, _sizes(model, grid), input_ids, mask, token_id,
+                                                  written)
         kept[input_ids == token_id] = flags.to(kept.device)
 
     shrunk = drop_tokens(kept, pad_token_id(model), input_ids, mask, arguments.get("labels"),
@@ -220,11 +230,12 @@ def needs_plan(model: nn.Module, arguments: dict) -> bool:
     raise ValueError("input_ids hold the processor's placeholder count for some media and not for others")
 
 
-def prepare(model: nn.Module, arguments: dict, generating: bool, read_tower: ReadTower) -> None:
+def prepare(model: nn.Module, arguments: dict, generating: bool, read_tower: ReadTower,
+            video_text: Optional[VideoText] = None) -> None:
     """``serving``'s prepare step: plan the call if it brings the processor's placeholders."""
     if not needs_plan(model, arguments):
         return
-    arguments.update(plan(model, arguments, pad_left=generating, read_tower=read_tower))
+    arguments.update(plan(model, arguments, pad_left=generating, read_tower=read_tower, video_text=video_text))
     if generating:
         arguments.pop("position_ids")  # generate prepares them (from the plan)
     else:
@@ -273,15 +284,18 @@ def position_ids_for_generation(model: nn.Module, inputs_tensor, model_kwargs):
     return torch.cat([text[None], plan.positions.to(text.device)], dim=0)
 
 
-def install(model: nn.Module, state: DesapState, read_tower: ReadTower, output: Output) -> None:
-    """Patch a Qwen model: forward, generate, generate's positions, the image and video features."""
+def install(model: nn.Module, state: DesapState, read_tower: ReadTower, output: Output,
+            video_text: Optional[VideoText] = None) -> None:
+    """Patch a Qwen model: forward, generate, generate's positions, the image and video features.
+    ``video_text``: the family's processor writes text beside its videos' frames (Qwen3-VL)."""
     def image_features(inner, pixel_values, image_grid_thw=None, **kwargs):
         return planned_features(model, "image", pixel_values, image_grid_thw, output, **kwargs)
 
     def video_features(inner, pixel_values_videos, video_grid_thw=None, **kwargs):
         return planned_features(model, "video", pixel_values_videos, video_grid_thw, output, **kwargs)
 
-    install_serving(model, state, lambda m, arguments, generating: prepare(m, arguments, generating, read_tower),
+    install_serving(model, state,
+                    lambda m, arguments, generating: prepare(m, arguments, generating, read_tower, video_text),
                     (model.model, "get_image_features", image_features),
                     (model.model, "get_video_features", video_features),
                     (model, "_prepare_position_ids_for_generation", position_ids_for_generation))

@@ -15,20 +15,23 @@ one patcher serves both generations:
   assignment as the main tokens, so every level stays aligned with the kept tokens.
 
 Planning, positions (the timestamps between a video's frames are text and keep theirs) and
-generation are shared with Qwen2.5-VL (``qwen``, the Qwen base patcher).
+generation are shared with Qwen2.5-VL (``qwen``, the Qwen base patcher). The timestamps are the
+processor's text, never the user's words (:func:`frame_timestamps`): vLLM reads a video's text from
+the prompt before its processor writes them, and so does ``apply_desap``.
 """
 from __future__ import annotations
 
 import inspect
 import sys
 
-from typing import AbstractSet
+from typing import AbstractSet, Optional, Sequence
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ...methods import SIGNALS
+from ..common.sequence import placeholder_owners
 from ..common.signals import TowerSignals, captures, patch_content, with_content
 from . import qwen
 from .compat import Hook
@@ -92,6 +95,64 @@ def deepstack_per_image(model: nn.Module) -> bool:
     return "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters
 
 
+def video_frame_text(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], token_id: int,
+                       lengths: Sequence[int], start_id: int, end_id: int) -> torch.Tensor:
+    """(B, T) bool: the text the processor wrote for each video: its frames' timestamps and markers.
+
+    The processor writes each frame group as ``<t seconds>`` ``<|vision_start|>`` its tokens
+    ``<|vision_end|>``. Everything between a video's first and last placeholder is the processor's;
+    the first timestamp stands before the first frame:
+
+    - where the prompt's own ``<|vision_start|>`` still wraps the video (transformers before it
+      collapsed that wrapper), it is everything between that marker and the first frame's;
+    - else it is as long as the second frame's timestamp, or shorter where it has fewer digits:
+      the longest such tail of the text before the frame that begins with the second
+      timestamp's first token (``<``), else exactly as long.
+
+    A one-group clip (2 frames) in a prompt without the wrapper leaves nothing to learn the
+    timestamp's tokens from: it stays text there (docs/integrations.md)."""
+    written = torch.zeros_like(input_ids, dtype=torch.bool)
+    owner, _ = placeholder_owners(input_ids, token_id, lengths)
+    valid = torch.ones_like(written) if attention_mask is None else attention_mask.bool()
+    stops = (input_ids == start_id) | (input_ids == end_id) | (owner >= 0) | ~valid
+    for item in range(len(lengths)):
+        hits = (owner == item).nonzero()
+        if hits.numel() == 0:
+            continue
+        row, columns = int(hits[0, 0]), hits[:, 1]
+        first, last = int(columns.min()), int(columns.max())
+        if (first == 0 or last + 1 == input_ids.shape[1] or int(input_ids[row, first - 1]) != start_id
+                or int(input_ids[row, last + 1]) != end_id):
+            continue   # not the processor's frame layout
+        frame = first - 1
+        written[row, frame:last + 2] = owner[row, frame:last + 2] != item   # the frames' markers and later timestamps
+        stop = frame - 1   # the nearest marker, placeholder or padding before the first frame's marker
+        while stop >= 0 and not bool(stops[row, stop]):
+            stop -= 1
+        if stop >= 0 and int(input_ids[row, stop]) == start_id and not bool(owner[row, stop] >= 0):
+            written[row, stop + 1:frame] = True   # the prompt's own wrapper: the timestamp lies inside it
+            continue
+        breaks = (columns[1:] - columns[:-1] > 1).nonzero()
+        if breaks.numel() == 0:
+            continue   # one frame group: no second timestamp to learn from
+        end, start = int(columns[int(breaks[0, 0])]), int(columns[int(breaks[0, 0]) + 1])
+        second = input_ids[row, end + 2:start - 1]   # between the first group's end marker and the second's start
+        room = frame - stop - 1
+        size = min(second.numel(), room)
+        length = next((n for n in range(size, 0, -1) if int(input_ids[row, frame - n]) == int(second[0])), size)
+        written[row, frame - length:frame] = True
+    return written
+
+
+def frame_timestamps(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                     lengths: list) -> torch.Tensor:
+    """``qwen.VideoText`` of Qwen3-VL and Qwen3.5: each video's frame timestamps and markers
+    (:func:`video_frame_text`)."""
+    config = model.config
+    return video_frame_text(input_ids, attention_mask, config.video_token_id, lengths,
+                              config.vision_start_token_id, config.vision_end_token_id)
+
+
 def install(model: nn.Module, state: DesapState) -> None:
     """Patch a Qwen3-VL or Qwen3.5 model (dense or MoE): forward, generate, generate's positions,
     the image and video features."""
@@ -103,4 +164,4 @@ def install(model: nn.Module, state: DesapState) -> None:
         def output(features: list, levels: list):
             stacked = levels if per_image else [torch.cat(level) for level in levels]
             return with_deepstack(pooler_output=features, deepstack_features=stacked)
-    qwen.install(model, state, read_tower, output)
+    qwen.install(model, state, read_tower, output, frame_timestamps)

@@ -147,6 +147,7 @@ def shrink_runs(model: nn.Module, arguments: dict, token_id: int, lengths: Seque
         raise ValueError(f"apply_desap needs input_ids (not inputs_embeds) with {what} inputs: "
                          f"the {what} placeholders must be found to shrink them")
     budgets = [image_budget(state.options.keep, n) for n in lengths] if budgets is None else list(budgets)
+    state.call.budgets[token_id] = budgets   # the served prompt's runs, for the text side (hf/text.py)
     found = count_placeholders(input_ids, token_id)
     if found == sum(budgets):
         return  # already pruned (e.g. the prefill inside generate), or nothing to prune

@@ -90,6 +90,9 @@ class CallContext:
 
     prompt: Optional[Prompt] = None
     plan: Optional[QwenPlan] = None   # the Qwen families' planned call; None where nothing is planned
+    # placeholder id -> each item's placeholder count in the served prompt (``serving.shrink_runs``):
+    # where the text side finds each item's own run, whatever its budget
+    budgets: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass
