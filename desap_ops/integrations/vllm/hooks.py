@@ -151,10 +151,9 @@ GROUPS: tuple[HookGroup, ...] = (
         Hook(_QWEN + "Qwen2_5_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata")),
         Hook(_QWEN + "Qwen2_5_VisionTransformer.prepare_encoder_metadata", ("grid_thw",)),
         Hook(_QWEN + "Qwen2_5_VisionAttention.forward", reads=("query=", "key=")),   # the tower hook reads them
-        # DeSAP's Qwen classes set supports_mm_device_do_normalize = False (qwen2_5_vl.py): the processor
-        # normalizes, so the tower sees transformers' very pixels (a method seeded by them agrees)
-        Hook("vllm.config.model:ModelConfig._resolve_mm_device_do_normalize",
-             reads=("supports_mm_device_do_normalize",)),
+        # random's seed reads a patch row's values per channel, temporal_patch_size * patch_size ** 2 each
+        # (signals.patch_content)
+        Hook(_QWEN + "Qwen2_5_VisionPatchEmbed.__init__", reads=("self.patch_size", "self.temporal_patch_size")),
         *_on(QWEN3_ARCHITECTURES, ("__init__", None, False, ("visual_dim", "_tokenizer")),
              ("_parse_and_validate_video_input", (), False, ("timestamps",))),
         Hook(_QWEN3 + "Qwen3VLMultiModalProcessor.get_video_repl",
@@ -163,6 +162,7 @@ GROUPS: tuple[HookGroup, ...] = (
         Hook(_QWEN3 + "Qwen3_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata"),
              reads=("deepstack_feature_lists",)),
         Hook(_QWEN3 + "Qwen3_VisionTransformer.prepare_encoder_metadata", ("grid_thw_list",)),
+        Hook(_QWEN3 + "Qwen3_VisionPatchEmbed.__init__", reads=("self.patch_size", "self.temporal_patch_size")),
         Hook(_QWEN3 + "Qwen3_VisionBlock.forward", reads=("self.attn(",)),
     )),
     V1_RUNNER,
