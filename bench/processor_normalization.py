@@ -1,6 +1,7 @@
 """What vLLM's Qwen2.5-VL processor costs per image, and how many pixel bytes it ships, with the
 pixels normalized on the CPU (``mm_device_do_normalize=False``: what DeSAP's Qwen classes forced
-before; float32 pixels) and on the device (vLLM's default, which they now keep: the processor ships
+before; float pixels, which vLLM's processor casts to the model's dtype: 2 bytes a value in
+bfloat16, as the published checkpoints run, 4 in float32) and on the device (vLLM's default, which they now keep: the processor ships
 the raw uint8 pixels and the tower normalizes them). CPU only: it times the processor, never a GPU.
 
 The processor is DeSAP's (``hf_overrides={"desap": {"keep": 64}}``) on the tiny Qwen2.5-VL
@@ -9,7 +10,7 @@ processed at its own size. Rounds interleave the two settings (their order alter
 round timing every size once per setting; the medians are over the rounds.
 
     PYTHONPATH=$PWD:$PWD/tests/on_vllm .venv-vllm/bin/python bench/processor_normalization.py \\
-        --rounds 15 --out bench/results/processor-normalization-qwen2.5-vl-cpu.json
+        --rounds 15 --dtype bfloat16 --out bench/results/processor-normalization-qwen2.5-vl-cpu-bf16.json
 """
 from __future__ import annotations
 
@@ -39,12 +40,13 @@ def _load() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
 
-def _processor(folder: Path, device_normalize: bool, max_pixels: int):
+def _processor(folder: Path, device_normalize: bool, max_pixels: int, dtype: str):
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
     config = ModelConfig(model=str(folder), hf_overrides={"desap": {"keep": 64}}, max_model_len=512,
-                         mm_processor_kwargs={"max_pixels": max_pixels}, mm_device_do_normalize=device_normalize)
+                         mm_processor_kwargs={"max_pixels": max_pixels}, mm_device_do_normalize=device_normalize,
+                         dtype=dtype)
     assert config.multimodal_config.mm_device_do_normalize is device_normalize
     return MULTIMODAL_REGISTRY.create_processor(config)
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sizes", type=int, nargs="+", default=[448, 1344])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="the model's dtype")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -79,7 +82,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = {size: Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for size in args.sizes}
     max_pixels = max(args.sizes) ** 2
-    processors = {name: _processor(folder, flag, max_pixels) for name, flag in SETTINGS.items()}
+    processors = {name: _processor(folder, flag, max_pixels, args.dtype) for name, flag in SETTINGS.items()}
     load_before = _load()
     for processor in processors.values():   # warm-up: first calls build caches
         for image in images.values():
@@ -109,7 +112,7 @@ def main() -> None:
                                                         if line.startswith("processor")]),
               "torch_threads": torch.get_num_threads(), "loadavg_before": load_before, "loadavg_after": load_after,
               "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-              "rounds": args.rounds, "results": results}
+              "model_dtype": args.dtype, "rounds": args.rounds, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{record['cpu']}; load {load_before} -> {load_after}")
