@@ -188,14 +188,17 @@ def test_placing_on_a_gpu_reads_nothing_back_and_copies_nothing_to_the_host():
     (``.item()``, ``int()``, ``bool()``, ``nonzero``, a data-dependent shape) raises here, and every
     op's output must stay on the device. The values it computes are the ones the tests above check
     through ``place_media``."""
-    ids, offsets, arrival, fields, _ = _pruned_case((1, 5))
-    window = _window(offsets, fields, 0, len(ids))
+    ids, offsets = _prompt([3, 3])
+    media = _media(offsets, [3, 3])
+    arrival, _ = prompt_positions(len(ids), media)
+    fields = [medium_fields(medium.positions[:, [0, 5, 11]]).T for medium in media]
+    window = _window(offsets, fields, 4, len(ids))   # starts inside the first image: both images
     with FakeTensorMode():
         fake_ids = torch.empty(len(ids), dtype=torch.long, device="cuda")
         fake_positions = torch.empty(arrival.shape, dtype=torch.long, device="cuda")
         fake_fields = [torch.empty(rows.shape, dtype=torch.long, device="cuda") for rows in window]
         with _HostOutputs() as host:
-            placed, fits, cursors = place_on_device(fake_ids, fake_fields, fake_positions, 2, (IMG, VID))
+            placed, fits, cursors = place_on_device(fake_ids, fake_fields, fake_positions, 4, (IMG, VID))
     assert host.ops == []
     assert placed.device.type == fits.device.type == cursors.device.type == "cuda"
     assert placed.shape == arrival.shape and fits.shape == cursors.shape == (len(window),)
