@@ -7,8 +7,8 @@ import torch
 
 import desap_ops
 from desap_ops import reference
-from desap_ops.methods import (MethodInputs, Selection, content_rows, content_seeds, get_method, register_method,
-                               run_method, unregister_method)
+from desap_ops.methods import (MethodInputs, Selection, content_rows, content_seeds, get_method, order_rows,
+                               register_method, run_method, unregister_method)
 from helpers import DTYPES, TIE_MARGIN, TOKEN_TOL
 
 BUILTIN = ("first", "random", "saliency", "similarity", "divprune")
@@ -222,6 +222,63 @@ def test_content_hash_follows_the_pixels_as_the_tower_reads_them(dtype):
     # token order counts: the same tokens in another order seed another draw
     tokens = torch.stack([rows, rows.flip(0)])
     assert content_seeds(tokens)[0] != content_seeds(tokens)[1]
+
+
+# the Qwen processors' means and deviations (Qwen2.5-VL: OpenAI CLIP's; the Qwen3 generation: 0.5), rescaled by 1/255
+QWEN_NORMALIZATIONS = {"qwen2.5-vl": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+                       "qwen3": ([0.5] * 3, [0.5] * 3)}
+
+
+def _normalized(levels: torch.Tensor, mean, std, formula: str) -> torch.Tensor:
+    """(C, L) float32 ``levels`` (0..255) normalized per channel: as transformers' processor
+    writes it ((x / 255 - mean) / std) or as vLLM's fused device normalization computes it (x * w + b,
+    w = (1/255) / std and b = -mean / std, each held in float32)."""
+    mean, std = torch.tensor(mean).view(-1, 1), torch.tensor(std).view(-1, 1)
+    x = levels.float()
+    if formula == "processor":
+        return (x * (1 / 255) - mean) / std
+    return x * ((1 / 255) / std) + (-mean / std)
+
+
+@pytest.mark.parametrize("family", QWEN_NORMALIZATIONS)
+def test_normalization_keeps_the_256_levels_of_every_channel_apart_and_in_order(family):
+    """What makes the order hash of raw and normalized pixels equal: over all 256 levels of each
+    channel, both engines' float32 normalizations are strictly increasing (float16 too); bfloat16 is
+    not (CLIP's statistics merge neighbouring levels at the top), so pixels cast to bfloat16 before
+    the model may seed otherwise than vLLM."""
+    mean, std = QWEN_NORMALIZATIONS[family]
+    levels = torch.arange(256).expand(3, -1)
+    for formula in ("processor", "device"):
+        x = _normalized(levels, mean, std, formula)
+        assert bool((x.diff(dim=1) > 0).all())
+        assert bool((x.half().diff(dim=1) > 0).all())
+        merged = int((x.bfloat16().diff(dim=1) == 0).sum())
+        assert merged > 0 if family == "qwen2.5-vl" else merged == 0
+
+
+@pytest.mark.parametrize("family", QWEN_NORMALIZATIONS)
+def test_the_order_hash_of_raw_and_normalized_patch_rows_is_the_same(family):
+    mean, std = QWEN_NORMALIZATIONS[family]
+    gen = torch.Generator().manual_seed(11)
+    raw = torch.randint(0, 256, (40, 3, 2 * 14 * 14), generator=gen, dtype=torch.uint8)   # Qwen patch rows
+    raw[0] = (torch.arange(2 * 14 * 14) % 256).expand(3, -1)                           # every level in a row
+    rows = order_rows(raw.reshape(40, -1), 3)
+    assert rows.dtype == torch.int64 and rows.shape == (40,) and len(set(rows.tolist())) == 40
+    for formula in ("processor", "device"):
+        normalized = torch.stack([_normalized(row, mean, std, formula) for row in raw])
+        assert torch.equal(order_rows(normalized.reshape(40, -1), 3), rows)
+        assert torch.equal(order_rows(normalized.half().reshape(40, -1), 3), rows)
+    # each row on its own: another row beside it does not change its hash
+    assert torch.equal(order_rows(raw[5:7].reshape(2, -1), 3), rows[5:7])
+    # the order within a channel counts, and so does which channel a value lies in
+    swapped = raw.clone()
+    first, second = swapped[1, 0, 0].item(), swapped[1, 0, 1].item()
+    swapped[1, 0, 0], swapped[1, 0, 1] = (second, first) if first != second else (first, (first + 1) % 256)
+    assert order_rows(swapped.reshape(40, -1), 3)[1] != rows[1]
+    assert order_rows(raw[:, [1, 0, 2]].reshape(40, -1), 3)[2] != rows[2]
+    # a value's distance to its neighbours does not count, only the order
+    stretched = raw.long() * 3 + torch.tensor([0, 1000, -50]).view(1, 3, 1)
+    assert torch.equal(order_rows(stretched.reshape(40, -1), 3), rows)
 
 
 def _nearest_kept_by_hand(hidden: torch.Tensor, indices: list) -> list:

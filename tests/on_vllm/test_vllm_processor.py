@@ -150,6 +150,15 @@ def test_qwen_image_gets_keep_placeholders_and_a_smaller_image_all_of_its_tokens
     assert _process(processor, QWEN_A, checkpoints["square"])["prompt_token_ids"].count(image_token) == 4
 
 
+def test_qwen_ships_the_raw_uint8_pixels_and_the_tower_normalizes_them_under_desap(checkpoints):
+    # DeSAP leaves vLLM's device normalization on: a quarter of the bytes of float32 pixels
+    # (random's seed reads the pixels' order, the same raw or normalized: methods.order_rows)
+    processor = _processor(checkpoints["qwen2_5_vl"], {"desap": {"keep": 6}})
+    assert processor.info.ctx.model_config.multimodal_config.mm_device_do_normalize is True
+    (item,) = _process(processor, QWEN_A, checkpoints["large"])["mm_kwargs"]["image"]
+    assert str(item["pixel_values"].data.dtype) == "torch.uint8"
+
+
 def test_qwen_image_without_vision_start_gets_keep_placeholders(checkpoints):
     # the plugin's M-RoPE step places each image from its own channels, not from the marker before it
     processor = _processor(checkpoints["qwen2_5_vl"], {"desap": {"keep": 6}})

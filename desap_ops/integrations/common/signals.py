@@ -20,7 +20,7 @@ from typing import AbstractSet, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ...methods import content_rows
+from ...methods import content_rows, order_rows
 
 TOWER_READS = frozenset({"saliency", "attn"})   # the signals that need the tower's attention captured
 
@@ -72,10 +72,18 @@ def frame_content(pixel_values: torch.Tensor, tokens: int, dtype: torch.dtype) -
     return content_rows(pixel_values, dtype)[:, None].expand(-1, tokens)
 
 
-def patch_content(pixels: torch.Tensor, merge_unit: int, dtype: torch.dtype) -> torch.Tensor:
-    """(T',) int64: per language-model token of a Qwen tower, the hash of the ``merge_unit`` patch
-    rows of ``pixels`` (T, patch) it merges (the processor lays each token's patches out together)."""
-    return content_rows(pixels, dtype).view(-1, merge_unit).sum(dim=1)
+def patch_content(pixels: torch.Tensor, visual: nn.Module) -> torch.Tensor:
+    """(T',) int64: per language-model token of a Qwen tower ``visual``, the hash of the patch rows
+    of ``pixels`` (T, patch) it merges (the processor lays each token's ``spatial_merge_unit`` rows
+    out together), from the order of the values within each channel of a row
+    (``methods.order_rows``). The tower normalizes each channel with an increasing affine map, so
+    its raw 8-bit pixels (vLLM normalizing on the device) and the processor's normalized ones
+    (transformers; vLLM normalizing on the CPU) give the same hash: the seed does not depend on
+    where, or in which float formula, normalization ran. A row holds ``temporal_patch_size *
+    patch_size ** 2`` values per channel (both engines' towers name them so)."""
+    embed = visual.patch_embed
+    channels = pixels.shape[1] // (embed.temporal_patch_size * embed.patch_size**2)
+    return order_rows(pixels, channels).view(-1, visual.spatial_merge_unit).sum(dim=1)
 
 
 @dataclass

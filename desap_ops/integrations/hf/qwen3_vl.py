@@ -73,7 +73,7 @@ def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
     levels alone, from a plain pass with no capture), and the pixel hashes where it reads the seed."""
     visual = model.model.visual
     signals = _read(model, visual, pixels, grid_thw, reads)
-    return with_content(signals, lambda: patch_content(pixels, visual.spatial_merge_unit, visual.dtype), reads)
+    return with_content(signals, lambda: patch_content(pixels, visual), reads)
 
 
 def _read(model: nn.Module, visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, reads) -> TowerSignals:

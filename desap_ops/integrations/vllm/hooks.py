@@ -96,6 +96,7 @@ _PROCESSOR_OVERRIDES = {
 }
 _MODELS = "vllm.model_executor.models."
 _QWEN, _QWEN3 = _MODELS + "qwen2_5_vl:", _MODELS + "qwen3_vl:"
+_PATCH_ROW = "self.temporal_patch_size, self.patch_size, self.patch_size"   # a patch row's layout, per channel
 LLAVA_ARCHITECTURES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 QWEN3_ARCHITECTURES = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration",
                        "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
@@ -222,10 +223,9 @@ GROUPS: tuple[HookGroup, ...] = (
         Hook(_QWEN + "Qwen2_5_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata")),
         Hook(_QWEN + "Qwen2_5_VisionTransformer.prepare_encoder_metadata", ("grid_thw",)),
         Hook(_QWEN + "Qwen2_5_VisionAttention.forward", reads=("query=", "key=")),   # the tower hook reads them
-        # DeSAP's Qwen classes set supports_mm_device_do_normalize = False (qwen2_5_vl.py): the processor
-        # normalizes, so the tower sees transformers' very pixels (a method seeded by them agrees)
-        Hook("vllm.config.model:ModelConfig._resolve_mm_device_do_normalize",
-             reads=("supports_mm_device_do_normalize",)),
+        # random's seed reads a patch row as the tower does: channel by channel, temporal_patch_size *
+        # patch_size ** 2 values each (signals.patch_content)
+        Hook(_QWEN + "Qwen2_5_VisionPatchEmbed.forward", ("x",), reads=(_PATCH_ROW,)),
         *_on(QWEN3_ARCHITECTURES, ("__init__", None, False, ("visual_dim", "_tokenizer")),
              ("_parse_and_validate_video_input", (), False, ("timestamps",))),
         Hook(_QWEN3 + "Qwen3VLMultiModalProcessor.get_video_repl",
@@ -234,6 +234,7 @@ GROUPS: tuple[HookGroup, ...] = (
         Hook(_QWEN3 + "Qwen3_VisionTransformer.forward", ("x", "grid_thw", "encoder_metadata"),
              reads=("deepstack_feature_lists",)),
         Hook(_QWEN3 + "Qwen3_VisionTransformer.prepare_encoder_metadata", ("grid_thw_list",)),
+        Hook(_QWEN3 + "Qwen3_VisionPatchEmbed.forward", ("x",), reads=(_PATCH_ROW,)),
         Hook(_QWEN3 + "Qwen3_VisionBlock.forward", reads=("self.attn(",)),
     )),
     V1_RUNNER,

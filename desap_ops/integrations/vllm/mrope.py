@@ -135,55 +135,95 @@ def place_media(input_ids, media_fields: Sequence[torch.Tensor], positions: torc
     placeholders (the window starts there: at ``num_computed_tokens``), every later one starts at
     its first placeholder. The index and count fields then give each one's placeholder run, and
     the text next to that run (final since arrival) its base. A case that does not add up
-    leaves the rest as it was, with a warning."""
+    leaves the rest as it was, with a warning.
+
+    It runs on the device ``positions`` live on (:func:`place_on_device`): V1 hands the host's
+    positions and a list of ids, so only the window's fields cross, in one copy; V2 hands device
+    positions and ids, so nothing crosses but the delta and whether every embedding fitted, read
+    back together once (the delta is a host int in both runners)."""
     if not media_fields:
         return positions, int(positions.max()) + 1 - positions.shape[1]
-    placed = positions.detach().cpu().clone()
-    ids = torch.as_tensor(input_ids).detach().cpu()
-    if ids.shape != placed.shape[1:]:
-        log.warning("DeSAP M-RoPE: %d prompt ids but %d positions; positions left as they were", ids.numel(),
-                    placed.shape[1])
-        return positions, int(positions.max()) + 1 - positions.shape[1]
-    is_media = torch.isin(ids, torch.tensor(list(media_token_ids), dtype=ids.dtype))
-    cursor = num_computed_tokens
+    device = positions.device
+    ids = torch.as_tensor(input_ids, device=device)
+    n = positions.shape[1]
+    if ids.shape != (n,):
+        log.warning("DeSAP M-RoPE: %d prompt ids but %d positions; positions left as they were", ids.numel(), n)
+        return positions, int(positions.max()) + 1 - n
+    if not 0 <= num_computed_tokens < n:
+        log.warning("DeSAP M-RoPE: the window starts at prompt token %d of %d; positions left as they were",
+                    num_computed_tokens, n)
+        return positions, int(positions.max()) + 1 - n
+    sizes = [rows.shape[0] for rows in media_fields]
+    # one copy for the whole window where the fields live elsewhere (V1: the host), none where not
+    fields = torch.cat([rows.reshape(-1, len(FIELDS)) for rows in media_fields]).to(device).long()
+    placed, placed_ok, cursors = place_on_device(ids, fields.split(sizes), positions, num_computed_tokens,
+                                                 media_token_ids)
+    summary = torch.cat([placed.max().view(1).long(), placed_ok.long(), cursors]).tolist()   # the one read-back
+    largest, fitted, at = summary[0], summary[1:1 + len(sizes)], summary[1 + len(sizes):]
+    if not all(fitted):
+        k = fitted.index(0)
+        log.warning("DeSAP M-RoPE: %d media tokens at or after prompt token %d do not match the prompt's "
+                    "placeholders; their positions are left as they were", sizes[k], at[k])
+    return placed, largest + 1 - n
+
+
+def place_on_device(ids: torch.Tensor, media_fields: Sequence[torch.Tensor], positions: torch.Tensor,
+                    num_computed_tokens: int, media_token_ids: Sequence[int]):
+    """:func:`place_media`'s work, on the device of ``positions`` (``ids`` (N,) and the fields there
+    too), with no read-back to the host: no ``.item()``, no data-dependent shape, no branch on a
+    device value; every index clamped into range (an index out of range on a GPU is a device fault
+    that no ``except`` catches). Each embedding is placed, or its columns rewritten with their own
+    values, under a device flag: the flags of those before it and its own fit.
+
+    Returns the placed (3, N) positions (a copy), each embedding's flag (K,) bool and the prompt
+    token its search started at (K,) long (for the warning)."""
+    n = positions.shape[1]
+    device = positions.device
+    is_media = torch.zeros(n, dtype=torch.bool, device=device)
+    for token in media_token_ids:
+        is_media |= ids == token
+    column = torch.arange(n, device=device)
+    # the first media token at or after each prompt index (n where none): a reversed running minimum
+    ahead = torch.where(is_media, column, n).flip(0).cummin(0).values.flip(0)
+    ahead = torch.cat([ahead, ahead.new_full((1,), n)])                    # index n: none
+    media_before = torch.cat([column.new_zeros(1), is_media.long().cumsum(0)])   # media tokens in [0, i)
+    top = positions.max(dim=0).values.long()   # text columns never change, so each one's largest position holds
+    placed = positions.clone()
+    alive = torch.ones(1, dtype=torch.bool, device=device)
+    cursor = torch.full((1,), num_computed_tokens, dtype=torch.long, device=device)
+    flags, cursors = [], []
     for rows in media_fields:
-        rows = rows.cpu()
-        found = _locate(rows, is_media, placed, cursor)
-        if found is None:
-            log.warning("DeSAP M-RoPE: %d media tokens at or after prompt token %d do not match the prompt's "
-                        "placeholders; their positions are left as they were", rows.shape[0], cursor)
-            break
-        first, base = found
-        placed[:, first:first + rows.shape[0]] = rows[:, :3].T + base
-        cursor = first + rows.shape[0]
-    return placed.to(positions.device), int(placed.max()) + 1 - placed.shape[1]
-
-
-def _locate(rows: torch.Tensor, is_media: torch.Tensor, positions: torch.Tensor, cursor: int):
-    """(first prompt index of ``rows``, base position of their medium), or None if they do not fit."""
-    n = is_media.shape[0]
-    if rows.shape[0] == 0 or not 0 <= cursor < n:
-        return None
-    index, count, extent = (int(rows[0, field]) for field in (INDEX, COUNT, EXTENT))
-    if index > 0:
-        first = cursor   # the window starts inside this medium's placeholders
-    else:
-        ahead = is_media[cursor:].nonzero()
-        if ahead.numel() == 0:
-            return None
-        first = cursor + int(ahead[0])
-    start, end = first - index, first - index + count
-    consistent = (0 <= start and end <= n and first + rows.shape[0] <= end and bool(is_media[start:end].all())
-                  and torch.equal(rows[:, INDEX], torch.arange(index, index + rows.shape[0])))
-    if not consistent:
-        return None
-    if start == 0:
-        return first, 0
-    if not is_media[start - 1]:   # text before the medium: the medium starts one past it
-        return first, int(positions[:, start - 1].max()) + 1
-    if end < n and not is_media[end]:   # glued to another medium: the text after starts past its extent
-        return first, int(positions[:, end].max()) - extent
-    return None
+        count_rows = rows.shape[0]
+        cursors.append(cursor)
+        if count_rows == 0:
+            alive = alive & False
+            flags.append(alive)
+            continue
+        head = rows.narrow(0, 0, 1)   # (1, 6): no Python indexing, which wants a real device
+        index, count, extent = head.select(1, INDEX), head.select(1, COUNT), head.select(1, EXTENT)
+        inside = cursor.clamp(0, n)
+        # a later embedding starts at its first placeholder; the first may start inside its medium
+        first = torch.where(index > 0, cursor, ahead.gather(0, inside))
+        start, end = first - index, first - index + count
+        in_prompt = (cursor < n) & (first < n) & (start >= 0) & (end <= n) & (first + count_rows <= end)
+        lo, hi = start.clamp(0, n), end.clamp(0, n)
+        all_media = media_before.gather(0, hi) - media_before.gather(0, lo) == hi - lo
+        in_order = (rows.select(1, INDEX) == index + torch.arange(count_rows, device=device)).all().view(1)
+        before, after = (start - 1).clamp(0, n - 1), end.clamp(0, n - 1)
+        text_before = (start > 0) & is_media.gather(0, before).logical_not()
+        text_after = (end < n) & is_media.gather(0, after).logical_not()
+        # the text before the medium: it starts one past it; glued to another medium: the text after
+        # starts past its extent
+        base = torch.where(start == 0, 0, torch.where(text_before, top.gather(0, before) + 1,
+                                                      top.gather(0, after) - extent))
+        fits = alive & in_prompt & all_media & in_order & ((start == 0) | text_before | text_after)
+        targets = (first + torch.arange(count_rows, device=device)).clamp(0, n - 1)
+        new = (rows.narrow(1, 0, 3).T + base).to(placed.dtype)
+        placed.index_copy_(1, targets, torch.where(fits, new, placed.index_select(1, targets)))
+        alive = fits
+        flags.append(fits)
+        cursor = first + count_rows
+    return placed, torch.cat(flags), torch.cat(cursors)
 
 
 def recompute_after_encoder() -> None:

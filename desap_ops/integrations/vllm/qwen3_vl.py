@@ -80,11 +80,9 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
     """DeSAP over any of vLLM's Qwen3-generation classes (put before it in the bases)."""
 
     desap_family = FAMILY
-    # vLLM would send raw uint8 pixels and normalize them in the tower, with an affine that differs
-    # from the Hugging Face processor's in the last bit: DeSAP takes the processor's normalized pixels,
-    # transformers' very bits, which a method seeded from the pixels (``random``) hashes. (Here, not
-    # in a shared base: vLLM caches a class's model info keyed by its own module's source.)
-    supports_mm_device_do_normalize = False
+    # vLLM's own pixel normalization on the device stays on (raw 8-bit pixels cross to the tower):
+    # ``random`` seeds from the order of each patch row's values (``signals.patch_content``), which
+    # the raw and the normalized pixels share
 
     def desap_media(self, media, modality: str, texts, text_mask, options) -> list[torch.Tensor]:
         """Per image (or video): its embeddings, each row followed by its position channels

@@ -49,8 +49,7 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
     Only the signals the methods ``reads`` (without saliency and branch: hidden alone, from a plain
     pass with no hooks), and the pixel hashes where they read the seed."""
     signals = _read(visual, pixel_values, grid_thw, reads)
-    return with_content(signals, lambda: patch_content(pixel_values, visual.spatial_merge_unit, signals.hidden.dtype),
-                        reads)
+    return with_content(signals, lambda: patch_content(pixel_values, visual), reads)
 
 
 def _read(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]], reads) -> TowerSignals:

@@ -18,7 +18,7 @@ from desap_ops.integrations.common.layout import drops_cls
 from desap_ops.integrations.common.signals import captures
 from desap_ops.integrations.hf.clip_tower import feature_layer
 from desap_ops.methods import (MethodFailure, MethodInputs, Selection, content_rows, content_seeds, get_method,
-                               register_method, run_method, unregister_method)
+                               order_rows, register_method, run_method, unregister_method)
 from desap_ops.testing.tiny import (BOS, IMAGE_TOKEN_ID as IMG, VIDEO_TOKEN_ID as VID, tiny_llava, tiny_llava_next,
                                   tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 
@@ -257,9 +257,10 @@ QWEN = {"qwen2.5-vl": (tiny_qwen2_5_vl, False), "qwen3-vl": (tiny_qwen3_vl, True
 IMAGE, SMALL, VIDEO = ("image", 8, 12), ("image", 4, 4), ("video", 2, 8, 8)   # 24, 4 and 2 x 16 tokens
 
 
-def qwen_content(pixels: torch.Tensor, dtype) -> torch.Tensor:
-    """A Qwen token's pixel hash: the sum of its 2 x 2 patch rows' hashes (they lie together)."""
-    return content_rows(pixels, dtype).view(-1, 4).sum(dim=1)
+def qwen_content(pixels: torch.Tensor) -> torch.Tensor:
+    """A Qwen token's pixel hash: the sum of its 2 x 2 patch rows' hashes (they lie together), each
+    from the order of its values within each of its 3 channels."""
+    return order_rows(pixels, 3).view(-1, 4).sum(dim=1)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -278,9 +279,8 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
               list(video_level if not torch.is_tensor(video_level) else [video_level])           # or per item
               for image_level, video_level in zip(getattr(images, "deepstack_features", None) or [],
                                                   getattr(videos, "deepstack_features", None) or [])]
-    dtype = model.model.visual.dtype
-    contents = [qwen_content(p, dtype) for p in data["pixel_values"].split([96, 16])]
-    contents.append(qwen_content(data["pixel_values_videos"], dtype))
+    contents = [qwen_content(p) for p in data["pixel_values"].split([96, 16])]
+    contents.append(qwen_content(data["pixel_values_videos"]))
     ids = data["input_ids"]
     positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=data["mm_token_type_ids"],
                                               image_grid_thw=data["image_grid_thw"],

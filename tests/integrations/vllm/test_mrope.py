@@ -6,10 +6,13 @@ import logging
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from desap_ops.testing.tiny import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
 from desap_ops.integrations.vllm.mrope import (CHANNELS, Media, decode_fields, encode_fields, media_positions,
-                                               medium_fields, place_media, prompt_positions)
+                                               medium_fields, place_media, place_on_device, prompt_positions)
 
 START, END = 153, 154
 # one wide and one tall image (grids in patches; 2 x 2 patches make a token): 2 x 6 and 6 x 2 tokens
@@ -164,3 +167,38 @@ def test_a_window_that_does_not_match_the_prompt_leaves_positions_and_warns(capl
         assert torch.equal(positions, arrival)
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 3
     assert place_media(ids, [], arrival, 0, (IMG, VID))[0] is arrival   # nothing in the window: untouched
+
+
+class _HostOutputs(TorchDispatchMode):
+    """Records every op whose output lies off the CUDA device (a copy to the host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.device.type != "cuda" for t in tree_leaves(out)):
+            self.ops.append(func)
+        return out
+
+
+def test_placing_on_a_gpu_reads_nothing_back_and_copies_nothing_to_the_host():
+    """``place_on_device`` on fake CUDA tensors (shapes and devices, no values): any read-back
+    (``.item()``, ``int()``, ``bool()``, ``nonzero``, a data-dependent shape) raises here, and every
+    op's output must stay on the device. The values it computes are the ones the tests above check
+    through ``place_media``."""
+    ids, offsets = _prompt([3, 3])
+    media = _media(offsets, [3, 3])
+    arrival, _ = prompt_positions(len(ids), media)
+    fields = [medium_fields(medium.positions[:, [0, 5, 11]]).T for medium in media]
+    window = _window(offsets, fields, 4, len(ids))   # starts inside the first image: both images
+    with FakeTensorMode():
+        fake_ids = torch.empty(len(ids), dtype=torch.long, device="cuda")
+        fake_positions = torch.empty(arrival.shape, dtype=torch.long, device="cuda")
+        fake_fields = [torch.empty(rows.shape, dtype=torch.long, device="cuda") for rows in window]
+        with _HostOutputs() as host:
+            placed, fits, cursors = place_on_device(fake_ids, fake_fields, fake_positions, 4, (IMG, VID))
+    assert host.ops == []
+    assert placed.device.type == fits.device.type == cursors.device.type == "cuda"
+    assert placed.shape == arrival.shape and fits.shape == cursors.shape == (len(window),)
