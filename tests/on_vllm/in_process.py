@@ -39,18 +39,24 @@ def desap_model(folder: Path, desap: dict, max_model_len: int = 512, **model_set
             destroy_distributed_environment()
 
 
-def processed_items(model_config, prompt: str, data: dict, kwargs: dict | None = None) -> dict:
-    """vLLM's processor on ``prompt`` with ``data`` (its ``multi_modal_data``): each modality's
-    processed items (``MultiModalKwargsItem``), in prompt order."""
-    from vllm.multimodal import MULTIMODAL_REGISTRY
+def process(processor, prompt: str, data: dict, kwargs: dict | None = None, cache=None):
+    """vLLM's ``processor`` on ``prompt`` with ``data`` (its ``multi_modal_data``) and the request's
+    ``mm_processor_kwargs``, through ``cache`` (a processor cache, or None): ``apply``'s result."""
     from vllm.multimodal.processing import ProcessorInputs
     from vllm.multimodal.processing.context import TimingContext
 
-    processor = MULTIMODAL_REGISTRY.create_processor(model_config)
     ids = processor.info.get_tokenizer()(prompt)["input_ids"]
     inputs = ProcessorInputs(prompt=ids, mm_data_items=processor.info.parse_mm_data(data),
-                             hf_processor_mm_kwargs=kwargs or {})
-    return dict(processor.apply(inputs, TimingContext(enabled=False))["mm_kwargs"])
+                             hf_processor_mm_kwargs=kwargs or {}, cache=cache)
+    return processor.apply(inputs, TimingContext(enabled=False))
+
+
+def processed_items(model_config, prompt: str, data: dict, kwargs: dict | None = None) -> dict:
+    """:func:`process` without a cache on a new processor: each modality's processed items
+    (``MultiModalKwargsItem``), in prompt order."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    return dict(process(MULTIMODAL_REGISTRY.create_processor(model_config), prompt, data, kwargs)["mm_kwargs"])
 
 
 def batched(modality: str, items: list) -> dict:
