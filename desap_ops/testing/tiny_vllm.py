@@ -51,10 +51,11 @@ def tiny_vllm_qwen2_5_vl(seed: int = 0) -> nn.Module:
     return seeded(Qwen2_5_VLForConditionalGeneration, config, seed, "sdpa")
 
 
-def _tiny_vllm_qwen3(model_name: str, vision: dict, text: dict, seed: int) -> nn.Module:
+def _tiny_vllm_qwen3(model_name: str, vision: dict, text: dict, seed: int, positions: int = 512) -> nn.Module:
     """A Qwen3-generation model that vLLM's CPU backend runs: 16-pixel patches (vLLM's Qwen3 tower
     sizes its learned position grid for them), 3 full-attention vision blocks with heads of size
-    16, a 2 x 2 merge, and a 2-layer language model of head size 64 (the CPU attention refuses 16)."""
+    16, a 2 x 2 merge, and a 2-layer language model of head size 64 (the CPU attention refuses 16),
+    of ``positions`` rotary positions (its max_position_embeddings)."""
     import transformers
 
     config_class = getattr(transformers, model_name.replace("ForConditionalGeneration", "Config"))
@@ -63,7 +64,7 @@ def _tiny_vllm_qwen3(model_name: str, vision: dict, text: dict, seed: int) -> nn
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                            num_position_embeddings=16, **vision),
         text_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=64, vocab_size=160, max_position_embeddings=512,
+                         num_key_value_heads=1, head_dim=64, vocab_size=160, max_position_embeddings=positions,
                          pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, **text),
         image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VISION_START,
         vision_end_token_id=QWEN_VISION_END)
@@ -75,12 +76,13 @@ _MROPE_64 = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8,
 _TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True)
 
 
-def tiny_vllm_qwen3_vl(seed: int = 0, moe: bool = False) -> nn.Module:
+def tiny_vllm_qwen3_vl(seed: int = 0, moe: bool = False, positions: int = 512) -> nn.Module:
     """A tiny Qwen3-VL (``moe``: Qwen3-VL-MoE) that vLLM's CPU backend runs in float32: DeepStack
-    features of vision blocks 1 and 2 added after the first two language-model layers."""
+    features of vision blocks 1 and 2 added after the first two language-model layers; ``positions``:
+    its max_position_embeddings."""
     name = "Qwen3VLMoeForConditionalGeneration" if moe else "Qwen3VLForConditionalGeneration"
     text = dict(rope_parameters=_MROPE_64, **(dict(_TINY_MOE, decoder_sparse_step=1) if moe else {}))
-    return _tiny_vllm_qwen3(name, dict(deepstack_visual_indexes=[1, 2]), text, seed)
+    return _tiny_vllm_qwen3(name, dict(deepstack_visual_indexes=[1, 2]), text, seed, positions)
 
 
 def tiny_vllm_qwen3_5(seed: int = 0, moe: bool = False) -> nn.Module:

@@ -7,8 +7,9 @@ own process: vLLM spawns workers, and one engine per process is what it is built
 JOB: {"model": folder, "engine": {LLM keyword arguments}, "requests": [{"prompt": str,
 "image": "file.png" or [files], "video": {"frames": "file.npy", "metadata": {...}} (either or both),
 "mm_processor_kwargs": {...} (optional: the request's own, e.g. {"desap": {"keep": 4}})}],
-"max_tokens": int, "rounds": int, "positions": bool, "one_by_one": bool}. All requests go in one ``generate`` call (one batch), ``rounds`` times; with
-"one_by_one", each request goes alone in a call of its own. OUT: per round, per request, the
+"max_tokens": int, "rounds": int, "positions": bool, "one_by_one": bool, "refusals": bool}. All requests go in one ``generate`` call (one batch), ``rounds`` times; with
+"one_by_one", each request goes alone in a call of its own; with "refusals" too, a request the
+processor refuses (ValueError) is recorded as {"refused": message} and the next one runs. OUT: per round, per request, the
 prompt and output token ids and the prefix-cache hits; per tensor-parallel rank, the model's class
 name and its DeSAP history; with "positions", per round, the rotary positions of each
 language-model forward (M-RoPE: 3 rows) on the first rank (with "one_by_one": per round, per
@@ -73,7 +74,12 @@ def run(llm, job: dict) -> dict:
         batches = [[request] for request in requests] if job.get("one_by_one") else [requests]
         outputs, seen = [], []
         for batch in batches:
-            outputs += record(llm.generate(batch, params, use_tqdm=False))
+            try:
+                outputs += record(llm.generate(batch, params, use_tqdm=False))
+            except ValueError as error:   # refused by the processor: the engine goes on
+                if not job.get("refusals"):
+                    raise
+                outputs.append({"refused": str(error)})
             if job.get("positions"):
                 seen.append(llm.apply_model(positions_seen)[0])
         rounds.append(outputs)

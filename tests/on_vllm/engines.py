@@ -44,6 +44,7 @@ METHODS = ("desap", "first", "random", "saliency", "similarity", "divprune", "la
 BUILDERS = {"llava": tiny_vllm_llava, "llava_next": lambda seed: tiny_vllm_llava(seed, next_layout=True),
             "qwen2_5_vl": tiny_vllm_qwen2_5_vl, "qwen3_vl": tiny_vllm_qwen3_vl,
             "qwen3_vl_moe": lambda seed: tiny_vllm_qwen3_vl(seed, moe=True),
+            "qwen3_vl_64": lambda seed: tiny_vllm_qwen3_vl(seed, positions=64),   # a small rotary cache
             # vLLM's CPU build runs Qwen3.5's linear attention in bfloat16 only: transformers runs it so too
             "qwen3_5": lambda seed: tiny_vllm_qwen3_5(seed).to(torch.bfloat16),
             "qwen3_5_moe": lambda seed: tiny_vllm_qwen3_5(seed, moe=True).to(torch.bfloat16)}
@@ -245,18 +246,20 @@ atexit.register(POOL.shutdown)
 
 def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
                tp: int = 1, positions: bool = False, one_by_one: bool = False, fresh: bool = False,
-               watch: tuple[str, str] | None = None, env: dict | None = None) -> dict:
+               watch: tuple[str, str] | None = None, env: dict | None = None, refusals: bool = False) -> dict:
     """Run an engine on ``requests`` ([(prompt, image file(s))], or [(prompt, {"image": file(s),
     "video": video})] with a video of :func:`save_video`); its JSON (``engine.py`` says what it
     holds). The engine is the live one of the same model, settings and environment (started ahead
     by :func:`plan`, or by a job before), emptied of what earlier jobs left (``engine.py --serve``):
     the job sees what a fresh engine would. ``fresh``: an engine of its own, stopped after.
     ``watch``: ("module:function" run in every worker first, "module:function" read at the end).
-    ``env``: environment variables of this engine beyond the session's."""
+    ``env``: environment variables of this engine beyond the session's. ``refusals`` (with
+    ``one_by_one``): a request the processor refuses is recorded as {"refused": message}."""
     job, out = tmp_path / "job.json", tmp_path / "out.json"
     key = engine_key(model, engine, tp, env)
     json.dump({"model": str(model), "engine": key.settings, "max_tokens": max_tokens, "rounds": rounds,
-               "positions": positions, "one_by_one": one_by_one, **({"watch": list(watch)} if watch else {}),
+               "positions": positions, "one_by_one": one_by_one, "refusals": refusals,
+               **({"watch": list(watch)} if watch else {}),
                "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},
               open(job, "w"))
     return POOL.run(key, job, out, tmp_path / "engine.log", fresh=fresh)
@@ -309,6 +312,7 @@ class _Checkpoints(dict):
 
 # saved when first asked for: dense and MoE Qwen3-VL and Qwen3.5 (in float32, as saved before)
 LATER = {"qwen3_vl": tiny_vllm_qwen3_vl, "qwen3_vl_moe": lambda seed: tiny_vllm_qwen3_vl(seed, moe=True),
+         "qwen3_vl_64": lambda seed: tiny_vllm_qwen3_vl(seed, positions=64),
          "qwen3_5": tiny_vllm_qwen3_5, "qwen3_5_moe": lambda seed: tiny_vllm_qwen3_5(seed, moe=True)}
 
 
@@ -369,6 +373,8 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
         from transformers.video_utils import VideoMetadata
 
         more = {"videos": [np.load(video["frames"])], "video_metadata": [VideoMetadata(**video["metadata"])]}
+    # the request's processor settings (with_method's "desap" is the plugin's, not the processor's)
+    more.update({k: v for k, v in media.get("mm_processor_kwargs", {}).items() if k != "desap"})
     inputs = processor(text=prompt, images=images, return_tensors="pt", **more)
     if options is not None:
         apply_desap(model, **as_engine_defaults(options, processor))

@@ -131,12 +131,29 @@ def test_without_the_desap_key_vllm_runs_its_own_qwen3_vl_unchanged(media, tmp_p
         assert out["output_token_ids"] == want["output_ids"]
 
 
-@pytest.mark.parametrize("model, parallel, message", [
-    ({"video_pruning_rate": 0.5}, {}, "does not run together with video_pruning_rate"),
-    ({}, {"pipeline_parallel_size": 2}, "pipeline_parallel_size must be 1"),
-    ({"mm_encoder_tp_mode": "data"}, {}, 'mm_encoder_tp_mode="data"'),
+def _speculative(config, parallel):
+    from vllm.config import SpeculativeConfig
+
+    return {"speculative_config": SpeculativeConfig(method="ngram", num_speculative_tokens=2, prompt_lookup_max=2,
+                                                    target_model_config=config, target_parallel_config=parallel)}
+
+
+def _lora(config, parallel):
+    from vllm.config import LoRAConfig
+
+    return {"lora_config": LoRAConfig(enable_tower_connector_lora=True)}
+
+
+@pytest.mark.parametrize("model, parallel, more, message", [
+    ({"video_pruning_rate": 0.5}, {}, None, "does not run together with video_pruning_rate"),
+    ({}, {"pipeline_parallel_size": 2}, None, "pipeline_parallel_size must be 1"),
+    ({"mm_encoder_tp_mode": "data"}, {}, None, 'mm_encoder_tp_mode="data"'),
+    ({}, {}, _speculative, r"speculative decoding \(speculative_config\) is not supported"),
+    ({}, {}, _lora, r"\(enable_tower_connector_lora\) is not supported"),
+    ({"enable_prompt_embeds": True}, {}, None, "enable_prompt_embeds is not supported"),
 ])
-def test_engine_settings_desap_cannot_run_are_refused_when_vllm_builds_the_config(media, model, parallel, message):
+def test_engine_settings_desap_cannot_run_are_refused_when_vllm_builds_the_config(media, model, parallel, more,
+                                                                                  message):
     from vllm.config import ModelConfig, ParallelConfig, VllmConfig
 
     from desap_ops.integrations.vllm import register
@@ -146,7 +163,8 @@ def test_engine_settings_desap_cannot_run_are_refused_when_vllm_builds_the_confi
     def build(desap):
         overrides = {"desap": OPTIONS} if desap else {}
         config = ModelConfig(model=str(media["qwen3_vl"]), hf_overrides=overrides, max_model_len=512, **model)
-        return VllmConfig(model_config=config, parallel_config=ParallelConfig(**parallel))
+        layout = ParallelConfig(**parallel)
+        return VllmConfig(model_config=config, parallel_config=layout, **(more(config, layout) if more else {}))
 
     build(desap=False)   # vLLM alone accepts the setting
     with pytest.raises(ValueError, match=message):

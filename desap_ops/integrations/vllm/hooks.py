@@ -236,6 +236,21 @@ GROUPS: tuple[HookGroup, ...] = (
         Hook(_QWEN3 + "Qwen3_VisionTransformer.prepare_encoder_metadata", ("grid_thw_list",)),
         Hook(_QWEN3 + "Qwen3_VisionPatchEmbed.forward", ("x",), reads=(_PATCH_ROW,)),
         Hook(_QWEN3 + "Qwen3_VisionBlock.forward", reads=("self.attn(",)),
+        # the rotary cache DeSAP's Qwen models need (qwen.ROTARY_FACTOR): the Qwen3 modules' decoder layers
+        # size theirs by mrope_positions_factor, which qwen3_vl.size_rotary_cache wraps in each module
+        *(Hook(f"{_MODELS}{module}:mrope_positions_factor", ("vllm_config",), exact=True)
+          for module in ("qwen3_vl", "qwen3_vl_moe", "qwen3_5")),
+        Hook(_QWEN3 + "Qwen3VLDecoderLayer.__init__", reads=("mrope_positions_factor(",)),
+        Hook(_MODELS + "qwen3_vl_moe:Qwen3VLMoeDecoderLayer.__init__", reads=("mrope_positions_factor(",)),
+        Hook(_MODELS + "qwen3_5:Qwen3_5DecoderLayer.__init__", reads=("mrope_positions_factor(",)),
+        # qwen.check_rotary_cache reads each M-RoPE cache's size at start-up
+        Hook("vllm.model_executor.layers.rotary_embedding:MRotaryEmbedding"),
+        Hook("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbeddingBase.__init__",
+             reads=('"cos_sin_cache"',)),
+        # the processor's position check (qwen.DesapQwenProcessorMixin.apply): apply's result, and an
+        # item the processor cache holds processed again without it
+        Hook("vllm.inputs.engine:mm_input", ("prompt_token_ids", "mm_kwargs", "mm_hashes", "mm_placeholders")),
+        Hook("vllm.multimodal.processing:ProcessorInputs", ("cache",)),
     )),
     V1_RUNNER,
     HookGroup("the V2 model runner's pruner, which places M-RoPE positions after the encoder",
@@ -252,6 +267,9 @@ GROUPS: tuple[HookGroup, ...] = (
         Hook("vllm.config.compilation:CompilationConfig", reads=("compile_mm_encoder:",)),
         Hook("vllm.config.scheduler:SchedulerConfig", reads=("max_num_encoder_input_tokens:",)),
         Hook("vllm.config.parallel:ParallelConfig", reads=("pipeline_parallel_size:",)),
+        Hook("vllm.config.vllm:VllmConfig", reads=("speculative_config:", "lora_config:")),
+        Hook("vllm.config.lora:LoRAConfig", reads=("enable_tower_connector_lora:",)),
+        Hook("vllm.config.model:ModelConfig", reads=("enable_prompt_embeds:", "max_model_len:")),
         Hook("vllm.model_executor.models.config:MODELS_CONFIG_MAP"),
         Hook("vllm.model_executor.models.config:VerifyAndUpdateConfig.verify_and_update_config", ("vllm_config",),
              exact=True),

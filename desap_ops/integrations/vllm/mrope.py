@@ -95,6 +95,36 @@ def prompt_positions(prompt_length: int, media: list[Media]) -> tuple[torch.Tens
     return positions, int(positions.max()) + 1 - prompt_length
 
 
+def largest_position(prompt_length: int, media: list[Media]) -> int:
+    """The largest position a prompt holding ``media`` (each with its full grid's positions, as
+    :func:`prompt_positions` takes them) can run at, whichever tokens each medium keeps: its text's
+    (final since arrival), and each medium's over every token of its grid (a kept token keeps its
+    own). Equal to the largest of :func:`prompt_positions` over the unpruned prompt."""
+    largest, start, next_position = -1, 0, 0
+    for medium in sorted(media, key=lambda m: m.offset):
+        text = medium.offset - start
+        base = next_position + text
+        largest = max(largest, base - 1, base + int(medium.positions[:3].max()) if medium.positions.numel() else -1)
+        next_position = base + int(medium.positions[3, 0])
+        start = medium.offset + medium.length
+    return max(largest, next_position + prompt_length - start - 1)
+
+
+def rotary_reach(prompt_length: int, media: list[Media], max_model_len: int) -> int:
+    """The largest position the rotary cache is read at for such a prompt, up to ``max_model_len``
+    tokens: vLLM runs generated token ``i`` at ``i`` plus the prompt's delta (its largest position
+    plus one, less its length), so the last at :func:`largest_position` plus the tokens after the
+    prompt."""
+    return largest_position(prompt_length, media) + max(max_model_len - prompt_length, 0)
+
+
+def medium_summary(positions: torch.Tensor) -> torch.Tensor:
+    """(4, 1) long: all :func:`largest_position` reads of a medium's (4, N) positions (the largest
+    of its first three rows, and its extent), for a cache of many media."""
+    top = int(positions[:3].max()) if positions.numel() else 0
+    return torch.tensor([[top], [top], [top], [int(positions[3, 0])]])
+
+
 def medium_fields(positions: torch.Tensor) -> torch.Tensor:
     """(6, K) long for a medium's K placeholders, from their (4, K) :func:`media_positions`
     columns in placeholder order: those four rows, then each one's index and the count K."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from typing import Iterator
 
 import torch
@@ -22,12 +23,41 @@ from ..common.pruning import tower_reads
 from ..common.sequence import image_budget
 from ..common.signals import TowerSignals
 from .model import DesapModelMixin, encoder_batches
-from .mrope import CHANNELS, Media, decode_fields, place_media, prompt_positions, recompute_after_encoder
+from .mrope import (CHANNELS, Media, decode_fields, medium_summary, place_media, prompt_positions,
+                    recompute_after_encoder, rotary_reach)
 from .options import DesapOptions
 from .processor import OPTIONS_KEYS, TEXT_KEYS, DesapProcessorMixin
 from .qwen_tower import read_qwen_tower
 
 log = logging.getLogger(__name__)
+# the rotary cache DeSAP's Qwen models are built with, in max_position_embeddings: vLLM's own factor for
+# Qwen2.5-VL, and the one vLLM gives the Qwen3 generation for its own video pruning (qwen3_vl raises
+# it for DeSAP too), because pruned tokens keep positions past the prompt's length
+ROTARY_FACTOR = 4
+SUMMARIES = 1 << 16   # media whose position summary a processor keeps, for items the processor cache holds
+
+
+def rotary_positions(hf_config) -> int:
+    """How many positions the rotary cache of a DeSAP Qwen model holds, at the least (the model
+    checks its own at start-up, the processor refuses a request that would read past it)."""
+    return int(hf_config.get_text_config().max_position_embeddings) * ROTARY_FACTOR
+
+
+def check_rotary_cache(model, hf_config, family: str) -> None:
+    """Refuse at start-up a model whose M-RoPE caches hold fewer positions than
+    :func:`rotary_positions` (a release that sizes them otherwise: the processor would let through
+    requests the cache cannot hold, and one would take the engine down)."""
+    from vllm.model_executor.layers.rotary_embedding import MRotaryEmbedding
+
+    from .hooks import SUPPORTED_VLLM, VllmVersionError
+
+    sizes = {int(m.cos_sin_cache.shape[0]) for m in model.modules() if isinstance(m, MRotaryEmbedding)}
+    needed = rotary_positions(hf_config)
+    if not sizes or min(sizes) < needed:
+        raise VllmVersionError(
+            f"DeSAP's vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)}: DeSAP on {family} needs M-RoPE caches "
+            f"of {needed} positions (max_position_embeddings x {ROTARY_FACTOR}), this vLLM built "
+            f"{sorted(sizes) or 'none'}")
 
 
 def check_engine(vllm_config, family: str) -> None:
@@ -42,6 +72,19 @@ def check_engine(vllm_config, family: str) -> None:
     if vllm_config.compilation_config.compile_mm_encoder:
         raise ValueError("DeSAP reads the vision encoder through hooks, which a compiled encoder skips: "
                          "turn compile_mm_encoder off")
+    if vllm_config.speculative_config is not None:
+        # how a drafter would get the kept tokens' positions is untested
+        raise ValueError(f"DeSAP on {family} places the kept tokens' M-RoPE positions after the encoder, which a "
+                         "drafter is not given: speculative decoding (speculative_config) is not supported")
+    lora = vllm_config.lora_config
+    if lora is not None and lora.enable_tower_connector_lora:
+        # vLLM would size the tower's LoRA batch by the pruned placeholders, not by the image's grid
+        raise ValueError(f"DeSAP on {family} gives an image fewer placeholders than tower tokens: LoRA on the "
+                         "vision tower and connector (enable_tower_connector_lora) is not supported")
+    if vllm_config.model_config.enable_prompt_embeds:
+        # the kept tokens' position channels ride on the embeddings; prompt embeddings beside them do not fit
+        raise ValueError(f"DeSAP on {family} widens its media embeddings by their positions: enable_prompt_embeds is "
+                         "not supported")
 
 
 class DesapQwenProcessorMixin(DesapProcessorMixin):
@@ -63,6 +106,65 @@ class DesapQwenProcessorMixin(DesapProcessorMixin):
     def desap_placeholders(self, out_mm_kwargs, modality: str, index: int) -> list[int]:
         """The prompt's placeholders of item ``index``: one per kept token."""
         return [self.desap_media_tokens()[modality]] * self.desap_item_budget(out_mm_kwargs, modality, index)
+
+    def desap_medium_positions(self, modality: str, item) -> torch.Tensor:
+        """Item's full (4, N) positions from its processed fields (``item``: a field name to an
+        element with ``.data``), as the model lays them out (``mrope``)."""
+        raise NotImplementedError
+
+    @property
+    def desap_summaries(self) -> OrderedDict:
+        """Each recent item's ``mrope.medium_summary`` by its hash: an item the processor cache holds
+        comes back from ``apply`` without its fields."""
+        if "_desap_summaries" not in self.__dict__:
+            self.__dict__["_desap_summaries"] = OrderedDict()
+        return self.__dict__["_desap_summaries"]
+
+    def apply(self, inputs, timing_ctx):
+        result = super().apply(inputs, timing_ctx)
+        if self.desap is None:
+            return result
+        media = self.desap_media_summaries(result)
+        if media is None:   # an item cached by vLLM but no longer here: its fields, processed again
+            result = super().apply(dataclasses.replace(inputs, cache=None), timing_ctx)
+            media = self.desap_media_summaries(result)
+        self.desap_check_positions(len(result["prompt_token_ids"]), media)
+        return result
+
+    def desap_media_summaries(self, result) -> list[Media] | None:
+        """Each item of ``result`` (``apply``'s) as a Media of its ``mrope.medium_summary``; None if an
+        item has neither its fields nor a summary here."""
+        media, summaries = [], self.desap_summaries
+        for modality, ranges in result["mm_placeholders"].items():
+            if modality not in self.desap_media_tokens():
+                continue
+            for item, key, where in zip(result["mm_kwargs"].get(modality, ()), result["mm_hashes"][modality], ranges,
+                                        strict=True):
+                if item is not None:
+                    summaries[key] = medium_summary(self.desap_medium_positions(modality, item))
+                    while len(summaries) > SUMMARIES:
+                        summaries.popitem(last=False)
+                summary = summaries.get(key)
+                if summary is None:
+                    return None
+                summaries.move_to_end(key)
+                media.append(Media(where.offset, where.length, summary))
+        return media
+
+    def desap_check_positions(self, prompt_length: int, media: list[Media]) -> None:
+        """Refuse (ValueError: a 400) a prompt whose tokens could run past the model's rotary cache,
+        whichever tokens its media keep, up to max_model_len tokens: the worker would index past it
+        and take the engine down."""
+        config = self.info.get_hf_config()
+        limit, max_model_len = rotary_positions(config), int(self.info.ctx.model_config.max_model_len)
+        reach = rotary_reach(prompt_length, media, max_model_len)
+        if reach >= limit:
+            raise ValueError(
+                f"DeSAP keeps each image's and video's tokens at their own rotary positions: this prompt of "
+                f"{prompt_length} tokens reaches position {reach} by max_model_len {max_model_len}, past the model's "
+                f"{limit} (max_position_embeddings {config.get_text_config().max_position_embeddings} x "
+                f"{ROTARY_FACTOR}). Send fewer or smaller images or shorter videos (a smaller max_pixels), or "
+                "serve with a smaller max_model_len")
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
@@ -86,6 +188,7 @@ class DesapQwenModelMixin(DesapModelMixin):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         if self.desap is not None:
             check_engine(vllm_config, self.desap_family)
+            check_rotary_cache(self, vllm_config.model_config.hf_config, self.desap_family)
             recompute_after_encoder()   # in whichever runner the engine uses (never a field 0.34 lacks)
 
     @property

@@ -37,8 +37,24 @@ def check_engine(vllm_config) -> None:
     qwen.check_engine(vllm_config, "Qwen2.5-VL")
 
 
+def medium_positions(config, modality: str, grid, seconds: float | None) -> torch.Tensor:
+    """An image's or video's full (4, N) positions (``mrope.media_positions``) from its (t, h, w)
+    patch ``grid`` and, for a video, its ``second_per_grid_ts`` (None: 1), its time scaled as vLLM's
+    ``iter_mm_grid_thw`` scales it; for the model and the processor alike."""
+    t, h, w = (int(n) for n in grid)
+    merge = config.vision_config.spatial_merge_size
+    per_second = getattr(config.vision_config, "tokens_per_second", 1.0)
+    t_factor = 1.0 if modality == "image" else per_second * (1.0 if seconds is None else seconds)
+    return media_positions(t, h // merge, w // merge, t_factor)
+
+
 class DesapQwen2_5_VLProcessor(DesapQwenProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     """vLLM's Qwen2.5-VL processor with DeSAP's placeholders (``qwen.DesapQwenProcessorMixin``)."""
+
+    def desap_medium_positions(self, modality: str, item) -> torch.Tensor:
+        seconds = item.get("second_per_grid_ts") if modality == "video" else None
+        return medium_positions(self.info.get_hf_config(), modality, item[f"{modality}_grid_thw"].data.tolist(),
+                                None if seconds is None else float(seconds.data))
 
 
 @registered_with(DesapQwen2_5_VLProcessor, "Qwen2_5_VLForConditionalGeneration")
@@ -55,17 +71,13 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapQwenModelMixin, registered_cl
         video's frames compete for one budget, as in ``apply_desap``), each followed by its position
         channels (``mrope``; a video's time scaled as vLLM's and transformers' Qwen2.5-VL scale it),
         from ``desap_tower_items``."""
-        merge = self.visual.spatial_merge_size
-        per_second = getattr(self.config.vision_config, "tokens_per_second", 1.0)
         seconds = media.get("second_per_grid_ts")
         out = []
         for i, (t, h, w), item in self.desap_tower_items(media, modality, tower_reads(options)):
-            # the video's time scale, as iter_mm_grid_thw reads it (images have none)
-            t_factor = 1.0 if modality == "image" else per_second * (float(seconds[i]) if seconds is not None else 1.0)
             result = self.desap_prune(item.map(lambda tensor: tensor[None]), texts[i:i + 1], text_mask[i:i + 1],
                                       self.desap_budget(options[i], item.hidden.shape[0]), options[i])
-            kept = media_positions(t, h // merge, w // merge, t_factor)[:, result.indices[0].cpu()]
-            out.append(with_position_channels(result.tokens[0], kept))
+            full = medium_positions(self.config, modality, (t, h, w), None if seconds is None else float(seconds[i]))
+            out.append(with_position_channels(result.tokens[0], full[:, result.indices[0].cpu()]))
         return out
 
     def get_mrope_input_positions(self, input_tokens, mm_features):

@@ -29,7 +29,7 @@ from ...reference import merge_tokens
 from ..common.pruning import tower_reads
 from ..common.signals import TowerSignals
 from . import qwen
-from .hooks import registered_class
+from .hooks import QWEN3_ARCHITECTURES, registered_class
 from .model import registered_with
 from .mrope import Media, media_positions, span_positions, with_position_channels
 from .options import DesapOptions
@@ -60,9 +60,49 @@ def video_span(config, tokenizer, timestamps: Sequence[float], tokens_per_frame:
         video_token_id=config.video_token_id).full
 
 
+def medium_positions(config, tokenizer, modality: str, item) -> torch.Tensor:
+    """An image's or video's full (4, N) positions (``mrope``: a video's over its whole span) from
+    its processed fields (``item``: a field name to an element with ``.data``), for the model and
+    the processor alike."""
+    merge = config.vision_config.spatial_merge_size
+    t, h, w = item[f"{modality}_grid_thw"].data.tolist()
+    h, w = h // merge, w // merge
+    if modality == "image":
+        return media_positions(1, h, w)
+    full = video_span(config, tokenizer, item["timestamps"].data, [h * w] * t)
+    return span_positions(full, config.video_token_id, h, w)
+
+
+def size_rotary_cache() -> None:
+    """Give DeSAP's Qwen3 models vLLM's rotary cache for pruned positions: in the module of each
+    class vLLM's registry resolves for a Qwen3 architecture, which builds its decoder layers with
+    ``mrope_positions_factor(vllm_config)`` (``hooks``), wrap that function to return at least
+    ``qwen.ROTARY_FACTOR`` for a config with ``desap``. Every other config gets vLLM's factor; the
+    model checks its caches' size at start-up (``qwen.check_rotary_cache``)."""
+    import sys
+
+    from .options import read_options
+
+    for architecture in QWEN3_ARCHITECTURES:
+        module = sys.modules[registered_class(architecture).__module__]
+        factor = module.mrope_positions_factor
+        if hasattr(factor, "desap_wraps"):
+            continue
+
+        def for_desap(vllm_config, factor=factor) -> int:
+            own = factor(vllm_config)
+            return max(own, qwen.ROTARY_FACTOR) if read_options(vllm_config.model_config.hf_config) else own
+
+        for_desap.desap_wraps = factor
+        module.mrope_positions_factor = for_desap
+
+
 class DesapQwen3VLProcessor(DesapQwenProcessorMixin, Qwen3VLMultiModalProcessor):
     """vLLM's Qwen3-VL processor (Qwen3.5's too) with DeSAP's placeholders: an image's as every
     Qwen family's, a video's its whole pruned span (the model writes it)."""
+
+    def desap_medium_positions(self, modality: str, item) -> torch.Tensor:
+        return medium_positions(self.info.get_hf_config(), self.info.get_tokenizer(), modality, item)
 
     def desap_placeholders(self, out_mm_kwargs, modality: str, index: int) -> list[int]:
         if modality == "image":
@@ -83,6 +123,10 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
     # vLLM's own pixel normalization on the device stays on (raw 8-bit pixels cross to the tower):
     # ``random`` seeds from the order of each patch row's values (``signals.patch_content``), which
     # the raw and the normalized pixels share
+
+    def __init__(self, *, vllm_config, prefix: str = "") -> None:
+        size_rotary_cache()   # before vLLM builds the decoder layers
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
 
     def desap_media(self, media, modality: str, texts, text_mask, options) -> list[torch.Tensor]:
         """Per image (or video): its embeddings, each row followed by its position channels
@@ -129,18 +173,9 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
         return with_position_channels(span, span_positions(full.tolist(), video, h, w)[:, rows])
 
     def desap_media_layouts(self, input_tokens, mm_features) -> list[Media]:
-        merge = self.config.vision_config.spatial_merge_size
-        layouts = []
-        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            t, h, w = feature.data[f"{feature.modality}_grid_thw"].data.tolist()
-            h, w = h // merge, w // merge
-            if feature.modality == "image":
-                positions = media_positions(1, h, w)
-            else:
-                full = video_span(self.config, self._tokenizer, feature.data["timestamps"].data, [h * w] * t)
-                positions = span_positions(full, self.config.video_token_id, h, w)
-            layouts.append(Media(feature.mm_position.offset, feature.mm_position.length, positions))
-        return layouts
+        return [Media(feature.mm_position.offset, feature.mm_position.length,
+                      medium_positions(self.config, self._tokenizer, feature.modality, feature.data))
+                for feature in sorted(mm_features, key=lambda f: f.mm_position.offset)]
 
 
 # each over the class vLLM's registry resolves for its architecture in the running release (vLLM 0.34

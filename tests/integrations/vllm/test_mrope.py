@@ -11,8 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from desap_ops.testing.tiny import QWEN_IMAGE as IMG, QWEN_VIDEO as VID, tiny_qwen2_5_vl
-from desap_ops.integrations.vllm.mrope import (CHANNELS, Media, decode_fields, encode_fields, media_positions,
-                                               medium_fields, place_media, place_on_device, prompt_positions)
+from desap_ops.integrations.vllm.mrope import (CHANNELS, Media, decode_fields, encode_fields, largest_position,
+                                               media_positions, medium_fields, medium_summary, place_media,
+                                               place_on_device, prompt_positions, rotary_reach, span_positions)
 
 START, END = 153, 154
 # one wide and one tall image (grids in patches; 2 x 2 patches make a token): 2 x 6 and 6 x 2 tokens
@@ -202,3 +203,59 @@ def test_placing_on_a_gpu_reads_nothing_back_and_copies_nothing_to_the_host():
     assert host.ops == []
     assert placed.device.type == fits.device.type == cursors.device.type == "cuda"
     assert placed.shape == arrival.shape and fits.shape == cursors.shape == (len(window),)
+
+
+def _random_medium(rng: torch.Generator) -> torch.Tensor:
+    """A medium's full (4, N) positions: an image, a Qwen2.5-VL video whose time runs past its extent,
+    or a Qwen3 video span (timestamp text around each frame)."""
+    kind = int(torch.randint(3, (1,), generator=rng))
+    h, w = (int(n) for n in torch.randint(1, 9, (2,), generator=rng))
+    if kind == 0:
+        return media_positions(1, h, w)
+    t = int(torch.randint(2, 6, (1,), generator=rng))
+    if kind == 1:
+        return media_positions(t, h, w, t_factor=float(torch.randint(1, 9, (1,), generator=rng)))
+    ids = []
+    for _ in range(t):
+        ids += [7] * int(torch.randint(1, 4, (1,), generator=rng)) + [START] + [VID] * (h * w) + [END]
+    return span_positions(ids, VID, h, w)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_rotary_reach_bounds_every_position_kept_tokens_and_generation_run_at_and_is_reached(seed):
+    """``rotary_reach`` (what the processor refuses past the rotary cache) bounds every position the
+    plugin can produce for a prompt, whichever tokens each medium keeps, up to ``max_model_len``
+    tokens (vLLM: generated token i at i + delta), and is reached when the top token is kept. Its
+    ``largest_position`` is the unpruned prompt's largest, and a medium's summary gives the same."""
+    rng = torch.Generator().manual_seed(seed)
+    ids, full_ids, media, full_media, kept = [1], [1], [], [], []
+    for _ in range(int(torch.randint(1, 4, (1,), generator=rng))):
+        positions = _random_medium(rng)
+        n = positions.shape[1]
+        keep = int(torch.randint(1, n + 1, (1,), generator=rng))
+        chosen = torch.randperm(n, generator=rng)[:keep].sort().values
+        if seed % 2 == 0:   # half the cases keep the medium's top token: the bound is reached
+            top = int(positions[:3].max(dim=0).values.argmax())
+            chosen = torch.unique(torch.cat([chosen[1:], torch.tensor([top])]))
+        media.append(Media(len(ids), len(chosen), positions))
+        full_media.append(Media(len(full_ids), n, positions))
+        kept.append(chosen)
+        between = [5] * int(torch.randint(1, 4, (1,), generator=rng))   # a marker at least, as every prompt has
+        ids += [IMG] * len(chosen) + between
+        full_ids += [IMG] * n + between
+    max_model_len = len(ids) + int(torch.randint(1, 50, (1,), generator=rng))
+
+    largest = largest_position(len(ids), media)
+    assert largest == int(prompt_positions(len(full_ids), full_media)[0].max())
+    summaries = [Media(m.offset, m.length, medium_summary(m.positions)) for m in media]
+    assert largest_position(len(ids), summaries) == largest
+
+    arrival, _ = prompt_positions(len(ids), media)
+    fields = [medium_fields(m.positions[:, k]).T for m, k in zip(media, kept)]
+    placed, delta = place_media(ids, fields, arrival, 0, (IMG, VID))
+    generated = [i + delta for i in range(len(ids), max_model_len)]
+    reach = rotary_reach(len(ids), media, max_model_len)
+    assert max(int(placed.max()), *generated) <= reach
+    assert int(arrival.max()) <= reach   # the provisional positions before the encoder too
+    if seed % 2 == 0:
+        assert generated[-1] == reach
