@@ -142,13 +142,7 @@ def save_qwen_checkpoint(model: nn.Module, folder: str | Path) -> Path:
     vision = config.vision_config
     qwen2_5 = config.model_type == "qwen2_5_vl"
     template = QWEN2_5_TEMPLATE if qwen2_5 else QWEN3_TEMPLATE
-    vocab_size = config.text_config.vocab_size
-    specials = {IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id,
-                VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id}
-    # ChatML's markers and role words on the highest free ids (prompts write filler words from 54 up)
-    top = [i for i in range(vocab_size - 1, -1, -1) if i not in specials.values()][:2 + len(CHATML_WORDS)]
-    specials.update({IM_START: top[0], IM_END: top[1]})
-    tokenizer = build_tokenizer(vocab_size, specials, chat_template=template, words=dict(zip(CHATML_WORDS, top[2:])))
+    tokenizer = qwen_tokenizer(config)
     side = 2 * vision.patch_size * vision.spatial_merge_size   # two merged patches
     sizes = dict(patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
                  temporal_patch_size=vision.temporal_patch_size,
@@ -165,6 +159,19 @@ def save_qwen_checkpoint(model: nn.Module, folder: str | Path) -> Path:
     processor.save_pretrained(folder)
     _save_model(model, folder, qwen_hub_experts(model.state_dict(), config.model_type), config.tie_word_embeddings)
     return folder
+
+
+def qwen_tokenizer(config):
+    """The tokenizer :func:`save_qwen_checkpoint` saves beside a Qwen2.5-VL, Qwen3-VL or Qwen3.5
+    model of ``config``, its family's chat template included."""
+    template = QWEN2_5_TEMPLATE if config.model_type == "qwen2_5_vl" else QWEN3_TEMPLATE
+    vocab_size = config.text_config.vocab_size
+    specials = {IMAGE_PAD: config.image_token_id, VIDEO_PAD: config.video_token_id,
+                VISION_START: config.vision_start_token_id, VISION_END: config.vision_end_token_id}
+    # ChatML's markers and role words on the highest free ids (prompts write filler words from 54 up)
+    top = [i for i in range(vocab_size - 1, -1, -1) if i not in specials.values()][:2 + len(CHATML_WORDS)]
+    specials.update({IM_START: top[0], IM_END: top[1]})
+    return build_tokenizer(vocab_size, specials, chat_template=template, words=dict(zip(CHATML_WORDS, top[2:])))
 
 
 def qwen_hub_experts(state: dict, model_type: str) -> dict:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import sys
 
-from typing import AbstractSet, Optional, Sequence
+from typing import AbstractSet, Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -95,8 +95,67 @@ def deepstack_per_image(model: nn.Module) -> bool:
     return "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters
 
 
+# how transformers' Qwen3VLProcessor.replace_video_token writes each frame group's time (seconds)
+TIMESTAMP_FORMAT = "<{:.1f} seconds>"
+# times whose spellings differ in their first and their last digit and together hold every digit,
+# and times of other widths that the learned shape must spell back
+_LEARN_SECONDS, _CHECK_SECONDS = (0.1, 23.4, 567.8, 9.0), (0.5, 10.5, 100.0, 1234.5)
+
+
+class TimestampShape(NamedTuple):
+    """A tokenizer's spelling of the processor's frame timestamps: ``prefix``, the seconds as any
+    number of ``digits`` tokens, ``suffix`` (ids)."""
+
+    prefix: tuple[int, ...]
+    digits: frozenset[int]
+    suffix: tuple[int, ...]
+
+
+def timestamp_shape(tokenizer: Any) -> Optional[TimestampShape]:
+    """How ``tokenizer`` (or a processor holding one) spells :data:`TIMESTAMP_FORMAT`, learned from
+    sample times: the ids every sample begins and ends with, and the ids between. None where the
+    shape does not spell other times back (a tokenizer that merges digits into longer tokens)."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+
+    def spell(seconds: float) -> list:
+        return list(tokenizer.encode(TIMESTAMP_FORMAT.format(seconds), add_special_tokens=False))
+    samples = [spell(t) for t in _LEARN_SECONDS]
+    shortest = min(len(ids) for ids in samples)
+    end = next((n for n in range(shortest) if len({tuple(ids[len(ids) - n - 1:]) for ids in samples}) > 1), shortest)
+    middles = [ids[:len(ids) - end] for ids in samples]
+    start = next((n for n in range(min(map(len, middles))) if len({ids[n] for ids in middles}) > 1),
+                 min(map(len, middles)))
+    shape = TimestampShape(tuple(samples[0][:start]), frozenset(i for ids in middles for i in ids[start:]),
+                           tuple(samples[0][len(samples[0]) - end:]))
+    for seconds in _CHECK_SECONDS:
+        ids = spell(seconds)
+        if timestamp_before(ids, shape) != len(ids) or tuple(ids[:len(shape.prefix)]) != shape.prefix:
+            return None
+    return shape
+
+
+def timestamp_before(text: Sequence[int], shape: TimestampShape) -> int:
+    """How many of the last tokens of ``text`` (the ids before a frame's vision marker) are the
+    processor's timestamp spelled as ``shape``; 0 where it does not end in one. A prefix the
+    tokenizer merged with the user's characters before it (a byte-level BPE's ``" <"``) holds
+    their words: it stays text, as it does in vLLM's prompt, where those characters stand alone."""
+    text = [int(i) for i in text]
+    at = len(text) - len(shape.suffix)
+    if at < 0 or tuple(text[at:]) != shape.suffix:
+        return 0
+    digits = at
+    while digits > 0 and text[digits - 1] in shape.digits:
+        digits -= 1
+    if shape.digits and digits == at:
+        return 0   # a suffix without the seconds before it: the user's words
+    if shape.prefix and tuple(text[max(digits - len(shape.prefix), 0):digits]) == shape.prefix:
+        digits -= len(shape.prefix)
+    return len(text) - digits
+
+
 def video_frame_text(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], token_id: int,
-                       lengths: Sequence[int], start_id: int, end_id: int) -> torch.Tensor:
+                       lengths: Sequence[int], start_id: int, end_id: int,
+                       shape: Optional[TimestampShape] = None) -> torch.Tensor:
     """(B, T) bool: the text the processor wrote for each video: its frames' timestamps and markers.
 
     The processor writes each frame group as ``<t seconds>`` ``<|vision_start|>`` its tokens
@@ -105,12 +164,12 @@ def video_frame_text(input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
 
     - where the prompt's own ``<|vision_start|>`` still wraps the video (transformers before it
       collapsed that wrapper), it is everything between that marker and the first frame's;
+    - else, given the tokenizer's ``shape`` (:func:`timestamp_shape`), it is the tokens before the
+      frame that spell a timestamp (:func:`timestamp_before`), for any number of frame groups;
     - else it is as long as the second frame's timestamp, or shorter where it has fewer digits:
       the longest such tail of the text before the frame that begins with the second
-      timestamp's first token (``<``), else exactly as long.
-
-    A one-group clip (2 frames) in a prompt without the wrapper leaves nothing to learn the
-    timestamp's tokens from: it stays text there (docs/integrations.md)."""
+      timestamp's first token (``<``), else exactly as long. A one-group clip (2 frames) leaves
+      nothing to learn the timestamp's tokens from: it stays text there (docs/integrations.md)."""
     written = torch.zeros_like(input_ids, dtype=torch.bool)
     owner, _ = placeholder_owners(input_ids, token_id, lengths)
     valid = torch.ones_like(written) if attention_mask is None else attention_mask.bool()
@@ -132,6 +191,9 @@ def video_frame_text(input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         if stop >= 0 and int(input_ids[row, stop]) == start_id and not bool(owner[row, stop] >= 0):
             written[row, stop + 1:frame] = True   # the prompt's own wrapper: the timestamp lies inside it
             continue
+        if shape is not None:
+            written[row, frame - timestamp_before(input_ids[row, stop + 1:frame].tolist(), shape):frame] = True
+            continue
         breaks = (columns[1:] - columns[:-1] > 1).nonzero()
         if breaks.numel() == 0:
             continue   # one frame group: no second timestamp to learn from
@@ -145,12 +207,12 @@ def video_frame_text(input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
 
 
 def frame_timestamps(model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                     lengths: list) -> torch.Tensor:
+                     lengths: list, shape: Optional[TimestampShape] = None) -> torch.Tensor:
     """``qwen.VideoText`` of Qwen3-VL and Qwen3.5: each video's frame timestamps and markers
-    (:func:`video_frame_text`)."""
+    (:func:`video_frame_text`; ``shape``: the tokenizer's spelling of a timestamp, where known)."""
     config = model.config
     return video_frame_text(input_ids, attention_mask, config.video_token_id, lengths,
-                              config.vision_start_token_id, config.vision_end_token_id)
+                              config.vision_start_token_id, config.vision_end_token_id, shape)
 
 
 def install(model: nn.Module, state: DesapState) -> None:
@@ -164,4 +226,7 @@ def install(model: nn.Module, state: DesapState) -> None:
         def output(features: list, levels: list):
             stacked = levels if per_image else [torch.cat(level) for level in levels]
             return with_deepstack(pooler_output=features, deepstack_features=stacked)
-    qwen.install(model, state, read_tower, output, frame_timestamps)
+    # the tokenizer apply_desap was given spells the frames' timestamps; learned once, here
+    shape = None if state.options.tokenizer is None else timestamp_shape(state.options.tokenizer)
+    qwen.install(model, state, read_tower, output,
+                 lambda m, input_ids, mask, lengths: frame_timestamps(m, input_ids, mask, lengths, shape))

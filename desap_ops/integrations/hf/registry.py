@@ -103,7 +103,10 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
     remove_desap(model)
     ignored = config_ignored_ids(model.config, getattr(model, "generation_config", None), exclude_token_ids)
     prune = PruneOptions.checked(keep, task_ratio, merge, text_reduce, backend, text_budget, ideal, method)
-    install(model, DesapState(Options(**vars(prune), ignored_ids=frozenset(ignored), chat=as_chat_markers(chat))))
+    markers = as_chat_markers(chat)
+    tokenizer = None if chat is None or isinstance(chat, ChatMarkers) else chat
+    install(model, DesapState(Options(**vars(prune), ignored_ids=frozenset(ignored), chat=markers,
+                                      tokenizer=tokenizer)))
     return model
 
 

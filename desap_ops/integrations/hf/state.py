@@ -31,6 +31,7 @@ class Options(PruneOptions):
 
     ignored_ids: frozenset[int]       # token ids that never count as prompt text
     chat: Optional[ChatMarkers]       # count only the user's words of a chat; None: all text
+    tokenizer: Any = None             # the tokenizer or processor ``chat`` was read from; None: none given
 
 
 class SavedAttribute(NamedTuple):

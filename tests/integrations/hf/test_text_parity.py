@@ -6,16 +6,24 @@ run on the same request, and each item's text ids must be equal:
 - a Qwen3-VL video, with and without a question, beside an image in its turn: the timestamp the
   processor writes before each frame group is never the user's words, in both of transformers'
   layouts (the prompt's own vision markers around the frames, transformers < 5.2x; collapsed, after);
+- a one-group Qwen3-VL clip (2 frames), the prompt as transformers' processor writes it, with
+  ``chat`` a tokenizer: its one timestamp is spelled as the tokenizer spells one, with no second
+  timestamp to learn it from; the finder itself with the checkpoints' word-level tokenizer and a
+  byte-level BPE split as Qwen2's tokenizer splits;
 - a two-turn LLaVA-NeXT chat at a ``keep`` below each image's newline budget, and above its
   tokens: each image reads its own turn."""
+import functools
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from desap_ops.integrations import ChatMarkers, apply_desap, last_prune
 from desap_ops.integrations.common.prompt import config_ignored_ids
 from desap_ops.integrations.hf import text
-from desap_ops.integrations.hf.qwen3_vl import video_frame_text
+from desap_ops.integrations.hf.qwen3_vl import TIMESTAMP_FORMAT, timestamp_before, timestamp_shape, video_frame_text
 from desap_ops.integrations.vllm.processor import prompt_texts
+from desap_ops.testing.checkpoint import IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START, qwen_tokenizer
 from desap_ops.testing.tiny import (IMAGE_TOKEN_ID as LLAVA_IMAGE, QWEN_IMAGE, QWEN_VIDEO, QWEN_VISION_END as END,
                                     QWEN_VISION_START as START, tiny_llava_next, tiny_qwen3_vl)
 
@@ -116,6 +124,104 @@ def test_every_timestamp_is_found_in_either_layout_and_only_for_frames():
     # the words before it stay text (nothing to learn a timestamp's tokens from)
     ids = torch.tensor([[OPEN, USER, 33, START, QWEN_VIDEO, QWEN_VIDEO, END, 35]])
     assert video_frame_text(ids, None, QWEN_VIDEO, [2], START, END)[0].nonzero()[:, 0].tolist() == [3, 6]
+
+
+def qwen2_split_bpe():
+    """A byte-level BPE split as Qwen2's tokenizer splits (one token a digit, punctuation runs
+    apart from words), with merges that spell " seconds" as one token and glue a timestamp's
+    ``<`` to a space or a question mark before it, as a real vocabulary can."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("\u0120", "s"), ("\u0120s", "e"), ("\u0120se", "c"), ("\u0120sec", "o"), ("\u0120seco", "n"),
+              ("\u0120secon", "d"), ("\u0120second", "s"), ("?", "<"), ("\u0120", "<")]   # \u0120: a space
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"),
+                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def test_a_timestamp_is_found_as_the_tokenizer_spells_it_at_every_width(qwen3_vl):
+    checkpoint, bpe = qwen_tokenizer(qwen3_vl.config), qwen2_split_bpe()
+    # the checkpoints' word-level tokenizer: "<0.5" and "seconds>" are two unknown words
+    assert timestamp_shape(checkpoint) == ((), frozenset(), (checkpoint.unk_token_id,) * 2)
+    shape = timestamp_shape(bpe)
+    assert timestamp_shape(SimpleNamespace(tokenizer=bpe)) == shape   # a processor: its tokenizer
+    assert bpe.convert_ids_to_tokens(list(shape.prefix + shape.suffix)) == ["<", "\u0120seconds", ">"]
+    assert sorted(bpe.convert_ids_to_tokens(list(shape.digits))) == list(".0123456789")
+    for seconds in (0.5, 10.5, 100.0):
+        stamp = TIMESTAMP_FORMAT.format(seconds)
+        size = len(f"{seconds:.1f}") + 3   # a token a digit and the point, "<", " seconds", ">"
+        for before, glued in (("user\n", 0), ("clip 3", 0), ("end.", 0), ("what?", 1), ("what ", 1)):
+            ids = bpe.encode(before + stamp, add_special_tokens=False)
+            # a "<" merged with the user's "?" or space holds their characters: it stays text
+            assert timestamp_before(ids, shape) == size - glued, (before, stamp)
+            assert timestamp_before(bpe.encode(before, add_special_tokens=False), shape) == 0
+        ids = checkpoint.encode("what is the image ? " + stamp, add_special_tokens=False)
+        assert timestamp_before(ids, timestamp_shape(checkpoint)) == 2
+    assert timestamp_before(bpe.encode("a seconds>", add_special_tokens=False), shape) == 0   # no seconds
+    # one frame group without the prompt's wrapper: its timestamp by the shape, the words before stay text
+    tail = bpe.encode("what ?\n" + TIMESTAMP_FORMAT.format(100.0), add_special_tokens=False)
+    ids = torch.tensor([[OPEN, USER, *tail, START, QWEN_VIDEO, QWEN_VIDEO, END, 35]])
+    written = video_frame_text(ids, None, QWEN_VIDEO, [2], START, END, shape)[0].nonzero()[:, 0].tolist()
+    assert written == list(range(2 + len(tail) - 8, 2 + len(tail) + 1)) + [2 + len(tail) + 3]
+
+
+def processor_video(frames: list, fps: float, tokens: int) -> str:
+    """The text transformers' Qwen3-VL processor writes for a video of ``frames`` (indices into a
+    clip of ``fps``, two a group) of ``tokens`` tokens a group (its own code, fed what it reads)."""
+    from transformers import Qwen3VLProcessor
+    from transformers.video_utils import VideoMetadata
+
+    writer = SimpleNamespace(video_processor=SimpleNamespace(merge_size=2, temporal_patch_size=2),
+                             video_token=VIDEO_PAD, vision_start_token=VISION_START, vision_end_token=VISION_END)
+    writer._calculate_timestamps = functools.partial(Qwen3VLProcessor._calculate_timestamps, writer)
+    metadata = VideoMetadata(total_num_frames=frames[-1] + 1, fps=fps, frames_indices=frames)
+    grid = torch.tensor([[len(frames) // 2, 2, 2 * tokens]])   # 2 x 2 patches a token
+    return Qwen3VLProcessor.replace_video_token(writer, {"video_grid_thw": grid, "video_metadata": [metadata]}, 0)
+
+
+# the one group's time: the mean of its two frames'
+@pytest.mark.parametrize("frames,seconds", [([0, 1], 0.5), ([99, 101], 100.0)], ids=["0.5s", "100.0s"])
+@pytest.mark.parametrize("question", ["none", "after", "before"])
+@pytest.mark.parametrize("image_first", [False, True], ids=["video-first", "image-first"])
+def test_a_one_group_clips_timestamp_is_never_an_items_text_given_the_tokenizer(qwen3_vl, monkeypatch, frames,
+                                                                                seconds, question, image_first):
+    tokenizer = qwen_tokenizer(qwen3_vl.config)
+    model = apply_desap(qwen3_vl, keep=3, chat=tokenizer)
+    markers = model._desap.options.chat
+    seen = spy_texts(monkeypatch)
+    video = processor_video(frames, 1.0, 4)
+    assert video.startswith(TIMESTAMP_FORMAT.format(seconds) + VISION_START)   # transformers' spelling
+    words = "what is in the image ? "
+    media = ["video", "image"][::-1] if image_first else ["video", "image"]
+    parts = ([{"type": "text", "text": words}] if question == "before" else []) + [{"type": m} for m in media] + \
+        ([{"type": "text", "text": words}] if question == "after" else [])
+    sent_text = tokenizer.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                              tokenize=False)
+    wrapper = VISION_START + VIDEO_PAD + VISION_END
+    assert sent_text.count(wrapper) == 1
+    # transformers >= 5.20: the processor's frames replace the prompt's own wrapper (collapsed)
+    written = sent_text.replace(wrapper, video).replace(IMAGE_PAD, IMAGE_PAD * 4)
+    ids = torch.tensor([tokenizer.encode(written, add_special_tokens=False)])
+    assert int((ids == START).sum()) == 2   # the image's wrapper and the one frame group's
+    data = pixels([IMAGE_GRID, ("video", 1, 4, 4)], seed=3)
+    model(input_ids=ids, mm_token_type_ids=(ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int(), **data)
+
+    sent = tokenizer.encode(sent_text, add_special_tokens=False)
+    ignored = config_ignored_ids(model.config, model.generation_config)
+    served = prompt_texts(sent, QWEN_IMAGE, 1, ignored, markers) + prompt_texts(sent, QWEN_VIDEO, 1, ignored,
+                                                                                 markers, "video")
+    assert seen == list(served)   # the image, then the video
+    asked = () if question == "none" else tuple(tokenizer.encode(words, add_special_tokens=False))
+    assert served == (asked,) * 2
+    assert [int(n) for n in last_prune(model).text_tokens] == [len(t) for t in served]
 
 
 # LLaVA-NeXT: a 56 x 112 image packs 52 tokens, 4 of them newlines (test_llava_next)
