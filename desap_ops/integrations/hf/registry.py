@@ -78,7 +78,8 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
         chat: the chat template's markers, a :class:`ChatMarkers` or a tokenizer or processor to
             read them from: then only the user's words of the image's own turn count as text (no
             role words, turn ends, answers or later turns; docs/integrations.md). None: every
-            token after the image does.
+            token after the image does. A tokenizer or processor also spells the Qwen3
+            generation's frame timestamps, which then never count as text however many frames.
         ideal: keep each image's (or video's) first ``keep`` tokens instead, unscored and unmerged,
             in the same places (LLaVA-NeXT: its first visual tokens in packed order, every newline
             kept): the speed pruning could reach if it cost nothing, as vLLM's ``"ideal": true``

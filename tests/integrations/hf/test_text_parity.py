@@ -7,9 +7,9 @@ run on the same request, and each item's text ids must be equal:
   processor writes before each frame group is never the user's words, in both of transformers'
   layouts (the prompt's own vision markers around the frames, transformers < 5.2x; collapsed, after);
 - a one-group Qwen3-VL clip (2 frames), the prompt as transformers' processor writes it, with
-  ``chat`` a tokenizer: its one timestamp is spelled as the tokenizer spells one, with no second
-  timestamp to learn it from; the finder itself with the checkpoints' word-level tokenizer and a
-  byte-level BPE split as Qwen2's tokenizer splits;
+  ``chat`` a tokenizer: its one timestamp is found as the tokenizer spells one, with no second
+  timestamp to learn it from (a two-group clip by the same rule); the finder itself with the
+  checkpoints' word-level tokenizer and a byte-level BPE split as Qwen2's tokenizer splits;
 - a two-turn LLaVA-NeXT chat at a ``keep`` below each image's newline budget, and above its
   tokens: each image reads its own turn."""
 import functools
@@ -187,8 +187,10 @@ def processor_video(frames: list, fps: float, tokens: int) -> str:
     return Qwen3VLProcessor.replace_video_token(writer, {"video_grid_thw": grid, "video_metadata": [metadata]}, 0)
 
 
-# the one group's time: the mean of its two frames'
-@pytest.mark.parametrize("frames,seconds", [([0, 1], 0.5), ([99, 101], 100.0)], ids=["0.5s", "100.0s"])
+# a group's time: the mean of its two frames'; the tokenizer's spelling serves clips of more groups
+# too (the first timestamp shorter than the second: 9.5 s, 11.5 s)
+@pytest.mark.parametrize("frames,seconds", [([0, 1], 0.5), ([99, 101], 100.0), ([9, 10, 11, 12], 9.5)],
+                         ids=["0.5s", "100.0s", "two-groups"])
 @pytest.mark.parametrize("question", ["none", "after", "before"])
 @pytest.mark.parametrize("image_first", [False, True], ids=["video-first", "image-first"])
 def test_a_one_group_clips_timestamp_is_never_an_items_text_given_the_tokenizer(qwen3_vl, monkeypatch, frames,
@@ -210,8 +212,9 @@ def test_a_one_group_clips_timestamp_is_never_an_items_text_given_the_tokenizer(
     # transformers >= 5.20: the processor's frames replace the prompt's own wrapper (collapsed)
     written = sent_text.replace(wrapper, video).replace(IMAGE_PAD, IMAGE_PAD * 4)
     ids = torch.tensor([tokenizer.encode(written, add_special_tokens=False)])
-    assert int((ids == START).sum()) == 2   # the image's wrapper and the one frame group's
-    data = pixels([IMAGE_GRID, ("video", 1, 4, 4)], seed=3)
+    groups = len(frames) // 2
+    assert int((ids == START).sum()) == 1 + groups   # the image's wrapper and each frame group's
+    data = pixels([IMAGE_GRID, ("video", groups, 4, 4)], seed=3)
     model(input_ids=ids, mm_token_type_ids=(ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int(), **data)
 
     sent = tokenizer.encode(sent_text, add_special_tokens=False)
