@@ -245,21 +245,31 @@ atexit.register(POOL.shutdown)
 
 def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_tokens: int = 8, rounds: int = 1,
                tp: int = 1, positions: bool = False, one_by_one: bool = False, fresh: bool = False,
-               watch: tuple[str, str] | None = None, env: dict | None = None) -> dict:
+               watch: tuple[str, str] | None = None, env: dict | None = None, refusals: bool = False) -> dict:
     """Run an engine on ``requests`` ([(prompt, image file(s))], or [(prompt, {"image": file(s),
     "video": video})] with a video of :func:`save_video`); its JSON (``engine.py`` says what it
     holds). The engine is the live one of the same model, settings and environment (started ahead
     by :func:`plan`, or by a job before), emptied of what earlier jobs left (``engine.py --serve``):
     the job sees what a fresh engine would. ``fresh``: an engine of its own, stopped after.
     ``watch``: ("module:function" run in every worker first, "module:function" read at the end).
-    ``env``: environment variables of this engine beyond the session's."""
+    ``env``: environment variables of this engine beyond the session's. ``refusals``: a request that
+    raises is recorded (``engine.py``), not the job's end."""
     job, out = tmp_path / "job.json", tmp_path / "out.json"
     key = engine_key(model, engine, tp, env)
     json.dump({"model": str(model), "engine": key.settings, "max_tokens": max_tokens, "rounds": rounds,
-               "positions": positions, "one_by_one": one_by_one, **({"watch": list(watch)} if watch else {}),
+               "positions": positions, "one_by_one": one_by_one, "refusals": refusals,
+               **({"watch": list(watch)} if watch else {}),
                "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},
               open(job, "w"))
     return POOL.run(key, job, out, tmp_path / "engine.log", fresh=fresh)
+
+
+def stop_engine(model: Path, engine: dict, tp: int = 1, env: dict | None = None) -> None:
+    """Stop the live engine of these settings, if any (one a request may have killed): the next job
+    on them starts a fresh one."""
+    key = engine_key(model, engine, tp, env)
+    if key in POOL.live:
+        POOL._stop(key)
 
 
 def with_method(media, method: str) -> dict:
