@@ -271,6 +271,12 @@ def transformers_side(family: str, folder: Path, request: Request) -> Expected:
     model = BUILDERS[family](0)
     processor = AutoProcessor.from_pretrained(folder)
     more = dict(request.processor_kwargs)
+    if family == "qwen3_vl" and "max_pixels" in more and request.video is not None:
+        # vLLM folds max_pixels into a Qwen3-VL video's size (Qwen3VLVideoProcessor takes no
+        # max_pixels; qwen3_vl.py, _get_vision_size): so does this side
+        default = processor.video_processor.size
+        size = {"shortest_edge": default.shortest_edge, "longest_edge": more["max_pixels"]}
+        more = {"images_kwargs": {"max_pixels": more["max_pixels"]}, "videos_kwargs": {"size": size}}
     if request.images:
         more["images"] = [Image.open(f).convert("RGB") for f in request.images]
     if request.video is not None:
@@ -381,8 +387,9 @@ def check(case: Case, got: dict, expected: list) -> list:
             columns = [c for f in forwards for c in _columns(f)]
             wanted = list(zip(*want.positions))[hits:] + decode
             if columns != wanted:
-                findings.append(Finding("positions", f"{where} ({hits} cached): first difference at "
-                                        f"{_first_difference(columns, wanted)} of {len(wanted)}"))
+                at = _first_difference(columns, wanted)
+                findings.append(Finding("positions", f"{where} ({hits} cached): first difference at {at} of "
+                                        f"{len(wanted)}: vLLM {columns[at:at + 4]}, transformers {wanted[at:at + 4]}"))
             if out["output_token_ids"] != want.output_ids:
                 findings.append(Finding("output", f"{where}: {out['output_token_ids']} != {want.output_ids}"))
     for i, want in enumerate(expected):
