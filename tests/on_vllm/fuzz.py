@@ -23,8 +23,10 @@ Checked per case (``check``):
     PYTHONPATH=$PWD:$PWD/tests/on_vllm python tests/on_vllm/fuzz.py --seeds 200 --start 1000
     PYTHONPATH=$PWD:$PWD/tests/on_vllm python tests/on_vllm/fuzz.py --only 1234      # replay one seed
 
-``test_vllm_fuzz.py`` runs a fixed seed set in CI (``DESAP_FUZZ_SEEDS``/``DESAP_FUZZ_START`` run
-others). Every failure prints its seed and the command that replays it.
+In CI, ``test_vllm_llava_fuzz.py``, ``test_vllm_qwen_fuzz.py`` and ``test_vllm_qwen3_fuzz.py`` run a
+fixed seed set each, on their families' engines; their names sort them right before the tests that
+start the same engines, so the pool's engines serve both (``DESAP_FUZZ_SEEDS=200 DESAP_FUZZ_START=1000``
+runs other seeds there). Every failure prints its seed and the command that replays it.
 """
 from __future__ import annotations
 
@@ -451,6 +453,29 @@ def run_case(case: Case, checkpoints, tmp_path: Path) -> Outcome:
         stop_engine(folder, case.settings)   # the next case on these settings starts a fresh engine
     refusals = sorted({f"{o['refused']}: {o['message'][-200:]}" for r in got["rounds"] for o in r if "refused" in o})
     return Outcome(case, findings, refusals, time.perf_counter() - start)
+
+
+def test_cases(engines: tuple, ci_seeds: tuple) -> dict:
+    """A test module's cases, {seed: Case}, grouped by engine: ``ci_seeds`` (each must fall on one of
+    ``engines``), or with ``DESAP_FUZZ_SEEDS`` that many seeds from ``DESAP_FUZZ_START`` (0), those of
+    them that fall on ``engines``."""
+    if "DESAP_FUZZ_SEEDS" in os.environ:
+        start = int(os.environ.get("DESAP_FUZZ_START", "0"))
+        cases = [c for c in map(generate, range(start, start + int(os.environ["DESAP_FUZZ_SEEDS"])))
+                 if c.engine in engines]
+    else:
+        cases = list(map(generate, ci_seeds))
+        elsewhere = [(c.seed, c.engine) for c in cases if c.engine not in engines]
+        if elsewhere:
+            raise ValueError(f"ci_seeds must fall on the engines {engines}; these do not: {elsewhere}")
+    order = list(ENGINES)
+    return {c.seed: c for c in sorted(cases, key=lambda c: (order.index(c.engine), c.seed))}
+
+
+def assert_case(case: Case, checkpoints, tmp_path: Path) -> None:
+    """Run ``case``; fail with its findings, its seed and the command that replays it."""
+    outcome = run_case(case, checkpoints, tmp_path)
+    assert not outcome.findings, report(outcome, sys.executable)
 
 
 def plan(cases: list, checkpoints) -> list:
