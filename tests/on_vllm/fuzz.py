@@ -142,9 +142,10 @@ def _words(rng: random.Random) -> str:
 def _picture(rng: random.Random, family: str) -> Picture:
     seed = rng.randrange(1 << 30)
     if family.startswith("qwen") and rng.random() < 0.15:   # long and thin: many tokens on one axis
-        # now and then past the rotary cache's extent (with a max_pixels to match)
-        long = rng.randint(400, 2400) if rng.random() < 0.7 else rng.choice([6000, 12000, 20000, 60000])
-        short = rng.randint(28, 40)
+        # now and then past the rotary cache's extent (with a max_pixels to match), at an aspect
+        # ratio Qwen's resize takes (below 200)
+        long = rng.randint(400, 2400) if rng.random() < 0.7 else rng.choice([6000, 12000, 20000, 30000])
+        short = rng.randint(28, 40) if long < 6000 else max(28, -(-long // rng.choice([120, 190])))
         return Picture(*((short, long) if rng.random() < 0.5 else (long, short)), seed)
     top = 240 if family.startswith("llava") else 300
     return Picture(rng.randint(16, top), rng.randint(16, top), seed)
