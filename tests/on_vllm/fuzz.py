@@ -421,6 +421,13 @@ def check(case: Case, got: dict, expected: list) -> list:
     return findings
 
 
+def _root_cause(log: Path) -> str:
+    """The last exception line the engine's log shows (the worker's, before EngineDeadError)."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()
+             if "Error: " in line and "EngineDeadError" not in line and "EngineCore encountered" not in line]
+    return lines[-1][-400:] if lines else "(none in the engine's log)"
+
+
 def _first_difference(a: list, b: list) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -452,6 +459,7 @@ def run_case(case: Case, checkpoints, tmp_path: Path) -> Outcome:
     findings = check(case, got, expected)
     if any(f.check == "engine died" for f in findings):
         stop_engine(folder, case.settings)   # the next case on these settings starts a fresh engine
+        findings.append(Finding("engine died", "the worker's error: " + _root_cause(tmp_path / "engine.log")))
     refusals = sorted({f"{o['refused']}: {o['message'][-200:]}" for r in got["rounds"] for o in r if "refused" in o})
     return Outcome(case, findings, refusals, time.perf_counter() - start)
 
