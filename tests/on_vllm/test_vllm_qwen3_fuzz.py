@@ -8,7 +8,7 @@ import pytest
 
 import fuzz
 
-CI_SEEDS = (5, 6, 10, 323, 389, 408)
+CI_SEEDS = (5, 6, 10, 389, 408, 2732)
 CASES = fuzz.test_cases(("qwen3_vl-batch", "qwen3_vl-chunked"), CI_SEEDS)
 # the engine each case runs on (conftest.py starts them ahead)
 ENGINES = {"test_the_engine_agrees_with_apply_desap_on_a_random_request":
