@@ -234,8 +234,10 @@ def requests_of(case: Case, folder: Path, media_folder: Path) -> list:
     def saved(item):
         if item not in files:
             name = f"s{case.seed}-{len(files)}"
-            files[item] = (save_image(media_folder, name, item.width, item.height, item.seed) if isinstance(item, Picture)
-                           else save_video(media_folder, name, item.frames, item.width, item.height, item.seed, item.fps))
+            if isinstance(item, Picture):
+                files[item] = save_image(media_folder, name, item.width, item.height, item.seed)
+            else:
+                files[item] = save_video(media_folder, name, item.frames, item.width, item.height, item.seed, item.fps)
         return files[item]
 
     out = []
@@ -290,7 +292,8 @@ def transformers_side(family: str, folder: Path, request: Request) -> Expected:
     if request.video is not None:
         from transformers.video_utils import VideoMetadata
 
-        more.update(videos=[np.load(request.video["frames"])], video_metadata=[VideoMetadata(**request.video["metadata"])])
+        more.update(videos=[np.load(request.video["frames"])],
+                    video_metadata=[VideoMetadata(**request.video["metadata"])])
     inputs = processor(text=request.prompt, return_tensors="pt", **more)
     apply_desap(model, **as_engine_defaults(request.options, processor))
     seen = []   # the language model's first forward: the served prompt's positions and length

@@ -1,9 +1,10 @@
-"""The differential fuzzer (``fuzz.py``) on Qwen2.5-VL: a fixed set of seeds, each a random request run in
-vLLM and in transformers with apply_desap; the engine must stay up, answer or refuse cleanly, and
-give every item the text tokens, kept tokens and positions transformers gives it. The cases run on
-engines test_vllm_qwen_sweep.py, test_vllm_qwen_video.py and test_vllm_small_images.py start too (this file's name runs it right before them, so
-the pool's engines serve both). Other seeds: ``DESAP_FUZZ_SEEDS=200 DESAP_FUZZ_START=1000``, or
-``python tests/on_vllm/fuzz.py --seeds 200 --start 1000``."""
+"""The differential fuzzer (``fuzz.py``) on Qwen2.5-VL: a fixed set of seeds, each a random
+request run in vLLM and in transformers with apply_desap; the engine must stay up, answer or refuse
+cleanly, and give every item the text tokens, kept tokens and positions transformers gives it. The
+cases run on the engines that test_vllm_qwen_sweep.py, test_vllm_qwen_video.py and
+test_vllm_small_images.py start too (this file's name sorts it right
+before them, so the pool's engines serve both). Other seeds: ``DESAP_FUZZ_SEEDS=200
+DESAP_FUZZ_START=1000``, or ``python tests/on_vllm/fuzz.py --seeds 200 --start 1000``."""
 import pytest
 
 import fuzz
