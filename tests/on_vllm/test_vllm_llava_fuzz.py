@@ -2,8 +2,8 @@
 request run in vLLM and in transformers with apply_desap; the engine must stay up, answer or refuse
 cleanly, and give every item the text tokens, kept tokens and positions transformers gives it. The
 cases run on the engines that test_vllm_llava_sweep.py starts too (this file's name sorts it before
-them, test_vllm_llava_next.py's one engine between: the pool's engines serve both). Other seeds: ``DESAP_FUZZ_SEEDS=200
-DESAP_FUZZ_START=1000``, or ``python tests/on_vllm/fuzz.py --seeds 200 --start 1000``."""
+them, with test_vllm_llava_next.py's one engine between: the pool's engines serve both). Other
+seeds: ``DESAP_FUZZ_SEEDS=200 DESAP_FUZZ_START=1000``, or ``python tests/on_vllm/fuzz.py --seeds 200 --start 1000``."""
 import pytest
 
 import fuzz
