@@ -419,6 +419,9 @@ def check(case: Case, got: dict, expected: list) -> list:
             if text:
                 findings.append(Finding("text tokens", "(kept, vLLM read, transformers read): " + str(text)))
             else:
+                if {n for _, n in records} != {n for _, n in wanted}:   # another text read, other tokens kept
+                    findings.append(Finding("text tokens", f"vLLM's items read {sorted({n for _, n in records})} "
+                                            f"text tokens, transformers' {sorted({n for _, n in wanted})}"))
                 findings.append(Finding("kept tokens", f"vLLM kept {sorted(set(records))}, transformers "
                                         f"{sorted(wanted)}"))
     return findings
