@@ -15,7 +15,8 @@ language-model forward (M-RoPE: 3 rows) on the first rank (with "one_by_one": pe
 request, the forwards of that request). With "watch": ["module:function", "module:function"], the
 first runs in every worker before the rounds and the second's result per rank is "watched".
 With "refusals", a ``generate`` call that raises (a request refused, or the engine dead) gives each of
-its requests {"refused": the exception's type name, "message": its text} instead, and the job goes on
+its requests {"refused": the exception's type name, "message": its text, "kinds": the names of its
+classes (``__mro__``)} instead, and the job goes on
 (the differential fuzzer, ``fuzz.py``, tells a clean refusal from a death).
 
 With ``--serve`` the process reads JSON lines on its standard input: first {"model", "engine"},
@@ -81,7 +82,8 @@ def run(llm, job: dict) -> dict:
             except Exception as error:   # with "refusals": what the caller saw, and the job goes on
                 if not job.get("refusals"):
                     raise
-                outputs += [{"refused": type(error).__name__, "message": str(error)[-2000:]} for _ in batch]
+                outputs += [{"refused": type(error).__name__, "message": str(error)[-2000:],
+                             "kinds": [kind.__name__ for kind in type(error).__mro__]} for _ in batch]
             if job.get("positions"):
                 try:
                     seen.append(llm.apply_model(positions_seen)[0])

@@ -14,8 +14,9 @@ cache). Every case runs twice (the second time from the prefix cache), each requ
 
 Checked per case (``check``):
 1. the engine stays alive: a text-only request after the case's still gets an answer;
-2. each answer is a completion or a clean refusal (ValueError/TypeError raised before the engine,
-   never the engine's death), and a ``keep`` above ``max_keep`` is refused naming ``keep``;
+2. each answer is a completion or a clean refusal (ValueError/TypeError, or vLLM's own 4xx
+   ``VLLMClientError``, raised before the engine: never the engine's death), and a ``keep`` above
+   ``max_keep`` is refused naming ``keep``;
 3. each image and video reads as many text tokens as in transformers;
 4. the prompt ids, the kept tokens and every forward's rotary positions equal transformers' (and
    the greedy tokens).
@@ -352,7 +353,12 @@ class Finding(NamedTuple):
     detail: str
 
 
-CLEAN = ("ValueError", "TypeError")
+# a clean refusal: raised before the engine, a 400 in vLLM's server (vLLM's VLLMClientError is its 4xx)
+CLEAN = ("ValueError", "TypeError", "VLLMClientError")
+
+
+def _clean(out: dict) -> bool:
+    return bool(set(out.get("kinds", [out["refused"]])) & set(CLEAN)) and "EngineDead" not in out["message"]
 
 
 def _columns(forward) -> list:
@@ -373,7 +379,7 @@ def check(case: Case, got: dict, expected: list) -> list:
         for i, (out, want) in enumerate(zip(answers, expected, strict=True)):
             where = f"round {round_}, request {i}"
             if "refused" in out:
-                if out["refused"] not in CLEAN or "EngineDead" in out["message"]:
+                if not _clean(out):
                     findings.append(Finding("engine died" if "Dead" in out["refused"] + out["message"] else
                                             "unclean refusal", f"{where}: {out['refused']}: {out['message'][-300:]}"))
                 elif case.refused_keep and "keep" not in out["message"]:
@@ -405,7 +411,7 @@ def check(case: Case, got: dict, expected: list) -> list:
                 findings.append(Finding("output", f"{where}: {out['output_token_ids']} != {want.output_ids}"))
     for i, want in enumerate(expected):
         # both refusing a request cleanly (Qwen's resize refuses an aspect ratio above 200) is agreement
-        refused = all("refused" in r[i] and r[i]["refused"] in CLEAN for r in got["rounds"])
+        refused = all("refused" in r[i] and _clean(r[i]) for r in got["rounds"])
         if isinstance(want, str) and not case.refused_keep and not (refused and want.startswith(CLEAN)):
             findings.append(Finding("transformers", f"request {i}: transformers raised {want}"))
     served = [w for w, outs in zip(expected, zip(*[r[:count] for r in got["rounds"]]))
