@@ -8,13 +8,16 @@ JOB: {"model": folder, "engine": {LLM keyword arguments}, "requests": [{"prompt"
 "image": "file.png" or [files], "video": {"frames": "file.npy", "metadata": {...}} (either or both),
 "mm_processor_kwargs": {...} (optional: the request's own, e.g. {"desap": {"keep": 4}})}],
 "max_tokens": int, "rounds": int, "positions": bool, "one_by_one": bool, "refusals": bool}. All requests go in one ``generate`` call (one batch), ``rounds`` times; with
-"one_by_one", each request goes alone in a call of its own; with "refusals" too, a request the
-processor refuses (ValueError) is recorded as {"refused": message} and the next one runs. OUT: per round, per request, the
+"one_by_one", each request goes alone in a call of its own. OUT: per round, per request, the
 prompt and output token ids and the prefix-cache hits; per tensor-parallel rank, the model's class
 name and its DeSAP history; with "positions", per round, the rotary positions of each
 language-model forward (M-RoPE: 3 rows) on the first rank (with "one_by_one": per round, per
 request, the forwards of that request). With "watch": ["module:function", "module:function"], the
 first runs in every worker before the rounds and the second's result per rank is "watched".
+With "refusals", a ``generate`` call that raises (a request refused, or the engine dead) gives each of
+its requests {"refused": the exception's type name, "message": its text, "kinds": the names of its
+classes (``__mro__``)} instead, and the job goes on
+(the differential fuzzer, ``fuzz.py``, tells a clean refusal from a death).
 
 With ``--serve`` the process reads JSON lines on its standard input: first {"model", "engine"},
 which it builds the engine from, answering {"ready": true}; then {"job": JOB.json, "out":
@@ -76,16 +79,27 @@ def run(llm, job: dict) -> dict:
         for batch in batches:
             try:
                 outputs += record(llm.generate(batch, params, use_tqdm=False))
-            except ValueError as error:   # refused by the processor: the engine goes on
+            except Exception as error:   # with "refusals": what the caller saw, and the job goes on
                 if not job.get("refusals"):
                     raise
-                outputs.append({"refused": str(error)})
+                outputs += [{"refused": type(error).__name__, "message": str(error)[-2000:],
+                             "kinds": [kind.__name__ for kind in type(error).__mro__]} for _ in batch]
             if job.get("positions"):
-                seen.append(llm.apply_model(positions_seen)[0])
+                try:
+                    seen.append(llm.apply_model(positions_seen)[0])
+                except Exception:   # a dead engine answers nothing more (the outputs say why)
+                    if not job.get("refusals"):
+                        raise
+                    seen.append([])
         rounds.append(outputs)
         if job.get("positions"):
             positions.append(seen if job.get("one_by_one") else seen[0])
-    ranks = llm.apply_model(history)
+    try:
+        ranks = llm.apply_model(history)
+    except Exception:
+        if not job.get("refusals"):
+            raise
+        ranks = []
     watched = llm.apply_model(_named(job["watch"][1])) if job.get("watch") else None
     return {"rounds": rounds, "ranks": ranks, "positions": positions, "watched": watched}
 

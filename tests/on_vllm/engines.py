@@ -253,8 +253,8 @@ def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_to
     by :func:`plan`, or by a job before), emptied of what earlier jobs left (``engine.py --serve``):
     the job sees what a fresh engine would. ``fresh``: an engine of its own, stopped after.
     ``watch``: ("module:function" run in every worker first, "module:function" read at the end).
-    ``env``: environment variables of this engine beyond the session's. ``refusals`` (with
-    ``one_by_one``): a request the processor refuses is recorded as {"refused": message}."""
+    ``env``: environment variables of this engine beyond the session's. ``refusals``: a request that
+    raises is recorded (``engine.py``), not the job's end."""
     job, out = tmp_path / "job.json", tmp_path / "out.json"
     key = engine_key(model, engine, tp, env)
     json.dump({"model": str(model), "engine": key.settings, "max_tokens": max_tokens, "rounds": rounds,
@@ -263,6 +263,14 @@ def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_to
                "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},
               open(job, "w"))
     return POOL.run(key, job, out, tmp_path / "engine.log", fresh=fresh)
+
+
+def stop_engine(model: Path, engine: dict, tp: int = 1, env: dict | None = None) -> None:
+    """Stop the live engine of these settings, if any (one a request may have killed): the next job
+    on them starts a fresh one."""
+    key = engine_key(model, engine, tp, env)
+    if key in POOL.live:
+        POOL._stop(key)
 
 
 def with_method(media, method: str) -> dict:

@@ -37,7 +37,8 @@ def test_prompts_past_the_rotary_cache_are_refused_and_the_rest_served_at_transf
     got = run_engine(tmp_path, folder, ENGINE, requests, positions=True, one_by_one=True, refusals=True)
     outputs, forwards = got["rounds"][0], got["positions"][0]
     for i in (1, 3):
-        message = outputs[i]["refused"]
+        assert outputs[i]["refused"] == "ValueError", outputs[i]   # the processor's: a 400, not the engine's end
+        message = outputs[i]["message"]
         assert "past the model's 256 (max_position_embeddings 64 x 4)" in message and not forwards[i], message
     for i, want in zip((0, 2, 4), (expected[0], expected[1], expected[0])):
         out = outputs[i]
