@@ -8,8 +8,8 @@ import pytest
 
 import fuzz
 
-# fails until issue 33's fixes land: 1771 (LLaVA-NeXT, keep 1, an image in each of two turns: in
-# transformers the second image reads the first turn's words)
+# 1771 (LLaVA-NeXT, keep 1, an image in each of two turns) found the second image reading the first
+# turn's words in transformers (issue 33); it guards that fix
 CI_SEEDS = (1, 2, 3, 8, 246, 259, 1771)
 CASES = fuzz.test_cases(("llava-chunked", "llava_next-chunked"), CI_SEEDS)
 # the engine each case runs on (conftest.py starts them ahead)

@@ -8,9 +8,9 @@ import pytest
 
 import fuzz
 
-# fail until issue 33's fixes land: 5 and 389 (a Qwen3-VL video's frame timestamps read as the user's
-# words in transformers), 2732 (a 106 x 20000 image at max_pixels 4194304: its kept tokens' positions
-# pass the 512-entry rotary cache, and the engine dies)
+# seeds that found issue 33's bugs and guard their fixes: 5 and 389 (a Qwen3-VL video's frame
+# timestamps read as the user's words in transformers), 2732 (a 106 x 20000 image at max_pixels
+# 4194304: its kept tokens' positions passed the 512-entry rotary cache, and the engine died)
 CI_SEEDS = (5, 6, 10, 389, 408, 2732)
 CASES = fuzz.test_cases(("qwen3_vl-batch", "qwen3_vl-chunked"), CI_SEEDS)
 # the engine each case runs on (conftest.py starts them ahead)
