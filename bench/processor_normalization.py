@@ -15,7 +15,7 @@ round timing every size once per setting; the medians are over the rounds.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import statistics
 import tempfile
@@ -72,6 +72,8 @@ def main() -> None:
     import transformers
     import vllm
 
+    from desap_ops.benchmarks.skeleton import write_json
+    from desap_ops.benchmarks.vllm.processor_cost import ProcessorCostResult, ProcessorCostRow
     from desap_ops.integrations.vllm import register
     from desap_ops.testing.checkpoint import save_qwen_checkpoint
     from desap_ops.testing.tiny_vllm import tiny_vllm_qwen2_5_vl
@@ -97,29 +99,25 @@ def main() -> None:
                 times[name][size].append(seconds)
                 shipped[name, size] = pixels
     load_after = _load()
-    results = []
-    for name in SETTINGS:
-        for size in args.sizes:
-            pixels = shipped[name, size]
-            results.append({"setting": name, "mm_device_do_normalize": SETTINGS[name], "size": size,
-                            "median_ms": 1e3 * statistics.median(times[name][size]),
-                            "times_ms": [1e3 * t for t in times[name][size]],
-                            "pixel_dtype": str(pixels.dtype).removeprefix("torch."),
-                            "pixel_shape": list(pixels.shape), "pixel_bytes": pixels.nbytes})
-    record = {"what": "vLLM Qwen2.5-VL multimodal processor (DeSAP's, keep 64) per image, tiny checkpoint's "
-                      "processor config with max_pixels raised to the largest image",
-              "cpu": _cpu_model(), "logical_cpus": len([1 for line in Path("/proc/cpuinfo").read_text().splitlines()
-                                                        if line.startswith("processor")]),
-              "torch_threads": torch.get_num_threads(), "loadavg_before": load_before, "loadavg_after": load_after,
-              "versions": {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
-              "model_dtype": args.dtype, "rounds": args.rounds, "results": results}
+    results = [ProcessorCostRow(setting=name, mm_device_do_normalize=SETTINGS[name], size=size,
+                                median_ms=1e3 * statistics.median(times[name][size]),
+                                times_ms=[1e3 * t for t in times[name][size]],
+                                pixel_dtype=str(shipped[name, size].dtype).removeprefix("torch."),
+                                pixel_shape=list(shipped[name, size].shape), pixel_bytes=shipped[name, size].nbytes)
+               for name in SETTINGS for size in args.sizes]
+    record = ProcessorCostResult(
+        what="vLLM Qwen2.5-VL multimodal processor (DeSAP's, keep 64) per image, tiny checkpoint's processor config "
+             "with max_pixels raised to the largest image",
+        cpu=_cpu_model(), logical_cpus=os.cpu_count() or 0, torch_threads=torch.get_num_threads(),
+        loadavg_before=load_before, loadavg_after=load_after,
+        versions={"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        model_dtype=args.dtype, rounds=args.rounds, results=results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"{record['cpu']}; load {load_before} -> {load_after}")
+    write_json(record, args.out)
+    print(f"{record.cpu}; load {load_before} -> {load_after}")
     print(f"{'setting':26} {'size':>5} {'median ms':>10} {'dtype':>8} {'bytes':>10}")
     for row in results:
-        print(f"{row['setting']:26} {row['size']:>5} {row['median_ms']:>10.2f} {row['pixel_dtype']:>8} "
-              f"{row['pixel_bytes']:>10}")
+        print(f"{row.setting:26} {row.size:>5} {row.median_ms:>10.2f} {row.pixel_dtype:>8} {row.pixel_bytes:>10}")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from desap_ops.benchmarks import e2e, op, skeleton
 from desap_ops.benchmarks.skeleton import RunFailed, from_json, to_json
 from desap_ops.benchmarks.vllm import offline, serve
+from desap_ops.benchmarks.vllm.processor_cost import ProcessorCostResult
 from desap_ops.cli.errors import UsageError
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
-KINDS = {"op": op.OpBenchResult, "e2e": e2e.E2eResult, "serve": serve.ServeResult, "vllm": offline.OfflineResult}
+KINDS = {"op": op.OpBenchResult, "e2e": e2e.E2eResult, "serve": serve.ServeResult, "vllm": offline.OfflineResult,
+         "processor": ProcessorCostResult}
 
 
 class Recorder:
