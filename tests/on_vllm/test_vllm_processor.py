@@ -179,8 +179,10 @@ def test_qwen_engine_settings_that_would_lose_positions_or_signals_are_refused(s
         # no use_v2_model_runner: vLLM 0.34 removed it, so the check must not read it
         return SimpleNamespace(
             parallel_config=SimpleNamespace(pipeline_parallel_size=1),
-            model_config=SimpleNamespace(multimodal_config=SimpleNamespace(video_pruning_rate=video_pruning_rate)),
-            compilation_config=SimpleNamespace(compile_mm_encoder=compile_mm_encoder))
+            model_config=SimpleNamespace(multimodal_config=SimpleNamespace(video_pruning_rate=video_pruning_rate),
+                                         enable_prompt_embeds=False),
+            compilation_config=SimpleNamespace(compile_mm_encoder=compile_mm_encoder),
+            speculative_config=None, lora_config=None)
 
     with pytest.raises(ValueError, match=message):
         check_engine(config(**setting))

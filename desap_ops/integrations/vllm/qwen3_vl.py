@@ -19,6 +19,7 @@ its attention branch through the merger), in micro-batches within vLLM's encoder
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from typing import Sequence
 
@@ -32,7 +33,7 @@ from . import qwen
 from .hooks import QWEN3_ARCHITECTURES, registered_class
 from .model import registered_with
 from .mrope import Media, media_positions, span_positions, with_position_channels
-from .options import DesapOptions
+from .options import DesapOptions, read_options
 from .qwen import DesapQwenModelMixin, DesapQwenProcessorMixin
 
 FAMILY = "Qwen3-VL and Qwen3.5"
@@ -73,15 +74,20 @@ def medium_positions(config, tokenizer, modality: str, item) -> torch.Tensor:
     return span_positions(full, config.video_token_id, h, w)
 
 
+# set while a DeSAP Qwen3 model builds its layers: the decoder layers ask ``mrope_positions_factor``
+# with the config they are given, which for the MoE language model is its text config alone (no
+# ``desap`` key), so the model being built, not that config, says whose cache it is
+_BUILDING_DESAP = contextvars.ContextVar("building_desap_qwen3", default=False)
+
+
 def size_rotary_cache() -> None:
     """Give DeSAP's Qwen3 models vLLM's rotary cache for pruned positions: in the module of each
     class vLLM's registry resolves for a Qwen3 architecture, which builds its decoder layers with
     ``mrope_positions_factor(vllm_config)`` (``hooks``), wrap that function to return at least
-    ``qwen.ROTARY_FACTOR`` for a config with ``desap``. Every other config gets vLLM's factor; the
-    model checks its caches' size at start-up (``qwen.check_rotary_cache``)."""
+    ``qwen.ROTARY_FACTOR`` while a DeSAP model is being built (``DesapQwen3Mixin``). Every other
+    model gets vLLM's factor; the model checks its caches' size at start-up
+    (``qwen.check_rotary_cache``)."""
     import sys
-
-    from .options import read_options
 
     for architecture in QWEN3_ARCHITECTURES:
         module = sys.modules[registered_class(architecture).__module__]
@@ -91,7 +97,7 @@ def size_rotary_cache() -> None:
 
         def for_desap(vllm_config, factor=factor) -> int:
             own = factor(vllm_config)
-            return max(own, qwen.ROTARY_FACTOR) if read_options(vllm_config.model_config.hf_config) else own
+            return max(own, qwen.ROTARY_FACTOR) if _BUILDING_DESAP.get() else own
 
         for_desap.desap_wraps = factor
         module.mrope_positions_factor = for_desap
@@ -126,7 +132,11 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         size_rotary_cache()   # before vLLM builds the decoder layers
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        building = _BUILDING_DESAP.set(read_options(vllm_config.model_config.hf_config) is not None)
+        try:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        finally:
+            _BUILDING_DESAP.reset(building)
 
     def desap_media(self, media, modality: str, texts, text_mask, options) -> list[torch.Tensor]:
         """Per image (or video): its embeddings, each row followed by its position channels
