@@ -159,16 +159,13 @@ def image_text_tokens(
     for token in ignored_ids:
         valid &= input_ids != token
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    spans = []   # (row, first, last) of each item's placeholders; None for an item not in the prompt
+    per_image = []
     for image in range(len(lengths)):
         hits = (owner == image).nonzero()
-        spans.append(None if hits.numel() == 0 else (int(hits[0, 0]), int(hits[:, 1].min()), int(hits[:, 1].max())))
-    per_image = []
-    for span in spans:
-        if span is None:
+        if hits.numel() == 0:
             per_image.append(input_ids.new_empty(0))
             continue
-        row, first, last = span
+        row, first, last = int(hits[0, 0]), int(hits[:, 1].min()), int(hits[:, 1].max())
         own = 0 if turns is None else int(turns[row, last])
         if own != 0:   # inside a user turn: its words (-1, inside an answer: none)
             text = valid[row] & (turns[row] == own) & (own > 0)
