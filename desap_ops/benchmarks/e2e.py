@@ -55,7 +55,7 @@ from desap_ops.integrations import apply_desap, image_token_counts, remove_desap
 from desap_ops.integrations.common.layout import drops_cls, packed_sources
 from desap_ops.integrations.common.sequence import image_budget
 from desap_ops.integrations.hf.video import tokens_per_frame
-from desap_ops.methods import DEFAULT_METHOD, MethodInputs, get_method, run_method
+from desap_ops.methods import DEFAULT_METHOD, MethodInputs, Signal, get_method, run_method
 from desap_ops.testing.models import MODELS, build_model
 from desap_ops.testing.real_shapes import weight_bytes
 
@@ -384,11 +384,11 @@ def method_flops(name: str, batch: int, visual: int, width: int, text_width: int
     reads = method.reads
     inputs = MethodInputs(
         hidden=signal(batch, visual, width), keep=kept,
-        saliency=signal(batch, visual).softmax(-1) if "saliency" in reads else None,
-        attn=signal(batch, visual, text_width) if "attn" in reads else None,
-        text=signal(batch, TEXT_TOKENS, text_width) if "text" in reads else None,
-        text_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.bool) if "text" in reads else None,
-        seeds=torch.arange(batch, dtype=torch.long) if "seed" in reads else None)
+        saliency=signal(batch, visual).softmax(-1) if Signal.SALIENCY in reads else None,
+        attn=signal(batch, visual, text_width) if Signal.ATTN in reads else None,
+        text=signal(batch, TEXT_TOKENS, text_width) if Signal.TEXT in reads else None,
+        text_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.bool) if Signal.TEXT in reads else None,
+        seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None)
     return flops_of(lambda: run_method(method, inputs, merge=True))
 
 

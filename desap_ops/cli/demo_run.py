@@ -186,7 +186,7 @@ def run_vit_methods(image, keep: int, task_ratio: float, box: Optional[tuple], p
     pixels = vit_s.preprocess(image)
     seeds = content_seeds(content_rows(pixels, pixels.dtype)[:, None])   # the photo's pixels seed "random"
     inputs = MethodInputs(hidden=hidden, keep=keep, saliency=saliency, attn=branch, text=text, text_mask=text_mask,
-                          seeds=seeds, task_ratio=task_ratio)
+                          seed=seeds, task_ratio=task_ratio)
     results = []
     for name in methods:
         with torch.no_grad():

@@ -8,10 +8,10 @@ the engines do the rest alike: the budget, the placeholders, positions, DeepStac
 and the cache key.
 """
 from .registry import (DEFAULT_METHOD, ENTRY_POINT_GROUP, SIGNALS, Method, MethodFailure, MethodInputs, Selection,
-                       available_methods, get_method, method_by_code, method_code, register_method, unregister_method)
+                       Signal, available_methods, get_method, method_by_code, method_code, register_method, unregister_method)
 from .run import run_method
 from .content import content_rows, content_seeds, order_rows
 
 __all__ = ["DEFAULT_METHOD", "ENTRY_POINT_GROUP", "SIGNALS", "Method", "MethodFailure", "MethodInputs", "Selection",
-           "available_methods", "get_method", "method_by_code", "method_code", "register_method", "unregister_method",
+           "Signal", "available_methods", "get_method", "method_by_code", "method_code", "register_method", "unregister_method",
            "run_method", "content_rows", "content_seeds", "order_rows"]

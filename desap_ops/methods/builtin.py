@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from .. import reference
-from .interface import DEFAULT_METHOD, Method, MethodInputs
+from .interface import DEFAULT_METHOD, Method, MethodInputs, Signal
 
 DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
 
@@ -34,7 +34,7 @@ def random(inputs: MethodInputs) -> torch.Tensor:
     tokens in every run and in both engines, and two images draw apart."""
     tokens = inputs.hidden.shape[1]
     rows = []
-    for seed in inputs.seeds.tolist():
+    for seed in inputs.seed.tolist():
         generator = torch.Generator().manual_seed(seed)
         rows.append(torch.randperm(tokens, generator=generator)[:inputs.keep].sort().values)
     return torch.stack(rows).to(inputs.hidden.device)
@@ -84,11 +84,11 @@ def divprune(inputs: MethodInputs) -> torch.Tensor:
 
 
 BUILTIN: dict[str, tuple[Callable, frozenset]] = {
-    DEFAULT_METHOD: (desap, frozenset({"saliency", "attn", "text"})),
+    DEFAULT_METHOD: (desap, frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT})),
     "first": (first, frozenset()),
-    "random": (random, frozenset({"seed"})),
-    "saliency": (saliency, frozenset({"saliency"})),
-    "similarity": (similarity, frozenset({"attn", "text"})),
+    "random": (random, frozenset({Signal.SEED})),
+    "saliency": (saliency, frozenset({Signal.SALIENCY})),
+    "similarity": (similarity, frozenset({Signal.ATTN, Signal.TEXT})),
     "divprune": (divprune, frozenset()),
 }
 

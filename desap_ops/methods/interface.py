@@ -3,6 +3,7 @@ what a method is given (:class:`MethodInputs`), what it gives back (:class:`Sele
 registered method (:class:`Method`)."""
 from __future__ import annotations
 
+import enum
 import zlib
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Union
@@ -10,11 +11,25 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 
 DEFAULT_METHOD = "desap"
-# the signals a method may read besides ``hidden``; the engines compute only those a method names
-# (the tower's attention hooks for "saliency" and "attn", text embeddings for "text", a hash of the
-# pixels for "seed")
-SIGNALS = frozenset({"saliency", "attn", "text", "seed"})
-DEFAULT_READS = frozenset({"saliency", "attn", "text"})   # what a method registered without ``reads`` reads
+
+
+class Signal(str, enum.Enum):
+    """A signal a method may read besides ``hidden``; the engines compute only those a method names.
+    Its value is the name plugins and entry points use (``reads={"saliency"}`` keeps working), and
+    the name of the :class:`MethodInputs` field (and of the engines' ``TowerSignals`` field) that
+    carries it."""
+
+    SALIENCY = "saliency"   # the tower's attention hooks: [CLS] attention, or the attention a token receives
+    ATTN = "attn"           # the tower's attention hooks: the attention branch, in the text's space
+    TEXT = "text"           # the prompt's text embeddings
+    SEED = "seed"           # a hash of the pixels, the same in every engine
+
+    def __str__(self) -> str:
+        return self.value
+
+
+SIGNALS = frozenset(Signal)
+DEFAULT_READS = frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT})   # what a method registered without ``reads`` reads
 
 
 class MethodFailure(ValueError):
@@ -32,7 +47,7 @@ class MethodInputs:
     attn: Optional[torch.Tensor] = None      # (B, N, C): the attention branch in the text's space
     text: Optional[torch.Tensor] = None      # (B, L, C): the prompt text each image reads
     text_mask: Optional[torch.Tensor] = None # (B, L) bool: True for valid text tokens
-    seeds: Optional[torch.Tensor] = None     # (B,) int64 CPU: a hash of each image's pixels, the same in every engine
+    seed: Optional[torch.Tensor] = None      # (B,) int64 CPU: a hash of each image's pixels, the same in every engine
     task_ratio: object = 0.5                 # the operator's options, for methods that read them
     text_reduce: str = "max"
     text_budget: Optional[int] = None
@@ -54,7 +69,7 @@ SelectFn = Callable[[MethodInputs], Union[torch.Tensor, Selection]]
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its name, its function, and the signals it reads (``SIGNALS``)."""
+    """A registered method: its name, its function, and the signals it reads (:class:`Signal`)."""
 
     name: str
     select: SelectFn

@@ -9,7 +9,7 @@ from typing import AbstractSet, Optional
 
 from .builtin import BUILTIN, register_builtins
 from .interface import (DEFAULT_METHOD, DEFAULT_READS, SIGNALS, Method, MethodFailure, MethodInputs, Selection,  # noqa: F401
-                    SelectFn, method_code)
+                        SelectFn, Signal, method_code)
 
 ENTRY_POINT_GROUP = "desap_ops.methods"
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -31,13 +31,13 @@ def _check_name(name) -> None:
 def _check_reads(name: str, reads) -> frozenset:
     if isinstance(reads, str) or not isinstance(reads, (AbstractSet, list, tuple)) or \
             not all(isinstance(s, str) for s in reads):
-        raise TypeError(f"method {name!r}: reads must be a collection of signal names from {sorted(SIGNALS)}, "
+        raise TypeError(f"method {name!r}: reads must be a collection of signal names from {sorted(s.value for s in SIGNALS)}, "
                         f"got {reads!r}")
-    reads = frozenset(reads)
-    unknown = sorted(reads - SIGNALS)
+    unknown = sorted(set(reads) - {s.value for s in SIGNALS})
     if unknown:
-        raise ValueError(f"method {name!r} reads unknown signal(s) {unknown}; the signals are {sorted(SIGNALS)}")
-    return reads
+        raise ValueError(f"method {name!r} reads unknown signal(s) {unknown}; the signals are "
+                         f"{sorted(s.value for s in SIGNALS)}")
+    return frozenset(Signal(s) for s in reads)
 
 
 def _add(method: Method) -> None:

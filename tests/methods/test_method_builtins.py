@@ -22,7 +22,7 @@ def _inputs(batch, tokens, width, keep, dtype=torch.float32, seed=0, text_mask=N
                         saliency=torch.rand(batch, tokens, generator=gen),
                         attn=torch.randn(batch, tokens, 6, generator=gen).to(dtype),
                         text=torch.randn(batch, 4, 6, generator=gen).to(dtype), text_mask=text_mask,
-                        seeds=torch.randint(0, 2**62, (batch,), generator=gen), **options)
+                        seed=torch.randint(0, 2**62, (batch,), generator=gen), **options)
 
 
 def _select(name: str, inputs: MethodInputs) -> torch.Tensor:
@@ -182,11 +182,11 @@ def test_random_is_reproducible_from_its_seed_and_independent_of_the_batch(shape
     assert torch.equal(first, _select("random", inputs))
     assert bool((first[:, 1:] > first[:, :-1]).all()) and int(first.max()) < tokens
     for b in range(batch):   # an image alone draws what it draws in a batch
-        alone = MethodInputs(hidden=inputs.hidden[b:b + 1], keep=keep, seeds=inputs.seeds[b:b + 1])
+        alone = MethodInputs(hidden=inputs.hidden[b:b + 1], keep=keep, seed=inputs.seed[b:b + 1])
         assert torch.equal(_select("random", alone), first[b:b + 1])
     if keep < tokens:   # other seeds draw other tokens (C(N, K) >= 9 here)
         others = {tuple(_select("random", MethodInputs(hidden=inputs.hidden[:1], keep=keep,
-                                                       seeds=torch.tensor([seed])))[0].tolist())
+                                                       seed=torch.tensor([seed])))[0].tolist())
                   for seed in range(20)}
         assert len(others) > 1
 
@@ -196,7 +196,7 @@ def test_random_draws_every_token_alike():
     hidden = torch.zeros(1, 12, 2)
     counts = torch.zeros(12)
     for seed in range(2000):
-        counts[_select("random", MethodInputs(hidden=hidden, keep=3, seeds=torch.tensor([seed * 7919])))[0]] += 1
+        counts[_select("random", MethodInputs(hidden=hidden, keep=3, seed=torch.tensor([seed * 7919])))[0]] += 1
     assert float((counts / 2000 - 0.25).abs().max()) < 0.05
 
 

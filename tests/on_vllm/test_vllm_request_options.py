@@ -247,7 +247,7 @@ def test_the_ideal_runs_each_tower_plainly_and_embeds_no_text(monkeypatch):
     with pytest.raises(Refused):
         tower.read_vllm_tower(clip, pixels, drop_cls=True)
     signals = tower.read_vllm_tower(clip, pixels, drop_cls=True, reads=frozenset())
-    assert signals.branch is None and signals.saliency is None
+    assert signals.attn is None and signals.saliency is None
     torch.testing.assert_close(signals.hidden, clip(pixels)[:, 1:])
     attention = clip.vision_model.encoder.layers[-1].self_attn
     assert not attention._forward_hooks and not attention.qkv_proj._forward_hooks   # none left behind
@@ -256,7 +256,7 @@ def test_the_ideal_runs_each_tower_plainly_and_embeds_no_text(monkeypatch):
     with pytest.raises(Refused):
         qwen_tower.read_qwen_tower(visual, patches, [[1, 4, 4]])
     signals = qwen_tower.read_qwen_tower(visual, patches, [[1, 4, 4]], reads=frozenset())
-    assert signals.branch is None and signals.saliency is None
+    assert signals.attn is None and signals.saliency is None
     torch.testing.assert_close(signals.hidden, visual(patches, [[1, 4, 4]], {}))
 
     language_model = nn.Linear(3, 6)

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ...methods import DEFAULT_METHOD, MethodInputs, content_seeds, get_method, run_method
+from ...methods import DEFAULT_METHOD, MethodInputs, Signal, content_seeds, get_method, run_method
 from ...reference import PruneResult
 from ...validation import check_backend, check_options, check_text_budget
 from .signals import TowerSignals
@@ -58,7 +58,7 @@ class PruneOptions:
 
     @property
     def reads(self) -> frozenset:
-        """The signals the method reads (``desap_ops.methods.SIGNALS``): what the engines compute."""
+        """The signals the method reads (``desap_ops.methods.Signal``): what the engines compute."""
         return get_method(self.method).reads
 
 
@@ -75,12 +75,12 @@ def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], tor
     Only the signals the method reads are touched: the others may be None or empty."""
     method = get_method(options.method)
     reads = method.reads
-    attn = text_space(signals.branch) if "attn" in reads else None
-    text = texts if "text" in reads else None
+    attn = text_space(signals.attn) if Signal.ATTN in reads else None
+    text = texts if Signal.TEXT in reads else None
     inputs = MethodInputs(hidden=signals.hidden, keep=keep,
-                          saliency=signals.saliency if "saliency" in reads else None, attn=attn, text=text,
-                          text_mask=text_mask if "text" in reads else None,
-                          seeds=content_seeds(signals.content) if "seed" in reads else None,
+                          saliency=signals.saliency if Signal.SALIENCY in reads else None, attn=attn, text=text,
+                          text_mask=text_mask if Signal.TEXT in reads else None,
+                          seed=content_seeds(signals.seed) if Signal.SEED in reads else None,
                           task_ratio=options.task_ratio, text_reduce=options.text_reduce,
                           text_budget=options.text_budget, backend=options.backend)
     return run_method(method, inputs, options.merges)

@@ -20,9 +20,9 @@ from typing import AbstractSet, Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from ...methods import content_rows, order_rows
+from ...methods import Signal, content_rows, order_rows
 
-TOWER_READS = frozenset({"saliency", "attn"})   # the signals that need the tower's attention captured
+TOWER_READS = frozenset({Signal.SALIENCY, Signal.ATTN})   # the signals that need the tower's attention captured
 
 
 @dataclass(frozen=True)
@@ -30,20 +30,21 @@ class TowerSignals:
     """DeSAP's inputs from one pass of a vision tower. Every tensor has the same leading
     dimensions: (images or crops, tokens) for a CLIP-style tower, (tokens,) for a Qwen tower's
     items one after another. A signal the pruning method does not read (``common.pruning``) is
-    None: a method that reads neither ``branch`` nor ``saliency`` runs the tower plainly."""
+    None: a method that reads neither ``attn`` nor ``saliency`` runs the tower plainly. The fields
+    carrying a signal are named by its :class:`~desap_ops.methods.Signal`."""
 
     hidden: torch.Tensor                       # (..., D): the tokens that are kept and merged
-    branch: Optional[torch.Tensor] = None      # (..., D'): the attention branch (CLIP: before the projector; Qwen: through the merger)
+    attn: Optional[torch.Tensor] = None        # (..., D'): the attention branch (CLIP: before the projector; Qwen: through the merger)
     saliency: Optional[torch.Tensor] = None    # (...,) float32: [CLS] attention, or the attention a token receives
     levels: tuple[torch.Tensor, ...] = ()      # DeepStack levels (Qwen3-VL in transformers), row for row with hidden
-    content: Optional[torch.Tensor] = None     # (...,) int64: a hash of the pixels each token comes from (methods.content)
+    seed: Optional[torch.Tensor] = None        # (...,) int64: a hash of the pixels each token comes from (methods.content)
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TowerSignals":
         """``function`` applied to every tensor (an index, a reshape): the rows stay aligned."""
         def apply(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else function(t)
-        return TowerSignals(function(self.hidden), apply(self.branch), apply(self.saliency),
-                            tuple(function(level) for level in self.levels), apply(self.content))
+        return TowerSignals(function(self.hidden), apply(self.attn), apply(self.saliency),
+                            tuple(function(level) for level in self.levels), apply(self.seed))
 
     def split(self, sizes: Sequence[int]) -> list["TowerSignals"]:
         """One :class:`TowerSignals` per part of the leading dimension (``sizes`` rows each)."""
@@ -51,8 +52,8 @@ class TowerSignals:
             return [None] * len(sizes) if t is None else t.split(list(sizes))
         levels = [parts(level) for level in self.levels]
         return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c)
-                for i, (h, b, s, c) in enumerate(zip(parts(self.hidden), parts(self.branch), parts(self.saliency),
-                                                     parts(self.content)))]
+                for i, (h, b, s, c) in enumerate(zip(parts(self.hidden), parts(self.attn), parts(self.saliency),
+                                                     parts(self.seed)))]
 
 
 def captures(reads: AbstractSet[str]) -> bool:
@@ -63,7 +64,7 @@ def captures(reads: AbstractSet[str]) -> bool:
 
 def with_content(signals: TowerSignals, content: Callable[[], torch.Tensor], reads: AbstractSet[str]) -> TowerSignals:
     """``signals`` with their pixel hashes (``content()``, row for row) where the method reads the seed."""
-    return replace(signals, content=content()) if "seed" in reads else signals
+    return replace(signals, seed=content()) if Signal.SEED in reads else signals
 
 
 def frame_content(pixel_values: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:

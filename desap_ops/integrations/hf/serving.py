@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ...methods import Signal
 from ...reference import PruneResult
 from ..common.prompt import TEXT_BLIND
 from ..common.pruning import prune_images
@@ -186,7 +187,7 @@ def run_prune(model: nn.Module, signals: TowerSignals, text_space: Callable[[tor
     record.saliency.extend(torch.zeros_like(result.task_scores) if signals.saliency is None else signals.saliency)
     text_tokens = text_mask.sum(dim=1)
     record.text_tokens.extend(text_tokens)
-    if "text" in options.reads and not state.records.told_text_blind and bool((text_tokens == 0).any()):
+    if Signal.TEXT in options.reads and not state.records.told_text_blind and bool((text_tokens == 0).any()):
         state.records.told_text_blind = True   # a method that reads no text (the ideal): nothing to tell
         log.warning(TEXT_BLIND)
     return result

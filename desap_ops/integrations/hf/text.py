@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ...methods import Signal
 from ..common.chat import user_turns
 from ..common.sequence import image_text_tokens
 from .state import DesapState
@@ -23,7 +24,7 @@ def text_embeddings(model: nn.Module, input_ids: Optional[torch.Tensor], attenti
     (saliency alone decides) without ``input_ids``; empty (I, 0, C) for a method that reads no text
     (the ideal), which so embeds none."""
     options = model._desap.options
-    if "text" not in options.reads:
+    if Signal.TEXT not in options.reads:
         weight = model.get_input_embeddings().weight
         return (torch.empty(len(lengths), 0, weight.shape[1], dtype=weight.dtype, device=device),
                 torch.zeros(len(lengths), 0, dtype=torch.bool, device=device))

@@ -67,10 +67,10 @@ def _video_features(model, inner, pooled: bool, pixel_values_videos, vision_feat
     if pooled:   # only what the method read is pooled; a frame's tokens share its pixel hash
         pooled_hidden = inner.vision_resampler(signals.hidden)
         signals = TowerSignals(pooled_hidden,
-                               None if signals.branch is None else inner.vision_resampler(signals.branch),
+                               None if signals.attn is None else inner.vision_resampler(signals.attn),
                                None if signals.saliency is None else pool_saliency(signals.saliency,
                                                                                     model.config.spatial_pool_stride),
-                               content=None if signals.content is None else signals.content[:, :pooled_hidden.shape[1]])
+                               seed=None if signals.seed is None else signals.seed[:, :pooled_hidden.shape[1]])
     signals = signals.map(lambda t: t.reshape(videos, frames * t.shape[1], *t.shape[2:]))   # frame-major
     projector = inner.multi_modal_projector
     text, text_mask = served_text_embeddings(model, videos, model.config.video_token_id, signals.hidden.device)

@@ -22,7 +22,7 @@ import torch
 
 from ...reference import PruneResult
 from ..common.prompt import TEXT_BLIND
-from ...methods import MethodFailure
+from ...methods import MethodFailure, Signal
 from ..common.pruning import IDEAL_METHOD, prune_images, tower_reads
 from ..common.signals import TowerSignals
 from . import building_parts
@@ -129,7 +129,7 @@ class DesapModelMixin:
         rows = list(text_ids) if text_ids is not None else []
         parameter = next(self.get_language_model().parameters())
         device = parameter.device
-        if "text" not in reads:
+        if Signal.TEXT not in reads:
             width = self.config.get_text_config().hidden_size
             return (torch.empty(len(rows), 0, width, dtype=parameter.dtype, device=device),
                     torch.zeros(len(rows), 0, dtype=torch.bool, device=device))
@@ -168,7 +168,7 @@ class DesapModelMixin:
         for i in range(result.indices.shape[0]):
             self.desap_history.append({"indices": result.indices[i].cpu(), "assignment": result.assignment[i].cpu(),
                                        "task_keep": result.task_keep[i].cpu(), "text_tokens": text_tokens[i]})
-        if "text" in options.reads and not DesapModelMixin.told_text_blind and bool((text_tokens == 0).any()):
+        if Signal.TEXT in options.reads and not DesapModelMixin.told_text_blind and bool((text_tokens == 0).any()):
             DesapModelMixin.told_text_blind = True   # once per engine process
             log.warning(TEXT_BLIND)
         return result

@@ -37,7 +37,7 @@ def test_the_ideal_never_maps_the_branch_and_the_rest_is_the_operator_with_the_o
     assert torch.equal(prune_images(signals, unreachable, text, mask, 4, ideal).tokens, signals.hidden[:, :4])
     options = PruneOptions.checked(4, "auto", True, "mean", "reference", 2, False)
     got = prune_images(signals, lambda branch: 2 * branch, text, mask, 4, options)
-    expected = desap_ops.prune(signals.hidden, 2 * signals.branch, text, signals.saliency, 4, text_mask=mask,
+    expected = desap_ops.prune(signals.hidden, 2 * signals.attn, text, signals.saliency, 4, text_mask=mask,
                                task_ratio="auto", text_reduce="mean", backend="reference", text_budget=2)
     for name in ("tokens", "indices", "assignment", "task_scores", "task_keep"):
         assert torch.equal(getattr(got, name), getattr(expected, name))
@@ -58,10 +58,10 @@ def test_tower_signals_split_and_map_keep_their_rows_aligned():
                            (torch.arange(5.0) * 10,), torch.arange(5) + 100)
     first, second = signals.split([2, 3])
     assert first.hidden.tolist() == [[0, 1], [2, 3]] and second.saliency.tolist() == [2, 3, 4]
-    assert first.content.tolist() == [100, 101] and signals.map(lambda t: t[[3]]).content.tolist() == [103]
+    assert first.seed.tolist() == [100, 101] and signals.map(lambda t: t[[3]]).seed.tolist() == [103]
     assert second.levels[0].tolist() == [20, 30, 40]
     picked = signals.map(lambda t: t[[4, 0]])
-    assert picked.branch[:, 0].tolist() == [4, 0] == picked.saliency.tolist() and picked.levels[0].tolist() == [40, 0]
+    assert picked.attn[:, 0].tolist() == [4, 0] == picked.saliency.tolist() and picked.levels[0].tolist() == [40, 0]
 
 
 @pytest.mark.parametrize("name", ["desap", "first", "random", "saliency", "similarity", "divprune"])
@@ -72,9 +72,9 @@ def test_each_method_gets_the_signals_it_reads_and_nothing_else(name):
     full = _signals(seed=3)
     content = torch.arange(18).view(2, 9) * 1000003
     # the signals a method does not read are absent: None, as an engine that skipped them gives them
-    signals = TowerSignals(full.hidden, full.branch if "attn" in reads else None,
+    signals = TowerSignals(full.hidden, full.attn if "attn" in reads else None,
                            full.saliency if "saliency" in reads else None,
-                           content=content if "seed" in reads else None)
+                           seed=content if "seed" in reads else None)
     text, mask = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4)), torch.ones(2, 3, dtype=torch.bool)
 
     def text_space(branch):
@@ -86,8 +86,8 @@ def test_each_method_gets_the_signals_it_reads_and_nothing_else(name):
     got = prune_images(signals, text_space, text if "text" in reads else None, mask if "text" in reads else None, 4,
                        options)
     expected = run_method(get_method(name), MethodInputs(
-        hidden=full.hidden, keep=4, saliency=full.saliency, attn=2 * full.branch, text=text, text_mask=mask,
-        seeds=content_seeds(content), backend="reference"), merge=True)
+        hidden=full.hidden, keep=4, saliency=full.saliency, attn=2 * full.attn, text=text, text_mask=mask,
+        seed=content_seeds(content), backend="reference"), merge=True)
     for field in ("tokens", "indices", "assignment", "task_scores", "task_keep"):
         assert torch.equal(getattr(got, field), getattr(expected, field))
 

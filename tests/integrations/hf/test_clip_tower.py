@@ -31,7 +31,7 @@ def test_read_tower_reads_the_feature_layer_and_drops_cls():
         full, _ = read_tower(tower, pixels, 2, drop_cls=False)
         dropped, _ = read_tower(tower, pixels, 2, drop_cls=True)
     torch.testing.assert_close(full.hidden, out.hidden_states[2])
-    torch.testing.assert_close(full.branch, branch, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full.attn, branch, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(full.saliency, out.attentions[1][:, :, 0, :].mean(dim=1), rtol=1e-5, atol=1e-6)
-    for got, kept in ((dropped.hidden, full.hidden), (dropped.branch, full.branch), (dropped.saliency, full.saliency)):
+    for got, kept in ((dropped.hidden, full.hidden), (dropped.attn, full.attn), (dropped.saliency, full.saliency)):
         assert torch.equal(got, kept[:, 1:])

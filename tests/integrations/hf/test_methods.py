@@ -80,7 +80,7 @@ def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content:
         return desap_run(1.0)
     if method == "desap":
         return None
-    inputs = MethodInputs(hidden=hidden[None], keep=keep, seeds=content_seeds(seed_content[None]))
+    inputs = MethodInputs(hidden=hidden[None], keep=keep, seed=content_seeds(seed_content[None]))
     return run_method(get_method(method), inputs, merge=False).indices[0]
 
 

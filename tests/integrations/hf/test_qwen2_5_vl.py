@@ -98,7 +98,7 @@ def test_language_model_gets_the_reference_operator_output():
     inputs = _inputs([[1, 8, 12]], [5], after=(7, 8, 9, 10))
     with torch.no_grad():
         tower = qwen2_5_vl.read_tower(model, inputs["pixel_values"], inputs["image_grid_thw"])
-        hidden, branch, saliency = tower.hidden, tower.branch, tower.saliency
+        hidden, branch, saliency = tower.hidden, tower.attn, tower.saliency
         text = model.get_input_embeddings()(torch.tensor([[7, 8, 9, 10]]))
         expected = reference.prune(hidden[None], branch[None], text, saliency[None], 7, task_ratio=0.4)
     assert torch.isclose(saliency.sum(), torch.tensor(1.0))   # attention received, one image
@@ -131,7 +131,7 @@ def test_auto_split_and_text_budget_agree_with_the_operator_by_hand(options):
     inputs = _inputs([[1, 8, 12]], [1], after=text)
     with torch.no_grad():
         tower = qwen2_5_vl.read_tower(model, inputs["pixel_values"], inputs["image_grid_thw"])
-        hidden, branch, saliency = tower.hidden, tower.branch, tower.saliency
+        hidden, branch, saliency = tower.hidden, tower.attn, tower.saliency
     by_hand, everything = plant_and_prune(model, hidden[None], branch[None], saliency[None], text, keep, options)
     apply_desap(model, keep=keep, **options)
     model(**inputs)
@@ -210,7 +210,7 @@ def test_video_language_model_gets_the_reference_operator_and_original_positions
     data = qwen_inputs.inputs([VIDEO], seed=5, timestamps=False, after=TEXT)
     with torch.no_grad():
         tower = qwen2_5_vl.read_tower(model, data["pixel_values_videos"], data["video_grid_thw"])
-        hidden, branch, saliency = tower.hidden, tower.branch, tower.saliency
+        hidden, branch, saliency = tower.hidden, tower.attn, tower.saliency
         text = model.get_input_embeddings()(torch.tensor([TEXT]))
         expected = reference.prune(hidden[None], branch[None], text, saliency[None], 7, task_ratio=0.4)
     assert torch.isclose(saliency.sum(), torch.tensor(2.0))   # attention received within each of 2 frames
