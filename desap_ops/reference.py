@@ -22,13 +22,15 @@ SKETCH_WIDTH = 32           # text_budget (contract, step 0): width of the rando
 
 
 class PruneResult(NamedTuple):
-    """What :func:`desap_ops.prune` returns."""
+    """What :func:`desap_ops.prune` returns, and what any pruning method gives back
+    (``desap_ops.methods.run_method``). The task scores are DeSAP's: :func:`desap_ops.prune` always
+    fills them; a method that scores no task leaves both None (never zeros, which would read as data)."""
 
-    tokens: torch.Tensor       # (B, K, D) hidden's dtype: kept tokens, merged when merge=True
-    indices: torch.Tensor      # (B, K) int64, ascending: the kept token indices
-    assignment: torch.Tensor   # (B, N) int64: output position of each token, -1 if dropped
-    task_scores: torch.Tensor  # (B, N) float32: the decoupled-similarity task score
-    task_keep: torch.Tensor    # (B,) int64: how many tokens each image chose by task score (K_task)
+    tokens: torch.Tensor                  # (B, K, D) hidden's dtype: kept tokens, merged when merge=True
+    indices: torch.Tensor                 # (B, K) int64, ascending: the kept token indices
+    assignment: torch.Tensor              # (B, N) int64: output position of each token, -1 if dropped
+    task_scores: Optional[torch.Tensor]   # (B, N) float32: the decoupled-similarity task score; None: not scored
+    task_keep: Optional[torch.Tensor]     # (B,) int64: how many tokens each image chose by task score; None: not scored
 
 
 def floor_log2(magnitude: torch.Tensor) -> torch.Tensor:

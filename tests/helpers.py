@@ -137,6 +137,8 @@ def _cos64(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def naive_task_scores(attn, text, text_mask=None, text_reduce="max") -> torch.Tensor:
+    """(B, N) float64, the contract's step 1 literally: the max or mean over an image's valid text
+    tokens of cos(attn, text); -inf for an image with no valid text (text-blind), NaN where a cosine is."""
     batch, tokens, _ = attn.shape
     out = torch.empty(batch, tokens, dtype=torch.float64)
     for b in range(batch):

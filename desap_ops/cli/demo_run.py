@@ -48,7 +48,7 @@ class DemoResult:
     image: object                   # PIL image
     grid: int                       # tokens per side
     saliency: torch.Tensor          # (grid * grid,)
-    task_scores: torch.Tensor
+    task_scores: Optional[torch.Tensor]   # None: the method scores no task (every one but DeSAP)
     indices: torch.Tensor           # (keep,)
     assignment: torch.Tensor        # (grid * grid,)
     box: Optional[tuple] = None
@@ -191,8 +191,10 @@ def run_vit_methods(image, keep: int, task_ratio: float, box: Optional[tuple], p
     for name in methods:
         with torch.no_grad():
             result = run_method(get_method(name), inputs, merge=True)
-        results.append(DemoResult(image, grid, saliency[0], result.task_scores[0], result.indices[0],
-                                  result.assignment[0], box, notes, title, int(result.task_keep[0]), method=name))
+        scored = result.task_scores is not None   # DeSAP's alone
+        results.append(DemoResult(image, grid, saliency[0], result.task_scores[0] if scored else None,
+                                  result.indices[0], result.assignment[0], box, notes, title,
+                                  int(result.task_keep[0]) if scored else None, method=name))
     return results
 
 

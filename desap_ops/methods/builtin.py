@@ -2,11 +2,11 @@
 tokens per image; ties always go to the lower index, so that both engines keep the same tokens."""
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from .. import reference
+from ..api import prune
+from ..reference import PruneResult
 from .interface import DEFAULT_METHOD, Method, MethodInputs, Signal
 
 DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
@@ -18,9 +18,11 @@ def top_scores(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return order[:, :keep].sort(dim=-1).values
 
 
-def desap(inputs: MethodInputs) -> torch.Tensor:
-    """Never called: ``run.run_method`` runs DeSAP as the operator itself (kernels, merge and all)."""
-    raise AssertionError("DeSAP runs through desap_ops.prune")
+def desap(inputs: MethodInputs, merge: bool) -> PruneResult:
+    """DeSAP, the contract: the operator itself (kernels, merge and task scores) on the inputs."""
+    return prune(inputs.hidden, inputs.attn, inputs.text.to(inputs.attn.dtype), inputs.saliency, inputs.keep,
+                 text_mask=inputs.text_mask, task_ratio=inputs.task_ratio, merge=merge,
+                 text_reduce=inputs.text_reduce, backend=inputs.backend, text_budget=inputs.text_budget)
 
 
 def first(inputs: MethodInputs) -> torch.Tensor:
@@ -83,16 +85,12 @@ def divprune(inputs: MethodInputs) -> torch.Tensor:
     return picked.sort(dim=1).values
 
 
-BUILTIN: dict[str, tuple[Callable, frozenset]] = {
-    DEFAULT_METHOD: (desap, frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT})),
-    "first": (first, frozenset()),
-    "random": (random, frozenset({Signal.SEED})),
-    "saliency": (saliency, frozenset({Signal.SALIENCY})),
-    "similarity": (similarity, frozenset({Signal.ATTN, Signal.TEXT})),
-    "divprune": (divprune, frozenset()),
-}
-
-
-def register_builtins(add: Callable[[Method], None]) -> None:
-    for name, (select, reads) in BUILTIN.items():
-        add(Method(name, select, reads))
+BUILTIN: tuple[Method, ...] = (
+    # the operator's argument checks surface as they are (checked=False): DeSAP is the operator
+    Method(DEFAULT_METHOD, prune=desap, reads=frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT}), checked=False),
+    Method("first", first, reads=frozenset()),
+    Method("random", random, reads=frozenset({Signal.SEED})),
+    Method("saliency", saliency, reads=frozenset({Signal.SALIENCY})),
+    Method("similarity", similarity, reads=frozenset({Signal.ATTN, Signal.TEXT})),
+    Method("divprune", divprune, reads=frozenset()),
+)

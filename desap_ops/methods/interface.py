@@ -1,16 +1,20 @@
 """The types of the method interface, which the registry, the built-ins and the runner share:
-what a method is given (:class:`MethodInputs`), what it gives back (:class:`Selection`), and a
-registered method (:class:`Method`)."""
+what a method is given (:class:`MethodInputs`), what a selecting method gives back
+(:class:`Selection`), and a method (:class:`Method`), checked as it is made."""
 from __future__ import annotations
 
 import enum
+import re
 import zlib
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Union
+from typing import AbstractSet, Callable, NamedTuple, Optional, Union
 
 import torch
 
-DEFAULT_METHOD = "desap"
+from ..reference import PruneResult
+
+DEFAULT_METHOD = "desap"   # the method an engine runs when none is named
+NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
 class Signal(str, enum.Enum):
@@ -33,7 +37,8 @@ DEFAULT_READS = frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT})   # what 
 
 
 class MethodFailure(ValueError):
-    """A method raised, or gave back something that is not a selection. The message names it."""
+    """A method raised, or gave back something that is not a selection (or a prune result of the
+    right shapes). The message names it."""
 
 
 @dataclass(frozen=True)
@@ -65,19 +70,66 @@ class Selection(NamedTuple):
 
 
 SelectFn = Callable[[MethodInputs], Union[torch.Tensor, Selection]]
+PruneFn = Callable[[MethodInputs, bool], PruneResult]
 
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method: its name, its function, and the signals it reads (:class:`Signal`)."""
+    """A registered method: its name, the signals it reads (a frozenset of :class:`Signal`; plain
+    signal names are accepted and converted), and exactly one of two functions:
+
+    - ``select(inputs)`` chooses the kept indices (a (B, K) tensor or a :class:`Selection`); the
+      runner checks them and gathers or merges the tokens as the contract's step 4 does;
+    - ``prune(inputs, merge)`` does the whole step itself (a fused kernel: DeSAP) and gives back a
+      :class:`~desap_ops.reference.PruneResult`, which the runner checks.
+
+    ``checked=False`` (a ``prune`` method only) runs it with no check and no wrapping: its errors
+    surface as they are. The built-in DeSAP is such a method, the operator, whose own argument
+    checks are the caller's to see and whose results its test suite holds to the contract."""
 
     name: str
-    select: SelectFn
-    reads: frozenset
+    select: Optional[SelectFn] = None
+    reads: frozenset = DEFAULT_READS
+    prune: Optional[PruneFn] = None
+    checked: bool = True
+
+    def __post_init__(self):
+        check_name(self.name)
+        object.__setattr__(self, "reads", check_reads(self.name, self.reads))
+        if (self.select is None) == (self.prune is None):
+            got = "both" if self.select is not None else "neither"
+            raise TypeError(f"method {self.name!r} must have exactly one of select (it chooses the kept tokens) "
+                            f"and prune (it prunes the whole step), got {got}")
+        kind, fn = ("select", self.select) if self.select is not None else ("prune", self.prune)
+        if not callable(fn):
+            raise TypeError(f"method {self.name!r}: {kind} must be callable, got {type(fn).__name__}")
+        if not isinstance(self.checked, bool) or (not self.checked and self.prune is None):
+            raise TypeError(f"method {self.name!r}: checked must be True or False, and False only for a prune "
+                            f"method, got {self.checked!r} for a {kind} method")
 
     @property
     def code(self) -> int:
         return method_code(self.name)
+
+
+def check_name(name) -> None:
+    """A ValueError unless ``name`` is a valid method name."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ValueError(f"method name must be 1 to 63 lower-case letters, digits, '_', '.' or '-', "
+                         f"starting with a letter or digit, got {name!r}")
+
+
+def check_reads(name: str, reads) -> frozenset:
+    """``reads`` (Signals or their names) as a frozenset of :class:`Signal`; a TypeError or
+    ValueError naming the method otherwise."""
+    names = sorted(s.value for s in Signal)
+    if isinstance(reads, str) or not isinstance(reads, (AbstractSet, list, tuple)) or \
+            not all(isinstance(s, str) for s in reads):
+        raise TypeError(f"method {name!r}: reads must be a collection of signal names from {names}, got {reads!r}")
+    unknown = sorted(set(reads) - set(names))
+    if unknown:
+        raise ValueError(f"method {name!r} reads unknown signal(s) {unknown}; the signals are {names}")
+    return frozenset(Signal(s) for s in reads)
 
 
 def method_code(name: str) -> int:

@@ -1,154 +1,168 @@
 """The method registry: where methods are found (the built-ins, :func:`register_method`, and the
-entry-point group ``desap_ops.methods``, read once per process on first use). The interface's
-types live in ``interface``."""
+entry-point group ``desap_ops.methods``, read once per registry on its first use). The module's
+functions use one registry per process (:data:`DEFAULT_REGISTRY`); a test makes a fresh one with
+:class:`MethodRegistry`. The interface's types live in ``interface``."""
 from __future__ import annotations
 
-import re
 import threading
-from typing import AbstractSet, Optional
+from collections.abc import Iterable
+from typing import AbstractSet, Optional, Union
 
-from .builtin import BUILTIN, register_builtins
-from .interface import (DEFAULT_METHOD, DEFAULT_READS, SIGNALS, Method, MethodFailure, MethodInputs, Selection,  # noqa: F401
-                        SelectFn, Signal, method_code)
+from .builtin import BUILTIN
+from .interface import (DEFAULT_METHOD, DEFAULT_READS, SIGNALS, Method, MethodFailure, MethodInputs,  # noqa: F401
+                        PruneFn, Selection, SelectFn, Signal, check_name, check_reads, method_code)
 
 ENTRY_POINT_GROUP = "desap_ops.methods"
-NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
-_METHODS: dict[str, Method] = {}
-_LOCK = threading.RLock()   # re-entered by a plugin that registers its methods as it is imported
-_loaded_entry_points = False   # the built-ins and the entry points are registered
-_loading = False               # they are being registered (under _LOCK)
-_entry_point_error: Optional[str] = None   # why the entry points failed to load: raised on every lookup
+class MethodRegistry:
+    """Registered methods by name: ``builtins`` and, on the first lookup or registration, every
+    method of the entry-point ``group`` (None: none). One that fails to load, or clashes with a
+    registered name, is a RuntimeError naming it, on that lookup and on every later one: a process
+    never runs on with some of its methods silently missing. Safe to use from several threads."""
+
+    def __init__(self, builtins: Iterable[Method] = BUILTIN, group: Optional[str] = ENTRY_POINT_GROUP):
+        self._builtins = tuple(builtins)
+        self._group = group
+        self._methods: dict[str, Method] = {}
+        self._lock = threading.RLock()   # re-entered by a plugin that registers its methods as it is imported
+        self._loaded = False             # the built-ins and the entry points are registered
+        self._loading = False            # they are being registered (under the lock)
+        self._load_error: Optional[str] = None   # why the entry points failed to load: raised on every lookup
+
+    def add(self, method: Method) -> None:
+        """Register ``method``; a ValueError if its name, or its :func:`method_code`, is taken."""
+        if not isinstance(method, Method):
+            raise TypeError(f"method must be a desap_ops.methods.Method, got {type(method).__name__}")
+        self._load()
+        self._insert(method)
+
+    def register(self, name: str, select: Optional[SelectFn] = None, *,
+                 reads: AbstractSet[Union[Signal, str]] = DEFAULT_READS, prune: Optional[PruneFn] = None):
+        """See :func:`register_method`."""
+        check_name(name)
+        reads = check_reads(name, reads)
+        if select is None and prune is None:
+            return lambda fn: self.register(name, fn, reads=reads)
+        self.add(Method(name, select, reads, prune))
+        return select if prune is None else prune
+
+    def unregister(self, name: str) -> None:
+        """Forget the method ``name`` (tests; a built-in cannot be removed)."""
+        if name in {method.name for method in self._builtins}:
+            raise ValueError(f"{name!r} is a built-in method and stays registered")
+        with self._lock:
+            self._methods.pop(name, None)
+
+    def names(self) -> list[str]:
+        """Every registered method's name, sorted."""
+        self._load()
+        return sorted(self._methods)
+
+    def get(self, name) -> Method:
+        """The method ``name``; a ValueError naming it and the registered ones when there is none."""
+        self._load()
+        if not isinstance(name, str):
+            raise TypeError(f"method must be a method name (str), got {type(name).__name__} {name!r}")
+        try:
+            return self._methods[name]
+        except KeyError:
+            raise ValueError(f"method {name!r} is not a registered pruning method; registered: "
+                             f"{sorted(self._methods)}") from None
+
+    def by_code(self, code: int) -> Method:
+        """The registered method whose :func:`method_code` is ``code``."""
+        self._load()
+        for method in self._methods.values():
+            if method.code == code:
+                return method
+        raise ValueError(f"no registered pruning method has code {code}; registered: {sorted(self._methods)}")
+
+    def _insert(self, method: Method) -> None:
+        with self._lock:
+            if method.name in self._methods:
+                raise ValueError(f"a pruning method named {method.name!r} is already registered")
+            clash = [m.name for m in self._methods.values() if m.code == method.code]
+            if clash:
+                raise ValueError(f"method name {method.name!r} has the same code as {clash[0]!r}; choose another name")
+            self._methods[method.name] = method
+
+    def _load(self) -> None:
+        """Register the built-ins and every method of the entry points, once."""
+        if self._loaded and self._load_error is None:
+            return
+        from importlib.metadata import entry_points
+
+        with self._lock:
+            if self._load_error is not None:
+                raise RuntimeError(self._load_error)
+            if self._loaded or self._loading:
+                return
+            self._loading = True
+            try:
+                for method in self._builtins:
+                    self._insert(method)
+                failures = []
+                for point in entry_points(group=self._group) if self._group is not None else ():
+                    try:
+                        self._insert(_entry_point_method(point))
+                    except Exception as error:
+                        failures.append(f"pruning method {point.name!r} ({point.value}, entry point group "
+                                        f"{self._group!r}) failed to load: {error!r}")
+                if failures:
+                    self._load_error = "; ".join(failures)
+                    raise RuntimeError(self._load_error)
+            finally:
+                self._loading = False
+                self._loaded = True
 
 
-def _check_name(name) -> None:
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ValueError(f"method name must be 1 to 63 lower-case letters, digits, '_', '.' or '-', "
-                         f"starting with a letter or digit, got {name!r}")
+def _entry_point_method(point) -> Method:
+    """The method an entry point names: a :class:`Method` of the entry point's name, or a select
+    function (which then reads :data:`DEFAULT_READS`, every signal but the seed)."""
+    target = point.load()
+    if isinstance(target, Method):
+        if target.name != point.name:
+            raise ValueError(f"the entry point names the method {target.name!r}: the two names must agree")
+        return target
+    if not callable(target):
+        raise TypeError(f"an entry point must name a Method or a select function, got {type(target).__name__}")
+    return Method(point.name, target)
 
 
-def _check_reads(name: str, reads) -> frozenset:
-    if isinstance(reads, str) or not isinstance(reads, (AbstractSet, list, tuple)) or \
-            not all(isinstance(s, str) for s in reads):
-        raise TypeError(f"method {name!r}: reads must be a collection of signal names from {sorted(s.value for s in SIGNALS)}, "
-                        f"got {reads!r}")
-    unknown = sorted(set(reads) - {s.value for s in SIGNALS})
-    if unknown:
-        raise ValueError(f"method {name!r} reads unknown signal(s) {unknown}; the signals are "
-                         f"{sorted(s.value for s in SIGNALS)}")
-    return frozenset(Signal(s) for s in reads)
-
-
-def _add(method: Method) -> None:
-    with _LOCK:
-        if method.name in _METHODS:
-            raise ValueError(f"a pruning method named {method.name!r} is already registered")
-        clash = [m.name for m in _METHODS.values() if m.code == method.code]
-        if clash:
-            raise ValueError(f"method name {method.name!r} has the same code as {clash[0]!r}; choose another name")
-        _METHODS[method.name] = method
+DEFAULT_REGISTRY = MethodRegistry()   # the process's registry, which the functions below and the engines use
 
 
 def register_method(name: str, select: Optional[SelectFn] = None, *,
-                    reads: AbstractSet[str] = DEFAULT_READS):
-    """Register ``select`` as the pruning method ``name`` (lower-case letters, digits, ``_.-``).
+                    reads: AbstractSet[Union[Signal, str]] = DEFAULT_READS, prune: Optional[PruneFn] = None):
+    """Register a pruning method ``name`` (lower-case letters, digits, ``_.-``) of one of two kinds:
 
-    ``select(inputs: MethodInputs)`` returns the kept indices (B, K), ascending, or a
-    :class:`Selection` with an assignment too. ``reads`` names the signals it uses (``SIGNALS``);
-    the engines compute only those. Used bare (``select`` None) it is a decorator. Returns ``select``."""
-    _check_name(name)
-    reads = _check_reads(name, reads)
+    - ``select(inputs: MethodInputs)`` returns the kept indices (B, K), ascending, or a
+      :class:`Selection` with an assignment too; the engines merge (or gather) the tokens;
+    - ``prune=fn``: ``fn(inputs: MethodInputs, merge: bool)`` does the whole step and returns a
+      :class:`~desap_ops.reference.PruneResult` (tokens (B, K, D), indices (B, K) ascending,
+      assignment (B, N), task scores or None), which is checked.
 
-    def register(fn: SelectFn) -> SelectFn:
-        if not callable(fn):
-            raise TypeError(f"method {name!r}: select must be callable, got {type(fn).__name__}")
-        _load_entry_points()
-        _add(Method(name, fn, reads))
-        return fn
-
-    return register if select is None else register(select)
+    ``reads`` names the signals it uses (:class:`Signal`s or their names); the engines compute only
+    those. Used with neither function it is a decorator of a select function. Returns the function."""
+    return DEFAULT_REGISTRY.register(name, select, reads=reads, prune=prune)
 
 
 def unregister_method(name: str) -> None:
     """Forget the method ``name`` (tests; a built-in cannot be removed)."""
-    if name in BUILTIN:
-        raise ValueError(f"{name!r} is a built-in method and stays registered")
-    with _LOCK:
-        _METHODS.pop(name, None)
-
-
-def _load_entry_points() -> None:
-    """Register the built-ins and every method of the ``desap_ops.methods`` entry points, once per
-    process. An entry point names either a :class:`Method` (of the entry point's name) or a select
-    function (which then reads every signal but the seed). One that fails to load, or clashes with
-    a registered name, is a RuntimeError naming it, on this lookup and on every later one: a
-    process never runs on with some of its methods silently missing."""
-    global _loaded_entry_points, _loading, _entry_point_error
-    if _loaded_entry_points and _entry_point_error is None:
-        return
-    from importlib.metadata import entry_points
-
-    with _LOCK:
-        if _entry_point_error is not None:
-            raise RuntimeError(_entry_point_error)
-        if _loaded_entry_points or _loading:
-            return
-        _loading = True
-        try:
-            register_builtins(_add)
-            failures = []
-            for point in entry_points(group=ENTRY_POINT_GROUP):
-                try:
-                    _add(_entry_point_method(point))
-                except Exception as error:
-                    failures.append(f"pruning method {point.name!r} ({point.value}, entry point group "
-                                    f"{ENTRY_POINT_GROUP!r}) failed to load: {error!r}")
-            if failures:
-                _entry_point_error = "; ".join(failures)
-                raise RuntimeError(_entry_point_error)
-        finally:
-            _loading = False
-            _loaded_entry_points = True
-
-
-def _entry_point_method(point) -> Method:
-    """The method an entry point names, checked as :func:`register_method` checks one."""
-    target = point.load()
-    _check_name(point.name)
-    if isinstance(target, Method):
-        if target.name != point.name:
-            raise ValueError(f"the entry point names the method {target.name!r}: the two names must agree")
-        select, reads = target.select, _check_reads(target.name, target.reads)
-    else:
-        select, reads = target, DEFAULT_READS
-    if not callable(select):
-        raise TypeError(f"an entry point must name a Method or a select function, got {type(select).__name__}")
-    return Method(point.name, select, reads)
+    DEFAULT_REGISTRY.unregister(name)
 
 
 def available_methods() -> list[str]:
     """Every registered method's name, sorted."""
-    _load_entry_points()
-    return sorted(_METHODS)
+    return DEFAULT_REGISTRY.names()
 
 
 def get_method(name) -> Method:
     """The method ``name``; a ValueError naming it and the registered ones when there is none."""
-    _load_entry_points()
-    if not isinstance(name, str):
-        raise TypeError(f"method must be a method name (str), got {type(name).__name__} {name!r}")
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ValueError(f"method {name!r} is not a registered pruning method; registered: "
-                         f"{sorted(_METHODS)}") from None
+    return DEFAULT_REGISTRY.get(name)
 
 
 def method_by_code(code: int) -> Method:
     """The registered method whose :func:`method_code` is ``code``."""
-    _load_entry_points()
-    for method in _METHODS.values():
-        if method.code == code:
-            return method
-    raise ValueError(f"no registered pruning method has code {code}; registered: {sorted(_METHODS)}")
+    return DEFAULT_REGISTRY.by_code(code)

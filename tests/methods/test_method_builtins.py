@@ -7,11 +7,11 @@ import torch
 
 import desap_ops
 from desap_ops import reference
-from desap_ops.methods import (MethodInputs, Selection, content_rows, content_seeds, get_method, order_rows,
-                               register_method, run_method, unregister_method)
-from helpers import DTYPES, TIE_MARGIN, TOKEN_TOL
+from desap_ops.methods import (BUILTIN, Method, MethodInputs, Selection, content_rows, content_seeds, get_method,
+                               order_rows, run_method)
+from helpers import DTYPES, TIE_MARGIN, TOKEN_TOL, naive_task_scores
 
-BUILTIN = ("first", "random", "saliency", "similarity", "divprune")
+SELECTING = [method.name for method in BUILTIN if method.select is not None]   # every built-in but DeSAP
 # (images, tokens, width, keep): one token kept, a quarter, all of them
 SHAPES = [(1, 9, 8, 1), (2, 48, 16, 12), (3, 33, 5, 33)]
 
@@ -85,19 +85,6 @@ def test_saliency_keeps_the_k_most_salient_with_ties_to_the_lower_index(shape, d
         [[0, 1, 2, 4, 5, 6, 7]]
 
 
-def _naive_task_scores(attn, text, mask, reduce) -> list:
-    """Per image, per token: max or mean over the valid text rows of cos(attn, text), in float64."""
-    out = []
-    for a, t, m in zip(attn.double(), text.double(), mask):
-        cos = (a / a.norm(dim=1, keepdim=True)) @ (t / t.norm(dim=1, keepdim=True)).T
-        valid = cos[:, m]
-        if not m.any():
-            out.append(None)   # text-blind
-            continue
-        out.append((valid.amax(dim=1) if reduce == "max" else valid.mean(dim=1)).tolist())
-    return out
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -108,7 +95,7 @@ def test_similarity_keeps_the_k_highest_task_scores_and_a_text_blind_image_its_f
     mask[-1, :] = batch == 1   # the last (of several) reads none: text-blind
     inputs = _inputs(*shape, dtype=dtype, seed=2, text_mask=mask, text_reduce=reduce)
     got = _select("similarity", inputs).tolist()
-    for b, scores in enumerate(_naive_task_scores(inputs.attn, inputs.text, mask, reduce)):
+    for b, scores in enumerate(naive_task_scores(inputs.attn, inputs.text, mask, reduce).tolist()):
         if not mask[b].any():
             assert got[b] == list(range(keep))
             continue
@@ -290,7 +277,7 @@ def _nearest_kept_by_hand(hidden: torch.Tensor, indices: list) -> list:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("name", SELECTING)
 def test_every_method_merges_into_the_nearest_kept_token_or_gathers(name, dtype):
     inputs = _inputs(2, 30, 8, 7, dtype=dtype, seed=9, text_mask=torch.ones(2, 4, dtype=torch.bool))
     method = get_method(name)
@@ -305,8 +292,8 @@ def test_every_method_merges_into_the_nearest_kept_token_or_gathers(name, dtype)
         assert merged.assignment[b].tolist() == assignment
         groups = torch.stack([inputs.hidden[b].float()[torch.tensor(assignment) == i].mean(dim=0) for i in range(7)])
         torch.testing.assert_close(merged.tokens[b], groups.to(dtype), rtol=rtol, atol=atol)
-    for result in (plain, merged):   # every method but DeSAP scores nothing
-        assert not result.task_scores.any() and result.task_keep.tolist() == [0, 0]
+    for result in (plain, merged):   # every method but DeSAP scores no task: None, not zeros
+        assert result.task_scores is None and result.task_keep is None
         assert result.tokens.dtype == dtype
 
 
@@ -328,20 +315,17 @@ def test_a_methods_own_assignment_merges_and_unmerged_it_is_ignored():
         assignment[:, indices[0]] = torch.arange(3)
         return Selection(indices, assignment)
 
-    register_method("test-own-assignment", every_dropped_into_the_first, reads=())
-    try:
-        hidden = torch.randn(2, 8, 5, generator=torch.Generator().manual_seed(11))
-        inputs = MethodInputs(hidden=hidden, keep=3)
-        merged = run_method(get_method("test-own-assignment"), inputs, merge=True)
-        assert merged.assignment.tolist() == [[0, 0, 0, 0, 1, 0, 2, 0]] * 2
-        dropped_and_first = [0, 1, 2, 3, 5, 7]
-        torch.testing.assert_close(merged.tokens[:, 0], hidden[:, dropped_and_first].mean(dim=1))
-        torch.testing.assert_close(merged.tokens[:, 1:], hidden[:, [4, 6]])
-        plain = run_method(get_method("test-own-assignment"), inputs, merge=False)
-        assert torch.equal(plain.tokens, hidden[:, [1, 4, 6]])
-        assert plain.assignment.tolist() == [[-1, 0, -1, -1, 1, -1, 2, -1]] * 2
-    finally:
-        unregister_method("test-own-assignment")
+    method = Method("test-own-assignment", every_dropped_into_the_first, reads=())
+    hidden = torch.randn(2, 8, 5, generator=torch.Generator().manual_seed(11))
+    inputs = MethodInputs(hidden=hidden, keep=3)
+    merged = run_method(method, inputs, merge=True)
+    assert merged.assignment.tolist() == [[0, 0, 0, 0, 1, 0, 2, 0]] * 2
+    dropped_and_first = [0, 1, 2, 3, 5, 7]
+    torch.testing.assert_close(merged.tokens[:, 0], hidden[:, dropped_and_first].mean(dim=1))
+    torch.testing.assert_close(merged.tokens[:, 1:], hidden[:, [4, 6]])
+    plain = run_method(method, inputs, merge=False)
+    assert torch.equal(plain.tokens, hidden[:, [1, 4, 6]])
+    assert plain.assignment.tolist() == [[-1, 0, -1, -1, 1, -1, 2, -1]] * 2
 
 
 def test_tokens_keep_their_gradient_through_any_method():

@@ -4,7 +4,7 @@ module of its own so the workers can import it by name."""
 
 def history(model):
     return {"class": type(model).__name__,
-            "history": [{name: value.tolist() for name, value in record.items()}
+            "history": [{name: None if value is None else value.tolist() for name, value in record.items()}
                         for record in getattr(model, "desap_history", [])]}
 
 

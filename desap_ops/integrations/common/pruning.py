@@ -2,9 +2,10 @@
 DeSAP by default, through ``desap_ops.prune``) on the tower's signals. Each method names the signals
 it reads (``PruneOptions.reads``), and the engines compute only those: a method that reads no
 saliency and no attention branch runs the tower plainly, with no attention capture, and one that
-reads no text embeds none. The ``ideal`` option is the method ``first`` unmerged (the speed pruning
-could reach if it cost nothing: ``apply_desap(..., ideal=True)`` and vLLM's
-``hf_overrides={"desap": {..., "ideal": true}}`` alike)."""
+reads no text embeds none. The options' defaults (:data:`DEFAULTS`) are both engines'. The
+``ideal`` option (the speed pruning could reach if it cost nothing: ``apply_desap(...,
+ideal=True)`` and vLLM's ``hf_overrides={"desap": {..., "ideal": true}}`` alike) is translated
+here, as the options are checked, into what it is: the method ``first``, unmerged."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,7 +18,27 @@ from ...reference import PruneResult
 from ...validation import check_backend, check_options, check_text_budget
 from .signals import TowerSignals
 
-IDEAL_METHOD = "first"
+IDEAL = "first"             # ``ideal=True`` is this method, unmerged
+FALLBACK_METHOD = "first"   # what vLLM runs (merged, as the request asked) for images whose method failed
+
+
+@dataclass(frozen=True)
+class PruneDefaults:
+    """The defaults of the options both engines take by the same names: ``apply_desap``'s
+    signature and vLLM's ``hf_overrides["desap"]`` read them here."""
+
+    keep: int = 64
+    task_ratio: Union[float, str] = 0.5
+    merge: bool = True
+    text_reduce: str = "max"
+    backend: str = "auto"
+    text_budget: Optional[int] = None
+    exclude_token_ids: tuple[int, ...] = ()
+    ideal: bool = False
+    method: str = DEFAULT_METHOD
+
+
+DEFAULTS = PruneDefaults()
 
 
 @dataclass(frozen=True)
@@ -26,35 +47,30 @@ class PruneOptions:
 
     keep: int                         # tokens per image, or per video across its frames
     task_ratio: Union[float, str]     # a share in [0, 1], or "auto"
-    merge: bool
+    merge: bool                       # merge the dropped tokens into the kept ones (and the DeepStack levels alike)
     text_reduce: str
     backend: str
     text_budget: Optional[int]        # at most this many text tokens per image; None: all
-    ideal: bool                       # keep the first ``keep`` tokens, unscored and unmerged
     method: str                       # a registered pruning method (``desap_ops.methods``)
 
     @staticmethod
-    def checked(keep, task_ratio, merge, text_reduce, backend, text_budget, ideal,
-                method=DEFAULT_METHOD) -> "PruneOptions":
+    def checked(keep, task_ratio, merge, text_reduce, backend, text_budget, method=DEFAULT_METHOD, *,
+                ideal=False) -> "PruneOptions":
         """The options checked and normalised (``desap_ops.validation``; ``method`` must be
-        registered); an engine's own options extend them (``PruneOptions`` subclasses built from
-        ``vars()`` of these)."""
+        registered); ``ideal=True`` gives the method ``first`` with ``merge`` False (with
+        ``method`` left at the default, or ``first``). An engine's own options extend them
+        (``PruneOptions`` subclasses built from ``vars()`` of these)."""
         keep, task_ratio, merge, text_reduce = check_options(keep, task_ratio, merge, text_reduce)
         if not isinstance(ideal, bool):
             raise TypeError(f"ideal must be True or False, got {ideal!r}")
         method = get_method(method).name
-        if ideal and method not in (DEFAULT_METHOD, IDEAL_METHOD):
-            raise ValueError(f"ideal is the method {IDEAL_METHOD!r} unmerged; it cannot be combined with "
-                             f"method={method!r}")
+        if ideal:
+            if method not in (DEFAULT_METHOD, IDEAL):
+                raise ValueError(f"ideal is the method {IDEAL!r} unmerged; it cannot be combined with "
+                                 f"method={method!r}")
+            method, merge = IDEAL, False
         return PruneOptions(keep=keep, task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
-                            backend=check_backend(backend), text_budget=check_text_budget(text_budget), ideal=ideal,
-                            method=IDEAL_METHOD if ideal else method)
-
-    @property
-    def merges(self) -> bool:
-        """Whether the dropped tokens are merged into the kept ones (never under ``ideal``): what
-        the features that follow the kept tokens (DeepStack levels) are merged by too."""
-        return self.merge and not self.ideal
+                            backend=check_backend(backend), text_budget=check_text_budget(text_budget), method=method)
 
     @property
     def reads(self) -> frozenset:
@@ -83,4 +99,4 @@ def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], tor
                           seed=content_seeds(signals.seed) if Signal.SEED in reads else None,
                           task_ratio=options.task_ratio, text_reduce=options.text_reduce,
                           text_budget=options.text_budget, backend=options.backend)
-    return run_method(method, inputs, options.merges)
+    return run_method(method, inputs, options.merge)

@@ -143,7 +143,7 @@ def _prune_medium(model: nn.Module, signals: TowerSignals, sizes: list[int], inp
                            keep=image_budget(options.keep, tokens))   # a small item passes whole
         features.append(result.tokens[0])
         for level, planned in zip(item.levels, planned_levels):
-            planned.append(merge_tokens(level[None], result.indices, result.assignment, options.merges)[0])
+            planned.append(merge_tokens(level[None], result.indices, result.assignment, options.merge)[0])
         kept = torch.zeros(tokens, dtype=torch.bool, device=item.hidden.device)
         kept[result.indices[0]] = True
         flags.append(kept)

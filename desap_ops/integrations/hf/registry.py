@@ -10,7 +10,7 @@ from torch import nn
 
 from ..common.chat import ChatMarkers, as_chat_markers
 from ..common.prompt import config_ignored_ids
-from ..common.pruning import PruneOptions
+from ..common.pruning import DEFAULTS, PruneOptions
 from . import compat, llava, llava_next, qwen2_5_vl, qwen3_vl, video
 from .serving import uninstall_methods
 from .state import DesapState, Options, PruneRecord
@@ -58,10 +58,12 @@ def _lookup(table: dict, model, caller: str):
     raise TypeError(f"{caller} supports {', '.join(table)}; got {type(model).__name__}")
 
 
-def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Literal["auto"]] = 0.5,
-                merge: bool = True, *, text_reduce: str = "max", exclude_token_ids=(), backend: str = "auto",
-                text_budget: Optional[int] = None, chat: Union[ChatMarkers, Any, None] = None,
-                ideal: bool = False, method: str = "desap") -> nn.Module:
+def apply_desap(model: nn.Module, keep: int = DEFAULTS.keep,
+                task_ratio: Union[float, Literal["auto"]] = DEFAULTS.task_ratio, merge: bool = DEFAULTS.merge, *,
+                text_reduce: str = DEFAULTS.text_reduce, exclude_token_ids=DEFAULTS.exclude_token_ids,
+                backend: str = DEFAULTS.backend, text_budget: Optional[int] = DEFAULTS.text_budget,
+                chat: Union[ChatMarkers, Any, None] = None, ideal: bool = DEFAULTS.ideal,
+                method: str = DEFAULTS.method) -> nn.Module:
     """Patch ``model`` in place so every image reaches the language model as at most ``keep`` tokens.
 
     Args:
@@ -83,11 +85,12 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
         ideal: keep each image's (or video's) first ``keep`` tokens instead, unscored and unmerged,
             in the same places (LLaVA-NeXT: its first visual tokens in packed order, every newline
             kept): the speed pruning could reach if it cost nothing, as vLLM's ``"ideal": true``
-            (the method ``"first"`` unmerged).
+            (the method ``"first"`` unmerged; ``method`` must then be left as it is, or ``"first"``).
         method: the pruning method that chooses the kept tokens: ``"desap"`` (the contract), a
             baseline (``"first"``, ``"random"``, ``"saliency"``, ``"similarity"``, ``"divprune"``) or
             one registered with :func:`desap_ops.register_method` (docs/methods.md). The budget, the
             placeholders, positions and merging are the same for every method.
+    The defaults are both engines' (``integrations.common.pruning.DEFAULTS``) but for ``chat``.
     Returns the model. Applying again replaces the previous patch.
 
     Raises:
@@ -103,7 +106,7 @@ def apply_desap(model: nn.Module, keep: int = 64, task_ratio: Union[float, Liter
     compat.check_hooks(model, _lookup(HOOKS, model, "apply_desap"))
     remove_desap(model)
     ignored = config_ignored_ids(model.config, getattr(model, "generation_config", None), exclude_token_ids)
-    prune = PruneOptions.checked(keep, task_ratio, merge, text_reduce, backend, text_budget, ideal, method)
+    prune = PruneOptions.checked(keep, task_ratio, merge, text_reduce, backend, text_budget, method, ideal=ideal)
     markers = as_chat_markers(chat)
     tokenizer = None if chat is None or isinstance(chat, ChatMarkers) else chat
     install(model, DesapState(Options(**vars(prune), ignored_ids=frozenset(ignored), chat=markers,

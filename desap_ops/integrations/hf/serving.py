@@ -181,10 +181,11 @@ def run_prune(model: nn.Module, signals: TowerSignals, text_space: Callable[[tor
     options = state.options
     result = prune_images(signals, text_space, text, text_mask, options.keep if keep is None else keep, options)
     record = state.records.last
-    for name in ("indices", "assignment", "task_scores", "task_keep"):
-        getattr(record, name).extend(getattr(result, name))
-    # a method that reads no saliency (the ideal) records zeros, as its task scores
-    record.saliency.extend(torch.zeros_like(result.task_scores) if signals.saliency is None else signals.saliency)
+    for name in ("indices", "assignment", "task_scores", "task_keep"):   # no task scores: None per image
+        values = getattr(result, name)
+        getattr(record, name).extend([None] * len(result.indices) if values is None else values)
+    # a method that reads no saliency (the ideal) records zeros
+    record.saliency.extend(torch.zeros(result.assignment.shape) if signals.saliency is None else signals.saliency)
     text_tokens = text_mask.sum(dim=1)
     record.text_tokens.extend(text_tokens)
     if Signal.TEXT in options.reads and not state.records.told_text_blind and bool((text_tokens == 0).any()):

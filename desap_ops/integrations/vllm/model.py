@@ -23,7 +23,7 @@ import torch
 from ...reference import PruneResult
 from ..common.prompt import TEXT_BLIND
 from ...methods import MethodFailure, Signal
-from ..common.pruning import IDEAL_METHOD, prune_images, tower_reads
+from ..common.pruning import FALLBACK_METHOD, prune_images, tower_reads
 from ..common.signals import TowerSignals
 from . import building_parts
 from .options import DesapOptions, decode_request, read_options
@@ -163,11 +163,11 @@ class DesapModelMixin:
             log.error("DeSAP: MethodFailure: %s; these %d image(s) keep their first %d tokens instead", failure,
                       signals.hidden.shape[0], keep)
             result = prune_images(signals, self.desap_text_space, texts, text_mask, keep,
-                                  replace(options, method=IDEAL_METHOD))
+                                  replace(options, method=FALLBACK_METHOD))
         text_tokens = text_mask.sum(dim=1).cpu()
         for i in range(result.indices.shape[0]):
             self.desap_history.append({"indices": result.indices[i].cpu(), "assignment": result.assignment[i].cpu(),
-                                       "task_keep": result.task_keep[i].cpu(), "text_tokens": text_tokens[i]})
+                                       "task_keep": None if result.task_keep is None else result.task_keep[i].cpu(), "text_tokens": text_tokens[i]})
         if Signal.TEXT in options.reads and not DesapModelMixin.told_text_blind and bool((text_tokens == 0).any()):
             DesapModelMixin.told_text_blind = True   # once per engine process
             log.warning(TEXT_BLIND)

@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Optional
 
 import torch
 
-from ...methods import DEFAULT_METHOD, get_method, method_by_code, method_code
+from ...methods import get_method, method_by_code, method_code
 from ...reference import AUTO
 from ...validation import TEXT_REDUCTIONS, check_keep, check_options, check_text_budget
-from ..common.pruning import PruneOptions
+from ..common.pruning import DEFAULTS as PRUNE_DEFAULTS, PruneOptions
 
-DEFAULTS = dict(keep=64, task_ratio=0.5, merge=True, text_reduce="max", backend="auto", text_budget=None,
-                exclude_token_ids=(), chat=True, max_keep=None, ideal=False, method=DEFAULT_METHOD, methods=None)
+# the engine's options and their defaults: the prune's (common.pruning.DEFAULTS, apply_desap's) and the
+# engine's own (chat reads the tokenizer's template by default, which vLLM always has)
+DEFAULTS = {**asdict(PRUNE_DEFAULTS), "chat": True, "max_keep": None, "methods": None}
 # what one request may set; the order is that of encode_request's tensor
 REQUEST_OPTIONS = ("keep", "task_ratio", "merge", "text_reduce", "text_budget", "method")
 ENGINE = 'hf_overrides["desap"]'
@@ -42,6 +43,7 @@ class DesapOptions(PruneOptions):
     """The prune's options (``common.pruning.PruneOptions``: apply_desap's by the same names) and
     the engine's own."""
 
+    ideal: bool          # the engine runs the ideal (the method "first", unmerged): requests may ask for no other
     exclude_token_ids: tuple[int, ...]
     chat: Any            # None (no markers), True (read from the tokenizer's template) or a dict of marker lists
     max_keep: int        # the largest keep a request may ask for
@@ -70,10 +72,10 @@ def read_options(hf_config) -> Optional[DesapOptions]:
         raise TypeError(f'{ENGINE}["ideal"] must be true or false, got {given["ideal"]!r}')
     try:
         prune = PruneOptions.checked(given["keep"], given["task_ratio"], given["merge"], given["text_reduce"],
-                                     given["backend"], given["text_budget"], given["ideal"], given["method"])
+                                     given["backend"], given["text_budget"], given["method"], ideal=given["ideal"])
     except (TypeError, ValueError) as error:
         raise type(error)(f"{ENGINE}: {error}") from None
-    return DesapOptions(**vars(prune), exclude_token_ids=tuple(excluded), chat=chat or None,
+    return DesapOptions(**vars(prune), ideal=given["ideal"], exclude_token_ids=tuple(excluded), chat=chat or None,
                         max_keep=_max_keep(given["max_keep"], prune.keep),
                         methods=_allowed_methods(given["methods"], prune.method))
 
@@ -136,8 +138,9 @@ def request_options(engine: DesapOptions, raw: Optional[Mapping]) -> DesapOption
     if engine.methods is not None and method not in engine.methods:
         raise ValueError(f'{REQUEST}["method"] is {method!r}, which this engine does not allow; '
                          f'{ENGINE}["methods"] = {list(engine.methods)}')
-    return replace(engine, keep=int(keep), task_ratio=task_ratio, merge=merge, text_reduce=text_reduce,
-                   text_budget=text_budget, method=method)
+    # the ideal never merges: a request's merge has no effect on it
+    return replace(engine, keep=int(keep), task_ratio=task_ratio, merge=merge and not engine.ideal,
+                   text_reduce=text_reduce, text_budget=text_budget, method=method)
 
 
 def encode_request(options: DesapOptions) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from desap_ops.integrations.vllm.options import (REQUEST_OPTIONS, decode_request, encode_request, read_options,
                                                  request_options)
-from desap_ops.methods import method_code, register_method, unregister_method
+from desap_ops.methods import BUILTIN, Signal, available_methods, method_code, register_method, unregister_method
 
 
 class Config:
@@ -96,21 +96,30 @@ def test_the_engines_options_are_the_prunes_options_by_the_same_names():
     from desap_ops.integrations.common.pruning import PruneOptions
 
     options = engine(task_ratio="auto", text_budget=3, ideal=True)
-    assert isinstance(options, PruneOptions) and options.merges is False
+    assert isinstance(options, PruneOptions) and options.ideal is True
     assert (options.task_ratio, options.merge, options.text_reduce, options.backend, options.text_budget,
-            options.method) == ("auto", True, "max", "auto", 3, "first")
+            options.method) == ("auto", False, "max", "auto", 3, "first")   # the ideal: "first", unmerged
+
+
+def test_the_ideal_engine_never_merges_whatever_a_request_asks():
+    base = engine(ideal=True, max_keep=16)
+    for raw in ({"merge": True}, {"merge": True, "keep": 12, "method": "first"}, {}):
+        options = request_options(base, raw)
+        assert (options.method, options.merge) == ("first", False)
+        assert decode_request(base, encode_request(options)) == options
 
 
 # --- the pruning method ---------------------------------------------------------------------------------
 
-REGISTERED = r"registered: \['desap', 'divprune', 'first', 'random', 'saliency', 'similarity'"
+REGISTERED = r"registered: \[" + ", ".join(repr(name) for name in sorted(available_methods()))
 
 
 def test_the_engine_sets_a_method_and_may_limit_what_requests_ask_for():
     assert engine().method == "desap" and engine().methods is None
     options = engine(method="divprune", methods=["random", "divprune", "random"])
     assert (options.method, options.methods, options.reads) == ("divprune", ("divprune", "random"), frozenset())
-    assert engine(method="random").reads == {"seed"} and engine(method="similarity").reads == {"attn", "text"}
+    assert engine(method="random").reads == {Signal.SEED}
+    assert engine(method="similarity").reads == {Signal.ATTN, Signal.TEXT}
     assert engine(ideal=True, method="first").method == "first"
 
 
@@ -131,7 +140,7 @@ def test_a_bad_engine_method_is_refused_naming_it(desap, error, message):
 def test_a_request_picks_a_method_and_a_wrong_one_is_a_value_error_naming_it():
     base = engine(methods=["desap", "first", "saliency"])
     options = request_options(base, {"method": "saliency"})
-    assert options.method == "saliency" and options.reads == {"saliency"}
+    assert options.method == "saliency" and options.reads == {Signal.SALIENCY}
     assert repr(options) != repr(base)   # the image's cache key folds in the method
     assert request_options(engine(), {"method": "divprune"}).method == "divprune"   # no list: any registered one
     for raw, message in [
@@ -153,7 +162,7 @@ def test_the_method_travels_as_its_code_and_comes_back_by_name():
     register_method("test-travels", lambda inputs: None, reads=())
     try:
         base = engine(max_keep=16)
-        for method in ("desap", "first", "random", "saliency", "similarity", "divprune", "test-travels"):
+        for method in [builtin.name for builtin in BUILTIN] + ["test-travels"]:
             options = request_options(base, {"method": method, "keep": 12})
             encoded = encode_request(options)
             assert encoded.shape == (6,) and encoded[5] == method_code(method)

@@ -1,7 +1,7 @@
 """The test plugin's entry points (tests/method_plugin) made visible without installing anything:
 a ``<name>.dist-info`` folder written on ``sys.path`` is what ``pip install`` leaves, and
-``importlib.metadata`` finds its ``entry_points.txt`` as it finds an installed package's. The
-registry then loads them as on a fresh process, and everything is restored afterwards."""
+``importlib.metadata`` finds its ``entry_points.txt`` as it finds an installed package's. A fresh
+registry then loads them as a fresh process would, and everything is restored afterwards."""
 from __future__ import annotations
 
 import importlib
@@ -10,9 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from desap_ops.methods import ENTRY_POINT_GROUP, registry
+from desap_ops.methods import ENTRY_POINT_GROUP, MethodRegistry, registry
 
-PLUGIN_ROOT = Path(__file__).resolve().parents[2] / "method_plugin"
+PLUGIN_ROOT = Path(__file__).resolve().parents[1] / "method_plugin"
 PLUGIN_POINTS = {"largest-norm": "desap_method_plugin:LARGEST_NORM",
                  "broken-order": "desap_method_plugin:BROKEN_ORDER"}   # as its pyproject.toml names them
 
@@ -28,23 +28,21 @@ def write_dist_info(root: Path, points: Mapping[str, str], name: str = "desap_me
 
 
 @contextmanager
-def entry_points_on_path(root: Path, points: Mapping[str, str] = PLUGIN_POINTS) -> Iterator[None]:
-    """Within the block, ``points`` are entry points of an installed package, and the registry
-    starts afresh (built-ins, then the entry points, on its next lookup). Afterwards the registry,
+def entry_points_on_path(root: Path, points: Mapping[str, str] = PLUGIN_POINTS) -> Iterator[MethodRegistry]:
+    """Within the block, ``points`` are entry points of an installed package, and a fresh
+    :class:`MethodRegistry` (built-ins, then the entry points, on its first lookup) is the process's
+    default, which the engines use; the block gets it. Afterwards the default registry,
     ``sys.path`` and ``sys.modules`` are as they were."""
     write_dist_info(root, points)
-    saved = (dict(registry._METHODS), registry._loaded_entry_points, registry._entry_point_error)
-    saved_path, had_plugin = list(sys.path), "desap_method_plugin" in sys.modules
+    saved_registry, saved_path = registry.DEFAULT_REGISTRY, list(sys.path)
+    had_plugin = "desap_method_plugin" in sys.modules
     sys.path[:0] = [str(root), str(PLUGIN_ROOT)]
     importlib.invalidate_caches()
-    registry._METHODS.clear()
-    registry._loaded_entry_points, registry._entry_point_error = False, None
+    registry.DEFAULT_REGISTRY = fresh = MethodRegistry()
     try:
-        yield
+        yield fresh
     finally:
-        registry._METHODS.clear()
-        registry._METHODS.update(saved[0])
-        registry._loaded_entry_points, registry._entry_point_error = saved[1], saved[2]
+        registry.DEFAULT_REGISTRY = saved_registry
         sys.path[:] = saved_path
         if not had_plugin:
             sys.modules.pop("desap_method_plugin", None)
