@@ -33,7 +33,7 @@ class Signal(str, enum.Enum):
 
 
 SIGNALS = frozenset(Signal)
-DEFAULT_READS = frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT})   # what a method registered without ``reads`` reads
+DEFAULT_READS = frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT})   # a method's reads when it names none
 
 
 class MethodFailure(ValueError):
@@ -89,7 +89,7 @@ class Method:
 
     name: str
     select: Optional[SelectFn] = None
-    reads: frozenset = DEFAULT_READS
+    reads: frozenset[Signal] = DEFAULT_READS
     prune: Optional[PruneFn] = None
     checked: bool = True
 
@@ -119,7 +119,7 @@ def check_name(name) -> None:
                          f"starting with a letter or digit, got {name!r}")
 
 
-def check_reads(name: str, reads) -> frozenset:
+def check_reads(name: str, reads) -> frozenset[Signal]:
     """``reads`` (Signals or their names) as a frozenset of :class:`Signal`; a TypeError or
     ValueError naming the method otherwise."""
     names = sorted(s.value for s in Signal)

@@ -73,12 +73,12 @@ class PruneOptions:
                             backend=check_backend(backend), text_budget=check_text_budget(text_budget), method=method)
 
     @property
-    def reads(self) -> frozenset:
+    def reads(self) -> frozenset[Signal]:
         """The signals the method reads (``desap_ops.methods.Signal``): what the engines compute."""
         return get_method(self.method).reads
 
 
-def tower_reads(options) -> frozenset:
+def tower_reads(options) -> frozenset[Signal]:
     """The signals any of ``options`` (one per image of a tower pass) reads."""
     return frozenset().union(*(o.reads for o in options))
 
