@@ -253,7 +253,8 @@ def test_the_ideal_is_apply_desaps_first_k_tokens_with_no_pruning_work(monkeypat
         model(**data.inputs, logits_to_keep=1)
         _no_pruning_work(monkeypatch)
         with e2e.variant(model, "ideal", keep):
-            assert model._desap.options.ideal and model._desap.options.keep == keep
+            options = model._desap.options   # the ideal: the method "first", unmerged
+            assert (options.method, options.merge, options.keep) == ("first", False, keep)
             model(**data.inputs, logits_to_keep=1)
     full, ideal = embeds
     is_newline = torch.zeros(n, dtype=torch.bool)
