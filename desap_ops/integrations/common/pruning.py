@@ -54,8 +54,8 @@ class PruneOptions:
     method: str                       # a registered pruning method (``desap_ops.methods``)
 
     @staticmethod
-    def checked(keep, task_ratio, merge, text_reduce, backend, text_budget, method=DEFAULT_METHOD, *,
-                ideal=False) -> "PruneOptions":
+    def checked(keep, task_ratio, merge, text_reduce, backend, text_budget, method=DEFAULTS.method, *,
+                ideal=DEFAULTS.ideal) -> "PruneOptions":
         """The options checked and normalised (``desap_ops.validation``; ``method`` must be
         registered); ``ideal=True`` gives the method ``first`` with ``merge`` False (with
         ``method`` left at the default, or ``first``). An engine's own options extend them
