@@ -18,6 +18,7 @@ from ...validation import check_backend, check_options, check_text_budget
 from .signals import TowerSignals
 
 IDEAL_METHOD = "first"
+FALLBACK_METHOD = "first"   # what vLLM prunes with after a method failed: the first tokens, merged as the options say
 
 
 @dataclass(frozen=True)
