@@ -48,7 +48,7 @@ def test_each_registered_class_has_hooks_that_resolve_and_a_patch_that_installs_
     owners = {id(model): "model", id(model.model): "model.model"}
     replaced = {f"{owners[id(saved.owner)]}.{saved.name}" for saved in model._desap.patch.saved}
     assert {"model.forward", "model.generate"} <= replaced
-    assert replaced <= {hook.path for hook in HOOKS[name]}
+    assert replaced <= {hook.target for hook in HOOKS[name]}
     for saved in model._desap.patch.saved:   # an instance attribute that shows the signature of what it shadows
         patched, original = saved.owner.__dict__[saved.name], model._desap.patch.originals[saved.name]
         assert inspect.signature(patched) == inspect.signature(original)
