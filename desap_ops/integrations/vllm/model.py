@@ -165,7 +165,8 @@ class DesapModelMixin:
             method = FALLBACK_METHOD
             log.error("DeSAP: MethodFailure: %s; these %d image(s) keep their first %d tokens instead", failure,
                       signals.hidden.shape[0], keep)
-            result = prune_images(signals, self.desap_text_space, texts, text_mask, keep, replace(options, method=method))
+            result = prune_images(signals, self.desap_text_space, texts, text_mask, keep,
+                                  replace(options, method=method))
         records = records_of(result, signals.saliency, text_mask.sum(dim=1), method)
         self.desap_history.extend(records)
         # once per engine process
