@@ -83,10 +83,10 @@ def test_readme_method_keeps_the_largest_norm_tokens(run_snippet):
     expected = norms.topk(KEEP).indices.sort().values
     sorted_norms = norms.sort(descending=True).values
     assert sorted_norms[KEEP - 1] - sorted_norms[KEEP] > 1e-4 * sorted_norms[KEEP]   # no near-tie at the cut
-    record = last_prune(model)
-    assert record.indices[0].tolist() == expected.tolist()
+    (record,) = last_prune(model)
+    assert record.indices.tolist() == expected.tolist()
     assert rows.shape[0] == KEEP
-    assert record.task_scores == [None] and record.task_keep == [None]   # not DeSAP: no task score
+    assert record.task_keep is None and record.task_scores is None   # not DeSAP: no task score
 
 
 def test_methods_doc_selection_keeps_a_grid_and_merges_by_its_assignment(run_snippet):
@@ -96,9 +96,9 @@ def test_methods_doc_selection_keeps_a_grid_and_merges_by_its_assignment(run_sni
     rows, features, projector = fed(model, image)
     kept = [i * TOKENS // KEEP for i in range(KEEP)]
     owner = [max(k for k, start in enumerate(kept) if start <= token) for token in range(TOKENS)]
-    record = last_prune(model)
-    assert record.indices[0].tolist() == kept
-    assert record.assignment[0].tolist() == owner
+    (record,) = last_prune(model)
+    assert record.indices.tolist() == kept
+    assert record.assignment.tolist() == owner
     groups = torch.stack([features[[t for t in range(TOKENS) if owner[t] == k]].mean(dim=0) for k in range(KEEP)])
     with torch.no_grad():
         torch.testing.assert_close(rows, projector(groups), rtol=1e-5, atol=1e-5)
@@ -113,5 +113,5 @@ def test_api_doc_method_keeps_the_tokens_closest_to_the_mean_token(run_snippet):
     closeness = torch.nn.functional.cosine_similarity(features, features.mean(dim=0, keepdim=True), dim=-1)
     ranked = closeness.sort(descending=True).values
     assert ranked[KEEP - 1] - ranked[KEEP] > 1e-5   # no near-tie at the cut
-    assert last_prune(model).indices[0].tolist() == closeness.topk(KEEP).indices.sort().values.tolist()
+    assert last_prune(model)[0].indices.tolist() == closeness.topk(KEEP).indices.sort().values.tolist()
     assert rows.shape[0] == KEEP

@@ -269,14 +269,14 @@ def run_llava(model_dir: str, image, prompt: Optional[str], keep: int, task_rati
             model(**processor(images=image, text=text, return_tensors="pt"))
     except ValueError as err:
         raise UsageError(str(err)) from err
-    record = last_prune(model)
-    if record is None:
+    records = last_prune(model)
+    if records is None:
         raise RuntimeError("the model ran without pruning its image")
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
-    # the first image
-    indices, assignment = record.indices[0], record.assignment[0]
-    saliency, scores = record.saliency[0], record.task_scores[0]
+    record = records[0]   # the first image
+    indices, assignment = record.indices, record.assignment
+    saliency, scores = record.saliency, record.task_scores
     base = grid * grid  # LLaVA-NeXT: the base image's tokens come first in the packed order
     notes = [f"real: the checkpoint in {model_dir} (its weights, processor and prompt {prompt!r})"]
     title = (f"real: the LLaVA checkpoint {os.path.basename(os.path.normpath(model_dir))}, its [CLS] saliency and "
@@ -286,7 +286,7 @@ def run_llava(model_dir: str, image, prompt: Optional[str], keep: int, task_rati
                      "lie in the AnyRes crops")
     keep_base = indices < base
     # g over every token the operator scored (the crops' too): what "auto" read
-    g = float(guidance(record.task_scores[0][None])[0]) if task_ratio == AUTO else None
+    g = float(guidance(record.task_scores[None])[0]) if task_ratio == AUTO else None
     return DemoResult(image, grid, saliency[:base], scores[:base], indices[keep_base],
                       assignment[:base].clamp_max(int(keep_base.sum()) - 1), None, notes, title,
-                      int(record.task_keep[0]), g)
+                      record.task_keep, g)

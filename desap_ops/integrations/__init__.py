@@ -14,7 +14,8 @@
     apply_desap(model, keep=64, task_ratio="auto", text_budget=32, chat=processor)   # beyond the paper
     apply_desap(model, keep=64, ideal=True)   # each image's first 64 tokens: the ideal's speed
 
-The names below are ``hf.registry``'s (and ``ChatMarkers``, ``common.chat``'s), loaded on first use:
+The names below are ``hf.registry``'s (and ``ChatMarkers``, ``common.chat``'s; ``PruneRecord``,
+``common.record``'s, the records of both engines), loaded on first use:
 importing the vLLM plugin, or ``common``, does not load the transformers tier.
 """
 from __future__ import annotations
@@ -25,12 +26,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .common.chat import ChatMarkers
     from .hf.registry import SUPPORTED, apply_desap, image_token_counts, last_prune, remove_desap
-    from .hf.state import PruneRecord
+    from .common.record import PruneRecord
 
 # public name -> the module that defines it
 _EXPORTS = {
     "apply_desap": ".hf.registry", "remove_desap": ".hf.registry", "last_prune": ".hf.registry",
-    "image_token_counts": ".hf.registry", "SUPPORTED": ".hf.registry", "PruneRecord": ".hf.state",
+    "image_token_counts": ".hf.registry", "SUPPORTED": ".hf.registry", "PruneRecord": ".common.record",
     "ChatMarkers": ".common.chat",
 }
 

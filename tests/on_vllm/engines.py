@@ -19,6 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
+from probe import read_ranks
+
 from desap_ops.testing.checkpoint import save_llava_checkpoint, save_qwen_checkpoint
 from desap_ops.testing.tiny_vllm import (tiny_vllm_llava, tiny_vllm_qwen2_5_vl, tiny_vllm_qwen3_5,
                                         tiny_vllm_qwen3_vl)
@@ -262,7 +264,8 @@ def run_engine(tmp_path: Path, model: Path, engine: dict, requests: list, max_to
                **({"watch": list(watch)} if watch else {}),
                "requests": [{"prompt": p, **(i if isinstance(i, dict) else {"image": i})} for p, i in requests]},
               open(job, "w"))
-    return POOL.run(key, job, out, tmp_path / "engine.log", fresh=fresh)
+    got = POOL.run(key, job, out, tmp_path / "engine.log", fresh=fresh)
+    return {**got, "ranks": read_ranks(got["ranks"])}   # each rank's history: PruneRecords again
 
 
 def stop_engine(model: Path, engine: dict, tp: int = 1, env: dict | None = None) -> None:
@@ -392,7 +395,7 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
     hook.remove()
-    record = last_prune(model) if options is not None else None
+    records = last_prune(model) if options is not None else None
     ids = inputs["input_ids"][0].tolist()
     image_token = model.config.image_token_id
     # images glued together (no token between their placeholders) make one run of placeholders
@@ -406,12 +409,12 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
     prompt = ids if options is None else _pruned(ids, image_token, options["keep"], glued, budgets)
     if video is not None and options is not None:   # the placeholders of the tokens the video kept
         (video_tokens,) = (inputs["video_grid_thw"].prod(-1) // model.config.vision_config.spatial_merge_size**2)
-        prompt = _kept(prompt, model.config.video_token_id, int(video_tokens), record.indices[-1].tolist())
+        prompt = _kept(prompt, model.config.video_token_id, int(video_tokens), records[-1].indices.tolist())
     # generate gives back the caller's prompt in front of the new tokens, or (older apply_desap) the pruned one
     served = len(ids) if out[0, :len(ids)].tolist() == ids else len(prompt)
     return {"prompt_ids": prompt, "output_ids": out[0, served:].tolist(),
-            "indices": [r.tolist() for r in record.indices] if record else None,
-            "text_tokens": [int(n) for n in record.text_tokens] if record else None,
+            "indices": [r.indices.tolist() for r in records] if records else None,
+            "text_tokens": [r.text_tokens for r in records] if records else None,
             "positions": None if seen[0] is None else seen[0].reshape(-1, seen[0].shape[-1]).tolist()}
 
 
@@ -546,7 +549,7 @@ def assert_same_answers(got: dict, expected: list, model_class: str) -> None:
             assert out["output_token_ids"] == want["output_ids"], (round_, i, out["output_token_ids"], want["output_ids"])
     (rank,) = got["ranks"]
     assert rank["class"] == model_class
-    assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}
+    assert {tuple(r.indices.tolist()) for r in rank["history"]} == {tuple(k) for e in expected for k in e["indices"]}
 
 
 def assert_alone_positions(out: dict, forwards: list, want: dict) -> list:

@@ -304,7 +304,7 @@ def transformers_side(family: str, folder: Path, request: Request) -> Expected:
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
     hook.remove()
-    record = last_prune(model)
+    records = last_prune(model)
     ids = inputs["input_ids"][0].tolist()
     config = model.config
     merge = getattr(config.vision_config, "spatial_merge_size", 1)
@@ -314,7 +314,7 @@ def transformers_side(family: str, folder: Path, request: Request) -> Expected:
         counts = (inputs["image_grid_thw"].prod(-1) // merge ** 2).tolist()
     else:
         counts = image_token_counts(model, inputs["pixel_values"], inputs.get("image_sizes"))
-    kept = [len(k) for k in record.indices]   # the placeholders each image sends
+    kept = [len(r.indices) for r in records]   # the placeholders each image sends
     if family == "llava_next":   # its kept visual tokens and every newline of its layout (common.layout)
         from desap_ops.integrations.common.layout import packed_budget, packed_sources
 
@@ -333,7 +333,7 @@ def transformers_side(family: str, folder: Path, request: Request) -> Expected:
     assert seen_images == bounds[-1], (seen_images, counts)
     if request.video is not None:
         (tokens,) = inputs["video_grid_thw"].prod(-1) // merge ** 2
-        prompt = _kept(prompt, config.video_token_id, int(tokens), record.indices[-1].tolist())
+        prompt = _kept(prompt, config.video_token_id, int(tokens), records[-1].indices.tolist())
         if family == "qwen3_vl":
             prompt = as_vllm_video_prompt(prompt)
     positions, served = seen[0]
@@ -342,7 +342,7 @@ def transformers_side(family: str, folder: Path, request: Request) -> Expected:
     rows = rows[-3:] if family in TOKEN_SIDE else rows[-1:]
     start = len(ids) if out[0, :len(ids)].tolist() == ids else served
     return Expected(prompt, out[0, start:].tolist(),
-                    [(tuple(k.tolist()), int(n)) for k, n in zip(record.indices, record.text_tokens)], rows)
+                    [(tuple(r.indices.tolist()), r.text_tokens) for r in records], rows)
 
 
 # --- checking -----------------------------------------------------------------------------------
@@ -417,7 +417,7 @@ def check(case: Case, got: dict, expected: list) -> list:
     served = [w for w, outs in zip(expected, zip(*[r[:count] for r in got["rounds"]]))
               if not isinstance(w, str) and all("refused" not in o for o in outs)]
     if served and got["ranks"] and not case.refused_keep:
-        records = [(tuple(r["indices"]), int(r["text_tokens"])) for r in got["ranks"][0]["history"]]
+        records = [(tuple(r.indices.tolist()), r.text_tokens) for r in got["ranks"][0]["history"]]
         wanted = {r for w in served for r in w.records}
         if set(records) != wanted:
             by_indices = {k: n for k, n in wanted}

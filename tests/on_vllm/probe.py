@@ -3,9 +3,34 @@ module of its own so the workers can import it by name."""
 
 
 def history(model):
+    """The model's class name and its DeSAP records (``desap_history``), as JSON: each record's
+    fields by name, tensors as lists (:func:`read_records` reads them back)."""
+    from dataclasses import fields
+
+    import torch
+
+    def plain(value):
+        return value.tolist() if isinstance(value, torch.Tensor) else value
+
     return {"class": type(model).__name__,
-            "history": [{name: None if value is None else value.tolist() for name, value in record.items()}
+            "history": [{field.name: plain(getattr(record, field.name)) for field in fields(record)}
                         for record in getattr(model, "desap_history", [])]}
+
+
+def read_records(rows: list) -> list:
+    """The records :func:`history` wrote, as ``PruneRecord`` again (JSON keeps a list of ints
+    apart from one of floats: int64 and float32 tensors, as the records held)."""
+    import torch
+
+    from desap_ops.integrations.common.record import PruneRecord
+
+    return [PruneRecord(**{name: torch.tensor(value) if isinstance(value, list) else value
+                           for name, value in row.items()}) for row in rows]
+
+
+def read_ranks(ranks: list) -> list:
+    """Each rank's entry of :func:`history` with its records read back (:func:`read_records`)."""
+    return [{**rank, "history": read_records(rank["history"])} for rank in ranks]
 
 
 def watch_positions(model):

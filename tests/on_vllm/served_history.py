@@ -6,7 +6,8 @@ sent through the OpenAI API (:func:`kept`), position by position, as the offline
 
 class DesapHistory:
     def desap_history(self) -> dict:
-        """The model's class and its DeSAP records since the last :meth:`desap_forget`, as JSON."""
+        """The model's class and its DeSAP records (``PruneRecord``) since the last
+        :meth:`desap_forget`, as JSON (``probe.history``; ``servers.Server.records`` reads them back)."""
         from probe import history
 
         return history(self.get_model())

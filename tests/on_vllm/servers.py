@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from engines import engine_environment
+from probe import read_records
 
 from desap_ops.benchmarks.vllm.processes import free_port, is_healthy
 
@@ -122,7 +123,7 @@ class Server:
         """What DeSAP kept since the last call (and forgets it): one record per image or video."""
         history = post(f"{self.url}/collective_rpc", {"method": "desap_history"})["results"][0]["history"]
         post(f"{self.url}/collective_rpc", {"method": "desap_forget"})
-        return history
+        return read_records(history)
 
     def metric(self, name: str) -> float:
         """The sum of a Prometheus counter's series on ``/metrics``."""

@@ -104,8 +104,8 @@ def _check(server: servers.Server, messages: list, media, words: int) -> list:
     records = server.records()
     want = _expected(server, messages, media)
     assert reply["prompt_token_ids"] == want["prompt_ids"]
-    assert [r["indices"] for r in records] == want["indices"]
-    assert [r["text_tokens"] for r in records] == [words] * len(records)
+    assert [r.indices.tolist() for r in records] == want["indices"]
+    assert [r.text_tokens for r in records] == [words] * len(records)
     assert reply["choices"][0]["token_ids"] == want["output_ids"]
     return records
 
@@ -152,7 +152,7 @@ def test_a_second_turn_leaves_the_first_images_kept_tokens_and_cache_as_they_wer
     assert reply["usage"]["prompt_tokens_details"]["cached_tokens"] >= image_end
     want = _expected(server, turn + [{"role": "assistant", "content": "a cat"},
                                      {"role": "user", "content": "and the dog ?"}], image)
-    assert want["indices"] == [first[0]["indices"]] and reply["prompt_token_ids"] == want["prompt_ids"]
+    assert want["indices"] == [first[0].indices.tolist()] and reply["prompt_token_ids"] == want["prompt_ids"]
 
 
 @pytest.mark.parametrize("server", VIDEO_FAMILIES, indirect=True)
@@ -175,7 +175,7 @@ def test_openai_video_requests_alone_and_beside_an_image_four_at_once(server, im
         thread.join(timeout=300)
     assert [status for status, _ in replies] == [200] * 4, replies
     records = server.records()   # each video and image pruned by its question, within keep
-    assert records and all(0 < len(r["indices"]) <= server.options["keep"] and r["text_tokens"] > 0 for r in records)
+    assert records and all(0 < len(r.indices) <= server.options["keep"] and r.text_tokens > 0 for r in records)
     for i, messages in enumerate(requests):
         media = {"video": {"frames": video["frames"], "metadata": video["metadata"]},
                  **({"image": image} if i == 1 else {})}

@@ -63,7 +63,7 @@ def test_the_tower_never_sees_more_than_the_encoder_budget_and_outputs_match_app
 
     (rank,) = got["ranks"]
     assert len(rank["history"]) == len(requests)
-    kept = sorted(tuple(r["indices"]) for r in rank["history"])
+    kept = sorted(tuple(r.indices.tolist()) for r in rank["history"])
     expected = [transformers_run(kind, folder, p, i, options, max_tokens=2) for p, i in requests]
     assert kept == sorted(tuple(e["indices"][0]) for e in expected)
     for out, want in zip(got["rounds"][0], expected):

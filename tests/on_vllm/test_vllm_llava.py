@@ -19,7 +19,7 @@ ENGINES = {
 
 
 def _distinct(records):
-    return sorted({tuple(r["indices"]) for r in records})
+    return sorted({tuple(r.indices.tolist()) for r in records})
 
 
 def test_same_kept_tokens_and_greedy_output_as_apply_desap_two_prompts_on_one_image_in_one_batch(checkpoints,

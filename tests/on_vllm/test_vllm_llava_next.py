@@ -30,7 +30,7 @@ def test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes(
             assert out["output_token_ids"] == want["output_ids"]
     (rank,) = got["ranks"]
     assert rank["class"] == "DesapLlavaNextForConditionalGeneration"
-    assert sorted({tuple(r["indices"]) for r in rank["history"]}) == sorted({tuple(e["indices"][0]) for e in expected})
+    assert sorted({tuple(r.indices.tolist()) for r in rank["history"]}) == sorted({tuple(e["indices"][0]) for e in expected})
 
 
 def test_each_image_of_a_two_turn_chat_reads_its_own_turn_where_its_newlines_pass_keep(checkpoints, tmp_path):
@@ -51,7 +51,7 @@ def test_each_image_of_a_two_turn_chat_reads_its_own_turn_where_its_newlines_pas
     assert out["prompt_token_ids"] == want["prompt_ids"]
     assert out["output_token_ids"] == want["output_ids"]
     (rank,) = got["ranks"]
-    kept = [(r["indices"], r["text_tokens"]) for r in rank["history"]]
+    kept = [(r.indices.tolist(), r.text_tokens) for r in rank["history"]]
     assert kept == list(zip(want["indices"], want["text_tokens"]))
 
 

@@ -207,5 +207,5 @@ def test_chunked_and_prefix_cached_prefills_match_apply_desap(expected, kind, ch
     # so none a hash): each image's kept indices, in order; in the second round an image comes from
     # the caches or is encoded again
     first_round = [k for w in want for k in w["indices"]]
-    assert [r["indices"] for r in rank["history"][:len(first_round)]] == first_round
-    assert {tuple(r["indices"]) for r in rank["history"]} == {tuple(k) for k in first_round}
+    assert [r.indices.tolist() for r in rank["history"][:len(first_round)]] == first_round
+    assert {tuple(r.indices.tolist()) for r in rank["history"]} == {tuple(k) for k in first_round}

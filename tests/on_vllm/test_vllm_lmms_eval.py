@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from engines import HERE, engine_environment, transformers_run
+from probe import read_ranks
 
 OPTIONS = {"keep": 4, "task_ratio": 0.5}
 # a second method at the same budget: DivPrune reads only the tokens' features (no attention, no text)
@@ -73,7 +74,8 @@ def _lmms_eval(tmp_path: Path, runs: dict[str, tuple[str, ...]]) -> dict[str, li
         finally:
             log.close()
         assert code == 0, (tmp_path / name / "lmms_eval.log").read_text()[-4000:]
-        served[name] = json.loads((tmp_path / name / "served.json").read_text())
+        served[name] = [{**call, "ranks": read_ranks(call["ranks"])}   # the records as PruneRecords again
+                        for call in json.loads((tmp_path / name / "served.json").read_text())]
     return served
 
 
@@ -131,11 +133,11 @@ def test_lmms_eval_with_hf_overrides_prunes_as_apply_desap_and_scores_its_answer
         assert sorted(len(r["prompt_token_ids"]) + tokens - placeholders for r in requests) == full_lengths, name
     # each pruned run kept apply_desap's tokens for its own method
     for name in ("desap", "divprune"):
-        assert sorted(tuple(r["indices"]) for r in calls[name]["ranks"][0]["history"]) == kept[name], name
+        assert sorted(tuple(r.indices.tolist()) for r in calls[name]["ranks"][0]["history"]) == kept[name], name
     # DeSAP read the question before the image (the template's markers, its default); DivPrune read no text
-    assert (sorted(r["text_tokens"] for r in calls["desap"]["ranks"][0]["history"])
+    assert (sorted(r.text_tokens for r in calls["desap"]["ranks"][0]["history"])
             == sorted(len(tokenizer(q, add_special_tokens=False).input_ids) for q, _ in QUESTIONS))
-    assert [r["text_tokens"] for r in calls["divprune"]["ranks"][0]["history"]] == [0] * len(QUESTIONS)
+    assert [r.text_tokens for r in calls["divprune"]["ranks"][0]["history"]] == [0] * len(QUESTIONS)
     assert calls["full"]["ranks"][0]["history"] == []
 
     for name in expected:

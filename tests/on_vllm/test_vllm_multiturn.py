@@ -102,7 +102,7 @@ def test_with_chat_markers_the_second_turn_reuses_the_first_turns_blocks_past_th
     assert second >= len(ids) // BLOCK * BLOCK > last_image   # every full block of turn 1's prompt, past the image
     # the image was wholly in the cache: the encoder ran once, for turn 1
     (rank,) = got["ranks"]
-    assert [r["indices"] for r in rank["history"]] == want[0]["indices"]
+    assert [r.indices.tolist() for r in rank["history"]] == want[0]["indices"]
 
 
 def test_without_chat_markers_the_second_turn_is_a_new_image_entry_and_hits_less(runs):
@@ -114,4 +114,4 @@ def test_without_chat_markers_the_second_turn_is_a_new_image_entry_and_hits_less
     # the blocks before the image match, the image's block does not: its text changed with turn 2
     assert second == first_image // BLOCK * BLOCK < runs[True][2]["rounds"][0][1]["num_cached_tokens"]
     (rank,) = got["ranks"]
-    assert [r["indices"] for r in rank["history"]] == want[0]["indices"] + want[1]["indices"]
+    assert [r.indices.tolist() for r in rank["history"]] == want[0]["indices"] + want[1]["indices"]

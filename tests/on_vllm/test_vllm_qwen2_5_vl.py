@@ -23,7 +23,7 @@ ENGINES = {
 
 
 def _distinct(records):
-    return sorted({tuple(r["indices"]) for r in records})
+    return sorted({tuple(r.indices.tolist()) for r in records})
 
 
 def _expected_indices(expected):

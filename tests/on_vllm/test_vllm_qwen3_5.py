@@ -48,9 +48,9 @@ def _assert_kept_tokens_within_tolerance(history, expected):
     at least half of all kept tokens found in transformers' choice for some item."""
     wanted = [indices for want in expected for indices in want["indices"]]
     assert len(history) == len(wanted)
-    for record, want in zip(sorted(history, key=lambda r: len(r["indices"])), sorted(wanted, key=len)):
-        assert len(record["indices"]) == len(want)
-    shared = sum(max(len(set(r["indices"]) & set(w)) for w in wanted) for r in history)
+    for record, want in zip(sorted(history, key=lambda r: len(r.indices)), sorted(wanted, key=len)):
+        assert len(record.indices) == len(want)
+    shared = sum(max(len(set(r.indices.tolist()) & set(w)) for w in wanted) for r in history)
     assert shared >= 0.5 * sum(map(len, wanted)), (history, wanted)
 
 

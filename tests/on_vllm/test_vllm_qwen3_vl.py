@@ -79,7 +79,7 @@ def test_a_videos_frame_timestamps_are_no_items_text(media, tmp_path):
     got = run_engine(tmp_path, folder, ENGINE, requests)
     assert_same_answers(got, expected, CLASS)
     (rank,) = got["ranks"]
-    assert (sorted((tuple(r["indices"]), r["text_tokens"]) for r in rank["history"])
+    assert (sorted((tuple(r.indices.tolist()), r.text_tokens) for r in rank["history"])
             == sorted((tuple(k), n) for want in expected for k, n in zip(want["indices"], want["text_tokens"])))
 
 
@@ -112,7 +112,7 @@ def test_moe_under_tensor_parallelism_keeps_apply_desaps_tokens_on_every_rank(me
     first, second = got["ranks"]   # each rank holds 2 of the tower's 4 heads
     assert first["class"] == "DesapQwen3VLMoeForConditionalGeneration"
     assert first["history"] == second["history"] and len(first["history"]) == 3
-    assert sorted(tuple(r["indices"]) for r in first["history"]) == sorted(
+    assert sorted(tuple(r.indices.tolist()) for r in first["history"]) == sorted(
         tuple(k) for want in expected for k in want["indices"])
     for out, want in zip(got["rounds"][0], expected):
         assert out["prompt_token_ids"] == want["prompt_ids"]

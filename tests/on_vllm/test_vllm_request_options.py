@@ -125,10 +125,10 @@ def test_llm_generate_ideal_keeps_each_images_first_tokens_at_each_requests_keep
     (work,) = got["watched"]
     assert work["cls_saliency"] == work["received_attention"] == 0
     assert work["text_widths"] and set(work["text_widths"]) == {0}
-    assert sorted(r["indices"] for r in rank["history"]) == sorted(list(range(k)) for k in keeps)
+    assert sorted(r.indices.tolist() for r in rank["history"]) == sorted(list(range(k)) for k in keeps)
     for record in rank["history"]:
-        keep = len(record["indices"])
-        assert record["assignment"] == list(range(keep)) + [-1] * (16 - keep)   # nothing merged
+        keep = len(record.indices)
+        assert record.assignment.tolist() == list(range(keep)) + [-1] * (16 - keep)   # nothing merged
     for out, keep in zip(got["rounds"][0], keeps):
         # transformers' ideal: apply_desap(ideal=True) at the request's keep; its prompt is DeSAP's at that keep
         want = transformers_run("llava", folder, PROMPTS[0], image, {**DEFAULTS, "keep": keep, "ideal": True})

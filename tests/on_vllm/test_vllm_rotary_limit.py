@@ -48,7 +48,7 @@ def test_prompts_past_the_rotary_cache_are_refused_and_the_rest_served_at_transf
     assert rank["class"] == "DesapQwen3VLForConditionalGeneration"
     # the images again: from the processor and encoder caches (the processor checks them from its
     # summaries: vLLM's processor cache gives their fields back only once), pruned once
-    assert sorted(tuple(r["indices"]) for r in rank["history"]) == sorted(
+    assert sorted(tuple(r.indices.tolist()) for r in rank["history"]) == sorted(
         tuple(k) for want in expected for k in want["indices"])
 
 

@@ -63,7 +63,7 @@ def test_vllm_serve_prunes_with_each_requests_method_refuses_bad_ones_and_outliv
     for (status, reply), want in zip(replies, wants):
         assert status == 200, reply
         _same_answer(server, reply, want)
-    assert [r["indices"] for r in records] == [w["indices"][0] for w in wants]
+    assert [r.indices.tolist() for r in records] == [w["indices"][0] for w in wants]
 
     for (status, reply), message in zip(refused, [
             "method 'no-such' is not a registered pruning method",
@@ -76,7 +76,7 @@ def test_vllm_serve_prunes_with_each_requests_method_refuses_bad_ones_and_outliv
         expected("other", "broken-order")
     status, reply = broken
     assert status == 200, reply
-    assert [r["indices"] for r in broken_records] == [list(range(server.options["keep"]))]
+    assert [(r.indices.tolist(), r.method) for r in broken_records] == [(list(range(server.options["keep"])), "first")]
     _same_answer(server, reply, expected("other", "first"))
     log = server.log.read_text()
     assert "DeSAP: MethodFailure: pruning method 'broken-order' returned indices that are not strictly" in log
@@ -87,4 +87,4 @@ def test_vllm_serve_prunes_with_each_requests_method_refuses_bad_ones_and_outliv
     assert status == 200, reply
     want = expected("other", "saliency")
     _same_answer(server, reply, want)
-    assert [r["indices"] for r in after_records] == want["indices"]
+    assert [r.indices.tolist() for r in after_records] == want["indices"]

@@ -32,7 +32,7 @@ def test_qwen_small_image_passes_whole_next_to_a_pruned_one_at_transformers_posi
         assert out["prompt_token_ids"] == want["prompt_ids"]
         assert out["output_token_ids"] == want["output_ids"]
     (rank,) = got["ranks"]
-    kept = sorted(tuple(r["indices"]) for r in rank["history"])
+    kept = sorted(tuple(r.indices.tolist()) for r in rank["history"])
     assert kept == sorted(tuple(indices) for e in expected for indices in e["indices"])
     assert kept.count((0, 1, 2, 3)) == len(METHODS) + 1   # the small image, under every method: every token, in order
     for want in expected:   # each prompt runs at transformers' positions, its first new token one past their top
@@ -55,5 +55,5 @@ def test_llava_keep_above_the_images_tokens_sends_every_token(checkpoints, tmp_p
         assert out["prompt_token_ids"] == want["prompt_ids"]
         assert out["output_token_ids"] == want["output_ids"]
     (rank,) = got["ranks"]
-    assert [r["indices"] for r in rank["history"]] == [list(range(16))] * len(METHODS)
+    assert [r.indices.tolist() for r in rank["history"]] == [list(range(16))] * len(METHODS)
     assert [e["indices"][0] for e in expected] == [list(range(16))] * len(METHODS)

@@ -45,5 +45,5 @@ def test_two_videos_of_different_lengths_in_one_call_keep_what_each_keeps_alone(
         assert mixed.shape == single.shape
         assert torch.equal(decode_fields(mixed[:, -CHANNELS:]), decode_fields(single[:, -CHANNELS:]))   # positions
         torch.testing.assert_close(mixed[:, :-CHANNELS], single[:, :-CHANNELS], rtol=1e-5, atol=1e-5)   # float32
-    assert [r["indices"].tolist() for r in history] == [r["indices"].tolist() for r in alone_history]
-    assert all(len(r["indices"]) == OPTIONS["keep"] for r in history)
+    assert [r.indices.tolist() for r in history] == [r.indices.tolist() for r in alone_history]
+    assert all(len(r.indices) == OPTIONS["keep"] for r in history)

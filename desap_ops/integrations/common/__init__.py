@@ -7,6 +7,9 @@
   saliency and received attention, and hooks that capture an attention layer while it runs.
 - ``sequence``: placeholder surgery, the per-image budget rule, the text each image reads.
 - ``prompt``: which token ids never count as text.
+- ``record``: the per-image record of what a prune kept (``PruneRecord``, both engines') and the
+  text-blind warning.
+- ``hooked``: the one type of a library name an engine's patch uses (``Hook``), which each engine checks.
 - ``chat``: a chat template's markers and the user's words they leave.
 - ``layout``: how LLaVA-family models lay out an image's tokens (per crop, LLaVA-NeXT's AnyRes
   packing with image-newlines) and the kept tokens packed back with their newlines.

@@ -9,10 +9,6 @@ from __future__ import annotations
 from typing import Iterable
 
 STRUCTURAL_TOKENS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-# logged once per model (transformers) or per engine (vLLM) when an image read no text
-TEXT_BLIND = ("DeSAP: an image had no prompt text for its task score to read, so saliency alone chose its "
-              "tokens (text-blind pruning, not DeSAP's task score). Each record says how many text tokens an "
-              "image read (text_tokens; 0 here); docs/algorithm.md, \"The text an image reads\", says which count")
 
 
 def config_ignored_ids(config, generation_config=None, extra: Iterable[int] = ()) -> set[int]:

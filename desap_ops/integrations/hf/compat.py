@@ -14,10 +14,12 @@ import importlib
 import inspect
 import warnings
 from importlib.metadata import PackageNotFoundError, version
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 from packaging.version import Version
 from torch import nn
+
+from ..common.hooked import Hook
 
 # The range CI runs the integration tests against (.ci/run): the oldest release below is
 # reinstalled and tested on every change; the newest is whatever the registry serves that day.
@@ -26,15 +28,6 @@ NEWEST_TESTED = "5.25.0"
 TESTED = f"transformers {OLDEST_TESTED} to {NEWEST_TESTED}"
 
 _warned: set[str] = set()
-
-
-class Hook(NamedTuple):
-    """A name a patch uses: a dotted path from the model (``model.get_image_features``) or a
-    module-level name (``transformers.vision_utils.get_vision_window_index``), and the parameters
-    the patch passes it by name (empty for an attribute that is not called)."""
-
-    path: str
-    parameters: tuple[str, ...] = ()
 
 
 def transformers_version() -> str:
@@ -88,18 +81,19 @@ def _accepts(function, parameters: Sequence[str]) -> list[str]:
 
 
 def check_hooks(model: nn.Module, hooks: Sequence[Hook]) -> None:
-    """Raise one RuntimeError listing every hook of ``hooks`` that is missing from ``model`` (or
-    from transformers) or that lacks a parameter the patch passes by name."""
+    """Raise one RuntimeError listing every hook of ``hooks`` (``common.hooked.Hook``: a dotted
+    path, and the parameters the patch passes by name, or None where it passes none or does not
+    call it) that is missing from ``model`` (or from transformers) or that lacks one of its ``params``."""
     problems = []
     for hook in hooks:
         try:
-            target = _resolve(model, hook.path)
+            target = _resolve(model, hook.target)
         except AttributeError:
-            problems.append(f"{hook.path} is missing")
+            problems.append(f"{hook.target} is missing")
             continue
-        missing = _accepts(target, hook.parameters)
+        missing = [] if hook.params is None else _accepts(target, hook.params)
         if missing:
-            problems.append(f"{hook.path} takes no {', '.join(missing)}")
+            problems.append(f"{hook.target} takes no {', '.join(missing)}")
     if problems:
         raise RuntimeError(f"apply_desap cannot patch {type(model).__name__} under transformers "
                            f"{transformers_version()}: {'; '.join(problems)}. desap-ops is tested with {TESTED}")

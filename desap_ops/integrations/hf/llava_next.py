@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..common.hooked import Hook
 from ..common.layout import crops_per_image, drops_cls, packed_budget, packed_sources, with_newlines
 from .clip_tower import feature_layer, read_tower
-from .compat import Hook
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
 from .text import served_text_embeddings

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ...reference import merge_tokens
+from ..common.hooked import Hook
 from ..common.sequence import count_placeholders, drop_tokens, image_budget
 from ..common.signals import TowerSignals, received_attention
-from .compat import Hook
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .state import DesapState, PlannedMedium, QwenPlan
 from .text import text_embeddings

@@ -25,9 +25,9 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ...methods import SIGNALS
+from ..common.hooked import Hook
 from ..common.signals import TowerSignals, captures, patch_content, with_content
 from . import qwen
-from .compat import Hook
 from .state import DesapState
 
 HOOKS = (

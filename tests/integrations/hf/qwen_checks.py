@@ -88,9 +88,9 @@ def check_reference_operator_and_positions(build, monkeypatch, media, levels_exp
     model = apply_desap(build(), keep=keep, task_ratio=0.4)
     with language_model_call(model) as seen, torch.no_grad():
         model(**data)
-    record = last_prune(model)
-    assert record.indices[0].tolist() == expected.indices[0].tolist()
-    torch.testing.assert_close(record.saliency[0], saliency, rtol=1e-5, atol=1e-6)
+    (record,) = last_prune(model)
+    assert record.indices.tolist() == expected.indices[0].tolist()
+    torch.testing.assert_close(record.saliency, saliency, rtol=1e-5, atol=1e-6)
     placeholder = IMG if medium[0] == "image" else VID
     fed = seen["input_ids"][0] == placeholder
     torch.testing.assert_close(seen["inputs_embeds"][0][fed], expected.tokens[0], rtol=1e-5, atol=1e-5)
@@ -98,14 +98,14 @@ def check_reference_operator_and_positions(build, monkeypatch, media, levels_exp
     # DeepStack: every level the group means over the same assignment
     assert len(levels) == levels_expected and len(seen.get("deepstack_visual_embeds") or []) == levels_expected
     for level, fed_level in zip(levels, seen.get("deepstack_visual_embeds") or []):
-        torch.testing.assert_close(fed_level, group_means(level, record.assignment[0], keep), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fed_level, group_means(level, record.assignment, keep), rtol=1e-5, atol=1e-5)
 
     # positions: the kept placeholders' and all the text's (timestamps included) original ones
     ids = data["input_ids"]
     full, _ = model.model.get_rope_index(ids, mm_token_type_ids=data["mm_token_type_ids"],
                                          **{k: data.get(k) for k in ("image_grid_thw", "video_grid_thw")})
     columns = (ids[0] != placeholder).nonzero()[:, 0].tolist()
-    columns += (ids[0] == placeholder).nonzero()[:, 0][record.indices[0]].tolist()
+    columns += (ids[0] == placeholder).nonzero()[:, 0][record.indices].tolist()
     assert torch.equal(seen["position_ids"][-3:, 0], full[:, 0, sorted(columns)])
 
 
@@ -114,13 +114,13 @@ def check_one_budget_per_clip(build, timestamps=True):
     model = apply_desap(build(), keep=6)
     data = inputs([VIDEO, IMAGE], seed=2, timestamps=timestamps)
     out = model(**data)
-    record = last_prune(model)
-    assert [len(i) for i in record.indices] == [6, 6]   # the image, then the video
-    assert torch.equal(record.indices[1], record.indices[1].sort().values)
+    image, video = last_prune(model)   # the image, then the video
+    assert [len(r.indices) for r in (image, video)] == [6, 6]
+    assert torch.equal(video.indices, video.indices.sort().values)
     assert out.logits.shape[1] == data["input_ids"].shape[1] - (24 - 6) - (32 - 6)
     apply_desap(model, keep=30)   # the 24-token image passes whole, the 32-token clip does not
     model(**data)
-    assert [len(i) for i in last_prune(model).indices] == [24, 30]
+    assert [len(r.indices) for r in last_prune(model)] == [24, 30]
 
 
 def check_generate_matches_forward(build, media, timestamps=True):

@@ -57,7 +57,7 @@ def test_pruned_logits_equal_the_language_model_fed_the_reference_by_hand(pixels
         embeds = embed(short)
         embeds[short == IMG] = inner.multi_modal_projector(result.tokens)[0]
         expected = eager.lm_head(inner.language_model(inputs_embeds=embeds).last_hidden_state)
-    assert [row.tolist() for row in last_prune(model).indices] == result.indices.tolist()
+    assert [r.indices.tolist() for r in last_prune(model)] == result.indices.tolist()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -104,8 +104,8 @@ def test_generate_under_auto_and_a_text_budget_starts_from_the_pruned_prefill_wi
     assert out[0, -3] == model(input_ids=ids, pixel_values=pixels[:1]).logits[0, -1].argmax()
     # the planted token stands about 6.4 robust deviations above the typical score: "auto" gives the
     # task score 2 of 4 (0.75 * 4 * (6.4 - 4) / 4 = 1.8), by the contract's formula on the record's own scores
-    record = last_prune(model)
-    assert [int(k) for k in record.task_keep] == [contract_split(record.task_scores[0], keep)] == [2]
+    (record,) = last_prune(model)
+    assert record.task_keep == contract_split(record.task_scores, keep) == 2
 
 
 def test_generate_is_deterministic_and_starts_from_the_pruned_prefill(pixels):
@@ -155,8 +155,8 @@ def test_several_images_in_one_prompt(pixels):
     assert out.logits.shape[1] == ids.shape[1] - 2 * (N - 3)
     # each image's 3 slots hold the projected means of its merge groups, in image order
     hidden = _signals_by_hand(tiny_llava(attn_implementation="eager"), pixels)[0]
-    record = last_prune(model)
-    expected = [torch.stack([hidden[i][record.assignment[i] == k].mean(dim=0) for k in range(3)]) for i in range(2)]
+    records = last_prune(model)
+    expected = [torch.stack([hidden[i][records[i].assignment == k].mean(dim=0) for k in range(3)]) for i in range(2)]
     with torch.no_grad():
         expected = model.model.multi_modal_projector(torch.cat(expected))
     torch.testing.assert_close(fed_rows(seen, IMG), expected, rtol=1e-5, atol=1e-5)

@@ -40,8 +40,8 @@ def test_next_sends_exactly_keep_tokens_with_newlines_in_place(next_pixels):
         assert rows_of_image.shape[0] == keep
         is_newline = (rows_of_image == newline).all(dim=-1)
         assert int(is_newline.sum()) == count
-        assert len(last_prune(model).indices[i]) == keep - count
-        assert int(last_prune(model).task_keep[i]) == (keep - count + 1) // 2    # floor(0.5 K + 0.5), K visual
+        assert len(last_prune(model)[i].indices) == keep - count
+        assert last_prune(model)[i].task_keep == (keep - count + 1) // 2    # floor(0.5 K + 0.5), K visual
     assert is_newline[-1]  # the last grid row ends with its newline
     batch = model.generate(input_ids=ids, pixel_values=next_pixels, image_sizes=NEXT_SIZES, attention_mask=mask,
                            max_new_tokens=3, do_sample=False)
@@ -59,7 +59,7 @@ def test_a_layout_whose_newlines_exceed_keep_keeps_them_and_one_visual_token(nex
     rows = fed_rows(seen, IMG)
     assert rows.shape[0] == NEXT_NEWLINES[0] + 1
     assert int((rows == model.model.image_newline).all(dim=-1).sum()) == NEXT_NEWLINES[0]
-    assert [len(i) for i in last_prune(model).indices] == [1]
+    assert [len(r.indices) for r in last_prune(model)] == [1]
 
 
 def test_an_image_with_no_more_tokens_than_keep_passes_whole(next_pixels):

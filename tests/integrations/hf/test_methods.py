@@ -100,8 +100,8 @@ def clip_hidden(model, pixels: torch.Tensor) -> torch.Tensor:
     return states[:, 1:] if drops_cls(model.config) else states
 
 
-def check_kept(record, item: int, keep: int, tokens: int) -> list:
-    indices = record.indices[item].tolist()
+def check_kept(records, item: int, keep: int, tokens: int) -> list:
+    indices = records[item].indices.tolist()
     assert len(indices) == keep and indices == sorted(set(indices)) and 0 <= indices[0] and indices[-1] < tokens
     return indices
 
@@ -121,20 +121,20 @@ def test_llava_feeds_the_kept_tokens_merged_or_not(method, work):
     def desap_run(task_ratio):
         with applied(model, keep=keep, task_ratio=task_ratio), torch.no_grad():
             model(input_ids=ids, pixel_values=pixels)
-            return [row.tolist() for row in last_prune(model).indices]
+            return [r.indices.tolist() for r in last_prune(model)]
 
     for merge in (False, True):
         with applied(model, keep=keep, merge=merge, method=method), language_model_input(model) as seen, \
                 torch.no_grad():
             work.clear()   # what this call alone does
             model(input_ids=ids, pixel_values=pixels)
-            record = last_prune(model)
+            records = last_prune(model)
             check_work(work, method)
             fed = fed_rows(seen, IMG).view(2, keep, -1)
             for image in range(2):
-                indices = check_kept(record, image, keep, N)
+                indices = check_kept(records, image, keep, N)
                 assignment = reference.assign_tokens(torch.tensor([indices]), hidden[image:image + 1], merge)[0]
-                assert torch.equal(record.assignment[image], assignment)
+                assert torch.equal(records[image].assignment, assignment)
                 expected = reference.merge_tokens(hidden[image:image + 1], torch.tensor([indices]), assignment[None],
                                                   merge)
                 torch.testing.assert_close(fed[image], projector(expected)[0], **TOL)
@@ -142,9 +142,9 @@ def test_llava_feeds_the_kept_tokens_merged_or_not(method, work):
             want = expected_indices(method, keep, hidden[image], content[image],
                                     lambda ratio: desap_run(ratio)[image])
             if want is not None:
-                assert record.indices[image].tolist() == list(want)
-        if method != "desap":   # no task scores: None, not zeros
-            assert record.task_scores == [None, None] and record.task_keep == [None, None]
+                assert records[image].indices.tolist() == list(want)
+        if method != "desap":
+            assert all(r.task_keep is None and r.task_scores is None for r in records)   # no task score
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -154,7 +154,7 @@ def test_keep_means_at_most_and_a_small_image_passes_whole(method):
     expected = model(input_ids=ids, pixel_values=pixels).logits
     with applied(model, keep=N + 4, merge=False, method=method):
         assert torch.equal(model(input_ids=ids, pixel_values=pixels).logits, expected)
-        assert last_prune(model).indices[0].tolist() == list(range(N))
+        assert last_prune(model)[0].indices.tolist() == list(range(N))
 
 
 def test_random_keeps_the_same_tokens_for_the_same_pixels_and_others_for_others():
@@ -163,11 +163,11 @@ def test_random_keeps_the_same_tokens_for_the_same_pixels_and_others_for_others(
     ids = torch.tensor([llava_prompt([5], 3, [7])])
     with applied(tiny_llava(), keep=5, method="random") as model:
         model(input_ids=ids, pixel_values=same)
-        first, second, again = (row.tolist() for row in last_prune(model).indices)
+        first, second, again = (r.indices.tolist() for r in last_prune(model))
     assert first == again and first != second
     with applied(tiny_llava(seed=1), keep=5, method="random") as other:   # another model, the image alone
         other(input_ids=torch.tensor([llava_prompt([5], 1, [7])]), pixel_values=pixels[:1])
-        assert last_prune(other).indices[0].tolist() == first
+        assert last_prune(other)[0].indices.tolist() == first
 
 
 # --- LLaVA-NeXT: newlines ----------------------------------------------------------------------------
@@ -189,19 +189,19 @@ def test_llava_next_feeds_the_kept_visual_tokens_between_every_newline(method, w
     def desap_run(task_ratio):
         with applied(model, keep=keep, task_ratio=task_ratio, merge=False), torch.no_grad():
             model(input_ids=ids, pixel_values=pixels, image_sizes=NEXT_SIZES)
-            return [row.tolist() for row in last_prune(model).indices]
+            return [r.indices.tolist() for r in last_prune(model)]
 
     with applied(model, keep=keep, merge=False, method=method), language_model_input(model) as seen, \
             torch.no_grad():
         work.clear()   # what this call alone does
         model(input_ids=ids, pixel_values=pixels, image_sizes=NEXT_SIZES)
-        record = last_prune(model)
+        records = last_prune(model)
         check_work(work, method)
     fed = fed_rows(seen, IMG).split([keep, keep])
     for image, whole in enumerate(packed):
         is_newline = (whole == newline).all(dim=1)
         visual = (~is_newline).nonzero()[:, 0]
-        indices = check_kept(record, image, keep - int(is_newline.sum()), len(visual))   # newlines count toward keep
+        indices = check_kept(records, image, keep - int(is_newline.sum()), len(visual))   # newlines count toward keep
         kept = is_newline.clone()
         kept[visual[indices]] = True
         torch.testing.assert_close(fed[image], whole[kept], **TOL)   # packed order, every newline in place
@@ -233,16 +233,16 @@ def test_a_video_clip_keeps_k_tokens_across_its_frames_in_frame_major_order(name
     def desap_run(task_ratio):
         with applied(model, keep=keep, task_ratio=task_ratio, merge=False), torch.no_grad():
             model(input_ids=ids, pixel_values_videos=video)
-            return last_prune(model).indices[0].tolist()
+            return last_prune(model)[0].indices.tolist()
 
     with applied(model, keep=keep, merge=False, method=method), language_model_input(model) as seen, \
             torch.no_grad():
         work.clear()   # what this call alone does
         model(input_ids=ids, pixel_values_videos=video)
-        record = last_prune(model)
+        records = last_prune(model)
         check_work(work, method)
-    assert len(record.indices) == 1   # one budget for the whole clip
-    indices = check_kept(record, 0, keep, frames * per_frame)
+    assert len(records) == 1   # one budget for the whole clip
+    indices = check_kept(records, 0, keep, frames * per_frame)
     torch.testing.assert_close(fed_rows(seen, VID), clip[indices], **TOL)
     if method == "first":
         assert indices == list(range(keep))
@@ -289,17 +289,17 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
     def desap_run(task_ratio):
         with applied(model, keep=keep, task_ratio=task_ratio), torch.no_grad():
             model(**data)
-            return [row.tolist() for row in last_prune(model).indices]
+            return [r.indices.tolist() for r in last_prune(model)]
 
     for merge in (False, True):
         with applied(model, keep=keep, merge=merge, method=method), language_model_call(model) as seen, \
                 torch.no_grad():
             work.clear()   # what this call alone does
             model(**data)
-            record = last_prune(model)
+            records = last_prune(model)
             check_work(work, method)
         budgets = [keep, tokens(SMALL), keep]   # the small image passes whole; the clip keeps K across frames
-        assert [len(i) for i in record.indices] == budgets
+        assert [len(r.indices) for r in records] == budgets
         columns = (ids[0] != QWEN_IMG).logical_and(ids[0] != QWEN_VID).nonzero()[:, 0].tolist()
         fed_ids, fed_embeds = seen["input_ids"][0], seen["inputs_embeds"][0]
         fed = {token: fed_embeds[fed_ids == token].split([b for b, (_, t) in zip(budgets, items) if t == token])
@@ -307,10 +307,10 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
         placeholders = {token: (ids[0] == token).nonzero()[:, 0] for token in (QWEN_IMG, QWEN_VID)}
         offsets = [0, 24, 0]
         for item, ((features, token), budget, offset) in enumerate(zip(items, budgets, offsets)):
-            indices = check_kept(record, item, budget, features.shape[0])
-            expected = features[indices] if not merge else group_means(features, record.assignment[item], budget)
+            indices = check_kept(records, item, budget, features.shape[0])
+            expected = features[indices] if not merge else group_means(features, records[item].assignment, budget)
             if merge:
-                assert torch.equal(record.assignment[item],
+                assert torch.equal(records[item].assignment,
                                    reference.assign_tokens(torch.tensor([indices]), features[None], True)[0])
             position = 0 if item == 2 else item
             torch.testing.assert_close(fed[token][position], expected, **TOL)
@@ -328,8 +328,8 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
         assert len(fed_levels) == len(levels) == (2 if family == "qwen3-vl" else 0)
         for level, fed_level in zip(levels, fed_levels):   # rows of every visual position, in prompt order
             for item, part in enumerate(fed_level.split(budgets)):
-                expected = level[item][record.indices[item]] if not merge else \
-                    group_means(level[item], record.assignment[item], budgets[item])
+                expected = level[item][records[item].indices] if not merge else \
+                    group_means(level[item], records[item].assignment, budgets[item])
                 torch.testing.assert_close(part, expected, **TOL)
 
 
@@ -339,7 +339,7 @@ def test_qwen_random_keeps_the_same_tokens_for_the_same_pixels_and_others_for_ot
     data["pixel_values"] = torch.cat([patches[0], patches[1], patches[0]])
     with applied(tiny_qwen2_5_vl(), keep=7, method="random") as model, torch.no_grad():
         model(**data)
-        first, second, again = (row.tolist() for row in last_prune(model).indices)
+        first, second, again = (r.indices.tolist() for r in last_prune(model))
     assert first == again and first != second
 
 
@@ -370,7 +370,7 @@ def test_a_wrong_selection_raises_a_method_failure_naming_the_method_and_the_mod
         model(**call)
     apply_desap(model, keep=5, method="test-largest-norm")
     model(**call)
-    assert len(last_prune(model).indices[0]) == 5
+    assert len(last_prune(model)[0].indices) == 5
 
 
 def test_a_plugins_method_runs_through_its_entry_point_with_no_other_code(tmp_path):
@@ -380,9 +380,9 @@ def test_a_plugins_method_runs_through_its_entry_point_with_no_other_code(tmp_pa
         with language_model_input(model) as seen, torch.no_grad():
             model(input_ids=torch.tensor([llava_prompt([5], 1, [7])]), pixel_values=pixels)
         hidden = clip_hidden(model, pixels)[0]
-        assert last_prune(model).indices[0].tolist() == sorted(hidden.norm(dim=-1).topk(4).indices.tolist())
+        assert last_prune(model)[0].indices.tolist() == sorted(hidden.norm(dim=-1).topk(4).indices.tolist())
         projector = model.model.multi_modal_projector
-        indices = last_prune(model).indices[0]
+        indices = last_prune(model)[0].indices
         merged = reference.merge_tokens(hidden[None], indices[None],
                                         reference.assign_tokens(indices[None], hidden[None], True), True)
         torch.testing.assert_close(fed_rows(seen, IMG), projector(merged)[0], **TOL)
@@ -417,10 +417,10 @@ def test_a_methods_own_assignment_merges_the_tokens_and_the_deepstack_levels(bui
         with applied(model, keep=keep, method="test-own-assignment"), language_model_call(model) as seen, \
                 torch.no_grad():
             model(**call)
-            record = last_prune(model)
-        indices = record.indices[0]
+            records = last_prune(model)
+        indices = records[0].indices
         assert indices.tolist() == largest_norm(MethodInputs(hidden=hidden[None], keep=keep))[0].tolist()
-        assignment = record.assignment[0]
+        assignment = records[0].assignment
         assert assignment.tolist() == [indices.tolist().index(j) if j in indices else 0 for j in range(len(hidden))]
         token = IMG if build is tiny_llava else QWEN_IMG
         fed = seen["inputs_embeds"][0][seen["input_ids"][0] == token]

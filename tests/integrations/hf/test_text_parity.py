@@ -107,7 +107,7 @@ def test_a_qwen3_videos_frame_timestamps_are_never_an_items_text(qwen3_vl, monke
     assert seen == list(served)   # the image, then the video
     if chat is not None:
         assert served == (tuple(question),) * 2
-    assert [int(n) for n in last_prune(model).text_tokens] == [len(t) for t in served]
+    assert [r.text_tokens for r in last_prune(model)] == [len(t) for t in served]
 
 
 def test_every_timestamp_is_found_in_either_layout_and_only_for_frames():
@@ -224,7 +224,7 @@ def test_a_one_group_clips_timestamp_is_never_an_items_text_given_the_tokenizer(
     assert seen == list(served)   # the image, then the video
     asked = () if question == "none" else tuple(tokenizer.encode(words, add_special_tokens=False))
     assert served == (asked,) * 2
-    assert [int(n) for n in last_prune(model).text_tokens] == [len(t) for t in served]
+    assert [r.text_tokens for r in last_prune(model)] == [len(t) for t in served]
 
 
 # LLaVA-NeXT: a 56 x 112 image packs 52 tokens, 4 of them newlines (test_llava_next)
@@ -252,4 +252,4 @@ def test_llava_next_images_of_a_chat_read_their_own_turns_at_any_keep(llava_next
     assert seen == list(served)
     if chat is not None:
         assert served == (tuple(first), tuple(second))
-    assert [int(n) for n in last_prune(model).text_tokens] == [len(t) for t in served]
+    assert [r.text_tokens for r in last_prune(model)] == [len(t) for t in served]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from desap_ops.integrations.common.hooked import Hook
 from desap_ops.integrations.vllm import SUPPORTED, hooks
-from desap_ops.integrations.vllm.hooks import (GROUPS, SUPPORTED_VLLM, V1_RUNNER, V2_CPU_RUNNER, Hook, HookGroup,
+from desap_ops.integrations.vllm.hooks import (GROUPS, SUPPORTED_VLLM, V1_RUNNER, V2_CPU_RUNNER, HookGroup,
                                               hook_problem, problems, required)
 from desap_ops.integrations.vllm.release_check import ReleaseSources, check_release, main, release_sources
 

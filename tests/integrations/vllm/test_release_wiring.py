@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from desap_ops.integrations.common.hooked import Hook
 from desap_ops.integrations.vllm.hooks import (BINDINGS, CPU_PLATFORM, GROUPS, SUPPORTED_VLLM, V2_CPU_WIRING,
-                                              V2_WIRING, Found, Hook, wiring_problem)
+                                              V2_WIRING, Found, wiring_problem)
 from desap_ops.integrations.vllm.pins import PINNED_SHA256, file_sha256, module_path
 from desap_ops.integrations.vllm.release_check import check_release, release_sources
 
