@@ -22,7 +22,7 @@ def _pruned(method="desap", ideal=False):
                            torch.rand(2, 9, generator=gen))
     text = torch.randn(2, 3, 4, generator=gen)
     mask = torch.tensor([[True, True, False], [False, False, False]])
-    options = PruneOptions.checked(4, 0.5, True, "max", "reference", None, ideal, method)
+    options = PruneOptions.checked(4, 0.5, True, "max", "reference", None, method, ideal=ideal)
     return signals, mask, prune_images(signals, lambda branch: branch, text, mask, 4, options), options
 
 
