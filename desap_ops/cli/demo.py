@@ -4,6 +4,7 @@ hundreds of megabytes): a mistake costs a one-line error, not a wait and a trace
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from typing import Optional, Union
 
@@ -16,6 +17,11 @@ from . import demo_draw, vit_s
 from .demo_run import (DemoResult, check_budget, load_image, parse_box, run_llava, run_vit, run_vit_auto,
                        run_vit_methods, split_text)
 from .errors import UsageError, check_writable, parse_methods, parse_task_ratio
+
+# the modules the demo imports from the `demo` extra (setup.py), with their distributions: a plain
+# install serves the operator and the engines, not the demo
+DEMO_PACKAGES = {"PIL": "pillow", "skimage": "scikit-image", "onnx": "onnx", "matplotlib": "matplotlib"}
+INSTALL_DEMO = 'pip install "desap-ops[demo]"'
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -40,6 +46,19 @@ def run(args: argparse.Namespace) -> int:
     print(demo(image=args.image, prompt=args.prompt, keep=args.keep, task_ratio=args.task_ratio,
                model=args.model, out=args.out, query_box=args.query_box, methods=args.methods))
     return 0
+
+
+def check_demo_packages() -> None:
+    """Refuse to start without the `demo` extra, in one line naming what is missing and the install."""
+    def importable(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):   # ValueError: a module in sys.modules without a spec
+            return False
+
+    missing = [package for module, package in DEMO_PACKAGES.items() if not importable(module)]
+    if missing:
+        raise UsageError(f"desap demo needs {', '.join(missing)} (the demo extra): {INSTALL_DEMO}")
 
 
 def check_out(out: str) -> None:
@@ -82,6 +101,7 @@ def demo(image: Optional[str] = None, prompt: Optional[str] = None, keep: int = 
     every argument is checked before a model is loaded. ``task_ratio`` "auto" on the ViT draws the
     strong and the weak cue, one row each. ``methods`` ("desap,saliency,divprune"): those pruning
     methods on the ViT's signals, side by side."""
+    check_demo_packages()
     task_ratio = parse_task_ratio(task_ratio)
     check_out(out)
     names = parse_methods(methods) if methods is not None else None

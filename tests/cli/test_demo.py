@@ -1,11 +1,7 @@
 """``desap demo``: the real ViT-S/14 on a real photograph, and a local LLaVA checkpoint."""
-import ast
-import importlib.metadata
-import importlib.util
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -20,7 +16,6 @@ from desap_ops.cli import demo_draw, demo_run, vit_s
 from desap_ops.cli.main import main
 from desap_ops.integrations.common.signals import capture
 
-REPO = Path(__file__).resolve().parents[2]
 PNG_SIZE = (1500, 660)  # demo_draw.FIGURE_SIZE at demo_draw.DPI
 AUTO_PNG_SIZE = (1500, 1300)  # demo_draw.AUTO_FIGURE_SIZE: two rows, strong and weak cue
 SPLIT = re.compile(r"^(strong cue|weak cue): split task (\d+) / saliency (\d+) of (\d+), "
@@ -188,69 +183,6 @@ def test_the_figure_explains_itself(astronaut):
         assert "real: ViT-S/14 weights" in title and "[CLS] saliency" in title and "stand-in:" in title
     finally:
         plt.close(fig)
-
-
-def _imports(module: str) -> tuple[set[str], set[str]]:
-    """(desap_ops modules, other top-level modules) that ``module``'s source imports, lazily or not."""
-    spec = importlib.util.find_spec(module)
-    package = module if spec.submodule_search_locations is not None else module.rpartition(".")[0]
-    own, other = set(), set()
-    if spec.origin is None:   # a namespace package (desap_ops.kernels): no code of its own
-        return own, other
-    for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [importlib.util.resolve_name("." * node.level + (node.module or ""), package)]
-            base = importlib.util.find_spec(names[0]) if names[0].startswith("desap_ops") else None
-            if base is not None and base.submodule_search_locations is not None:
-                # ``from . import vit_s`` names a module, ``from desap_ops import prune`` a function
-                names += [f"{names[0]}.{alias.name}" for alias in node.names
-                          if importlib.util.find_spec(f"{names[0]}.{alias.name}") is not None]
-        else:
-            continue
-        for name in names:
-            if name.startswith("desap_ops"):
-                own.add(name)
-            else:
-                other.add(name.split(".")[0])
-    return own, other
-
-
-def _distribution(name: str) -> str:
-    """A distribution name as pip compares them (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def test_a_plain_install_brings_everything_the_command_line_imports():
-    """``pip install .`` then ``desap demo``: every module that the CLI (the demo and every module of
-    desap_ops it reaches) imports comes from setup.py's install_requires, not from an extra."""
-    setup_call = next(node for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
-                      if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
-    requires = ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == "install_requires"))
-    required = {_distribution(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in requires}
-
-    # the command line and the benchmarks it imports when one runs (but the two modules inside vLLM)
-    queue = ["desap_ops.cli.main", "desap_ops.benchmarks.op", "desap_ops.benchmarks.e2e",
-             "desap_ops.benchmarks.vllm.offline", "desap_ops.benchmarks.vllm.serve"]
-    seen, third_party = set(), set()
-    while queue:
-        module = queue.pop()
-        if module not in seen:
-            seen.add(module)
-            own, other = _imports(module)
-            queue += sorted(own)
-            third_party |= {name for name in other if name not in sys.stdlib_module_names and name != "__future__"}
-    assert {"PIL", "skimage", "onnx", "matplotlib"} <= third_party, third_party
-    # and setup.py installs every package of desap_ops they come from
-    packages = set(ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == "packages")))
-    reached = {m if importlib.util.find_spec(m).submodule_search_locations is not None else m.rpartition(".")[0]
-               for m in seen}
-    assert "desap_ops.benchmarks.vllm._cpu_fixes" in reached and reached <= packages, reached - packages
-    distributions = importlib.metadata.packages_distributions()
-    for name in sorted(third_party):
-        assert name in distributions, f"{name} is imported but not installed"
-        assert any(_distribution(d) in required for d in distributions[name]), f"{name} is not in install_requires"
 
 
 @pytest.mark.slow
