@@ -71,21 +71,24 @@ def group_borders(groups: np.ndarray) -> list[Segment]:
     return segments
 
 
-def cell_beside(cells: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> tuple[int, int]:
-    """The entries of the two cells on either side of a segment from :func:`group_borders`."""
-    if x0 == x1:    # vertical: the cells left and right of it
-        return cells[y0, x0 - 1], cells[y0, x0]
-    return cells[y0 - 1, x0], cells[y0, x0]
-
-
 def outer_edges(cells: np.ndarray) -> list[Segment]:
     """Segments of the picture's border along the ``True`` cells of a (grid, grid) mask."""
     rows, cols = cells.shape
-    segments = [((c, r), (c + 1, r)) for r in (0,) for c in range(cols) if cells[r, c]]
+    segments = [((c, 0), (c + 1, 0)) for c in range(cols) if cells[0, c]]
     segments += [((c, rows), (c + 1, rows)) for c in range(cols) if cells[rows - 1, c]]
     segments += [((0, r), (0, r + 1)) for r in range(rows) if cells[r, 0]]
     segments += [((cols, r), (cols, r + 1)) for r in range(rows) if cells[r, cols - 1]]
     return segments
+
+
+def kept_edges(kept: np.ndarray) -> tuple[list[Segment], list[Segment]]:
+    """(outline, inner) of a (grid, grid) mask of kept cells: the edges between a kept cell and a
+    pruned one or the picture's border, and the edges between two kept cells."""
+    rows, cols = kept.shape
+    outline = group_borders(kept.astype(np.int8)) + outer_edges(kept)
+    inner = [((c + 1, r), (c + 1, r + 1)) for r in range(rows) for c in range(cols - 1) if kept[r, c] and kept[r, c + 1]]
+    inner += [((c, r + 1), (c + 1, r + 1)) for r in range(rows - 1) for c in range(cols) if kept[r, c] and kept[r + 1, c]]
+    return outline, inner
 
 
 def _pyplot():
@@ -135,20 +138,24 @@ class Panels:
         bar.locator = MaxNLocator(nbins=5)
         bar.update_ticks()
 
+    def kept_mask(self) -> np.ndarray:
+        """(grid, grid) bool: the kept tokens' cells."""
+        grid = self.result.grid
+        kept = np.zeros(grid * grid, dtype=bool)
+        kept[self.result.indices.numpy()] = True
+        return kept.reshape(grid, grid)
+
     def kept_photo(self) -> np.ndarray:
         """The photo as the kept panel draws it, (H, W, 3) in [0, 1]: the kept tokens' cells in full
         colour, every other cell greyed and dimmed (:data:`PRUNED_GREY`)."""
         rgb = np.asarray(self.result.image.convert("RGB"), dtype=np.float64) / 255.0
         low, high = PRUNED_GREY
         pruned = low + (high - low) * rgb.mean(axis=2, keepdims=True).repeat(3, axis=2)
-        grid = self.result.grid
-        kept = np.zeros(grid * grid, dtype=bool)
-        kept[self.result.indices.numpy()] = True
-        height, width = rgb.shape[:2]
+        grid, (height, width) = self.result.grid, rgb.shape[:2]
         # the cell of every pixel, as the tokens tile the (resized) photo
         rows = np.minimum((np.arange(height) * grid) // height, grid - 1)
         cols = np.minimum((np.arange(width) * grid) // width, grid - 1)
-        inside = kept.reshape(grid, grid)[rows[:, None], cols[None, :]]
+        inside = self.kept_mask()[rows[:, None], cols[None, :]]
         return np.where(inside[..., None], rgb, pruned)
 
     def kept(self, ax, title: str, groups: bool = False) -> None:
@@ -186,14 +193,9 @@ class Panels:
                        edgecolors="white", linewidths=0.8, zorder=3)
         # the outline around the kept cells, and fainter lines between kept neighbours, so that each
         # kept token can be counted inside a patch of them
-        cells = np.full((grid, grid), -1)
-        cells.ravel()[indices] = indices
-        between = [((x0, y0), (x1, y1)) for (x0, y0), (x1, y1) in group_borders(cells)
-                   if min(cell_beside(cells, x0, y0, x1, y1)) >= 0]
-        outline = [segment for segment in group_borders(cells) if segment not in between]
-        ax.add_collection(LineCollection(scaled(outline + outer_edges(cells >= 0)), colors=KEPT_COLOUR,
-                                         linewidths=2.2, zorder=4))
-        ax.add_collection(LineCollection(scaled(between), colors=KEPT_COLOUR, linewidths=0.7, alpha=0.8, zorder=4))
+        outline, inner = kept_edges(self.kept_mask())
+        ax.add_collection(LineCollection(scaled(outline), colors=KEPT_COLOUR, linewidths=2.2, zorder=4))
+        ax.add_collection(LineCollection(scaled(inner), colors=KEPT_COLOUR, linewidths=0.7, alpha=0.8, zorder=4))
         self.query_box(ax)
         ax.set_title(title)
 
