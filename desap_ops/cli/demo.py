@@ -76,7 +76,7 @@ def check_out(out: str) -> None:
 
 def summary(results: list[DemoResult], source: str, out: str) -> str:
     """What ``desap demo`` prints: the source, the notes, then for each result (one, or the strong and
-    the weak cue with "auto") the split, the kept cells and the merge counts."""
+    the weak cue with "auto") the split (where it has task scores), the kept cells and the merge counts."""
     lines = [f"image: {source}", *results[0].notes]
     for result in results:
         grid, keep = result.grid, result.indices.numel()
