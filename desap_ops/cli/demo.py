@@ -4,18 +4,23 @@ hundreds of megabytes): a mistake costs a one-line error, not a wait and a trace
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from typing import Optional, Union
 
 import torch
 
-from desap_ops.methods import DEFAULT_METHOD
 from desap_ops.reference import AUTO
 
 from . import demo_draw, vit_s
 from .demo_run import (DemoResult, check_budget, load_image, parse_box, run_llava, run_vit, run_vit_auto,
                        run_vit_methods, split_text)
 from .errors import UsageError, check_writable, parse_methods, parse_task_ratio
+
+# the modules the demo imports from the `demo` extra (setup.py), with their distributions: a plain
+# install serves the operator and the engines, not the demo
+DEMO_PACKAGES = {"PIL": "pillow", "skimage": "scikit-image", "onnx": "onnx", "matplotlib": "matplotlib"}
+INSTALL_DEMO = 'pip install "desap-ops[demo]"'
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -32,14 +37,29 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     demo.add_argument("--query-box", help="x0,y0,x1,y1: tokens in this box play the text (no --model)")
     demo.add_argument("--methods", help="comma-separated pruning methods drawn side by side on the same photo, e.g. "
                                         "desap,saliency,divprune (the ViT only; default: DeSAP alone)")
+    demo.add_argument("--groups", action="store_true",
+                      help="also draw the merge groups: which kept token each pruned token merges into")
     demo.add_argument("--out", default="kept.png",
                       help="picture to write, its format from the extension (default kept.png)")
 
 
 def run(args: argparse.Namespace) -> int:
     print(demo(image=args.image, prompt=args.prompt, keep=args.keep, task_ratio=args.task_ratio,
-               model=args.model, out=args.out, query_box=args.query_box, methods=args.methods))
+               model=args.model, out=args.out, query_box=args.query_box, methods=args.methods, groups=args.groups))
     return 0
+
+
+def check_demo_packages() -> None:
+    """Refuse to start without the `demo` extra, in one line naming what is missing and the install."""
+    def importable(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):   # ValueError: a module in sys.modules without a spec
+            return False
+
+    missing = [package for module, package in DEMO_PACKAGES.items() if not importable(module)]
+    if missing:
+        raise UsageError(f"desap demo needs {', '.join(missing)} (the demo extra): {INSTALL_DEMO}")
 
 
 def check_out(out: str) -> None:
@@ -56,7 +76,7 @@ def check_out(out: str) -> None:
 
 def summary(results: list[DemoResult], source: str, out: str) -> str:
     """What ``desap demo`` prints: the source, the notes, then for each result (one, or the strong and
-    the weak cue with "auto") the split, the kept cells and the merge counts."""
+    the weak cue with "auto") the split (where it has task scores), the kept cells and the merge counts."""
     lines = [f"image: {source}", *results[0].notes]
     for result in results:
         grid, keep = result.grid, result.indices.numel()
@@ -65,7 +85,7 @@ def summary(results: list[DemoResult], source: str, out: str) -> str:
         label = result.method or result.cue
         head = f"{label}: " if label else ""
         chosen = "" if result.guidance is None else f", chosen by task_ratio auto from g = {result.guidance:.2f}"
-        if result.method in ("", DEFAULT_METHOD):   # the other methods have no task/saliency split
+        if result.task_keep is not None:   # a method that does not score the task has no split
             lines.append(f"{head}split {split_text(result.task_keep, keep)}{chosen}")
         lines += [f"{head}kept {keep} of {grid * grid} tokens ({grid}x{grid} grid), as (row, col):",
                   "  " + " ".join(f"({r},{c})" for r, c in cells),
@@ -77,11 +97,12 @@ def summary(results: list[DemoResult], source: str, out: str) -> str:
 
 def demo(image: Optional[str] = None, prompt: Optional[str] = None, keep: int = 32,
          task_ratio: Union[float, str] = 0.5, model: Optional[str] = None, out: str = "kept.png",
-         query_box: Optional[str] = None, methods: Optional[str] = None) -> str:
+         query_box: Optional[str] = None, methods: Optional[str] = None, groups: bool = False) -> str:
     """Run the demo, write ``out`` and return the summary; a fixable mistake raises UsageError, and
     every argument is checked before a model is loaded. ``task_ratio`` "auto" on the ViT draws the
     strong and the weak cue, one row each. ``methods`` ("desap,saliency,divprune"): those pruning
-    methods on the ViT's signals, side by side."""
+    methods on the ViT's signals, side by side. ``groups``: the picture shows the merge groups too."""
+    check_demo_packages()
     task_ratio = parse_task_ratio(task_ratio)
     check_out(out)
     names = parse_methods(methods) if methods is not None else None
@@ -117,5 +138,5 @@ def demo(image: Optional[str] = None, prompt: Optional[str] = None, keep: int = 
                              "give --query-box x0,y0,x1,y1 for this image")
         else:
             results = run_vit_auto(picture, keep, box, prompt)
-    demo_draw.render(results, out)
+    demo_draw.render(results, out, groups)
     return summary(results, source, out)

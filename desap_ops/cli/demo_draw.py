@@ -1,7 +1,10 @@
 """The drawing half of ``desap demo``: a :class:`~desap_ops.cli.demo_run.DemoResult` as a picture
-that reads without the terminal ([CLS] saliency and task score with colour bars, the kept tokens
-and their merge groups, touching groups in different colours, a title that says what is real and
-what stands in)."""
+that reads without the terminal. The question it answers at a glance is which tokens a method
+keeps: on its kept panel the kept tokens show the photo in full colour inside a bright outline,
+the pruned ones recede (greyed and dimmed), and the merge groups are drawn only on request
+(``--groups``: thin borders and a faint tint, touching groups in different colours). Beside it,
+[CLS] saliency and the task score with colour bars, and a title that says what is real and what
+stands in."""
 from __future__ import annotations
 
 import math
@@ -21,12 +24,14 @@ if TYPE_CHECKING:
 
 Segment = tuple[tuple[int, int], tuple[int, int]]
 
-FIGURE_SIZE = (15.0, 6.6)           # inches at 100 dpi: a 1500 x 660 PNG
-AUTO_FIGURE_SIZE = (15.0, 13.0)     # two rows, strong and weak cue: a 1500 x 1300 PNG
+PANEL_SIZE = (5.0, 6.6)             # inches per panel at 100 dpi: P panels side by side, a 500P x 660 PNG
+AUTO_FIGURE_SIZE = (15.0, 13.0)     # two rows of three, strong and weak cue: a 1500 x 1300 PNG
 DPI = 100
-METHOD_PANEL_SIZE = (5.0, 6.6)      # inches per method with --methods: M panels side by side, 500M x 660 PNG
 # tab10 without grey (lost on the greyed photo) and cyan (the query box): 8 colours that stay apart
 GROUP_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
+KEPT_COLOUR = "#ffe100"             # the kept tokens' outline: bright on the photo and on the greyed cells
+PRUNED_GREY = (0.1, 0.45)           # a pruned cell's grey levels: its luminance squeezed into this range
+GROUP_TINT = 0.3                    # opacity of a merge group's colour over its pruned cells (--groups)
 
 
 def group_neighbours(groups: np.ndarray) -> dict[int, set[int]]:
@@ -64,6 +69,26 @@ def group_borders(groups: np.ndarray) -> list[Segment]:
     segments += [((c, r + 1), (c + 1, r + 1)) for r in range(rows - 1) for c in range(cols)
                  if groups[r, c] != groups[r + 1, c]]
     return segments
+
+
+def outer_edges(cells: np.ndarray) -> list[Segment]:
+    """Segments of the picture's border along the ``True`` cells of a (grid, grid) mask."""
+    rows, cols = cells.shape
+    segments = [((c, 0), (c + 1, 0)) for c in range(cols) if cells[0, c]]
+    segments += [((c, rows), (c + 1, rows)) for c in range(cols) if cells[rows - 1, c]]
+    segments += [((0, r), (0, r + 1)) for r in range(rows) if cells[r, 0]]
+    segments += [((cols, r), (cols, r + 1)) for r in range(rows) if cells[r, cols - 1]]
+    return segments
+
+
+def kept_edges(kept: np.ndarray) -> tuple[list[Segment], list[Segment]]:
+    """(outline, inner) of a (grid, grid) mask of kept cells: the edges between a kept cell and a
+    pruned one or the picture's border, and the edges between two kept cells."""
+    rows, cols = kept.shape
+    outline = group_borders(kept.astype(np.int8)) + outer_edges(kept)
+    inner = [((c + 1, r), (c + 1, r + 1)) for r in range(rows) for c in range(cols - 1) if kept[r, c] and kept[r, c + 1]]
+    inner += [((c, r + 1), (c + 1, r + 1)) for r in range(rows - 1) for c in range(cols) if kept[r, c] and kept[r + 1, c]]
+    return outline, inner
 
 
 def _pyplot():
@@ -113,89 +138,140 @@ class Panels:
         bar.locator = MaxNLocator(nbins=5)
         bar.update_ticks()
 
-    def kept(self, ax, title: str) -> None:
-        """Every merge group in one colour (touching groups differ), borders between groups, kept tokens
-        boxed in white and drawn more opaque than the tokens merged into them."""
+    def kept_mask(self) -> np.ndarray:
+        """(grid, grid) bool: the kept tokens' cells."""
+        grid = self.result.grid
+        kept = np.zeros(grid * grid, dtype=bool)
+        kept[self.result.indices.numpy()] = True
+        return kept.reshape(grid, grid)
+
+    def kept_photo(self) -> np.ndarray:
+        """The photo as the kept panel draws it, (H, W, 3) in [0, 1]: the kept tokens' cells in full
+        colour, every other cell greyed and dimmed (:data:`PRUNED_GREY`)."""
+        rgb = np.asarray(self.result.image.convert("RGB"), dtype=np.float64) / 255.0
+        low, high = PRUNED_GREY
+        pruned = low + (high - low) * rgb.mean(axis=2, keepdims=True).repeat(3, axis=2)
+        grid, (height, width) = self.result.grid, rgb.shape[:2]
+        # the cell of every pixel, as the tokens tile the (resized) photo
+        rows = np.minimum((np.arange(height) * grid) // height, grid - 1)
+        cols = np.minimum((np.arange(width) * grid) // width, grid - 1)
+        inside = self.kept_mask()[rows[:, None], cols[None, :]]
+        return np.where(inside[..., None], rgb, pruned)
+
+    def kept(self, ax, title: str, groups: bool = False) -> None:
+        """The kept tokens in full colour inside a bright outline over the greyed photo; with
+        ``groups``, the merge groups as thin borders and a faint tint (touching groups differ) and
+        each kept token's group colour as a dot at its centre."""
         from matplotlib.collections import LineCollection
         from matplotlib.colors import to_rgb
-        from matplotlib.patches import Rectangle
 
         grid, cell_w, cell_h = self.result.grid, self.cell_w, self.cell_h
-        groups = self.result.assignment.view(grid, grid).numpy()
-        colours = colour_groups(groups, len(GROUP_PALETTE))
-        self.clash = any(colours[a] == colours[b] for a, near in group_neighbours(groups).items() for b in near)
-        overlay = np.zeros((grid, grid, 4))
-        for (row, col), group in np.ndenumerate(groups):
-            if group >= 0:
-                overlay[row, col] = (*to_rgb(GROUP_PALETTE[colours[int(group)]]), 0.6)
-        for index in self.result.indices.tolist():
-            overlay[divmod(index, grid)][3] = 0.95
-        ax.imshow(overlay, extent=self.extent, interpolation="nearest")
-        borders = [((x0 * cell_w, y0 * cell_h), (x1 * cell_w, y1 * cell_h))
-                   for (x0, y0), (x1, y1) in group_borders(groups)]
-        ax.add_collection(LineCollection(borders, colors="black", linewidths=0.8))
-        for index in self.result.indices.tolist():
-            row, col = divmod(index, grid)
-            ax.add_patch(Rectangle((col * cell_w, row * cell_h), cell_w, cell_h, fill=False, edgecolor="white",
-                                   linewidth=2))
+        ax.imshow(self.kept_photo(), extent=self.extent, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+        def scaled(segments: list[Segment]) -> list:
+            return [((x0 * cell_w, y0 * cell_h), (x1 * cell_w, y1 * cell_h)) for (x0, y0), (x1, y1) in segments]
+
+        indices = self.result.indices.tolist()
+        if groups:
+            assignment = self.result.assignment.view(grid, grid).numpy()
+            colours = colour_groups(assignment, len(GROUP_PALETTE))
+            self.clash = any(colours[a] == colours[b] for a, near in group_neighbours(assignment).items() for b in near)
+            tint = np.zeros((grid, grid, 4))
+            for (row, col), group in np.ndenumerate(assignment):
+                if group >= 0:
+                    tint[row, col] = (*to_rgb(GROUP_PALETTE[colours[int(group)]]), GROUP_TINT)
+            for index in indices:
+                tint[divmod(index, grid)] = 0.0     # the kept tokens show the photo itself
+            ax.imshow(tint, extent=self.extent, interpolation="nearest")
+            ax.add_collection(LineCollection(scaled(group_borders(assignment)), colors="white", linewidths=0.6,
+                                             alpha=0.7))
+            centres = [divmod(index, grid) for index in indices]
+            ax.scatter([(c + 0.5) * cell_w for _, c in centres], [(r + 0.5) * cell_h for r, _ in centres], s=22,
+                       c=[GROUP_PALETTE[colours[int(assignment[r, c])]] for r, c in centres],
+                       edgecolors="white", linewidths=0.8, zorder=3)
+        # the outline around the kept cells, and fainter lines between kept neighbours, so that each
+        # kept token can be counted inside a patch of them
+        outline, inner = kept_edges(self.kept_mask())
+        ax.add_collection(LineCollection(scaled(outline), colors=KEPT_COLOUR, linewidths=2.2, zorder=4))
+        ax.add_collection(LineCollection(scaled(inner), colors=KEPT_COLOUR, linewidths=0.7, alpha=0.8, zorder=4))
         self.query_box(ax)
         ax.set_title(title)
 
-    def legend(self, ax, clash: bool, query_box: Optional[str]) -> None:
-        """What the kept panel's marks mean, below ``ax``, on grey so that the white box shows;
-        ``query_box``: the query box's entry (None: no box drawn)."""
+    def legend(self, ax, groups: bool, clash: bool, query_box: Optional[str]) -> None:
+        """What the kept panel's marks mean, below ``ax``; ``query_box``: the query box's entry
+        (None: no box drawn)."""
+        from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
 
-        keep = self.result.indices.numel()
-        handles = [Patch(facecolor=GROUP_PALETTE[1], edgecolor="white", linewidth=2,
-                         label=f"white box: a kept token ({keep} in all)"),
-                   Patch(facecolor=GROUP_PALETTE[0], alpha=0.6, edgecolor="black",
-                         label="coloured cells: tokens merged into the kept token of their colour\n(black lines part "
-                               "the groups; " + ("a few touching groups share a colour)" if clash
-                                                 else "touching groups never share a colour)"))]
+        keep, tokens = self.result.indices.numel(), self.result.grid ** 2
+        handles = [Patch(facecolor="white", edgecolor=KEPT_COLOUR, linewidth=2,
+                         label=f"full colour, outlined: the {keep} kept tokens"),
+                   Patch(facecolor=str(sum(PRUNED_GREY) / 2), edgecolor="none",
+                         label=f"greyed: the {tokens - keep} pruned tokens, each merged into its nearest kept one")]
+        if groups:
+            handles.append(Line2D([], [], marker="o", linestyle="none", markerfacecolor=GROUP_PALETTE[0],
+                                  markeredgecolor="white", markersize=7,
+                                  label="dot, tint, white borders: a kept token and the tokens merged into it\n("
+                                        + ("a few touching groups share a colour)" if clash
+                                           else "touching groups never share a colour)")))
         if query_box:
             handles.append(Patch(fill=False, edgecolor=QUERY_BOX_COLOUR, linestyle="--", linewidth=2, label=query_box))
         ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.015), fontsize=9,
-                  facecolor="0.8", framealpha=1.0)
+                  facecolor="0.85", framealpha=1.0)
 
 
 SALIENCY_TITLE = "[CLS] saliency: where the encoder's [CLS] token looks"
 SALIENCY_LABEL = "[CLS] attention to the token (mean over heads)"
 
 
+def legend_room(groups: bool) -> float:
+    """The share of a one-row figure's height below the panels: the legend's, longer with ``groups``."""
+    return 0.23 if groups else 0.17
+
+
 def kept_title(result: DemoResult) -> str:
     """The kept panel's title; with "auto" it names the split the scores chose and their g."""
     keep, tokens = result.indices.numel(), result.grid * result.grid
     if result.guidance is None:
-        return f"kept {keep} of {tokens} tokens and the tokens merged into each"
+        return f"the {keep} of {tokens} tokens kept"
     return f"{result.cue + ': ' if result.cue else ''}kept {keep} of {tokens} tokens\n" \
            f"{split_text(result.task_keep, keep)} (auto, g = {result.guidance:.1f})"
 
 
-def figure(result: DemoResult) -> Figure:
-    """The picture, readable without the terminal: [CLS] saliency and task score over the (greyed)
-    photo with colour bars, the kept tokens with their merge groups and a legend, a title saying what
-    is real and what stands in. Returns the matplotlib Figure."""
+def query_box_entry(result: DemoResult, text: str = "the text") -> Optional[str]:
+    """The legend's entry for the query box; None where none is drawn."""
+    return None if result.box is None else f"query box: its tokens play {text}"
+
+
+def figure(result: DemoResult, groups: bool = False) -> Figure:
+    """The picture, readable without the terminal: [CLS] saliency and the task score (where the
+    method has one) over the greyed photo with colour bars, the kept tokens (merge groups with
+    ``groups``) and a legend, a title saying what is real and what stands in. Returns the Figure."""
     plt = _pyplot()
     panels = Panels(result)
-    fig, axes = plt.subplots(1, 3, figsize=FIGURE_SIZE, dpi=DPI)
+    count = 2 if result.task_scores is None else 3
+    width, height = PANEL_SIZE
+    fig, axes = plt.subplots(1, count, figsize=(width * count, height), dpi=DPI)
     # a kept title of two lines (the split, with "auto") needs room below the figure's title
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.85 if result.guidance is None else 0.82, bottom=0.17,
-                        wspace=0.04)
-    for ax in axes:
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.85 if result.guidance is None else 0.82,
+                        bottom=legend_room(groups), wspace=0.04)
+    for ax in axes[:-1]:
         panels.photo_on(ax)
     panels.heat_map(fig, axes[0], result.saliency, SALIENCY_TITLE, SALIENCY_LABEL)
-    panels.heat_map(fig, axes[1], result.task_scores, "task score: decoupled similarity to the text",
-                    "task score (higher = more like the text)")
-    panels.query_box(axes[1])
-    panels.kept(axes[2], kept_title(result))
-    panels.legend(axes[2], panels.clash, None if result.box is None else "query box: its tokens play the text")
+    if result.task_scores is not None:
+        panels.heat_map(fig, axes[1], result.task_scores, "task score: decoupled similarity to the text",
+                        "task score (higher = more like the text)")
+        panels.query_box(axes[1])
+    panels.kept(axes[-1], kept_title(result), groups)
+    panels.legend(axes[-1], groups, panels.clash, query_box_entry(result))
     fig.suptitle(f"DeSAP keeps {result.indices.numel()} of {result.grid * result.grid} visual tokens\n{result.title}",
                  fontsize=13)
     return fig
 
 
-def figure_auto(results: list[DemoResult]) -> Figure:
+def figure_auto(results: list[DemoResult], groups: bool = False) -> Figure:
     """task_ratio="auto" with a strong and a weak cue, one row each: the task score of that cue and
     what was kept, titled with the split and g; the [CLS] saliency (the same for both) above a note
     on the rule and the stand-ins. Returns the matplotlib Figure."""
@@ -212,12 +288,12 @@ def figure_auto(results: list[DemoResult]) -> Figure:
         panels.heat_map(fig, row[1], result.task_scores, f"{result.cue}: task score, similarity to its text",
                         f"task score ({result.cue}; higher = more like its text)")
         panels.query_box(row[1])
-        panels.kept(row[2], kept_title(result))
+        panels.kept(row[2], kept_title(result), groups)
         clash |= panels.clash
     top = Panels(strong)
     top.photo_on(axes[0, 0])
     top.heat_map(fig, axes[0, 0], strong.saliency, SALIENCY_TITLE, SALIENCY_LABEL)
-    top.legend(axes[1, 2], clash, "query box: its tokens play the strong cue's text")
+    top.legend(axes[1, 2], groups, clash, query_box_entry(strong, "the strong cue's text"))
 
     def item(text: str) -> str:
         return textwrap.fill(text, 54, initial_indent="  ", subsequent_indent="    ")
@@ -244,41 +320,40 @@ def figure_auto(results: list[DemoResult]) -> Figure:
 
 
 def method_title(result: DemoResult) -> str:
-    """A method panel's title: the method, and DeSAP's split."""
+    """A method panel's title: the method, and its split where it has one (DeSAP's)."""
     keep, tokens = result.indices.numel(), result.grid * result.grid
-    split = f"\n{split_text(result.task_keep, keep)}" if result.method == "desap" else "\n"
-    return f"{result.method}: kept {keep} of {tokens}{split}"
+    split = "" if result.task_keep is None else split_text(result.task_keep, keep)
+    return f"{result.method}: kept {keep} of {tokens}\n{split}"
 
 
-def figure_methods(results: list[DemoResult]) -> Figure:
-    """Several pruning methods on the same photo, one panel each, side by side: the kept tokens and
-    their merge groups, titled with the method; one legend, a title saying what is real and what
-    stands in. Returns the matplotlib Figure."""
+def figure_methods(results: list[DemoResult], groups: bool = False) -> Figure:
+    """Several pruning methods on the same photo, one kept panel each, side by side, titled with
+    the method; one legend, a title saying what is real and what stands in. Returns the Figure."""
     plt = _pyplot()
     first = results[0]
-    width, height = METHOD_PANEL_SIZE
+    width, height = PANEL_SIZE
     fig, axes = plt.subplots(1, len(results), figsize=(width * len(results), height), dpi=DPI, squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.8, bottom=0.17, wspace=0.04)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.8, bottom=legend_room(groups), wspace=0.04)
     clash = False
     for ax, result in zip(axes[0], results):
         panels = Panels(result)
-        panels.photo_on(ax)
-        panels.kept(ax, method_title(result))
+        panels.kept(ax, method_title(result), groups)
         clash |= panels.clash
-    Panels(first).legend(axes[0, 0], clash, None if first.box is None else "query box: its tokens play the text")
+    Panels(first).legend(axes[0, 0], groups, clash, query_box_entry(first))
     title = textwrap.fill(first.title, 40 * len(results))
     fig.suptitle(f"{len(results)} pruning methods keep {first.indices.numel()} of {first.grid * first.grid} "
                  f"visual tokens of the same photo\n{title}", fontsize=12)
     return fig
 
 
-def render(results: list[DemoResult], out: str) -> None:
+def render(results: list[DemoResult], out: str, groups: bool = False) -> None:
     """:func:`figure` (one result), :func:`figure_methods` (--methods) or :func:`figure_auto` (strong
-    and weak cue) to ``out`` (PNG unless its extension names another format)."""
+    and weak cue) to ``out`` (PNG unless its extension names another format); ``groups``: draw the
+    merge groups too."""
     plt = _pyplot()
     if results[0].method:
-        fig = figure_methods(results)
+        fig = figure_methods(results, groups)
     else:
-        fig = figure(results[0]) if len(results) == 1 else figure_auto(results)
+        fig = figure(results[0], groups) if len(results) == 1 else figure_auto(results, groups)
     fig.savefig(out, dpi=DPI)
     plt.close(fig)

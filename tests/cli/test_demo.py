@@ -1,11 +1,9 @@
-"""``desap demo``: the real ViT-S/14 on a real photograph, and a local LLaVA checkpoint."""
-import ast
-import importlib.metadata
-import importlib.util
+"""``desap demo``: the real ViT-S/14 on a real photograph, and a local LLaVA checkpoint. What the
+command prints and draws is checked against what the operator and the methods keep."""
+import dataclasses
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -16,15 +14,15 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from desap_ops import reference
-from desap_ops.cli import demo_draw, demo_run, vit_s
+from desap_ops.cli import demo, demo_draw, demo_run, vit_s
 from desap_ops.cli.main import main
 from desap_ops.integrations.common.signals import capture
+from desap_ops.methods import DEFAULT_METHOD, available_methods
 
-REPO = Path(__file__).resolve().parents[2]
-PNG_SIZE = (1500, 660)  # demo_draw.FIGURE_SIZE at demo_draw.DPI
-AUTO_PNG_SIZE = (1500, 1300)  # demo_draw.AUTO_FIGURE_SIZE: two rows, strong and weak cue
-SPLIT = re.compile(r"^(strong cue|weak cue): split task (\d+) / saliency (\d+) of (\d+), "
-                   r"chosen by task_ratio auto from g = ([\d.]+)$", re.MULTILINE)
+from helpers import one_error_line
+
+CELLS = re.compile(r"\((\d+),(\d+)\)")
+CYAN = (0.0, 1.0, 1.0)
 
 
 def _run(*args):
@@ -32,33 +30,64 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "desap_ops", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_demo_default_draws_real_saliency_on_a_real_photo(tmp_path):
-    out = tmp_path / "kept.png"
-    run = _run("demo", "--out", str(out))
-    assert run.returncode == 0, run.stderr
-    assert "real: ViT-S/14 weights" in run.stdout and "stand-in:" in run.stdout
-    assert "kept 32 of 256 tokens" in run.stdout
-    assert "split task 16 / saliency 16 of 32" in run.stdout   # task_ratio 0.5 of 32
-    with Image.open(out) as image:
-        assert image.format == "PNG"
-        assert image.size == PNG_SIZE
+def printed_kept(out: str, grid: int) -> list[list[int]]:
+    """The kept token indices the summary prints, one list per result in order (its (row, col) lines)."""
+    return [[int(r) * grid + int(c) for r, c in CELLS.findall(line)]
+            for line in out.splitlines() if line.startswith("  (")]
 
 
-@pytest.mark.slow
-def test_demo_auto_prints_both_splits_and_draws_both_cues(tmp_path):
-    out = tmp_path / "auto.png"
-    run = _run("demo", "--task-ratio", "auto", "--out", str(out))
-    assert run.returncode == 0, run.stderr
-    splits = {cue: (int(task), int(sal), int(keep), float(g)) for cue, task, sal, keep, g in SPLIT.findall(run.stdout)}
-    assert set(splits) == {"strong cue", "weak cue"}, run.stdout
-    for task, sal, keep, _ in splits.values():
-        assert task + sal == keep == 32
-    assert splits["strong cue"][0] > splits["weak cue"][0]
-    assert "weak cue = one row, the mean of all 256 tokens' attention-branch rows" in run.stdout
-    assert "the shuttle box (360, 10, 460, 270) as the strong cue would give g = " in run.stdout
-    with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == AUTO_PNG_SIZE
+def png_size(panels: int) -> tuple[int, int]:
+    """The pixels of a one-row picture of ``panels`` panels."""
+    width, height = demo_draw.PANEL_SIZE
+    return round(width * panels * demo_draw.DPI), round(height * demo_draw.DPI)
 
+
+def drawn_kept(ax, result: demo_run.DemoResult) -> list[int]:
+    """The tokens a kept panel shows as kept: the cells whose drawn pixels are the photo's own (the
+    pruned cells are greyed), read from the picture the panel holds."""
+    (drawn,) = [image.get_array() for image in ax.images if image.get_array().shape[-1] == 3]
+    photo = np.asarray(result.image.convert("RGB"), dtype=np.float64) / 255.0
+    grid, (height, width) = result.grid, photo.shape[:2]
+    kept = []
+    for index in range(grid * grid):
+        row, col = divmod(index, grid)
+        cell = np.s_[row * height // grid:(row + 1) * height // grid, col * width // grid:(col + 1) * width // grid]
+        if np.allclose(drawn[cell], photo[cell]):
+            kept.append(index)
+        else:   # a pruned cell is grey: its three channels equal
+            assert np.allclose(drawn[cell][..., 0], drawn[cell][..., 2]), f"cell {index} is neither kept nor greyed"
+    return kept
+
+
+def outline_of(indices: list[int], grid: int) -> set:
+    """The edges, in grid units, between a kept cell and a pruned one or the picture's border."""
+    kept, edges = set(indices), set()
+    for index in kept:
+        row, col = divmod(index, grid)
+        for (dr, dc), edge in (((-1, 0), ((col, row), (col + 1, row))), ((1, 0), ((col, row + 1), (col + 1, row + 1))),
+                               ((0, -1), ((col, row), (col, row + 1))), ((0, 1), ((col + 1, row), (col + 1, row + 1)))):
+            r, c = row + dr, col + dc
+            if not (0 <= r < grid and 0 <= c < grid) or r * grid + c not in kept:
+                edges.add(edge)
+    return edges
+
+
+def drawn_outline(ax, result: demo_run.DemoResult) -> set:
+    """The edges of the kept panel's outline (its thickest lines), in grid units."""
+    lines = [c for c in ax.collections if isinstance(c, LineCollection)]
+    thickest = max(lines, key=lambda c: c.get_linewidth()[0])
+    cell_w, cell_h = result.image.size[0] / result.grid, result.image.size[1] / result.grid
+    return {tuple(sorted((round(x / cell_w), round(y / cell_h)) for x, y in segment))
+            for segment in thickest.get_segments()}
+
+
+def query_boxes(ax) -> list[tuple]:
+    """The cyan rectangles (the query box) on ``ax``, as (x, y, width, height)."""
+    return [(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in ax.patches
+            if isinstance(p, Rectangle) and p.get_edgecolor()[:3] == CYAN]
+
+
+# --- the plain demo: DeSAP on the ViT ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def astronaut() -> demo_run.DemoResult:
@@ -67,52 +96,17 @@ def astronaut() -> demo_run.DemoResult:
     return demo_run.run_vit(picture, 24, 0.5, demo_run.DEFAULT_BOX, None)
 
 
-@pytest.fixture(scope="module")
-def astronaut_auto() -> list[demo_run.DemoResult]:
-    """task_ratio="auto", 32 of 256 tokens: the face's tokens (the default box) and the mean row as the texts."""
+def test_demo_prints_and_draws_what_the_operator_keeps(tmp_path):
+    """As a person runs it: the default run keeps 32 of 256 with the shuttle's box as the text, and
+    prints exactly the tokens that run_vit keeps on the same photo."""
+    out = tmp_path / "kept.png"
+    run = _run("demo", "--out", str(out))
+    assert run.returncode == 0, run.stderr
     picture, _ = demo_run.load_image(None)
-    return demo_run.run_vit_auto(picture, 32, None, None)
-
-
-def test_auto_gives_the_strong_cue_a_larger_task_share_than_the_weak_one(astronaut_auto):
-    strong, weak = astronaut_auto
-    assert (strong.cue, weak.cue) == ("strong cue", "weak cue")
-    assert strong.box == demo_run.AUTO_DEFAULT_BOX and weak.box is None
-    # the operator's rule on the g measured here: 0 task tokens up to g = 4, 24 (3/4 of 32) from g = 8
-    assert strong.guidance > 8 and weak.guidance < 4
-    assert (strong.task_keep, weak.task_keep) == (24, 0)
-    for result in astronaut_auto:
-        torch.testing.assert_close(torch.tensor([result.guidance]), reference.guidance(result.task_scores[None]))
-    # the strong cue's text is its box's tokens, so they score 1 and are kept; without task tokens the
-    # weak cue keeps exactly the 32 most salient tokens
-    box_cells = demo_run.box_tokens(strong.box, 512, 512, 16)
-    assert box_cells.numel() == 6 and torch.isin(box_cells, strong.indices).all()
-    assert torch.equal(weak.indices, weak.saliency.topk(32).indices.sort().values)
-
-
-def test_the_auto_figure_compares_the_cues(astronaut_auto):
-    strong, weak = astronaut_auto
-    fig = demo_draw.figure_auto(astronaut_auto)
-    try:
-        assert tuple(fig.get_size_inches() * demo_draw.DPI) == AUTO_PNG_SIZE
-        (_, strong_task, strong_kept, note_ax, weak_task, weak_kept) = fig.axes[:6]
-        assert fig.axes[0].get_title() == demo_draw.SALIENCY_TITLE
-        assert strong_kept.get_title() == ("strong cue: kept 32 of 256 tokens\n"
-                                           f"task 24 / saliency 8 of 32 (auto, g = {strong.guidance:.1f})")
-        assert weak_kept.get_title() == ("weak cue: kept 32 of 256 tokens\n"
-                                         f"task 0 / saliency 32 of 32 (auto, g = {weak.guidance:.1f})")
-        assert strong_task.get_title().startswith("strong cue: task score")
-        assert weak_task.get_title().startswith("weak cue: task score")
-        cyan = lambda ax: [p for p in ax.patches if isinstance(p, Rectangle)  # noqa: E731
-                           and p.get_edgecolor()[:3] == (0.0, 1.0, 1.0)]
-        assert len(cyan(strong_task)) == len(cyan(strong_kept)) == 1 and not cyan(weak_task) + cyan(weak_kept)
-        note = " ".join(" ".join(t.get_text() for t in note_ax.texts).split())
-        assert "weak cue: one row, the mean of all 256 tokens' attention-branch rows" in note
-        assert "strong cue: the 6 tokens in the cyan query box" in note
-        assert "weak cue = one row, the mean" in fig.get_suptitle() and "real: ViT-S/14" in fig.get_suptitle()
-        assert "strong cue's text" in " ".join(t.get_text() for t in weak_kept.get_legend().get_texts())
-    finally:
-        plt.close(fig)
+    expected = demo_run.run_vit(picture, 32, 0.5, None, None)
+    assert printed_kept(run.stdout, 16) == [expected.indices.tolist()]
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == png_size(3)
 
 
 def test_demo_keeps_what_the_operator_keeps(astronaut):
@@ -124,6 +118,65 @@ def test_demo_keeps_what_the_operator_keeps(astronaut):
     assert torch.isin(top_salient, result.indices).all()
     box_cells = demo_run.box_tokens(demo_run.DEFAULT_BOX, 512, 512, 16)
     assert torch.isin(result.indices, box_cells).any(), "the exemplar box should draw task tokens"
+
+
+def test_the_kept_panel_shows_exactly_the_kept_tokens(astronaut):
+    """Full colour on exactly the kept cells, greyed elsewhere, the outline around exactly them; the
+    heat maps' colour bars span their data; the query box on the task and kept panels."""
+    fig = demo_draw.figure(astronaut)
+    try:
+        saliency_ax, task_ax, kept_ax = fig.axes[:3]
+        assert drawn_kept(kept_ax, astronaut) == astronaut.indices.tolist()
+        assert drawn_outline(kept_ax, astronaut) == outline_of(astronaut.indices.tolist(), 16)
+        for ax, values in ((saliency_ax, astronaut.saliency), (task_ax, astronaut.task_scores)):
+            bar = ax.images[-1].colorbar
+            assert (bar.vmin, bar.vmax) == pytest.approx((float(values.min()), float(values.max())))
+        x0, y0, x1, y1 = astronaut.box
+        assert query_boxes(task_ax) == query_boxes(kept_ax) == [(x0, y0, x1 - x0, y1 - y0)]
+        assert query_boxes(saliency_ax) == []
+        assert kept_ax.get_legend() is not None
+    finally:
+        plt.close(fig)
+
+
+def test_groups_draw_the_merge_groups_over_the_same_kept_tokens(astronaut):
+    """--groups: the same kept cells in full colour, the borders between merge groups, and a dot on
+    each kept token in its group's colour, every group's tint in that same colour."""
+    fig = demo_draw.figure(astronaut, groups=True)
+    try:
+        kept_ax = fig.axes[2]
+        assert drawn_kept(kept_ax, astronaut) == astronaut.indices.tolist()
+        groups = astronaut.assignment.view(16, 16).numpy()
+        thin = [c for c in kept_ax.collections if isinstance(c, LineCollection)
+                and len(c.get_segments()) == len(demo_draw.group_borders(groups))]
+        assert thin, "no line per border between merge groups"
+        (dots,) = [c for c in kept_ax.collections if not isinstance(c, LineCollection)]
+        cell = 512 / 16
+        at = [int(y // cell) * 16 + int(x // cell) for x, y in dots.get_offsets()]
+        assert at == astronaut.indices.tolist()
+        (tint,) = [image.get_array() for image in kept_ax.images if image.get_array().shape[-1] == 4]
+        for dot_colour, index in zip(dots.get_facecolors(), at):
+            members = np.flatnonzero(groups.ravel() == groups.ravel()[index])
+            for member in members[members != index]:   # the kept token itself shows the photo
+                assert np.allclose(tint[divmod(int(member), 16)][:3], dot_colour[:3])
+    finally:
+        plt.close(fig)
+
+
+def test_a_result_without_task_scores_has_no_task_panel(astronaut, capsys):
+    """A method that does not score the task (task_scores None): the saliency and kept panels only,
+    and no split printed."""
+    unscored = dataclasses.replace(astronaut, task_scores=None, task_keep=None)
+    fig = demo_draw.figure(unscored)
+    try:
+        assert tuple(fig.get_size_inches() * demo_draw.DPI) == png_size(2)
+        panels = [ax for ax in fig.axes if ax.get_title()]
+        assert len(panels) == 2 and drawn_kept(panels[-1], unscored) == astronaut.indices.tolist()
+    finally:
+        plt.close(fig)
+    with_split = demo.summary([astronaut], "photo", "kept.png").splitlines()
+    without = demo.summary([unscored], "photo", "kept.png").splitlines()
+    assert len(with_split) == len(without) + 1 and set(without) <= set(with_split)
 
 
 def _touching_pairs(groups: np.ndarray) -> list[tuple[int, int]]:
@@ -163,94 +216,156 @@ def test_group_borders_run_between_different_groups():
     assert sorted(segments) == [((0, 1), (1, 1)), ((1, 1), (1, 2))]
 
 
-def test_the_figure_explains_itself(astronaut):
-    """Colour bars on both heat maps spanning their data, the query box on the task and kept panels,
-    group borders, a legend and a title that say what is real and what stands in."""
-    fig = demo_draw.figure(astronaut)
+# --- task_ratio="auto": a strong and a weak cue ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def astronaut_auto() -> list[demo_run.DemoResult]:
+    """task_ratio="auto", 32 of 256 tokens: the face's tokens (the default box) and the mean row as the texts."""
+    picture, _ = demo_run.load_image(None)
+    return demo_run.run_vit_auto(picture, 32, None, None)
+
+
+def test_auto_gives_the_strong_cue_a_larger_task_share_than_the_weak_one(astronaut_auto):
+    strong, weak = astronaut_auto
+    assert strong.box == demo_run.AUTO_DEFAULT_BOX and weak.box is None
+    # the operator's rule on the g measured here: 0 task tokens up to g = 4, 24 (3/4 of 32) from g = 8
+    assert strong.guidance > 8 and weak.guidance < 4
+    assert (strong.task_keep, weak.task_keep) == (24, 0)
+    for result in astronaut_auto:
+        torch.testing.assert_close(torch.tensor([result.guidance]), reference.guidance(result.task_scores[None]))
+    # the strong cue's text is its box's tokens, so they score 1 and are kept; without task tokens the
+    # weak cue keeps exactly the 32 most salient tokens
+    box_cells = demo_run.box_tokens(strong.box, 512, 512, 16)
+    assert box_cells.numel() == 6 and torch.isin(box_cells, strong.indices).all()
+    assert torch.equal(weak.indices, weak.saliency.topk(32).indices.sort().values)
+
+
+def test_the_auto_figure_draws_each_cues_kept_tokens(astronaut_auto):
+    """One row per cue: its task score with the query box only where the box is its text, and its
+    own kept tokens."""
+    strong, weak = astronaut_auto
+    fig = demo_draw.figure_auto(astronaut_auto)
     try:
-        saliency_ax, task_ax, kept_ax = fig.axes[:3]
-        for ax, values in ((saliency_ax, astronaut.saliency), (task_ax, astronaut.task_scores)):
-            bar = ax.images[-1].colorbar
-            assert bar is not None and bar.ax.get_xlabel()
-            assert (bar.vmin, bar.vmax) == pytest.approx((float(values.min()), float(values.max())))
-        x0, y0, x1, y1 = astronaut.box
-        for ax in (task_ax, kept_ax):
-            boxes = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_edgecolor()[:3] == (0.0, 1.0, 1.0)]
-            drawn = [(b.get_x(), b.get_y(), b.get_width(), b.get_height()) for b in boxes]
-            assert drawn == [(x0, y0, x1 - x0, y1 - y0)]
-        (borders,) = [c for c in kept_ax.collections if isinstance(c, LineCollection)]
-        groups = astronaut.assignment.view(16, 16).numpy()
-        assert len(borders.get_segments()) == len(demo_draw.group_borders(groups))
-        legend = " ".join(text.get_text() for text in kept_ax.get_legend().get_texts())
-        for entry in ("kept token (24 in all)", "merged into the kept token", "query box"):
-            assert entry in legend
-        title = fig.get_suptitle()
-        assert "real: ViT-S/14 weights" in title and "[CLS] saliency" in title and "stand-in:" in title
+        assert tuple(fig.get_size_inches() * demo_draw.DPI) == tuple(np.multiply(demo_draw.AUTO_FIGURE_SIZE,
+                                                                                 demo_draw.DPI))
+        (_, strong_task, strong_kept, _, weak_task, weak_kept) = fig.axes[:6]
+        assert drawn_kept(strong_kept, strong) == strong.indices.tolist()
+        assert drawn_kept(weak_kept, weak) == weak.indices.tolist()
+        assert len(query_boxes(strong_task)) == len(query_boxes(strong_kept)) == 1
+        assert query_boxes(weak_task) == query_boxes(weak_kept) == []
     finally:
         plt.close(fig)
 
 
-def _imports(module: str) -> tuple[set[str], set[str]]:
-    """(desap_ops modules, other top-level modules) that ``module``'s source imports, lazily or not."""
-    spec = importlib.util.find_spec(module)
-    package = module if spec.submodule_search_locations is not None else module.rpartition(".")[0]
-    own, other = set(), set()
-    if spec.origin is None:   # a namespace package (desap_ops.kernels): no code of its own
-        return own, other
-    for node in ast.walk(ast.parse(Path(spec.origin).read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [importlib.util.resolve_name("." * node.level + (node.module or ""), package)]
-            base = importlib.util.find_spec(names[0]) if names[0].startswith("desap_ops") else None
-            if base is not None and base.submodule_search_locations is not None:
-                # ``from . import vit_s`` names a module, ``from desap_ops import prune`` a function
-                names += [f"{names[0]}.{alias.name}" for alias in node.names
-                          if importlib.util.find_spec(f"{names[0]}.{alias.name}") is not None]
-        else:
-            continue
-        for name in names:
-            if name.startswith("desap_ops"):
-                own.add(name)
-            else:
-                other.add(name.split(".")[0])
-    return own, other
+@pytest.mark.slow
+def test_demo_auto_prints_and_draws_both_cues(astronaut_auto, tmp_path, capsys):
+    out = tmp_path / "auto.png"
+    assert main(["demo", "--task-ratio", "auto", "--out", str(out)]) == 0
+    assert printed_kept(capsys.readouterr().out, 16) == [result.indices.tolist() for result in astronaut_auto]
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        assert image.size == tuple(round(v * demo_draw.DPI) for v in demo_draw.AUTO_FIGURE_SIZE)
 
 
-def _distribution(name: str) -> str:
-    """A distribution name as pip compares them (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
+# --- several pruning methods side by side (--methods) ----------------------------------------------------
+
+METHODS = available_methods()   # every registered method, the built-ins and any installed plugin
 
 
-def test_a_plain_install_brings_everything_the_command_line_imports():
-    """``pip install .`` then ``desap demo``: every module that the CLI (the demo and every module of
-    desap_ops it reaches) imports comes from setup.py's install_requires, not from an extra."""
-    setup_call = next(node for node in ast.walk(ast.parse((REPO / "setup.py").read_text()))
-                      if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
-    requires = ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == "install_requires"))
-    required = {_distribution(re.match(r"[A-Za-z0-9._-]+", r).group()) for r in requires}
+@pytest.fixture(scope="module")
+def astronaut_methods() -> list[demo_run.DemoResult]:
+    """24 of 256 tokens kept on the astronaut photo by each registered method, the shuttle as the text."""
+    picture, _ = demo_run.load_image(None)
+    return demo_run.run_vit_methods(picture, 24, 0.5, demo_run.DEFAULT_BOX, None, METHODS)
 
-    # the command line and the benchmarks it imports when one runs (but the two modules inside vLLM)
-    queue = ["desap_ops.cli.main", "desap_ops.benchmarks.op", "desap_ops.benchmarks.e2e",
-             "desap_ops.benchmarks.vllm.offline", "desap_ops.benchmarks.vllm.serve"]
-    seen, third_party = set(), set()
-    while queue:
-        module = queue.pop()
-        if module not in seen:
-            seen.add(module)
-            own, other = _imports(module)
-            queue += sorted(own)
-            third_party |= {name for name in other if name not in sys.stdlib_module_names and name != "__future__"}
-    assert {"PIL", "skimage", "onnx", "matplotlib"} <= third_party, third_party
-    # and setup.py installs every package of desap_ops they come from
-    packages = set(ast.literal_eval(next(k.value for k in setup_call.keywords if k.arg == "packages")))
-    reached = {m if importlib.util.find_spec(m).submodule_search_locations is not None else m.rpartition(".")[0]
-               for m in seen}
-    assert "desap_ops.benchmarks.vllm._cpu_fixes" in reached and reached <= packages, reached - packages
-    distributions = importlib.metadata.packages_distributions()
-    for name in sorted(third_party):
-        assert name in distributions, f"{name} is imported but not installed"
-        assert any(_distribution(d) in required for d in distributions[name]), f"{name} is not in install_requires"
+
+def test_each_method_keeps_what_it_keeps_on_the_same_signals(astronaut, astronaut_methods):
+    """DeSAP's panel is the plain demo's; saliency keeps the 24 most salient tokens; similarity the
+    24 most like the box's tokens (which are its text, so every one of the box's 24 cells, each
+    scoring 1); first the first 24. Every method keeps 24 distinct tokens, each merged into itself;
+    only a method that scores the task has a split."""
+    by_method = {result.method: result for result in astronaut_methods}
+    assert list(by_method) == METHODS
+    desap = by_method[DEFAULT_METHOD]
+    assert torch.equal(desap.indices, astronaut.indices) and torch.equal(desap.assignment, astronaut.assignment)
+    assert desap.task_keep == astronaut.task_keep == 12
+    assert torch.equal(by_method["saliency"].indices, astronaut.saliency.topk(24).indices.sort().values)
+    box_cells = demo_run.box_tokens(demo_run.DEFAULT_BOX, 512, 512, 16)
+    assert box_cells.numel() == 24 and torch.equal(by_method["similarity"].indices, box_cells)
+    assert torch.equal(by_method["first"].indices, torch.arange(24))
+    for result in astronaut_methods:
+        kept = result.indices
+        assert kept.numel() == 24 and (kept[1:] > kept[:-1]).all()
+        assert torch.equal(result.assignment[kept], torch.arange(24))   # a kept token merges into itself
+        assert (result.task_keep is None) == (result.task_scores is None)
+        if result.method != DEFAULT_METHOD:
+            assert not result.task_keep
+
+
+def test_random_draws_the_same_tokens_from_the_same_photo(astronaut_methods):
+    picture, _ = demo_run.load_image(None)
+    (again,) = demo_run.run_vit_methods(picture, 24, 0.5, demo_run.DEFAULT_BOX, None, ["random"])
+    assert torch.equal(again.indices, astronaut_methods[METHODS.index("random")].indices)
+
+
+def test_the_methods_figure_shows_each_methods_kept_tokens_side_by_side(astronaut_methods):
+    fig = demo_draw.figure_methods(astronaut_methods)
+    try:
+        assert tuple(fig.get_size_inches() * demo_draw.DPI) == png_size(len(METHODS))
+        panels = fig.axes[:len(METHODS)]
+        assert [ax.get_title().split(":")[0] for ax in panels] == METHODS
+        positions = [ax.get_position().x0 for ax in panels]
+        assert positions == sorted(positions)   # side by side, in the order given
+        for ax, result in zip(panels, astronaut_methods):
+            assert drawn_kept(ax, result) == result.indices.tolist()
+            assert drawn_outline(ax, result) == outline_of(result.indices.tolist(), 16)
+        assert panels[0].get_legend() is not None
+    finally:
+        plt.close(fig)
+
+
+def test_demo_methods_prints_what_each_method_keeps(astronaut_methods, tmp_path, capsys):
+    out = tmp_path / "methods.png"
+    assert main(["demo", "--methods", ",".join(METHODS), "--keep", "24", "--query-box",
+                 ",".join(map(str, demo_run.DEFAULT_BOX)), "--out", str(out)]) == 0
+    assert printed_kept(capsys.readouterr().out, 16) == [result.indices.tolist() for result in astronaut_methods]
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == png_size(len(METHODS))
+
+
+# --- mistakes: one line, exit 2, before any model loads -------------------------------------------------
+
+@pytest.fixture
+def no_vit(monkeypatch):
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(vit_s, "load_vit_s", refuse)
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--task-ratio", "automatic"], "automatic"),
+    (["--task-ratio", "auto", "--image", "{small}"], "--query-box"),   # auto on an image of no default box
+    (["--methods", "desap,nope"], "nope"),
+    (["--methods", "saliency", "--task-ratio", "auto"], "--task-ratio"),
+    (["--methods", "saliency", "--model", "{tmp}"], "--model"),
+])
+def test_demo_refuses_a_bad_argument_in_one_line_before_loading(no_vit, tmp_path, capsys, extra, named):
+    small = tmp_path / "small.png"
+    Image.new("RGB", (64, 48)).save(small)
+    argv = ["demo", "--out", str(tmp_path / "k.png"),
+            *(a.replace("{small}", str(small)).replace("{tmp}", str(tmp_path)) for a in extra)]
+    assert main(argv) == 2
+    assert named in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "k.png").exists()
+
+
+@pytest.mark.parametrize("module", sorted(demo.DEMO_PACKAGES))
+def test_demo_without_its_extra_names_the_install(no_vit, monkeypatch, tmp_path, capsys, module):
+    monkeypatch.setitem(sys.modules, module, None)   # as if not installed: find_spec answers None
+    assert main(["demo", "--out", str(tmp_path / "k.png")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert demo.DEMO_PACKAGES[module] in line and line.endswith(demo.INSTALL_DEMO)
 
 
 @pytest.mark.slow
@@ -266,6 +381,8 @@ def test_real_vit_saliency_matches_its_eager_attention_matrix():
             saliency = signals.cls_saliency()
         torch.testing.assert_close(saliency, out.attentions[layer][:, :, 0, :].mean(dim=1), rtol=1e-4, atol=1e-6)
 
+
+# --- a local LLaVA checkpoint (--model) ---------------------------------------------------------------
 
 def _tiny_checkpoint(folder):
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -288,15 +405,27 @@ def _tiny_checkpoint(folder):
 
 
 @pytest.mark.slow
-def test_demo_with_a_local_llava_checkpoint(tmp_path):
+@pytest.mark.parametrize("task_ratio", ["0.5", "auto"])
+def test_demo_with_a_local_llava_checkpoint(tmp_path, capsys, task_ratio):
+    """The checkpoint's 4 x 4 tokens, 4 kept: what run_llava keeps is what the command prints and
+    draws; with "auto" the split is the operator's rule on the scores the checkpoint gave."""
     _tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "kept.png"
-    run = _run("demo", "--model", str(tmp_path / "tiny"), "--prompt", "w5 w6 w7", "--keep", "4",
-               "--out", str(out))
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "kept 4 of 16 tokens" in run.stdout
+    capsys.readouterr()   # saving the checkpoint's progress bars
+    assert main(["demo", "--model", str(tmp_path / "tiny"), "--prompt", "w5 w6 w7", "--keep", "4",
+                 "--task-ratio", task_ratio, "--out", str(out)]) == 0
+    picture, _ = demo_run.load_image(None)
+    ratio = demo.parse_task_ratio(task_ratio)
+    result = demo_run.run_llava(str(tmp_path / "tiny"), picture, "w5 w6 w7", 4, ratio)
+    assert printed_kept(capsys.readouterr().out, 4) == [result.indices.tolist()]
+    assert result.task_keep == int(reference.task_budget(result.task_scores[None], 4, ratio, torch.tensor([True]))[0])
     with Image.open(out) as image:
-        assert image.size == PNG_SIZE
+        assert image.size == png_size(3)
+    fig = demo_draw.figure(result)
+    try:
+        assert drawn_kept(fig.axes[2], result) == result.indices.tolist()
+    finally:
+        plt.close(fig)
 
 
 def test_llava_keep_is_checked_against_the_config_before_the_weights(tmp_path, monkeypatch, capsys):
@@ -308,123 +437,7 @@ def test_llava_keep_is_checked_against_the_config_before_the_weights(tmp_path, m
         raise AssertionError("the weights were loaded before --keep was checked")
 
     monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", refuse)
+    capsys.readouterr()   # saving the checkpoint's progress bars
     assert main(["demo", "--model", str(tmp_path / "tiny"), "--keep", "17", "--out", str(tmp_path / "k.png")]) == 2
-    assert "--keep must lie in [1, N] = [1, 16], got 17" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_demo_with_a_local_llava_checkpoint_and_auto(tmp_path, capsys):
-    """--task-ratio auto goes through to apply_desap; the summary names the split the prompt's scores chose."""
-    _tiny_checkpoint(tmp_path / "tiny")
-    out = tmp_path / "kept.png"
-    assert main(["demo", "--model", str(tmp_path / "tiny"), "--prompt", "w5 w6 w7", "--keep", "4",
-                 "--task-ratio", "auto", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    match = re.search(r"^split task (\d) / saliency (\d) of 4, chosen by task_ratio auto from g = ", printed, re.MULTILINE)
-    assert match and int(match[1]) + int(match[2]) == 4, printed
-    with Image.open(out) as image:
-        assert image.size == PNG_SIZE
-
-
-@pytest.fixture
-def no_vit(monkeypatch):
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(vit_s, "load_vit_s", refuse)
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--task-ratio", "automatic"], "--task-ratio must be a number in [0, 1] or auto, got 'automatic'"),
-    (["--task-ratio", "auto", "--image", "{small}"], "--task-ratio auto compares a strong cue, the tokens in --query-box"),
-])
-def test_demo_refuses_a_bad_task_ratio_in_one_line_before_loading(no_vit, tmp_path, capsys, extra, message):
-    small = tmp_path / "small.png"
-    Image.new("RGB", (64, 48)).save(small)
-    argv = ["demo", "--out", str(tmp_path / "k.png"), *(a.replace("{small}", str(small)) for a in extra)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("desap: error: ") and message in err, err
-
-
-# --- several pruning methods side by side (--methods) ---------------------------------------------------
-
-SIDE_BY_SIDE = ["desap", "saliency", "similarity", "divprune", "random", "first"]
-
-
-@pytest.fixture(scope="module")
-def astronaut_methods() -> list[demo_run.DemoResult]:
-    """24 of 256 tokens kept on the astronaut photo by each method of SIDE_BY_SIDE, the shuttle as the text."""
-    picture, _ = demo_run.load_image(None)
-    return demo_run.run_vit_methods(picture, 24, 0.5, demo_run.DEFAULT_BOX, None, SIDE_BY_SIDE)
-
-
-def test_each_method_keeps_what_it_keeps_on_the_same_signals(astronaut, astronaut_methods):
-    """DeSAP's panel is the plain demo's; saliency keeps the 24 most salient tokens; similarity the
-    24 most like the box's tokens (which are its text, so every one of the box's 24 cells, each
-    scoring 1); first the first 24; divprune and random their own choice, different from those."""
-    by_method = {result.method: result for result in astronaut_methods}
-    assert list(by_method) == SIDE_BY_SIDE
-    desap = by_method["desap"]
-    assert torch.equal(desap.indices, astronaut.indices) and torch.equal(desap.assignment, astronaut.assignment)
-    assert desap.task_keep == astronaut.task_keep == 12
-    assert torch.equal(by_method["saliency"].indices, astronaut.saliency.topk(24).indices.sort().values)
-    box_cells = demo_run.box_tokens(demo_run.DEFAULT_BOX, 512, 512, 16)
-    assert box_cells.numel() == 24 and torch.equal(by_method["similarity"].indices, box_cells)
-    assert torch.equal(by_method["first"].indices, torch.arange(24))
-    for name in ("divprune", "random"):
-        kept = by_method[name].indices
-        assert kept.numel() == 24 and (kept[1:] > kept[:-1]).all()
-        assert not any(torch.equal(kept, by_method[other].indices) for other in ("saliency", "similarity", "first"))
-    for result in astronaut_methods:   # every token merges into a kept one; a kept token into itself
-        assert torch.equal(result.assignment[result.indices], torch.arange(24))
-        assert result.task_keep == (12 if result.method == "desap" else None)   # only DeSAP scores the task
-
-
-def test_random_draws_the_same_tokens_from_the_same_photo(astronaut_methods):
-    picture, _ = demo_run.load_image(None)
-    (again,) = demo_run.run_vit_methods(picture, 24, 0.5, demo_run.DEFAULT_BOX, None, ["random"])
-    assert torch.equal(again.indices, astronaut_methods[SIDE_BY_SIDE.index("random")].indices)
-
-
-def test_the_methods_figure_draws_one_panel_per_method_side_by_side(astronaut_methods):
-    fig = demo_draw.figure_methods(astronaut_methods)
-    try:
-        assert tuple(fig.get_size_inches() * demo_draw.DPI) == (500 * len(SIDE_BY_SIDE), 660)
-        panels = fig.axes[:len(SIDE_BY_SIDE)]
-        assert [ax.get_title().split(":")[0] for ax in panels] == SIDE_BY_SIDE
-        assert panels[0].get_title() == "desap: kept 24 of 256\ntask 12 / saliency 12 of 24"
-        positions = [ax.get_position().x0 for ax in panels]
-        assert positions == sorted(positions)   # side by side, in the order given
-        for ax, result in zip(panels, astronaut_methods):
-            white = [p for p in ax.patches if isinstance(p, Rectangle) and p.get_edgecolor()[:3] == (1.0, 1.0, 1.0)]
-            grid_w = 512 / 16
-            assert sorted(int(p.get_y() // grid_w) * 16 + int(p.get_x() // grid_w) for p in white) == \
-                result.indices.tolist()
-        assert "6 pruning methods keep 24 of 256" in fig.get_suptitle()
-        assert fig.axes[0].get_legend() is not None
-    finally:
-        plt.close(fig)
-
-
-def test_demo_methods_writes_one_png_and_a_summary_per_method(tmp_path, capsys):
-    out = tmp_path / "methods.png"
-    assert main(["demo", "--methods", "desap,saliency,divprune", "--keep", "16", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    for name in ("desap", "saliency", "divprune"):
-        assert f"{name}: kept 16 of 256 tokens (16x16 grid)" in printed
-    assert "desap: split task 8 / saliency 8 of 16" in printed and "saliency: split" not in printed
-    with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == (1500, 660)
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--methods", "desap,nope"], "--methods: 'nope' is not a registered pruning method; registered: "),
-    (["--methods", "saliency", "--task-ratio", "auto"], "--methods takes a task ratio in [0, 1]"),
-    (["--methods", "saliency", "--model", "{tmp}"], "--methods draws the methods on the ViT-S/14's signals"),
-])
-def test_demo_refuses_bad_methods_in_one_line_before_loading(no_vit, tmp_path, capsys, extra, message):
-    argv = ["demo", "--out", str(tmp_path / "k.png"), *(a.replace("{tmp}", str(tmp_path)) for a in extra)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("desap: error: ") and message in err, err
+    line = one_error_line(capsys.readouterr().err)
+    assert "--keep" in line and "16" in line and "17" in line   # the checkpoint's 16 tokens, the 17 asked for
