@@ -29,13 +29,14 @@ class PruningWork(AssertionError):
 @pytest.fixture(autouse=True)
 def no_pruning_work(monkeypatch):
     """The ideal costs no pruning work: in every test here, reading a tower's DeSAP signals (the
-    CLIP attention capture, the Qwen block capture) or the prompt's text for an image raises."""
-    from desap_ops.integrations.hf import clip_tower, qwen, text
+    tower capture every reader uses, ``common.signals.capture``) or the prompt's text for an image raises."""
+    from desap_ops.integrations.common import signals
+    from desap_ops.integrations.hf import text
 
     def refuse(*args, **kwargs):
         raise PruningWork("the ideal read DeSAP's signals or the prompt's text")
 
-    for module, name in ((clip_tower, "capture"), (qwen, "capture_block"), (text, "image_text_tokens")):
+    for module, name in ((signals, "capture"), (text, "image_text_tokens")):
         monkeypatch.setattr(module, name, refuse)
 
 

@@ -50,11 +50,11 @@ def registered_methods():
 @pytest.fixture
 def work(monkeypatch):
     """Counts of the pruning work a call did: attention captures in a tower, prompt text embedded."""
-    from desap_ops.integrations.hf import clip_tower, qwen, text
+    from desap_ops.integrations.common import signals
+    from desap_ops.integrations.hf import text
 
     counts = Counter()
-    for module, name, key in ((clip_tower, "capture", "capture"), (qwen, "capture_block", "capture"),
-                              (text, "image_text_tokens", "text")):
+    for module, name, key in ((signals, "capture", "capture"), (text, "image_text_tokens", "text")):
         def counting(*args, original=getattr(module, name), key=key, **kwargs):
             counts[key] += 1
             return original(*args, **kwargs)
