@@ -3,12 +3,12 @@
 Qwen3-VL, Qwen3.5 and their MoE share), read as the transformers path reads them
 (``integrations/hf/qwen2_5_vl.py``, ``integrations/hf/qwen3_vl.py``): at the last full-attention block
 (Qwen3: every block is one, so the last), the attention each language-model token receives (its
-2 x 2 patches summed) and the attention branch mapped by the model's own patch merger.
+2 x 2 patches summed: ``common.signals.merged_saliency``, the fold both engines share) and the
+attention branch mapped by the model's own patch merger.
 
 Qwen2.5-VL's encoder runs in window order. One encoder-metadata dict, computed here and passed to
 the encoder, gives the per-image segments and the permutation back to the model's order (Qwen3's
-runs in the model's order and has none). The queries
-and keys are read as the block's attention backend receives them, rotary already applied. Under
+runs in the model's order and has none). The queries and keys are read as the block's attention backend receives them, rotary already applied. Under
 tensor parallelism each rank holds some of the heads: the received attention is averaged over all
 of them with one all-reduce (``tower.mean_over_ranks``), so every rank keeps the same tokens.
 """
