@@ -50,6 +50,54 @@ def test_received_attention_matches_the_full_matrix(monkeypatch):
         torch.testing.assert_close(got[start:end].sum(), torch.tensor(1.0))
 
 
+def test_tower_signals_are_the_eager_attention_matrices_back_in_the_models_order(monkeypatch):
+    """read_tower at the full-attention block, against an eager pass recorded by hand: saliency is
+    the column means of the block's attention matrices (each image), summed per merged token, and
+    the branch is the block's output through the merger, both moved from the encoder's window order
+    to the model's by the permutation the encoder applied to the patch embeddings (found here by
+    matching rows, not from the model's window index)."""
+    import sys
+
+    model = tiny_qwen2_5_vl(attn_implementation="eager")
+    visual = model.model.visual
+    inputs = _inputs([[1, 8, 12], [1, 4, 8]], [3, 4])
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    with torch.no_grad():
+        got = qwen2_5_vl.read_tower(model, pixels, grid)
+
+    modeling = sys.modules[type(visual).__module__]
+    block = visual.blocks[model.config.vision_config.fullatt_block_indexes[-1]].attn
+    columns, seen, original = [], {}, modeling.eager_attention_forward
+
+    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        out, weights = original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        if module is block:
+            columns.append(weights[0].mean(dim=(0, 1)))   # mean over heads and queries: (keys,)
+        return out, weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    hooks = [visual.patch_embed.register_forward_hook(lambda m, a, out: seen.update(model_order=out)),
+             visual.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(window_order=args[0])),
+             block.register_forward_hook(lambda m, a, out: seen.update(branch=out))]
+    with torch.no_grad():
+        out = visual(pixels, grid_thw=grid)
+        branch = visual.merger(seen["branch"])
+    for hook in hooks:
+        hook.remove()
+    unit = visual.spatial_merge_unit
+    model_rows, window_rows = (seen[k].reshape(-1, unit * seen[k].shape[-1]) for k in ("model_order", "window_order"))
+    source = torch.cdist(window_rows, model_rows).argmin(dim=1)   # the model's token at each window position
+    assert torch.equal(window_rows, model_rows[source])
+    assert not torch.equal(source, torch.arange(len(source)))     # window order is not the model's here
+    saliency = torch.empty_like(got.saliency)
+    saliency[source] = torch.cat(columns).view(-1, unit).sum(dim=1)
+    expected_branch = torch.empty_like(branch)
+    expected_branch[source] = branch
+    assert torch.equal(got.hidden, out.pooler_output)
+    torch.testing.assert_close(got.saliency, saliency, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.attn, expected_branch, rtol=1e-5, atol=1e-6)
+
+
 def test_keep_all_without_merge_leaves_logits_unchanged():
     model = tiny_qwen2_5_vl()
     single = _inputs([[1, 8, 12]], [1])
