@@ -8,9 +8,10 @@ attention branch mapped by the model's own patch merger.
 
 Qwen2.5-VL's encoder runs in window order. One encoder-metadata dict, computed here and passed to
 the encoder, gives the per-image segments and the permutation back to the model's order (Qwen3's
-runs in the model's order and has none). The queries and keys are read as the block's attention backend receives them, rotary already applied. Under
-tensor parallelism each rank holds some of the heads: the received attention is averaged over all
-of them with one all-reduce (``tower.mean_over_ranks``), so every rank keeps the same tokens.
+runs in the model's order and has none). The queries and keys are read as the block's attention
+backend receives them, rotary already applied. Under tensor parallelism each rank holds some of the
+heads: the received attention is averaged over all of them with one all-reduce
+(``tower.mean_over_ranks``), so every rank keeps the same tokens.
 """
 from __future__ import annotations
 

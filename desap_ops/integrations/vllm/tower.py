@@ -2,11 +2,11 @@
 
 vLLM's CLIP attention fuses the query, key and value projections into one ``qkv_proj`` and, under
 tensor parallelism, each rank holds ``num_heads / tp`` of the heads. Hooks on the feature layer
-(``common.signals.capture``) read the local queries and keys (out of ``qkv_proj``) and the attention branch (the output of
-``self_attn``, whose row-parallel ``out_proj`` has already summed the ranks). The [CLS] saliency
-is a mean over all heads: each rank sums its own heads' softmax rows, one all-reduce adds the
-ranks, and every rank divides by the head count, so all ranks hold the same saliency and keep the
-same tokens.
+(``common.signals.capture``) read the local queries and keys (out of ``qkv_proj``) and the attention
+branch (the output of ``self_attn``, whose row-parallel ``out_proj`` has already summed the ranks).
+The [CLS] saliency is a mean over all heads: each rank sums its own heads' softmax rows, one
+all-reduce adds the ranks, and every rank divides by the head count, so all ranks hold the same saliency
+and keep the same tokens.
 """
 from __future__ import annotations
 
