@@ -12,6 +12,7 @@ import torch
 from desap_ops.integrations import last_prune
 from desap_ops.methods import available_methods, get_method, unregister_method
 from desap_ops.testing.tiny import BOS, IMAGE_TOKEN_ID, tiny_llava
+from integrations.hf.fed import fed_rows, language_model_input
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE = 140                 # pixels: a 10 x 10 grid of 14-pixel patches
@@ -50,22 +51,12 @@ def fed(model, pixels: torch.Tensor):
     """The image rows the language model received (hooks on the model's and the language model's
     input), and the unpatched model's tower features (feature layer -2, [CLS] dropped) with its projector."""
     ids = torch.tensor([[BOS, 5] + [IMAGE_TOKEN_ID] * TOKENS + [7, 9]])
-    seen = {}
-    hooks = [model.model.register_forward_pre_hook(
-                 lambda module, args, kwargs: seen.update(ids=kwargs.get("input_ids", args[0] if args else None)),
-                 with_kwargs=True),
-             model.model.language_model.register_forward_pre_hook(
-                 lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, pixel_values=pixels)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with language_model_input(model) as seen, torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels)
     plain = tiny_llava(image_size=SIDE)
     with torch.no_grad():
         features = plain.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
-    return seen["embeds"][seen["ids"] == IMAGE_TOKEN_ID], features[0], plain.model.multi_modal_projector
+    return fed_rows(seen, IMAGE_TOKEN_ID), features[0], plain.model.multi_modal_projector
 
 
 def pixels() -> torch.Tensor:

@@ -124,10 +124,11 @@ def vit_signals(image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     except (ModuleNotFoundError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err
     pixels = vit_s.preprocess(image)
-    with torch.no_grad(), capture(vit_s.dinov2_layout(model, FEATURE_LAYER)) as signals:
+    layout = vit_s.dinov2_layout(model, FEATURE_LAYER)
+    with torch.no_grad(), capture(layout.taps()) as captured:
         outputs = model(pixels, output_hidden_states=True)
-        saliency = signals.cls_saliency()[:, 1:]
-        branch = signals.attention_branch[:, 1:]
+        saliency = layout.cls_saliency(captured)[:, 1:]
+        branch = captured.attention[:, 1:]
     return outputs.hidden_states[FEATURE_LAYER + 1][:, 1:], branch, saliency, pixels.shape[-1] // vit_s.PATCH
 
 

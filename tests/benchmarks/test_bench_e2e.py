@@ -223,12 +223,13 @@ IDEAL_MODELS = [(name, 4) for name in TINY] + [("llava-next-7b", 640)] + [
 
 def _no_pruning_work(monkeypatch) -> None:
     """The ideal must cost no pruning work: reading the tower's signals, or the prompt's text, raises."""
-    from desap_ops.integrations.hf import clip_tower, qwen, text
+    from desap_ops.integrations.common import signals
+    from desap_ops.integrations.hf import text
 
     def refuse(*args, **kwargs):
         raise AssertionError("the ideal did pruning work")
 
-    for module, name in ((clip_tower, "capture"), (qwen, "capture_block"), (text, "image_text_tokens")):
+    for module, name in ((signals, "capture"), (text, "image_text_tokens")):
         monkeypatch.setattr(module, name, refuse)
 
 

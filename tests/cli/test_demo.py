@@ -376,9 +376,10 @@ def test_real_vit_saliency_matches_its_eager_attention_matrix():
     pixels = vit_s.preprocess(picture)
     model = vit_s.load_vit_s(attn_implementation="eager")
     for layer in (5, demo_run.FEATURE_LAYER):
-        with torch.no_grad(), capture(vit_s.dinov2_layout(model, layer)) as signals:
+        layout = vit_s.dinov2_layout(model, layer)
+        with torch.no_grad(), capture(layout.taps()) as captured:
             out = model(pixels, output_attentions=True)
-            saliency = signals.cls_saliency()
+        saliency = layout.cls_saliency(captured)
         torch.testing.assert_close(saliency, out.attentions[layer][:, :, 0, :].mean(dim=1), rtol=1e-4, atol=1e-6)
 
 

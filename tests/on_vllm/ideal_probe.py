@@ -1,12 +1,12 @@
 """Runs inside each vLLM worker (``LLM.apply_model``, through engine.py's "watch"): how much pruning
 work the engine did, counted where it would be done: the [CLS] saliency (``tower.cls_saliency``),
-the Qwen received attention (``qwen_tower.received_attention``) and the width of each batch of
+the Qwen saliency fold (``qwen_tower.merged_saliency``) and the width of each batch of
 embedded image texts (``desap_texts``). Counting only: every call still returns what it did."""
 from desap_ops.integrations.vllm import qwen_tower, tower
 
 
 def watch_pruning_work(model):
-    work = model.desap_pruning_work = {"cls_saliency": 0, "received_attention": 0, "text_widths": []}
+    work = model.desap_pruning_work = {"cls_saliency": 0, "merged_saliency": 0, "text_widths": []}
 
     def counted(module, name):
         function = getattr(module, name)
@@ -17,7 +17,7 @@ def watch_pruning_work(model):
         setattr(module, name, wrapper)
 
     counted(tower, "cls_saliency")
-    counted(qwen_tower, "received_attention")
+    counted(qwen_tower, "merged_saliency")
     texts = model.desap_texts
 
     def desap_texts(text_ids, reads):

@@ -123,7 +123,7 @@ def test_llm_generate_ideal_keeps_each_images_first_tokens_at_each_requests_keep
     assert rank["class"] == "DesapLlavaForConditionalGeneration"
     # no pruning work: no saliency read, no text embedded, in calls that did run
     (work,) = got["watched"]
-    assert work["cls_saliency"] == work["received_attention"] == 0
+    assert work["cls_saliency"] == work["merged_saliency"] == 0
     assert work["text_widths"] and set(work["text_widths"]) == {0}
     assert sorted(r.indices.tolist() for r in rank["history"]) == sorted(list(range(k)) for k in keeps)
     for record in rank["history"]:
@@ -242,7 +242,7 @@ def test_the_ideal_runs_each_tower_plainly_and_embeds_no_text(monkeypatch):
         raise Refused
 
     monkeypatch.setattr(tower, "cls_saliency", refuse)
-    monkeypatch.setattr(qwen_tower, "received_attention", refuse)
+    monkeypatch.setattr(qwen_tower, "merged_saliency", refuse)
     clip, pixels = _ClipTower(), torch.randn(2, 5, 8)
     with pytest.raises(Refused):
         tower.read_vllm_tower(clip, pixels, drop_cls=True)

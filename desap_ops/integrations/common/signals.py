@@ -1,21 +1,26 @@
 """DeSAP's signals from a vision tower, for every family and both engines.
 
 :class:`TowerSignals` is what a tower pass gives the operator, whichever engine read it. The rest
-computes them. Hooks on the feature layer's attention module (:func:`capture`) capture:
-- the attention branch: the attention module's output (after its output projection), before the
-  layer adds it to the residual stream;
-- the queries and keys, from the outputs of the query and key projections. [CLS] saliency is the
-  softmax of the [CLS] query against all keys, averaged over heads: O(T) per head, so the attention
-  implementation (eager, SDPA, flash) is left as it is and no T x T matrix is ever formed.
+computes them, once for every reader of both engines:
 
-Encoders without [CLS] (the Qwen families) use :func:`received_attention` instead: the attention
-each token receives, one block of queries at a time.
+- :func:`tower_pass`, the skeleton of every reader: a plain pass where the method reads no
+  attention, else one pass under :func:`capture`, then the pixel hashes where it reads the seed;
+- :func:`capture`: forward hooks, for one pass, on the modules a reader names (:class:`Taps`),
+  giving a :class:`TowerCapture`: the attention branch (the attention module's output, after its
+  output projection, before the layer adds it to the residual stream) and the queries and keys
+  (from the query and key projections, or a fused one);
+- [CLS] saliency (:func:`cls_attention`): the softmax of the [CLS] query against all keys,
+  averaged over heads: O(T) per head, so the attention implementation (eager, SDPA, flash) is left
+  as it is and no T x T matrix is ever formed;
+- encoders without [CLS] (the Qwen families): :func:`merged_saliency`, the attention each patch
+  receives (:func:`received_attention`, one block of queries at a time) summed per merged token,
+  in the model's order.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from typing import AbstractSet, Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import AbstractSet, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -87,9 +92,84 @@ def patch_content(pixels: torch.Tensor, visual: nn.Module) -> torch.Tensor:
     return order_rows(pixels, channels).view(-1, visual.spatial_merge_unit).sum(dim=1)
 
 
+@dataclass(frozen=True)
+class Taps:
+    """Where a tower reader's hooks go for one pass (:func:`capture`): the module whose output
+    fills the :class:`TowerCapture` field of the same name (the first element where it returns a
+    tuple), and the module whose keyword arguments fill ``inputs``; None: not read."""
+
+    attention: Optional[nn.Module] = None   # the attention module: its output is the attention branch
+    query: Optional[nn.Module] = None       # the query projection
+    key: Optional[nn.Module] = None         # the key projection
+    qkv: Optional[nn.Module] = None         # a fused query, key and value projection
+    inputs: Optional[nn.Module] = None      # a module whose keyword arguments are read (rotary tables, segments, ...)
+
+
 @dataclass
+class TowerCapture:
+    """What one tower pass gave the modules of its :class:`Taps` (the last call of each), field for field."""
+
+    attention: Optional[torch.Tensor] = None        # the attention branch, before the residual add
+    query: Optional[torch.Tensor] = None
+    key: Optional[torch.Tensor] = None
+    qkv: Optional[torch.Tensor] = None
+    inputs: Optional[Mapping[str, Any]] = None      # the keyword arguments of the ``inputs`` module
+
+
+@contextmanager
+def capture(taps: Taps) -> Iterator[TowerCapture]:
+    """Hooks on the modules of ``taps`` while the block runs one tower pass; the hooks are removed
+    when the block ends, also when the pass raises."""
+    if not isinstance(taps, Taps):
+        raise TypeError(f"capture needs the Taps of a tower's modules, got {type(taps).__name__}")
+    captured = TowerCapture()
+
+    def save(name: str):
+        def hook(module, args, output):
+            setattr(captured, name, output[0] if isinstance(output, (tuple, list)) else output)
+        return hook
+
+    def save_inputs(module, args, kwargs):
+        captured.inputs = dict(kwargs)
+
+    handles = []
+    try:
+        for tap in fields(Taps):
+            module = getattr(taps, tap.name)
+            if module is None:
+                continue
+            handles.append(module.register_forward_pre_hook(save_inputs, with_kwargs=True) if tap.name == "inputs"
+                           else module.register_forward_hook(save(tap.name)))
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+Output = TypeVar("Output")
+
+
+def tower_pass(reads: AbstractSet[str], run: Callable[[], Output], taps: Callable[[], Taps],
+               read: Callable[[Output, Optional[TowerCapture]], TowerSignals],
+               content: Callable[[TowerSignals], torch.Tensor]) -> tuple[TowerSignals, Output]:
+    """The one skeleton of every tower reader: ``run()`` the tower once, plainly where the method's
+    ``reads`` need no attention (:func:`captures`; ``read`` then gets None), else under
+    :func:`capture` of ``taps()``; ``read`` turns the tower's output and the capture into signals;
+    the pixel hashes (``content(signals)``) are added where the method reads the seed. Returns the
+    signals and the tower's output."""
+    if not captures(reads):
+        output = run()
+        signals = read(output, None)
+    else:
+        with capture(taps()) as captured:
+            output = run()
+        signals = read(output, captured)
+    return with_content(signals, lambda: content(signals), reads), output
+
+
+@dataclass(frozen=True)
 class AttentionLayout:
-    """Where the pieces of one self-attention module are."""
+    """Where the pieces of one self-attention module with a [CLS] token are (CLIP, SigLIP, DINOv2)."""
 
     attention: nn.Module      # returns the attention branch (a tensor or a tuple starting with it)
     query: nn.Module          # Linear producing the queries (B, T, H * d)
@@ -97,19 +177,12 @@ class AttentionLayout:
     num_heads: int
     scale: float
 
+    def taps(self) -> Taps:
+        return Taps(attention=self.attention, query=self.query, key=self.key)
 
-@dataclass
-class CapturedSignals:
-    attention_branch: Optional[torch.Tensor] = None   # (B, T, D)
-    queries: Optional[torch.Tensor] = None            # (B, T, H * d)
-    keys: Optional[torch.Tensor] = None               # (B, T, H * d)
-    num_heads: int = 1
-    scale: float = 1.0
-    handles: list = field(default_factory=list)
-
-    def cls_saliency(self, cls_index: int = 0) -> torch.Tensor:
+    def cls_saliency(self, captured: TowerCapture, cls_index: int = 0) -> torch.Tensor:
         """(B, T) float32: attention of the [CLS] query to every token, averaged over heads."""
-        return cls_attention(self.queries[:, cls_index], self.keys, self.num_heads, self.scale)
+        return cls_attention(captured.query[:, cls_index], captured.key, self.num_heads, self.scale)
 
 
 def cls_attention(query: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
@@ -141,25 +214,17 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, segments, scal
     return out
 
 
-@contextmanager
-def capture(layout: AttentionLayout) -> Iterator[CapturedSignals]:
-    """Capture the signals of one forward pass through ``layout.attention``."""
-    signals = CapturedSignals(num_heads=layout.num_heads, scale=layout.scale)
-
-    def save(name):
-        def hook(module, args, output):
-            value = output[0] if isinstance(output, (tuple, list)) else output
-            setattr(signals, name, value)
-        return hook
-
-    signals.handles = [
-        layout.attention.register_forward_hook(save("attention_branch")),
-        layout.query.register_forward_hook(save("queries")),
-        layout.key.register_forward_hook(save("keys")),
-    ]
-    try:
-        yield signals
-    finally:
-        for handle in signals.handles:
-            handle.remove()
-        signals.handles = []
+def merged_saliency(queries: torch.Tensor, keys: torch.Tensor, segments, scale: float, merge_unit: int,
+                    order: Optional[torch.Tensor] = None,
+                    across_ranks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """(T',) float32, the saliency of a Qwen tower's language-model tokens: the attention each patch
+    receives within its segment (:func:`received_attention`; queries, keys: (T, H, d) as the
+    encoder ran them), averaged over every head of every rank by ``across_ranks`` (vLLM under
+    tensor parallelism), summed over the ``merge_unit`` patches each token merges, and put back in
+    the model's order by the index ``order`` (Qwen2.5-VL's encoder runs in window order; None:
+    the encoder's order is the model's). The one entry point of this fold for both engines."""
+    received = received_attention(queries, keys, segments, scale)
+    if across_ranks is not None:
+        received = across_ranks(received)
+    saliency = received.view(-1, merge_unit).sum(dim=1)
+    return saliency if order is None else saliency[order]

@@ -3,13 +3,13 @@ LLaVA-NeXT and the video models): one run of the tower gives the hidden states, 
 branch and the [CLS] saliency of every token (``common.signals``)."""
 from __future__ import annotations
 
-from typing import AbstractSet
+from typing import AbstractSet, Optional
 
 import torch
 from torch import nn
 
 from ...methods import SIGNALS
-from ..common.signals import AttentionLayout, TowerSignals, capture, captures, frame_content, with_content
+from ..common.signals import AttentionLayout, TowerCapture, TowerSignals, frame_content, tower_pass
 
 
 def feature_layer(config) -> int:
@@ -45,21 +45,22 @@ def encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
 def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cls: bool,
                reads: AbstractSet[str] = SIGNALS) -> tuple[TowerSignals, object]:
     """Run ``tower`` once on ``pixel_values`` and read the signals at hidden_states[``layer``]
-    ((B, T, .) each; ``drop_cls`` removes the [CLS] token from all three). Returns them and the
+    ((B, T, .) each; ``drop_cls`` removes the [CLS] token from all of them). Returns them and the
     tower's own output (hidden_states included), which the model's feature method also returns.
-    Only the signals the pruning method ``reads`` are read (``common.signals.captures``): without
+    Only the signals the pruning method ``reads`` are read (``common.signals.tower_pass``): without
     saliency and branch the tower runs plainly, with no capture."""
-    if not captures(reads):
-        outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
-        signals = TowerSignals(outputs.hidden_states[layer])
-    else:
-        with capture(clip_layout(encoder_layers(tower)[layer - 1])) as captured:
-            outputs = tower(pixel_values, output_hidden_states=True, return_dict=True)
-            saliency = captured.cls_saliency()
-            branch = captured.attention_branch
-        signals = TowerSignals(outputs.hidden_states[layer], branch, saliency)
-    hidden = signals.hidden
-    signals = with_content(signals, lambda: frame_content(pixel_values, hidden.shape[1], hidden.dtype), reads)
+    def layout() -> AttentionLayout:
+        return clip_layout(encoder_layers(tower)[layer - 1])
+
+    def read(outputs, captured: Optional[TowerCapture]) -> TowerSignals:
+        hidden = outputs.hidden_states[layer]
+        if captured is None:
+            return TowerSignals(hidden)
+        return TowerSignals(hidden, captured.attention, layout().cls_saliency(captured))
+
+    signals, outputs = tower_pass(
+        reads, lambda: tower(pixel_values, output_hidden_states=True, return_dict=True), lambda: layout().taps(), read,
+        lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype))
     if drop_cls:
         signals = signals.map(lambda t: t[:, 1:])
     return signals, outputs

@@ -19,6 +19,7 @@ from ..common.hooked import Hook
 from ..common.layout import drops_cls, tokens_per_crop
 from ..common.sequence import image_budget
 from .clip_tower import feature_layer, read_tower
+from .family import Family
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
 from .text import served_text_embeddings
@@ -68,3 +69,6 @@ def install(model: nn.Module, state: DesapState) -> None:
     state.patch.feature_layer = feature_layer(model.config)
     install_serving(model, state, _shrink,
                     (model.model, "get_image_features", lambda inner, *a, **k: _image_features(model, inner, *a, **k)))
+
+
+FAMILY = Family(install, HOOKS, image_tokens)

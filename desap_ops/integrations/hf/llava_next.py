@@ -21,6 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ..common.hooked import Hook
 from ..common.layout import crops_per_image, drops_cls, packed_budget, packed_sources, with_newlines
 from .clip_tower import feature_layer, read_tower
+from .family import Family
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
 from .text import served_text_embeddings
@@ -88,3 +89,6 @@ def install(model: nn.Module, state: DesapState) -> None:
     state.patch.feature_layer = feature_layer(model.config)
     install_serving(model, state, _shrink,
                     (model.model, "get_image_features", lambda inner, *a, **k: _image_features(model, inner, *a, **k)))
+
+
+FAMILY = Family(install, HOOKS, image_tokens)

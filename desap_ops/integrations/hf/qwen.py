@@ -9,16 +9,15 @@ compete for one budget), the prompt loses the dropped placeholders, and the kept
 ``get_image_features`` and ``get_video_features`` then hand out the planned tokens (and their
 DeepStack levels, Qwen3-VL), and generate's position preparation hands out the planned positions.
 
-A family supplies ``read_tower(model, pixels, grid, reads) -> TowerSignals`` (its saliency layer and
-merger; ``common.signals``; only the signals the method ``reads``: without saliency and branch, a
-plain pass that reads only the features) and
-``output(features, levels)`` (the model output its forward reads), then calls :func:`install`. Everything else is here, the same for every Qwen family. What
-a call plans travels as a :class:`QwenPlan` on the call's context (``state.CallContext.plan``).
+A family supplies ``read_tower(model, pixels, grid, reads) -> TowerSignals`` (:func:`read_qwen_tower`
+at its saliency block, with its rotary; only the signals the method ``reads``: without saliency and
+branch, a plain pass that reads only the features) and ``output(features, levels)`` (the model
+output its forward reads), then calls :func:`install`. Everything else is here, the same for every
+Qwen family. What a call plans travels as a :class:`QwenPlan` on the call's context (``state.CallContext.plan``).
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import AbstractSet, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -26,7 +25,7 @@ from torch import nn
 from ...reference import merge_tokens
 from ..common.hooked import Hook
 from ..common.sequence import count_placeholders, drop_tokens, image_budget
-from ..common.signals import TowerSignals, received_attention
+from ..common.signals import Taps, TowerCapture, TowerSignals, merged_saliency, patch_content, tower_pass
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .state import DesapState, PlannedMedium, QwenPlan
 from .text import text_embeddings
@@ -71,41 +70,39 @@ Output = Callable[[list, list], object]   # (features per item, levels x items) 
 VideoText = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor], list], torch.Tensor]
 
 
-# --- reading a vision block ----------------------------------------------------------------------
+# --- reading the tower ---------------------------------------------------------------------------
 
-@contextmanager
-def capture_block(block: nn.Module) -> Iterator[dict]:
-    """Inputs and outputs of one Qwen vision block's attention while the tower runs: rotary tables
-    (``position_embeddings``), segments (``cu_seqlens``), ``qkv`` and the attention ``branch``."""
-    store = {}
+def read_qwen_tower(visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, reads: AbstractSet[str],
+                    block_index: int, rotary: Callable[[], Callable],
+                    window_order: Optional[Callable[[torch.device], torch.Tensor]] = None) -> TowerSignals:
+    """One pass of the Qwen tower ``visual`` over images or videos (``common.signals.tower_pass``),
+    read at block ``block_index``: per language-model token (all items, in the model's order) the
+    merged tokens and DeepStack levels, the block's attention branch through the model's own
+    merger, the saliency (``common.signals.merged_saliency``: the attention each patch receives
+    within its image or frame, from the block's own queries and keys with ``rotary()`` applied,
+    summed per token), and the pixel hashes; only those the method ``reads``. ``window_order``
+    (Qwen2.5-VL): the index from the encoder's window order back to the model's, on a device."""
+    block = visual.blocks[block_index].attn
 
-    def before(module, args, kwargs):
-        store["position_embeddings"] = kwargs.get("position_embeddings")
-        store["cu_seqlens"] = kwargs.get("cu_seqlens")
+    def read(outputs, captured: Optional[TowerCapture]) -> TowerSignals:
+        levels = tuple(getattr(outputs, "deepstack_features", None) or ())
+        if captured is None:
+            return TowerSignals(outputs.pooler_output, levels=levels)
+        qkv = captured.qkv
+        queries, keys, _ = qkv.reshape(qkv.shape[0], 3, block.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        queries, keys = rotary()(queries, keys, *captured.inputs["position_embeddings"])
+        bounds = captured.inputs["cu_seqlens"].tolist()
+        order = None if window_order is None else window_order(keys.device)
+        saliency = merged_saliency(queries, keys, list(zip(bounds[:-1], bounds[1:])), block.scaling,
+                                   visual.spatial_merge_unit, order)
+        branch = visual.merger(captured.attention)
+        return TowerSignals(outputs.pooler_output, branch if order is None else branch[order], saliency, levels)
 
-    def save(name):
-        def hook(module, args, output):
-            store[name] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    handles = [block.attn.register_forward_pre_hook(before, with_kwargs=True),
-               block.attn.qkv.register_forward_hook(save("qkv")),
-               block.attn.register_forward_hook(save("branch"))]
-    try:
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def block_received_attention(block: nn.Module, store: dict, apply_rotary: Callable) -> torch.Tensor:
-    """(patches,) float32: the attention each patch receives in ``block`` within its segment (an
-    image, or one frame of a video), from the block's own queries and keys with rotary applied."""
-    qkv = store["qkv"]
-    queries, keys, _ = qkv.reshape(qkv.shape[0], 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    queries, keys = apply_rotary(queries, keys, *store["position_embeddings"])
-    bounds = store["cu_seqlens"].tolist()
-    return received_attention(queries, keys, list(zip(bounds[:-1], bounds[1:])), block.attn.scaling)
+    # the block's attention gets its rotary tables and segments (cu_seqlens) by name
+    signals, _ = tower_pass(reads, lambda: visual(pixels.type(visual.dtype), grid_thw=grid_thw),
+                            lambda: Taps(attention=block, qkv=block.qkv, inputs=block), read,
+                            lambda signals: patch_content(pixels, visual))
+    return signals
 
 
 # --- planning a call -----------------------------------------------------------------------------

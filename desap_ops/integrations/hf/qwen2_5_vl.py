@@ -26,8 +26,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ...methods import SIGNALS
 from ..common.hooked import Hook
-from ..common.signals import TowerSignals, captures, patch_content, with_content
+from ..common.signals import TowerSignals
 from . import qwen
+from .family import Family
 from .state import DesapState
 
 HOOKS = (
@@ -53,27 +54,25 @@ def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
     ``reads`` (without saliency and branch, a plain pass with no capture). Needs no patch: it reads
     the model as it is."""
     visual = model.model.visual
-    signals = _read(model, visual, pixels, grid_thw, reads)
-    return with_content(signals, lambda: patch_content(pixels, visual), reads)
+
+    def window_order(device: torch.device) -> torch.Tensor:
+        """The encoder's window order -> the model's order."""
+        # here, not at the top: importing the modeling module costs seconds
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size,
+                                                  kwargs={})
+        return torch.argsort(window_index.to(device))
+
+    return qwen.read_qwen_tower(visual, pixels, grid_thw, reads, saliency_layer(model), _rotary, window_order)
 
 
-def _read(model: nn.Module, visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, reads) -> TowerSignals:
-    if not captures(reads):
-        return TowerSignals(visual(pixels.type(visual.dtype), grid_thw=grid_thw).pooler_output)
+def _rotary():
     # here, not at the top: importing the modeling module costs seconds
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-    from transformers.vision_utils import get_vision_window_index
 
-    block = visual.blocks[saliency_layer(model)]
-    with qwen.capture_block(block) as store:
-        outputs = visual(pixels.type(visual.dtype), grid_thw=grid_thw)
-    received = qwen.block_received_attention(block, store, apply_rotary_pos_emb_vision)
-    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
-                                              window_size=visual.window_size, patch_size=visual.patch_size,
-                                              kwargs={})
-    order = torch.argsort(window_index.to(received.device))   # encoder (window) order -> model order
-    saliency = received.view(-1, visual.spatial_merge_unit).sum(dim=1)[order]
-    return TowerSignals(outputs.pooler_output, visual.merger(store["branch"])[order], saliency)
+    return apply_rotary_pos_emb_vision
 
 
 def _output(features: list, levels: list) -> BaseModelOutputWithPooling:
@@ -83,3 +82,6 @@ def _output(features: list, levels: list) -> BaseModelOutputWithPooling:
 def install(model: nn.Module, state: DesapState) -> None:
     """Patch a Qwen2.5-VL model: forward, generate, generate's positions, the image and video features."""
     qwen.install(model, state, read_tower, _output)
+
+
+FAMILY = Family(install, HOOKS)

@@ -33,8 +33,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from ...methods import SIGNALS
 from ..common.hooked import Hook
 from ..common.sequence import placeholder_owners
-from ..common.signals import TowerSignals, captures, patch_content, with_content
+from ..common.signals import TowerSignals
 from . import qwen
+from .family import Family
 from .state import DesapState
 
 
@@ -68,25 +69,13 @@ def has_deepstack(model: nn.Module) -> bool:
 
 def read_tower(model: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor,
                reads: AbstractSet[str] = SIGNALS) -> TowerSignals:
-    """One tower pass over images or videos, read at the last block; DeepStack levels included.
-    Only the signals the method ``reads`` (without saliency and branch: the hidden states and
-    levels alone, from a plain pass with no capture), and the pixel hashes where it reads the seed."""
+    """One tower pass over images or videos, read at the last block (whose order is the model's);
+    DeepStack levels included. Only the signals the method ``reads`` (without saliency and branch:
+    the hidden states and levels alone, from a plain pass with no capture), and the pixel hashes
+    where it reads the seed."""
     visual = model.model.visual
-    signals = _read(model, visual, pixels, grid_thw, reads)
-    return with_content(signals, lambda: patch_content(pixels, visual), reads)
-
-
-def _read(model: nn.Module, visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, reads) -> TowerSignals:
-    if not captures(reads):
-        outputs = visual(pixels.type(visual.dtype), grid_thw=grid_thw)
-        return TowerSignals(outputs.pooler_output, levels=tuple(getattr(outputs, "deepstack_features", None) or ()))
-    block = visual.blocks[-1]
-    with qwen.capture_block(block) as store:
-        outputs = visual(pixels.type(visual.dtype), grid_thw=grid_thw)
-    received = qwen.block_received_attention(block, store, _modeling(model).apply_rotary_pos_emb_vision)
-    saliency = received.view(-1, visual.spatial_merge_unit).sum(dim=1)   # the tower's order is the model's
-    levels = tuple(getattr(outputs, "deepstack_features", None) or ())
-    return TowerSignals(outputs.pooler_output, visual.merger(store["branch"]), saliency, levels)
+    return qwen.read_qwen_tower(visual, pixels, grid_thw, reads, len(visual.blocks) - 1,
+                                lambda: _modeling(model).apply_rotary_pos_emb_vision)
 
 
 def deepstack_per_image(model: nn.Module) -> bool:
@@ -230,3 +219,10 @@ def install(model: nn.Module, state: DesapState) -> None:
     shape = None if state.options.tokenizer is None else timestamp_shape(state.options.tokenizer)
     qwen.install(model, state, read_tower, output,
                  lambda m, input_ids, mask, lengths: frame_timestamps(m, input_ids, mask, lengths, shape))
+
+
+# one patcher, four classes: each checks the internals of its own modeling module
+QWEN3_VL = Family(install, HOOKS_QWEN3_VL)
+QWEN3_VL_MOE = Family(install, HOOKS_QWEN3_VL_MOE)
+QWEN3_5 = Family(install, HOOKS_QWEN3_5)
+QWEN3_5_MOE = Family(install, HOOKS_QWEN3_5_MOE)

@@ -1,7 +1,8 @@
-"""The registry of ``apply_desap``: {model class name: the family's patcher}, the checks before
+"""The registry of ``apply_desap``: {model class name: its :class:`~.family.Family`}, the checks before
 patching, and the public entry points (``desap_ops.integrations`` re-exports them)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
@@ -12,50 +13,33 @@ from ..common.prompt import config_ignored_ids
 from ..common.pruning import DEFAULTS, PruneOptions
 from ..common.record import PruneRecord
 from . import compat, llava, llava_next, qwen2_5_vl, qwen3_vl, video
+from .family import Family
 from .serving import uninstall_methods
 from .state import DesapState, Options
 
-# model class name -> install(model, state): patches the model in place
-PATCHERS: dict[str, Callable[[nn.Module, DesapState], None]] = {
-    "LlavaForConditionalGeneration": llava.install,
-    "LlavaNextForConditionalGeneration": llava_next.install,
-    "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl.install,
-    "Qwen3VLForConditionalGeneration": qwen3_vl.install,
-    "Qwen3VLMoeForConditionalGeneration": qwen3_vl.install,
-    "Qwen3_5ForConditionalGeneration": qwen3_vl.install,
-    "Qwen3_5MoeForConditionalGeneration": qwen3_vl.install,
-    "LlavaNextVideoForConditionalGeneration": video.install_llava_next_video,
-    "VideoLlavaForConditionalGeneration": video.install_video_llava,
+# model class name -> its family: how apply_desap patches it and what the patch needs (a subclass
+# of a class here is patched as that class)
+FAMILIES: dict[str, Family] = {
+    "LlavaForConditionalGeneration": llava.FAMILY,
+    "LlavaNextForConditionalGeneration": llava_next.FAMILY,
+    "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl.FAMILY,
+    "Qwen3VLForConditionalGeneration": qwen3_vl.QWEN3_VL,
+    "Qwen3VLMoeForConditionalGeneration": qwen3_vl.QWEN3_VL_MOE,
+    "Qwen3_5ForConditionalGeneration": qwen3_vl.QWEN3_5,
+    "Qwen3_5MoeForConditionalGeneration": qwen3_vl.QWEN3_5_MOE,
+    "LlavaNextVideoForConditionalGeneration": replace(video.LLAVA_NEXT_VIDEO, image_tokens=llava_next.image_tokens),
+    "VideoLlavaForConditionalGeneration": video.VIDEO_LLAVA,
 }
-SUPPORTED = tuple(PATCHERS)
-
-# model class name -> the model internals its patch uses (checked before patching: compat)
-HOOKS: dict[str, tuple[compat.Hook, ...]] = {
-    "LlavaForConditionalGeneration": llava.HOOKS,
-    "LlavaNextForConditionalGeneration": llava_next.HOOKS,
-    "Qwen2_5_VLForConditionalGeneration": qwen2_5_vl.HOOKS,
-    "Qwen3VLForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_VL,
-    "Qwen3VLMoeForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_VL_MOE,
-    "Qwen3_5ForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_5,
-    "Qwen3_5MoeForConditionalGeneration": qwen3_vl.HOOKS_QWEN3_5_MOE,
-    "LlavaNextVideoForConditionalGeneration": video.HOOKS,
-    "VideoLlavaForConditionalGeneration": video.HOOKS,
-}
-
-# model class name -> the processor's placeholder count of each image, for the LLaVA image paths
-IMAGE_TOKEN_COUNTS: dict[str, Callable[..., list[int]]] = {
-    "LlavaForConditionalGeneration": llava.image_tokens,
-    "LlavaNextForConditionalGeneration": llava_next.image_tokens,
-    "LlavaNextVideoForConditionalGeneration": llava_next.image_tokens,   # its images are LLaVA-NeXT's
-}
+SUPPORTED = tuple(FAMILIES)
 
 
-def _lookup(table: dict, model, caller: str):
-    """The entry of ``model``'s class, or of the nearest supported class it derives from."""
+def _family(model, caller: str, serves: Callable[[Family], bool] = lambda family: True) -> Family:
+    """The family of ``model``'s class, or of the nearest class it derives from, among those ``serves`` accepts."""
+    served = [name for name, family in FAMILIES.items() if serves(family)]
     for cls in type(model).__mro__:
-        if cls.__name__ in table:
-            return table[cls.__name__]
-    raise TypeError(f"{caller} supports {', '.join(table)}; got {type(model).__name__}")
+        if cls.__name__ in served:
+            return FAMILIES[cls.__name__]
+    raise TypeError(f"{caller} supports {', '.join(served)}; got {type(model).__name__}")
 
 
 def apply_desap(model: nn.Module, keep: int = DEFAULTS.keep,
@@ -101,16 +85,16 @@ def apply_desap(model: nn.Module, keep: int = DEFAULTS.keep,
         ValueError: an option out of range; a supported model is left without DeSAP. (A ``keep``
             above an image's tokens is no error: that image passes whole.)
     """
-    install = _lookup(PATCHERS, model, "apply_desap")
+    family = _family(model, "apply_desap")
     compat.check_version()
-    compat.check_hooks(model, _lookup(HOOKS, model, "apply_desap"))
+    compat.check_hooks(model, family.hooks)
     remove_desap(model)
     ignored = config_ignored_ids(model.config, getattr(model, "generation_config", None), exclude_token_ids)
     prune = PruneOptions.checked(keep, task_ratio, merge, text_reduce, backend, text_budget, method, ideal=ideal)
     markers = as_chat_markers(chat)
     tokenizer = None if chat is None or isinstance(chat, ChatMarkers) else chat
-    install(model, DesapState(Options(**vars(prune), ignored_ids=frozenset(ignored), chat=markers,
-                                      tokenizer=tokenizer)))
+    family.install(model, DesapState(Options(**vars(prune), ignored_ids=frozenset(ignored), chat=markers,
+                                             tokenizer=tokenizer)))
     return model
 
 
@@ -133,4 +117,5 @@ def last_prune(model: nn.Module) -> Optional[tuple[PruneRecord, ...]]:
 def image_token_counts(model: nn.Module, pixel_values: torch.Tensor, image_sizes=None) -> list[int]:
     """How many placeholder tokens the processor gives each image (before pruning): LLaVA-1.5,
     LLaVA-NeXT and LLaVA-NeXT-Video; ``image_sizes`` as the processor returns it (LLaVA-NeXT)."""
-    return _lookup(IMAGE_TOKEN_COUNTS, model, "image_token_counts")(model, pixel_values, image_sizes)
+    family = _family(model, "image_token_counts", lambda family: family.image_tokens is not None)
+    return family.image_tokens(model, pixel_values, image_sizes)

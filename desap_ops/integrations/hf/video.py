@@ -27,6 +27,7 @@ from ..common.layout import drops_cls, patch_tokens
 from ..common.sequence import image_budget
 from ..common.signals import TowerSignals
 from .clip_tower import feature_layer, read_tower
+from .family import Family
 from .serving import install_serving, run_prune, shrink_runs, start_record
 from .state import DesapState
 from .text import served_text_embeddings
@@ -102,3 +103,9 @@ def install_llava_next_video(model: nn.Module, state: DesapState) -> None:
 def install_video_llava(model: nn.Module, state: DesapState) -> None:
     """Patch a Video-LLaVA model: every frame token and [CLS] are candidates."""
     _install(model, state, pooled=False)
+
+
+# LLaVA-NeXT-Video's images are LLaVA-NeXT's: the registry gives it their count (a patcher never
+# imports another patcher)
+LLAVA_NEXT_VIDEO = Family(install_llava_next_video, HOOKS)
+VIDEO_LLAVA = Family(install_video_llava, HOOKS)

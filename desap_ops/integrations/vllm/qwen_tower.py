@@ -3,24 +3,25 @@
 Qwen3-VL, Qwen3.5 and their MoE share), read as the transformers path reads them
 (``integrations/hf/qwen2_5_vl.py``, ``integrations/hf/qwen3_vl.py``): at the last full-attention block
 (Qwen3: every block is one, so the last), the attention each language-model token receives (its
-2 x 2 patches summed) and the attention branch mapped by the model's own patch merger.
+2 x 2 patches summed: ``common.signals.merged_saliency``, the fold both engines share) and the
+attention branch mapped by the model's own patch merger.
 
 Qwen2.5-VL's encoder runs in window order. One encoder-metadata dict, computed here and passed to
 the encoder, gives the per-image segments and the permutation back to the model's order (Qwen3's
-runs in the model's order and has none). The queries
-and keys are read as the block's attention backend receives them, rotary already applied. Under
-tensor parallelism each rank holds some of the heads: the received attention is averaged over all
-of them with one all-reduce (``tower.mean_over_ranks``), so every rank keeps the same tokens.
+runs in the model's order and has none). The queries and keys are read as the block's attention
+backend receives them, rotary already applied. Under tensor parallelism each rank holds some of the
+heads: the received attention is averaged over all of them with one all-reduce
+(``tower.mean_over_ranks``), so every rank keeps the same tokens.
 """
 from __future__ import annotations
 
-from typing import AbstractSet
+from typing import AbstractSet, Optional
 
 import torch
 from torch import nn
 
 from ...methods import SIGNALS
-from ..common.signals import TowerSignals, captures, patch_content, received_attention, with_content
+from ..common.signals import Taps, TowerCapture, TowerSignals, merged_saliency, patch_content, tower_pass
 from .tower import mean_over_ranks
 
 
@@ -46,38 +47,28 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
     """Run ``visual`` on the images of ``grid_thw`` and read, per language-model token in the
     model's order (all images concatenated): hidden (T', C; Qwen3-VL: its DeepStack levels
     follow along the channels, as vLLM's tower returns them), branch (T', C), saliency (T',).
-    Only the signals the methods ``reads`` (without saliency and branch: hidden alone, from a plain
-    pass with no hooks), and the pixel hashes where they read the seed."""
-    signals = _read(visual, pixel_values, grid_thw, reads)
-    return with_content(signals, lambda: patch_content(pixel_values, visual), reads)
-
-
-def _read(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: list[list[int]], reads) -> TowerSignals:
+    Only the signals the methods ``reads`` (``common.signals.tower_pass``: without saliency and
+    branch, hidden alone from a plain pass with no hooks), and the pixel hashes where they read the seed."""
     metadata = visual.prepare_encoder_metadata(grid_thw)
-    if not captures(reads):
-        return TowerSignals(visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata))
-    attention = visual.blocks[saliency_block(visual)].attn
-    seen = {}
 
-    def inputs(module, args, kwargs):
-        seen["query"], seen["key"] = kwargs["query"], kwargs["key"]
+    def attention() -> nn.Module:
+        return visual.blocks[saliency_block(visual)].attn
 
-    def output(module, args, out):
-        seen["branch"] = out
+    def read(hidden: torch.Tensor, captured: Optional[TowerCapture]) -> TowerSignals:
+        if captured is None:
+            return TowerSignals(hidden)
+        block = attention()
+        local_heads = block.num_attention_heads_per_partition
+        order = metadata.get("reverse_indices")   # Qwen2.5-VL: window order -> model order
+        saliency = merged_saliency(
+            captured.inputs["query"][0], captured.inputs["key"][0], frame_segments(grid_thw), block.attn.scale,
+            visual.spatial_merge_unit, order,
+            lambda received: mean_over_ranks(received, local_heads, local_heads * block.tp_size, block.tp_size))
+        branch = visual.merger(captured.attention)
+        return TowerSignals(hidden, branch if order is None else branch[order], saliency)
 
-    handles = [attention.attn.register_forward_pre_hook(inputs, with_kwargs=True),
-               attention.register_forward_hook(output)]
-    try:
-        hidden = visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata)
-    finally:
-        for handle in handles:
-            handle.remove()
-    local_heads = attention.num_attention_heads_per_partition
-    received = received_attention(seen["query"][0], seen["key"][0], frame_segments(grid_thw), attention.attn.scale)
-    received = mean_over_ranks(received, local_heads, local_heads * attention.tp_size, attention.tp_size)
-    saliency = received.view(-1, visual.spatial_merge_unit).sum(dim=1)
-    branch = visual.merger(seen["branch"])
-    order = metadata.get("reverse_indices")   # Qwen2.5-VL: window order -> model order
-    if order is not None:
-        saliency, branch = saliency[order], branch[order]
-    return TowerSignals(hidden, branch, saliency)
+    # the backend (attention().attn) receives the queries and keys by name, rotary already applied
+    signals, _ = tower_pass(reads, lambda: visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata),
+                            lambda: Taps(attention=attention(), inputs=attention().attn), read,
+                            lambda signals: patch_content(pixel_values, visual))
+    return signals

@@ -2,21 +2,21 @@
 
 vLLM's CLIP attention fuses the query, key and value projections into one ``qkv_proj`` and, under
 tensor parallelism, each rank holds ``num_heads / tp`` of the heads. Hooks on the feature layer
-read the local queries and keys (out of ``qkv_proj``) and the attention branch (the output of
-``self_attn``, whose row-parallel ``out_proj`` has already summed the ranks). The [CLS] saliency
-is a mean over all heads: each rank sums its own heads' softmax rows, one all-reduce adds the
-ranks, and every rank divides by the head count, so all ranks hold the same saliency and keep the
-same tokens.
+(``common.signals.capture``) read the local queries and keys (out of ``qkv_proj``) and the attention
+branch (the output of ``self_attn``, whose row-parallel ``out_proj`` has already summed the ranks).
+The [CLS] saliency is a mean over all heads: each rank sums its own heads' softmax rows, one
+all-reduce adds the ranks, and every rank divides by the head count, so all ranks hold the same saliency
+and keep the same tokens.
 """
 from __future__ import annotations
 
-from typing import AbstractSet
+from typing import AbstractSet, Optional
 
 import torch
 from torch import nn
 
 from ...methods import SIGNALS
-from ..common.signals import TowerSignals, captures, cls_attention, frame_content, with_content
+from ..common.signals import Taps, TowerCapture, TowerSignals, cls_attention, frame_content, tower_pass
 
 
 def mean_over_ranks(local_mean: torch.Tensor, local_heads: int, heads: int, tp_size: int) -> torch.Tensor:
@@ -43,30 +43,19 @@ def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool
     """Run vLLM's CLIP ``tower`` (built up to the feature layer) on ``pixel_values`` and read the
     signals at its last layer ((B, T, .): the layer's output, its attention branch before the
     residual add, and the [CLS] saliency averaged over all heads of all ranks); ``drop_cls``
-    removes [CLS] from all three. Only the signals the methods ``reads`` (``common.signals.captures``):
-    without saliency and branch the tower runs plainly, no hooks, and only its output is read."""
-    signals = _read(tower, pixel_values, reads)
-    hidden = signals.hidden
-    signals = with_content(signals, lambda: frame_content(pixel_values, hidden.shape[1], hidden.dtype), reads)
+    removes [CLS] from all of them. Only the signals the methods ``reads``
+    (``common.signals.tower_pass``): without saliency and branch the tower runs plainly, no hooks,
+    and only its output is read."""
+    def attention() -> nn.Module:
+        return tower.vision_model.encoder.layers[-1].self_attn
+
+    def read(hidden: torch.Tensor, captured: Optional[TowerCapture]) -> TowerSignals:
+        if captured is None:
+            return TowerSignals(hidden)
+        return TowerSignals(hidden, captured.attention, cls_saliency(captured.qkv, attention()))
+
+    signals, _ = tower_pass(
+        reads, lambda: tower(pixel_values, feature_select_strategy=None),
+        lambda: Taps(attention=attention(), qkv=attention().qkv_proj), read,
+        lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype))
     return signals.map(lambda t: t[:, 1:]) if drop_cls else signals
-
-
-def _read(tower: nn.Module, pixel_values: torch.Tensor, reads: AbstractSet[str]) -> TowerSignals:
-    if not captures(reads):
-        return TowerSignals(tower(pixel_values, feature_select_strategy=None))
-    layer = tower.vision_model.encoder.layers[-1]
-    attention = layer.self_attn
-    seen = {}
-
-    def keep(name):
-        def hook(module, args, output):
-            seen[name] = output[0] if isinstance(output, (tuple, list)) else output
-        return hook
-
-    handles = [attention.register_forward_hook(keep("branch")), attention.qkv_proj.register_forward_hook(keep("qkv"))]
-    try:
-        hidden = tower(pixel_values, feature_select_strategy=None)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return TowerSignals(hidden, seen["branch"], cls_saliency(seen["qkv"], attention))

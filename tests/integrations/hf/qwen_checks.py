@@ -1,35 +1,18 @@
 """The checks every Qwen family passes under apply_desap (tiny random-weight models), called by
 test_qwen3_vl.py and test_qwen3_5.py with their builders, and in part by test_qwen2_5_vl.py."""
 import sys
-from contextlib import contextmanager
 
 import torch
 
 from desap_ops import reference
 from desap_ops.integrations import apply_desap, last_prune, remove_desap
 
+from .fed import language_model_input
 from .qwen_inputs import IMG, VID, batch, inputs, tokens
 
 IMAGE, VIDEO = ("image", 8, 12), ("video", 2, 8, 8)   # 24 tokens; 2 frames of 16 tokens
 MEDIA = {"image": [IMAGE], "video": [VIDEO], "image+video": [IMAGE, VIDEO]}
 TEXT = (7, 8, 9, 10)
-
-
-@contextmanager
-def language_model_call(model):
-    """What the language model is called with (the last call in the block), and the shortened
-    ``input_ids`` the multimodal model ran on."""
-    seen = {}
-    handles = [model.model.register_forward_pre_hook(
-                   lambda module, args, kwargs: seen.update(input_ids=kwargs.get("input_ids")), with_kwargs=True),
-               model.model.language_model.register_forward_pre_hook(
-                   lambda module, args, kwargs: seen.update({k: v for k, v in kwargs.items() if k != "input_ids"}),
-                   with_kwargs=True)]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def eager_tower(build, monkeypatch, pixels, grid):
@@ -86,18 +69,18 @@ def check_reference_operator_and_positions(build, monkeypatch, media, levels_exp
         expected = reference.prune(hidden[None], branch[None], text, saliency[None], keep, task_ratio=0.4)
 
     model = apply_desap(build(), keep=keep, task_ratio=0.4)
-    with language_model_call(model) as seen, torch.no_grad():
+    with language_model_input(model) as seen, torch.no_grad():
         model(**data)
     (record,) = last_prune(model)
     assert record.indices.tolist() == expected.indices[0].tolist()
     torch.testing.assert_close(record.saliency, saliency, rtol=1e-5, atol=1e-6)
     placeholder = IMG if medium[0] == "image" else VID
-    fed = seen["input_ids"][0] == placeholder
-    torch.testing.assert_close(seen["inputs_embeds"][0][fed], expected.tokens[0], rtol=1e-5, atol=1e-5)
+    fed = seen.input_ids[0] == placeholder
+    torch.testing.assert_close(seen.inputs_embeds[0][fed], expected.tokens[0], rtol=1e-5, atol=1e-5)
 
     # DeepStack: every level the group means over the same assignment
-    assert len(levels) == levels_expected and len(seen.get("deepstack_visual_embeds") or []) == levels_expected
-    for level, fed_level in zip(levels, seen.get("deepstack_visual_embeds") or []):
+    assert len(levels) == levels_expected and len(seen.deepstack_visual_embeds or []) == levels_expected
+    for level, fed_level in zip(levels, seen.deepstack_visual_embeds or []):
         torch.testing.assert_close(fed_level, group_means(level, record.assignment, keep), rtol=1e-5, atol=1e-5)
 
     # positions: the kept placeholders' and all the text's (timestamps included) original ones
@@ -106,7 +89,7 @@ def check_reference_operator_and_positions(build, monkeypatch, media, levels_exp
                                          **{k: data.get(k) for k in ("image_grid_thw", "video_grid_thw")})
     columns = (ids[0] != placeholder).nonzero()[:, 0].tolist()
     columns += (ids[0] == placeholder).nonzero()[:, 0][record.indices].tolist()
-    assert torch.equal(seen["position_ids"][-3:, 0], full[:, 0, sorted(columns)])
+    assert torch.equal(seen.position_ids[-3:, 0], full[:, 0, sorted(columns)])
 
 
 def check_one_budget_per_clip(build, timestamps=True):

@@ -14,9 +14,10 @@ def test_cls_saliency_matches_the_eager_attention_matrix():
     eager = tiny_llava(attn_implementation="eager")
     tower = eager.model.vision_tower
     for index, layer in enumerate(encoder_layers(tower)):
-        with capture(clip_layout(layer)) as signals:
+        layout = clip_layout(layer)
+        with capture(layout.taps()) as captured:
             out = tower(pixels, output_attentions=True)
-            saliency = signals.cls_saliency()
+        saliency = layout.cls_saliency(captured)
         torch.testing.assert_close(saliency, out.attentions[index][:, :, 0, :].mean(dim=1), rtol=1e-5, atol=1e-6)
 
 

@@ -16,7 +16,6 @@ from desap_ops.integrations import apply_desap, last_prune
 
 from ..prompts import llava_pixels, llava_prompt
 from .fed import fed_rows, language_model_input
-from .qwen_checks import language_model_call
 from .qwen_inputs import IMG as QWEN_IMG, inputs, tokens
 
 N = 16   # tokens of an image of the tiny LLaVA
@@ -29,13 +28,14 @@ class PruningWork(AssertionError):
 @pytest.fixture(autouse=True)
 def no_pruning_work(monkeypatch):
     """The ideal costs no pruning work: in every test here, reading a tower's DeSAP signals (the
-    CLIP attention capture, the Qwen block capture) or the prompt's text for an image raises."""
-    from desap_ops.integrations.hf import clip_tower, qwen, text
+    tower capture every reader uses, ``common.signals.capture``) or the prompt's text for an image raises."""
+    from desap_ops.integrations.common import signals
+    from desap_ops.integrations.hf import text
 
     def refuse(*args, **kwargs):
         raise PruningWork("the ideal read DeSAP's signals or the prompt's text")
 
-    for module, name in ((clip_tower, "capture"), (qwen, "capture_block"), (text, "image_text_tokens")):
+    for module, name in ((signals, "capture"), (text, "image_text_tokens")):
         monkeypatch.setattr(module, name, refuse)
 
 
@@ -99,14 +99,14 @@ def test_qwen_feeds_the_first_tokens_at_their_original_positions_and_deepstack_l
     keep, medium = 7, ("image", 8, 12)   # 24 tokens
     data = inputs([medium], seed=5, timestamps=levels > 0, after=(7, 8, 9))
     model, full = apply_desap(build(), keep=keep, ideal=True), build()
-    with language_model_call(model) as seen, torch.no_grad():
+    with language_model_input(model) as seen, torch.no_grad():
         model(**data)
         features = full.model.get_image_features(data["pixel_values"], data["image_grid_thw"])
-    fed = seen["input_ids"][0] == QWEN_IMG
-    torch.testing.assert_close(seen["inputs_embeds"][0][fed], features.pooler_output[0][:keep], rtol=1e-5, atol=1e-6)
+    fed = seen.input_ids[0] == QWEN_IMG
+    torch.testing.assert_close(seen.inputs_embeds[0][fed], features.pooler_output[0][:keep], rtol=1e-5, atol=1e-6)
     deepstack = list(getattr(features, "deepstack_features", None) or [])
-    assert len(deepstack) == levels == len(seen.get("deepstack_visual_embeds") or [])
-    for level, fed_level in zip(deepstack, seen.get("deepstack_visual_embeds") or []):
+    assert len(deepstack) == levels == len(seen.deepstack_visual_embeds or [])
+    for level, fed_level in zip(deepstack, seen.deepstack_visual_embeds or []):
         whole = level[0] if isinstance(level, (list, tuple)) else level   # per image (>= 5.18) or one tensor
         torch.testing.assert_close(fed_level, whole[:keep], rtol=1e-5, atol=1e-6)
     ids = data["input_ids"]
@@ -114,7 +114,7 @@ def test_qwen_feeds_the_first_tokens_at_their_original_positions_and_deepstack_l
                                              image_grid_thw=data["image_grid_thw"])
     placeholders = (ids[0] == QWEN_IMG).nonzero()[:, 0]
     columns = sorted((ids[0] != QWEN_IMG).nonzero()[:, 0].tolist() + placeholders[:keep].tolist())
-    assert torch.equal(seen["position_ids"][-3:, 0], positions[:, 0, columns])
+    assert torch.equal(seen.position_ids[-3:, 0], positions[:, 0, columns])
     _check_first_tokens(last_prune(model), [tokens(medium)], [keep])
 
 

@@ -117,7 +117,7 @@ def test_generate_is_deterministic_and_starts_from_the_pruned_prefill(pixels):
     assert torch.equal(first[:, :ids.shape[1]], ids)
     with language_model_input(model) as seen:   # one new token: the only forward is the prefill
         model.generate(input_ids=ids, pixel_values=pixels[:1], max_new_tokens=1, do_sample=False)
-    assert seen["input_ids"].tolist() == [llava_prompt([5], 1, [7, 8], per_image=4)]
+    assert seen.input_ids.tolist() == [llava_prompt([5], 1, [7, 8], per_image=4)]
     logits = model(input_ids=ids, pixel_values=pixels[:1]).logits
     assert first[0, ids.shape[1]] == logits[0, -1].argmax()
 

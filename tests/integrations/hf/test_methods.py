@@ -25,7 +25,7 @@ from methods.method_plugin import entry_points_on_path
 
 from ..prompts import N, llava_pixels, llava_prompt
 from .fed import fed_rows, language_model_input
-from .qwen_checks import group_means, language_model_call
+from .qwen_checks import group_means
 from .qwen_inputs import IMG as QWEN_IMG, VID as QWEN_VID, inputs as qwen_inputs, tokens
 
 METHODS = tuple(method.name for method in BUILTIN) + ("test-largest-norm",)
@@ -49,11 +49,11 @@ def registered_methods():
 @pytest.fixture
 def work(monkeypatch):
     """Counts of the pruning work a call did: attention captures in a tower, prompt text embedded."""
-    from desap_ops.integrations.hf import clip_tower, qwen, text
+    from desap_ops.integrations.common import signals
+    from desap_ops.integrations.hf import text
 
     counts = Counter()
-    for module, name, key in ((clip_tower, "capture", "capture"), (qwen, "capture_block", "capture"),
-                              (text, "image_text_tokens", "text")):
+    for module, name, key in ((signals, "capture", "capture"), (text, "image_text_tokens", "text")):
         def counting(*args, original=getattr(module, name), key=key, **kwargs):
             counts[key] += 1
             return original(*args, **kwargs)
@@ -292,7 +292,7 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
             return [r.indices.tolist() for r in last_prune(model)]
 
     for merge in (False, True):
-        with applied(model, keep=keep, merge=merge, method=method), language_model_call(model) as seen, \
+        with applied(model, keep=keep, merge=merge, method=method), language_model_input(model) as seen, \
                 torch.no_grad():
             work.clear()   # what this call alone does
             model(**data)
@@ -301,7 +301,7 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
         budgets = [keep, tokens(SMALL), keep]   # the small image passes whole; the clip keeps K across frames
         assert [len(r.indices) for r in records] == budgets
         columns = (ids[0] != QWEN_IMG).logical_and(ids[0] != QWEN_VID).nonzero()[:, 0].tolist()
-        fed_ids, fed_embeds = seen["input_ids"][0], seen["inputs_embeds"][0]
+        fed_ids, fed_embeds = seen.input_ids[0], seen.inputs_embeds[0]
         fed = {token: fed_embeds[fed_ids == token].split([b for b, (_, t) in zip(budgets, items) if t == token])
                for token in (QWEN_IMG, QWEN_VID)}
         placeholders = {token: (ids[0] == token).nonzero()[:, 0] for token in (QWEN_IMG, QWEN_VID)}
@@ -322,9 +322,9 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
             if want is not None:
                 assert indices == list(want)
         # the kept tokens and all the text keep their original 3D positions (timestamps included)
-        assert torch.equal(seen["position_ids"][-3:, 0], positions[:, 0, sorted(columns)])
+        assert torch.equal(seen.position_ids[-3:, 0], positions[:, 0, sorted(columns)])
         # DeepStack (Qwen3-VL): every level cut with the same indices and merged with the same assignment
-        fed_levels = seen.get("deepstack_visual_embeds") or []
+        fed_levels = seen.deepstack_visual_embeds or []
         assert len(fed_levels) == len(levels) == (2 if family == "qwen3-vl" else 0)
         for level, fed_level in zip(levels, fed_levels):   # rows of every visual position, in prompt order
             for item, part in enumerate(fed_level.split(budgets)):
@@ -414,7 +414,7 @@ def test_a_methods_own_assignment_merges_the_tokens_and_the_deepstack_levels(bui
                 features = model.model.get_image_features(call["pixel_values"], call["image_grid_thw"])
             hidden, project = features.pooler_output[0], (lambda rows: rows)
             levels = [level[0] if isinstance(level, (list, tuple)) else level for level in features.deepstack_features]
-        with applied(model, keep=keep, method="test-own-assignment"), language_model_call(model) as seen, \
+        with applied(model, keep=keep, method="test-own-assignment"), language_model_input(model) as seen, \
                 torch.no_grad():
             model(**call)
             records = last_prune(model)
@@ -423,9 +423,9 @@ def test_a_methods_own_assignment_merges_the_tokens_and_the_deepstack_levels(bui
         assignment = records[0].assignment
         assert assignment.tolist() == [indices.tolist().index(j) if j in indices else 0 for j in range(len(hidden))]
         token = IMG if build is tiny_llava else QWEN_IMG
-        fed = seen["inputs_embeds"][0][seen["input_ids"][0] == token]
+        fed = seen.inputs_embeds[0][seen.input_ids[0] == token]
         torch.testing.assert_close(fed, project(group_means(hidden, assignment, keep)), **TOL)
-        for level, fed_level in zip(levels, seen.get("deepstack_visual_embeds") or [], strict=True):
+        for level, fed_level in zip(levels, seen.deepstack_visual_embeds or [], strict=True):
             torch.testing.assert_close(fed_level, group_means(level, assignment, keep), **TOL)
     finally:
         unregister_method("test-own-assignment")

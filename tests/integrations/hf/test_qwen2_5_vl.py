@@ -10,10 +10,10 @@ from desap_ops.integrations.hf import qwen2_5_vl
 
 from ..prompts import pad
 from . import qwen_inputs
+from .fed import fed_rows, language_model_input
 from .operator_by_hand import OPTIONS, PLANTED, check_record, plant_and_prune
 from .qwen_checks import (TEXT, VIDEO, check_batch_equals_rows, check_generate_matches_forward,
-                          check_keep_all_leaves_logits_unchanged, check_one_budget_per_clip, check_remove_restores,
-                          language_model_call)
+                          check_keep_all_leaves_logits_unchanged, check_one_budget_per_clip, check_remove_restores)
 
 START, END = 153, 154
 PATCH_WIDTH = 3 * 2 * 14 * 14
@@ -50,6 +50,54 @@ def test_received_attention_matches_the_full_matrix(monkeypatch):
         torch.testing.assert_close(got[start:end].sum(), torch.tensor(1.0))
 
 
+def test_tower_signals_are_the_eager_attention_matrices_back_in_the_models_order(monkeypatch):
+    """read_tower at the full-attention block, against an eager pass recorded by hand: saliency is
+    the column means of the block's attention matrices (each image), summed per merged token, and
+    the branch is the block's output through the merger, both moved from the encoder's window order
+    to the model's by the permutation the encoder applied to the patch embeddings (found here by
+    matching rows, not from the model's window index)."""
+    import sys
+
+    model = tiny_qwen2_5_vl(attn_implementation="eager")
+    visual = model.model.visual
+    inputs = _inputs([[1, 8, 12], [1, 4, 8]], [3, 4])
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    with torch.no_grad():
+        got = qwen2_5_vl.read_tower(model, pixels, grid)
+
+    modeling = sys.modules[type(visual).__module__]
+    block = visual.blocks[model.config.vision_config.fullatt_block_indexes[-1]].attn
+    columns, seen, original = [], {}, modeling.eager_attention_forward
+
+    def recording(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        out, weights = original(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        if module is block:
+            columns.append(weights[0].mean(dim=(0, 1)))   # mean over heads and queries: (keys,)
+        return out, weights
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    hooks = [visual.patch_embed.register_forward_hook(lambda m, a, out: seen.update(model_order=out)),
+             visual.blocks[0].register_forward_pre_hook(lambda m, args: seen.update(window_order=args[0])),
+             block.register_forward_hook(lambda m, a, out: seen.update(branch=out))]
+    with torch.no_grad():
+        out = visual(pixels, grid_thw=grid)
+        branch = visual.merger(seen["branch"])
+    for hook in hooks:
+        hook.remove()
+    unit = visual.spatial_merge_unit
+    model_rows, window_rows = (seen[k].reshape(-1, unit * seen[k].shape[-1]) for k in ("model_order", "window_order"))
+    source = torch.cdist(window_rows, model_rows).argmin(dim=1)   # the model's token at each window position
+    assert torch.equal(window_rows, model_rows[source])
+    assert not torch.equal(source, torch.arange(len(source)))     # window order is not the model's here
+    saliency = torch.empty_like(got.saliency)
+    saliency[source] = torch.cat(columns).view(-1, unit).sum(dim=1)
+    expected_branch = torch.empty_like(branch)
+    expected_branch[source] = branch
+    assert torch.equal(got.hidden, out.pooler_output)
+    torch.testing.assert_close(got.saliency, saliency, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.attn, expected_branch, rtol=1e-5, atol=1e-6)
+
+
 def test_keep_all_without_merge_leaves_logits_unchanged():
     model = tiny_qwen2_5_vl()
     single = _inputs([[1, 8, 12]], [1])
@@ -75,13 +123,9 @@ def test_kept_tokens_keep_their_original_rotary_positions():
     inputs = _inputs([[1, 8, 12], [1, 8, 8]], [3, 4])
     full_positions, _ = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                                    image_grid_thw=inputs["image_grid_thw"])
-    seen = {}
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(positions=kwargs["position_ids"],
-                                                 embeds=kwargs["inputs_embeds"]), with_kwargs=True)
     apply_desap(model, keep=5)
-    out = model(**inputs)
-    hook.remove()
+    with language_model_input(model) as seen:
+        out = model(**inputs)
     ids = inputs["input_ids"][0]
     placeholders = (ids == IMG).nonzero()[:, 0]
     starts = [0, 24]
@@ -89,8 +133,8 @@ def test_kept_tokens_keep_their_original_rotary_positions():
     keep_mask = ids != IMG
     keep_mask[kept_positions] = True
     assert out.logits.shape[1] == int(keep_mask.sum()) == ids.numel() - (24 - 5) - (16 - 5)
-    assert torch.equal(seen["positions"][:, 0], full_positions[:, 0, keep_mask])
-    assert int((seen["positions"].shape[-1])) == int(keep_mask.sum())
+    assert torch.equal(seen.position_ids[:, 0], full_positions[:, 0, keep_mask])
+    assert int((seen.position_ids.shape[-1])) == int(keep_mask.sum())
 
 
 def test_language_model_gets_the_reference_operator_output():
@@ -102,13 +146,10 @@ def test_language_model_gets_the_reference_operator_output():
         text = model.get_input_embeddings()(torch.tensor([[7, 8, 9, 10]]))
         expected = reference.prune(hidden[None], branch[None], text, saliency[None], 7, task_ratio=0.4)
     assert torch.isclose(saliency.sum(), torch.tensor(1.0))   # attention received, one image
-    seen = {}
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
     apply_desap(model, keep=7, task_ratio=0.4)
-    model(**inputs)
-    hook.remove()
-    image_rows = seen["embeds"][0, 3:3 + 7]
+    with language_model_input(model) as seen:
+        model(**inputs)
+    image_rows = fed_rows(seen, IMG)
     torch.testing.assert_close(image_rows, expected.tokens[0], rtol=1e-5, atol=1e-6)
     assert last_prune(model)[0].indices.tolist() == expected.indices[0].tolist()
 
@@ -214,17 +255,17 @@ def test_video_language_model_gets_the_reference_operator_and_original_positions
         expected = reference.prune(hidden[None], branch[None], text, saliency[None], 7, task_ratio=0.4)
     assert torch.isclose(saliency.sum(), torch.tensor(2.0))   # attention received within each of 2 frames
     apply_desap(model, keep=7, task_ratio=0.4)
-    with language_model_call(model) as seen:
+    with language_model_input(model) as seen:
         model(**data)
     kept = last_prune(model)[0].indices
     assert kept.tolist() == expected.indices[0].tolist()
     ids = data["input_ids"]
-    torch.testing.assert_close(seen["inputs_embeds"][0][seen["input_ids"][0] == VID], expected.tokens[0],
+    torch.testing.assert_close(seen.inputs_embeds[0][seen.input_ids[0] == VID], expected.tokens[0],
                                rtol=1e-5, atol=1e-6)
     full, _ = model.model.get_rope_index(ids, mm_token_type_ids=data["mm_token_type_ids"],
                                          video_grid_thw=data["video_grid_thw"])
     columns = sorted((ids[0] != VID).nonzero()[:, 0].tolist() + (ids[0] == VID).nonzero()[:, 0][kept].tolist())
-    assert torch.equal(seen["position_ids"][:, 0], full[:, 0, columns])
+    assert torch.equal(seen.position_ids[:, 0], full[:, 0, columns])
 
 
 def test_video_one_budget_per_clip_and_keep_means_at_most():

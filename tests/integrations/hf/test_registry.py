@@ -11,7 +11,7 @@ from desap_ops.testing.tiny import (QWEN_IMAGE, tiny_llava, tiny_llava_next, tin
                                   tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 from desap_ops.integrations import SUPPORTED, PruneRecord, apply_desap, image_token_counts, last_prune, remove_desap
 from desap_ops.integrations.hf import compat
-from desap_ops.integrations.hf.registry import HOOKS, PATCHERS
+from desap_ops.integrations.hf.registry import FAMILIES
 
 from ..prompts import N, llava_pixels, llava_prompt
 
@@ -39,16 +39,16 @@ def test_each_registered_class_has_hooks_that_resolve_and_a_patch_that_installs_
     the parameters it passes, every method the patch replaces is among those checked internals (so
     a release that moves one is refused before patching, never patched past), and remove_desap
     leaves the model's instance attributes exactly as they were."""
-    assert name in PATCHERS and name in HOOKS and hasattr(transformers, name)
+    assert name in FAMILIES and hasattr(transformers, name)
     model = TINY[name]()
     assert type(model).__name__ == name
-    compat.check_hooks(model, HOOKS[name])
+    compat.check_hooks(model, FAMILIES[name].hooks)
     before = _instance_attributes(model)
     apply_desap(model, keep=4)
     owners = {id(model): "model", id(model.model): "model.model"}
     replaced = {f"{owners[id(saved.owner)]}.{saved.name}" for saved in model._desap.patch.saved}
     assert {"model.forward", "model.generate"} <= replaced
-    assert replaced <= {hook.target for hook in HOOKS[name]}
+    assert replaced <= {hook.target for hook in FAMILIES[name].hooks}
     for saved in model._desap.patch.saved:   # an instance attribute that shows the signature of what it shadows
         patched, original = saved.owner.__dict__[saved.name], model._desap.patch.originals[saved.name]
         assert inspect.signature(patched) == inspect.signature(original)

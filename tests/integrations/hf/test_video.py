@@ -9,6 +9,7 @@ from desap_ops.integrations import apply_desap, last_prune, remove_desap
 from desap_ops.integrations.hf.clip_tower import encoder_layers
 
 from ..prompts import pad
+from .fed import fed_rows, language_model_input
 
 MODELS = {"llava-next-video": (tiny_llava_next_video, 4), "video-llava": (tiny_video_llava, 17)}
 FRAMES = 3
@@ -43,12 +44,9 @@ def test_one_budget_across_the_clip_equals_the_reference_by_hand(name):
     keep, text = 5, [7, 8, 9, 10]
     model = build()
     ids, video = torch.tensor([_prompt(per_frame, text)]), _video(1)
-    seen = {}
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
     apply_desap(model, keep=keep, task_ratio=0.6)
-    out = model(input_ids=ids, pixel_values_videos=video)
-    hook.remove()
+    with language_model_input(model) as seen:
+        out = model(input_ids=ids, pixel_values_videos=video)
     assert out.logits.shape[1] == ids.shape[1] - FRAMES * per_frame + keep
 
     eager = build(attn_implementation="eager")
@@ -70,7 +68,7 @@ def test_one_budget_across_the_clip_equals_the_reference_by_hand(name):
         expected = inner.multi_modal_projector(result.tokens)[0]
     assert [r.indices.tolist() for r in last_prune(model)] == result.indices.tolist()
     assert [r.task_keep for r in last_prune(model)] == result.task_keep.tolist()
-    torch.testing.assert_close(seen["embeds"][0, 2:2 + keep], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fed_rows(seen, VID), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", MODELS)
