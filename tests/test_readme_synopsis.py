@@ -65,3 +65,16 @@ def test_the_readme_synopsis_equals_help(words, monkeypatch):
         f"README.md's usage of {command!r} differs from `{command} --help` at COLUMNS={COLUMNS}: "
         f"paste the usage lines that command prints")
 
+
+
+def test_the_readme_opens_with_the_set_up_the_main_job_and_the_test_command():
+    """The README's first two blocks are the set-up and the main job, then the test command: the
+    main job is a command the parser accepts, and the test command is one CI runs as written."""
+    blocks = re.findall(r"```(\w*)\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (lang1, setup), (lang2, test) = blocks[:2]
+    commands = [line.split("#")[0].strip() for line in setup.strip().splitlines()]
+    assert (lang1, lang2) == ("bash", "bash") and commands[0].startswith("pip install torch==")
+    assert len(commands) == 2 and commands[1].split()[0] == "desap"
+    assert parser().parse_args(commands[1].split()[1:]).command == "demo"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert test.strip() in ci, f"README's test command {test.strip()!r} is not a line .ci/run runs"
