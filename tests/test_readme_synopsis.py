@@ -1,7 +1,8 @@
 """The README's command synopsis ("Command line") is what ``--help`` prints: for every command of the
 ``desap`` parser, down to each benchmark, the README holds the exact ``usage:`` lines argparse
 prints at a terminal 100 columns wide, and no others. An option added to or removed from a
-command, a new command or a changed choice list fails here until the README says the same."""
+command, a new command or a changed choice list fails here until the README says the same.
+The README also opens with the set-up, the main job and the test command CI runs."""
 import argparse
 import contextlib
 import io
