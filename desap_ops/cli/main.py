@@ -1,19 +1,5 @@
-"""The ``desap`` command line (also ``python -m desap_ops``).
-
-    desap demo [--image PATH] [--prompt TEXT] [--keep K] [--task-ratio R|auto] [--model DIR]
-               [--query-box x0,y0,x1,y1] [--methods desap,saliency,divprune] [--out kept.png]
-    desap bench op [--device cpu|cuda] [--dtype bf16] [--tiny | --shapes a,b] [--no-compile]
-                   [--rounds R] [--out op.json] [--plot op.png]
-    desap bench e2e [--model NAME] [--keep 576,192,128,64] [--device cpu|cuda|meta] [--dtype bf16]
-                    [--batch B] [--repeats N] [--methods desap,first,divprune] [--out e2e.json]
-                    [--plot e2e.png]
-    desap bench vllm [--model NAME] [--keep full,192,128,64] [--requests 16]
-                     [--max-tokens 16] [--repeats 3] [--dtype bf16] [--task-ratio R|auto]
-                     [--out vllm.json] [--plot vllm.png]
-    desap bench serve [--model NAME] [--keep 192,128,64] [--methods desap,saliency] [--no-ideal]
-                      [--concurrency 1,4,16,64]
-                      [--prompts 4x] [--input-len 32] [--max-tokens 32] [--warmups 2] [--dtype bf16]
-                      [--task-ratio R|auto] [--out serve.json] [--plot serve.png]
+"""The ``desap`` command line (also ``python -m desap_ops``). Each command's usage is what its
+``--help`` prints; the README's "Command line" holds the same lines (tests/test_readme_synopsis.py).
 
 Each command is a module with ``add_parser(commands)`` and ``run(args) -> int``, wired by
 :data:`COMMANDS`. Mistakes a person can fix (a missing file, a keep too large, --device cuda
