@@ -9,13 +9,13 @@ from typing import Optional, Union
 
 import torch
 
+from desap_ops.benchmarks.arguments import UsageError, check_writable, parse_methods, parse_task_ratio
 from desap_ops.methods import DEFAULT_METHOD
 from desap_ops.reference import AUTO
 
 from . import demo_draw, vit_s
 from .demo_run import (DemoResult, check_budget, load_image, parse_box, run_llava, run_vit, run_vit_auto,
                        run_vit_methods, split_text)
-from .errors import UsageError, check_writable, parse_methods, parse_task_ratio
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

@@ -35,13 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
-from desap_ops.cli.errors import UsageError, parse_methods, parse_task_ratio
 from desap_ops.methods import DEFAULT_METHOD
 from desap_ops.testing.vllm_models import MODELS
 
+from ..arguments import UsageError, check_at_least_one, parse_budgets, parse_methods, parse_task_ratio
 from ..machine import DTYPES, LoadAverage, dtype_name, load_average
-from ..skeleton import (Progress, check_at_least_one, command_line, flattened, from_json, optional, parse_budgets,
-                        to_json)
+from ..skeleton import Progress, command_line, flattened, from_json, optional, to_json
 from ._cpu_fixes import engine_environment, vllm_distribution
 from .checkpoints import checkpoint_folder
 from .processes import ProcessFailed, free_port, is_healthy, log_tail, new_log_folder, run_logged
