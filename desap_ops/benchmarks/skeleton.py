@@ -8,8 +8,8 @@ functions, one per step, and :func:`execute` runs them in order:
     figure(result) -> Figure       what ``--plot`` draws
 
 then writes the result as JSON (``--out``) and the figure as a PNG (``--plot``). Every mistake a
-person can fix is refused before anything runs (the checks live in :mod:`.arguments`); a run that fails in a process of its own
-(:class:`RunFailed`) prints its log's last lines and returns 1.
+person can fix is refused before anything runs (the checks live in :mod:`.arguments`); a run that
+fails in a process of its own (:class:`RunFailed`) prints its log's last lines and returns 1.
 
 Results are dataclasses read by attribute; :func:`to_json` writes their fields under their names
 (a field may carry another JSON name, :func:`named`; be left out while it is None, :func:`optional`;

@@ -19,7 +19,9 @@ COUNTED_SHAPES = [*bench_op.TINY_SHAPES, bench_op.TINY_BUDGET,
 
 
 def _tensors(value) -> list[torch.Tensor]:
-    return [t for t in (value._asdict().values() if hasattr(value, "_asdict") else value) if isinstance(t, torch.Tensor)]
+    """The tensors of a list of inputs or of a PruneResult."""
+    items = value._asdict().values() if hasattr(value, "_asdict") else value
+    return [t for t in items if isinstance(t, torch.Tensor)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
