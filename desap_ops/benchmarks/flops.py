@@ -1,14 +1,27 @@
 """FLOPs as ``torch.utils.flop_counter`` counts them, for ``desap bench e2e``: formulas for SDPA's
-CPU kernel and the matrix-vector product (which torch leaves uncounted), and :class:`ShapesOnly`,
-which counts a full-size forward pass on a CPU in little memory."""
+CPU kernel and the matrix-vector product (which torch leaves uncounted); :class:`ShapesOnly`,
+which counts a full-size forward pass on a CPU in little memory; and the count of every variant's
+prefill at each budget, from the pieces (:func:`piecewise_flops`, the LLaVA-1.5 and LLaVA-NeXT
+layouts, on a meta copy) or from the real forward passes (:func:`forward_flops`, the Qwen and video
+models, whose forward reads token ids)."""
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+from desap_ops import ops
+from desap_ops.integrations.common.sequence import image_budget
+from desap_ops.methods import MethodInputs, Signal, get_method, run_method
+
+from .e2e_batch import QWEN, TEXT_TOKENS, Batch
+from .e2e_variants import Baseline, prefill, tower_call, variant
+from .skeleton import optional
 
 # torch counts no FLOPs for SDPA's CPU kernel (it does for the CUDA ones): the same count as theirs
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -53,3 +66,98 @@ def flops_of(fn: Callable[[], object], shapes_only: bool = False) -> int:
         else:
             fn()
     return int(counter.get_total_flops())
+
+
+# --- every variant of one prefill ----------------------------------------------------------------------
+
+@dataclass
+class Pieces:
+    """FLOPs of a prefill's pieces, where they are counted apart."""
+    operator: Optional[int] = optional()          # DeSAP's op (LLaVA layouts)
+    vision_tower: Optional[int] = optional()      # the tower (LLaVA layouts), the encoder with its mergers (Qwen)
+    language_full: Optional[int] = optional()     # the language model on the full prompt (LLaVA layouts)
+    language_keep: Optional[int] = optional()     # ... on the pruned prompt
+
+
+@dataclass
+class PrefillFlops:
+    """FLOPs of one prefill of each variant at one budget."""
+    full: int
+    ideal: int
+    methods: dict[str, int]     # each pruning method's prefill, DeSAP first
+    pieces: Pieces
+
+
+def method_flops(name: str, batch: int, visual: int, width: int, text_width: int, kept: int) -> int:
+    """FLOPs of the pruning method ``name`` choosing ``kept`` of ``visual`` tokens per image and
+    merging the others (``run_method``), counted on a CPU on random signals of the shapes the
+    LLaVA layouts give it (matrix work depends on the shapes alone): hidden (batch, visual, width),
+    the attention branch in the text's space and TEXT_TOKENS of text where the method reads them."""
+    method = get_method(name)
+    gen = torch.Generator().manual_seed(0)
+    signal = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    reads = method.reads
+    inputs = MethodInputs(
+        hidden=signal(batch, visual, width), keep=kept,
+        saliency=signal(batch, visual).softmax(-1) if Signal.SALIENCY in reads else None,
+        attn=signal(batch, visual, text_width) if Signal.ATTN in reads else None,
+        text=signal(batch, TEXT_TOKENS, text_width) if Signal.TEXT in reads else None,
+        text_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.bool) if Signal.TEXT in reads else None,
+        seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None)
+    return flops_of(lambda: run_method(method, inputs, merge=True))
+
+
+def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int, newlines: int,
+                    methods: Sequence[str]) -> PrefillFlops:
+    """FLOPs of the full, the ideal and each method's prefill of LLaVA-1.5 / LLaVA-NeXT from the
+    pieces (runs on meta). An image sends the language model ``sequence.image_budget``
+    placeholders, its ``newlines`` (LLaVA-NeXT) among them; the projector projects only the visual
+    tokens: all of them (DeSAP, and a method that reads the attention branch), then the kept ones
+    (every variant keeps as many). ``methods``: DeSAP first, whose own work is its operator
+    (``ops.prune_flops``), then the others, whose work is counted on their signals
+    (:func:`method_flops`)."""
+    inner = model.model
+    vision = model.config.vision_config
+    pixels = inputs["pixel_values"]
+    crops = pixels.shape[0] * (pixels.shape[1] if pixels.dim() == 5 else 1)
+    batch = inputs["input_ids"].shape[0]
+    width, text_width = vision.hidden_size, model.config.text_config.hidden_size
+    rows = lambda n, w=width: torch.empty(batch, n, w, device=pixels.device, dtype=pixels.dtype)  # noqa: E731
+    per_crop = (vision.image_size // vision.patch_size) ** 2
+    sent = image_budget(keep, image_tokens, newlines)       # placeholders per image after pruning
+    visual, kept = image_tokens - newlines, sent - newlines   # visual tokens per image: all, kept
+
+    tower = flops_of(tower_call(model, inputs))
+    project_all = flops_of(lambda: inner.multi_modal_projector(rows(crops // batch * per_crop)))
+    project_kept = flops_of(lambda: inner.multi_modal_projector(rows(kept)))
+    operator = ops.prune_flops((batch, visual, width), (batch, visual, text_width),
+                               (batch, TEXT_TOKENS, text_width), None, None, None, kept)
+    length_full = inputs["input_ids"].shape[1]
+    language_full, language_keep = (flops_of(lambda: model(inputs_embeds=rows(n, text_width), logits_to_keep=1))
+                                    for n in (length_full, length_full - image_tokens + sent))
+    ideal = tower + project_kept + language_keep
+    desap, *others = methods
+    counted = {desap: ideal + project_all + operator}
+    counted.update({name: ideal + method_flops(name, batch, visual, width, text_width, kept)
+                    + (project_all if "attn" in get_method(name).reads else 0) for name in others})
+    return PrefillFlops(full=tower + project_all + language_full, ideal=ideal, methods=counted,
+                        pieces=Pieces(operator, tower, language_full, language_keep))
+
+
+def forward_flops(model: nn.Module, family: str, data: Batch, keeps: list[int], shapes_only: bool,
+                  methods: Sequence[str]) -> list[PrefillFlops]:
+    """FLOPs of the real forward passes of every variant at each budget (the Qwen and video models,
+    whose forward reads token ids); the Qwen encoder (mergers included) counted apart."""
+    full = flops_of(prefill(model, data.inputs), shapes_only)
+    tower = None
+    if family in QWEN:
+        pixels, grid = data.inputs["pixel_values"], data.inputs["image_grid_thw"]
+        tower = flops_of(lambda: model.model.get_image_features(pixels, grid), shapes_only)
+
+    def counted(name: str, keep: int) -> int:
+        with variant(model, name, keep):
+            return flops_of(prefill(model, data.inputs), shapes_only)
+
+    return [PrefillFlops(full=full, ideal=counted(Baseline.IDEAL, keep),
+                         methods={name: counted(name, keep) for name in methods}, pieces=Pieces(vision_tower=tower))
+            for keep in keeps]

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from desap_ops.cli.errors import UsageError
+from .arguments import UsageError
 
 # --dtype's names; vLLM takes the torch names without "torch." (dtype_name)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -25,15 +25,6 @@ GIB = 2**30
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``, the name vLLM and the JSON files use."""
     return str(dtype).removeprefix("torch.")
-
-
-def check_device(name: str) -> str:
-    """``--device``: cpu, meta or cuda with a GPU visible; UsageError otherwise."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} needs a CUDA GPU and none is visible; use --device cpu")
-    if name not in ("cpu", "meta") and not name.startswith("cuda"):
-        raise UsageError(f"--device must be cpu, meta or cuda, got {name}")
-    return name
 
 
 # --- clocks ------------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Callable, Optional, Union
 import torch
 
 from desap_ops import ops, prune, reference
-from desap_ops.cli.errors import UsageError
 
-from .machine import DTYPES, Environment, check_device, dtype_name, time_median_ms
+from .arguments import UsageError, check_device
+from .machine import DTYPES, Environment, dtype_name, time_median_ms
 from .skeleton import Progress, named, optional
 
 if TYPE_CHECKING:

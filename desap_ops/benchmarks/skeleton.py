@@ -8,8 +8,8 @@ functions, one per step, and :func:`execute` runs them in order:
     figure(result) -> Figure       what ``--plot`` draws
 
 then writes the result as JSON (``--out``) and the figure as a PNG (``--plot``). Every mistake a
-person can fix is refused before anything runs; a run that fails in a process of its own
-(:class:`RunFailed`) prints its log's last lines and returns 1.
+person can fix is refused before anything runs (the checks live in :mod:`.arguments`); a run that
+fails in a process of its own (:class:`RunFailed`) prints its log's last lines and returns 1.
 
 Results are dataclasses read by attribute; :func:`to_json` writes their fields under their names
 (a field may carry another JSON name, :func:`named`; be left out while it is None, :func:`optional`;
@@ -19,17 +19,15 @@ layout that the docs and ``bench/results`` cite; :func:`from_json` reads them ba
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
-import re
 import shlex
 import sys
 import types
 import typing
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
-from desap_ops.cli.errors import UsageError, check_writable
+from .arguments import check_outputs
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -85,59 +83,7 @@ def execute(bench: Benchmark, args: Namespace, progress: Optional[Progress] = No
     return 0
 
 
-# --- the checks every benchmark shares ---------------------------------------------------------------
-
-def check_file(option: str, path: Optional[str], extension: str) -> None:
-    """Refuse a file that could not be written after all the work: a folder, a missing or read-only
-    folder, another extension than ``extension``."""
-    if not path:
-        return
-    check_writable(option, path, f"ending in {extension}")
-    if not path.lower().endswith(extension):
-        raise UsageError(f"{option} {path}: the file name must end in {extension}")
-
-
-def check_outputs(out: Optional[str], plot: Optional[str]) -> None:
-    """``--out`` a writable .json file, ``--plot`` a writable .png file and matplotlib importable."""
-    check_file("--out", out, ".json")
-    check_file("--plot", plot, ".png")
-    if plot and importlib.util.find_spec("matplotlib") is None:
-        raise UsageError(f'--plot {plot} needs matplotlib, which is not importable here: pip install "desap-ops[demo]"')
-
-
-def check_at_least_one(**values: int) -> None:
-    """``check_at_least_one(requests=0)``: UsageError "--requests must be at least 1, got 0"."""
-    for name, value in values.items():
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-
-
-def parse_budgets(text: Optional[str], full: bool = False) -> Optional[list[int]]:
-    """The budgets of ``--keep`` ("192,128,64"; with ``full`` the word ``full`` may stand among them
-    and is left out: ``--keep full`` is no budget, []), each at least 1, in the order given without
-    repeats; None without text (the bench's defaults). The upper bound needs the model:
-    :func:`check_budgets`."""
-    if not text:
-        return None
-    parts = [part.strip() for part in text.split(",")]
-    numbers = [part for part in parts if not (full and part == "full")]
-    if not all(re.fullmatch(r"-?\d+", part) for part in numbers):
-        raise UsageError(f"--keep must be {'full or ' if full else ''}comma-separated integers, got {text}")
-    keeps: list[int] = []
-    for keep in map(int, numbers):
-        if keep < 1:
-            raise UsageError(f"--keep values must be at least 1, got {keep}")
-        if keep not in keeps:
-            keeps.append(keep)
-    return keeps
-
-
-def check_budgets(keeps: list[int], tokens: int, model: str) -> None:
-    """Every budget within the model's image tokens."""
-    for keep in keeps:
-        if not 1 <= keep <= tokens:
-            raise UsageError(f"--keep values must lie in [1, {tokens}] (the image tokens of {model}), got {keep}")
-
+# --- defaults every benchmark shares ------------------------------------------------------------
 
 def paper_budgets(tokens: int) -> list[int]:
     """The paper's budgets for ``tokens`` image tokens, largest first: N/3, 2N/9 and N/9 (192, 128

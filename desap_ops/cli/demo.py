@@ -10,17 +10,16 @@ from typing import Optional, Union
 
 import torch
 
+from desap_ops.benchmarks.arguments import INSTALL_DEMO, UsageError, check_writable, parse_methods, parse_task_ratio
 from desap_ops.reference import AUTO
 
 from . import demo_draw, vit_s
 from .demo_run import (DemoResult, check_budget, load_image, parse_box, run_llava, run_vit, run_vit_auto,
                        run_vit_methods, split_text)
-from .errors import UsageError, check_writable, parse_methods, parse_task_ratio
 
 # the modules the demo imports from the `demo` extra (setup.py), with their distributions: a plain
 # install serves the operator and the engines, not the demo
 DEMO_PACKAGES = {"PIL": "pillow", "skimage": "scikit-image", "onnx": "onnx", "matplotlib": "matplotlib"}
-INSTALL_DEMO = 'pip install "desap-ops[demo]"'
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

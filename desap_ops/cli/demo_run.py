@@ -32,7 +32,7 @@ from desap_ops.reference import AUTO
 from desap_ops.validation import check_keep
 
 from . import vit_s
-from .errors import UsageError
+from desap_ops.benchmarks.arguments import UsageError
 
 DEFAULT_BOX = (360, 10, 460, 270)   # the space shuttle in skimage's astronaut photograph
 # With "auto" the strong cue defaults to the astronaut's face (6 tokens): in this encoder's attention

@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 from . import bench, demo
-from .errors import UsageError
+from desap_ops.benchmarks.arguments import UsageError
 
 COMMANDS = {"demo": demo, "bench": bench}   # the command's name -> its module
 

@@ -1,19 +1,20 @@
 """``desap bench e2e``: the prompts each variant feeds the language model, each time landing on its
-variant, the rows covering the plan, FLOPs on meta equal to the real forward's, the ideal being
-apply_desap's first K tokens with no pruning work, the memory refusal, and the command's JSON and plot."""
+variant, the rows covering the plan, FLOPs from the pieces equal to the real forward's and FLOPs on
+meta equal to the CPU's, the ideal being apply_desap's first K tokens with no pruning work, the
+memory refusal, and the command's JSON, table and plot."""
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-from desap_ops.benchmarks import e2e, machine
+from desap_ops.benchmarks import e2e, e2e_plan, e2e_run, machine
+from desap_ops.benchmarks.arguments import UsageError
 from desap_ops.benchmarks.flops import flops_of
-from desap_ops.benchmarks.skeleton import from_json, to_json
-from desap_ops.cli.errors import UsageError
+from desap_ops.benchmarks.skeleton import from_json
 from desap_ops.cli.main import main
 from desap_ops.integrations.common.layout import packed_sources
-from desap_ops.methods import available_methods
+from desap_ops.methods import DEFAULT_METHOD, available_methods, get_method
 from desap_ops.testing.models import MODELS, build_model
 
 # every real layout family, at reduced depth and width: (name, a budget below its token count)
@@ -32,7 +33,7 @@ def timed_by_length(monkeypatch):
     """Each prefill "takes" as many milliseconds as the language model got tokens, and the vision
     tower alone 0.5 ms: a time that lands on the wrong variant or round shows in the row."""
     lengths = []
-    build = e2e.build_model
+    build = e2e_run.build_model
 
     def hooked(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -45,8 +46,8 @@ def timed_by_length(monkeypatch):
         fn()
         return float(lengths[-1]) if len(lengths) > before else 0.5
 
-    monkeypatch.setattr(e2e, "build_model", hooked)
-    monkeypatch.setattr(e2e, "time_call_ms", time_call_ms)
+    monkeypatch.setattr(e2e_run, "build_model", hooked)
+    monkeypatch.setattr(e2e_run, "time_call_ms", time_call_ms)
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -61,9 +62,9 @@ def test_each_variant_feeds_its_prompt_and_its_time_lands_on_it(timed_by_length,
     full_length = _markers(name) + n + e2e.TEXT_TOKENS
     for row in result.rows:
         pruned = full_length - n + row.keep
-        assert row.rounds_ms.full == [full_length] * 2
-        assert row.rounds_ms.desap == row.rounds_ms.ideal == [pruned] * 2
-        assert (row.full_ms, row.desap_ms, row.ideal_ms) == (full_length, pruned, pruned)
+        assert row.full.rounds_ms == [full_length] * 2
+        assert row.desap.rounds_ms == row.ideal.rounds_ms == [pruned] * 2
+        assert (row.full.ms, row.desap.ms, row.ideal.ms) == (full_length, pruned, pruned)
     if MODELS[name].family in e2e.PIECEWISE:   # the tower alone, once a round, on its own
         assert result.vision_tower_rounds_ms == [0.5, 0.5]
     else:
@@ -87,26 +88,36 @@ def test_the_command_writes_json_that_reads_back_and_a_plot(tmp_path, capsys):
                  "--plot", str(plot)]) == 0
     saved = from_json(e2e.E2eResult, json.loads(out.read_text()))
     assert [r.keep for r in saved.rows] == [16, 4] and saved.timed and saved.weights == "random"
+    assert (saved.device, saved.methods) == ("cpu", [DEFAULT_METHOD])
     for row in saved.rows:
-        assert len(row.rounds_ms.full) == len(row.rounds_ms.desap) == len(row.rounds_ms.ideal) == 2
-        assert row.flops.full >= row.flops.ideal > 0 and row.flops.desap > row.flops.ideal
-    assert saved.rows[1].flops.language_keep < saved.rows[0].flops.language_keep   # K tokens into the LM
+        assert len(row.full.rounds_ms) == len(row.desap.rounds_ms) == len(row.ideal.rounds_ms) == 2
+        assert row.full.flops >= row.ideal.flops > 0 and row.desap.flops > row.ideal.flops
+    assert saved.rows[1].pieces.language_keep < saved.rows[0].pieces.language_keep   # K tokens into the LM
     with Image.open(plot) as image:
         assert image.format == "PNG"
-    header = capsys.readouterr().out.splitlines()[0]
-    assert header.startswith("tiny, random weights, timed on cpu (")
-    assert header.count("on cpu") == 1 and "cpu cpu" not in header
+    printed = capsys.readouterr().out.splitlines()
+    assert saved.environment.device in printed[0]   # the header names the machine that timed it
+    assert _budget_lines(printed, saved) == [[row.keep, round(row.full.ms, 2), round(row.desap.ms, 2),
+                                              round(row.ideal.ms, 2)] for row in saved.rows]
+
+
+def _budget_lines(printed: list[str], result: e2e.E2eResult, columns: int = 4) -> list[list[float]]:
+    """The first ``columns`` numbers of each line of the main table that starts with a budget."""
+    keeps = {str(row.keep) for row in result.rows}
+    lines = [line.split() for line in printed if line.split()[:1] and line.split()[0] in keeps]
+    return [[float(word) for word in words[:columns]] for words in lines[:len(result.rows)]]
 
 
 def test_the_figure_plots_each_rows_numbers_against_its_budget():
     timed = e2e.run(e2e.make_plan("tiny", [16, 8, 4], "cpu", repeats=1))
     (speedup, ideal, flops) = e2e.figure(timed).axes[0].get_lines()
-    for line, values in ((speedup, [r.speedup for r in timed.rows]), (ideal, [r.ideal_speedup for r in timed.rows]),
-                         (flops, [r.flops_reduction for r in timed.rows])):
+    for line, values in ((speedup, [r.desap.speedup for r in timed.rows]),
+                         (ideal, [r.ideal_speedup for r in timed.rows]),
+                         (flops, [r.desap.flops_reduction for r in timed.rows])):
         assert list(line.get_xdata()) == [16, 8, 4] and list(line.get_ydata()) == values
     counted = e2e.run(e2e.make_plan("tiny", [16, 4], "meta"))
     (only,) = e2e.figure(counted).axes[0].get_lines()
-    assert list(only.get_ydata()) == [r.flops_reduction for r in counted.rows]
+    assert list(only.get_ydata()) == [r.desap.flops_reduction for r in counted.rows]
 
 
 def test_bench_e2e_counts_full_size_flops_on_meta(tmp_path, capsys):
@@ -115,15 +126,19 @@ def test_bench_e2e_counts_full_size_flops_on_meta(tmp_path, capsys):
                  "--out", str(out)]) == 0
     saved = from_json(e2e.E2eResult, json.loads(out.read_text()))
     rows = saved.rows
-    assert rows[0].flops.full > 8e12      # CLIP ViT-L/14-336 + a 7B language model over ~600 tokens
-    assert rows[1].flops_reduction > 4
-    assert rows[0].full_ms is None and not saved.timed
-    header = capsys.readouterr().out.splitlines()[0]
-    assert header.startswith("llava-1.5-7b, random weights, FLOPs counted on meta, bf16")
-    assert "timed" not in header and machine.cpu_name() not in header
+    assert rows[0].full.flops > 8e12      # CLIP ViT-L/14-336 + a 7B language model over ~600 tokens
+    assert rows[1].desap.flops_reduction > 4
+    assert rows[0].full.ms is None and rows[0].desap.ms is None and not saved.timed
+    assert (saved.device, saved.dtype) == ("meta", "bf16")
+    printed = capsys.readouterr().out.splitlines()
+    assert machine.cpu_name() not in printed[0]   # nothing was timed, so no machine is named
+    # GFLOP full, desap and ideal per budget, then the ratios: no times
+    assert _budget_lines(printed, saved) == [[row.keep, float(f"{row.full.flops / 1e9:.4g}"),
+                                              float(f"{row.desap.flops / 1e9:.4g}"),
+                                              float(f"{row.ideal.flops / 1e9:.4g}")] for row in rows]
 
     # the vision tower's share of the pruned prefill grows as the language model shrinks
-    tower_share = lambda row: row.flops.vision_tower / row.flops.desap  # noqa: E731
+    tower_share = lambda row: row.pieces.vision_tower / row.desap.flops  # noqa: E731
     smaller = [e2e.run(e2e.make_plan(name, [64], "meta")).rows[0]
                for name in ("llava-tinyllama-1.1b", "llava-qwen2-0.5b")]
     assert tower_share(rows[1]) < tower_share(smaller[0]) < tower_share(smaller[1])
@@ -139,12 +154,22 @@ def test_meta_counts_the_qwen_forward_exactly_without_the_matrix_work(tmp_path, 
     saved = from_json(e2e.E2eResult, json.loads(out.read_text()))
     assert not saved.timed and saved.device == "meta"
     timed = e2e.run(e2e.make_plan("tiny-qwen3-vl", [16, 4], "cpu", repeats=1))
-    assert [r.flops for r in saved.rows] == [r.flops for r in timed.rows]
+    assert [_flops(r) for r in saved.rows] == [_flops(r) for r in timed.rows]
     full, small = saved.rows
-    assert full.flops.full > full.flops.vision_tower > 0
-    assert full.flops.ideal == full.flops.full > small.flops.ideal
-    table = capsys.readouterr().out
-    assert "vision tower" in table and "LM FLOP x" not in table and "tower of desap" in table
+    assert full.full.flops > full.pieces.vision_tower > 0
+    assert full.ideal.flops == full.full.flops > small.ideal.flops
+    # the encoder is counted apart, the language model is not: per budget the three GFLOP, DeSAP's
+    # FLOP ratio and the tower's share of DeSAP's prefill, no language-model ratio
+    assert full.language_flops_reduction is None
+    printed = capsys.readouterr().out.splitlines()
+    lines = [line.split() for line in printed if line.split()[:1] in (["16"], ["4"])]
+    assert [len(words) for words in lines] == [6, 6]
+    assert [words[-1] for words in lines] == [f"{r.pieces.vision_tower / r.desap.flops:.0%}" for r in saved.rows]
+
+
+def _flops(row: e2e.E2eRow) -> tuple:
+    """Every FLOP count of a row: the full model's, the ideal's, each method's and the pieces'."""
+    return row.full.flops, row.ideal.flops, {name: method.flops for name, method in row.methods.items()}, row.pieces
 
 
 def test_cpu_attention_is_counted_as_on_meta():
@@ -163,11 +188,12 @@ def test_qwen3_vl_8b_counts_its_full_size_flops_on_meta():
     (DeepStack mergers included) about 5.8 TFLOP whatever the budget, the prefill about 21 TFLOP."""
     result = e2e.run(e2e.make_plan("qwen3-vl-8b", [64], "meta"))
     assert result.image_tokens == 1024 and not result.shrink
-    flops = result.rows[0].flops
-    assert 5.7e12 < flops.vision_tower < 5.9e12 and 2.1e13 < flops.full < 2.15e13
-    assert flops.full > flops.desap > flops.ideal > flops.vision_tower
-    assert flops.desap - flops.ideal < 0.02 * flops.desap    # saliency, merger on the branch, the op
-    assert result.rows[0].flops_reduction > 2.5
+    row = result.rows[0]
+    tower = row.pieces.vision_tower
+    assert 5.7e12 < tower < 5.9e12 and 2.1e13 < row.full.flops < 2.15e13
+    assert row.full.flops > row.desap.flops > row.ideal.flops > tower
+    assert row.desap.pruning_flops < 0.02 * row.desap.flops    # saliency, merger on the branch, the op
+    assert row.desap.flops_reduction > 2.5
 
 
 @pytest.mark.slow
@@ -176,7 +202,7 @@ def test_meta_counts_equal_the_real_forward_counts_of_the_real_layouts(name):
     keeps = [64, 8]
     counted = e2e.run(e2e.make_plan(name, keeps, "meta", shrink=True))
     timed = e2e.run(e2e.make_plan(name, keeps, "cpu", repeats=1, shrink=True))
-    assert [r.flops for r in counted.rows] == [r.flops for r in timed.rows]
+    assert [_flops(r) for r in counted.rows] == [_flops(r) for r in timed.rows]
 
 
 def test_default_budgets_and_the_plans_refusals():
@@ -189,19 +215,20 @@ def test_default_budgets_and_the_plans_refusals():
 
 
 def test_a_model_too_large_for_the_memory_is_refused_before_building(monkeypatch, capsys):
-    build = e2e.build_model
+    build = e2e_plan.build_model
 
     def meta_only(name, device, *args, **kwargs):   # the estimate builds on meta, allocating nothing
         assert device == "meta", "the model was built"
         return build(name, device, *args, **kwargs)
 
     monkeypatch.setattr(machine, "available_bytes", lambda device: 8 * 2**30)
-    monkeypatch.setattr(e2e, "build_model", meta_only)
+    monkeypatch.setattr(e2e_plan, "build_model", meta_only)
+    monkeypatch.setattr(e2e_run, "build_model", meta_only)
     assert main(["bench", "e2e", "--model", "llava-1.5-7b", "--device", "cpu"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("... ")]
-    assert len(err) == 1 and err[0].startswith("desap: error: llava-1.5-7b in fp32 needs about ")
-    assert "13.2 GiB of weights" not in err[0] and "26.3 GiB of weights" in err[0]
-    assert "only 8.0 GiB is available" in err[0] and "--device meta" in err[0]
+    assert len(err) == 1 and err[0].startswith("desap: error: ")   # one line, no traceback
+    # the fp32 weights (not bf16's 13.2 GiB), the memory there is, and the way out: counting on meta
+    assert "26.3 GiB" in err[0] and "13.2 GiB" not in err[0] and "8.0 GiB" in err[0] and "--device meta" in err[0]
 
 
 @pytest.mark.slow
@@ -209,9 +236,9 @@ def test_a_model_too_large_for_the_memory_is_refused_before_building(monkeypatch
 def test_real_layouts_run_every_variant(name, keep):
     result = e2e.run(e2e.make_plan(name, [keep], "cpu", repeats=1, shrink=True))
     row = result.rows[0]
-    assert row.full_ms > 0 and row.desap_ms > 0 and row.ideal_ms > 0
+    assert row.full.ms > 0 and row.desap.ms > 0 and row.ideal.ms > 0
     # at reduced width the language model saves little, so DeSAP's own work may outweigh it (Qwen2.5-VL)
-    assert row.flops.full > row.flops.ideal > 0 and row.flops.desap > row.flops.ideal
+    assert row.full.flops > row.ideal.flops > 0 and row.desap.flops > row.ideal.flops
 
 
 # one model of every family the bench supports (LLaVA-NeXT has no tiny one: its real shape, shrunk),
@@ -253,7 +280,7 @@ def test_the_ideal_is_apply_desaps_first_k_tokens_with_no_pruning_work(monkeypat
     with torch.no_grad():
         model(**data.inputs, logits_to_keep=1)
         _no_pruning_work(monkeypatch)
-        with e2e.variant(model, "ideal", keep):
+        with e2e.variant(model, e2e.Baseline.IDEAL, keep):
             options = model._desap.options   # the ideal: the method "first", unmerged
             assert (options.method, options.merge, options.keep) == ("first", False, keep)
             model(**data.inputs, logits_to_keep=1)
@@ -283,18 +310,19 @@ def test_the_ideal_is_apply_desaps_first_k_tokens_with_no_pruning_work(monkeypat
     assert not hasattr(model, "_desap") and data.features not in vars(inner)   # remove_desap undid the patch
 
 
-# --- other pruning methods beside DeSAP (--methods) ----------------------------------------------------
+# --- every registered pruning method beside DeSAP (--methods) ------------------------------------------
 
-BUILTINS = ["desap", "first", "random", "saliency", "similarity", "divprune"]
+METHODS = list(available_methods())   # DeSAP and the other registered methods
+OTHERS = [name for name in METHODS if name != DEFAULT_METHOD]
 
 
 @pytest.fixture
 def timed_by_variant(monkeypatch):
     """Each prefill "takes" a time that names its variant: full 1000 ms, the ideal 2000, the method
-    at position i of BUILTINS 3000 + i (read from the patch apply_desap left on the model); the
+    at position i of METHODS 3000 + i (read from the patch apply_desap left on the model); the
     tower alone 0.5 ms. A time that lands on another variant or method shows in the row."""
     models = []
-    build = e2e.build_model
+    build = e2e_run.build_model
 
     def hooked(*args, **kwargs):
         models.append(build(*args, **kwargs))
@@ -306,35 +334,74 @@ def timed_by_variant(monkeypatch):
         if state is None:
             return 1000.0
         ideal = state.options.method == "first" and not state.options.merge   # apply_desap(ideal=True)
-        return 2000.0 if ideal else 3000.0 + BUILTINS.index(state.options.method)
+        return 2000.0 if ideal else 3000.0 + METHODS.index(state.options.method)
 
-    monkeypatch.setattr(e2e, "build_model", hooked)
-    monkeypatch.setattr(e2e, "time_call_ms", time_call_ms)
+    monkeypatch.setattr(e2e_run, "build_model", hooked)
+    monkeypatch.setattr(e2e_run, "time_call_ms", time_call_ms)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-qwen3-vl"])
 def test_each_methods_time_lands_on_it_in_every_round(timed_by_variant, name):
-    others = BUILTINS[1:]
-    plan = e2e.make_plan(name, [TINY[name], 4], "cpu", repeats=2, methods=["divprune", *others])
-    assert plan.methods == ["desap", "divprune", "first", "random", "saliency", "similarity"]
+    """Every method, DeSAP included, gets its own times, and its ratios read the full model's
+    (1000 ms) and the ideal's (2000 ms) medians, not each other's."""
+    given = OTHERS[::-1]
+    plan = e2e.make_plan(name, [TINY[name], 4], "cpu", repeats=2, methods=given)
+    assert plan.methods == [DEFAULT_METHOD, *given]
     result = e2e.run(plan)
     assert result.methods == plan.methods
     for row in result.rows:
-        assert (row.rounds_ms.full, row.rounds_ms.desap, row.rounds_ms.ideal) == ([1000.0] * 2, [3000.0] * 2,
-                                                                                 [2000.0] * 2)
-        assert list(row.rounds_ms.methods) == list(row.methods) == plan.others
+        assert (row.full.rounds_ms, row.ideal.rounds_ms) == ([1000.0] * 2, [2000.0] * 2)
+        assert list(row.methods) == plan.methods
         for method, cost in row.methods.items():
-            ms = 3000.0 + BUILTINS.index(method)
-            assert row.rounds_ms.methods[method] == [ms] * 2
-            assert (cost.ms, cost.speedup, cost.overhead_ms, cost.share_of_ideal_speedup) == (
-                ms, 1000.0 / ms, ms - 2000.0, 2000.0 / ms)
-        assert list(row.costs()) == plan.methods and row.costs()["desap"].ms == 3000.0
+            ms = 3000.0 + METHODS.index(method)
+            assert cost.rounds_ms == [ms] * 2 and cost.ms == ms
+            assert (cost.speedup, cost.overhead_ms, cost.share_of_ideal_speedup) == (1000.0 / ms, ms - 2000.0,
+                                                                                     2000.0 / ms)
+        assert row.ideal_speedup == 0.5
 
 
-def test_desap_alone_keeps_the_earlier_layout():
+def test_desap_alone_is_one_method_row_per_budget():
     result = e2e.run(e2e.make_plan("tiny", [4], "meta"))
-    assert result.methods is None and result.rows[0].methods is None and result.rows[0].flops.methods is None
-    assert "methods" not in json.dumps(to_json(result))
+    assert result.methods == [DEFAULT_METHOD] and result.others == []
+    assert [list(row.methods) for row in result.rows] == [[DEFAULT_METHOD]]
+
+
+def _real_forward_flops(name: str, keep: int, methods: list[str]) -> dict:
+    """FLOPs torch counts in the real forward of each variant on a CPU (no pieces, no meta)."""
+    model = build_model(name, "cpu", torch.float32)
+    data = e2e.make_batch(model, name, 1, "cpu", torch.float32)
+    counted = {}
+    with torch.no_grad():
+        for variant in (e2e.Baseline.FULL, e2e.Baseline.IDEAL, *methods):
+            with e2e.variant(model, variant, keep):
+                counted[variant] = flops_of(lambda: model(**data.inputs, logits_to_keep=1))
+    return counted
+
+
+def test_flops_from_the_pieces_equal_the_real_forward_and_fall_with_the_budget():
+    """LLaVA layout: every variant counted from the pieces (on meta) equals torch's count of the
+    real forward pass, except the tower's attention capture that a method reading the tower's
+    signals (the saliency, the attention branch) adds and the pieces leave out: the same few FLOPs
+    for every such method, a negligible share. As the budget shrinks the ideal and every method
+    cost less, the full model the same."""
+    keeps = [16, 8, 4]
+    result = e2e.run(e2e.make_plan("tiny", keeps, "meta", methods=OTHERS))
+    readout = set()
+    for row in result.rows:
+        real = _real_forward_flops("tiny", row.keep, result.methods)
+        assert (row.full.flops, row.ideal.flops) == (real[e2e.Baseline.FULL], real[e2e.Baseline.IDEAL])
+        for name, cost in row.methods.items():
+            if get_method(name).reads & {"saliency", "attn"}:
+                readout.add(real[name] - cost.flops)
+            else:
+                assert cost.flops == real[name], name
+    (capture,) = readout
+    assert 0 < capture < 1e-3 * result.rows[0].full.flops
+    for larger, smaller in zip(result.rows, result.rows[1:]):
+        assert larger.full.flops == smaller.full.flops and larger.ideal.flops > smaller.ideal.flops
+        for name in result.methods:
+            assert larger.methods[name].flops > smaller.methods[name].flops, name
+            assert larger.methods[name].flops_reduction < smaller.methods[name].flops_reduction, name
 
 
 def test_each_methods_pruning_flops_are_its_own_work_beyond_the_ideal():
@@ -342,21 +409,16 @@ def test_each_methods_pruning_flops_are_its_own_work_beyond_the_ideal():
     so beyond the ideal they cost the merge alone, the same for all three; DivPrune adds its
     distance matrix (2 N^2 D) and one matrix-vector product per kept token (2 N D each);
     similarity adds the attention branch's projection and the task scores."""
-    keep = 4
-    result = e2e.run(e2e.make_plan("tiny", [16, keep], "meta", methods=BUILTINS))
+    result = e2e.run(e2e.make_plan("tiny", [16, 4], "meta", methods=OTHERS))
     config = build_model("tiny", "meta", torch.float32).config
     n, width = 16, config.vision_config.hidden_size
     for row in result.rows:
-        costs = row.costs()
+        costs = row.methods
         merge = costs["first"].pruning_flops
         assert merge > 0 and costs["random"].pruning_flops == costs["saliency"].pruning_flops == merge
         assert costs["divprune"].pruning_flops - merge == 2 * n * width * (n + row.keep)
         assert costs["similarity"].pruning_flops > merge
-        assert costs["desap"].pruning_flops == row.flops.desap - row.flops.ideal
-        for cost in costs.values():
-            assert cost.flops == row.flops.ideal + cost.pruning_flops
-            assert cost.flops_reduction == row.flops.full / cost.flops
-            assert cost.ms is None
+        assert all(cost.ms is None for cost in costs.values())
 
 
 def test_meta_counts_each_methods_qwen_forward_exactly():
@@ -365,9 +427,9 @@ def test_meta_counts_each_methods_qwen_forward_exactly():
     methods = ["first", "similarity", "divprune"]
     counted = e2e.run(e2e.make_plan("tiny-qwen3-vl", [16, 4], "meta", methods=methods))
     timed = e2e.run(e2e.make_plan("tiny-qwen3-vl", [16, 4], "cpu", repeats=1, methods=methods))
-    assert [r.flops for r in counted.rows] == [r.flops for r in timed.rows]
+    assert [_flops(r) for r in counted.rows] == [_flops(r) for r in timed.rows]
     small = counted.rows[1]
-    assert set(small.flops.methods) == set(methods)
+    assert list(small.methods) == [DEFAULT_METHOD, *methods]
     assert small.methods["divprune"].pruning_flops > small.methods["first"].pruning_flops > 0
 
 
@@ -376,28 +438,32 @@ def test_the_command_with_methods_writes_json_that_reads_back_a_table_and_one_se
     assert main(["bench", "e2e", "--model", "tiny", "--keep", "16,4", "--repeats", "1", "--methods",
                  "saliency,divprune", "--out", str(out), "--plot", str(plot)]) == 0
     saved = from_json(e2e.E2eResult, json.loads(out.read_text()))
-    assert saved.methods == ["desap", "saliency", "divprune"]
+    assert saved.methods == [DEFAULT_METHOD, "saliency", "divprune"]
     for row in saved.rows:
-        assert list(row.methods) == ["saliency", "divprune"] and len(row.rounds_ms.methods["divprune"]) == 1
-        assert row.methods["divprune"].ms == row.rounds_ms.methods["divprune"][0]
-    table = capsys.readouterr().out.splitlines()
-    method_lines = [line.split() for line in table if line.split()[:1] in (["16"], ["4"]) and len(line.split()) == 9]
-    assert [(words[0], words[1]) for words in method_lines] == [
-        (keep, name) for keep in ("16", "4") for name in ("desap", "saliency", "divprune")]
-    lines = e2e.figure(saved).axes[0].get_lines()
-    assert [line.get_label() for line in lines] == ["desap", "saliency", "divprune", "ideal (no pruning work)"]
-    for line, name in zip(lines, saved.methods):
+        assert list(row.methods) == saved.methods
+        assert row.methods["divprune"].rounds_ms == [row.methods["divprune"].ms]
+    # after the main table, one line per method at each budget: the budget, the method, its median
+    printed = capsys.readouterr().out.splitlines()
+    method_lines = [line.split() for line in printed if line.split()[1:2] and line.split()[1] in saved.methods]
+    assert [(int(words[0]), words[1], float(words[2])) for words in method_lines] == [
+        (row.keep, name, round(row.methods[name].ms, 2)) for row in saved.rows for name in saved.methods]
+    # one series per method, DeSAP first, then the ideal's
+    *series, ideal = e2e.figure(saved).axes[0].get_lines()
+    assert [line.get_label() for line in series] == saved.methods
+    for line, name in zip(series, saved.methods):
         assert list(line.get_xdata()) == [16, 4]
-        assert list(line.get_ydata()) == [row.costs()[name].speedup for row in saved.rows]
+        assert list(line.get_ydata()) == [row.methods[name].speedup for row in saved.rows]
+    assert list(ideal.get_ydata()) == [row.ideal_speedup for row in saved.rows]
 
 
 def test_an_unknown_method_is_one_line_and_exit_2_before_anything_is_built(monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(e2e, "build_model", refuse)
+    monkeypatch.setattr(e2e_plan, "build_model", refuse)
+    monkeypatch.setattr(e2e_run, "build_model", refuse)
     assert main(["bench", "e2e", "--model", "tiny", "--methods", "desap,nope"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("... ")]
-    assert err == ["desap: error: --methods: 'nope' is not a registered pruning method; registered: "
-                   + ", ".join(available_methods())]
-    assert set(BUILTINS) <= set(available_methods())
+    # one line naming the unknown method and every registered one
+    assert len(err) == 1 and err[0].startswith("desap: error: ") and "'nope'" in err[0]
+    assert all(name in err[0] for name in METHODS)

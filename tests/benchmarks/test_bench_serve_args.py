@@ -10,7 +10,7 @@ import pytest
 from desap_ops.benchmarks.machine import LoadAverage
 from desap_ops.benchmarks.vllm import _cpu_fixes as vllm_cpu
 from desap_ops.benchmarks.vllm import serve as bench_serve
-from desap_ops.benchmarks.vllm import serve_client
+from desap_ops.benchmarks.vllm import serve_client, serve_plan, serve_run
 from desap_ops.benchmarks.vllm.settings import Setting, method_setting, settings
 from desap_ops.cli.main import parser
 from desap_ops.cli.main import main
@@ -23,8 +23,8 @@ def nothing_runs(monkeypatch, no_vllm):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the run started before the arguments were checked")
 
-    monkeypatch.setattr(bench_serve, "checkpoint_folder", refuse)
-    monkeypatch.setattr(bench_serve, "run_setting", refuse)
+    monkeypatch.setattr(serve_run, "checkpoint_folder", refuse)
+    monkeypatch.setattr(serve_run, "run_setting", refuse)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -60,7 +60,7 @@ def test_without_vllm_one_line_names_the_install(nothing_runs, capsys):
     (["--max-tokens", "2000"], "--max-tokens 2000 does not fit: llava-tinyllama-1.1b holds 2048 positions"),
 ])
 def test_budgets_are_checked_against_the_model_before_it_is_built(nothing_runs, monkeypatch, capsys, args, message):
-    monkeypatch.setattr(bench_serve, "check_vllm", lambda command: None)
+    monkeypatch.setattr(serve_plan, "check_vllm", lambda command: None)
     assert main(["bench", "serve", *args]) == 2
     assert message in one_error_line(capsys.readouterr().err)
 
@@ -129,7 +129,7 @@ def test_methods_ride_on_desaps_settings_without_changing_their_engines():
 
 
 def test_the_plan_puts_the_methods_on_every_desap_setting(monkeypatch):
-    monkeypatch.setattr(bench_serve, "check_vllm", lambda command: None)
+    monkeypatch.setattr(serve_plan, "check_vllm", lambda command: None)
     args = parser().parse_args(["bench", "serve", "--model", "tiny", "--keep", "4,8", "--methods",
                                 "divprune,desap,random,divprune"])
     bench_serve.check(args)

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from desap_ops.benchmarks.vllm import offline as bench_vllm
-from desap_ops.benchmarks.skeleton import parse_budgets
+from desap_ops.benchmarks.arguments import parse_budgets
 from desap_ops.benchmarks.vllm.settings import settings
 from desap_ops.cli.main import main
 from helpers import one_error_line

@@ -10,11 +10,11 @@ from typing import Optional
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from desap_ops.benchmarks import e2e, op, skeleton
+from desap_ops.benchmarks import arguments, e2e, op, skeleton
+from desap_ops.benchmarks.arguments import UsageError
 from desap_ops.benchmarks.skeleton import RunFailed, from_json, to_json
 from desap_ops.benchmarks.vllm import offline, serve
 from desap_ops.benchmarks.vllm.processor_cost import ProcessorCostResult
-from desap_ops.cli.errors import UsageError
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 KINDS = {"op": op.OpBenchResult, "e2e": e2e.E2eResult, "serve": serve.ServeResult, "vllm": offline.OfflineResult,
@@ -85,7 +85,7 @@ def test_a_failed_run_prints_its_logs_tail_and_returns_1(capsys):
     (None, False, None), ("192,128,64", False, [192, 128, 64]), ("64,128,64", False, [64, 128]),
     ("full,64", True, [64]), ("full", True, []), (" 8 , 4", False, [8, 4])])
 def test_budgets_parse_in_the_order_given(text, full, expected):
-    assert skeleton.parse_budgets(text, full) == expected
+    assert arguments.parse_budgets(text, full) == expected
 
 
 @pytest.mark.parametrize("text,full,message", [
@@ -95,7 +95,7 @@ def test_budgets_parse_in_the_order_given(text, full, expected):
     ("64,0", False, "--keep values must be at least 1, got 0")])
 def test_budgets_refuse_in_one_line(text, full, message):
     with pytest.raises(UsageError) as err:
-        skeleton.parse_budgets(text, full)
+        arguments.parse_budgets(text, full)
     assert str(err.value) == message
 
 

@@ -48,12 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
-from desap_ops.cli.errors import parse_task_ratio
 from desap_ops.testing.vllm_models import MODELS, prompt
 
+from ..arguments import check_at_least_one, parse_budgets, parse_task_ratio
 from ..machine import DTYPES, LoadAverage, dtype_name, load_average
-from ..skeleton import (Progress, check_at_least_one, command_line, flattened, from_json, parse_budgets,
-                        to_json)
+from ..skeleton import Progress, command_line, flattened, from_json, to_json
 from .checkpoints import checkpoint_folder
 from .processes import new_log_folder, run_logged
 from .record import EngineBinding, VllmEnvironment, machine_title

@@ -1,7 +1,7 @@
 """The client of ``desap bench serve``: vLLM's own ``vllm bench serve`` against one running server,
 once per concurrency level, with the server's metrics read around each level. Run as ``python -m
-desap_ops.benchmarks.vllm.serve_client SPEC RESULT`` by :func:`.serve.run_setting` (SPEC: a
-:class:`.serve.ClientSpec`; RESULT: a list of :class:`.serve.LevelRecord`); vLLM's benchmark runs in
+desap_ops.benchmarks.vllm.serve_client SPEC RESULT`` by :func:`.serve_server.run_setting` (SPEC: a
+:class:`.serve_records.ClientSpec`; RESULT: a list of :class:`.serve_records.LevelRecord`); vLLM's benchmark runs in
 this process (its ``main``, parsed from the same arguments the command takes) so that vLLM is
 imported once per setting. The only module of ``bench serve`` that imports vLLM."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Optional
 from ..machine import LoadAverage, load_average
 from ..skeleton import from_json, to_json
 from .processes import say_mark
-from .serve import ClientSpec, LevelRecord
+from .serve_records import ClientSpec, LevelRecord
 
 KV_USAGE = "vllm:kv_cache_usage_perc"
 COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",

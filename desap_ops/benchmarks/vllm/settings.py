@@ -7,10 +7,10 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from desap_ops.cli.errors import UsageError
 from desap_ops.testing.vllm_models import MODELS, VllmModel
 
-from ..skeleton import check_budgets, paper_budgets
+from ..arguments import UsageError, check_budgets
+from ..skeleton import paper_budgets
 
 DTYPE_CHOICES = ("bf16", "fp32")   # the names of machine.DTYPES the vLLM benches take (its CPU backend runs both)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from desap_ops.cli.errors import UsageError
 from desap_ops.testing.vllm_models import MODELS, image_tokens, weight_bytes
 
+from ..arguments import UsageError
 from ..machine import GIB, check_memory
 from ._cpu_fixes import apply_fixes
 

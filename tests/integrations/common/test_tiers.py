@@ -1,7 +1,6 @@
 """Imports run one way through ``desap_ops.integrations``: ``common`` imports neither engine's tier,
 ``vllm`` never imports ``hf``, ``hf`` never imports ``vllm``, and inside ``hf`` the registry ->
 family patchers -> shared modules. Read from the sources, every import (inside functions too)."""
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -9,29 +8,12 @@ from pathlib import Path
 import pytest
 
 import desap_ops.integrations
+from import_graph import imported_modules
 
 ROOT = Path(desap_ops.integrations.__file__).parent
 PACKAGE = "desap_ops.integrations"
 # the family patchers of the transformers tier; the Qwen families stand on their base, hf.qwen
 PATCHERS = {"llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "video"}
-
-
-def _imports(path: Path) -> set[str]:
-    """Every module ``path`` imports, as absolute names (``from . import x`` as ``package.x``)."""
-    module = ".".join(path.relative_to(ROOT.parent.parent).with_suffix("").parts)
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
-            found.update(f"{base}.{alias.name}" for alias in node.names)
-            found.add(base)
-    return found
 
 
 def _tier(name: str) -> str:
@@ -46,16 +28,16 @@ def _modules(tier: str) -> list[Path]:
 @pytest.mark.parametrize("tier, forbidden", [("common", {"hf", "vllm"}), ("vllm", {"hf"}), ("hf", {"vllm"})])
 def test_a_tier_imports_no_tier_it_must_not(tier, forbidden):
     for path in _modules(tier):
-        wrong = sorted(name for name in _imports(path) if _tier(name) in forbidden)
+        wrong = sorted(name for name in imported_modules(path) if _tier(name) in forbidden)
         assert not wrong, f"{path.relative_to(ROOT)} imports {wrong}"
     if tier == "common":   # and no engine either
         for path in _modules(tier):
-            assert not {name.split(".")[0] for name in _imports(path)} & {"vllm"}, path
+            assert not {name.split(".")[0] for name in imported_modules(path)} & {"vllm"}, path
 
 
 def test_in_the_transformers_tier_the_registry_imports_the_patchers_and_nothing_imports_back():
     for path in _modules("hf"):
-        imported = {name.split(".")[3] for name in _imports(path)
+        imported = {name.split(".")[3] for name in imported_modules(path)
                     if name.startswith(PACKAGE + ".hf.") and len(name.split(".")) > 3}
         if path.stem == "registry":
             assert PATCHERS <= imported
