@@ -7,7 +7,7 @@ import torch
 from .. import reference
 from ..api import prune
 from ..reference import PruneResult
-from .interface import DEFAULT_METHOD, Method, MethodInputs, Signal
+from .interface import Method, MethodInputs, Signal
 
 DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
 
@@ -87,7 +87,7 @@ def divprune(inputs: MethodInputs) -> torch.Tensor:
 
 BUILTIN: tuple[Method, ...] = (
     # the operator's argument checks surface as they are (checked=False): DeSAP is the operator
-    Method(DEFAULT_METHOD, prune=desap, reads=frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT}), checked=False),
+    Method("desap", prune=desap, reads=frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT}), checked=False),
     Method("first", first, reads=frozenset()),
     Method("random", random, reads=frozenset({Signal.SEED})),
     Method("saliency", saliency, reads=frozenset({Signal.SALIENCY})),
