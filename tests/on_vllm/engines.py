@@ -21,6 +21,7 @@ from PIL import Image
 
 from probe import read_ranks
 
+from desap_ops.methods import BUILTIN
 from desap_ops.testing.checkpoint import save_llava_checkpoint, save_qwen_checkpoint
 from desap_ops.testing.tiny_vllm import (tiny_vllm_llava, tiny_vllm_qwen2_5_vl, tiny_vllm_qwen3_5,
                                         tiny_vllm_qwen3_vl)
@@ -41,7 +42,7 @@ QWEN_PROMPTS = tuple(p.replace("<image>", QWEN_IMAGE) for p in PROMPTS)
 # this environment: its entry point is all that registers it, here and in every engine process).
 # The sweeps spread them over their requests (per request: ``with_method``), so each family runs
 # each method on its paths on engines that start anyway.
-METHODS = ("desap", "first", "random", "saliency", "similarity", "divprune", "largest-norm")
+METHODS = (*(method.name for method in BUILTIN), "largest-norm")
 # the transformers model each checkpoint was saved from
 BUILDERS = {"llava": tiny_vllm_llava, "llava_next": lambda seed: tiny_vllm_llava(seed, next_layout=True),
             "qwen2_5_vl": tiny_vllm_qwen2_5_vl, "qwen3_vl": tiny_vllm_qwen3_vl,
