@@ -48,6 +48,7 @@ NEG_INF = tl.constexpr(float("-inf"))
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # 64-token tiles of 128 head features: no spills on sm_90 (tests/sm90_compile.py)
 BLOCK = 64
+FP32_BLOCK_F = 16
 
 
 @triton.jit
@@ -59,7 +60,7 @@ def _tile(table_ptr):
 
 @triton.jit
 def _rows(ptr, tokens, ok, stride_t, d, d_ok, DOT_FP32: tl.constexpr):
-    """(len(tokens), BLOCK_D) tile of one head's rows (masked to zero), as tl.dot takes it."""
+    """(len(tokens), len(d)) tile of one head's rows (masked to zero), as tl.dot takes it."""
     rows = tl.load(ptr + tokens.to(tl.int64)[:, None] * stride_t + d[None, :],
                    mask=ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_FP32:
@@ -68,12 +69,25 @@ def _rows(ptr, tokens, ok, stride_t, d, d_ok, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _logits(q, k, qk_scale, DOT_FP32: tl.constexpr):
-    """(BLOCK_Q, BLOCK_K) float32 q.k * scale * log2(e)."""
+def _dot(q, k, DOT_FP32: tl.constexpr):
+    """(BLOCK, BLOCK) float32 q @ k^T."""
     if DOT_FP32:  # exact float32 products: tf32 would be a float16-sized error on every logit
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:  # half pairs: exact products, float32 accumulator
-        s = tl.dot(q, tl.trans(k))
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    return tl.dot(q, tl.trans(k))  # half pairs: exact products, float32 accumulator
+
+
+@triton.jit
+def _logits(q_head, q_tokens, q_ok, stride_qt, k_head, k_tokens, k_ok, stride_kt, D, qk_scale,
+            DOT_FP32: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+    """(BLOCK, BLOCK) float32 q.k * scale * log2(e), both tiles loaded BLOCK_F features at a time
+    (float32 tiles: a whole 64 x 128 pair would spill)."""
+    s = tl.zeros([BLOCK, BLOCK], tl.float32)
+    for f0 in tl.static_range(0, BLOCK_D, BLOCK_F):
+        d = f0 + tl.arange(0, BLOCK_F)
+        d_ok = d < D
+        q = _rows(q_head, q_tokens, q_ok, stride_qt, d, d_ok, DOT_FP32)
+        k = _rows(k_head, k_tokens, k_ok, stride_kt, d, d_ok, DOT_FP32)
+        s += _dot(q, k, DOT_FP32)
     return s * qk_scale
 
 
@@ -82,7 +96,7 @@ def _lse_kernel(
     q_ptr, k_ptr, table_ptr, lse_ptr,
     qk_scale, H, D,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    DOT_FP32: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     first, seg_start, seg_end = _tile(table_ptr)
     h = tl.program_id(1)
@@ -90,15 +104,21 @@ def _lse_kernel(
     d_ok = d < D
     rows = first + tl.arange(0, BLOCK)
     rows_ok = rows < seg_end
-    q = _rows(q_ptr + h * stride_qh, rows, rows_ok, stride_qt, d, d_ok, DOT_FP32)
+    q_head = q_ptr + h * stride_qh
     k_head = k_ptr + h * stride_kh
+    if BLOCK_F == BLOCK_D:  # one feature chunk: the query tile stays in registers
+        q = _rows(q_head, rows, rows_ok, stride_qt, d, d_ok, DOT_FP32)
     best = tl.full([BLOCK], NEG_INF, tl.float32)
     total = tl.zeros([BLOCK], tl.float32)
     for c0 in range(seg_start, seg_end, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         cols_ok = cols < seg_end
-        k = _rows(k_head, cols, cols_ok, stride_kt, d, d_ok, DOT_FP32)
-        s = tl.where(cols_ok[None, :], _logits(q, k, qk_scale, DOT_FP32), NEG_INF)
+        if BLOCK_F == BLOCK_D:
+            s = _dot(q, _rows(k_head, cols, cols_ok, stride_kt, d, d_ok, DOT_FP32), DOT_FP32) * qk_scale
+        else:
+            s = _logits(q_head, rows, rows_ok, stride_qt, k_head, cols, cols_ok, stride_kt, D, qk_scale,
+                        DOT_FP32, BLOCK, BLOCK_D, BLOCK_F)
+        s = tl.where(cols_ok[None, :], s, NEG_INF)
         new_best = tl.maximum(best, tl.max(s, axis=1))  # finite: every tile has a key in range
         total = total * tl.math.exp2(best - new_best) + tl.sum(tl.math.exp2(s - new_best[:, None]), axis=1)
         best = new_best
@@ -110,7 +130,7 @@ def _received_kernel(
     q_ptr, k_ptr, table_ptr, lse_ptr, out_ptr,
     qk_scale, T, H, D,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    DOT_FP32: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     first, seg_start, seg_end = _tile(table_ptr)
     h = tl.program_id(1)
@@ -118,15 +138,21 @@ def _received_kernel(
     d_ok = d < D
     cols = first + tl.arange(0, BLOCK)
     cols_ok = cols < seg_end
-    k = _rows(k_ptr + h * stride_kh, cols, cols_ok, stride_kt, d, d_ok, DOT_FP32)
     q_head = q_ptr + h * stride_qh
+    k_head = k_ptr + h * stride_kh
+    if BLOCK_F == BLOCK_D:  # one feature chunk: the key tile stays in registers
+        k = _rows(k_head, cols, cols_ok, stride_kt, d, d_ok, DOT_FP32)
     received = tl.zeros([BLOCK], tl.float32)
     for r0 in range(seg_start, seg_end, BLOCK):
         rows = r0 + tl.arange(0, BLOCK)
         rows_ok = rows < seg_end
-        q = _rows(q_head, rows, rows_ok, stride_qt, d, d_ok, DOT_FP32)
+        if BLOCK_F == BLOCK_D:
+            s = _dot(_rows(q_head, rows, rows_ok, stride_qt, d, d_ok, DOT_FP32), k, DOT_FP32) * qk_scale
+        else:
+            s = _logits(q_head, rows, rows_ok, stride_qt, k_head, cols, cols_ok, stride_kt, D, qk_scale,
+                        DOT_FP32, BLOCK, BLOCK_D, BLOCK_F)
         lse = tl.load(lse_ptr + rows.to(tl.int64) * H + h, mask=rows_ok, other=0.0)
-        weights = tl.math.exp2(_logits(q, k, qk_scale, DOT_FP32) - lse[:, None])
+        weights = tl.math.exp2(s - lse[:, None])
         received += tl.sum(tl.where(rows_ok[:, None], weights, 0.0), axis=0)
     share = received / ((seg_end - seg_start) * H).to(tl.float32)
     tl.store(out_ptr + h.to(tl.int64) * T + cols, share, mask=cols_ok)
@@ -173,7 +199,9 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, boundaries: Se
     fp32 = dot_in_fp32(queries, keys)
     block_d = next_block(width, 256)
     strides = (queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1))
-    constexprs = dict(DOT_FP32=fp32, BLOCK=BLOCK, BLOCK_D=block_d)
+    # float32 tiles take the head dim FP32_BLOCK_F features at a time (a whole tile pair would spill)
+    constexprs = dict(DOT_FP32=fp32, BLOCK=BLOCK, BLOCK_D=block_d,
+                      BLOCK_F=min(block_d, FP32_BLOCK_F) if fp32 else block_d)
     grid = (table.shape[0], heads)
     qk_scale = float(scale) * math.log2(math.e)
     # 4 warps for half tiles, 8 for float32 ones (twice the registers): no spills on sm_90

@@ -25,12 +25,12 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from desap_ops import triton_backend  # noqa: E402
-from desap_ops.kernels import merge, selection, similarity  # noqa: E402
+from desap_ops.kernels import merge, received, selection, similarity  # noqa: E402
 
 HOPPER_SHARED_LIMIT = 227 * 1024
 MAX_STACK_BYTES = 64  # a larger stack frame means registers spilled to local memory: retune the tiles
 POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-           torch.int64: "*i64", torch.uint8: "*u8"}
+           torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8"}
 
 captured: dict = {}
 
@@ -46,6 +46,8 @@ def _capture(kernel, grid, args, constexprs, num_warps):
         value = next(runtime)
         if isinstance(value, torch.Tensor):
             signature[name] = POINTER[value.dtype]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         elif int(value) == 1 and name not in getattr(kernel, "do_not_specialize", ()):
             # the JIT turns an integer argument equal to 1 into a constant: compile that variant too
             signature[name] = "constexpr"
@@ -56,7 +58,7 @@ def _capture(kernel, grid, args, constexprs, num_warps):
     captured[key] = (kernel, signature, dict(constexprs), num_warps)
 
 
-for module in (similarity, selection, merge):
+for module in (similarity, selection, merge, received):
     module.launch = _capture
 
 SHAPES = [  # (B, N, K, D, C, L): LLaVA-1.5, LLaVA-NeXT, video, long prompt, tiny, largest N
@@ -70,7 +72,24 @@ SHAPES = [  # (B, N, K, D, C, L): LLaVA-1.5, LLaVA-NeXT, video, long prompt, tin
 ]
 
 
+RECEIVED_SHAPES = [  # (boundaries, H, d): Qwen2.5-VL (16 x 80) and Qwen3-VL (16 x 72) towers, one
+    # image, ragged frames, and one head per tensor-parallel rank (H = 1: a compile-time constant)
+    ([0, 1024], 16, 80),
+    ([0, 4096], 16, 72),
+    ([0, 1, 300, 7356], 16, 72),
+    ([0, 7056], 1, 80),
+]
+
+
+def _drive_received() -> None:
+    for boundaries, heads, width in RECEIVED_SHAPES:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            fused = torch.empty(boundaries[-1], 3, heads, width, dtype=dtype, device="meta")  # q, k, v
+            received.received_attention(fused[:, 0], fused[:, 1], boundaries, width ** -0.5)
+
+
 def _drive() -> None:
+    _drive_received()
     meta = dict(device="meta")
     for batch, tokens, keep, width, text_width, n_text in SHAPES:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
