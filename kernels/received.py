@@ -31,6 +31,11 @@ FLOPs: each pass is one Q K^T, 2 * n^2 * H * d: 4 * n^2 * H * d in all, the same
 call (Q K^T and P V): 77.3 GFLOP at n = 4096, H = 16, d = 72. Tensor cores run the padded head dim
 BLOCK_D = 128 (next power of two), 137.4 GFLOP issued; and each pass takes one exp2 per logit,
 2 * n^2 * H in all against the attention's n^2 * H.
+
+Half inputs (float16, bfloat16) go through tl.dot natively with the held tile (q in pass 1, k in
+pass 2) in registers. Float32 inputs take ieee products on the CUDA cores, both tiles loaded
+FP32_BLOCK_F features at a time (a whole 64 x 128 float32 pair spills): the same bytes from DRAM,
+BLOCK_D / FP32_BLOCK_F loads of the held tile per step from L1/L2.
 """
 from __future__ import annotations
 
