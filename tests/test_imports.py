@@ -3,7 +3,7 @@ app (cli -> benchmarks -> testing) -> integrations -> methods -> operator -> ker
 
 The operator's layers, lowest first: the reference defines the contract's steps; validation checks
 inputs against them; the kernels import nothing of the operator (the operator hands them what they
-need, such as the auto split's constants); then the Triton path, the registered ops,
+need, such as the auto split's constants); the received-attention op over them; then the Triton path, the registered ops,
 PruneFunction, the entry point, and the pruning methods over it. A module may import only from
 layers below its own (the files of the kernels and of the methods from each other too). The
 package's ``__init__`` may import the integrations on first use only, inside a function, so that
@@ -16,7 +16,7 @@ import pytest
 from import_graph import REPO, desap_parts
 
 PACKAGE = REPO / "desap_ops"
-LAYERS = ["reference", "validation", "kernels", "triton_backend", "ops", "function", "api", "methods"]
+LAYERS = ["reference", "validation", "kernels", "received", "triton_backend", "ops", "function", "api", "methods"]
 FOLDERS = ("kernels", "methods")   # layers that are folders: their files may import each other
 FILES = {f"desap_ops/{name}.py": name for name in LAYERS if name not in FOLDERS}
 FILES.update({f"desap_ops/{folder}/{path.name}": folder for folder in FOLDERS

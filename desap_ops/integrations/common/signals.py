@@ -13,7 +13,7 @@ computes them, once for every reader of both engines:
   averaged over heads: O(T) per head, so the attention implementation (eager, SDPA, flash) is left
   as it is and no T x T matrix is ever formed;
 - encoders without [CLS] (the Qwen families): :func:`merged_saliency`, the attention each patch
-  receives (:func:`received_attention`, one block of queries at a time) summed per merged token,
+  receives (:func:`received_attention`, the operator ``desap::received_attention``) summed per merged token,
   in the model's order.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ...methods import Signal, content_rows, order_rows
+from ...received import received_attention as received_attention_op
 
 TOWER_READS = frozenset({Signal.SALIENCY, Signal.ATTN})   # the signals that need the tower's attention captured
 
@@ -195,23 +196,18 @@ def cls_attention(query: torch.Tensor, keys: torch.Tensor, num_heads: int, scale
     return logits.softmax(dim=-1).mean(dim=1)
 
 
-QUERY_BLOCK_BYTES = 64 * 2**20   # bound on the scores of one block of queries
-
-
-def received_attention(queries: torch.Tensor, keys: torch.Tensor, segments, scale: float) -> torch.Tensor:
+def received_attention(queries: torch.Tensor, keys: torch.Tensor, segments: Sequence[tuple[int, int]],
+                       scale: float) -> torch.Tensor:
     """(T,) float32: for each token, the mean over the queries of its segment of the softmax
-    attention it receives, averaged over heads. queries, keys: (T, H, d)."""
-    tokens, heads, _ = keys.shape
-    out = torch.zeros(tokens, dtype=torch.float32, device=keys.device)
-    for start, end in segments:
-        k = keys[start:end].transpose(0, 1).float()                     # (H, n, d)
-        block = max(1, QUERY_BLOCK_BYTES // (4 * heads * (end - start)))
-        for first in range(start, end, block):
-            q = queries[first:min(first + block, end)].transpose(0, 1).float()   # (H, b, d)
-            weights = ((q @ k.transpose(1, 2)) * scale).softmax(dim=-1)           # (H, b, n)
-            out[start:end] += weights.sum(dim=1).mean(dim=0)
-        out[start:end] /= end - start
-    return out
+    attention it receives, averaged over heads. queries, keys: (T, H, d); ``segments``: the
+    (start, end) of each image or frame, one after another from 0 to T. The operator
+    ``desap::received_attention`` (``desap_ops.received``: fused attention on the CPU, a Triton
+    kernel on CUDA)."""
+    boundaries = [0] + [int(end) for _, end in segments]
+    starts = [int(start) for start, _ in segments]
+    if starts != boundaries[:-1]:
+        raise ValueError(f"received_attention: segments must follow one another from 0, got {list(segments)}")
+    return received_attention_op(queries, keys, boundaries, float(scale))
 
 
 def merged_saliency(queries: torch.Tensor, keys: torch.Tensor, segments, scale: float, merge_unit: int,

@@ -38,8 +38,7 @@ def _inputs(grids, seeds, **prompt):
                 mm_token_type_ids=(ids == IMG).int())
 
 
-def test_received_attention_matches_the_full_matrix(monkeypatch):
-    monkeypatch.setattr(signals, "QUERY_BLOCK_BYTES", 4 * 2 * 8 * 3)   # force several query blocks
+def test_received_attention_matches_the_full_matrix():
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(20, 2, 8, generator=gen), torch.randn(20, 2, 8, generator=gen)
     segments = [(0, 8), (8, 20)]
