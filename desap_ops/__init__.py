@@ -12,7 +12,7 @@ convenience and imported on first use (so that importing the operator imports ne
 integrations nor transformers). That lazy import is the one exception to "imports run one way"
 (app -> integrations -> operator -> kernels): no other operator module imports the integrations.
 """
-from . import ops, reference
+from . import ops, received, reference
 from .api import prune
 from .function import PruneFunction
 from .methods import MethodInputs, Selection, available_methods, register_method

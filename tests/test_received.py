@@ -138,3 +138,19 @@ def _good():
 def test_bad_inputs_name_the_argument(change, error, name):
     with pytest.raises(error, match=name):
         received_attention(**{**_good(), **change})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_cuda_kernel_registration_runs_the_triton_launcher_and_equals_the_reference(dtype):
+    """The op's CUDA implementation, called directly on CPU tensors under the Triton interpreter
+    (tests/conftest.py sets TRITON_INTERPRET=1): the wiring from the op to kernels/received.py's
+    launcher, boundaries and scale passed as the contract says, ragged segments."""
+    from desap_ops import received
+
+    gen = torch.Generator().manual_seed(3)
+    queries, keys = (torch.randn(70, 3, 16, generator=gen).to(dtype) for _ in range(2))
+    boundaries, scale = [0, 1, 33, 70], 0.25
+    got = received._received_cuda(queries, keys, boundaries, scale)
+    expected = received.received_attention_reference(queries.double(), keys.double(), boundaries, scale)
+    assert got.dtype == torch.float32 and got.shape == (70,)
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-5, atol=1e-9)
