@@ -15,12 +15,10 @@ round is in the JSON with the machine, torch's threads and the load average befo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -28,44 +26,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from desap_ops.benchmarks.received_cost import ReceivedCostResult, ReceivedMachine, ReceivedTiming
+from desap_ops.benchmarks.skeleton import write_json
 from desap_ops.received import received_attention, received_attention_reference
 
 HEADS, HEAD_DIM = 16, 72          # Qwen3-VL's vision tower (1152 wide)
 PATCHES = (1024, 4096, 7056)      # 7056: a 1344 x 1344 image in 16-pixel patches
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMPLEMENTATIONS = ("sdpa", "signal", "signal (eager reference)")
-
-
-@dataclass
-class Timing:
-    patches: int
-    dtype: str
-    implementation: str
-    seconds: list[float] = field(default_factory=list)   # one per round, in round order
-    median_s: float = 0.0
-    ratio_to_sdpa: float = 0.0                             # median / the SDPA median of the same shape and dtype
-
-
-@dataclass
-class Machine:
-    cpu: str
-    cores: int
-    torch_threads: int
-    torch: str
-    python: str
-
-
-@dataclass
-class Report:
-    date_utc: str
-    machine: Machine
-    rounds: int
-    heads: int
-    head_dim: int
-    load_before: tuple[float, float, float]   # os.getloadavg(): 1, 5 and 15 minutes
-    load_after: tuple[float, float, float]
-    max_abs_difference: dict[str, float]       # new path against the eager reference, per "patches/dtype"
-    timings: list[Timing]
 
 
 def _cpu_model() -> str:
@@ -98,7 +66,7 @@ def main() -> None:
     load_before = os.getloadavg()
     cases = [(n, name) for n in PATCHES for name in DTYPES]
     calls = {case: _calls(case[0], DTYPES[case[1]]) for case in cases}
-    timings = {(n, name, impl): Timing(n, name, impl) for n, name in cases for impl in IMPLEMENTATIONS}
+    timings = {(n, name, impl): ReceivedTiming(n, name, impl) for n, name in cases for impl in IMPLEMENTATIONS}
     differences = {}
     with torch.inference_mode():
         for case in cases:   # warm-up, and the new path checked against the reference
@@ -118,14 +86,14 @@ def main() -> None:
         timing.median_s = statistics.median(timing.seconds)
     for timing in timings.values():
         timing.ratio_to_sdpa = timing.median_s / timings[(timing.patches, timing.dtype, "sdpa")].median_s
-    report = Report(
+    report = ReceivedCostResult(
         date_utc=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        machine=Machine(_cpu_model(), os.cpu_count() or 0, torch.get_num_threads(), torch.__version__,
+        machine=ReceivedMachine(_cpu_model(), os.cpu_count() or 0, torch.get_num_threads(), torch.__version__,
                         platform.python_version()),
         rounds=args.rounds, heads=HEADS, head_dim=HEAD_DIM, load_before=load_before, load_after=load_after,
         max_abs_difference=differences, timings=list(timings.values()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    write_json(report, args.out)
     for timing in report.timings:
         print(f"{timing.patches:5d} {timing.dtype:9s} {timing.implementation:25s} "
               f"{timing.median_s * 1e3:8.1f} ms  x{timing.ratio_to_sdpa:.2f} of SDPA")

@@ -14,11 +14,12 @@ from desap_ops.benchmarks import arguments, e2e, op, skeleton
 from desap_ops.benchmarks.arguments import UsageError
 from desap_ops.benchmarks.skeleton import RunFailed, from_json, to_json
 from desap_ops.benchmarks.vllm import offline, serve
+from desap_ops.benchmarks.received_cost import ReceivedCostResult
 from desap_ops.benchmarks.vllm.processor_cost import ProcessorCostResult
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 KINDS = {"op": op.OpBenchResult, "e2e": e2e.E2eResult, "serve": serve.ServeResult, "vllm": offline.OfflineResult,
-         "processor": ProcessorCostResult}
+         "processor": ProcessorCostResult, "received": ReceivedCostResult}
 
 
 class Recorder:
