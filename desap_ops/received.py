@@ -24,7 +24,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .validation import FLOAT_DTYPES
+
 QUERY_BLOCK_BYTES = 64 * 2**20   # the reference: bound on the scores of one block of queries
 
 

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+NEG_INF = tl.constexpr(float("-inf"))   # the masked logit, shared by the kernels
 
 
 def next_block(size: int, cap: int, floor: int = 16) -> int:

@@ -13,9 +13,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .common import cosine_tile, dot_in_fp32, launch, next_block, scale_target
-
-NEG_INF = tl.constexpr(float("-inf"))
+from .common import NEG_INF, cosine_tile, dot_in_fp32, launch, next_block, scale_target
 
 
 @triton.jit
