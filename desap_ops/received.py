@@ -5,13 +5,17 @@ attention each key receives, averaged over that segment's queries and over heads
 encoders without a [CLS] token (the Qwen families), read at one block from that block's own queries
 and keys.
 
-- CPU: two calls of torch's fused CPU attention, which returns each query's log-sum-exp and never
-  forms the n x n matrix. Pass 1 gives ``lse_i = log sum_j exp(q_i . k_j * scale)``; pass 2 swaps
+- CPU, float32 and float64: the scores of a block of queries at a time (a matrix product against
+  the segment's keys, then one fused softmax), summed over the block: one product of the
+  attention's two, and a block small enough to stay in cache (``CPU_BLOCK_BYTES``). The n x n
+  matrix is never formed.
+- CPU, bfloat16 and float16: two calls of torch's fused CPU attention, which returns each query's
+  log-sum-exp and never forms the n x n matrix; its half-precision products outrun a float32
+  softmax over the block. Pass 1 gives ``lse_i = log sum_j exp(q_i . k_j * scale)``; pass 2 swaps
   the roles, keys attending over the queries with the additive bias ``-lse_i``, whose log-sum-exp
   is ``log sum_i softmax_j(q_i . k_j * scale) = log(n * received_j)``. The attention's value
   output is not needed: zeros go in (the kernel needs a value of the queries' head size). The
-  passes run in the inputs' dtype (bf16 and fp16 products accumulate in float32 there), the bias
-  stays float32.
+  passes run in the inputs' dtype (products accumulate in float32 there), the bias stays float32.
 - CUDA: the Triton kernel ``desap_ops.kernels.received`` (float64 runs the reference).
 - :func:`received_attention_reference`: the oracle, an eager float32 softmax one block of queries
   at a time.
@@ -27,6 +31,9 @@ from torch import Tensor
 from .validation import FLOAT_DTYPES
 
 QUERY_BLOCK_BYTES = 64 * 2**20   # the reference: bound on the scores of one block of queries
+# the CPU path in float32: bound on the scores of one block of queries, small enough for the
+# softmax to read them back from cache (measured: 1024 to 7056 patches, 16 heads, 2 cores)
+CPU_BLOCK_BYTES = 8 * 2**20
 
 
 def check_received_inputs(queries: Tensor, keys: Tensor, boundaries: Sequence[int], scale: float) -> None:
@@ -76,8 +83,25 @@ def received_attention_reference(queries: Tensor, keys: Tensor, boundaries: Sequ
     return out.float()
 
 
+def _blocked_cpu(queries: Tensor, keys: Tensor, boundaries: Sequence[int], scale: float) -> Tensor:
+    """Float32 and float64: the softmax of a block of queries at a time, summed over the block."""
+    tokens, heads, _ = queries.shape
+    out = torch.empty(tokens, dtype=queries.dtype)
+    for start, end in zip(boundaries[:-1], boundaries[1:]):
+        n = end - start
+        q = queries[start:end].transpose(0, 1)                      # (H, n, d)
+        keys_t = keys[start:end].permute(1, 2, 0)                   # (H, d, n)
+        total = torch.zeros(n, dtype=queries.dtype)
+        block = max(1, CPU_BLOCK_BYTES // (queries.element_size() * heads * n))
+        for first in range(0, n, block):
+            scores = torch.matmul(q[:, first:first + block], keys_t).mul_(scale)   # (H, b, n)
+            total += torch.softmax(scores, dim=-1).sum(dim=(0, 1))
+        out[start:end] = total / (n * heads)
+    return out.float()
+
+
 def _fused_cpu(queries: Tensor, keys: Tensor, boundaries: Sequence[int], scale: float) -> Tensor:
-    """The two fused-attention passes of the module's docstring, segment by segment."""
+    """bfloat16 and float16: the two fused-attention passes of the module's docstring, segment by segment."""
     attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out = torch.empty(queries.shape[0], dtype=torch.float32)
     for start, end in zip(boundaries[:-1], boundaries[1:]):
@@ -106,6 +130,8 @@ def received_attention(queries: Tensor, keys: Tensor, boundaries: list[int], sca
 def _received_cpu(queries: Tensor, keys: Tensor, boundaries: list[int], scale: float) -> Tensor:
     check_received_inputs(queries, keys, boundaries, scale)
     with torch.no_grad():
+        if queries.dtype in (torch.float32, torch.float64):
+            return _blocked_cpu(queries, keys, boundaries, float(scale))
         return _fused_cpu(queries, keys, boundaries, float(scale))
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from desap_ops.methods import DEFAULT_METHOD
-from desap_ops.testing.models import MODELS, build_model
-from desap_ops.testing.real_shapes import weight_bytes
+from desap_ops.testing.models import MODELS, build_model, model_config
+from desap_ops.testing.real_shapes import depths, weight_bytes
 
 from .arguments import UsageError, check_at_least_one, check_budgets, check_device, parse_budgets, parse_methods
 from .e2e_batch import make_batch
@@ -32,6 +32,7 @@ class E2ePlan:
     batch: int = 1
     repeats: int = 5            # timed rounds after the warm-up
     shrink: bool = False        # a real shape at reduced depth and width (tests)
+    depth_factor: int = 1       # tower and language model this many times shallower, widths kept
     methods: list[str] = field(default_factory=lambda: [DEFAULT_METHOD])   # DeSAP first, then the others
 
     @property
@@ -53,17 +54,20 @@ def memory_needed(weights: int) -> int:
 
 def make_plan(model: str, keeps: Optional[list[int]] = None, device: str = "cpu", dtype: Optional[str] = None,
               batch: int = 1, repeats: int = 5, shrink: bool = False,
-              methods: Optional[list[str]] = None) -> E2ePlan:
+              methods: Optional[list[str]] = None, depth_factor: int = 1) -> E2ePlan:
     """The run of ``model`` at ``keeps`` (default: :func:`default_keeps`) checked against the model,
     before anything is built but on meta: the budgets within its image tokens, and for a timed run
     its memory within what ``device`` has free (UsageError). ``dtype`` defaults to fp32 on a CPU,
     else bf16. ``methods``: registered pruning methods measured beside DeSAP, which always runs
-    first (default DeSAP alone)."""
+    first (default DeSAP alone). ``depth_factor``: the real shape's tower and language model that
+    many times shallower (it must divide both depths), so that the tower's share of the prefill
+    FLOPs stays the full model's."""
     if model not in MODELS:
         raise UsageError(f"--model must be one of {', '.join(MODELS)}, got {model}")
+    check_depth_factor(model, depth_factor)
     check_at_least_one(repeats=repeats, batch=batch)
     dtype = dtype or ("fp32" if device == "cpu" else "bf16")
-    counter = build_model(model, "meta", DTYPES[dtype], shrink)
+    counter = build_model(model, "meta", DTYPES[dtype], shrink, depth_factor=depth_factor)
     tokens = make_batch(counter, model, batch, "meta", DTYPES[dtype]).tokens
     keeps = default_keeps(tokens) if keeps is None else keeps
     if not keeps:
@@ -80,7 +84,20 @@ def make_plan(model: str, keeps: Optional[list[int]] = None, device: str = "cpu"
                      f"{weights / GIB:.1f} GiB of weights + {MEMORY_MARGIN:.0%} + {MEMORY_FIXED / GIB:.0f} GiB for "
                      "activations", hint)
     methods = list(dict.fromkeys([DEFAULT_METHOD, *(parse_methods(",".join(methods)) if methods else [])]))
-    return E2ePlan(model, keeps, tokens, device, dtype, batch, repeats, shrink, methods)
+    return E2ePlan(model, keeps, tokens, device, dtype, batch, repeats, shrink, depth_factor, methods)
+
+
+def check_depth_factor(model: str, factor: int) -> None:
+    """UsageError unless ``factor`` is 1, or ``model`` is a real shape whose tower and language model
+    depths it divides."""
+    if factor == 1:
+        return
+    if MODELS[model].tiny:
+        raise UsageError(f"--depth-factor applies to the real shapes, not to the tiny model {model}, got {factor}")
+    tower, language = depths(model_config(model))
+    if factor < 1 or tower % factor or language % factor:
+        raise UsageError(f"--depth-factor must divide {model}'s {tower} tower blocks and {language} language-model "
+                         f"layers, got {factor}")
 
 
 def check(args: Namespace) -> None:
@@ -89,9 +106,10 @@ def check(args: Namespace) -> None:
     parse_budgets(args.keep)
     if args.methods is not None:
         parse_methods(args.methods)
-    check_at_least_one(repeats=args.repeats, batch=args.batch)
+    check_at_least_one(repeats=args.repeats, batch=args.batch, depth_factor=args.depth_factor)
 
 
 def plan(args: Namespace) -> E2ePlan:
     return make_plan(args.model, parse_budgets(args.keep), args.device, args.dtype, args.batch, args.repeats,
-                     methods=None if args.methods is None else parse_methods(args.methods))
+                     methods=None if args.methods is None else parse_methods(args.methods),
+                     depth_factor=args.depth_factor)

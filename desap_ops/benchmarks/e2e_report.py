@@ -17,11 +17,22 @@ def describe(result: E2eResult) -> str:
     return f"FLOPs counted on {result.device}"
 
 
+def depth_note(result: E2eResult) -> str:
+    """" at 1/F depth (tower X% of prefill FLOPs)" for a run with a depth factor, else ""."""
+    if result.depth_factor == 1:
+        return ""
+    row = result.rows[0]
+    tower = row.pieces.vision_tower if row.pieces is not None else None
+    share = f", tower {tower / row.full.flops:.1%} of prefill FLOPs" if tower and row.full.flops else ""
+    return f" at 1/{result.depth_factor} depth{share}"
+
+
 def table(result: E2eResult) -> str:
     """The result as text: a header (model, weights, what was measured on which device, settings,
     versions), one line per budget, and with other methods one line per method at each budget."""
     env = result.environment
     shrunk = " shrunk (2 layers and 2 heads per transformer)" if result.shrink else ""
+    shrunk += depth_note(result)
     lines = [f"{result.model}{shrunk}, {result.weights} weights, {describe(result)}, {result.dtype}, batch "
              f"{result.batch}, {result.image_tokens} image + {result.text_tokens} text tokens; torch {env.torch}, "
              f"{env.date}"]
@@ -117,7 +128,7 @@ def figure(result: E2eResult) -> Figure:
         ax.plot(keeps, [r.desap.flops_reduction for r in rows], "^:", label="FLOP reduction (counted)")
         ax.set_ylabel("FLOPs, full model / DeSAP (x)")
     ax.set_xlabel(f"image tokens kept (of {result.image_tokens})")
-    shrunk = " shrunk" if result.shrink else ""
+    shrunk = (" shrunk" if result.shrink else "") + depth_note(result)
     ax.set_title(f"{result.model}{shrunk}, {result.weights} weights, {result.dtype}, batch {result.batch}\n"
                  f"{describe(result)}", fontsize=10)
     ax.invert_xaxis()

@@ -105,6 +105,7 @@ class E2eResult:
     methods: list[str]           # DeSAP, then the other methods (--methods)
     rows: list[E2eRow]
     shrink: bool = False         # a real shape at reduced depth and width
+    depth_factor: int = 1        # tower and language model this many times shallower, widths kept
     repeats: Optional[int] = optional()
     warmup_rounds: Optional[int] = optional()
     load_average: Optional[LoadAverage] = optional()

@@ -53,7 +53,7 @@ def count_flops(model: nn.Module, family: str, data: Batch, plan: E2ePlan, shape
     if family not in PIECEWISE:
         return forward_flops(model, family, data, plan.keeps, shapes_only, plan.methods)
     dtype = DTYPES[plan.dtype]
-    counter = model if plan.device == "meta" else build_model(plan.model, "meta", dtype, plan.shrink)
+    counter = model if plan.device == "meta" else build_model(plan.model, "meta", dtype, plan.shrink, depth_factor=plan.depth_factor)
     counted = data if plan.device == "meta" else make_batch(counter, plan.model, plan.batch, "meta", dtype)
     return [piecewise_flops(counter, counted.inputs, data.tokens, keep, data.newlines, plan.methods)
             for keep in plan.keeps]
@@ -69,11 +69,12 @@ def run(plan: E2ePlan, progress: Optional[Progress] = None) -> E2eResult:
     dtype = DTYPES[plan.dtype]
     weights = "weights holding no memory, FLOPs only" if shapes_only else "random weights"
     say(f"building {plan.model} on {build_device} ({plan.dtype}, {weights})")
-    model = build_model(plan.model, build_device, dtype, plan.shrink, weights=not shapes_only)
+    model = build_model(plan.model, build_device, dtype, plan.shrink, weights=not shapes_only,
+                        depth_factor=plan.depth_factor)
     data = make_batch(model, plan.model, plan.batch, build_device, dtype)
     result = E2eResult(Environment.here(plan.device), plan.model, "random", "timed" if plan.timed else "FLOPs counted",
                        plan.device, plan.dtype, plan.batch, plan.image_tokens, TEXT_TOKENS, plan.methods, rows=[],
-                       shrink=plan.shrink)
+                       shrink=plan.shrink, depth_factor=plan.depth_factor)
     times: dict[int, RoundTimes] = {}
     with torch.no_grad():
         if plan.timed:

@@ -53,6 +53,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     e2e.add_argument("--batch", type=int, default=1, help="images (or videos) per prefill (default 1)")
     e2e.add_argument("--repeats", type=int, default=5,
                      help="timed rounds after one warm-up, full/desap/ideal interleaved in each (default 5)")
+    e2e.add_argument("--depth-factor", type=int, default=1,
+                     help="a real shape's tower and language model F times shallower, widths kept: the tower's share "
+                          "of prefill FLOPs stays the full model's (F must divide both depths; default 1)")
     e2e.add_argument("--methods", help=f"comma-separated pruning methods measured beside DeSAP, the ideal and the "
                                        f"full model in the same rounds, e.g. {METHODS_EXAMPLE} (default: desap "
                                        f"alone; desap always runs)")

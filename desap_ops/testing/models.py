@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import real_shapes, tiny
-from .real_shapes import build_real_shape, shrink_config
+from .real_shapes import build_real_shape, scale_depth, shrink_config
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -44,19 +44,26 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def model_config(name: str, shrink: bool = False) -> PretrainedConfig:
-    """The config of the real shape ``name`` (reduced by :func:`shrink_config` if ``shrink``)."""
+def model_config(name: str, shrink: bool = False, depth_factor: int = 1) -> PretrainedConfig:
+    """The config of the real shape ``name`` (reduced by :func:`shrink_config` if ``shrink``; its
+    depths divided by ``depth_factor``, :func:`scale_depth`)."""
     config = MODELS[name].config()
+    if depth_factor != 1:
+        scale_depth(config, depth_factor)
     if shrink:
         shrink_config(config)
     return config
 
 
-def build_model(name: str, device: str, dtype: torch.dtype, shrink: bool = False, weights: bool = True) -> nn.Module:
+def build_model(name: str, device: str, dtype: torch.dtype, shrink: bool = False, weights: bool = True,
+                depth_factor: int = 1) -> nn.Module:
     """``MODELS[name]`` on ``device`` in ``dtype``, in eval mode: a tiny model as it is built, a real
-    shape by :func:`build_real_shape` (``shrink``: at reduced depth and width; ``weights=False``:
-    parameters that hold no memory)."""
+    shape by :func:`build_real_shape` (``shrink``: at reduced depth and width; ``depth_factor``:
+    tower and language model that many times shallower; ``weights=False``: parameters that hold no
+    memory)."""
     spec = MODELS[name]
     if spec.tiny:
+        if depth_factor != 1:
+            raise ValueError(f"depth factor applies to the real shapes, not to the tiny model {name}")
         return spec.build().to(device=device, dtype=dtype)
-    return build_real_shape(model_config(name, shrink), device, dtype, weights)
+    return build_real_shape(model_config(name, shrink, depth_factor), device, dtype, weights)

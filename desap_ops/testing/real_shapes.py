@@ -167,6 +167,41 @@ def shrink_config(config: PretrainedConfig) -> None:
         vision.out_hidden_size = text.hidden_size
 
 
+def depths(config: PretrainedConfig) -> tuple[int, int]:
+    """(tower blocks, language-model layers) of a real-shape config."""
+    vision = config.vision_config
+    return getattr(vision, "depth", None) or vision.num_hidden_layers, config.text_config.num_hidden_layers
+
+
+def _scaled_layer(index: int, factor: int) -> int:
+    """The block of a tower ``factor`` times shallower that stands where block ``index`` stood."""
+    return max(0, round((index + 1) / factor) - 1)
+
+
+def scale_depth(config: PretrainedConfig, factor: int) -> None:
+    """Divide the tower's and the language model's depths by ``factor`` in place, widths and token
+    counts kept, so that the tower's share of the prefill FLOPs stays the full model's (both parts
+    scale alike; only the embeddings, the merger and the output layer do not). The blocks with a
+    role keep their place in proportion: Qwen2.5-VL's full-attention blocks (every eighth of 32:
+    every second of 8 at factor 4), Qwen3-VL's DeepStack blocks. A ValueError unless ``factor``
+    divides both depths."""
+    tower, language = depths(config)
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1 or tower % factor or language % factor:
+        raise ValueError(f"depth factor must divide the tower's {tower} blocks and the language model's {language} "
+                         f"layers, got {factor!r}")
+    vision, text = config.vision_config, config.text_config
+    if hasattr(vision, "depth"):
+        vision.depth = tower // factor
+    else:
+        vision.num_hidden_layers = tower // factor
+    text.num_hidden_layers = language // factor
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = text.layer_types[:language // factor]
+    for field in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+        if getattr(vision, field, None):
+            setattr(vision, field, sorted({_scaled_layer(i, factor) for i in getattr(vision, field)}))
+
+
 # family (a config's model_type) -> the transformers class that runs it
 CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",

@@ -467,3 +467,21 @@ def test_an_unknown_method_is_one_line_and_exit_2_before_anything_is_built(monke
     # one line naming the unknown method and every registered one
     assert len(err) == 1 and err[0].startswith("desap: error: ") and "'nope'" in err[0]
     assert all(name in err[0] for name in METHODS)
+
+
+def test_a_depth_factor_divides_the_language_models_flops_and_keeps_the_towers_share(capsys):
+    """LLaVA-1.5-7B eight times shallower (3 of 24 CLIP layers, 4 of 32 language layers) on meta:
+    the language model's FLOPs and the tower's are the full depth's over 8 but for the output layer
+    on the last position and the tower's embeddings and norms, so the tower's share of the prefill
+    stays the full model's."""
+    full, shallow = (e2e.run(e2e.make_plan("llava-1.5-7b", [576, 64], "meta", depth_factor=f)) for f in (1, 8))
+    assert shallow.depth_factor == 8 and full.depth_factor == 1
+    for deep, cut in zip(full.rows, shallow.rows):
+        assert cut.pieces.language_full == pytest.approx(deep.pieces.language_full / 8, rel=0.005)
+        assert cut.pieces.language_keep == pytest.approx(deep.pieces.language_keep / 8, rel=0.005)
+        assert deep.pieces.vision_tower / 8 < cut.pieces.vision_tower < deep.pieces.vision_tower / 8 * 1.02
+    share = lambda row: row.pieces.vision_tower / row.full.flops  # noqa: E731
+    assert share(shallow.rows[0]) == pytest.approx(share(full.rows[0]), rel=0.02)
+    assert main(["bench", "e2e", "--model", "qwen3-vl-8b", "--depth-factor", "4", "--device", "meta"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--depth-factor must divide qwen3-vl-8b's 27 tower blocks and 36 language-model layers, got 4")

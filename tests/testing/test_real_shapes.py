@@ -56,3 +56,27 @@ def test_real_shapes_build_with_the_constructors_buffers_and_random_weights(name
         assert buffer.dtype == expected[key].dtype and torch.equal(buffer, expected[key]), key
     stds = [p.std().item() for p in model.parameters() if p.numel() > 1]
     assert min(stds) > 0.015 and max(stds) < 0.025      # every parameter drawn from N(0, 0.02)
+
+
+@pytest.mark.parametrize("name,factor,tower,language,roles", [
+    ("qwen2.5-vl-7b", 4, 8, 7, {"fullatt_block_indexes": [1, 3, 5, 7]}),           # every 8th of 32: every 2nd of 8
+    ("qwen3-vl-8b", 9, 3, 4, {"deepstack_visual_indexes": [0, 1, 2]}),             # blocks 8, 16, 24 of 27
+    ("llava-1.5-7b", 8, 3, 4, {}),
+])
+def test_a_depth_factor_divides_both_depths_and_keeps_the_roles_in_proportion(name, factor, tower, language, roles):
+    config = model_config(name, depth_factor=factor)
+    assert real_shapes.depths(config) == (tower, language)
+    full = model_config(name)
+    assert (config.vision_config.hidden_size, config.text_config.hidden_size) == \
+        (full.vision_config.hidden_size, full.text_config.hidden_size)
+    for field, expected in roles.items():
+        assert list(getattr(config.vision_config, field)) == expected
+    model = build_model(name, "meta", torch.bfloat16, depth_factor=factor)
+    assert type(model).__name__ == CLASSES[config.model_type]
+
+
+def test_a_depth_factor_that_does_not_divide_both_depths_is_refused():
+    with pytest.raises(ValueError, match=r"divide the tower's 27 blocks and the language model's 36 layers, got 4"):
+        model_config("qwen3-vl-8b", depth_factor=4)
+    with pytest.raises(ValueError, match="real shapes, not to the tiny model tiny"):
+        build_model("tiny", "cpu", torch.float32, depth_factor=2)
