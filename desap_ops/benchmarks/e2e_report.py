@@ -128,8 +128,10 @@ def figure(result: E2eResult) -> Figure:
         ax.plot(keeps, [r.desap.flops_reduction for r in rows], "^:", label="FLOP reduction (counted)")
         ax.set_ylabel("FLOPs, full model / DeSAP (x)")
     ax.set_xlabel(f"image tokens kept (of {result.image_tokens})")
-    shrunk = (" shrunk" if result.shrink else "") + depth_note(result)
-    ax.set_title(f"{result.model}{shrunk}, {result.weights} weights, {result.dtype}, batch {result.batch}\n"
+    name = result.model + (" shrunk" if result.shrink else "")
+    # a depth note takes a line of its own: the title is two lines of 600 pixels at most
+    head = f"{name}{depth_note(result)}\n" if result.depth_factor != 1 else f"{name}, "
+    ax.set_title(f"{head}{result.weights} weights, {result.dtype}, batch {result.batch}\n"
                  f"{describe(result)}", fontsize=10)
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
