@@ -1,9 +1,10 @@
-"""desap::received_attention on the CPU (two fused-attention passes) against the float64 oracle,
-its fake, and its argument checks."""
+"""desap::received_attention on the CPU (float32 and float64 in blocks of heads and queries, half
+precision in two fused-attention passes) against the float64 oracle, its fake, and its argument checks."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from desap_ops import received as received_module
 from desap_ops.integrations.common import signals
 from desap_ops.received import received_attention, received_attention_reference
 
@@ -57,6 +58,20 @@ def test_the_op_equals_the_float64_oracle(tokens, heads, dim, layout, dtype):
     # each segment's queries spread one unit of attention over its keys
     sums = torch.stack([got[a:b].sum() for a, b in zip(boundaries[:-1], boundaries[1:])])
     torch.testing.assert_close(sums, torch.ones_like(sums), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 4 * 60 * 7, 4 * 300 * 50], ids=["a query", "heads of 7 queries",
+                                                                          "50 queries of a head"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_the_cpu_blocks_cover_every_head_and_query_once(monkeypatch, block_bytes, dtype):
+    """Blocks smaller than a segment: of one query of one head, of a few heads of 7 queries (60-token
+    frames), of 50 of a 300-token image's queries; the sum is the oracle's whatever the cut."""
+    monkeypatch.setattr(received_module, "CPU_BLOCK_BYTES", block_bytes * dtype.itemsize // 4)
+    q, k = _inputs(300, 5, 8, dtype, seed=3)
+    for boundaries in ([0, 300], [0, 60, 120, 180, 240, 300], LAYOUTS["ragged"](300)):
+        got = received_attention(q, k, boundaries, 8**-0.5)
+        rtol, atol = TOLERANCES[dtype]
+        torch.testing.assert_close(got, _oracle(q, k, boundaries, 8**-0.5), rtol=rtol, atol=atol, check_dtype=False)
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
