@@ -43,8 +43,9 @@ def _family(model, caller: str, serves: Callable[[Family], bool] = lambda family
 
 
 def apply_desap(model: nn.Module, keep: int = DEFAULTS.keep,
-                task_ratio: Union[float, Literal["auto"]] = DEFAULTS.task_ratio, merge: Optional[bool] = DEFAULTS.merge, *,
-                text_reduce: str = DEFAULTS.text_reduce, exclude_token_ids=DEFAULTS.exclude_token_ids,
+                task_ratio: Union[float, Literal["auto"]] = DEFAULTS.task_ratio,
+                merge: Optional[bool] = DEFAULTS.merge, *, text_reduce: str = DEFAULTS.text_reduce,
+                exclude_token_ids=DEFAULTS.exclude_token_ids,
                 backend: str = DEFAULTS.backend, text_budget: Optional[int] = DEFAULTS.text_budget,
                 chat: Union[ChatMarkers, Any, None] = None, ideal: bool = DEFAULTS.ideal,
                 method: str = DEFAULTS.method) -> nn.Module:
