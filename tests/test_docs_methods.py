@@ -106,3 +106,28 @@ def test_api_doc_method_keeps_the_tokens_closest_to_the_mean_token(run_snippet):
     assert ranked[KEEP - 1] - ranked[KEEP] > 1e-5   # no near-tie at the cut
     assert last_prune(model)[0].indices.tolist() == closeness.topk(KEEP).indices.sort().values.tolist()
     assert rows.shape[0] == KEEP
+
+
+def builtin_table() -> list[dict]:
+    """The rows of docs/methods.md's table of the built-in methods (between its markers), by column."""
+    text = (ROOT / "docs/methods.md").read_text()
+    table = re.search(r"<!-- builtin-methods-table: start -->\n(.*?)<!-- builtin-methods-table: end -->", text, re.S)
+    assert table, "docs/methods.md has no delimited table of the built-in methods"
+    head, rule, *rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+                         for line in table.group(1).strip().splitlines()]
+    assert set("".join(rule)) <= {"-", " "} and all(len(row) == len(head) for row in rows)
+    return [dict(zip(head, row)) for row in rows]
+
+
+def test_the_methods_table_has_one_row_per_builtin_with_its_merge_default():
+    from desap_ops.methods import BUILTIN
+
+    rows = builtin_table()
+    names = [re.fullmatch(r"`([a-z0-9][a-z0-9_.-]*)`", row["method"]).group(1) for row in rows]
+    assert sorted(names) == sorted(method.name for method in BUILTIN) and len(set(names)) == len(names)
+    merges = {method.name: method.merges for method in BUILTIN}
+    assert {name: row["by default"] for name, row in zip(names, rows)} == \
+        {name: "merges" if merges[name] else "drops" for name in names}
+    for name, row in zip(names, rows):   # what it reads: exactly the signals the method declares
+        reads = {signal.value for signal in get_method(name).reads}
+        assert set(re.split(r",\s*", row["reads"])) - {"nothing"} == reads, name

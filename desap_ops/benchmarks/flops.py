@@ -23,6 +23,9 @@ from .e2e_batch import QWEN, TEXT_TOKENS, Batch
 from .e2e_variants import Baseline, prefill, tower_call, variant
 from .skeleton import optional
 
+# a method reading either projects every visual token (LLaVA's projector), not only the kept ones
+PROJECTS_ALL = frozenset({Signal.ATTN, Signal.PROJECTED})
+
 # torch counts no FLOPs for SDPA's CPU kernel (it does for the CUDA ones): the same count as theirs
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 if _CPU_SDPA not in flop_registry:
@@ -90,9 +93,11 @@ class PrefillFlops:
 
 def method_flops(name: str, batch: int, visual: int, width: int, text_width: int, kept: int) -> int:
     """FLOPs of the pruning method ``name`` choosing ``kept`` of ``visual`` tokens per image and
-    merging the others (``run_method``), counted on a CPU on random signals of the shapes the
+    merging the others or not, as the method does by default (``run_method``, ``Method.merges``:
+    what ``apply_desap(method=name)`` runs), counted on a CPU on random signals of the shapes the
     LLaVA layouts give it (matrix work depends on the shapes alone): hidden (batch, visual, width),
-    the attention branch in the text's space and TEXT_TOKENS of text where the method reads them."""
+    the attention branch and the projected rows in the text's space and TEXT_TOKENS of text where
+    the method reads them."""
     method = get_method(name)
     gen = torch.Generator().manual_seed(0)
     signal = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
@@ -103,8 +108,9 @@ def method_flops(name: str, batch: int, visual: int, width: int, text_width: int
         attn=signal(batch, visual, text_width) if Signal.ATTN in reads else None,
         text=signal(batch, TEXT_TOKENS, text_width) if Signal.TEXT in reads else None,
         text_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.bool) if Signal.TEXT in reads else None,
-        seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None)
-    return flops_of(lambda: run_method(method, inputs, merge=True))
+        seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None,
+        projected=signal(batch, visual, text_width) if Signal.PROJECTED in reads else None)
+    return flops_of(lambda: run_method(method, inputs, merge=method.merges))
 
 
 def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int, newlines: int,
@@ -112,7 +118,8 @@ def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int
     """FLOPs of the full, the ideal and each method's prefill of LLaVA-1.5 / LLaVA-NeXT from the
     pieces (runs on meta). An image sends the language model ``sequence.image_budget``
     placeholders, its ``newlines`` (LLaVA-NeXT) among them; the projector projects only the visual
-    tokens: all of them (DeSAP, and a method that reads the attention branch), then the kept ones
+    tokens: all of them (DeSAP, and a method that reads the attention branch or the projected
+    rows), then the kept ones
     (every variant keeps as many). ``methods``: DeSAP first, whose own work is its operator
     (``ops.prune_flops``), then the others, whose work is counted on their signals
     (:func:`method_flops`)."""
@@ -139,7 +146,7 @@ def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int
     desap, *others = methods
     counted = {desap: ideal + project_all + operator}
     counted.update({name: ideal + method_flops(name, batch, visual, width, text_width, kept)
-                    + (project_all if "attn" in get_method(name).reads else 0) for name in others})
+                    + (project_all if get_method(name).reads & PROJECTS_ALL else 0) for name in others})
     return PrefillFlops(full=tower + project_all + language_full, ideal=ideal, methods=counted,
                         pieces=Pieces(operator, tower, language_full, language_keep))
 

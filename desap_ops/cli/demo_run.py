@@ -186,8 +186,9 @@ def run_vit_methods(image, keep: int, task_ratio: float, box: Optional[tuple], p
         title += ";  no query box and no text"
     pixels = vit_s.preprocess(image)
     seeds = content_seeds(content_rows(pixels, pixels.dtype)[:, None])   # the photo's pixels seed "random"
+    # no language model here: the ViT's own rows stand in for the projected rows divprune reads
     inputs = MethodInputs(hidden=hidden, keep=keep, saliency=saliency, attn=branch, text=text, text_mask=text_mask,
-                          seed=seeds, task_ratio=task_ratio)
+                          seed=seeds, projected=hidden, task_ratio=task_ratio)
     results = []
     for name in methods:
         with torch.no_grad():

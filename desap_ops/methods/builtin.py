@@ -58,10 +58,11 @@ def similarity(inputs: MethodInputs) -> torch.Tensor:
 
 def divprune(inputs: MethodInputs) -> torch.Tensor:
     """DivPrune (Alvar et al., CVPR 2025): greedy max-min diversity under cosine distance
-    ``1 - cos(hidden_i, hidden_j)``. The first token kept is the one farthest from its nearest
-    other token; each next one the token farthest from the nearest token kept so far. Every image
+    ``1 - cos(x_i, x_j)`` of the rows the language model receives (``projected``: after the
+    projector, as the authors' code selects). The first token kept is the one farthest from its
+    nearest other token; each next one the token farthest from the nearest token kept so far. Every image
     of the batch at once, with no synchronisation with the device: K steps of (B, N) work."""
-    unit = reference.unit_rows(inputs.hidden.float())                              # (B, N, D)
+    unit = reference.unit_rows(inputs.projected.float())                           # (B, N, C)
     batch, tokens, _ = unit.shape
     rows = torch.arange(batch, device=unit.device)
     # each token's distance to its nearest other token, a block of rows at a time (B, b, N) ...
@@ -88,9 +89,10 @@ def divprune(inputs: MethodInputs) -> torch.Tensor:
 BUILTIN: tuple[Method, ...] = (
     # the operator's argument checks surface as they are (checked=False): DeSAP is the operator
     Method("desap", prune=desap, reads=frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT}), checked=False),
-    Method("first", first, reads=frozenset()),
-    Method("random", random, reads=frozenset({Signal.SEED})),
-    Method("saliency", saliency, reads=frozenset({Signal.SALIENCY})),
-    Method("similarity", similarity, reads=frozenset({Signal.ATTN, Signal.TEXT})),
-    Method("divprune", divprune, reads=frozenset()),
+    # the baselines drop what they do not keep, as their papers do (merges=False; docs/methods.md)
+    Method("first", first, reads=frozenset(), merges=False),
+    Method("random", random, reads=frozenset({Signal.SEED}), merges=False),
+    Method("saliency", saliency, reads=frozenset({Signal.SALIENCY}), merges=False),
+    Method("similarity", similarity, reads=frozenset({Signal.ATTN, Signal.TEXT}), merges=False),
+    Method("divprune", divprune, reads=frozenset({Signal.PROJECTED}), merges=False),
 )

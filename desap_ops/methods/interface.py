@@ -27,6 +27,7 @@ class Signal(str, enum.Enum):
     ATTN = "attn"           # the tower's attention hooks: the attention branch, in the text's space
     TEXT = "text"           # the prompt's text embeddings
     SEED = "seed"           # a hash of the pixels, the same in every engine
+    PROJECTED = "projected" # the rows the language model receives (after the projector; Qwen: hidden itself)
 
     def __str__(self) -> str:
         return self.value
@@ -53,6 +54,7 @@ class MethodInputs:
     text: Optional[torch.Tensor] = None      # (B, L, C): the prompt text each image reads
     text_mask: Optional[torch.Tensor] = None # (B, L) bool: True for valid text tokens
     seed: Optional[torch.Tensor] = None      # (B,) int64 CPU: a hash of each image's pixels, the same in every engine
+    projected: Optional[torch.Tensor] = None # (B, N, C): the rows the language model receives (Qwen: hidden itself)
     task_ratio: object = 0.5                 # the operator's options, for methods that read them
     text_reduce: str = "max"
     text_budget: Optional[int] = None
@@ -85,13 +87,18 @@ class Method:
 
     ``checked=False`` (a ``prune`` method only) runs it with no check and no wrapping: its errors
     surface as they are. The built-in DeSAP is such a method, the operator, whose own argument
-    checks are the caller's to see and whose results its test suite holds to the contract."""
+    checks are the caller's to see and whose results its test suite holds to the contract.
+
+    ``merges`` is whether the method merges its dropped tokens into the kept ones by default (its
+    paper's choice: DeSAP merges, FasterVLM and DivPrune drop); the engines' ``merge`` option
+    overrides it, and left at None it is this."""
 
     name: str
     select: Optional[SelectFn] = None
     reads: frozenset[Signal] = DEFAULT_READS
     prune: Optional[PruneFn] = None
     checked: bool = True
+    merges: bool = True
 
     def __post_init__(self):
         check_name(self.name)
@@ -106,6 +113,9 @@ class Method:
         if not isinstance(self.checked, bool) or (not self.checked and self.prune is None):
             raise TypeError(f"method {self.name!r}: checked must be True or False, and False only for a prune "
                             f"method, got {self.checked!r} for a {kind} method")
+        if not isinstance(self.merges, bool):
+            raise TypeError(f"method {self.name!r}: merges must be True or False (whether it merges its dropped "
+                            f"tokens by default), got {self.merges!r}")
 
     @property
     def code(self) -> int:

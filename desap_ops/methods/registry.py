@@ -38,13 +38,14 @@ class MethodRegistry:
         self._insert(method)
 
     def register(self, name: str, select: Optional[SelectFn] = None, *,
-                 reads: AbstractSet[Union[Signal, str]] = DEFAULT_READS, prune: Optional[PruneFn] = None):
+                 reads: AbstractSet[Union[Signal, str]] = DEFAULT_READS, prune: Optional[PruneFn] = None,
+                 merges: bool = True):
         """See :func:`register_method`."""
         check_name(name)
         reads = check_reads(name, reads)
         if select is None and prune is None:
-            return lambda fn: self.register(name, fn, reads=reads)
-        self.add(Method(name, select, reads, prune))
+            return lambda fn: self.register(name, fn, reads=reads, merges=merges)
+        self.add(Method(name, select, reads, prune, merges=merges))
         return select if prune is None else prune
 
     def unregister(self, name: str) -> None:
@@ -134,7 +135,8 @@ DEFAULT_REGISTRY = MethodRegistry()   # the process's registry, which the functi
 
 
 def register_method(name: str, select: Optional[SelectFn] = None, *,
-                    reads: AbstractSet[Union[Signal, str]] = DEFAULT_READS, prune: Optional[PruneFn] = None):
+                    reads: AbstractSet[Union[Signal, str]] = DEFAULT_READS, prune: Optional[PruneFn] = None,
+                    merges: bool = True):
     """Register a pruning method ``name`` (lower-case letters, digits, ``_.-``) of one of two kinds:
 
     - ``select(inputs: MethodInputs)`` returns the kept indices (B, K), ascending, or a
@@ -144,8 +146,10 @@ def register_method(name: str, select: Optional[SelectFn] = None, *,
       assignment (B, N), task scores or None), which is checked.
 
     ``reads`` names the signals it uses (:class:`Signal`s or their names); the engines compute only
-    those. Used with neither function it is a decorator of a select function. Returns the function."""
-    return DEFAULT_REGISTRY.register(name, select, reads=reads, prune=prune)
+    those. ``merges``: whether it merges its dropped tokens by default (the engines' ``merge``
+    option, left at None). Used with neither function it is a decorator of a select function.
+    Returns the function."""
+    return DEFAULT_REGISTRY.register(name, select, reads=reads, prune=prune, merges=merges)
 
 
 def unregister_method(name: str) -> None:

@@ -333,7 +333,8 @@ def timed_by_variant(monkeypatch):
         fn()
         if state is None:
             return 1000.0
-        ideal = state.options.method == "first" and not state.options.merge   # apply_desap(ideal=True)
+        # apply_desap(ideal=True) sets merge False; the method "first" at its default leaves it None
+        ideal = state.options.method == "first" and state.options.merge is False
         return 2000.0 if ideal else 3000.0 + METHODS.index(state.options.method)
 
     monkeypatch.setattr(e2e_run, "build_model", hooked)
@@ -405,19 +406,21 @@ def test_flops_from_the_pieces_equal_the_real_forward_and_fall_with_the_budget()
 
 
 def test_each_methods_pruning_flops_are_its_own_work_beyond_the_ideal():
-    """LLaVA layout, counted from the pieces: first, random and saliency choose with no matrix work,
-    so beyond the ideal they cost the merge alone, the same for all three; DivPrune adds its
-    distance matrix (2 N^2 D) and one matrix-vector product per kept token (2 N D each);
-    similarity adds the attention branch's projection and the task scores."""
+    """LLaVA layout, counted from the pieces, each method at its own merge default: first, random
+    and saliency choose with no matrix work and drop the rest, so beyond the ideal they cost
+    nothing counted; DivPrune projects all N tokens (the rows it selects on), forms its distance
+    matrix (2 N^2 C) and one matrix-vector product per kept token (2 N C each); similarity adds the
+    attention branch's projection and the task scores; DeSAP its operator and its merge."""
     result = e2e.run(e2e.make_plan("tiny", [16, 4], "meta", methods=OTHERS))
-    config = build_model("tiny", "meta", torch.float32).config
-    n, width = 16, config.vision_config.hidden_size
+    model = build_model("tiny", "meta", torch.float32)
+    n, text_width = 16, model.config.text_config.hidden_size
+    project_all = flops_of(lambda: model.model.multi_modal_projector(
+        torch.empty(1, n, model.config.vision_config.hidden_size, device="meta")))
     for row in result.rows:
         costs = row.methods
-        merge = costs["first"].pruning_flops
-        assert merge > 0 and costs["random"].pruning_flops == costs["saliency"].pruning_flops == merge
-        assert costs["divprune"].pruning_flops - merge == 2 * n * width * (n + row.keep)
-        assert costs["similarity"].pruning_flops > merge
+        assert costs["first"].pruning_flops == costs["random"].pruning_flops == costs["saliency"].pruning_flops == 0
+        assert costs["divprune"].pruning_flops == project_all + 2 * n * text_width * (n + row.keep)
+        assert costs["similarity"].pruning_flops > project_all
         assert all(cost.ms is None for cost in costs.values())
 
 
@@ -430,7 +433,8 @@ def test_meta_counts_each_methods_qwen_forward_exactly():
     assert [_flops(r) for r in counted.rows] == [_flops(r) for r in timed.rows]
     small = counted.rows[1]
     assert list(small.methods) == [DEFAULT_METHOD, *methods]
-    assert small.methods["divprune"].pruning_flops > small.methods["first"].pruning_flops > 0
+    # DivPrune's distances and greedy steps; first drops what it does not keep: no work counted
+    assert small.methods["divprune"].pruning_flops > small.methods["first"].pruning_flops == 0
 
 
 def test_the_command_with_methods_writes_json_that_reads_back_a_table_and_one_series_per_method(tmp_path, capsys):

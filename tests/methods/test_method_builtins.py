@@ -22,7 +22,8 @@ def _inputs(batch, tokens, width, keep, dtype=torch.float32, seed=0, text_mask=N
                         saliency=torch.rand(batch, tokens, generator=gen),
                         attn=torch.randn(batch, tokens, 6, generator=gen).to(dtype),
                         text=torch.randn(batch, 4, 6, generator=gen).to(dtype), text_mask=text_mask,
-                        seed=torch.randint(0, 2**62, (batch,), generator=gen), **options)
+                        seed=torch.randint(0, 2**62, (batch,), generator=gen),
+                        projected=torch.randn(batch, tokens, width + 3, generator=gen).to(dtype), **options)
 
 
 def _select(name: str, inputs: MethodInputs) -> torch.Tensor:
@@ -135,10 +136,23 @@ def test_divprune_is_greedy_max_min_cosine_diversity(shape, dtype):
     # the first seed whose images are free of near-ties (a few tries at most)
     for seed in range(4, 100):
         inputs = _inputs(*shape, dtype=dtype, seed=seed)
-        expected = [naive_divprune(hidden.float(), shape[3]) for hidden in inputs.hidden]
+        expected = [naive_divprune(projected.float(), shape[3]) for projected in inputs.projected]
         if None not in expected:
             break
     assert _select("divprune", inputs).tolist() == expected
+
+
+def test_divprune_selects_on_the_projected_rows_not_on_hidden():
+    # DivPrune's code selects on the rows the language model receives (after the projector): a
+    # projector that is not a similarity (a random linear map and a GELU) changes which tokens it keeps
+    gen = torch.Generator().manual_seed(12)
+    hidden = torch.randn(2, 40, 8, generator=gen)
+    projected = torch.nn.functional.gelu(hidden @ torch.randn(8, 12, generator=gen))
+    got = _select("divprune", MethodInputs(hidden=hidden, keep=10, projected=projected)).tolist()
+    expected = [naive_divprune(rows, 10) for rows in projected]
+    on_hidden = [naive_divprune(rows, 10) for rows in hidden]
+    assert None not in expected and None not in on_hidden   # no near-ties in either
+    assert got == expected and expected != on_hidden
 
 
 def test_divprune_forms_its_distances_in_blocks_alike(monkeypatch):
@@ -157,7 +171,7 @@ def test_divprune_is_scale_free_and_spreads_over_clusters():
     hidden = (centres.repeat_interleave(5, 0) + 0.01 * torch.randn(15, 8, generator=gen))[None]
     scale = torch.logspace(-20, 20, 15)[None, :, None]
     for features in (hidden, hidden * scale):
-        kept = _select("divprune", MethodInputs(hidden=features, keep=3))
+        kept = _select("divprune", MethodInputs(hidden=torch.randn(1, 15, 4), keep=3, projected=features))
         assert sorted(i // 5 for i in kept[0].tolist()) == [0, 1, 2]
 
 
@@ -330,7 +344,8 @@ def test_a_methods_own_assignment_merges_and_unmerged_it_is_ignored():
 
 def test_tokens_keep_their_gradient_through_any_method():
     hidden = torch.randn(1, 10, 4, requires_grad=True)
-    result = run_method(get_method("divprune"), MethodInputs(hidden=hidden, keep=3), merge=True)
+    result = run_method(get_method("divprune"), MethodInputs(hidden=hidden, keep=3, projected=hidden.detach()),
+                        merge=True)
     result.tokens.sum().backward()
     counts = torch.bincount(result.assignment[0], minlength=3).float()
     torch.testing.assert_close(hidden.grad[0, :, 0], 1 / counts[result.assignment[0]])

@@ -26,7 +26,7 @@ def registry():
 def test_the_builtins_are_registered_with_the_signals_they_read(registry):
     assert registry.names() == BUILTIN_NAMES and DEFAULT_METHOD in BUILTIN_NAMES
     assert set(BUILTIN_NAMES) <= set(available_methods())
-    assert SIGNALS == set(Signal) and {s.value for s in Signal} == {"saliency", "attn", "text", "seed"}
+    assert SIGNALS == set(Signal) and {s.value for s in Signal} == {"saliency", "attn", "text", "seed", "projected"}
     for method in BUILTIN:
         assert registry.get(method.name) is method and method.reads <= SIGNALS
         assert all(type(signal) is Signal for signal in method.reads)
@@ -34,6 +34,21 @@ def test_the_builtins_are_registered_with_the_signals_they_read(registry):
         assert float(method.code) == method.code < 2**32   # exact in vLLM's float64 option tensor
     assert desap_ops.register_method is register_method and desap_ops.available_methods is available_methods
     assert desap_ops.MethodInputs is MethodInputs and desap_ops.Selection is Selection
+
+
+def test_each_builtin_merges_by_default_as_its_paper_does_and_a_registered_method_merges(registry):
+    # DeSAP merges its dropped tokens (its step 4); FasterVLM, DivPrune and the plain baselines drop them
+    assert {method.name: method.merges for method in BUILTIN} == {
+        "desap": True, "first": False, "random": False, "saliency": False, "similarity": False, "divprune": False}
+    assert registry.register("test-merging", lambda inputs: None, reads=()) and registry.get("test-merging").merges
+    registry.register("test-dropping", lambda inputs: None, reads=(), merges=False)
+    assert registry.get("test-dropping").merges is False
+
+    @registry.register("test-decorated-dropping", reads=(), merges=False)
+    def decorated(inputs):
+        return None
+
+    assert registry.get("test-decorated-dropping").merges is False
 
 
 def test_a_fresh_registry_is_isolated_from_the_default_and_from_another(registry):
@@ -91,7 +106,7 @@ def test_register_a_function_or_with_the_decorator_and_unregister(registry):
     ("x" * 64, (), ValueError, r"method name must be 1 to 63"),
     (7, (), ValueError, r"got 7"),
     ("test-pixels", ("pixels",), ValueError, r"method 'test-pixels' reads unknown signal\(s\) \['pixels'\]; "
-                                             r"the signals are \['attn', 'saliency', 'seed', 'text'\]"),
+                                             r"the signals are \['attn', 'projected', 'saliency', 'seed', 'text'\]"),
     ("test-string", "text", TypeError, r"method 'test-string': reads must be a collection of signal names"),
     ("test-none", None, TypeError, r"method 'test-none': reads must be a collection"),
 ])
@@ -140,6 +155,8 @@ def test_a_method_has_exactly_one_of_select_and_prune(registry):
         registry.register("test-both", select, prune=prune)
     with pytest.raises(TypeError, match="checked must be True or False, and False only for a prune method"):
         Method("test-unchecked", select, checked=False)
+    with pytest.raises(TypeError, match=r"method 'test-merges': merges must be True or False .*got 1"):
+        Method("test-merges", select, merges=1)
     assert {"test-both", "test-neither"}.isdisjoint(registry.names())
     assert registry.register("test-prune", prune=prune, reads=()) is prune
     assert registry.get("test-prune").prune is prune and registry.get("test-prune").select is None

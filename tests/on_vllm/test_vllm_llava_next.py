@@ -1,6 +1,6 @@
 """DeSAP in vLLM's LLaVA-NeXT (AnyRes crops, image-newline tokens counted toward keep), against
 transformers with apply_desap on the same checkpoint, under every pruning method (per request)."""
-from engines import METHODS, PROMPTS, run_engine, save_image, transformers_run, with_method
+from engines import BUILDERS, METHODS, PROMPTS, run_engine, save_image, transformers_run, with_method
 
 OPTIONS = {"keep": 12, "task_ratio": 0.5}
 ENGINE = {"hf_overrides": {"desap": OPTIONS}}
@@ -28,9 +28,34 @@ def test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes(
         for out, want in zip(outputs, expected):
             assert out["prompt_token_ids"] == want["prompt_ids"]
             assert out["output_token_ids"] == want["output_ids"]
+    # divprune keeps what DivPrune by hand keeps on the rows the language model receives
+    (divprune,) = [i for i, (_, _, method) in enumerate(asked) if method == "divprune"]
+    (kept,) = expected[divprune]["indices"]
+    prompt, image, _ = asked[divprune]
+    assert kept == naive_divprune_kept(folder, prompt, checkpoints[image], len(kept))
     (rank,) = got["ranks"]
     assert rank["class"] == "DesapLlavaNextForConditionalGeneration"
     assert sorted({tuple(r.indices.tolist()) for r in rank["history"]}) == sorted({tuple(e["indices"][0]) for e in expected})
+
+
+def naive_divprune_kept(folder, prompt: str, image_file: str, keep: int) -> list:
+    """DivPrune by hand (float64, tests/methods) on the image's packed rows after the projector,
+    newlines aside: the rows its authors' code selects on, read off the checkpoint in transformers."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from methods.test_method_builtins import naive_divprune
+
+    model, processor = BUILDERS["llava_next"](0), AutoProcessor.from_pretrained(folder)
+    inputs = processor(text=prompt, images=[Image.open(image_file).convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        (packed,) = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                   image_sizes=inputs["image_sizes"]).pooler_output
+    rows = packed[~(packed == model.model.image_newline).all(dim=1)]
+    kept = naive_divprune(rows, keep)
+    assert kept is not None, "a near-tie in DivPrune's choice on this image"
+    return kept
 
 
 def test_each_image_of_a_two_turn_chat_reads_its_own_turn_where_its_newlines_pass_keep(checkpoints, tmp_path):

@@ -44,22 +44,26 @@ class TowerSignals:
     saliency: Optional[torch.Tensor] = None    # (...,) float32: [CLS] attention, or the attention a token receives
     levels: tuple[torch.Tensor, ...] = ()      # DeepStack levels (Qwen3-VL in transformers), row for row with hidden
     seed: Optional[torch.Tensor] = None        # (...,) int64: a hash of the pixels each token comes from (methods.content)
+    # (..., C): the rows the language model receives; the Qwen readers give hidden itself, and on
+    # CLIP-style towers, whose projector runs after the family's own reshaping, common.pruning
+    # projects hidden where the method reads them
+    projected: Optional[torch.Tensor] = None
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TowerSignals":
         """``function`` applied to every tensor (an index, a reshape): the rows stay aligned."""
         def apply(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else function(t)
         return TowerSignals(function(self.hidden), apply(self.attn), apply(self.saliency),
-                            tuple(function(level) for level in self.levels), apply(self.seed))
+                            tuple(function(level) for level in self.levels), apply(self.seed), apply(self.projected))
 
     def split(self, sizes: Sequence[int]) -> list["TowerSignals"]:
         """One :class:`TowerSignals` per part of the leading dimension (``sizes`` rows each)."""
         def parts(t: Optional[torch.Tensor]) -> Sequence[Optional[torch.Tensor]]:
             return [None] * len(sizes) if t is None else t.split(list(sizes))
         levels = [parts(level) for level in self.levels]
-        return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c)
-                for i, (h, b, s, c) in enumerate(zip(parts(self.hidden), parts(self.attn), parts(self.saliency),
-                                                     parts(self.seed)))]
+        return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c, p)
+                for i, (h, b, s, c, p) in enumerate(zip(parts(self.hidden), parts(self.attn), parts(self.saliency),
+                                                        parts(self.seed), parts(self.projected)))]
 
 
 def captures(reads: AbstractSet[str]) -> bool:
@@ -71,6 +75,12 @@ def captures(reads: AbstractSet[str]) -> bool:
 def with_content(signals: TowerSignals, content: Callable[[], torch.Tensor], reads: AbstractSet[str]) -> TowerSignals:
     """``signals`` with their pixel hashes (``content()``, row for row) where the method reads the seed."""
     return replace(signals, seed=content()) if Signal.SEED in reads else signals
+
+
+def with_projected(signals: TowerSignals, reads: AbstractSet[str]) -> TowerSignals:
+    """``signals`` of a tower whose ``hidden`` already is what the language model receives (the
+    Qwen towers: the merger's output), with that same tensor as ``projected`` where the method reads it."""
+    return replace(signals, projected=signals.hidden) if Signal.PROJECTED in reads else signals
 
 
 def frame_content(pixel_values: torch.Tensor, tokens: int, dtype: torch.dtype) -> torch.Tensor:

@@ -25,7 +25,8 @@ from torch import nn
 from ...reference import merge_tokens
 from ..common.hooked import Hook
 from ..common.sequence import count_placeholders, drop_tokens, image_budget
-from ..common.signals import Taps, TowerCapture, TowerSignals, merged_saliency, patch_content, tower_pass
+from ..common.signals import (Taps, TowerCapture, TowerSignals, merged_saliency, patch_content, tower_pass,
+                              with_projected)
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .state import DesapState, PlannedMedium, QwenPlan
 from .text import text_embeddings
@@ -102,7 +103,7 @@ def read_qwen_tower(visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Ten
     signals, _ = tower_pass(reads, lambda: visual(pixels.type(visual.dtype), grid_thw=grid_thw),
                             lambda: Taps(attention=block, qkv=block.qkv, inputs=block), read,
                             lambda signals: patch_content(pixels, visual))
-    return signals
+    return with_projected(signals, reads)   # the merged tokens are the language model's rows
 
 
 # --- planning a call -----------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def _prune_medium(model: nn.Module, signals: TowerSignals, sizes: list[int], inp
                            keep=image_budget(options.keep, tokens))   # a small item passes whole
         features.append(result.tokens[0])
         for level, planned in zip(item.levels, planned_levels):
-            planned.append(merge_tokens(level[None], result.indices, result.assignment, options.merge)[0])
+            planned.append(merge_tokens(level[None], result.indices, result.assignment, options.merges)[0])
         kept = torch.zeros(tokens, dtype=torch.bool, device=item.hidden.device)
         kept[result.indices[0]] = True
         flags.append(kept)

@@ -43,8 +43,9 @@ def _family(model, caller: str, serves: Callable[[Family], bool] = lambda family
 
 
 def apply_desap(model: nn.Module, keep: int = DEFAULTS.keep,
-                task_ratio: Union[float, Literal["auto"]] = DEFAULTS.task_ratio, merge: bool = DEFAULTS.merge, *,
-                text_reduce: str = DEFAULTS.text_reduce, exclude_token_ids=DEFAULTS.exclude_token_ids,
+                task_ratio: Union[float, Literal["auto"]] = DEFAULTS.task_ratio,
+                merge: Optional[bool] = DEFAULTS.merge, *, text_reduce: str = DEFAULTS.text_reduce,
+                exclude_token_ids=DEFAULTS.exclude_token_ids,
                 backend: str = DEFAULTS.backend, text_budget: Optional[int] = DEFAULTS.text_budget,
                 chat: Union[ChatMarkers, Any, None] = None, ideal: bool = DEFAULTS.ideal,
                 method: str = DEFAULTS.method) -> nn.Module:
@@ -56,9 +57,12 @@ def apply_desap(model: nn.Module, keep: int = DEFAULTS.keep,
         keep: at most this many tokens per image (LLaVA-NeXT: per image over its base and crops
             together; the Qwen models: language-model tokens, each a merged 2 x 2 group of
             patches) or per video across all its frames (the video models and the Qwen models).
-        task_ratio, merge, text_reduce, backend, text_budget: as in :func:`desap_ops.prune`
+        task_ratio, text_reduce, backend, text_budget: as in :func:`desap_ops.prune`
             (``task_ratio="auto"``: each image's split read from its own task scores;
             ``text_budget=M``: at most M text tokens per image take part).
+        merge: whether the dropped tokens merge into the kept ones, as in :func:`desap_ops.prune`;
+            None (the default): as the method does by its paper (``Method.merges``: DeSAP merges,
+            the baselines drop).
         exclude_token_ids: token ids that never count as prompt text; padding, BOS, EOS and image
             tokens never count.
         chat: the chat template's markers, a :class:`ChatMarkers` or a tokenizer or processor to
@@ -73,7 +77,7 @@ def apply_desap(model: nn.Module, keep: int = DEFAULTS.keep,
         method: the pruning method that chooses the kept tokens: ``"desap"`` (the contract), a
             baseline (``"first"``, ``"random"``, ``"saliency"``, ``"similarity"``, ``"divprune"``) or
             one registered with :func:`desap_ops.register_method` (docs/methods.md). The budget, the
-            placeholders, positions and merging are the same for every method.
+            placeholders, positions and the merge (when on) are the same for every method.
     The defaults are both engines' (``integrations.common.pruning.DEFAULTS``) but for ``chat``.
     Returns the model. Applying again replaces the previous patch.
 

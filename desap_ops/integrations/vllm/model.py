@@ -155,9 +155,10 @@ class DesapModelMixin:
         recorded (``desap_history``). ``keep`` is the images' budget (``sequence.image_budget``); at
         their token count every token is kept, in order. The images' method chooses
         (``common.pruning``); a method that fails (``MethodFailure``: it raised, or gave back a wrong
-        selection) is logged with its name and the images keep their first ``keep`` tokens, merged
-        as the options say (the method ``FALLBACK_METHOD``): an exception here would take the
-        engine down with every request in it."""
+        selection) is logged with its name and the images keep their first ``keep`` tokens (the
+        method ``FALLBACK_METHOD``), merged or not as the failed method would have been (the
+        request's ``merge``, else that method's default: ``options.merges``): an exception here
+        would take the engine down with every request in it."""
         method = options.method
         try:
             result = prune_images(signals, self.desap_text_space, texts, text_mask, keep, options)
@@ -166,7 +167,7 @@ class DesapModelMixin:
             log.error("DeSAP: MethodFailure: %s; these %d image(s) keep their first %d tokens instead", failure,
                       signals.hidden.shape[0], keep)
             result = prune_images(signals, self.desap_text_space, texts, text_mask, keep,
-                                  replace(options, method=method))
+                                  replace(options, method=method, merge=options.merges))
         records = records_of(result, signals.saliency, text_mask.sum(dim=1), method)
         self.desap_history.extend(records)
         # once per engine process

@@ -27,7 +27,7 @@ import torch
 from ...methods import get_method, method_by_code, method_code
 from ...reference import AUTO
 from ...validation import TEXT_REDUCTIONS, check_keep, check_options, check_text_budget
-from ..common.pruning import DEFAULTS as PRUNE_DEFAULTS, PruneOptions
+from ..common.pruning import DEFAULTS as PRUNE_DEFAULTS, PruneOptions, check_merge_option
 
 # the engine's options and their defaults: the prune's (common.pruning.DEFAULTS, apply_desap's) and the
 # engine's own (chat reads the tokenizer's template by default, which vLLM always has)
@@ -123,8 +123,9 @@ def request_options(engine: DesapOptions, raw: Optional[Mapping]) -> DesapOption
                          f"a request may set {list(REQUEST_OPTIONS)}")
     given = {name: raw.get(name, getattr(engine, name)) for name in REQUEST_OPTIONS}
     try:
-        keep, task_ratio, merge, text_reduce = check_options(given["keep"], given["task_ratio"], given["merge"],
-                                                             given["text_reduce"])
+        keep, task_ratio, _, text_reduce = check_options(given["keep"], given["task_ratio"], True,
+                                                         given["text_reduce"])
+        merge = check_merge_option(given["merge"])   # None: the method's own default (PruneOptions.merges)
         text_budget = check_text_budget(given["text_budget"])
         method = get_method(given["method"]).name
     except (TypeError, ValueError) as error:
@@ -139,17 +140,19 @@ def request_options(engine: DesapOptions, raw: Optional[Mapping]) -> DesapOption
         raise ValueError(f'{REQUEST}["method"] is {method!r}, which this engine does not allow; '
                          f'{ENGINE}["methods"] = {list(engine.methods)}')
     # the ideal never merges: a request's merge has no effect on it
-    return replace(engine, keep=int(keep), task_ratio=task_ratio, merge=merge and not engine.ideal,
+    return replace(engine, keep=int(keep), task_ratio=task_ratio, merge=False if engine.ideal else merge,
                    text_reduce=text_reduce, text_budget=text_budget, method=method)
 
 
 def encode_request(options: DesapOptions) -> torch.Tensor:
-    """(6,) float64, ``REQUEST_OPTIONS`` in order: "auto" as NaN, ``text_reduce`` as its index in
+    """(6,) float64, ``REQUEST_OPTIONS`` in order: "auto" as NaN, ``merge`` None (the method's
+    own default) as NaN, ``text_reduce`` as its index in
     ``TEXT_REDUCTIONS``, no ``text_budget`` as 0 (a budget is at least 1), the method as its
     ``method_code`` (a 32-bit number: every process that loaded the same methods decodes it alike).
     Exact for every value."""
     return torch.tensor([options.keep, math.nan if options.task_ratio == AUTO else options.task_ratio,
-                         float(options.merge), TEXT_REDUCTIONS.index(options.text_reduce),
+                         math.nan if options.merge is None else float(options.merge),
+                         TEXT_REDUCTIONS.index(options.text_reduce),
                          options.text_budget or 0, method_code(options.method)], dtype=torch.float64)
 
 
@@ -157,5 +160,5 @@ def decode_request(engine: DesapOptions, encoded: torch.Tensor) -> DesapOptions:
     """The options :func:`encode_request` encoded, over ``engine``'s engine-wide ones."""
     keep, task_ratio, merge, reduce, text_budget, method = encoded.reshape(-1).tolist()
     return replace(engine, keep=int(keep), task_ratio=AUTO if math.isnan(task_ratio) else task_ratio,
-                   merge=bool(merge), text_reduce=TEXT_REDUCTIONS[int(reduce)], text_budget=int(text_budget) or None,
-                   method=method_by_code(int(method)).name)
+                   merge=None if math.isnan(merge) else bool(merge), text_reduce=TEXT_REDUCTIONS[int(reduce)],
+                   text_budget=int(text_budget) or None, method=method_by_code(int(method)).name)

@@ -160,9 +160,10 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
         width, hidden = self.visual_dim, item.hidden
         features = hidden[:, :width]
         levels = hidden[:, width:].split(width, dim=1) if hidden.shape[1] > width else ()
-        signals = dataclasses.replace(item, hidden=features).map(lambda t: t[None])   # no levels: they ride in hidden
+        projected = None if item.projected is None else features   # the language model's rows: no levels
+        signals = dataclasses.replace(item, hidden=features, projected=projected).map(lambda t: t[None])
         result = self.desap_prune(signals, texts, text_mask, self.desap_budget(options, features.shape[0]), options)
-        merged = [merge_tokens(level[None], result.indices, result.assignment, options.merge)[0] for level in levels]
+        merged = [merge_tokens(level[None], result.indices, result.assignment, options.merges)[0] for level in levels]
         return torch.cat([result.tokens[0], *merged], dim=1), result.indices[0].cpu()
 
     def desap_video_span(self, tokens: torch.Tensor, kept: torch.Tensor, grid: tuple[int, int, int],

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ...methods import SIGNALS
-from ..common.signals import Taps, TowerCapture, TowerSignals, merged_saliency, patch_content, tower_pass
+from ..common.signals import (Taps, TowerCapture, TowerSignals, merged_saliency, patch_content, tower_pass,
+                              with_projected)
 from .tower import mean_over_ranks
 
 
@@ -71,4 +72,4 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
     signals, _ = tower_pass(reads, lambda: visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata),
                             lambda: Taps(attention=attention(), inputs=attention().attn), read,
                             lambda signals: patch_content(pixel_values, visual))
-    return signals
+    return with_projected(signals, reads)   # the merged tokens are the language model's rows

@@ -44,6 +44,38 @@ def test_the_ideal_never_maps_the_branch_and_the_rest_is_the_operator_with_the_o
         assert torch.equal(getattr(got, name), getattr(expected, name))
 
 
+def test_merge_left_at_none_is_the_methods_own_default_and_a_bool_overrides_it():
+    for method in BUILTIN:
+        default = PruneOptions.checked(4, 0.5, None, "max", "auto", None, method.name)
+        assert default.merge is None and default.merges is method.merges
+        for merge in (True, False, 1, 0):
+            assert PruneOptions.checked(4, 0.5, merge, "max", "auto", None, method.name).merges is bool(merge)
+    assert PruneOptions.checked(4, 0.5, None, "max", "auto", None, ideal=True).merges is False   # the ideal drops
+    for bad in ("yes", 2, 0.5):
+        with pytest.raises(TypeError, match=r"merge must be None \(the method's own default\), True or False, got"):
+            PruneOptions.checked(4, 0.5, bad, "max", "auto", None)
+
+
+def test_a_readers_projected_rows_are_read_as_they_are_and_a_clip_towers_are_projected_once():
+    signals, options = _signals(seed=5), PruneOptions.checked(3, 0.5, None, "max", "reference", None, "divprune")
+    given = torch.randn(2, 9, 5, generator=torch.Generator().manual_seed(6))
+
+    def unreachable(rows):
+        raise AssertionError("the reader gave the projected rows: nothing is projected again")
+
+    from desap_ops.methods import MethodInputs, get_method, run_method
+    from dataclasses import replace
+
+    got = prune_images(replace(signals, projected=given), unreachable, None, None, 3, options)
+    assert torch.equal(got.indices, run_method(get_method("divprune"), MethodInputs(signals.hidden, 3, projected=given),
+                                               merge=False).indices)
+    projected = prune_images(signals, lambda rows: rows.tanh() @ given[0, :6], None, None, 3, options)
+    expected = run_method(get_method("divprune"), MethodInputs(signals.hidden, 3,
+                                                               projected=signals.hidden.tanh() @ given[0, :6]), False)
+    assert torch.equal(projected.indices, expected.indices)
+    assert torch.equal(projected.tokens, signals.hidden.gather(1, expected.indices[..., None].expand(-1, -1, 6)))
+
+
 def test_options_are_checked_and_the_ideal_never_merges():
     assert PruneOptions.checked(4, 0.5, True, "max", "auto", None).merge
     for merge in (True, False):
@@ -73,17 +105,19 @@ def test_the_defaults_are_valid_options_and_both_engines_read_them():
 
 def test_tower_signals_split_and_map_keep_their_rows_aligned():
     signals = TowerSignals(torch.arange(10.0).view(5, 2), torch.arange(5.0)[:, None], torch.arange(5.0),
-                           (torch.arange(5.0) * 10,), torch.arange(5) + 100)
+                           (torch.arange(5.0) * 10,), torch.arange(5) + 100, torch.arange(5.0)[:, None] - 1)
     first, second = signals.split([2, 3])
     assert first.hidden.tolist() == [[0, 1], [2, 3]] and second.saliency.tolist() == [2, 3, 4]
+    assert second.projected[:, 0].tolist() == [1, 2, 3] and signals.map(lambda t: t[[4]]).projected.tolist() == [[3]]
     assert first.seed.tolist() == [100, 101] and signals.map(lambda t: t[[3]]).seed.tolist() == [103]
     assert second.levels[0].tolist() == [20, 30, 40]
     picked = signals.map(lambda t: t[[4, 0]])
     assert picked.attn[:, 0].tolist() == [4, 0] == picked.saliency.tolist() and picked.levels[0].tolist() == [40, 0]
 
 
+@pytest.mark.parametrize("merge", [None, True, False])
 @pytest.mark.parametrize("name", [method.name for method in BUILTIN])
-def test_each_method_gets_the_signals_it_reads_and_nothing_else(name):
+def test_each_method_gets_the_signals_it_reads_and_nothing_else(name, merge):
     from desap_ops.methods import MethodInputs, content_seeds, get_method, run_method
 
     reads = get_method(name).reads
@@ -95,17 +129,19 @@ def test_each_method_gets_the_signals_it_reads_and_nothing_else(name):
                            seed=content if Signal.SEED in reads else None)
     text, mask = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4)), torch.ones(2, 3, dtype=torch.bool)
 
-    def text_space(branch):
-        assert Signal.ATTN in reads, f"{name} reads no attention branch"
-        return 2 * branch
+    def text_space(rows):   # the projector: on the attention branch, and on hidden for the projected rows
+        assert reads & {Signal.ATTN, Signal.PROJECTED}, f"{name} reads neither the branch nor the projected rows"
+        return 2 * rows
 
-    options = PruneOptions.checked(4, 0.5, True, "max", "reference", None, name)
+    options = PruneOptions.checked(4, 0.5, merge, "max", "reference", None, name)
     assert options.method == name and options.reads == reads
     reads_text = Signal.TEXT in reads
     got = prune_images(signals, text_space, text if reads_text else None, mask if reads_text else None, 4, options)
     expected = run_method(get_method(name), MethodInputs(
         hidden=full.hidden, keep=4, saliency=full.saliency, attn=2 * full.attn, text=text, text_mask=mask,
-        seed=content_seeds(content), backend="reference"), merge=True)
+        seed=content_seeds(content), projected=2 * full.hidden, backend="reference"),
+        merge=get_method(name).merges if merge is None else merge)
+    assert options.merges == (get_method(name).merges if merge is None else merge)
     for field in ("tokens", "indices", "assignment", "task_scores", "task_keep"):
         want = getattr(expected, field)
         assert torch.equal(getattr(got, field), want) if want is not None else getattr(got, field) is None
@@ -127,6 +163,6 @@ def test_a_tower_pass_reads_what_any_of_its_images_methods_reads():
     def options(method):
         return PruneOptions.checked(4, 0.5, True, "max", "auto", None, method)
 
-    assert tower_reads([options("first"), options("divprune")]) == frozenset()
+    assert tower_reads([options("first"), options("divprune")]) == {Signal.PROJECTED}
     assert tower_reads([options("first"), options("random"), options("saliency")]) == {Signal.SEED, Signal.SALIENCY}
     assert tower_reads([options("similarity"), options("desap")]) == {Signal.SALIENCY, Signal.ATTN, Signal.TEXT}

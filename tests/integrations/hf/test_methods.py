@@ -22,6 +22,7 @@ from desap_ops.methods import (BUILTIN, MethodFailure, MethodInputs, Selection, 
 from desap_ops.testing.tiny import (BOS, IMAGE_TOKEN_ID as IMG, VIDEO_TOKEN_ID as VID, tiny_llava, tiny_llava_next,
                                   tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 from methods.method_plugin import entry_points_on_path
+from methods.test_method_builtins import naive_divprune
 
 from ..prompts import N, llava_pixels, llava_prompt
 from .fed import fed_rows, language_model_input
@@ -68,19 +69,32 @@ def check_work(counts: Counter, method: str) -> None:
     counts.clear()
 
 
-def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content: torch.Tensor, desap_run):
-    """(K,) the tokens ``method`` keeps of one item whose tokens are ``hidden`` (N, D) and pixel
-    hashes ``seed_content`` (N,): the method itself on those signals; for the scored methods, DeSAP
-    with its whole budget on saliency (task_ratio 0) or on the task score (task_ratio 1), which by
-    the contract keeps the same tokens. None for DeSAP itself (tests of each family check it)."""
+def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content: torch.Tensor, desap_run,
+                     projected: torch.Tensor):
+    """(K,) the tokens ``method`` keeps of one item whose tokens are ``hidden`` (N, D), the rows the
+    language model receives ``projected`` (N, C) and pixel hashes ``seed_content`` (N,): the
+    method itself on those signals; DivPrune by hand in float64 on the projected rows (as its
+    authors' code selects); for the scored methods, DeSAP with its whole budget on saliency
+    (task_ratio 0) or on the task score (task_ratio 1), which by the contract keeps the same
+    tokens. None for DeSAP itself (tests of each family check it)."""
     if method == "saliency":
         return desap_run(0.0)
     if method == "similarity":
         return desap_run(1.0)
     if method == "desap":
         return None
-    inputs = MethodInputs(hidden=hidden[None], keep=keep, seed=content_seeds(seed_content[None]))
+    if method == "divprune":
+        return naive_divprune_without_near_ties(projected, keep)
+    inputs = MethodInputs(hidden=hidden[None], keep=keep, seed=content_seeds(seed_content[None]),
+                          projected=projected[None])
     return run_method(get_method(method), inputs, merge=False).indices[0]
+
+
+def naive_divprune_without_near_ties(projected: torch.Tensor, keep: int) -> list:
+    """DivPrune by hand (float64) on ``projected`` (N, C); these inputs hold no near-tie."""
+    kept = naive_divprune(projected.detach(), keep)
+    assert kept is not None, "a near-tie in DivPrune's choice: pick other inputs"
+    return kept
 
 
 @contextmanager
@@ -139,8 +153,10 @@ def test_llava_feeds_the_kept_tokens_merged_or_not(method, work):
                                                   merge)
                 torch.testing.assert_close(fed[image], projector(expected)[0], **TOL)
         for image in range(2):
+            with torch.no_grad():
+                rows = projector(hidden[image])   # the rows the language model receives
             want = expected_indices(method, keep, hidden[image], content[image],
-                                    lambda ratio: desap_run(ratio)[image])
+                                    lambda ratio: desap_run(ratio)[image], rows)
             if want is not None:
                 assert records[image].indices.tolist() == list(want)
         if method != "desap":
@@ -211,6 +227,24 @@ def test_llava_next_feeds_the_kept_visual_tokens_between_every_newline(method, w
             assert indices == desap_run(0.0 if method == "saliency" else 1.0)[image]
 
 
+def test_llava_next_divprune_selects_on_the_packed_rows_the_language_model_receives():
+    """DivPrune by hand (float64) on each image's packed projected rows, newlines aside, keeps what
+    apply_desap keeps: the first pixels whose choices hold no near-tie (a few tries at most)."""
+    keep, model = 30, tiny_llava_next()
+    ids = torch.tensor([[BOS, 5] + [IMG] * sum(NEXT_TOKENS) + [7, 8, 9]])
+    for seed in range(20, 40):
+        pixels = torch.randn(2, 5, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            packed = model.model.get_image_features(pixel_values=pixels, image_sizes=NEXT_SIZES).pooler_output
+        visual = [whole[~(whole == model.model.image_newline).all(dim=1)] for whole in packed]
+        expected = [naive_divprune(rows, keep - (len(whole) - len(rows))) for rows, whole in zip(visual, packed)]
+        if None not in expected:
+            break
+    with applied(model, keep=keep, method="divprune"), torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels, image_sizes=NEXT_SIZES)
+        assert [r.indices.tolist() for r in last_prune(model)] == expected
+
+
 # --- videos: one budget per clip ---------------------------------------------------------------------
 
 VIDEO_MODELS = {"llava-next-video": (tiny_llava_next_video, 4), "video-llava": (tiny_video_llava, 17)}
@@ -248,6 +282,8 @@ def test_a_video_clip_keeps_k_tokens_across_its_frames_in_frame_major_order(name
         assert indices == list(range(keep))
     elif method in ("saliency", "similarity"):
         assert indices == desap_run(0.0 if method == "saliency" else 1.0)
+    elif method == "divprune":   # on the projected rows of the clip, after the video model's pooling
+        assert indices == naive_divprune_without_near_ties(clip, keep)
 
 
 # --- the Qwen families: positions, DeepStack levels, videos ---------------------------------------------
@@ -318,7 +354,8 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
             if item == 1:
                 assert indices == list(range(budget))
                 continue
-            want = expected_indices(method, budget, features, contents[item], lambda r: desap_run(r)[item])
+            want = expected_indices(method, budget, features, contents[item], lambda r: desap_run(r)[item],
+                                    features)   # the merged tokens are the language model's rows
             if want is not None:
                 assert indices == list(want)
         # the kept tokens and all the text keep their original 3D positions (timestamps included)

@@ -58,7 +58,7 @@ def test_a_request_overrides_what_a_request_may_set_and_keeps_the_rest():
     ({"keep": True}, r"keep must be an integer, got a bool"),
     ({"task_ratio": 1.5}, r"task_ratio must lie in \[0, 1\], got 1.5"),
     ({"task_ratio": "half"}, r"task_ratio must be a real number or 'auto'"),
-    ({"merge": "no"}, r"merge must be a bool"),
+    ({"merge": "no"}, r"merge must be None \(the method's own default\), True or False, got str 'no'"),
     ({"text_reduce": "sum"}, r"text_reduce must be one of \('max', 'mean'\), got 'sum'"),
     ({"text_budget": 0}, r"text_budget must be at least 1"),
     ({"ratio": 0.5}, r"unknown option\(s\) \['ratio'\]; a request may set \['keep'"),
@@ -73,10 +73,12 @@ def test_a_bad_request_option_is_a_value_error_naming_it(raw, message):
     assert caught.match(message)
 
 
+@pytest.mark.parametrize("ideal", [True, False])
 @pytest.mark.parametrize("raw", [{}, {"keep": 3, "task_ratio": "auto", "text_budget": 7},
-                                 {"task_ratio": 0.1 + 0.2, "merge": False, "text_reduce": "mean"}])
-def test_the_per_item_encoding_gives_back_the_same_options_exactly(raw):
-    base = engine(max_keep=16, ideal=True, backend="reference")
+                                 {"task_ratio": 0.1 + 0.2, "merge": False, "text_reduce": "mean"},
+                                 {"merge": True}, {"merge": None}])
+def test_the_per_item_encoding_gives_back_the_same_options_exactly(raw, ideal):
+    base = engine(max_keep=16, ideal=ideal, backend="reference")
     options = request_options(base, raw)
     encoded = encode_request(options)
     assert encoded.shape == (len(REQUEST_OPTIONS),) and encoded.dtype == torch.float64
@@ -101,9 +103,24 @@ def test_the_engines_options_are_the_prunes_options_by_the_same_names():
             options.method) == ("auto", False, "max", "auto", 3, "first")   # the ideal: "first", unmerged
 
 
+@pytest.mark.parametrize("engine_merge, raw, merge", [
+    (None, {}, None), (None, {"merge": True}, True), (True, {}, True), (True, {"merge": None}, None),
+    (False, {"method": "desap"}, False), (None, {"method": "desap"}, None), (None, {"method": "divprune"}, None),
+])
+def test_merge_is_the_methods_own_default_unless_the_engine_or_the_request_sets_it(engine_merge, raw, merge):
+    from desap_ops.methods import get_method
+
+    base = engine(merge=engine_merge, method="saliency")
+    assert engine().merge is None   # the default: each method's own
+    options = request_options(base, raw)
+    assert options.merge is merge
+    assert options.merges is (get_method(options.method).merges if merge is None else merge)
+    assert decode_request(base, encode_request(options)) == options   # None travels with the image as NaN
+
+
 def test_the_ideal_engine_never_merges_whatever_a_request_asks():
     base = engine(ideal=True, max_keep=16)
-    for raw in ({"merge": True}, {"merge": True, "keep": 12, "method": "first"}, {}):
+    for raw in ({"merge": True}, {"merge": True, "keep": 12, "method": "first"}, {}, {"merge": None}):
         options = request_options(base, raw)
         assert (options.method, options.merge) == ("first", False)
         assert decode_request(base, encode_request(options)) == options
@@ -117,7 +134,7 @@ REGISTERED = r"registered: \[" + ", ".join(repr(name) for name in sorted(availab
 def test_the_engine_sets_a_method_and_may_limit_what_requests_ask_for():
     assert engine().method == "desap" and engine().methods is None
     options = engine(method="divprune", methods=["random", "divprune", "random"])
-    assert (options.method, options.methods, options.reads) == ("divprune", ("divprune", "random"), frozenset())
+    assert (options.method, options.methods, options.reads) == ("divprune", ("divprune", "random"), {Signal.PROJECTED})
     assert engine(method="random").reads == {Signal.SEED}
     assert engine(method="similarity").reads == {Signal.ATTN, Signal.TEXT}
     assert engine(ideal=True, method="first").method == "first"
