@@ -8,6 +8,7 @@ from .. import reference
 from ..api import prune
 from ..reference import PruneResult
 from .interface import Method, MethodInputs, Signal
+from .redundancy import cdpruner_lm, dart_input
 
 DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
 
@@ -93,4 +94,8 @@ BUILTIN: tuple[Method, ...] = (
     Method("saliency", saliency, reads=frozenset({Signal.SALIENCY})),
     Method("similarity", similarity, reads=frozenset({Signal.ATTN, Signal.TEXT})),
     Method("divprune", divprune, reads=frozenset()),
+    # issue 36, the nearest forms this tree hosts (redundancy.py; docs/methods.md: what differs and why).
+    # TODO(PROJECTED): both read hidden, which on CLIP-style towers is the features before the projector
+    Method("dart-input", dart_input, reads=frozenset()),
+    Method("cdpruner-lm", cdpruner_lm, reads=frozenset({Signal.ATTN, Signal.TEXT})),
 )

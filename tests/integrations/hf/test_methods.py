@@ -72,12 +72,14 @@ def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content:
     """(K,) the tokens ``method`` keeps of one item whose tokens are ``hidden`` (N, D) and pixel
     hashes ``seed_content`` (N,): the method itself on those signals; for the scored methods, DeSAP
     with its whole budget on saliency (task_ratio 0) or on the task score (task_ratio 1), which by
-    the contract keeps the same tokens. None for DeSAP itself (tests of each family check it)."""
+    the contract keeps the same tokens. None for DeSAP itself (tests of each family check it) and for
+    cdpruner-lm, which reads the attention branch and the text that ``similarity`` reads (checked
+    here against DeSAP) and whose choice from them tests/methods checks."""
     if method == "saliency":
         return desap_run(0.0)
     if method == "similarity":
         return desap_run(1.0)
-    if method == "desap":
+    if method in ("desap", "cdpruner-lm"):
         return None
     inputs = MethodInputs(hidden=hidden[None], keep=keep, seed=content_seeds(seed_content[None]))
     return run_method(get_method(method), inputs, merge=False).indices[0]
