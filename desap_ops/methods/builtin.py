@@ -94,8 +94,8 @@ BUILTIN: tuple[Method, ...] = (
     Method("saliency", saliency, reads=frozenset({Signal.SALIENCY})),
     Method("similarity", similarity, reads=frozenset({Signal.ATTN, Signal.TEXT})),
     Method("divprune", divprune, reads=frozenset()),
-    # issue 36, the nearest forms this tree hosts (redundancy.py; docs/methods.md: what differs and why).
-    # TODO(PROJECTED): both read hidden, which on CLIP-style towers is the features before the projector
+    # the nearest forms of DART and CDPruner this tree hosts (redundancy.py; docs/methods.md says what
+    # differs and why); both select on hidden, on CLIP-style towers the features before the projector
     Method("dart-input", dart_input, reads=frozenset()),
     Method("cdpruner-lm", cdpruner_lm, reads=frozenset({Signal.ATTN, Signal.TEXT})),
 )
