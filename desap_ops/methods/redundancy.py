@@ -25,9 +25,12 @@ ZERO_GAIN = 1e-12        # a DPP gain at most this times the image's largest is 
 def distinct_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(distinct (U, C), inverse (N,)): ``rows`` (N, C) == ``distinct[inverse]``. Scores computed on
     the distinct rows and gathered are bitwise equal for equal rows, whatever a matrix product's
-    blocking would round them to. float64 stays float64; other dtypes compare in float32 (exact)."""
-    rows = rows if rows.dtype == torch.float64 else rows.float()
-    return torch.unique(rows, dim=0, return_inverse=True)
+    blocking would round them to. float64 stays float64; other dtypes go to float32 (exact).
+    Rows are compared by their bits (so NaN never upsets the sort), -0.0 read as +0.0."""
+    rows = (rows if rows.dtype == torch.float64 else rows.float()) + 0.0     # -0.0 + 0.0 is +0.0
+    bits = rows.view(torch.int64 if rows.dtype == torch.float64 else torch.int32)
+    distinct, inverse = torch.unique(bits, dim=0, return_inverse=True)
+    return distinct.view(rows.dtype), inverse
 
 
 def unit64(rows: torch.Tensor) -> torch.Tensor:
@@ -129,15 +132,16 @@ def dpp_select(rows: torch.Tensor, relevance: torch.Tensor, keep: int) -> torch.
         key = torch.cat([rows[b].double(), relevance[b, :, None]], dim=1)
         distinct, inverse = distinct_rows(key)
         unit, weight = unit64(distinct[:, :-1]), distinct[:, -1]          # (U, C), (U,)
-        # the kernel's diagonal, exactly: cos(x, x) is 1 (0 for a row of zeros), so equal relevance
-        # ties exactly rather than by the rounding of each row's norm
-        gain = weight * weight * unit.ne(0).any(dim=-1).double()          # (U,)
+        # the kernel's diagonal, exactly: cos(x, x) is 1 (0 for a row of zeros, NaN for one holding
+        # NaN or inf), so equal relevance ties exactly rather than by the rounding of each row's norm
+        self_cosine = torch.where(unit.isnan().any(dim=-1), float("nan"), unit.ne(0).any(dim=-1).double())
+        gain = weight * weight * self_cosine                              # (U,)
         zero = ZERO_GAIN * gain.nan_to_num(nan=0.0).amax()
         vectors = torch.zeros(keep, distinct.shape[0], dtype=torch.float64, device=rows.device)
         taken = torch.zeros(tokens, dtype=torch.bool, device=rows.device)
         for step in range(keep):
             score = gain[inverse]
-            score = torch.where(score > zero, score, torch.zeros_like(score)).nan_to_num(nan=-1.0)
+            score = torch.where(score > zero, score, torch.zeros_like(score).masked_fill(score.isnan(), -1.0))
             j = score.masked_fill(taken, float("-inf")).argmax()          # the first of equal maxima
             picked[b, step] = j
             taken[j] = True

@@ -199,3 +199,11 @@ def test_dart_keeps_only_pivots_when_the_budget_is_the_pivots():
     rows[0, :, 0] = torch.tensor([1.0, 5.0, 2.0, 5.0, 3.0, 0.5, 4.0, 0.0, 6.0, 1.5])   # L1 norms
     assert dart_select(rows, 4).tolist() == [[1, 3, 6, 8]]      # the four largest, 1 before its equal 3
     assert dart_select(rows, 2).tolist() == [[1, 8]]
+
+
+@pytest.mark.parametrize("name", ["dart-input", "cdpruner-lm"])
+def test_a_token_holding_nan_ranks_below_every_other(name):
+    inputs = _inputs(1, 12, 16, 11, seed=3)
+    hidden = inputs.hidden.clone()
+    hidden[0, 4, 2] = float("nan")
+    assert _select(name, dataclasses.replace(inputs, hidden=hidden)) == [[i for i in range(12) if i != 4]]
