@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from desap_ops.methods import MethodInputs, get_method, run_method
-from desap_ops.methods.redundancy import dart_select
+from desap_ops.methods.redundancy import ZERO_GAIN, dart_select
 from helpers import DTYPES, TIE_MARGIN, naive_task_scores
 
 # (images, tokens, width, keep): one token kept (fewer than DART's pivots), a quarter, a half with
 # more tokens than the width (the DPP runs out of rank), all of them
 SHAPES = [(1, 9, 8, 1), (2, 48, 16, 12), (1, 40, 6, 20), (3, 33, 5, 33)]
-ZERO_GAIN = 1e-12   # the documented rule: a gain at most this times the largest diagonal entry is none
 
 
 class NearTie(Exception):
