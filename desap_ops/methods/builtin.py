@@ -8,6 +8,7 @@ from .. import reference
 from ..api import prune
 from ..reference import PruneResult
 from .interface import Method, MethodInputs, Signal
+from .redundancy import cdpruner_lm, dart_input
 
 DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
 
@@ -95,4 +96,8 @@ BUILTIN: tuple[Method, ...] = (
     Method("saliency", saliency, reads=frozenset({Signal.SALIENCY}), merges=False),
     Method("similarity", similarity, reads=frozenset({Signal.ATTN, Signal.TEXT}), merges=False),
     Method("divprune", divprune, reads=frozenset({Signal.PROJECTED}), merges=False),
+    # the nearest forms of DART and CDPruner this tree hosts (redundancy.py; docs/methods.md says what
+    # differs and why), both on the rows the language model receives
+    Method("dart-input", dart_input, reads=frozenset({Signal.PROJECTED, Signal.TEXT}), merges=False),
+    Method("cdpruner-lm", cdpruner_lm, reads=frozenset({Signal.PROJECTED, Signal.ATTN, Signal.TEXT}), merges=False),
 )

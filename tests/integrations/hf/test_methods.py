@@ -76,12 +76,14 @@ def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content:
     method itself on those signals; DivPrune by hand in float64 on the projected rows (as its
     authors' code selects); for the scored methods, DeSAP with its whole budget on saliency
     (task_ratio 0) or on the task score (task_ratio 1), which by the contract keeps the same
-    tokens. None for DeSAP itself (tests of each family check it)."""
+    tokens. None for DeSAP itself (tests of each family check it), and for dart-input and cdpruner-lm,
+    which read the prompt beside the projected rows and whose choice tests/methods checks against
+    their naive forms."""
     if method == "saliency":
         return desap_run(0.0)
     if method == "similarity":
         return desap_run(1.0)
-    if method == "desap":
+    if method in ("desap", "dart-input", "cdpruner-lm"):
         return None
     if method == "divprune":
         return naive_divprune_without_near_ties(projected, keep)
