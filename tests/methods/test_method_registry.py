@@ -39,7 +39,8 @@ def test_the_builtins_are_registered_with_the_signals_they_read(registry):
 def test_each_builtin_merges_by_default_as_its_paper_does_and_a_registered_method_merges(registry):
     # DeSAP merges its dropped tokens (its step 4); FasterVLM, DivPrune and the plain baselines drop them
     assert {method.name: method.merges for method in BUILTIN} == {
-        "desap": True, "first": False, "random": False, "saliency": False, "similarity": False, "divprune": False}
+        "desap": True, "first": False, "random": False, "saliency": False, "similarity": False, "divprune": False,
+        "dart-input": False, "cdpruner-lm": False}
     assert registry.register("test-merging", lambda inputs: None, reads=()) and registry.get("test-merging").merges
     registry.register("test-dropping", lambda inputs: None, reads=(), merges=False)
     assert registry.get("test-dropping").merges is False
