@@ -78,28 +78,17 @@ def sign_sketch(width: int, device) -> torch.Tensor:
 
 def first_occurrences(rows: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: False for a row whose every element equals, bit for bit, an earlier row of its
-    image. Rows are grouped by an exact integer fingerprint of their bits and compared with their
-    neighbour in that order: O(L W) for rows of width W, no L x L comparison."""
-    bits = rows.float().view(torch.int32).to(torch.int64)
-    # weights below 2**16: each product stays below 2**47 and the sum of up to 2**13 of them exact
-    weights = (torch.arange(rows.shape[-1], device=rows.device, dtype=torch.int64) * 40503 + 1) & 0xFFFF
-    fingerprint = (bits * weights).sum(dim=-1)
-    order = torch.sort(fingerprint, dim=-1, stable=True).indices          # equal rows end up adjacent
-    ordered_bits = bits.gather(1, order[:, :, None].expand_as(bits))
-    same = (ordered_bits[:, 1:] == ordered_bits[:, :-1]).all(dim=-1)
-    repeat = torch.cat([torch.zeros_like(same[:, :1]), same], dim=1)
-    return ~torch.zeros_like(repeat).scatter(1, order, repeat)
+    image (:func:`first_twin`: O(L W), no L x L comparison)."""
+    return first_twin(rows) == torch.arange(rows.shape[1], device=rows.device)
 
 
 def _row_bits(rows: torch.Tensor) -> torch.Tensor:
-    """(B, N, W') int64: each row's bits as integers of at most 32 bits (an 8-byte element splits
-    into two), so that equal rows, and only they, have equal integer rows."""
-    rows = rows.contiguous()
+    """(B, N, W') signed integers of at most 32 bits holding each row's bits as stored (an 8-byte
+    element as two): equal rows, and only they, have equal integer rows."""
+    rows = rows.detach().contiguous()
     if rows.dtype == torch.bool:
-        return rows.to(torch.int64)
-    width = rows.element_size()
-    view = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[width]
-    return rows.view(view).to(torch.int64)
+        return rows.view(torch.int8)
+    return rows.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[rows.element_size()])
 
 
 def first_twin(rows: torch.Tensor) -> torch.Tensor:
@@ -107,16 +96,18 @@ def first_twin(rows: torch.Tensor) -> torch.Tensor:
     that is bit-identical to it (its own index when none is): the token whose scores its twins take
     (contract, "Exact ties").
 
-    Rows are grouped by two exact integer fingerprints of their bits, sorted stably (equal rows end
-    up adjacent, in index order), and compared bit for bit with their neighbour: O(N W), no N x N
-    comparison. Rows that differ are never twins; two equal rows could be told apart only if a
-    different row had both fingerprints of theirs and sorted between them (never seen, and it would
-    only leave a tie to rounding, as before)."""
+    Rows are sorted stably by two integer fingerprints of their bits (equal rows have equal
+    fingerprints, so they end up adjacent, in index order) and compared bit for bit with their
+    neighbour: O(N W), no N x N comparison. Rows that differ are never twins; two equal rows would
+    be told apart only if a different row had both their fingerprints and sorted between them,
+    which leaves that tie to rounding, as before this rule."""
     bits = _row_bits(rows)
+    wide = bits.to(torch.int64)
     columns = torch.arange(bits.shape[-1], device=rows.device, dtype=torch.int64)
-    # weights below 2**16: each product stays below 2**47 and a sum of up to 2**16 of them exact
-    first = (bits * ((columns * 40503 + 1) & 0xFFFF)).sum(dim=-1)
-    second = (bits * ((columns * 9973 + 7919) & 0xFFFF)).sum(dim=-1)
+    # weights below 2**16: each product below 2**47, a sum of up to 2**16 of them below 2**63
+    first = (wide * ((columns * 40503 + 1) & 0xFFFF)).sum(dim=-1)
+    second = (wide * ((columns * 9973 + 7919) & 0xFFFF)).sum(dim=-1)
+    del wide
     order = torch.sort(second, dim=-1, stable=True).indices
     order = order.gather(1, torch.sort(first.gather(1, order), dim=-1, stable=True).indices)   # by (first, second, index)
     ordered = bits.gather(1, order[:, :, None].expand_as(bits))

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+from desap_ops import reference
 from desap_ops.testing.tiny import IMAGE_TOKEN_ID as IMG, tiny_llava_next
 from desap_ops.integrations import apply_desap, last_prune
+from desap_ops.integrations.common import pruning
+from helpers import assert_twins_settled
 
 from ..prompts import llava_prompt, pad
 from .fed import fed_rows, language_model_input
@@ -78,10 +81,6 @@ def test_a_crop_equal_to_its_base_image_settles_its_twin_tokens_by_index(method,
     bit-identical pairs (twins). Of each pair a method keeps the lower index first, a dropped copy
     merges into its pair's lower kept copy, and nothing merges into the higher of two kept copies:
     ties between twins are exact (contract, "Exact ties"), so vLLM keeps the same."""
-    from desap_ops import reference
-    from desap_ops.integrations.common import pruning
-    from helpers import assert_twins_settled
-
     seen = []
 
     def spy(chosen, inputs, merge, run=pruning.run_method):
