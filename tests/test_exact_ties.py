@@ -125,3 +125,41 @@ def test_twins_are_decided_by_index_whatever_the_rounding_of_their_cosines(confi
     for image, groups_of_image in enumerate(twin_groups(case.attn)):
         for group in groups_of_image:
             assert len(set(noisy.task_scores[image, group].tolist())) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_the_triton_path_settles_twins_whatever_its_kernels_rounding(backend, monkeypatch):
+    """The launcher applies the rule to what its kernels give: task scores whose last bit depends on
+    a token's place, and a nearest kept token moved onto the highest kept copy of the one chosen
+    (as rounding may do) still give the reference's exact result."""
+    from desap_ops import triton_backend
+
+    case = twin_case(tokens=30, groups=10, keep=11, seed=41)
+    exact = _run(case, "reference")
+    scores_of, select = triton_backend.similarity.task_scores, triton_backend.selection.select_and_assign
+    moved = []
+
+    def noisy_scores(*args):
+        scores = scores_of(*args)
+        place = torch.arange(scores.shape[-1], device=scores.device)
+        return scores * (1 + ((place * 5) % 3 - 1).float() * 2.0 ** -23)
+
+    def onto_the_last_copy(saliency, scores, text_mask, metric, *args, **kwargs):
+        indices, assignment, task_keep = select(saliency, scores, text_mask, metric, *args, **kwargs)
+        copies = reference.first_twin(metric).gather(1, indices)                       # (B, K)
+        same = copies[:, :, None] == copies[:, None, :]
+        last = torch.where(same, torch.arange(indices.shape[1], device=indices.device), -1).amax(dim=-1)
+        dropped = reference.output_positions(indices, metric.shape[1]) < 0
+        shifted = torch.where(dropped, last.gather(1, assignment.clamp_min(0)), assignment)
+        moved.append(bool((shifted != assignment).any()))
+        return indices, shifted, task_keep
+
+    monkeypatch.setattr(triton_backend.similarity, "task_scores", noisy_scores)
+    monkeypatch.setattr(triton_backend.selection, "select_and_assign", onto_the_last_copy)
+    result = _run(case, backend)
+    assert moved == [True]
+    assert torch.equal(result.indices.cpu(), exact.indices)
+    assert torch.equal(result.assignment.cpu(), exact.assignment)
+    for image, groups_of_image in enumerate(twin_groups(case.attn)):
+        for group in groups_of_image:
+            assert len(set(result.task_scores[image, group].cpu().tolist())) == 1
