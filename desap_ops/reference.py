@@ -78,17 +78,52 @@ def sign_sketch(width: int, device) -> torch.Tensor:
 
 def first_occurrences(rows: torch.Tensor) -> torch.Tensor:
     """(B, L) bool: False for a row whose every element equals, bit for bit, an earlier row of its
-    image. Rows are grouped by an exact integer fingerprint of their bits and compared with their
-    neighbour in that order: O(L W) for rows of width W, no L x L comparison."""
-    bits = rows.float().view(torch.int32).to(torch.int64)
-    # weights below 2**16: each product stays below 2**47 and the sum of up to 2**13 of them exact
-    weights = (torch.arange(rows.shape[-1], device=rows.device, dtype=torch.int64) * 40503 + 1) & 0xFFFF
-    fingerprint = (bits * weights).sum(dim=-1)
-    order = torch.sort(fingerprint, dim=-1, stable=True).indices          # equal rows end up adjacent
-    ordered_bits = bits.gather(1, order[:, :, None].expand_as(bits))
-    same = (ordered_bits[:, 1:] == ordered_bits[:, :-1]).all(dim=-1)
-    repeat = torch.cat([torch.zeros_like(same[:, :1]), same], dim=1)
-    return ~torch.zeros_like(repeat).scatter(1, order, repeat)
+    image (:func:`first_twin`: O(L W), no L x L comparison)."""
+    return first_twin(rows) == torch.arange(rows.shape[1], device=rows.device)
+
+
+def _row_bits(rows: torch.Tensor) -> torch.Tensor:
+    """(B, N, W') signed integers of at most 32 bits holding each row's bits as stored (an 8-byte
+    element as two): equal rows, and only they, have equal integer rows."""
+    rows = rows.detach().contiguous()
+    if rows.dtype == torch.bool:
+        return rows.view(torch.int8)
+    return rows.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[rows.element_size()])
+
+
+def first_twin(rows: torch.Tensor) -> torch.Tensor:
+    """(B, N) int64: for each row of ``rows`` (B, N, W), the lowest index of a row of the same image
+    that is bit-identical to it (its own index when none is): the token whose scores its twins take
+    (contract, "Exact ties").
+
+    Rows are sorted stably by two integer fingerprints of their bits (equal rows have equal
+    fingerprints, so they end up adjacent, in index order) and compared bit for bit with their
+    neighbour: O(N W), no N x N comparison. Rows that differ are never twins; two equal rows would
+    be told apart only if a different row had both their fingerprints and sorted between them,
+    which leaves that tie to rounding, as before this rule."""
+    bits = _row_bits(rows)
+    wide = bits.to(torch.int64)
+    columns = torch.arange(bits.shape[-1], device=rows.device, dtype=torch.int64)
+    # weights below 2**16: each product below 2**47, a sum of up to 2**16 of them below 2**63
+    first = (wide * ((columns * 40503 + 1) & 0xFFFF)).sum(dim=-1)
+    second = (wide * ((columns * 9973 + 7919) & 0xFFFF)).sum(dim=-1)
+    del wide
+    order = torch.sort(second, dim=-1, stable=True).indices
+    order = order.gather(1, torch.sort(first.gather(1, order), dim=-1, stable=True).indices)   # by (first, second, index)
+    ordered = bits.gather(1, order[:, :, None].expand_as(bits))
+    same = (ordered[:, 1:] == ordered[:, :-1]).all(dim=-1)
+    place = torch.arange(order.shape[1], device=rows.device).expand_as(order)
+    # each run of equal rows starts where a row differs from the one before; its head has the lowest index
+    starts = torch.cat([torch.ones(same.shape[0], 1, dtype=torch.bool, device=rows.device), ~same], dim=1)
+    head = torch.where(starts, place, 0).cummax(dim=1).values
+    return torch.empty_like(order).scatter_(1, order, order.gather(1, head))
+
+
+def tie_exact(scores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``scores`` (B, N) with each token given its first twin's score (:func:`first_twin` of
+    ``rows`` (B, N, W), the inputs the score is a function of): bit-identical tokens then tie
+    exactly, and every rank of this module sends the tie to the lower index."""
+    return scores.gather(-1, first_twin(rows))
 
 
 def budget_text(attn: torch.Tensor, text: torch.Tensor, text_mask: Optional[torch.Tensor],
@@ -238,12 +273,29 @@ def nearest_kept(metric: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Step 4a: for every token, the kept position of highest cosine similarity of ``metric``.
 
     Ties go to the lower kept position (argmax returns the first maximum); a NaN similarity counts
-    as -inf, so a token whose similarities are all NaN goes to position 0.
+    as -inf, so a token whose similarities are all NaN goes to position 0. Twins then settle
+    exactly (:func:`settle_twins`).
     """
     unit = unit_rows(metric)
     kept = unit.gather(1, indices[:, :, None].expand(-1, -1, unit.shape[-1]))
     sim = torch.bmm(unit, kept.transpose(1, 2))                        # (B, N, K)
-    return sim.masked_fill(torch.isnan(sim), float("-inf")).argmax(dim=-1)
+    nearest = sim.masked_fill(torch.isnan(sim), float("-inf")).argmax(dim=-1)
+    return settle_twins(nearest, indices, metric)
+
+
+def settle_twins(nearest: torch.Tensor, indices: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """Step 4a's twin rule on ``nearest`` (B, N), each token's kept position of highest cosine (a
+    kept token's entry is not read): bit-identical rows of ``metric`` go where their first twin
+    (:func:`first_twin`) goes, a token whose first twin is kept goes to it, and a position whose
+    kept token has a kept twin of lower position gives way to that one. So the rounding of equal
+    cosines never decides, in the reference or in the kernels (which run this after theirs)."""
+    twins = first_twin(metric)
+    positions = output_positions(indices, metric.shape[1])
+    # each kept position's first kept twin: the kept positions keyed by their tokens' first twins
+    lowest_kept = first_twin(twins.gather(1, indices)[:, :, None])
+    by_twin = lowest_kept.gather(1, nearest.gather(1, twins))
+    kept_twin = positions.gather(1, twins)                            # the first twin's position, or -1
+    return torch.where(kept_twin >= 0, kept_twin, by_twin)
 
 
 def assign_tokens(
@@ -314,7 +366,7 @@ def prune(
     has_text = has_valid_text(text_mask, hidden.shape[0], hidden.device)
     text, text_mask = budget_text(attn.detach(), text.detach(), text_mask, text_budget)
     # the scores choose tokens, a piecewise-constant decision: like the op, they carry no graph
-    scores = task_scores(attn, text, text_mask, text_reduce).detach()
+    scores = tie_exact(task_scores(attn, text, text_mask, text_reduce), attn).detach()
     k_task = task_budget(scores, keep, task_ratio, has_text)
     indices = select_tokens(saliency, scores, keep, k_task)
     assignment = assign_tokens(indices, hidden if metric is None else metric, merge)

@@ -40,11 +40,15 @@ def prune(hidden: torch.Tensor, attn: torch.Tensor, text: torch.Tensor, text_mas
     # contract step 0 runs in PyTorch on the device (no host sync): one shared rule, exact agreement
     text, text_mask = reference.budget_text(attn, text, text_mask, text_budget)
     k_task = None if task_ratio == AUTO else split_budget(keep, task_ratio)[1]
-    scores = similarity.task_scores(attn, text, text_mask, text_reduce)
+    # exact ties (contract, "Exact ties"): twins' scores and merge targets as the reference settles them
+    scores = reference.tie_exact(similarity.task_scores(attn, text, text_mask, text_reduce), attn)
+    metric = hidden if metric is None else metric
     indices, assignment, task_keep = selection.select_and_assign(
-        saliency, scores, text_mask, hidden if metric is None else metric, keep, k_task, merge,
-        auto_split=auto_split(),
+        saliency, scores, text_mask, metric, keep, k_task, merge, auto_split=auto_split(),
     )
+    if merge:
+        kept = reference.output_positions(indices, assignment.shape[1])
+        assignment = torch.where(kept >= 0, kept, reference.settle_twins(assignment, indices, metric))
     tokens = merge_kernels.merge_tokens(hidden, indices, assignment, merge)
     return tokens, indices, assignment, scores, task_keep
 

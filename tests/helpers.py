@@ -260,3 +260,76 @@ def one_error_line(err: str) -> str:
     errors = [line for line in err.strip().splitlines() if not line.startswith("... ")]
     assert len(errors) == 1 and errors[0].startswith("desap: error: "), err
     return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Twins: bit-identical tokens (contract, "Exact ties").
+
+
+def twin_case(batch=2, groups=10, tokens=30, keep=11, width=16, text_width=12, n_text=4, *,
+              dtype=torch.float32, task_ratio=0.5, merge=True, separate_metric=False, seed=0) -> Case:
+    """Inputs whose ``tokens`` are copies of ``groups`` distinct tokens per image (every group at
+    least once, the rest drawn at random): hidden, attn, metric and saliency of a copy equal its
+    group's bit for bit. Between different groups every deciding value is at least TIE_MARGIN
+    apart (float64: the groups' task scores, saliency, and each group's cosines with the others),
+    so the only ties are the twins', which the contract sends to the lower index."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        src = torch.stack([torch.cat([torch.randperm(groups, generator=gen),
+                                      torch.randint(0, groups, (tokens - groups,), generator=gen)])
+                           [torch.randperm(tokens, generator=gen)] for _ in range(batch)])
+        hidden = torch.randn(batch, groups, width, generator=gen).to(dtype)
+        metric = torch.randn(batch, groups, width, generator=gen).to(dtype) if separate_metric else hidden
+        attn = torch.randn(batch, groups, text_width, generator=gen).to(dtype)
+        text = torch.randn(batch, n_text, text_width, generator=gen).to(dtype)
+        saliency = (torch.stack([torch.randperm(groups, generator=gen) for _ in range(batch)]).float() + 1) / groups
+        scores = naive_task_scores(attn, text)
+        unit = metric.double() / metric.double().norm(dim=-1, keepdim=True)
+        cosines = unit @ unit.transpose(1, 2)
+        apart = all(float(scores[b].sort().values.diff().min()) > TIE_MARGIN for b in range(batch)) and \
+            all(float(cosines[b, g].sort().values.diff().min()) > TIE_MARGIN for b in range(batch) for g in range(groups))
+        if apart:
+            break
+    else:
+        raise RuntimeError("could not draw groups free of near-ties")
+
+    def copies(rows):
+        return rows.gather(1, src[:, :, None].expand(-1, -1, rows.shape[-1]))
+
+    return Case(copies(hidden), copies(attn), text, saliency.gather(1, src).to(dtype if dtype != torch.bfloat16 else torch.float32),
+                keep, None, task_ratio, merge, copies(metric) if separate_metric else None)
+
+
+def twin_groups(rows: torch.Tensor) -> list[list[list[int]]]:
+    """Per image, the groups of bit-identical rows of ``rows`` (B, N, W), by hand: index lists."""
+    out = []
+    for image in rows:
+        seen: dict[bytes, list[int]] = {}
+        for n, row in enumerate(image):
+            seen.setdefault(row.contiguous().view(torch.uint8).numpy().tobytes(), []).append(n)
+        out.append(list(seen.values()))
+    return out
+
+
+def assert_twins_settled(hidden: torch.Tensor, indices: torch.Tensor, assignment: torch.Tensor) -> None:
+    """The exact-tie rule on one result, by hand, image by image: of each group of bit-identical
+    rows of ``hidden`` (B, N, D), the kept copies are its lowest indices; its dropped copies merge
+    into one kept token, their first copy when it is kept; and no dropped token merges into a kept
+    copy that has a kept copy of lower position."""
+    for b, groups in enumerate(twin_groups(hidden)):
+        kept = indices[b].tolist()
+        position = {index: p for p, index in enumerate(kept)}
+        first_kept_copy = {}
+        for group in groups:
+            is_kept = [n in position for n in group]
+            assert is_kept == sorted(is_kept, reverse=True), (b, group, kept)
+            targets = {int(assignment[b, n]) for n in group if n not in position}
+            assert len(targets) <= 1, (b, group, targets)
+            if targets and group[0] in position:
+                assert targets == {position[group[0]]}, (b, group, targets)
+            first_kept_copy.update({position[n]: min(position[m] for m in group if m in position)
+                                    for n in group if n in position})
+        for n in range(hidden.shape[1]):
+            if n not in position and int(assignment[b, n]) >= 0:
+                target = int(assignment[b, n])
+                assert first_kept_copy[target] == target, (b, n, target)

@@ -54,7 +54,8 @@ def similarity(inputs: MethodInputs) -> torch.Tensor:
     ``text_reduce`` and ``text_budget``); an image with no prompt text keeps its first K."""
     text, mask = reference.budget_text(inputs.attn, inputs.text.to(inputs.attn.dtype), inputs.text_mask,
                                        inputs.text_budget)
-    return top_scores(reference.task_scores(inputs.attn, text, mask, inputs.text_reduce), inputs.keep)
+    scores = reference.tie_exact(reference.task_scores(inputs.attn, text, mask, inputs.text_reduce), inputs.attn)
+    return top_scores(scores, inputs.keep)
 
 
 def divprune(inputs: MethodInputs) -> torch.Tensor:
@@ -66,23 +67,29 @@ def divprune(inputs: MethodInputs) -> torch.Tensor:
     unit = reference.unit_rows(inputs.projected.float())                           # (B, N, C)
     batch, tokens, _ = unit.shape
     rows = torch.arange(batch, device=unit.device)
+    # exact ties: bit-identical rows (twins) are at distance 0 exactly, and every distance is their
+    # first twin's (reference.first_twin), so twins' scores are equal and argmax takes the lower index
+    twins = reference.first_twin(inputs.projected)
     # each token's distance to its nearest other token, a block of rows at a time (B, b, N) ...
     nearest = torch.empty(batch, tokens, device=unit.device)
     block = max(1, DIVPRUNE_BLOCK_BYTES // (4 * batch * tokens))
     for start in range(0, tokens, block):
         stop = min(start + block, tokens)
         distance = 1 - unit[:, start:stop] @ unit.transpose(1, 2)
+        distance = distance.gather(2, twins[:, None, :].expand_as(distance))
+        distance = distance.masked_fill(twins[:, start:stop, None] == twins[:, None, :], 0.0)
         own = torch.arange(start, stop, device=unit.device)
         distance[:, own - start, own] = float("inf")
         nearest[:, start:stop] = distance.amin(dim=2)
     chosen = torch.zeros(batch, tokens, dtype=torch.bool, device=unit.device)
     picked = torch.empty(batch, inputs.keep, dtype=torch.int64, device=unit.device)
-    score = nearest
+    score = nearest.gather(1, twins)
     for step in range(inputs.keep):
         best = score.masked_fill(chosen, float("-inf")).argmax(dim=1)          # the first of equal maxima
         picked[:, step] = best
         chosen[rows, best] = True
         distance = 1 - (unit @ unit[rows, best][:, :, None]).squeeze(2)         # (B, N) to the token just kept
+        distance = distance.gather(1, twins).masked_fill(twins == twins[rows, best][:, None], 0.0)
         score = distance if step == 0 else torch.minimum(score, distance)
     return picked.sort(dim=1).values
 

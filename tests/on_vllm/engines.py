@@ -415,6 +415,7 @@ def transformers_run(kind: str, folder: Path, prompt: str, image_files, options:
     served = len(ids) if out[0, :len(ids)].tolist() == ids else len(prompt)
     return {"prompt_ids": prompt, "output_ids": out[0, served:].tolist(),
             "indices": [r.indices.tolist() for r in records] if records else None,
+            "assignment": [r.assignment.tolist() for r in records] if records else None,
             "text_tokens": [r.text_tokens for r in records] if records else None,
             "positions": None if seen[0] is None else seen[0].reshape(-1, seen[0].shape[-1]).tolist()}
 

@@ -1,12 +1,18 @@
 """DeSAP in vLLM's LLaVA-NeXT (AnyRes crops, image-newline tokens counted toward keep), against
 transformers with apply_desap on the same checkpoint, under every pruning method (per request)."""
+import pytest
+
+import test_vllm_llava_sweep
 from engines import BUILDERS, METHODS, PROMPTS, run_engine, save_image, transformers_run, with_method
 
 OPTIONS = {"keep": 12, "task_ratio": 0.5}
 ENGINE = {"hf_overrides": {"desap": OPTIONS}}
 ENGINES = {"test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes": [("llava_next", ENGINE)],
            "test_each_image_of_a_two_turn_chat_reads_its_own_turn_where_its_newlines_pass_keep":
-           [("llava_next", ENGINE)]}   # conftest.py starts it ahead
+           [("llava_next", ENGINE)],
+           "test_a_crop_equal_to_its_base_image_keeps_and_merges_the_same_tokens_under_every_method":
+           lambda batched: [("llava_next", ENGINE if batched else test_vllm_llava_sweep._engine("llava_next"))]}
+# (conftest.py starts them ahead)
 
 
 def test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes(checkpoints, tmp_path):
@@ -100,3 +106,33 @@ def test_a_repeated_image_and_prompt_is_served_from_the_processor_cache_with_the
     assert first["prompt_token_ids"] == second["prompt_token_ids"]
     assert first["prompt_token_ids"].count(config.hf_config.image_token_index) == OPTIONS["keep"]
     assert first["mm_hashes"] == second["mm_hashes"]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["chunked-alone", "batched"])
+def test_a_crop_equal_to_its_base_image_keeps_and_merges_the_same_tokens_under_every_method(batched, checkpoints,
+                                                                                           tmp_path):
+    """The 56 x 56 image: its one AnyRes crop is the base image, so its tokens come in bit-identical
+    pairs (twins). Every method, at three budgets, each request alone and prefilled in chunks of 5
+    tokens, or all in one batch (the encoder then prunes several images at once, with other rounding
+    than transformers' one at a time), and a second time from the caches, keeps and merges exactly
+    what transformers does, and answers the same: twins tie exactly and go to the lower index
+    (contract, "Exact ties"), whatever each engine's rounding."""
+    folder, image = checkpoints["llava_next"], checkpoints["square"]
+    # batched: each method and budget on two prompts, which the encoder prunes together
+    asked = [(PROMPTS[(i + j) % len(PROMPTS)], method, keep)
+             for i, (method, keep) in enumerate((m, k) for m in METHODS for k in (3, 8, 12))
+             for j in range(2 if batched else 1)]
+    requests = [(prompt, {"image": image, "mm_processor_kwargs": {"desap": {"method": method, "keep": keep}}})
+                for prompt, method, keep in asked]
+    engine = ENGINE if batched else test_vllm_llava_sweep._engine("llava_next")
+    got = run_engine(tmp_path, folder, engine, requests, rounds=2, one_by_one=not batched)
+    expected = [transformers_run("llava_next", folder, prompt, image, {**OPTIONS, "method": method, "keep": keep})
+                for prompt, method, keep in asked]
+    assert expected[[a[1:] for a in asked].index(("divprune", 3))]["indices"] == [[0]]
+    for round_, outputs in enumerate(got["rounds"]):
+        for out, want, case in zip(outputs, expected, asked, strict=True):
+            assert out["prompt_token_ids"] == want["prompt_ids"], (round_, case)
+            assert out["output_token_ids"] == want["output_ids"], (round_, case)
+    (rank,) = got["ranks"]
+    kept = {(tuple(r.indices.tolist()), tuple(r.assignment.tolist())) for r in rank["history"]}
+    assert kept == {(tuple(w["indices"][0]), tuple(w["assignment"][0])) for w in expected}

@@ -42,9 +42,8 @@ def _prompt(preamble: int, images: int, between: int = 2, start: int = 0) -> str
 
 # per model: keep, and (prompt, images); the comments say where token 32 or 64 (the last cached
 # block's end in the second round) falls. LLaVA: 6 placeholders an image, LLaVA-NeXT: 12.
-# LLaVA-NeXT leaves out the 56 x 56 image: its one AnyRes crop is the base image, so its tokens come
-# in identical pairs, and which of two identical kept tokens a dropped one merges into is a float
-# tie that vLLM and transformers break differently (same kept indices, other merged features).
+# LLaVA-NeXT's 56 x 56 image (its one AnyRes crop is the base image: its tokens come in bit-identical
+# pairs) runs on this engine under every method in test_vllm_llava_next.py (exact ties).
 GRIDS = {
     "llava": (6, [
         (_prompt(0, 1), ["square"]),

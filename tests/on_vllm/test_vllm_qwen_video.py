@@ -22,7 +22,8 @@ assert QWEN_KEEP_6["hf_overrides"]["desap"] == OPTIONS
 # the engines each test runs its job on (conftest.py starts them ahead; the first is shared)
 ENGINES = {"test_videos_get_apply_desaps_tokens_positions_and_output_in_one_batch_and_from_the_cache":
            [("qwen2_5_vl", QWEN_KEEP_6)],
-           "test_videos_prefilled_in_chunks_run_at_transformers_positions": [("qwen2_5_vl", CHUNKED)]}
+           "test_videos_prefilled_in_chunks_run_at_transformers_positions": [("qwen2_5_vl", CHUNKED)],
+           "test_a_static_video_keeps_and_merges_the_same_tokens_under_every_method": [("qwen2_5_vl", CHUNKED)]}
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +106,36 @@ def test_processor_gives_each_video_its_budget_and_text_and_a_hash_per_prompt(ca
     assert words == "what is the color of the sky ? ASSISTANT:".split()
     assert first["mm_hashes"]["video"] != other["mm_hashes"]["video"]   # one video, two prompts
     assert process(PROMPTS[0])["mm_hashes"] == first["mm_hashes"]
+
+
+def test_a_static_video_keeps_and_merges_the_same_tokens_under_every_method(checkpoints, tmp_path):
+    """A video whose frames are all one picture: each temporal patch makes the same tokens, so every
+    token has bit-identical twins in the other patches. Every method, prefilled in chunks and a
+    second time from the prefix cache, keeps and merges exactly what transformers does, and answers
+    the same: twins tie exactly and go to the lower index (contract, "Exact ties")."""
+    import numpy as np
+
+    folder = checkpoints["qwen2_5_vl"]
+    video = save_video(tmp_path, "static", 6, 112, 56, 14, fps=1.0)    # 3 temporal patches of 2 x 4 tokens
+    frames = np.load(video["frames"])
+    np.save(video["frames"], np.repeat(frames[:1], len(frames), axis=0))
+    asked = [(PROMPTS[2 * (i % 2)], method, keep)   # the prompts with a video alone
+             for i, (method, keep) in enumerate((m, k) for m in METHODS for k in (3, 6))]
+    requests = [(prompt, {"video": video, "mm_processor_kwargs": {"desap": {"method": method, "keep": keep}}})
+                for prompt, method, keep in asked]
+    got = run_engine(tmp_path, folder, CHUNKED, requests, rounds=2, one_by_one=True)
+    expected = [transformers_run("qwen2_5_vl", folder, prompt, {"video": video}, {**OPTIONS, "method": method, "keep": keep})
+                for prompt, method, keep in asked]
+    for round_, outputs in enumerate(got["rounds"]):
+        for out, want, case in zip(outputs, expected, asked, strict=True):
+            assert out["prompt_token_ids"] == want["prompt_ids"], (round_, case)
+            assert out["output_token_ids"] == want["output_ids"], (round_, case)
+    (rank,) = got["ranks"]
+    kept = {(tuple(r.indices.tolist()), tuple(r.assignment.tolist())) for r in rank["history"]}
+    assert kept == {(tuple(w["indices"][0]), tuple(w["assignment"][0])) for w in expected}
+    # the twins: a token kept only where no earlier identical one was dropped, for the methods that score
+    for want, (_, method, _) in zip(expected, asked):
+        if method in ("desap", "divprune", "saliency", "similarity"):
+            (indices,) = want["indices"]
+            per_patch = 8
+            assert all(i < per_patch or i - per_patch in indices for i in indices), (method, indices)

@@ -2,8 +2,11 @@
 import pytest
 import torch
 
+from desap_ops import reference
 from desap_ops.testing.tiny import IMAGE_TOKEN_ID as IMG, tiny_llava_next
 from desap_ops.integrations import apply_desap, last_prune
+from desap_ops.integrations.common import pruning
+from helpers import assert_twins_settled
 
 from ..prompts import llava_prompt, pad
 from .fed import fed_rows, language_model_input
@@ -69,3 +72,30 @@ def test_an_image_with_no_more_tokens_than_keep_passes_whole(next_pixels):
     expected = model(input_ids=ids, **args).logits
     apply_desap(model, keep=NEXT_TOKENS[0] + 10, merge=False)
     torch.testing.assert_close(model(input_ids=ids, **args).logits, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["desap", "saliency", "similarity", "divprune", "first"])
+@pytest.mark.parametrize("keep", [3, 12])
+def test_a_crop_equal_to_its_base_image_settles_its_twin_tokens_by_index(method, keep, monkeypatch):
+    """A 56 x 56 image's one crop equal to its base image: its 32 candidate tokens come in 16
+    bit-identical pairs (twins). Of each pair a method keeps the lower index first, a dropped copy
+    merges into its pair's lower kept copy, and nothing merges into the higher of two kept copies:
+    ties between twins are exact (contract, "Exact ties"), so vLLM keeps the same."""
+    seen = []
+
+    def spy(chosen, inputs, merge, run=pruning.run_method):
+        seen.append(inputs)
+        return run(chosen, inputs, merge)
+
+    monkeypatch.setattr(pruning, "run_method", spy)
+    pixels = torch.randn(1, 2, 3, 56, 56, generator=torch.Generator().manual_seed(5))
+    pixels[:, 1] = pixels[:, 0]
+    model = apply_desap(tiny_llava_next(), keep=keep, method=method)
+    ids = torch.tensor([llava_prompt([5], 1, [7, 8], per_image=36)])   # 32 tokens and 4 newlines
+    with torch.no_grad():
+        model(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[56, 56]]))
+    ((inputs,), (record,)) = seen, last_prune(model)
+    assert reference.first_twin(inputs.hidden).tolist() == [list(range(16)) * 2]
+    assert_twins_settled(inputs.hidden, record.indices[None], record.assignment[None])
+    if method == "divprune" and keep == 3:   # one visual token: the farthest from its nearest, all at 0
+        assert record.indices.tolist() == [0]
