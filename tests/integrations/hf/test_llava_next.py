@@ -90,7 +90,7 @@ def test_a_crop_equal_to_its_base_image_settles_its_twin_tokens_by_index(method,
     monkeypatch.setattr(pruning, "run_method", spy)
     pixels = torch.randn(1, 2, 3, 56, 56, generator=torch.Generator().manual_seed(5))
     pixels[:, 1] = pixels[:, 0]
-    model = apply_desap(tiny_llava_next(), keep=keep, method=method)
+    model = apply_desap(tiny_llava_next(), keep=keep, method=method, merge=True)   # the merge rule too
     ids = torch.tensor([llava_prompt([5], 1, [7, 8], per_image=36)])   # 32 tokens and 4 newlines
     with torch.no_grad():
         model(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[56, 56]]))
