@@ -8,6 +8,7 @@ from .. import reference
 from ..api import prune
 from ..reference import PruneResult
 from .interface import Method, MethodInputs, Signal
+from .visionzip import visionzip
 
 DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
 
@@ -93,4 +94,5 @@ BUILTIN: tuple[Method, ...] = (
     Method("saliency", saliency, reads=frozenset({Signal.SALIENCY})),
     Method("similarity", similarity, reads=frozenset({Signal.ATTN, Signal.TEXT})),
     Method("divprune", divprune, reads=frozenset()),
+    Method("visionzip", prune=visionzip, reads=frozenset({Signal.SALIENCY, Signal.KEYS})),
 )

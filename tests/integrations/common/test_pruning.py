@@ -13,7 +13,7 @@ from desap_ops.methods import BUILTIN, Signal
 def _signals(seed=0, batch=2, tokens=9):
     gen = torch.Generator().manual_seed(seed)
     return TowerSignals(torch.randn(batch, tokens, 6, generator=gen), torch.randn(batch, tokens, 4, generator=gen),
-                        torch.rand(batch, tokens, generator=gen))
+                        torch.rand(batch, tokens, generator=gen), keys=torch.randn(batch, tokens, 3, generator=gen))
 
 
 def test_the_ideal_keeps_each_images_first_tokens_unmerged_in_order():
@@ -92,7 +92,8 @@ def test_each_method_gets_the_signals_it_reads_and_nothing_else(name):
     # the signals a method does not read are absent: None, as an engine that skipped them gives them
     signals = TowerSignals(full.hidden, full.attn if Signal.ATTN in reads else None,
                            full.saliency if Signal.SALIENCY in reads else None,
-                           seed=content if Signal.SEED in reads else None)
+                           seed=content if Signal.SEED in reads else None,
+                           keys=full.keys if Signal.KEYS in reads else None)
     text, mask = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4)), torch.ones(2, 3, dtype=torch.bool)
 
     def text_space(branch):
@@ -105,7 +106,7 @@ def test_each_method_gets_the_signals_it_reads_and_nothing_else(name):
     got = prune_images(signals, text_space, text if reads_text else None, mask if reads_text else None, 4, options)
     expected = run_method(get_method(name), MethodInputs(
         hidden=full.hidden, keep=4, saliency=full.saliency, attn=2 * full.attn, text=text, text_mask=mask,
-        seed=content_seeds(content), backend="reference"), merge=True)
+        seed=content_seeds(content), keys=full.keys, backend="reference"), merge=True)
     for field in ("tokens", "indices", "assignment", "task_scores", "task_keep"):
         want = getattr(expected, field)
         assert torch.equal(getattr(got, field), want) if want is not None else getattr(got, field) is None
