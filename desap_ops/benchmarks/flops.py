@@ -23,6 +23,8 @@ from .e2e_batch import QWEN, TEXT_TOKENS, Batch
 from .e2e_variants import Baseline, prefill, tower_call, variant
 from .skeleton import optional
 
+KEY_WIDTH = 64   # the keys a method reads (Signal.KEYS): a head's width, CLIP ViT-L/14's (LLaVA's tower)
+
 # torch counts no FLOPs for SDPA's CPU kernel (it does for the CUDA ones): the same count as theirs
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 if _CPU_SDPA not in flop_registry:
@@ -103,7 +105,8 @@ def method_flops(name: str, batch: int, visual: int, width: int, text_width: int
         attn=signal(batch, visual, text_width) if Signal.ATTN in reads else None,
         text=signal(batch, TEXT_TOKENS, text_width) if Signal.TEXT in reads else None,
         text_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.bool) if Signal.TEXT in reads else None,
-        seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None)
+        seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None,
+        keys=signal(batch, visual, KEY_WIDTH) if Signal.KEYS in reads else None)
     return flops_of(lambda: run_method(method, inputs, merge=True))
 
 

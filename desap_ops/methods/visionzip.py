@@ -49,6 +49,9 @@ def visionzip(inputs: MethodInputs, merge: bool) -> PruneResult:
     (``builtin.top_scores``) and equally similar targets."""
     from .builtin import top_scores   # builtin imports this module for its registry entry
 
+    for signal in ("saliency", "keys"):
+        if getattr(inputs, signal) is None:
+            raise ValueError(f"visionzip reads {signal}: MethodInputs.{signal} must be given, got None")
     hidden, keep = inputs.hidden, inputs.keep
     batch, tokens, _ = hidden.shape
     device = hidden.device
