@@ -28,7 +28,7 @@ from torch import nn
 from ...methods import Signal, content_rows, order_rows
 from ...received import received_attention as received_attention_op
 
-TOWER_READS = frozenset({Signal.SALIENCY, Signal.ATTN, Signal.KEYS})   # the signals that need the tower's attention captured
+TOWER_READS = frozenset({Signal.SALIENCY, Signal.ATTN, Signal.KEYS})   # the signals read by attention hooks
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class TowerSignals:
     saliency: Optional[torch.Tensor] = None    # (...,) float32: [CLS] attention, or the attention a token receives
     levels: tuple[torch.Tensor, ...] = ()      # DeepStack levels (Qwen3-VL in transformers), row for row with hidden
     seed: Optional[torch.Tensor] = None        # (...,) int64: a hash of the pixels each token comes from (methods.content)
-    keys: Optional[torch.Tensor] = None        # (..., d): the saliency block's keys, mean over heads (:func:`head_mean`)
+    keys: Optional[torch.Tensor] = None        # (..., d): the saliency block's keys, mean over heads
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TowerSignals":
         """``function`` applied to every tensor (an index, a reshape): the rows stay aligned."""
