@@ -55,7 +55,7 @@ def visionzip(inputs: MethodInputs, merge: bool) -> PruneResult:
     hidden, keep = inputs.hidden, inputs.keep
     batch, tokens, _ = hidden.shape
     device = hidden.device
-    contextual = min(contextual_count(keep), keep)
+    contextual = contextual_count(keep)
     dominant = keep - contextual
     with torch.no_grad():
         chosen = top_scores(inputs.saliency, dominant)                                  # (B, D) ascending
