@@ -25,6 +25,7 @@ from .skeleton import optional
 
 # a method reading either projects every visual token (LLaVA's projector), not only the kept ones
 PROJECTS_ALL = frozenset({Signal.ATTN, Signal.PROJECTED})
+KEY_WIDTH = 64   # the keys a method reads (Signal.KEYS): a head's width, CLIP ViT-L/14's (LLaVA's tower)
 
 # torch counts no FLOPs for SDPA's CPU kernel (it does for the CUDA ones): the same count as theirs
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -109,7 +110,8 @@ def method_flops(name: str, batch: int, visual: int, width: int, text_width: int
         text=signal(batch, TEXT_TOKENS, text_width) if Signal.TEXT in reads else None,
         text_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.bool) if Signal.TEXT in reads else None,
         seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None,
-        projected=signal(batch, visual, text_width) if Signal.PROJECTED in reads else None)
+        projected=signal(batch, visual, text_width) if Signal.PROJECTED in reads else None,
+        keys=signal(batch, visual, KEY_WIDTH) if Signal.KEYS in reads else None)
     return flops_of(lambda: run_method(method, inputs, merge=method.merges))
 
 

@@ -1,12 +1,13 @@
 """Pruning methods: which of an image's tokens are kept, chosen by a pluggable function.
 
 DeSAP (``"desap"``, the contract and the kernels) is the default; beside it ship the baselines the
-field compares it with (``builtin``): ``first``, ``random``, ``saliency``, ``similarity`` and
-``divprune``. A method either selects the kept tokens (``Method.select``) or prunes the whole step
-itself (``Method.prune``, as DeSAP does). ``register_method`` adds one, and so does the entry-point
-group ``desap_ops.methods`` (so that a package of methods is found in every process of a serving
-engine). Whatever the method, the engines do the rest alike: the budget, the placeholders,
-positions, DeepStack levels, merging and the cache key.
+field compares it with (``builtin``): ``first``, ``random``, ``saliency``, ``similarity``,
+``divprune`` and ``visionzip`` (module ``visionzip``). A method either selects the kept tokens
+(``Method.select``) or prunes the whole step itself (``Method.prune``, as DeSAP and VisionZip
+do). ``register_method`` adds one, and so does the entry-point group ``desap_ops.methods`` (so that
+a package of methods is found in every process of a serving engine). Whatever the method, the
+engines do the rest alike: the budget, the placeholders, positions, DeepStack levels, merging and
+the cache key.
 """
 from .builtin import BUILTIN
 from .registry import (DEFAULT_METHOD, DEFAULT_REGISTRY, ENTRY_POINT_GROUP, SIGNALS, Method, MethodFailure,

@@ -9,6 +9,7 @@ from ..api import prune
 from ..reference import PruneResult
 from .interface import Method, MethodInputs, Signal
 from .redundancy import cdpruner_lm, dart_input
+from .visionzip import visionzip
 
 DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
 
@@ -107,4 +108,6 @@ BUILTIN: tuple[Method, ...] = (
     # differs and why), both on the rows the language model receives
     Method("dart-input", dart_input, reads=frozenset({Signal.PROJECTED, Signal.TEXT}), merges=False),
     Method("cdpruner-lm", cdpruner_lm, reads=frozenset({Signal.PROJECTED, Signal.ATTN, Signal.TEXT}), merges=False),
+    # VisionZip: dominant tokens and contextual tokens merged its own way (visionzip.py; docs/methods.md)
+    Method("visionzip", prune=visionzip, reads=frozenset({Signal.SALIENCY, Signal.KEYS})),
 )

@@ -28,6 +28,7 @@ class Signal(str, enum.Enum):
     TEXT = "text"           # the prompt's text embeddings
     SEED = "seed"           # a hash of the pixels, the same in every engine
     PROJECTED = "projected" # the rows the language model receives (after the projector; Qwen: hidden itself)
+    KEYS = "keys"           # the tower's attention hooks: the saliency block's keys, averaged over heads
 
     def __str__(self) -> str:
         return self.value
@@ -55,6 +56,7 @@ class MethodInputs:
     text_mask: Optional[torch.Tensor] = None # (B, L) bool: True for valid text tokens
     seed: Optional[torch.Tensor] = None      # (B,) int64 CPU: a hash of each image's pixels, the same in every engine
     projected: Optional[torch.Tensor] = None # (B, N, C): the rows the language model receives (Qwen: hidden itself)
+    keys: Optional[torch.Tensor] = None      # (B, N, d): the keys of the block the saliency is read at, mean over heads
     task_ratio: object = 0.5                 # the operator's options, for methods that read them
     text_reduce: str = "max"
     text_budget: Optional[int] = None

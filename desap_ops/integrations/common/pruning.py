@@ -130,6 +130,7 @@ def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], tor
                           saliency=signals.saliency if Signal.SALIENCY in reads else None, attn=attn, text=text,
                           text_mask=text_mask if Signal.TEXT in reads else None,
                           seed=content_seeds(signals.seed) if Signal.SEED in reads else None,
-                          projected=projected, task_ratio=options.task_ratio, text_reduce=options.text_reduce,
+                          projected=projected, keys=signals.keys if Signal.KEYS in reads else None,
+                          task_ratio=options.task_ratio, text_reduce=options.text_reduce,
                           text_budget=options.text_budget, backend=options.backend)
     return run_method(method, inputs, options.merges)

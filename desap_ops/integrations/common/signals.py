@@ -28,7 +28,7 @@ from torch import nn
 from ...methods import Signal, content_rows, order_rows
 from ...received import received_attention as received_attention_op
 
-TOWER_READS = frozenset({Signal.SALIENCY, Signal.ATTN})   # the signals that need the tower's attention captured
+TOWER_READS = frozenset({Signal.SALIENCY, Signal.ATTN, Signal.KEYS})   # the signals read by attention hooks
 
 
 @dataclass(frozen=True)
@@ -48,27 +48,29 @@ class TowerSignals:
     # CLIP-style towers, whose projector runs after the family's own reshaping, common.pruning
     # projects hidden where the method reads them
     projected: Optional[torch.Tensor] = None
+    keys: Optional[torch.Tensor] = None        # (..., d): the saliency block's keys, mean over heads
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TowerSignals":
         """``function`` applied to every tensor (an index, a reshape): the rows stay aligned."""
         def apply(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             return None if t is None else function(t)
         return TowerSignals(function(self.hidden), apply(self.attn), apply(self.saliency),
-                            tuple(function(level) for level in self.levels), apply(self.seed), apply(self.projected))
+                            tuple(function(level) for level in self.levels), apply(self.seed), apply(self.projected),
+                            apply(self.keys))
 
     def split(self, sizes: Sequence[int]) -> list["TowerSignals"]:
         """One :class:`TowerSignals` per part of the leading dimension (``sizes`` rows each)."""
         def parts(t: Optional[torch.Tensor]) -> Sequence[Optional[torch.Tensor]]:
             return [None] * len(sizes) if t is None else t.split(list(sizes))
         levels = [parts(level) for level in self.levels]
-        return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c, p)
-                for i, (h, b, s, c, p) in enumerate(zip(parts(self.hidden), parts(self.attn), parts(self.saliency),
-                                                        parts(self.seed), parts(self.projected)))]
+        return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c, p, k)
+                for i, (h, b, s, c, p, k) in enumerate(zip(parts(self.hidden), parts(self.attn), parts(self.saliency),
+                                                           parts(self.seed), parts(self.projected), parts(self.keys)))]
 
 
 def captures(reads: AbstractSet[str]) -> bool:
-    """Whether a tower pass for a method reading ``reads`` must capture attention (saliency or
-    the attention branch); otherwise the tower runs plainly."""
+    """Whether a tower pass for a method reading ``reads`` must capture attention (saliency, the
+    attention branch or the keys); otherwise the tower runs plainly."""
     return bool(reads & TOWER_READS)
 
 
@@ -234,3 +236,28 @@ def merged_saliency(queries: torch.Tensor, keys: torch.Tensor, segments, scale: 
         received = across_ranks(received)
     saliency = received.view(-1, merge_unit).sum(dim=1)
     return saliency if order is None else saliency[order]
+
+
+# --- the keys (Signal.KEYS, VisionZip's similarity) ------------------------------------------------
+
+def head_mean(keys: torch.Tensor, num_heads: Optional[int]) -> torch.Tensor:
+    """(..., d) float32: ``keys`` (..., H * d), or (..., H, d) when ``num_heads`` is None, averaged
+    over the heads: VisionZip's key metric (the authors average the feature layer's keys over heads)."""
+    if num_heads is not None:
+        keys = keys.reshape(*keys.shape[:-1], num_heads, keys.shape[-1] // num_heads)
+    return keys.float().mean(dim=-2)
+
+
+def merged_keys(keys: torch.Tensor, merge_unit: int, order: Optional[torch.Tensor] = None,
+                across_ranks: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """(T', d) float32, the keys of a Qwen tower's language-model tokens: the block's keys (T, H, d)
+    as its attention receives them (rotary applied), averaged over every head of every rank
+    (``across_ranks``: vLLM under tensor parallelism), then over the ``merge_unit`` patches each
+    token merges (the mean: the key of the 2 x 2 patches as one token, as the merger makes them
+    one), put back in the model's order by ``order``. The one fold of both engines, as
+    :func:`merged_saliency` is for the saliency."""
+    mean = head_mean(keys, None)
+    if across_ranks is not None:
+        mean = across_ranks(mean)
+    merged = mean.view(-1, merge_unit, mean.shape[-1]).mean(dim=1)
+    return merged if order is None else merged[order]

@@ -8,8 +8,8 @@ from typing import AbstractSet, Optional
 import torch
 from torch import nn
 
-from ...methods import SIGNALS
-from ..common.signals import AttentionLayout, TowerCapture, TowerSignals, frame_content, tower_pass
+from ...methods import SIGNALS, Signal
+from ..common.signals import AttentionLayout, TowerCapture, TowerSignals, frame_content, head_mean, tower_pass
 
 
 def feature_layer(config) -> int:
@@ -56,7 +56,8 @@ def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cl
         hidden = outputs.hidden_states[layer]
         if captured is None:
             return TowerSignals(hidden)
-        return TowerSignals(hidden, captured.attention, layout().cls_saliency(captured))
+        keys = head_mean(captured.key, layout().num_heads) if Signal.KEYS in reads else None
+        return TowerSignals(hidden, captured.attention, layout().cls_saliency(captured), keys=keys)
 
     signals, outputs = tower_pass(
         reads, lambda: tower(pixel_values, output_hidden_states=True, return_dict=True), lambda: layout().taps(), read,

@@ -22,11 +22,12 @@ from typing import AbstractSet, Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
+from ...methods import Signal
 from ...reference import merge_tokens
 from ..common.hooked import Hook
 from ..common.sequence import count_placeholders, drop_tokens, image_budget
-from ..common.signals import (Taps, TowerCapture, TowerSignals, merged_saliency, patch_content, tower_pass,
-                              with_projected)
+from ..common.signals import (Taps, TowerCapture, TowerSignals, merged_keys, merged_saliency, patch_content,
+                              tower_pass, with_projected)
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .state import DesapState, PlannedMedium, QwenPlan
 from .text import text_embeddings
@@ -97,7 +98,9 @@ def read_qwen_tower(visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Ten
         saliency = merged_saliency(queries, keys, list(zip(bounds[:-1], bounds[1:])), block.scaling,
                                    visual.spatial_merge_unit, order)
         branch = visual.merger(captured.attention)
-        return TowerSignals(outputs.pooler_output, branch if order is None else branch[order], saliency, levels)
+        keys = merged_keys(keys, visual.spatial_merge_unit, order) if Signal.KEYS in reads else None
+        return TowerSignals(outputs.pooler_output, branch if order is None else branch[order], saliency, levels,
+                            keys=keys)
 
     # the block's attention gets its rotary tables and segments (cu_seqlens) by name
     signals, _ = tower_pass(reads, lambda: visual(pixels.type(visual.dtype), grid_thw=grid_thw),

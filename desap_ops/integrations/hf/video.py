@@ -56,6 +56,15 @@ def pool_saliency(saliency: torch.Tensor, stride: int) -> torch.Tensor:
     return (F.avg_pool2d(grid, stride, stride) * stride * stride).flatten(1)
 
 
+def pool_keys(keys: torch.Tensor, stride: int) -> torch.Tensor:
+    """Mean of the keys over each ``stride`` x ``stride`` pooling window: (frames, side^2, d) ->
+    (frames, P, d), the key of a pooled token as :func:`desap_ops.integrations.common.signals.merged_keys`
+    makes a Qwen token's."""
+    side = int(keys.shape[1] ** 0.5)
+    grid = keys.transpose(1, 2).reshape(keys.shape[0], keys.shape[2], side, side)
+    return F.avg_pool2d(grid, stride, stride).flatten(2).transpose(1, 2)
+
+
 def _video_features(model, inner, pooled: bool, pixel_values_videos, vision_feature_layer=None,
                     vision_feature_select_strategy=None, **kwargs):
     """Replacement for ``inner.get_video_features``: (videos, keep, C) pruned, projected tokens."""
@@ -71,7 +80,9 @@ def _video_features(model, inner, pooled: bool, pixel_values_videos, vision_feat
                                None if signals.attn is None else inner.vision_resampler(signals.attn),
                                None if signals.saliency is None else pool_saliency(signals.saliency,
                                                                                     model.config.spatial_pool_stride),
-                               seed=None if signals.seed is None else signals.seed[:, :pooled_hidden.shape[1]])
+                               seed=None if signals.seed is None else signals.seed[:, :pooled_hidden.shape[1]],
+                               keys=None if signals.keys is None else pool_keys(signals.keys,
+                                                                                model.config.spatial_pool_stride))
     signals = signals.map(lambda t: t.reshape(videos, frames * t.shape[1], *t.shape[2:]))   # frame-major
     projector = inner.multi_modal_projector
     text, text_mask = served_text_embeddings(model, videos, model.config.video_token_id, signals.hidden.device)

@@ -20,9 +20,9 @@ from typing import AbstractSet, Optional
 import torch
 from torch import nn
 
-from ...methods import SIGNALS
-from ..common.signals import (Taps, TowerCapture, TowerSignals, merged_saliency, patch_content, tower_pass,
-                              with_projected)
+from ...methods import SIGNALS, Signal
+from ..common.signals import (Taps, TowerCapture, TowerSignals, merged_keys, merged_saliency, patch_content,
+                              tower_pass, with_projected)
 from .tower import mean_over_ranks
 
 
@@ -61,12 +61,15 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
         block = attention()
         local_heads = block.num_attention_heads_per_partition
         order = metadata.get("reverse_indices")   # Qwen2.5-VL: window order -> model order
+        across_ranks = lambda mean: mean_over_ranks(mean, local_heads, local_heads * block.tp_size,  # noqa: E731
+                                                    block.tp_size)
         saliency = merged_saliency(
             captured.inputs["query"][0], captured.inputs["key"][0], frame_segments(grid_thw), block.attn.scale,
-            visual.spatial_merge_unit, order,
-            lambda received: mean_over_ranks(received, local_heads, local_heads * block.tp_size, block.tp_size))
+            visual.spatial_merge_unit, order, across_ranks)
+        keys = merged_keys(captured.inputs["key"][0], visual.spatial_merge_unit, order, across_ranks) \
+            if Signal.KEYS in reads else None
         branch = visual.merger(captured.attention)
-        return TowerSignals(hidden, branch if order is None else branch[order], saliency)
+        return TowerSignals(hidden, branch if order is None else branch[order], saliency, keys=keys)
 
     # the backend (attention().attn) receives the queries and keys by name, rotary already applied
     signals, _ = tower_pass(reads, lambda: visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata),

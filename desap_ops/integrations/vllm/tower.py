@@ -15,8 +15,9 @@ from typing import AbstractSet, Optional
 import torch
 from torch import nn
 
-from ...methods import SIGNALS
-from ..common.signals import Taps, TowerCapture, TowerSignals, cls_attention, frame_content, tower_pass
+from ...methods import SIGNALS, Signal
+from ..common.signals import (Taps, TowerCapture, TowerSignals, cls_attention, frame_content, head_mean,
+                              tower_pass)
 
 
 def mean_over_ranks(local_mean: torch.Tensor, local_heads: int, heads: int, tp_size: int) -> torch.Tensor:
@@ -38,6 +39,15 @@ def cls_saliency(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
     return mean_over_ranks(mean, local_heads, attention.num_heads, getattr(attention, "tp_size", 1))
 
 
+def head_mean_keys(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    """(B, T, d) float32 keys averaged over every head of every rank (``Signal.KEYS``), from one
+    rank's fused projection output, as :func:`cls_saliency` averages the saliency."""
+    _, key, _ = qkv.chunk(3, dim=-1)
+    local_heads = attention.num_heads_per_partition
+    return mean_over_ranks(head_mean(key, local_heads), local_heads, attention.num_heads,
+                           getattr(attention, "tp_size", 1))
+
+
 def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool,
                     reads: AbstractSet[str] = SIGNALS) -> TowerSignals:
     """Run vLLM's CLIP ``tower`` (built up to the feature layer) on ``pixel_values`` and read the
@@ -52,7 +62,8 @@ def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool
     def read(hidden: torch.Tensor, captured: Optional[TowerCapture]) -> TowerSignals:
         if captured is None:
             return TowerSignals(hidden)
-        return TowerSignals(hidden, captured.attention, cls_saliency(captured.qkv, attention()))
+        keys = head_mean_keys(captured.qkv, attention()) if Signal.KEYS in reads else None
+        return TowerSignals(hidden, captured.attention, cls_saliency(captured.qkv, attention()), keys=keys)
 
     signals, _ = tower_pass(
         reads, lambda: tower(pixel_values, feature_select_strategy=None),

@@ -16,7 +16,8 @@ from desap_ops import reference
 from desap_ops.integrations import apply_desap, last_prune, remove_desap
 from desap_ops.integrations.common.layout import drops_cls
 from desap_ops.integrations.common.signals import captures
-from desap_ops.integrations.hf.clip_tower import feature_layer
+from desap_ops.integrations.hf import qwen2_5_vl, qwen3_vl
+from desap_ops.integrations.hf.clip_tower import encoder_layers, feature_layer
 from desap_ops.methods import (BUILTIN, MethodFailure, MethodInputs, Selection, Signal, available_methods, content_rows,
                                content_seeds, get_method, order_rows, register_method, run_method, unregister_method)
 from desap_ops.testing.tiny import (BOS, IMAGE_TOKEN_ID as IMG, VIDEO_TOKEN_ID as VID, tiny_llava, tiny_llava_next,
@@ -83,7 +84,7 @@ def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content:
         return desap_run(0.0)
     if method == "similarity":
         return desap_run(1.0)
-    if method in ("desap", "dart-input", "cdpruner-lm"):
+    if method in ("desap", "dart-input", "cdpruner-lm", "visionzip"):   # VisionZip: its own check (visionzip_expected)
         return None
     if method == "divprune":
         return naive_divprune_without_near_ties(projected, keep)
@@ -97,6 +98,77 @@ def naive_divprune_without_near_ties(projected: torch.Tensor, keep: int) -> list
     kept = naive_divprune(projected.detach(), keep)
     assert kept is not None, "a near-tie in DivPrune's choice: pick other inputs"
     return kept
+
+
+# --- visionzip: its contextual tokens are its own merge, checked on signals read by hand ------------
+
+def clip_hand_signals(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(saliency, keys) of a CLIP-style tower's feature layer read by hand off the unpatched model:
+    the [CLS] query's softmax over the layer's keys, mean over heads, and the keys, mean over heads
+    (from the layer's own q and k projections), without [CLS] under the "default" strategy."""
+    attention = encoder_layers(model.model.vision_tower)[feature_layer(model.config) - 1].self_attn
+    seen = {}
+    handles = [module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, out))
+               for name, module in (("q", attention.q_proj), ("k", attention.k_proj))]
+    with torch.no_grad():
+        model.model.vision_tower(pixels)
+    for handle in handles:
+        handle.remove()
+    batch, length, _ = seen["k"].shape
+    query = seen["q"].view(batch, length, attention.num_heads, -1)[:, 0].double()      # (B, H, d): [CLS]
+    keys = seen["k"].view(batch, length, attention.num_heads, -1).double()             # (B, T, H, d)
+    saliency = (torch.einsum("bhd,bthd->bht", query, keys) * attention.scale).softmax(dim=-1).mean(dim=1)
+    first = 1 if drops_cls(model.config) else 0
+    return saliency[:, first:].float(), keys.mean(dim=2)[:, first:].float()
+
+
+def visionzip_expected(hidden, saliency, keys, keep: int, merge: bool):
+    """What VisionZip gives one item: the method on its signals (tests/methods checks the method)."""
+    return run_method(get_method("visionzip"), MethodInputs(hidden=hidden[None], keep=keep, saliency=saliency[None],
+                                                            keys=keys[None]), merge)
+
+
+QWEN_READERS = {"qwen2.5-vl": qwen2_5_vl.read_tower, "qwen3-vl": qwen3_vl.read_tower, "qwen3.5": qwen3_vl.read_tower}
+
+
+def test_clip_keys_are_the_feature_layers_keys_and_read_only_for_a_method_that_reads_them():
+    from desap_ops.integrations.hf.clip_tower import read_tower
+
+    model, pixels = tiny_llava(), llava_pixels(seed=2)
+    _, keys = clip_hand_signals(model, pixels)
+    with torch.no_grad():
+        read, _ = read_tower(model.model.vision_tower, pixels, feature_layer(model.config), True,
+                             frozenset({Signal.KEYS}))
+        plain, _ = read_tower(model.model.vision_tower, pixels, feature_layer(model.config), True,
+                              frozenset({Signal.SALIENCY}))
+    torch.testing.assert_close(read.keys, keys, rtol=1e-5, atol=1e-6)
+    assert plain.keys is None
+
+
+def test_qwen_keys_are_the_blocks_keys_as_its_attention_gets_them_mean_over_each_2x2(monkeypatch):
+    """Qwen3-VL: the last block's keys (rotary applied) recorded in its eager attention, mean over
+    heads, then over each merged token's 4 patches."""
+    import sys
+
+    model = tiny_qwen3_vl(attn_implementation="eager")
+    data = qwen_inputs([IMAGE, SMALL], seed=3, timestamps=True, after=(7, 8))
+    visual = model.model.visual
+    modeling = sys.modules[type(visual).__module__]
+    last, recorded, original = visual.blocks[-1].attn, [], modeling.eager_attention_forward
+
+    def recording(module, query, key, value, *args, **kwargs):
+        if module is last:
+            recorded.append(key[0].double().mean(dim=0))   # (H, T, d) of one image -> (T, d)
+        return original(module, query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    with torch.no_grad():
+        visual(data["pixel_values"], grid_thw=data["image_grid_thw"])
+    monkeypatch.setattr(modeling, "eager_attention_forward", original)
+    by_hand = torch.cat(recorded).view(-1, visual.spatial_merge_unit, recorded[0].shape[-1]).mean(dim=1)
+    with torch.no_grad():
+        read = qwen3_vl.read_tower(model, data["pixel_values"], data["image_grid_thw"], frozenset({Signal.KEYS}))
+    torch.testing.assert_close(read.keys.double(), by_hand, rtol=1e-5, atol=1e-6)
 
 
 @contextmanager
@@ -149,6 +221,13 @@ def test_llava_feeds_the_kept_tokens_merged_or_not(method, work):
             fed = fed_rows(seen, IMG).view(2, keep, -1)
             for image in range(2):
                 indices = check_kept(records, image, keep, N)
+                if method == "visionzip":
+                    saliency, keys = clip_hand_signals(model, pixels)
+                    want = visionzip_expected(hidden[image], saliency[image], keys[image], keep, merge)
+                    assert indices == want.indices[0].tolist()
+                    assert torch.equal(records[image].assignment, want.assignment[0])
+                    torch.testing.assert_close(fed[image], projector(want.tokens)[0], **TOL)
+                    continue
                 assignment = reference.assign_tokens(torch.tensor([indices]), hidden[image:image + 1], merge)[0]
                 assert torch.equal(records[image].assignment, assignment)
                 expected = reference.merge_tokens(hidden[image:image + 1], torch.tensor([indices]), assignment[None],
@@ -319,6 +398,11 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
     contents = [qwen_content(p) for p in data["pixel_values"].split([96, 16])]
     contents.append(qwen_content(data["pixel_values_videos"]))
     ids = data["input_ids"]
+    if method == "visionzip":   # the family's reader, which test_qwen_keys_are_the_blocks_keys checks by hand
+        reads = get_method(method).reads
+        with torch.no_grad():
+            read = QWEN_READERS[family](model, data["pixel_values"], data["image_grid_thw"], reads).split([24, 4])
+            read += QWEN_READERS[family](model, data["pixel_values_videos"], data["video_grid_thw"], reads).split([32])
     positions, _ = model.model.get_rope_index(ids, mm_token_type_ids=data["mm_token_type_ids"],
                                               image_grid_thw=data["image_grid_thw"],
                                               video_grid_thw=data["video_grid_thw"])
@@ -347,7 +431,12 @@ def test_qwen_feeds_the_kept_tokens_at_their_positions_with_their_deepstack_leve
         for item, ((features, token), budget, offset) in enumerate(zip(items, budgets, offsets)):
             indices = check_kept(records, item, budget, features.shape[0])
             expected = features[indices] if not merge else group_means(features, records[item].assignment, budget)
-            if merge:
+            if method == "visionzip":
+                want = visionzip_expected(features, read[item].saliency, read[item].keys, budget, merge)
+                assert indices == want.indices[0].tolist()
+                assert torch.equal(records[item].assignment, want.assignment[0])
+                expected = want.tokens[0]
+            elif merge:
                 assert torch.equal(records[item].assignment,
                                    reference.assign_tokens(torch.tensor([indices]), features[None], True)[0])
             position = 0 if item == 2 else item
