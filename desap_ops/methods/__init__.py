@@ -14,8 +14,9 @@ from .registry import (DEFAULT_METHOD, DEFAULT_REGISTRY, ENTRY_POINT_GROUP, SIGN
                        method_code, register_method, unregister_method)
 from .run import run_method
 from .content import content_rows, content_seeds, order_rows
+from .interface import TokenGrid
 
 __all__ = ["BUILTIN", "DEFAULT_METHOD", "DEFAULT_REGISTRY", "ENTRY_POINT_GROUP", "SIGNALS", "Method", "MethodFailure",
            "MethodInputs", "MethodRegistry", "Selection", "Signal", "available_methods", "get_method", "method_by_code",
            "method_code", "register_method", "unregister_method", "run_method", "content_rows", "content_seeds",
-           "order_rows"]
+           "order_rows", "TokenGrid"]

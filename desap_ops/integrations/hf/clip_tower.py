@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ...methods import SIGNALS
-from ..common.signals import AttentionLayout, TowerCapture, TowerSignals, frame_content, tower_pass
+from ..common.signals import (CLIP_MIDDLE, AttentionLayout, LayerTap, TowerCapture, TowerSignals, frame_content,
+                              middle_block, tower_pass)
 
 
 def feature_layer(config) -> int:
@@ -58,9 +59,14 @@ def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cl
             return TowerSignals(hidden)
         return TowerSignals(hidden, captured.attention, layout().cls_saliency(captured))
 
+    def middle() -> AttentionLayout:   # HiPrune's object layer, at or before the feature layer
+        layers = encoder_layers(tower)
+        return clip_layout(layers[min(middle_block(len(layers), CLIP_MIDDLE), layer - 1)])
+
     signals, outputs = tower_pass(
         reads, lambda: tower(pixel_values, output_hidden_states=True, return_dict=True), lambda: layout().taps(), read,
-        lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype))
+        lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype),
+        LayerTap(lambda: middle().taps(), lambda captured: middle().cls_saliency(captured)))
     if drop_cls:
         signals = signals.map(lambda t: t[:, 1:])
     return signals, outputs

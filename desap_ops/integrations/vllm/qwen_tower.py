@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ...methods import SIGNALS
-from ..common.signals import Taps, TowerCapture, TowerSignals, merged_saliency, patch_content, tower_pass
+from ..common.signals import (QWEN_MIDDLE, LayerTap, Taps, TowerCapture, TowerSignals, merged_saliency, middle_block,
+                              patch_content, tower_pass)
 from .tower import mean_over_ranks
 
 
@@ -54,21 +55,29 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
     def attention() -> nn.Module:
         return visual.blocks[saliency_block(visual)].attn
 
-    def read(hidden: torch.Tensor, captured: Optional[TowerCapture]) -> TowerSignals:
-        if captured is None:
-            return TowerSignals(hidden)
-        block = attention()
+    order = metadata.get("reverse_indices")   # Qwen2.5-VL: window order -> model order
+
+    def saliency(block: nn.Module, captured: TowerCapture) -> torch.Tensor:
+        """The saliency at ``block`` (a full-attention one) from what its backend received."""
         local_heads = block.num_attention_heads_per_partition
-        order = metadata.get("reverse_indices")   # Qwen2.5-VL: window order -> model order
-        saliency = merged_saliency(
+        return merged_saliency(
             captured.inputs["query"][0], captured.inputs["key"][0], frame_segments(grid_thw), block.attn.scale,
             visual.spatial_merge_unit, order,
             lambda received: mean_over_ranks(received, local_heads, local_heads * block.tp_size, block.tp_size))
+
+    def read(hidden: torch.Tensor, captured: Optional[TowerCapture]) -> TowerSignals:
+        if captured is None:
+            return TowerSignals(hidden)
         branch = visual.merger(captured.attention)
-        return TowerSignals(hidden, branch if order is None else branch[order], saliency)
+        return TowerSignals(hidden, branch if order is None else branch[order], saliency(attention(), captured))
+
+    def middle() -> nn.Module:   # HiPrune's object block (a full-attention one)
+        return visual.blocks[middle_block(len(visual.blocks), QWEN_MIDDLE,
+                                          getattr(visual, "fullatt_block_indexes", None))].attn
 
     # the backend (attention().attn) receives the queries and keys by name, rotary already applied
     signals, _ = tower_pass(reads, lambda: visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata),
                             lambda: Taps(attention=attention(), inputs=attention().attn), read,
-                            lambda signals: patch_content(pixel_values, visual))
+                            lambda signals: patch_content(pixel_values, visual),
+                            LayerTap(lambda: Taps(inputs=middle().attn), lambda captured: saliency(middle(), captured)))
     return signals
