@@ -36,11 +36,13 @@ def tokens_per_crop(config) -> int:
     return patch_tokens(config.vision_config) + (0 if drops_cls(config) else 1)
 
 
-def crop_grid(config, crops: int = 1) -> TokenGrid:
+def crop_grid(config, crops: int = 1, cls: Optional[bool] = None) -> TokenGrid:
     """Where the feature tokens of ``crops`` crops (or frames) one after another lie: each crop's
-    [CLS] (unless dropped) alone, then its square patch grid (HiPrune's neighbours)."""
+    [CLS] alone where it is kept (``cls``; None: unless the model drops it), then its square patch
+    grid (HiPrune's neighbours)."""
     side = config.vision_config.image_size // config.vision_config.patch_size
-    crop = ((1, side, side),) if drops_cls(config) else ((1, 1, 1), (1, side, side))
+    cls = not drops_cls(config) if cls is None else cls
+    crop = ((1, 1, 1), (1, side, side)) if cls else ((1, side, side),)
     return TokenGrid(crop * crops)
 
 

@@ -79,7 +79,7 @@ def _video_features(model, inner, pooled: bool, pixel_values_videos, vision_feat
         side = vision.image_size // vision.patch_size // model.config.spatial_pool_stride
         grid = TokenGrid(((frames, side, side),))   # each frame's pooled grid (tokens_per_frame)
     else:
-        grid = crop_grid(model.config, frames)
+        grid = crop_grid(model.config, frames, cls=True)   # every frame's [CLS] and patches
     signals = signals.map(lambda t: t.reshape(videos, frames * t.shape[1], *t.shape[2:]))   # frame-major
     projector = inner.multi_modal_projector
     text, text_mask = served_text_embeddings(model, videos, model.config.video_token_id, signals.hidden.device)

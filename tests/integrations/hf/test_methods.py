@@ -19,6 +19,7 @@ from desap_ops.integrations.common.signals import captures
 from desap_ops.integrations.hf.clip_tower import feature_layer
 from desap_ops.methods import (BUILTIN, MethodFailure, MethodInputs, Selection, Signal, available_methods, content_rows,
                                content_seeds, get_method, order_rows, register_method, run_method, unregister_method)
+from desap_ops.methods.builtin import hiprune_anchors
 from desap_ops.testing.tiny import (BOS, IMAGE_TOKEN_ID as IMG, VIDEO_TOKEN_ID as VID, tiny_llava, tiny_llava_next,
                                   tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 from methods.method_plugin import entry_points_on_path
@@ -79,6 +80,9 @@ def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content:
         return desap_run(1.0)
     if method == "desap":
         return None
+    if method == "hiprune":   # budgets here take no anchor: the K of highest saliency (test_hiprune.py: anchors)
+        assert hiprune_anchors(keep) == 0
+        return desap_run(0.0)
     inputs = MethodInputs(hidden=hidden[None], keep=keep, seed=content_seeds(seed_content[None]))
     return run_method(get_method(method), inputs, merge=False).indices[0]
 
