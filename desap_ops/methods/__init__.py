@@ -1,8 +1,8 @@
 """Pruning methods: which of an image's tokens are kept, chosen by a pluggable function.
 
 DeSAP (``"desap"``, the contract and the kernels) is the default; beside it ship the baselines the
-field compares it with (``builtin``): ``first``, ``random``, ``saliency``, ``similarity`` and
-``divprune``. A method either selects the kept tokens (``Method.select``) or prunes the whole step
+field compares it with (``builtin``): ``first``, ``random``, ``saliency``, ``similarity``,
+``divprune`` and ``hiprune``. A method either selects the kept tokens (``Method.select``) or prunes the whole step
 itself (``Method.prune``, as DeSAP does). ``register_method`` adds one, and so does the entry-point
 group ``desap_ops.methods`` (so that a package of methods is found in every process of a serving
 engine). Whatever the method, the engines do the rest alike: the budget, the placeholders,
