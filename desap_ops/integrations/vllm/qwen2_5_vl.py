@@ -73,9 +73,8 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapQwenModelMixin, registered_cl
         channels (``mrope``; a video's time scaled as vLLM's and transformers' Qwen2.5-VL scale it),
         from ``desap_tower_items``."""
         seconds = media.get("second_per_grid_ts")
-        out = []
+        merge, out = self.visual.spatial_merge_size, []
         for i, (t, h, w), item in self.desap_tower_items(media, modality, tower_reads(options)):
-            merge = self.visual.spatial_merge_size
             result = self.desap_prune(item.map(lambda tensor: tensor[None]), texts[i:i + 1], text_mask[i:i + 1],
                                       self.desap_budget(options[i], item.hidden.shape[0]), options[i],
                                       TokenGrid(((t, h // merge, w // merge),)))
