@@ -62,7 +62,7 @@ class MethodInputs:
     backend: str = "auto"
     # HiPrune (issue 36): the saliency at a middle block, and where each token lies in its image
     layer_saliency: Optional[torch.Tensor] = None   # (B, N) float32: SALIENCY's definition, at a middle block
-    grid: Optional["TokenGrid"] = None              # the tokens' spatial layout (the same for the B rows); None: one square
+    grid: Optional["TokenGrid"] = None              # where the tokens lie (the same for the B rows); None: one square
 
 
 class TokenGrid(NamedTuple):
