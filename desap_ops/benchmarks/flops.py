@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from desap_ops import ops
 from desap_ops.integrations.common.sequence import image_budget
-from desap_ops.methods import MethodInputs, Signal, get_method, run_method
+from desap_ops.methods import MethodInputs, Signal, TokenGrid, get_method, run_method
 
 from .e2e_batch import QWEN, TEXT_TOKENS, Batch
 from .e2e_variants import Baseline, prefill, tower_call, variant
@@ -111,7 +111,9 @@ def method_flops(name: str, batch: int, visual: int, width: int, text_width: int
         text_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.bool) if Signal.TEXT in reads else None,
         seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None,
         projected=signal(batch, visual, text_width) if Signal.PROJECTED in reads else None,
-        keys=signal(batch, visual, KEY_WIDTH) if Signal.KEYS in reads else None)
+        keys=signal(batch, visual, KEY_WIDTH) if Signal.KEYS in reads else None,
+        layer_saliency=signal(batch, visual).softmax(-1) if Signal.LAYER_SALIENCY in reads else None,
+        grid=TokenGrid(((1, 1, visual),)))   # one row: the work depends on the shapes alone
     return flops_of(lambda: run_method(method, inputs, merge=method.merges))
 
 

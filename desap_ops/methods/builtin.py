@@ -7,7 +7,7 @@ import torch
 from .. import reference
 from ..api import prune
 from ..reference import PruneResult
-from .interface import Method, MethodInputs, Signal
+from .interface import Method, MethodInputs, Signal, TokenGrid
 from .redundancy import cdpruner_lm, dart_input
 from .visionzip import visionzip
 
@@ -95,6 +95,60 @@ def divprune(inputs: MethodInputs) -> torch.Tensor:
     return picked.sort(dim=1).values
 
 
+# --- HiPrune (issue 36) --------------------------------------------------------------------------
+
+HIPRUNE_ALPHA = 0.1   # HiPrune's share of the budget for anchors and their buffers (the authors' default)
+
+
+def hiprune_anchors(keep: int) -> int:
+    """How many anchor tokens HiPrune takes for a budget of ``keep``: ``round(keep * alpha / 5)``, as
+    its authors' code computes it (Python's round: halves to even). Anchors and their at most four
+    buffers never exceed the budget (5 * anchors <= keep for every keep >= 1)."""
+    return round(keep * HIPRUNE_ALPHA / 5)
+
+
+def grid_neighbours(grid: TokenGrid, device) -> torch.Tensor:
+    """(N, 4) int64: each token's neighbour above, below, left and right within its block and frame
+    of ``grid``, or -1 where it has none (an edge)."""
+    rows = []
+    start = 0
+    for frames, height, width in grid.blocks:
+        index = torch.arange(frames * height * width, device=device).view(frames, height, width) + start
+        table = torch.full((frames, height, width, 4), -1, dtype=torch.int64, device=device)
+        table[:, 1:, :, 0] = index[:, :-1]
+        table[:, :-1, :, 1] = index[:, 1:]
+        table[:, :, 1:, 2] = index[:, :, :-1]
+        table[:, :, :-1, 3] = index[:, :, 1:]
+        rows.append(table.view(-1, 4))
+        start += frames * height * width
+    return torch.cat(rows)
+
+
+def hiprune(inputs: MethodInputs) -> torch.Tensor:
+    """HiPrune (Liu et al., arXiv 2508.00553): anchors, the ``round(K * 0.1 / 5)`` tokens of highest
+    saliency at a middle, object-centric block of the tower (``layer_saliency``); buffers, the
+    anchors' spatial neighbours (above, below, left, right in ``grid``); registers, the tokens of
+    highest saliency at the deep block (``saliency``) among the rest, as many as fill K. Ties to the
+    lower index, NaN last. Every image of the batch at once."""
+    hidden = inputs.hidden
+    batch, tokens = hidden.shape[:2]
+    grid = inputs.grid if inputs.grid is not None else TokenGrid.square(tokens)
+    if grid.tokens != tokens:
+        raise ValueError(f"grid: {grid.blocks} holds {grid.tokens} tokens, the images have {tokens}")
+    chosen = torch.zeros(batch, tokens, dtype=torch.bool, device=hidden.device)
+    anchors = hiprune_anchors(inputs.keep)
+    if anchors:
+        anchor = top_scores(inputs.layer_saliency, anchors)                            # (B, a)
+        buffers = grid_neighbours(grid, hidden.device)[anchor].flatten(1)             # (B, 4a), -1: none
+        rows = torch.arange(batch, device=hidden.device)[:, None]
+        chosen[rows, anchor] = True
+        chosen[rows.expand_as(buffers)[buffers >= 0], buffers[buffers >= 0]] = True
+    registers = inputs.keep - chosen.sum(dim=1, keepdim=True)                          # (B, 1)
+    rank = reference.descending_rank(inputs.saliency.float(), excluded=chosen)         # the rest first
+    chosen |= rank < registers
+    return chosen.nonzero()[:, 1].view(batch, inputs.keep)
+
+
 BUILTIN: tuple[Method, ...] = (
     # the operator's argument checks surface as they are (checked=False): DeSAP is the operator
     Method("desap", prune=desap, reads=frozenset({Signal.SALIENCY, Signal.ATTN, Signal.TEXT}), checked=False),
@@ -108,6 +162,7 @@ BUILTIN: tuple[Method, ...] = (
     # differs and why), both on the rows the language model receives
     Method("dart-input", dart_input, reads=frozenset({Signal.PROJECTED, Signal.TEXT}), merges=False),
     Method("cdpruner-lm", cdpruner_lm, reads=frozenset({Signal.PROJECTED, Signal.ATTN, Signal.TEXT}), merges=False),
+    Method("hiprune", hiprune, reads=frozenset({Signal.LAYER_SALIENCY, Signal.SALIENCY}), merges=False),
     # VisionZip: dominant tokens and contextual tokens merged its own way (visionzip.py; docs/methods.md)
     Method("visionzip", prune=visionzip, reads=frozenset({Signal.SALIENCY, Signal.KEYS})),
 )

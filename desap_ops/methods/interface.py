@@ -4,6 +4,7 @@ what a method is given (:class:`MethodInputs`), what a selecting method gives ba
 from __future__ import annotations
 
 import enum
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ class Signal(str, enum.Enum):
     SEED = "seed"           # a hash of the pixels, the same in every engine
     PROJECTED = "projected" # the rows the language model receives (after the projector; Qwen: hidden itself)
     KEYS = "keys"           # the tower's attention hooks: the saliency block's keys, averaged over heads
+    # HiPrune (issue 36): the saliency read at a middle, object-centric block of the tower
+    LAYER_SALIENCY = "layer_saliency"
 
     def __str__(self) -> str:
         return self.value
@@ -61,6 +64,31 @@ class MethodInputs:
     text_reduce: str = "max"
     text_budget: Optional[int] = None
     backend: str = "auto"
+    # HiPrune (issue 36): the saliency at a middle block, and where each token lies in its image
+    layer_saliency: Optional[torch.Tensor] = None   # (B, N) float32: SALIENCY's definition, at a middle block
+    grid: Optional["TokenGrid"] = None              # where the tokens lie (the same for the B rows); None: one square
+
+
+class TokenGrid(NamedTuple):
+    """Where an image's N tokens lie: ``blocks`` of (frames, rows, columns), one after another in
+    token order, each frame-major and then row-major (LLaVA-1.5: one (1, 24, 24); LLaVA-NeXT: its
+    base crop, then its unpadded AnyRes grid; a Qwen image or video: (t, h, w) of merged tokens).
+    Two tokens are spatial neighbours when they share a block and a frame and lie next to each other
+    in a row or a column."""
+
+    blocks: tuple[tuple[int, int, int], ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(t * h * w for t, h, w in self.blocks)
+
+    @staticmethod
+    def square(tokens: int) -> "TokenGrid":
+        """One square image of ``tokens`` tokens (LLaVA-1.5's patch grid); a ValueError if not square."""
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"grid: {tokens} tokens with no grid given form no square; pass a TokenGrid")
+        return TokenGrid(((1, side, side),))
 
 
 class Selection(NamedTuple):

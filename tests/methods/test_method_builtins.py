@@ -8,7 +8,7 @@ import torch
 import desap_ops
 from desap_ops import reference
 from desap_ops.methods import (BUILTIN, Method, MethodInputs, Selection, content_rows, content_seeds, get_method,
-                               order_rows, run_method)
+                               TokenGrid, order_rows, run_method)
 from helpers import DTYPES, TIE_MARGIN, TOKEN_TOL, naive_task_scores
 
 SELECTING = [method.name for method in BUILTIN if method.select is not None]   # every built-in but DeSAP
@@ -23,7 +23,9 @@ def _inputs(batch, tokens, width, keep, dtype=torch.float32, seed=0, text_mask=N
                         attn=torch.randn(batch, tokens, 6, generator=gen).to(dtype),
                         text=torch.randn(batch, 4, 6, generator=gen).to(dtype), text_mask=text_mask,
                         seed=torch.randint(0, 2**62, (batch,), generator=gen),
-                        projected=torch.randn(batch, tokens, width + 3, generator=gen).to(dtype), **options)
+                        projected=torch.randn(batch, tokens, width + 3, generator=gen).to(dtype), 
+                        layer_saliency=torch.rand(batch, tokens, generator=gen),
+                        grid=TokenGrid(((1, 1, tokens),)), **options)
 
 
 def _select(name: str, inputs: MethodInputs) -> torch.Tensor:

@@ -23,7 +23,8 @@ def test_same_kept_tokens_and_greedy_output_as_apply_desap_for_two_image_shapes(
              (PROMPTS[0], "wide", "random"), (PROMPTS[1], "odd", "saliency"), (PROMPTS[2], "wide", "similarity"),
              (PROMPTS[0], "wide", "divprune"), (PROMPTS[1], "odd", "largest-norm"),
              (PROMPTS[2], "wide", "dart-input"), (PROMPTS[0], "odd", "cdpruner-lm"),
-             (PROMPTS[1], "wide", "visionzip")]
+             (PROMPTS[1], "wide", "visionzip"),
+             (PROMPTS[2], "odd", "hiprune")]
     assert {method for _, _, method in asked} == set(METHODS)
     requests = [(p, with_method(checkpoints[image], method)) for p, image, method in asked]
     # round 2 repeats every request in a new generate call: each image comes from vLLM's processor cache

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ...methods import TokenGrid
 from .sequence import image_budget
 
 
@@ -33,6 +34,28 @@ def patch_tokens(vision_config) -> int:
 def tokens_per_crop(config) -> int:
     """Feature tokens the model takes from one crop: its patches, and [CLS] unless dropped."""
     return patch_tokens(config.vision_config) + (0 if drops_cls(config) else 1)
+
+
+def crop_grid(config, crops: int = 1, cls: Optional[bool] = None) -> TokenGrid:
+    """Where the feature tokens of ``crops`` crops (or frames) one after another lie: each crop's
+    [CLS] alone where it is kept (``cls``; None: unless the model drops it), then its square patch
+    grid (HiPrune's neighbours)."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    cls = not drops_cls(config) if cls is None else cls
+    crop = ((1, 1, 1), (1, side, side)) if cls else ((1, side, side),)
+    return TokenGrid(crop * crops)
+
+
+def packed_grid(config, sources: torch.Tensor) -> TokenGrid:
+    """Where LLaVA-NeXT's visual tokens (newlines left out) of the packed layout ``sources``
+    (:func:`packed_sources`) lie: the base crop's square grid, then the unpadded AnyRes grid, whose
+    every row ends in a newline."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    visual = int((sources >= 0).sum())
+    rows = int((sources[side * side:] < 0).sum())
+    if visual == side * side:
+        return TokenGrid(((1, side, side),))
+    return TokenGrid(((1, side, side), (1, rows, (visual - side * side) // rows)))
 
 
 def crops_per_image(config, image_sizes) -> list[int]:

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ...methods import DEFAULT_METHOD, MethodInputs, Signal, content_seeds, get_method, run_method
+from ...methods import DEFAULT_METHOD, MethodInputs, Signal, TokenGrid, content_seeds, get_method, run_method
 from ...reference import PruneResult
 from ...validation import check_backend, check_merge, check_options, check_text_budget
 from .signals import TowerSignals
@@ -110,7 +110,8 @@ def tower_reads(options) -> frozenset[Signal]:
 
 
 def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], torch.Tensor], texts: Optional[torch.Tensor],
-                 text_mask: Optional[torch.Tensor], keep: int, options: PruneOptions) -> PruneResult:
+                 text_mask: Optional[torch.Tensor], keep: int, options: PruneOptions,
+                 grid: Optional[TokenGrid] = None) -> PruneResult:
     """Prune each image of ``signals`` ((B, N, .)) to ``keep`` tokens for its text ``texts``
     (B, L, C) and ``text_mask`` (B, L), with ``options.method``, merged as
     :attr:`PruneOptions.merges` says. ``text_space`` maps the tower's rows into the language
@@ -118,7 +119,8 @@ def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], tor
     branch, and ``hidden`` for a method that reads the projected rows where the reader gave none
     (the CLIP-style towers, whose projector runs after each family's own reshaping: LLaVA-NeXT's
     packing, the video models' pooling). Only the signals the method reads are touched: the
-    others may be None or empty."""
+    others may be None or empty. ``grid``: where
+    the tokens lie (``methods.TokenGrid``, the same for every image); None: one square grid."""
     method = get_method(options.method)
     reads = method.reads
     attn = text_space(signals.attn) if Signal.ATTN in reads else None
@@ -132,5 +134,7 @@ def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], tor
                           seed=content_seeds(signals.seed) if Signal.SEED in reads else None,
                           projected=projected, keys=signals.keys if Signal.KEYS in reads else None,
                           task_ratio=options.task_ratio, text_reduce=options.text_reduce,
-                          text_budget=options.text_budget, backend=options.backend)
+                          text_budget=options.text_budget, backend=options.backend,
+                          layer_saliency=signals.layer_saliency if Signal.LAYER_SALIENCY in reads else None,
+                          grid=grid)
     return run_method(method, inputs, options.merges)

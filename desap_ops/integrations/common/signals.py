@@ -18,9 +18,9 @@ computes them, once for every reader of both engines:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import AbstractSet, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import AbstractSet, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ class TowerSignals:
     # projects hidden where the method reads them
     projected: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None        # (..., d): the saliency block's keys, mean over heads
+    layer_saliency: Optional[torch.Tensor] = None  # (...,) float32: saliency's definition at a middle block (HiPrune)
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TowerSignals":
         """``function`` applied to every tensor (an index, a reshape): the rows stay aligned."""
@@ -56,16 +57,19 @@ class TowerSignals:
             return None if t is None else function(t)
         return TowerSignals(function(self.hidden), apply(self.attn), apply(self.saliency),
                             tuple(function(level) for level in self.levels), apply(self.seed), apply(self.projected),
-                            apply(self.keys))
+                            apply(self.keys),
+                            apply(self.layer_saliency))
 
     def split(self, sizes: Sequence[int]) -> list["TowerSignals"]:
         """One :class:`TowerSignals` per part of the leading dimension (``sizes`` rows each)."""
         def parts(t: Optional[torch.Tensor]) -> Sequence[Optional[torch.Tensor]]:
             return [None] * len(sizes) if t is None else t.split(list(sizes))
         levels = [parts(level) for level in self.levels]
-        return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c, p, k)
-                for i, (h, b, s, c, p, k) in enumerate(zip(parts(self.hidden), parts(self.attn), parts(self.saliency),
-                                                           parts(self.seed), parts(self.projected), parts(self.keys)))]
+        return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c, p, k, m)
+                for i, (h, b, s, c, p, k, m) in enumerate(zip(parts(self.hidden), parts(self.attn),
+                                                              parts(self.saliency), parts(self.seed),
+                                                              parts(self.projected), parts(self.keys),
+                                                              parts(self.layer_saliency)))]
 
 
 def captures(reads: AbstractSet[str]) -> bool:
@@ -162,22 +166,51 @@ def capture(taps: Taps) -> Iterator[TowerCapture]:
 Output = TypeVar("Output")
 
 
+class LayerTap(NamedTuple):
+    """A second block a tower pass reads (HiPrune's middle block, ``Signal.LAYER_SALIENCY``): the
+    :class:`Taps` of its modules, and the saliency (SALIENCY's definition) from their capture."""
+
+    taps: Callable[[], Taps]
+    saliency: Callable[[TowerCapture], torch.Tensor]
+
+
 def tower_pass(reads: AbstractSet[str], run: Callable[[], Output], taps: Callable[[], Taps],
                read: Callable[[Output, Optional[TowerCapture]], TowerSignals],
-               content: Callable[[TowerSignals], torch.Tensor]) -> tuple[TowerSignals, Output]:
+               content: Callable[[TowerSignals], torch.Tensor],
+               layer: Optional[LayerTap] = None) -> tuple[TowerSignals, Output]:
     """The one skeleton of every tower reader: ``run()`` the tower once, plainly where the method's
     ``reads`` need no attention (:func:`captures`; ``read`` then gets None), else under
     :func:`capture` of ``taps()``; ``read`` turns the tower's output and the capture into signals;
-    the pixel hashes (``content(signals)``) are added where the method reads the seed. Returns the
-    signals and the tower's output."""
-    if not captures(reads):
+    the pixel hashes (``content(signals)``) are added where the method reads the seed. Where it
+    reads ``Signal.LAYER_SALIENCY``, the same pass also captures the middle block of ``layer``
+    (a ValueError where the reader names none). Returns the signals and the tower's output."""
+    middle = Signal.LAYER_SALIENCY in reads
+    if middle and layer is None:
+        raise ValueError("this tower reader reads no middle block: the method's layer_saliency cannot be given")
+    with ExitStack() as stack:
+        captured = stack.enter_context(capture(taps())) if captures(reads) else None
+        at_layer = stack.enter_context(capture(layer.taps())) if middle else None
         output = run()
-        signals = read(output, None)
-    else:
-        with capture(taps()) as captured:
-            output = run()
-        signals = read(output, captured)
+    signals = read(output, captured)
+    if at_layer is not None:
+        signals = replace(signals, layer_saliency=layer.saliency(at_layer))
     return with_content(signals, lambda: content(signals), reads), output
+
+
+def middle_block(blocks: int, share: float, full: Optional[Sequence[int]] = None) -> int:
+    """The 0-based index of HiPrune's middle (object-centric) block of a tower of ``blocks``
+    blocks: block ``round(share * blocks)`` counted from 1 (the authors' block 9 of CLIP-L/14's 24,
+    16 of Qwen2.5-VL's 32), at least the first. ``full``: the full-attention blocks where only some
+    attend over the whole image (Qwen2.5-VL), of which the last at or before it (else the first)."""
+    index = max(0, round(share * blocks) - 1)
+    if full:
+        before = [b for b in full if b <= index]
+        index = before[-1] if before else full[0]
+    return index
+
+
+CLIP_MIDDLE = 9 / 24    # HiPrune's object layer on CLIP-style towers: 9 of CLIP-L/14's 24
+QWEN_MIDDLE = 16 / 32   # and on Qwen towers: 16 of Qwen2.5-VL's 32
 
 
 @dataclass(frozen=True)

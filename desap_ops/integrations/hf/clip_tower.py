@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ...methods import SIGNALS, Signal
-from ..common.signals import AttentionLayout, TowerCapture, TowerSignals, frame_content, head_mean, tower_pass
+from ..common.signals import (CLIP_MIDDLE, AttentionLayout, LayerTap, TowerCapture, TowerSignals, frame_content,
+                              head_mean, middle_block, tower_pass)
 
 
 def feature_layer(config) -> int:
@@ -59,9 +60,14 @@ def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cl
         keys = head_mean(captured.key, layout().num_heads) if Signal.KEYS in reads else None
         return TowerSignals(hidden, captured.attention, layout().cls_saliency(captured), keys=keys)
 
+    def middle() -> AttentionLayout:   # HiPrune's object layer, at or before the feature layer
+        layers = encoder_layers(tower)
+        return clip_layout(layers[min(middle_block(len(layers), CLIP_MIDDLE), layer - 1)])
+
     signals, outputs = tower_pass(
         reads, lambda: tower(pixel_values, output_hidden_states=True, return_dict=True), lambda: layout().taps(), read,
-        lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype))
+        lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype),
+        LayerTap(lambda: middle().taps(), lambda captured: middle().cls_saliency(captured)))
     if drop_cls:
         signals = signals.map(lambda t: t[:, 1:])
     return signals, outputs

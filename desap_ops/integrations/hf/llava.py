@@ -16,7 +16,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..common.hooked import Hook
-from ..common.layout import drops_cls, tokens_per_crop
+from ..common.layout import crop_grid, drops_cls, tokens_per_crop
 from ..common.sequence import image_budget
 from .clip_tower import feature_layer, read_tower
 from .family import Family
@@ -51,7 +51,7 @@ def _image_features(model, inner, pixel_values, vision_feature_layer=None, visio
                                              signals.hidden.device)
     start_record(model)
     keep = image_budget(state.options.keep, signals.hidden.shape[1])   # a keep above the image's tokens: all of them
-    result = run_prune(model, signals, projector, text, text_mask, keep)
+    result = run_prune(model, signals, projector, text, text_mask, keep, crop_grid(model.config))
     return BaseModelOutputWithPooling(last_hidden_state=outputs.last_hidden_state,
                                       pooler_output=list(projector(result.tokens)),
                                       hidden_states=outputs.hidden_states)

@@ -19,7 +19,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..common.hooked import Hook
-from ..common.layout import crops_per_image, drops_cls, packed_budget, packed_sources, with_newlines
+from ..common.layout import crops_per_image, drops_cls, packed_budget, packed_grid, packed_sources, with_newlines
 from .clip_tower import feature_layer, read_tower
 from .family import Family
 from .serving import install_serving, run_prune, shrink_runs, start_record
@@ -69,7 +69,8 @@ def _image_features(model, inner, pixel_values, image_sizes=None, vision_feature
         is_visual = sources >= 0
         visual = image.map(lambda t: t.flatten(0, 1)[sources[is_visual]][None])   # packed order, no newlines
         keep = packed_budget(state.options.keep, sources) - int((~is_visual).sum())
-        result = run_prune(model, visual, projector, texts[i:i + 1], text_mask[i:i + 1], keep)
+        result = run_prune(model, visual, projector, texts[i:i + 1], text_mask[i:i + 1], keep,
+                           packed_grid(model.config, sources))
         features.append(with_newlines(is_visual, result.indices[0], projector(result.tokens[0]), newline))
     return BaseModelOutputWithPooling(last_hidden_state=outputs.last_hidden_state, pooler_output=features,
                                       hidden_states=outputs.hidden_states)

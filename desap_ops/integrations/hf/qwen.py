@@ -22,12 +22,12 @@ from typing import AbstractSet, Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from ...methods import Signal
+from ...methods import Signal, TokenGrid
 from ...reference import merge_tokens
 from ..common.hooked import Hook
 from ..common.sequence import count_placeholders, drop_tokens, image_budget
-from ..common.signals import (Taps, TowerCapture, TowerSignals, merged_keys, merged_saliency, patch_content,
-                              tower_pass, with_projected)
+from ..common.signals import (QWEN_MIDDLE, LayerTap, Taps, TowerCapture, TowerSignals, merged_keys, merged_saliency,
+                              middle_block, patch_content, tower_pass, with_projected)
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .state import DesapState, PlannedMedium, QwenPlan
 from .text import text_embeddings
@@ -86,26 +86,42 @@ def read_qwen_tower(visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Ten
     (Qwen2.5-VL): the index from the encoder's window order back to the model's, on a device."""
     block = visual.blocks[block_index].attn
 
+    def rotated(attention: nn.Module, captured: TowerCapture) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries, keys) (T, H, d) as the block of ``attention`` attends with them: rotary applied."""
+        qkv = captured.qkv
+        queries, keys, _ = qkv.reshape(qkv.shape[0], 3, attention.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        return rotary()(queries, keys, *captured.inputs["position_embeddings"])
+
+    def saliency(attention: nn.Module, captured: TowerCapture) -> torch.Tensor:
+        """The saliency at the block of ``attention`` from its captured projection and arguments."""
+        queries, keys = rotated(attention, captured)
+        bounds = captured.inputs["cu_seqlens"].tolist()
+        order = None if window_order is None else window_order(keys.device)
+        return merged_saliency(queries, keys, list(zip(bounds[:-1], bounds[1:])), attention.scaling,
+                               visual.spatial_merge_unit, order)
+
     def read(outputs, captured: Optional[TowerCapture]) -> TowerSignals:
         levels = tuple(getattr(outputs, "deepstack_features", None) or ())
         if captured is None:
             return TowerSignals(outputs.pooler_output, levels=levels)
-        qkv = captured.qkv
-        queries, keys, _ = qkv.reshape(qkv.shape[0], 3, block.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        queries, keys = rotary()(queries, keys, *captured.inputs["position_embeddings"])
-        bounds = captured.inputs["cu_seqlens"].tolist()
-        order = None if window_order is None else window_order(keys.device)
-        saliency = merged_saliency(queries, keys, list(zip(bounds[:-1], bounds[1:])), block.scaling,
-                                   visual.spatial_merge_unit, order)
         branch = visual.merger(captured.attention)
-        keys = merged_keys(keys, visual.spatial_merge_unit, order) if Signal.KEYS in reads else None
-        return TowerSignals(outputs.pooler_output, branch if order is None else branch[order], saliency, levels,
-                            keys=keys)
+        order = None if window_order is None else window_order(branch.device)
+        if order is not None:
+            branch = branch[order]
+        keys = merged_keys(rotated(block, captured)[1], visual.spatial_merge_unit, order) \
+            if Signal.KEYS in reads else None
+        return TowerSignals(outputs.pooler_output, branch, saliency(block, captured), levels, keys=keys)
+
+    # HiPrune's object block: a full-attention one (its segments are the images or frames)
+    middle = visual.blocks[middle_block(len(visual.blocks), QWEN_MIDDLE,
+                                        getattr(visual, "fullatt_block_indexes", None))].attn
 
     # the block's attention gets its rotary tables and segments (cu_seqlens) by name
     signals, _ = tower_pass(reads, lambda: visual(pixels.type(visual.dtype), grid_thw=grid_thw),
                             lambda: Taps(attention=block, qkv=block.qkv, inputs=block), read,
-                            lambda signals: patch_content(pixels, visual))
+                            lambda signals: patch_content(pixels, visual),
+                            LayerTap(lambda: Taps(qkv=middle.qkv, inputs=middle),
+                                     lambda captured: saliency(middle, captured)))
     return with_projected(signals, reads)   # the merged tokens are the language model's rows
 
 
@@ -120,6 +136,12 @@ def _sizes(model: nn.Module, grid: torch.Tensor) -> list[int]:
     return (grid.prod(-1) // model.model.visual.spatial_merge_unit).tolist()
 
 
+def _grids(model: nn.Module, grid: torch.Tensor) -> list[TokenGrid]:
+    """Where each item's language-model tokens lie: its frames of merged-token rows and columns."""
+    merge = model.model.visual.spatial_merge_size
+    return [TokenGrid(((t, h // merge, w // merge),)) for t, h, w in grid.tolist()]
+
+
 def _items_per_row(input_ids: torch.Tensor, token_id: int, sizes: list[int]) -> list[int]:
     """How many items of ``sizes`` each row holds (an item's row is that of its first placeholder)."""
     flat = (input_ids == token_id).reshape(-1).nonzero()[:, 0]
@@ -129,11 +151,12 @@ def _items_per_row(input_ids: torch.Tensor, token_id: int, sizes: list[int]) -> 
 
 
 def _prune_medium(model: nn.Module, signals: TowerSignals, sizes: list[int], input_ids, mask,
-                  token_id: int, written: Optional[torch.Tensor] = None) -> tuple[PlannedMedium, torch.Tensor]:
+                  token_id: int, written: Optional[torch.Tensor] = None,
+                  grids: Optional[list[TokenGrid]] = None) -> tuple[PlannedMedium, torch.Tensor]:
     """Prune each item to its budget. Returns the planned features (and DeepStack levels, pruned
     with the same indices and merged with the same assignment) and the keep flag of every
     placeholder of this medium, in row-major order. ``written``: tokens the processor wrote beside
-    the items, never their text."""
+    the items, never their text. ``grids``: where each item's tokens lie (:func:`_grids`)."""
     options = model._desap.options
     texts, text_mask = text_embeddings(model, input_ids, mask, token_id, sizes, signals.hidden.device, written)
     features, planned_levels, flags = [], [[] for _ in signals.levels], []
@@ -141,7 +164,8 @@ def _prune_medium(model: nn.Module, signals: TowerSignals, sizes: list[int], inp
         tokens = item.hidden.shape[0]
         result = run_prune(model, item.map(lambda t: t[None]), lambda branch: branch.to(item.hidden.dtype),
                            texts[i:i + 1], text_mask[i:i + 1],
-                           keep=image_budget(options.keep, tokens))   # a small item passes whole
+                           keep=image_budget(options.keep, tokens),   # a small item passes whole
+                           grid=None if grids is None else grids[i])
         features.append(result.tokens[0])
         for level, planned in zip(item.levels, planned_levels):
             planned.append(merge_tokens(level[None], result.indices, result.assignment, options.merges)[0])
@@ -185,7 +209,7 @@ def plan(model: nn.Module, arguments: dict, pad_left: bool, read_tower: ReadTowe
         grid, token_id = arguments[medium.grid], getattr(model.config, medium.token_attr)
         signals = read_tower(model, arguments[medium.pixels], grid, model._desap.options.reads)
         media[medium.kind], flags = _prune_medium(model, signals, _sizes(model, grid), input_ids, mask, token_id,
-                                                  written)
+                                                  written, _grids(model, grid))
         kept[input_ids == token_id] = flags.to(kept.device)
 
     shrunk = drop_tokens(kept, pad_token_id(model), input_ids, mask, arguments.get("labels"),

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ...methods import TokenGrid
 from ...reference import PruneResult
 from ..common.pruning import prune_images
 from ..common.record import records_of, warn_if_text_blind
@@ -168,14 +169,15 @@ def start_record(model: nn.Module) -> None:
 
 
 def run_prune(model: nn.Module, signals: TowerSignals, text_space: Callable[[torch.Tensor], torch.Tensor],
-              text: torch.Tensor, text_mask: torch.Tensor, keep: Optional[int] = None) -> PruneResult:
+              text: torch.Tensor, text_mask: torch.Tensor, keep: Optional[int] = None,
+              grid: Optional[TokenGrid] = None) -> PruneResult:
     """Prune the images of ``signals`` ((B, N, .)) with the options apply_desap stored on ``model``
     (``keep`` overrides the budget; ``text_space`` maps the attention branch into the text's space,
     see ``common.pruning.prune_images``); each image's record is added to those of the pass
-    started by :func:`start_record`."""
+    started by :func:`start_record`. ``grid``: where the tokens lie (None: one square)."""
     state: DesapState = model._desap
     options = state.options
-    result = prune_images(signals, text_space, text, text_mask, options.keep if keep is None else keep, options)
+    result = prune_images(signals, text_space, text, text_mask, options.keep if keep is None else keep, options, grid)
     records = records_of(result, signals.saliency, text_mask.sum(dim=1), options.method)
     state.records.last.extend(records)
     state.records.told_text_blind = warn_if_text_blind(records, options.reads, state.records.told_text_blind)

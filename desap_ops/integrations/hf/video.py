@@ -23,7 +23,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..common.hooked import Hook
-from ..common.layout import drops_cls, patch_tokens
+from ...methods import TokenGrid
+from ..common.layout import crop_grid, drops_cls, patch_tokens
 from ..common.sequence import image_budget
 from ..common.signals import TowerSignals
 from .clip_tower import feature_layer, read_tower
@@ -82,13 +83,20 @@ def _video_features(model, inner, pooled: bool, pixel_values_videos, vision_feat
                                                                                     model.config.spatial_pool_stride),
                                seed=None if signals.seed is None else signals.seed[:, :pooled_hidden.shape[1]],
                                keys=None if signals.keys is None else pool_keys(signals.keys,
-                                                                                model.config.spatial_pool_stride))
+                                                                                model.config.spatial_pool_stride),
+                               layer_saliency=None if signals.layer_saliency is None else pool_saliency(
+                                   signals.layer_saliency, model.config.spatial_pool_stride))
+        vision = model.config.vision_config
+        side = vision.image_size // vision.patch_size // model.config.spatial_pool_stride
+        grid = TokenGrid(((frames, side, side),))   # each frame's pooled grid (tokens_per_frame)
+    else:
+        grid = crop_grid(model.config, frames, cls=True)   # every frame's [CLS] and patches
     signals = signals.map(lambda t: t.reshape(videos, frames * t.shape[1], *t.shape[2:]))   # frame-major
     projector = inner.multi_modal_projector
     text, text_mask = served_text_embeddings(model, videos, model.config.video_token_id, signals.hidden.device)
     start_record(model)
     keep = image_budget(state.options.keep, signals.hidden.shape[1])   # a short clip passes whole
-    result = run_prune(model, signals, projector, text, text_mask, keep)
+    result = run_prune(model, signals, projector, text, text_mask, keep, grid)
     return BaseModelOutputWithPooling(last_hidden_state=outputs.last_hidden_state,
                                       pooler_output=projector(result.tokens))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from vllm.model_executor.models.llava import LlavaMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
-from ..common.layout import drops_cls, tokens_per_crop
+from ..common.layout import crop_grid, drops_cls, tokens_per_crop
 from ..common.pruning import tower_reads
 from ..common.sequence import image_budget
 from .hooks import registered_class
@@ -51,6 +51,6 @@ class DesapLlavaForConditionalGeneration(DesapModelMixin, registered_class("Llav
             part = signals.map(lambda t: t[run.start:run.stop])
             keep = image_budget(options[run.start].keep, signals.hidden.shape[1])
             result = self.desap_prune(part, texts[run.start:run.stop], text_mask[run.start:run.stop], keep,
-                                      options[run.start])
+                                      options[run.start], crop_grid(self.config))
             features += list(self.multi_modal_projector(result.tokens))
         return features

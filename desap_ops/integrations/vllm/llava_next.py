@@ -9,7 +9,7 @@ import torch
 from vllm.model_executor.models.llava_next import LlavaNextMultiModalProcessor
 from vllm.multimodal.processing import PromptReplacement
 
-from ..common.layout import crops_per_image, drops_cls, packed_budget, packed_sources, with_newlines
+from ..common.layout import crops_per_image, drops_cls, packed_budget, packed_grid, packed_sources, with_newlines
 from ..common.pruning import tower_reads
 from .hooks import registered_class
 from .llava import check  # noqa: F401  (LLaVA-1.5's start-up check serves NeXT too: SUPPORTED names it here)
@@ -60,7 +60,8 @@ class DesapLlavaNextForConditionalGeneration(DesapModelMixin, registered_class("
             is_visual = sources >= 0
             visual = image.map(lambda t: t.flatten(0, 1)[sources[is_visual]][None])   # packed order, no newlines
             keep = packed_budget(options[i].keep, sources) - int((~is_visual).sum())
-            result = self.desap_prune(visual, texts[i:i + 1], text_mask[i:i + 1], keep, options[i])
+            result = self.desap_prune(visual, texts[i:i + 1], text_mask[i:i + 1], keep, options[i],
+                                      packed_grid(config, sources))
             features.append(with_newlines(is_visual, result.indices[0], self.multi_modal_projector(result.tokens[0]),
                                           self.image_newline.to(visual.hidden.dtype)))
         return features

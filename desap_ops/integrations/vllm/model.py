@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...methods import MethodFailure, Signal
+from ...methods import MethodFailure, Signal, TokenGrid
 from ...reference import PruneResult
 from ..common.pruning import FALLBACK_METHOD, prune_images, tower_reads
 from ..common.record import PruneRecord, records_of, warn_if_text_blind
@@ -150,7 +150,7 @@ class DesapModelMixin:
         return self.multi_modal_projector(branch)
 
     def desap_prune(self, signals: TowerSignals, texts: torch.Tensor, text_mask: torch.Tensor,
-                    keep: int, options: DesapOptions) -> PruneResult:
+                    keep: int, options: DesapOptions, grid: Optional[TokenGrid] = None) -> PruneResult:
         """``desap_ops.prune`` on one batch of images that share ``options`` (their request's);
         recorded (``desap_history``). ``keep`` is the images' budget (``sequence.image_budget``); at
         their token count every token is kept, in order. The images' method chooses
@@ -158,16 +158,16 @@ class DesapModelMixin:
         selection) is logged with its name and the images keep their first ``keep`` tokens (the
         method ``FALLBACK_METHOD``), merged or not as the failed method would have been (the
         request's ``merge``, else that method's default: ``options.merges``): an exception here
-        would take the engine down with every request in it."""
+        would take the engine down with every request in it. ``grid``: where the tokens lie (None: one square)."""
         method = options.method
         try:
-            result = prune_images(signals, self.desap_text_space, texts, text_mask, keep, options)
+            result = prune_images(signals, self.desap_text_space, texts, text_mask, keep, options, grid)
         except MethodFailure as failure:
             method = FALLBACK_METHOD
             log.error("DeSAP: MethodFailure: %s; these %d image(s) keep their first %d tokens instead", failure,
                       signals.hidden.shape[0], keep)
             result = prune_images(signals, self.desap_text_space, texts, text_mask, keep,
-                                  replace(options, method=method, merge=options.merges))
+                                  replace(options, method=method, merge=options.merges), grid)
         records = records_of(result, signals.saliency, text_mask.sum(dim=1), method)
         self.desap_history.extend(records)
         # once per engine process

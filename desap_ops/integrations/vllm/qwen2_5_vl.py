@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLMultiModalProcessor
 
+from ...methods import TokenGrid
 from ..common.pruning import tower_reads
 from . import qwen
 from .hooks import registered_class
@@ -72,10 +73,11 @@ class DesapQwen2_5_VLForConditionalGeneration(DesapQwenModelMixin, registered_cl
         channels (``mrope``; a video's time scaled as vLLM's and transformers' Qwen2.5-VL scale it),
         from ``desap_tower_items``."""
         seconds = media.get("second_per_grid_ts")
-        out = []
+        merge, out = self.visual.spatial_merge_size, []
         for i, (t, h, w), item in self.desap_tower_items(media, modality, tower_reads(options)):
             result = self.desap_prune(item.map(lambda tensor: tensor[None]), texts[i:i + 1], text_mask[i:i + 1],
-                                      self.desap_budget(options[i], item.hidden.shape[0]), options[i])
+                                      self.desap_budget(options[i], item.hidden.shape[0]), options[i],
+                                      TokenGrid(((t, h // merge, w // merge),)))
             full = medium_positions(self.config, modality, (t, h, w), None if seconds is None else float(seconds[i]))
             out.append(with_position_channels(result.tokens[0], full[:, result.indices[0].cpu()]))
         return out

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 from vllm.model_executor.models.qwen3_vl import Qwen3VLMultiModalProcessor
 
+from ...methods import TokenGrid
 from ...reference import merge_tokens
 from ..common.pruning import tower_reads
 from ..common.signals import TowerSignals
@@ -146,23 +147,26 @@ class DesapQwen3Mixin(DesapQwenModelMixin):
         merge = self.visual.spatial_merge_size
         out = []
         for i, (t, h, w), item in self.desap_tower_items(media, modality, tower_reads(options)):
-            tokens, kept = self.desap_prune_item(item, texts[i:i + 1], text_mask[i:i + 1], options[i])
+            tokens, kept = self.desap_prune_item(item, texts[i:i + 1], text_mask[i:i + 1], options[i],
+                                                 TokenGrid(((t, h // merge, w // merge),)))
             if modality == "image":
                 out.append(with_position_channels(tokens, media_positions(1, h // merge, w // merge)[:, kept]))
             else:
                 out.append(self.desap_video_span(tokens, kept, (t, h // merge, w // merge), media["timestamps"][i]))
         return out
 
-    def desap_prune_item(self, item: TowerSignals, texts, text_mask, options) -> tuple[torch.Tensor, torch.Tensor]:
+    def desap_prune_item(self, item: TowerSignals, texts, text_mask, options,
+                         grid: TokenGrid) -> tuple[torch.Tensor, torch.Tensor]:
         """One item's kept rows (K, C with its DeepStack levels after, as vLLM's tower lays them
         along the channels of ``item.hidden``) and their indices (CPU, ascending: frame-major for a
-        video)."""
+        video); ``grid``: where its tokens lie."""
         width, hidden = self.visual_dim, item.hidden
         features = hidden[:, :width]
         levels = hidden[:, width:].split(width, dim=1) if hidden.shape[1] > width else ()
         projected = None if item.projected is None else features   # the language model's rows: no levels
         signals = dataclasses.replace(item, hidden=features, projected=projected).map(lambda t: t[None])
-        result = self.desap_prune(signals, texts, text_mask, self.desap_budget(options, features.shape[0]), options)
+        result = self.desap_prune(signals, texts, text_mask, self.desap_budget(options, features.shape[0]), options,
+                                  grid)
         merged = [merge_tokens(level[None], result.indices, result.assignment, options.merges)[0] for level in levels]
         return torch.cat([result.tokens[0], *merged], dim=1), result.indices[0].cpu()
 

@@ -15,14 +15,14 @@ heads: the received attention is averaged over all of them with one all-reduce
 """
 from __future__ import annotations
 
-from typing import AbstractSet, Optional
+from typing import AbstractSet, Callable, Optional
 
 import torch
 from torch import nn
 
 from ...methods import SIGNALS, Signal
-from ..common.signals import (Taps, TowerCapture, TowerSignals, merged_keys, merged_saliency, patch_content,
-                              tower_pass, with_projected)
+from ..common.signals import (QWEN_MIDDLE, LayerTap, Taps, TowerCapture, TowerSignals, merged_keys, merged_saliency,
+                              middle_block, patch_content, tower_pass, with_projected)
 from .tower import mean_over_ranks
 
 
@@ -55,24 +55,35 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
     def attention() -> nn.Module:
         return visual.blocks[saliency_block(visual)].attn
 
+    order = metadata.get("reverse_indices")   # Qwen2.5-VL: window order -> model order
+
+    def saliency(block: nn.Module, captured: TowerCapture) -> torch.Tensor:
+        """The saliency at ``block`` (a full-attention one) from what its backend received."""
+        return merged_saliency(
+            captured.inputs["query"][0], captured.inputs["key"][0], frame_segments(grid_thw), block.attn.scale,
+            visual.spatial_merge_unit, order, across_ranks(block))
+
+    def across_ranks(block: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The mean over every head of every rank from this rank's mean over its heads (``block``'s shard)."""
+        local_heads = block.num_attention_heads_per_partition
+        return lambda mean: mean_over_ranks(mean, local_heads, local_heads * block.tp_size, block.tp_size)
+
     def read(hidden: torch.Tensor, captured: Optional[TowerCapture]) -> TowerSignals:
         if captured is None:
             return TowerSignals(hidden)
-        block = attention()
-        local_heads = block.num_attention_heads_per_partition
-        order = metadata.get("reverse_indices")   # Qwen2.5-VL: window order -> model order
-        across_ranks = lambda mean: mean_over_ranks(mean, local_heads, local_heads * block.tp_size,  # noqa: E731
-                                                    block.tp_size)
-        saliency = merged_saliency(
-            captured.inputs["query"][0], captured.inputs["key"][0], frame_segments(grid_thw), block.attn.scale,
-            visual.spatial_merge_unit, order, across_ranks)
-        keys = merged_keys(captured.inputs["key"][0], visual.spatial_merge_unit, order, across_ranks) \
-            if Signal.KEYS in reads else None
         branch = visual.merger(captured.attention)
-        return TowerSignals(hidden, branch if order is None else branch[order], saliency, keys=keys)
+        keys = merged_keys(captured.inputs["key"][0], visual.spatial_merge_unit, order, across_ranks(attention())) \
+            if Signal.KEYS in reads else None
+        return TowerSignals(hidden, branch if order is None else branch[order], saliency(attention(), captured),
+                            keys=keys)
+
+    def middle() -> nn.Module:   # HiPrune's object block (a full-attention one)
+        return visual.blocks[middle_block(len(visual.blocks), QWEN_MIDDLE,
+                                          getattr(visual, "fullatt_block_indexes", None))].attn
 
     # the backend (attention().attn) receives the queries and keys by name, rotary already applied
     signals, _ = tower_pass(reads, lambda: visual(pixel_values, grid_thw=grid_thw, encoder_metadata=metadata),
                             lambda: Taps(attention=attention(), inputs=attention().attn), read,
-                            lambda signals: patch_content(pixel_values, visual))
+                            lambda signals: patch_content(pixel_values, visual),
+                            LayerTap(lambda: Taps(inputs=middle().attn), lambda captured: saliency(middle(), captured)))
     return with_projected(signals, reads)   # the merged tokens are the language model's rows

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ...methods import SIGNALS, Signal
-from ..common.signals import (Taps, TowerCapture, TowerSignals, cls_attention, frame_content, head_mean,
-                              tower_pass)
+from ..common.signals import (CLIP_MIDDLE, LayerTap, Taps, TowerCapture, TowerSignals, cls_attention, frame_content,
+                              head_mean, middle_block, tower_pass)
 
 
 def mean_over_ranks(local_mean: torch.Tensor, local_heads: int, heads: int, tp_size: int) -> torch.Tensor:
@@ -65,8 +65,14 @@ def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool
         keys = head_mean_keys(captured.qkv, attention()) if Signal.KEYS in reads else None
         return TowerSignals(hidden, captured.attention, cls_saliency(captured.qkv, attention()), keys=keys)
 
+    def middle() -> nn.Module:   # HiPrune's object layer of the whole tower, at or before the feature layer
+        layers = tower.vision_model.encoder.layers
+        index = middle_block(tower.vision_model.config.num_hidden_layers, CLIP_MIDDLE)
+        return layers[min(index, len(layers) - 1)].self_attn
+
     signals, _ = tower_pass(
         reads, lambda: tower(pixel_values, feature_select_strategy=None),
         lambda: Taps(attention=attention(), qkv=attention().qkv_proj), read,
-        lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype))
+        lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype),
+        LayerTap(lambda: Taps(qkv=middle().qkv_proj), lambda captured: cls_saliency(captured.qkv, middle())))
     return signals.map(lambda t: t[:, 1:]) if drop_cls else signals

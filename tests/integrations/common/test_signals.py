@@ -3,7 +3,7 @@ on a tiny CLIP tower."""
 import pytest
 import torch
 
-from desap_ops.integrations.common.signals import Taps, TowerSignals, capture, tower_pass
+from desap_ops.integrations.common.signals import LayerTap, Taps, TowerSignals, capture, tower_pass
 from desap_ops.integrations.hf.clip_tower import encoder_layers
 from desap_ops.methods import SIGNALS, Signal
 from desap_ops.testing.tiny import tiny_llava
@@ -64,10 +64,46 @@ def test_tower_pass_captures_only_when_the_method_reads_attention():
 
     with torch.no_grad():
         for reads, captured, seeded in ((frozenset(), False, False), (frozenset({Signal.SEED}), False, True),
-                                        (frozenset({Signal.SALIENCY}), True, False), (SIGNALS, True, True)):
+                                        (frozenset({Signal.SALIENCY}), True, False),
+                                        (SIGNALS - {Signal.LAYER_SALIENCY}, True, True)):
             signals, outputs = tower_pass(reads, lambda: tower(pixels), lambda: Taps(attention=attention), read,
                                           content)
             assert (seen.pop() is not None) == captured and (signals.attn is not None) == captured
             assert (signals.seed is not None) == seeded
             assert torch.equal(signals.hidden, outputs.last_hidden_state)
     assert not _hooked(attention)
+
+
+def test_tower_pass_reads_a_middle_block_only_for_layer_saliency_and_only_where_the_reader_names_one():
+    """HiPrune's middle block: a second capture in the same pass, its hooks gone after; a reader
+    that names no middle block refuses the signal rather than give None."""
+    tower = tiny_llava().model.vision_tower
+    first, second = encoder_layers(tower)[0].self_attn, encoder_layers(tower)[1].self_attn
+    pixels = llava_pixels()
+    runs = []
+
+    def run():
+        runs.append(1)
+        return tower(pixels)
+
+    def read(outputs, captured):
+        return TowerSignals(outputs.last_hidden_state, None if captured is None else captured.attention)
+
+    def content(signals):
+        return torch.zeros(signals.hidden.shape[:2], dtype=torch.int64)
+
+    layer = LayerTap(lambda: Taps(attention=first), lambda captured: captured.attention.sum(dim=-1))
+    with torch.no_grad():
+        with capture(Taps(attention=first)) as alone:
+            tower(pixels)
+        expected = alone.attention.sum(dim=-1)
+        for reads in (frozenset({Signal.LAYER_SALIENCY}), frozenset({Signal.LAYER_SALIENCY, Signal.ATTN})):
+            signals, _ = tower_pass(reads, run, lambda: Taps(attention=second), read, content, layer)
+            torch.testing.assert_close(signals.layer_saliency, expected, rtol=0, atol=0)
+            assert (signals.attn is not None) == (Signal.ATTN in reads)
+            assert not _hooked(first, second)
+        plain, _ = tower_pass(frozenset({Signal.SALIENCY}), run, lambda: Taps(attention=second), read, content, layer)
+        assert plain.layer_saliency is None
+        with pytest.raises(ValueError, match="layer_saliency"):
+            tower_pass(frozenset({Signal.LAYER_SALIENCY}), run, lambda: Taps(attention=second), read, content)
+    assert len(runs) == 3   # one tower run per pass; the refused one never ran

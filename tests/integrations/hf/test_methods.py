@@ -20,6 +20,7 @@ from desap_ops.integrations.hf import qwen2_5_vl, qwen3_vl
 from desap_ops.integrations.hf.clip_tower import encoder_layers, feature_layer
 from desap_ops.methods import (BUILTIN, MethodFailure, MethodInputs, Selection, Signal, available_methods, content_rows,
                                content_seeds, get_method, order_rows, register_method, run_method, unregister_method)
+from desap_ops.methods.builtin import hiprune_anchors
 from desap_ops.testing.tiny import (BOS, IMAGE_TOKEN_ID as IMG, VIDEO_TOKEN_ID as VID, tiny_llava, tiny_llava_next,
                                   tiny_llava_next_video, tiny_qwen2_5_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_video_llava)
 from methods.method_plugin import entry_points_on_path
@@ -86,6 +87,9 @@ def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content:
         return desap_run(1.0)
     if method in ("desap", "dart-input", "cdpruner-lm", "visionzip"):   # VisionZip: its own check (visionzip_expected)
         return None
+    if method == "hiprune":   # budgets here take no anchor: the K of highest saliency (test_hiprune.py: anchors)
+        assert hiprune_anchors(keep) == 0
+        return desap_run(0.0)
     if method == "divprune":
         return naive_divprune_without_near_ties(projected, keep)
     inputs = MethodInputs(hidden=hidden[None], keep=keep, seed=content_seeds(seed_content[None]),
