@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -113,11 +113,22 @@ def check_budget(keep: int, tokens: Optional[int], what: str) -> None:
         raise UsageError(f"--{err} ({what})") from None
 
 
-def vit_signals(image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(hidden (1, N, D), attention branch (1, N, C), [CLS] saliency (1, N), grid) of the real ViT-S/14
-    on ``image``, [CLS] left out: what DeSAP is given."""
+class VitSignals(NamedTuple):
+    """What the real ViT-S/14 gives the methods for one photo, [CLS] left out: (1, N, .) each."""
+
+    hidden: torch.Tensor           # the feature layer's output
+    branch: torch.Tensor           # its attention branch
+    saliency: torch.Tensor         # [CLS] attention at the feature layer (1, N)
+    keys: torch.Tensor             # the feature layer's keys, mean over heads (VisionZip)
+    layer_saliency: torch.Tensor   # [CLS] attention at HiPrune's middle layer (1, N)
+    grid: int                      # tokens per side
+
+
+def vit_signals(image) -> VitSignals:
+    """The real ViT-S/14's signals on ``image`` (one pass, two layers captured): what DeSAP and the
+    other methods are given."""
     # here, not at the top: desap_ops.integrations imports transformers, and a refused argument need not wait
-    from desap_ops.integrations.common.signals import capture
+    from desap_ops.integrations.common.signals import CLIP_MIDDLE, capture, head_mean, middle_block
 
     try:
         model = vit_s.load_vit_s()
@@ -125,11 +136,15 @@ def vit_signals(image) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         raise UsageError(str(err)) from err
     pixels = vit_s.preprocess(image)
     layout = vit_s.dinov2_layout(model, FEATURE_LAYER)
-    with torch.no_grad(), capture(layout.taps()) as captured:
+    middle = vit_s.dinov2_layout(model, min(middle_block(len(model.encoder.layer), CLIP_MIDDLE), FEATURE_LAYER))
+    with torch.no_grad(), capture(layout.taps()) as captured, capture(middle.taps()) as at_middle:
         outputs = model(pixels, output_hidden_states=True)
         saliency = layout.cls_saliency(captured)[:, 1:]
         branch = captured.attention[:, 1:]
-    return outputs.hidden_states[FEATURE_LAYER + 1][:, 1:], branch, saliency, pixels.shape[-1] // vit_s.PATCH
+        keys = head_mean(captured.key, layout.num_heads)[:, 1:]
+        layer_saliency = middle.cls_saliency(at_middle)[:, 1:]
+    return VitSignals(outputs.hidden_states[FEATURE_LAYER + 1][:, 1:], branch, saliency, keys, layer_saliency,
+                      pixels.shape[-1] // vit_s.PATCH)
 
 
 def vit_notes(prompt: Optional[str]) -> tuple[list[str], str]:
@@ -145,7 +160,7 @@ def vit_notes(prompt: Optional[str]) -> tuple[list[str], str]:
 def run_vit(image, keep: int, task_ratio: float, box: Optional[tuple], prompt: Optional[str]) -> DemoResult:
     """DeSAP on the real ViT-S/14; the tokens inside ``box`` stand in for the text. :func:`demo` has
     checked ``keep`` against the ``vit_s.GRID`` x ``vit_s.GRID`` tokens."""
-    hidden, branch, saliency, grid = vit_signals(image)
+    hidden, branch, saliency, _, _, grid = vit_signals(image)
     box = box if box is not None else DEFAULT_BOX if image.size == (512, 512) else None
     notes, title = vit_notes(prompt)
     if box is not None:
@@ -171,14 +186,16 @@ def run_vit_methods(image, keep: int, task_ratio: float, box: Optional[tuple], p
     text. One result per method, in their order; merging as DeSAP merges."""
     from desap_ops.methods import MethodInputs, content_rows, content_seeds, get_method, run_method
 
-    hidden, branch, saliency, grid = vit_signals(image)
+    from desap_ops.methods import TokenGrid
+
+    hidden, branch, saliency, keys, layer_saliency, grid = vit_signals(image)
     box = box if box is not None else DEFAULT_BOX if image.size == (512, 512) else None
     notes, title = vit_notes(prompt)
     if box is not None:
         cells = box_tokens(box, *image.size, grid)
         text, text_mask = branch[:, cells], torch.ones(1, cells.numel(), dtype=torch.bool)
         notes.insert(1, f"stand-in: the {cells.numel()} tokens inside the query box {box} play the text tokens for "
-                        "the methods that read text (desap, similarity), in the encoder's own space")
+                        "the methods that read text, in the encoder's own space")
         title += f";  stand-in: the {cells.numel()} tokens in the {QUERY_BOX_COLOUR} query box play the text prompt"
     else:
         text, text_mask = branch[:, :1], torch.zeros(1, 1, dtype=torch.bool)
@@ -188,7 +205,8 @@ def run_vit_methods(image, keep: int, task_ratio: float, box: Optional[tuple], p
     seeds = content_seeds(content_rows(pixels, pixels.dtype)[:, None])   # the photo's pixels seed "random"
     # no language model here: the ViT's own rows stand in for the projected rows divprune reads
     inputs = MethodInputs(hidden=hidden, keep=keep, saliency=saliency, attn=branch, text=text, text_mask=text_mask,
-                          seed=seeds, projected=hidden, task_ratio=task_ratio)
+                          seed=seeds, projected=hidden, keys=keys, layer_saliency=layer_saliency,
+                          grid=TokenGrid(((1, grid, grid),)), task_ratio=task_ratio)
     results = []
     for name in methods:
         with torch.no_grad():
@@ -204,7 +222,7 @@ def run_vit_auto(image, keep: int, box: Optional[tuple], prompt: Optional[str]) 
     """task_ratio="auto" on the real ViT-S/14 with two texts: the strong cue (the tokens inside ``box``,
     by default the astronaut's face) and the weak cue (one row, the mean of all tokens' attention-branch
     rows). :func:`demo` has checked ``keep`` and that a box exists (given, or the 512 x 512 default)."""
-    hidden, branch, saliency, grid = vit_signals(image)
+    hidden, branch, saliency, _, _, grid = vit_signals(image)
     default = box is None
     box = AUTO_DEFAULT_BOX if default else box
     cells = box_tokens(box, *image.size, grid)
