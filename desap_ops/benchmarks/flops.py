@@ -23,7 +23,8 @@ from .e2e_batch import QWEN, TEXT_TOKENS, Batch
 from .e2e_variants import Baseline, prefill, tower_call, variant
 from .skeleton import optional
 
-# a method reading either projects every visual token (LLaVA's projector), not only the kept ones
+# a method reading one of these projects every visual token (LLaVA's projector), not only the kept
+# ones, once per signal read
 PROJECTS_ALL = frozenset({Signal.ATTN, Signal.PROJECTED})
 KEY_WIDTH = 64   # the keys a method reads (Signal.KEYS): a head's width, CLIP ViT-L/14's (LLaVA's tower)
 
@@ -92,13 +93,14 @@ class PrefillFlops:
     pieces: Pieces
 
 
-def method_flops(name: str, batch: int, visual: int, width: int, text_width: int, kept: int) -> int:
+def method_flops(name: str, batch: int, visual: int, width: int, text_width: int, kept: int,
+                 key_width: int = KEY_WIDTH) -> int:
     """FLOPs of the pruning method ``name`` choosing ``kept`` of ``visual`` tokens per image and
     merging the others or not, as the method does by default (``run_method``, ``Method.merges``:
     what ``apply_desap(method=name)`` runs), counted on a CPU on random signals of the shapes the
     LLaVA layouts give it (matrix work depends on the shapes alone): hidden (batch, visual, width),
-    the attention branch and the projected rows in the text's space and TEXT_TOKENS of text where
-    the method reads them."""
+    the attention branch and the projected rows in the text's space, TEXT_TOKENS of text and keys
+    of ``key_width`` (a head's width) where the method reads them."""
     method = get_method(name)
     gen = torch.Generator().manual_seed(0)
     signal = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
@@ -111,7 +113,7 @@ def method_flops(name: str, batch: int, visual: int, width: int, text_width: int
         text_mask=torch.ones(batch, TEXT_TOKENS, dtype=torch.bool) if Signal.TEXT in reads else None,
         seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None,
         projected=signal(batch, visual, text_width) if Signal.PROJECTED in reads else None,
-        keys=signal(batch, visual, KEY_WIDTH) if Signal.KEYS in reads else None,
+        keys=signal(batch, visual, key_width) if Signal.KEYS in reads else None,
         layer_saliency=signal(batch, visual).softmax(-1) if Signal.LAYER_SALIENCY in reads else None,
         grid=TokenGrid(((1, 1, visual),)))   # one row: the work depends on the shapes alone
     return flops_of(lambda: run_method(method, inputs, merge=method.merges))
@@ -149,8 +151,10 @@ def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int
     ideal = tower + project_kept + language_keep
     desap, *others = methods
     counted = {desap: ideal + project_all + operator}
-    counted.update({name: ideal + method_flops(name, batch, visual, width, text_width, kept)
-                    + (project_all if get_method(name).reads & PROJECTS_ALL else 0) for name in others})
+    head_width = width // vision.num_attention_heads
+    # the projector runs on all the visual tokens once per signal read through it (branch, rows)
+    counted.update({name: ideal + method_flops(name, batch, visual, width, text_width, kept, head_width)
+                    + project_all * len(get_method(name).reads & PROJECTS_ALL) for name in others})
     return PrefillFlops(full=tower + project_all + language_full, ideal=ideal, methods=counted,
                         pieces=Pieces(operator, tower, language_full, language_keep))
 

@@ -382,8 +382,8 @@ def _real_forward_flops(name: str, keep: int, methods: list[str]) -> dict:
 def test_flops_from_the_pieces_equal_the_real_forward_and_fall_with_the_budget():
     """LLaVA layout: every variant counted from the pieces (on meta) equals torch's count of the
     real forward pass, except the tower's attention capture that a method reading the tower's
-    signals (the saliency, the attention branch) adds and the pieces leave out: the same few FLOPs
-    for every such method, a negligible share. As the budget shrinks the ideal and every method
+    signals (the saliency, the attention branch, the keys) adds and the pieces leave out: the same
+    few FLOPs for every such method and layer read, a negligible share. As the budget shrinks the ideal and every method
     cost less, the full model the same."""
     keeps = [16, 8, 4]
     result = e2e.run(e2e.make_plan("tiny", keeps, "meta", methods=OTHERS))
@@ -392,8 +392,10 @@ def test_flops_from_the_pieces_equal_the_real_forward_and_fall_with_the_budget()
         real = _real_forward_flops("tiny", row.keep, result.methods)
         assert (row.full.flops, row.ideal.flops) == (real[e2e.Baseline.FULL], real[e2e.Baseline.IDEAL])
         for name, cost in row.methods.items():
-            if get_method(name).reads & {"saliency", "attn"}:
-                readout.add(real[name] - cost.flops)
+            reads = get_method(name).reads
+            if reads & {"saliency", "attn", "keys", "layer_saliency"}:
+                # one capture per tower layer read: the feature layer's, and HiPrune's middle one
+                readout.add((real[name] - cost.flops) / (2 if "layer_saliency" in reads else 1))
             else:
                 assert cost.flops == real[name], name
     (capture,) = readout
