@@ -277,6 +277,19 @@ def stop_engine(model: Path, engine: dict, tp: int = 1, env: dict | None = None)
         POOL._stop(key)
 
 
+def assert_same_as_transformers(got: dict, expected: list, asked: list) -> None:
+    """Every round of ``run_engine``'s outputs ``got`` equals transformers' runs ``expected`` request
+    for request (``asked``: each request's case, named in a failure): the prompt ids and the greedy
+    output; and the engine's one rank kept and merged exactly the tokens transformers did."""
+    for round_, outputs in enumerate(got["rounds"]):
+        for out, want, case in zip(outputs, expected, asked, strict=True):
+            assert out["prompt_token_ids"] == want["prompt_ids"], (round_, case)
+            assert out["output_token_ids"] == want["output_ids"], (round_, case)
+    (rank,) = got["ranks"]
+    kept = {(tuple(r.indices.tolist()), tuple(r.assignment.tolist())) for r in rank["history"]}
+    assert kept == {(tuple(w["indices"][0]), tuple(w["assignment"][0])) for w in expected}
+
+
 def with_method(media, method: str) -> dict:
     """A request's media (``run_engine``'s form: file(s), or a dict) asking for ``method`` per request
     (``mm_processor_kwargs``); :func:`transformers_run` reads the media and ignores the rest."""

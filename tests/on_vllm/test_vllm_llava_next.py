@@ -3,7 +3,8 @@ transformers with apply_desap on the same checkpoint, under every pruning method
 import pytest
 
 import test_vllm_llava_sweep
-from engines import BUILDERS, METHODS, PROMPTS, run_engine, save_image, transformers_run, with_method
+from engines import (BUILDERS, METHODS, PROMPTS, assert_same_as_transformers, run_engine, save_image,
+                     transformers_run, with_method)
 
 OPTIONS = {"keep": 12, "task_ratio": 0.5}
 ENGINE = {"hf_overrides": {"desap": OPTIONS}}
@@ -131,10 +132,4 @@ def test_a_crop_equal_to_its_base_image_keeps_and_merges_the_same_tokens_under_e
     expected = [transformers_run("llava_next", folder, prompt, image, {**OPTIONS, "method": method, "keep": keep})
                 for prompt, method, keep in asked]
     assert expected[[a[1:] for a in asked].index(("divprune", 3))]["indices"] == [[0]]
-    for round_, outputs in enumerate(got["rounds"]):
-        for out, want, case in zip(outputs, expected, asked, strict=True):
-            assert out["prompt_token_ids"] == want["prompt_ids"], (round_, case)
-            assert out["output_token_ids"] == want["output_ids"], (round_, case)
-    (rank,) = got["ranks"]
-    kept = {(tuple(r.indices.tolist()), tuple(r.assignment.tolist())) for r in rank["history"]}
-    assert kept == {(tuple(w["indices"][0]), tuple(w["assignment"][0])) for w in expected}
+    assert_same_as_transformers(got, expected, asked)
