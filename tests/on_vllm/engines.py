@@ -297,10 +297,10 @@ def with_method(media, method: str) -> dict:
             "mm_processor_kwargs": {"desap": {"method": method}}}
 
 
-def spread_methods(requests: list) -> list:
-    """``requests`` ([(prompt, media)]) with ``METHODS`` in turn, one a request: [(prompt, media
-    asking for its method, method)]."""
-    return [(prompt, with_method(media, METHODS[i % len(METHODS)]), METHODS[i % len(METHODS)])
+def spread_methods(requests: list, start: int = 0) -> list:
+    """``requests`` ([(prompt, media)]) with ``METHODS`` in turn from the ``start``-th, one a request:
+    [(prompt, media asking for its method, method)]."""
+    return [(prompt, with_method(media, METHODS[(start + i) % len(METHODS)]), METHODS[(start + i) % len(METHODS)])
             for i, (prompt, media) in enumerate(requests)]
 
 

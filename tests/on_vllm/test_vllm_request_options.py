@@ -194,6 +194,7 @@ class _ClipTower(nn.Module):
         self.vision_model = nn.Module()
         self.vision_model.encoder = nn.Module()
         self.vision_model.encoder.layers = nn.ModuleList([layer])
+        self.vision_model.config = SimpleNamespace(num_hidden_layers=1)   # vLLM's: the whole tower's depth
 
     def forward(self, pixel_values, feature_select_strategy=None):
         return pixel_values + self.vision_model.encoder.layers[-1].self_attn(pixel_values)

@@ -8,6 +8,8 @@ import servers
 
 from engines import transformers_run
 
+from desap_ops.methods import get_method
+
 QUESTION = "what is the color of the sky ?"
 PROMPT = f"USER: <image> {QUESTION} ASSISTANT:"   # what the chat template renders
 
@@ -77,7 +79,10 @@ def test_vllm_serve_prunes_with_each_requests_method_refuses_bad_ones_and_outliv
     status, reply = broken
     assert status == 200, reply
     assert [(r.indices.tolist(), r.method) for r in broken_records] == [(list(range(server.options["keep"])), "first")]
-    _same_answer(server, reply, expected("other", "first"))
+    # the fallback merges as the failed method would have (a plugin's default: Method.merges, True)
+    assert get_method("broken-order").merges
+    _same_answer(server, reply, transformers_run("llava", folder, PROMPT, checkpoints["other"],
+                                                 {**server.options, "method": "first", "merge": True}))
     log = server.log.read_text()
     assert "DeSAP: MethodFailure: pruning method 'broken-order' returned indices that are not strictly" in log
 

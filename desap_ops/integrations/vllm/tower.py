@@ -62,8 +62,9 @@ def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool
     def read(hidden: torch.Tensor, captured: Optional[TowerCapture]) -> TowerSignals:
         if captured is None:
             return TowerSignals(hidden)
+        saliency = cls_saliency(captured.qkv, attention())
         keys = head_mean_keys(captured.qkv, attention()) if Signal.KEYS in reads else None
-        return TowerSignals(hidden, captured.attention, cls_saliency(captured.qkv, attention()), keys=keys)
+        return TowerSignals(hidden, captured.attention, saliency, keys=keys)
 
     def middle() -> nn.Module:   # HiPrune's object layer of the whole tower, at or before the feature layer
         layers = tower.vision_model.encoder.layers
