@@ -8,16 +8,11 @@ from .. import reference
 from ..api import prune
 from ..reference import PruneResult
 from .interface import Method, MethodInputs, Signal, TokenGrid
+from .ranking import top_scores
 from .redundancy import cdpruner_lm, dart_input
 from .visionzip import visionzip
 
 DIVPRUNE_BLOCK_BYTES = 64 * 2**20   # bound on the part of the (B, N, N) cosine distances formed at once
-
-
-def top_scores(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """(B, K) ascending: the ``keep`` highest ``scores`` (B, N) per row, ties to the lower index, NaN last."""
-    order = reference.descending_rank(scores.float()).argsort(dim=-1)
-    return order[:, :keep].sort(dim=-1).values
 
 
 def desap(inputs: MethodInputs, merge: bool) -> PruneResult:

@@ -23,6 +23,7 @@ import torch
 from .. import reference
 from ..reference import PruneResult
 from .interface import MethodInputs
+from .ranking import top_scores
 
 CONTEXTUAL_SHARE = (5, 32)   # C = floor(5 K / 32) = floor(K / 6.4): the authors' 54 : 10 split of 64
 
@@ -46,9 +47,7 @@ def _first_of_twins(unit: torch.Tensor) -> torch.Tensor:
 def visionzip(inputs: MethodInputs, merge: bool) -> PruneResult:
     """VisionZip on ``inputs`` (``hidden``, ``saliency`` and ``keys``): K = D dominant + C
     contextual tokens per image; see the module. Ties go to the lower index: equal saliencies
-    (``builtin.top_scores``) and equally similar targets."""
-    from .builtin import top_scores   # builtin imports this module for its registry entry
-
+    (``ranking.top_scores``) and equally similar targets."""
     for signal in ("saliency", "keys"):
         if getattr(inputs, signal) is None:
             raise ValueError(f"visionzip reads {signal}: MethodInputs.{signal} must be given, got None")
