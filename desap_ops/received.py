@@ -27,6 +27,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .validation import FLOAT_DTYPES
 
@@ -156,3 +157,12 @@ def _received_cuda(queries: Tensor, keys: Tensor, boundaries: list[int], scale: 
 def _received_fake(queries: Tensor, keys: Tensor, boundaries: list[int], scale: float) -> Tensor:
     check_received_inputs(queries, keys, boundaries, scale)
     return queries.new_empty((queries.shape[0],), dtype=torch.float32)
+
+
+@register_flop_formula(torch.ops.desap.received_attention)
+def received_flops(queries, keys, boundaries, scale, *, out_shape=None, **kwargs) -> int:
+    """FLOPs of one call from the argument shapes (what ``FlopCounterMode`` counts; the op is opaque
+    to it otherwise): two products Q K^T per segment of n tokens, 4 n^2 H d, as the CUDA kernel's
+    two passes and the CPU's two half-precision passes run them (the CPU's float32 path runs one)."""
+    _, heads, width = queries
+    return sum(4 * (end - start) ** 2 * heads * width for start, end in zip(boundaries[:-1], boundaries[1:]))

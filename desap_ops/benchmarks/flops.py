@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from desap_ops import ops
 from desap_ops.integrations.common.sequence import image_budget
 from desap_ops.methods import MethodInputs, Signal, TokenGrid, get_method, run_method
+from desap_ops.received import received_attention
 
 from .e2e_batch import QWEN, TEXT_TOKENS, Batch
 from .e2e_variants import Baseline, prefill, tower_call, variant
@@ -26,6 +27,8 @@ from .skeleton import optional
 # a method reading one of these projects every visual token (LLaVA's projector), not only the kept
 # ones, once per signal read
 PROJECTS_ALL = frozenset({Signal.ATTN, Signal.PROJECTED})
+# and one of these runs the received-attention op over every crop's tokens, once per block read
+RECEIVES = frozenset({Signal.RECEIVED, Signal.LAYER_RECEIVED})
 KEY_WIDTH = 64   # the keys a method reads (Signal.KEYS): a head's width, CLIP ViT-L/14's (LLaVA's tower)
 
 # torch counts no FLOPs for SDPA's CPU kernel (it does for the CUDA ones): the same count as theirs
@@ -114,7 +117,8 @@ def method_flops(name: str, batch: int, visual: int, width: int, text_width: int
         seed=torch.arange(batch, dtype=torch.long) if Signal.SEED in reads else None,
         projected=signal(batch, visual, text_width) if Signal.PROJECTED in reads else None,
         keys=signal(batch, visual, key_width) if Signal.KEYS in reads else None,
-        layer_saliency=signal(batch, visual).softmax(-1) if Signal.LAYER_SALIENCY in reads else None,
+        received=signal(batch, visual).softmax(-1) if Signal.RECEIVED in reads else None,
+        layer_received=signal(batch, visual).softmax(-1) if Signal.LAYER_RECEIVED in reads else None,
         grid=TokenGrid(((1, 1, visual),)))   # one row: the work depends on the shapes alone
     return flops_of(lambda: run_method(method, inputs, merge=method.merges))
 
@@ -151,10 +155,16 @@ def piecewise_flops(model: nn.Module, inputs: dict, image_tokens: int, keep: int
     ideal = tower + project_kept + language_keep
     desap, *others = methods
     counted = {desap: ideal + project_all + operator}
-    head_width = width // vision.num_attention_heads
+    heads = vision.num_attention_heads
+    head_width = width // heads
+    # the received attention of one block over every crop's tokens ([CLS] included), as the op runs it
+    tokens = per_crop + 1
+    block = lambda: torch.empty(crops * tokens, heads, head_width, device=pixels.device)  # noqa: E731
+    received = flops_of(lambda: received_attention(block(), block(), list(range(0, crops * tokens + 1, tokens)), 1.0))
     # the projector runs on all the visual tokens once per signal read through it (branch, rows)
     counted.update({name: ideal + method_flops(name, batch, visual, width, text_width, kept, head_width)
-                    + project_all * len(get_method(name).reads & PROJECTS_ALL) for name in others})
+                    + project_all * len(get_method(name).reads & PROJECTS_ALL)
+                    + received * len(get_method(name).reads & RECEIVES) for name in others})
     return PrefillFlops(full=tower + project_all + language_full, ideal=ideal, methods=counted,
                         pieces=Pieces(operator, tower, language_full, language_keep))
 

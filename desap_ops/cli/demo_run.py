@@ -120,7 +120,8 @@ class VitSignals(NamedTuple):
     branch: torch.Tensor           # its attention branch
     saliency: torch.Tensor         # [CLS] attention at the feature layer (1, N)
     keys: torch.Tensor             # the feature layer's keys, mean over heads (VisionZip)
-    layer_saliency: torch.Tensor   # [CLS] attention at HiPrune's middle layer (1, N)
+    received: torch.Tensor         # the attention each token receives at the feature layer (HiPrune; 1, N)
+    layer_received: torch.Tensor   # ... and at HiPrune's middle layer (1, N)
     grid: int                      # tokens per side
 
 
@@ -142,9 +143,10 @@ def vit_signals(image) -> VitSignals:
         saliency = layout.cls_saliency(captured)[:, 1:]
         branch = captured.attention[:, 1:]
         keys = head_mean(captured.key, layout.num_heads)[:, 1:]
-        layer_saliency = middle.cls_saliency(at_middle)[:, 1:]
-    return VitSignals(outputs.hidden_states[FEATURE_LAYER + 1][:, 1:], branch, saliency, keys, layer_saliency,
-                      pixels.shape[-1] // vit_s.PATCH)
+        received = layout.received(captured)[:, 1:]
+        layer_received = middle.received(at_middle)[:, 1:]
+    return VitSignals(outputs.hidden_states[FEATURE_LAYER + 1][:, 1:], branch, saliency, keys, received,
+                      layer_received, pixels.shape[-1] // vit_s.PATCH)
 
 
 def vit_notes(prompt: Optional[str]) -> tuple[list[str], str]:
@@ -160,7 +162,7 @@ def vit_notes(prompt: Optional[str]) -> tuple[list[str], str]:
 def run_vit(image, keep: int, task_ratio: float, box: Optional[tuple], prompt: Optional[str]) -> DemoResult:
     """DeSAP on the real ViT-S/14; the tokens inside ``box`` stand in for the text. :func:`demo` has
     checked ``keep`` against the ``vit_s.GRID`` x ``vit_s.GRID`` tokens."""
-    hidden, branch, saliency, _, _, grid = vit_signals(image)
+    hidden, branch, saliency, *_, grid = vit_signals(image)
     box = box if box is not None else DEFAULT_BOX if image.size == (512, 512) else None
     notes, title = vit_notes(prompt)
     if box is not None:
@@ -188,7 +190,7 @@ def run_vit_methods(image, keep: int, task_ratio: float, box: Optional[tuple], p
 
     from desap_ops.methods import TokenGrid
 
-    hidden, branch, saliency, keys, layer_saliency, grid = vit_signals(image)
+    hidden, branch, saliency, keys, received, layer_received, grid = vit_signals(image)
     box = box if box is not None else DEFAULT_BOX if image.size == (512, 512) else None
     notes, title = vit_notes(prompt)
     if box is not None:
@@ -205,7 +207,8 @@ def run_vit_methods(image, keep: int, task_ratio: float, box: Optional[tuple], p
     seeds = content_seeds(content_rows(pixels, pixels.dtype)[:, None])   # the photo's pixels seed "random"
     # no language model here: the ViT's own rows stand in for the projected rows divprune reads
     inputs = MethodInputs(hidden=hidden, keep=keep, saliency=saliency, attn=branch, text=text, text_mask=text_mask,
-                          seed=seeds, projected=hidden, keys=keys, layer_saliency=layer_saliency,
+                          seed=seeds, projected=hidden, keys=keys, received=received,
+                          layer_received=layer_received,
                           grid=TokenGrid(((1, grid, grid),)), task_ratio=task_ratio)
     results = []
     for name in methods:
@@ -222,7 +225,7 @@ def run_vit_auto(image, keep: int, box: Optional[tuple], prompt: Optional[str]) 
     """task_ratio="auto" on the real ViT-S/14 with two texts: the strong cue (the tokens inside ``box``,
     by default the astronaut's face) and the weak cue (one row, the mean of all tokens' attention-branch
     rows). :func:`demo` has checked ``keep`` and that a box exists (given, or the 512 x 512 default)."""
-    hidden, branch, saliency, _, _, grid = vit_signals(image)
+    hidden, branch, saliency, *_, grid = vit_signals(image)
     default = box is None
     box = AUTO_DEFAULT_BOX if default else box
     cells = box_tokens(box, *image.size, grid)

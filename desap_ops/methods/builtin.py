@@ -120,11 +120,11 @@ def grid_neighbours(grid: TokenGrid, device) -> torch.Tensor:
 
 
 def hiprune(inputs: MethodInputs) -> torch.Tensor:
-    """HiPrune (Liu et al., arXiv 2508.00553): anchors, the ``round(K * 0.1 / 5)`` tokens of highest
-    saliency at a middle, object-centric block of the tower (``layer_saliency``); buffers, the
-    anchors' spatial neighbours (above, below, left, right in ``grid``); registers, the tokens of
-    highest saliency at the deep block (``saliency``) among the rest, as many as fill K. Ties to the
-    lower index, NaN last. Every image of the batch at once."""
+    """HiPrune (Liu et al., arXiv 2508.00553): anchors, the ``round(K * 0.1 / 5)`` tokens that
+    receive the most attention at a middle, object-centric block of the tower (``layer_received``);
+    buffers, the anchors' spatial neighbours (above, below, left, right in ``grid``); registers, the
+    tokens that receive the most attention at the deep block (``received``) among the rest, as many
+    as fill K. Ties to the lower index, NaN last. Every image of the batch at once."""
     hidden = inputs.hidden
     batch, tokens = hidden.shape[:2]
     grid = inputs.grid if inputs.grid is not None else TokenGrid.square(tokens)
@@ -133,13 +133,13 @@ def hiprune(inputs: MethodInputs) -> torch.Tensor:
     chosen = torch.zeros(batch, tokens, dtype=torch.bool, device=hidden.device)
     anchors = hiprune_anchors(inputs.keep)
     if anchors:
-        anchor = top_scores(inputs.layer_saliency, anchors)                            # (B, a)
+        anchor = top_scores(inputs.layer_received, anchors)                            # (B, a)
         buffers = grid_neighbours(grid, hidden.device)[anchor].flatten(1)             # (B, 4a), -1: none
         rows = torch.arange(batch, device=hidden.device)[:, None]
         chosen[rows, anchor] = True
         chosen[rows.expand_as(buffers)[buffers >= 0], buffers[buffers >= 0]] = True
     registers = inputs.keep - chosen.sum(dim=1, keepdim=True)                          # (B, 1)
-    rank = reference.descending_rank(inputs.saliency.float(), excluded=chosen)         # the rest first
+    rank = reference.descending_rank(inputs.received.float(), excluded=chosen)         # the rest first
     chosen |= rank < registers
     return chosen.nonzero()[:, 1].view(batch, inputs.keep)
 
@@ -157,7 +157,7 @@ BUILTIN: tuple[Method, ...] = (
     # differs and why), both on the rows the language model receives
     Method("dart-input", dart_input, reads=frozenset({Signal.PROJECTED, Signal.TEXT}), merges=False),
     Method("cdpruner-lm", cdpruner_lm, reads=frozenset({Signal.PROJECTED, Signal.ATTN, Signal.TEXT}), merges=False),
-    Method("hiprune", hiprune, reads=frozenset({Signal.LAYER_SALIENCY, Signal.SALIENCY}), merges=False),
+    Method("hiprune", hiprune, reads=frozenset({Signal.LAYER_RECEIVED, Signal.RECEIVED}), merges=False),
     # VisionZip: dominant tokens and contextual tokens merged its own way (visionzip.py; docs/methods.md)
     Method("visionzip", prune=visionzip, reads=frozenset({Signal.SALIENCY, Signal.KEYS})),
 )

@@ -30,8 +30,11 @@ class Signal(str, enum.Enum):
     SEED = "seed"           # a hash of the pixels, the same in every engine
     PROJECTED = "projected" # the rows the language model receives (after the projector; Qwen: hidden itself)
     KEYS = "keys"           # the tower's attention hooks: the saliency block's keys, averaged over heads
-    # HiPrune (issue 36): the saliency read at a middle, object-centric block of the tower
-    LAYER_SALIENCY = "layer_saliency"
+    # the tower's attention hooks: the attention each token receives, averaged over heads and over
+    # the queries of its image (HiPrune's attention), at the saliency block (Qwen: SALIENCY itself)
+    RECEIVED = "received"
+    # ... and at a middle, object-centric block of the tower (HiPrune's object layer)
+    LAYER_RECEIVED = "layer_received"
 
     def __str__(self) -> str:
         return self.value
@@ -64,8 +67,10 @@ class MethodInputs:
     text_reduce: str = "max"
     text_budget: Optional[int] = None
     backend: str = "auto"
-    # HiPrune (issue 36): the saliency at a middle block, and where each token lies in its image
-    layer_saliency: Optional[torch.Tensor] = None   # (B, N) float32: SALIENCY's definition, at a middle block
+    # HiPrune: the attention each token receives, at the saliency block and at a middle block, and
+    # where each token lies in its image
+    received: Optional[torch.Tensor] = None         # (B, N) float32: mean over heads and the image's queries
+    layer_received: Optional[torch.Tensor] = None   # (B, N) float32: the same at a middle block
     grid: Optional["TokenGrid"] = None              # where the tokens lie (the same for the B rows); None: one square
 
 

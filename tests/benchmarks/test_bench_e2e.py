@@ -393,9 +393,10 @@ def test_flops_from_the_pieces_equal_the_real_forward_and_fall_with_the_budget()
         assert (row.full.flops, row.ideal.flops) == (real[e2e.Baseline.FULL], real[e2e.Baseline.IDEAL])
         for name, cost in row.methods.items():
             reads = get_method(name).reads
-            if reads & {"saliency", "attn", "keys", "layer_saliency"}:
-                # one capture per tower layer read: the feature layer's, and HiPrune's middle one
-                readout.add((real[name] - cost.flops) / (2 if "layer_saliency" in reads else 1))
+            if reads & {"saliency", "attn", "keys", "received"}:
+                # the feature layer's capture, whose [CLS] attention the pieces leave out (the
+                # received attention, HiPrune's at two blocks, the pieces count as the op does)
+                readout.add(real[name] - cost.flops)
             else:
                 assert cost.flops == real[name], name
     (capture,) = readout

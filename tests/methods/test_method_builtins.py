@@ -24,7 +24,8 @@ def _inputs(batch, tokens, width, keep, dtype=torch.float32, seed=0, text_mask=N
                         text=torch.randn(batch, 4, 6, generator=gen).to(dtype), text_mask=text_mask,
                         seed=torch.randint(0, 2**62, (batch,), generator=gen),
                         projected=torch.randn(batch, tokens, width + 3, generator=gen).to(dtype), 
-                        layer_saliency=torch.rand(batch, tokens, generator=gen),
+                        received=torch.rand(batch, tokens, generator=gen),
+                        layer_received=torch.rand(batch, tokens, generator=gen),
                         grid=TokenGrid(((1, 1, tokens),)), **options)
 
 

@@ -1,6 +1,7 @@
 """HiPrune (``desap_ops.methods.builtin.hiprune``) against a naive float64 form written from the paper
-(Liu et al., arXiv 2508.00553, Section 3): anchors by the middle block's saliency, their spatial
-neighbours as buffers, registers by the deep block's saliency among the rest."""
+(Liu et al., arXiv 2508.00553, Section 3): anchors by the attention tokens receive at the middle
+block, their spatial neighbours as buffers, registers by the attention received at the deep block
+among the rest."""
 import math
 
 import pytest
@@ -39,7 +40,7 @@ def naive_hiprune(middle: list, deep: list, blocks, keep: int) -> list:
 
 
 def _select(middle: torch.Tensor, deep: torch.Tensor, blocks, keep: int) -> torch.Tensor:
-    inputs = MethodInputs(hidden=torch.zeros(*deep.shape, 3), keep=keep, saliency=deep, layer_saliency=middle,
+    inputs = MethodInputs(hidden=torch.zeros(*deep.shape, 3), keep=keep, received=deep, layer_received=middle,
                           grid=TokenGrid(tuple(blocks)))
     return run_method(get_method("hiprune"), inputs, merge=False).indices
 
@@ -110,11 +111,11 @@ def test_buffers_stay_within_their_frame_and_block():
 
 def test_grid_must_hold_the_tokens_and_none_means_one_square():
     deep = torch.rand(1, 36)
-    square = run_method(get_method("hiprune"), MethodInputs(hidden=torch.zeros(1, 36, 2), keep=30, saliency=deep,
-                                                            layer_saliency=deep), merge=False).indices
+    square = run_method(get_method("hiprune"), MethodInputs(hidden=torch.zeros(1, 36, 2), keep=30, received=deep,
+                                                            layer_received=deep), merge=False).indices
     assert torch.equal(square, _select(deep, deep, ((1, 6, 6),), 30))
     with pytest.raises(MethodFailure, match="holds 35 tokens"):
         _select(deep, deep, ((1, 5, 7),), 30)
     with pytest.raises(MethodFailure, match="no square"):
-        run_method(get_method("hiprune"), MethodInputs(hidden=torch.zeros(1, 35, 2), keep=3, saliency=deep[:, :35],
-                                                       layer_saliency=deep[:, :35]), merge=False)
+        run_method(get_method("hiprune"), MethodInputs(hidden=torch.zeros(1, 35, 2), keep=3, received=deep[:, :35],
+                                                       layer_received=deep[:, :35]), merge=False)

@@ -27,7 +27,7 @@ def test_the_builtins_are_registered_with_the_signals_they_read(registry):
     assert registry.names() == BUILTIN_NAMES and DEFAULT_METHOD in BUILTIN_NAMES
     assert set(BUILTIN_NAMES) <= set(available_methods())
     assert SIGNALS == set(Signal) and {s.value for s in Signal} == {"saliency", "attn", "text", "seed", "projected",
-                                                                   "keys", "layer_saliency"}
+                                                                   "keys", "received", "layer_received"}
     for method in BUILTIN:
         assert registry.get(method.name) is method and method.reads <= SIGNALS
         assert all(type(signal) is Signal for signal in method.reads)
@@ -108,7 +108,7 @@ def test_register_a_function_or_with_the_decorator_and_unregister(registry):
     ("x" * 64, (), ValueError, r"method name must be 1 to 63"),
     (7, (), ValueError, r"got 7"),
     ("test-pixels", ("pixels",), ValueError, r"method 'test-pixels' reads unknown signal\(s\) \['pixels'\]; "
-                                             r"the signals are \['attn', 'keys', 'layer_saliency', 'projected', 'saliency', 'seed', 'text'\]"),
+                                             r"the signals are \['attn', 'keys', 'layer_received', 'projected', 'received', 'saliency', 'seed', 'text'\]"),
     ("test-string", "text", TypeError, r"method 'test-string': reads must be a collection of signal names"),
     ("test-none", None, TypeError, r"method 'test-none': reads must be a collection"),
 ])

@@ -135,6 +135,7 @@ def prune_images(signals: TowerSignals, text_space: Callable[[torch.Tensor], tor
                           projected=projected, keys=signals.keys if Signal.KEYS in reads else None,
                           task_ratio=options.task_ratio, text_reduce=options.text_reduce,
                           text_budget=options.text_budget, backend=options.backend,
-                          layer_saliency=signals.layer_saliency if Signal.LAYER_SALIENCY in reads else None,
+                          received=signals.received if Signal.RECEIVED in reads else None,
+                          layer_received=signals.layer_received if Signal.LAYER_RECEIVED in reads else None,
                           grid=grid)
     return run_method(method, inputs, options.merges)

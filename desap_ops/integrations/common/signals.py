@@ -14,7 +14,9 @@ computes them, once for every reader of both engines:
   as it is and no T x T matrix is ever formed;
 - encoders without [CLS] (the Qwen families): :func:`merged_saliency`, the attention each patch
   receives (:func:`received_attention`, the operator ``desap::received_attention``) summed per merged token,
-  in the model's order.
+  in the model's order;
+- the attention each token of a CLIP-style image receives (``Signal.RECEIVED``, HiPrune's):
+  :func:`image_received`, the same operator with one segment per image.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch import nn
 from ...methods import Signal, content_rows, order_rows
 from ...received import received_attention as received_attention_op
 
-TOWER_READS = frozenset({Signal.SALIENCY, Signal.ATTN, Signal.KEYS})   # the signals read by attention hooks
+TOWER_READS = frozenset({Signal.SALIENCY, Signal.ATTN, Signal.KEYS, Signal.RECEIVED})   # read by attention hooks
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class TowerSignals:
     # projects hidden where the method reads them
     projected: Optional[torch.Tensor] = None
     keys: Optional[torch.Tensor] = None        # (..., d): the saliency block's keys, mean over heads
-    layer_saliency: Optional[torch.Tensor] = None  # (...,) float32: saliency's definition at a middle block (HiPrune)
+    received: Optional[torch.Tensor] = None    # (...,) float32: the attention a token receives (HiPrune; Qwen: saliency)
+    layer_received: Optional[torch.Tensor] = None  # (...,) float32: the same at a middle block (HiPrune)
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> "TowerSignals":
         """``function`` applied to every tensor (an index, a reshape): the rows stay aligned."""
@@ -57,30 +60,35 @@ class TowerSignals:
             return None if t is None else function(t)
         return TowerSignals(function(self.hidden), apply(self.attn), apply(self.saliency),
                             tuple(function(level) for level in self.levels), apply(self.seed), apply(self.projected),
-                            apply(self.keys),
-                            apply(self.layer_saliency))
+                            apply(self.keys), apply(self.received), apply(self.layer_received))
 
     def split(self, sizes: Sequence[int]) -> list["TowerSignals"]:
         """One :class:`TowerSignals` per part of the leading dimension (``sizes`` rows each)."""
         def parts(t: Optional[torch.Tensor]) -> Sequence[Optional[torch.Tensor]]:
             return [None] * len(sizes) if t is None else t.split(list(sizes))
         levels = [parts(level) for level in self.levels]
-        return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c, p, k, m)
-                for i, (h, b, s, c, p, k, m) in enumerate(zip(parts(self.hidden), parts(self.attn),
-                                                              parts(self.saliency), parts(self.seed),
-                                                              parts(self.projected), parts(self.keys),
-                                                              parts(self.layer_saliency)))]
+        return [TowerSignals(h, b, s, tuple(level[i] for level in levels), c, p, k, r, m)
+                for i, (h, b, s, c, p, k, r, m) in enumerate(zip(parts(self.hidden), parts(self.attn),
+                                                                 parts(self.saliency), parts(self.seed),
+                                                                 parts(self.projected), parts(self.keys),
+                                                                 parts(self.received), parts(self.layer_received)))]
 
 
 def captures(reads: AbstractSet[str]) -> bool:
     """Whether a tower pass for a method reading ``reads`` must capture attention (saliency, the
-    attention branch or the keys); otherwise the tower runs plainly."""
+    attention branch, the keys or the received attention); otherwise the tower runs plainly."""
     return bool(reads & TOWER_READS)
 
 
 def with_content(signals: TowerSignals, content: Callable[[], torch.Tensor], reads: AbstractSet[str]) -> TowerSignals:
     """``signals`` with their pixel hashes (``content()``, row for row) where the method reads the seed."""
     return replace(signals, seed=content()) if Signal.SEED in reads else signals
+
+
+def with_received(signals: TowerSignals, reads: AbstractSet[str]) -> TowerSignals:
+    """``signals`` of a tower whose saliency already is the attention each token receives (the Qwen
+    towers: :func:`merged_saliency`), with that same tensor as ``received`` where the method reads it."""
+    return replace(signals, received=signals.saliency) if Signal.RECEIVED in reads else signals
 
 
 def with_projected(signals: TowerSignals, reads: AbstractSet[str]) -> TowerSignals:
@@ -167,11 +175,11 @@ Output = TypeVar("Output")
 
 
 class LayerTap(NamedTuple):
-    """A second block a tower pass reads (HiPrune's middle block, ``Signal.LAYER_SALIENCY``): the
-    :class:`Taps` of its modules, and the saliency (SALIENCY's definition) from their capture."""
+    """A second block a tower pass reads (HiPrune's middle block, ``Signal.LAYER_RECEIVED``): the
+    :class:`Taps` of its modules, and the attention each token receives there, from their capture."""
 
     taps: Callable[[], Taps]
-    saliency: Callable[[TowerCapture], torch.Tensor]
+    received: Callable[[TowerCapture], torch.Tensor]
 
 
 def tower_pass(reads: AbstractSet[str], run: Callable[[], Output], taps: Callable[[], Taps],
@@ -182,18 +190,18 @@ def tower_pass(reads: AbstractSet[str], run: Callable[[], Output], taps: Callabl
     ``reads`` need no attention (:func:`captures`; ``read`` then gets None), else under
     :func:`capture` of ``taps()``; ``read`` turns the tower's output and the capture into signals;
     the pixel hashes (``content(signals)``) are added where the method reads the seed. Where it
-    reads ``Signal.LAYER_SALIENCY``, the same pass also captures the middle block of ``layer``
+    reads ``Signal.LAYER_RECEIVED``, the same pass also captures the middle block of ``layer``
     (a ValueError where the reader names none). Returns the signals and the tower's output."""
-    middle = Signal.LAYER_SALIENCY in reads
+    middle = Signal.LAYER_RECEIVED in reads
     if middle and layer is None:
-        raise ValueError("this tower reader reads no middle block: the method's layer_saliency cannot be given")
+        raise ValueError("this tower reader reads no middle block: the method's layer_received cannot be given")
     with ExitStack() as stack:
         captured = stack.enter_context(capture(taps())) if captures(reads) else None
         at_layer = stack.enter_context(capture(layer.taps())) if middle else None
         output = run()
     signals = read(output, captured)
     if at_layer is not None:
-        signals = replace(signals, layer_saliency=layer.saliency(at_layer))
+        signals = replace(signals, layer_received=layer.received(at_layer))
     return with_content(signals, lambda: content(signals), reads), output
 
 
@@ -230,6 +238,10 @@ class AttentionLayout:
         """(B, T) float32: attention of the [CLS] query to every token, averaged over heads."""
         return cls_attention(captured.query[:, cls_index], captured.key, self.num_heads, self.scale)
 
+    def received(self, captured: TowerCapture) -> torch.Tensor:
+        """(B, T) float32: the attention each token receives in its image (:func:`image_received`)."""
+        return image_received(captured.query, captured.key, self.num_heads, self.scale)
+
 
 def cls_attention(query: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """softmax(q . k_t * scale) over t for one query per image, averaged over heads: (B, T) float32."""
@@ -253,6 +265,18 @@ def received_attention(queries: torch.Tensor, keys: torch.Tensor, segments: Sequ
     if starts != boundaries[:-1]:
         raise ValueError(f"received_attention: segments must follow one another from 0, got {list(segments)}")
     return received_attention_op(queries, keys, boundaries, float(scale))
+
+
+def image_received(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """(B, T) float32: for each token of B images of T tokens ([CLS] included, as the block ran
+    them), the softmax attention it receives, averaged over ``num_heads`` heads and over its
+    image's T queries: what HiPrune's code reads on CLIP towers (``attentions.mean(1).mean(1)``),
+    with no T x T matrix kept (:func:`received_attention`, one segment per image). queries, keys:
+    (B, T, num_heads * d)."""
+    batch, tokens, width = keys.shape
+    shape = (batch * tokens, num_heads, width // num_heads)
+    segments = [(i * tokens, (i + 1) * tokens) for i in range(batch)]
+    return received_attention(queries.reshape(shape), keys.reshape(shape), segments, scale).view(batch, tokens)
 
 
 def merged_saliency(queries: torch.Tensor, keys: torch.Tensor, segments, scale: float, merge_unit: int,

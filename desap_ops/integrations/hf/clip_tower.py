@@ -58,7 +58,8 @@ def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cl
         if captured is None:
             return TowerSignals(hidden)
         keys = head_mean(captured.key, layout().num_heads) if Signal.KEYS in reads else None
-        return TowerSignals(hidden, captured.attention, layout().cls_saliency(captured), keys=keys)
+        received = layout().received(captured) if Signal.RECEIVED in reads else None
+        return TowerSignals(hidden, captured.attention, layout().cls_saliency(captured), keys=keys, received=received)
 
     def middle() -> AttentionLayout:   # HiPrune's object layer, at or before the feature layer
         layers = encoder_layers(tower)
@@ -67,7 +68,7 @@ def read_tower(tower: nn.Module, pixel_values: torch.Tensor, layer: int, drop_cl
     signals, outputs = tower_pass(
         reads, lambda: tower(pixel_values, output_hidden_states=True, return_dict=True), lambda: layout().taps(), read,
         lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype),
-        LayerTap(lambda: middle().taps(), lambda captured: middle().cls_saliency(captured)))
+        LayerTap(lambda: middle().taps(), lambda captured: middle().received(captured)))
     if drop_cls:
         signals = signals.map(lambda t: t[:, 1:])
     return signals, outputs

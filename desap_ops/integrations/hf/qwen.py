@@ -27,7 +27,8 @@ from ...reference import merge_tokens
 from ..common.hooked import Hook
 from ..common.sequence import count_placeholders, drop_tokens, image_budget
 from ..common.signals import (QWEN_MIDDLE, LayerTap, Taps, TowerCapture, TowerSignals, merged_keys, merged_saliency,
-                              middle_block, patch_content, tower_pass, with_projected)
+                              middle_block, patch_content, tower_pass, with_projected,
+                              with_received)
 from .serving import install_serving, pad_token_id, run_prune, start_record
 from .state import DesapState, PlannedMedium, QwenPlan
 from .text import text_embeddings
@@ -122,7 +123,8 @@ def read_qwen_tower(visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Ten
                             lambda signals: patch_content(pixels, visual),
                             LayerTap(lambda: Taps(qkv=middle.qkv, inputs=middle),
                                      lambda captured: saliency(middle, captured)))
-    return with_projected(signals, reads)   # the merged tokens are the language model's rows
+    # the merged tokens are the language model's rows; the saliency is the attention they receive
+    return with_received(with_projected(signals, reads), reads)
 
 
 # --- planning a call -----------------------------------------------------------------------------

@@ -84,8 +84,10 @@ def _video_features(model, inner, pooled: bool, pixel_values_videos, vision_feat
                                seed=None if signals.seed is None else signals.seed[:, :pooled_hidden.shape[1]],
                                keys=None if signals.keys is None else pool_keys(signals.keys,
                                                                                 model.config.spatial_pool_stride),
-                               layer_saliency=None if signals.layer_saliency is None else pool_saliency(
-                                   signals.layer_saliency, model.config.spatial_pool_stride))
+                               received=None if signals.received is None else pool_saliency(
+                                   signals.received, model.config.spatial_pool_stride),
+                               layer_received=None if signals.layer_received is None else pool_saliency(
+                                   signals.layer_received, model.config.spatial_pool_stride))
         vision = model.config.vision_config
         side = vision.image_size // vision.patch_size // model.config.spatial_pool_stride
         grid = TokenGrid(((frames, side, side),))   # each frame's pooled grid (tokens_per_frame)

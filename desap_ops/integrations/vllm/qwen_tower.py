@@ -22,7 +22,8 @@ from torch import nn
 
 from ...methods import SIGNALS, Signal
 from ..common.signals import (QWEN_MIDDLE, LayerTap, Taps, TowerCapture, TowerSignals, merged_keys, merged_saliency,
-                              middle_block, patch_content, tower_pass, with_projected)
+                              middle_block, patch_content, tower_pass, with_projected,
+                              with_received)
 from .tower import mean_over_ranks
 
 
@@ -86,4 +87,5 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
                             lambda: Taps(attention=attention(), inputs=attention().attn), read,
                             lambda signals: patch_content(pixel_values, visual),
                             LayerTap(lambda: Taps(inputs=middle().attn), lambda captured: saliency(middle(), captured)))
-    return with_projected(signals, reads)   # the merged tokens are the language model's rows
+    # the merged tokens are the language model's rows; the saliency is the attention they receive
+    return with_received(with_projected(signals, reads), reads)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ...methods import SIGNALS, Signal
 from ..common.signals import (CLIP_MIDDLE, LayerTap, Taps, TowerCapture, TowerSignals, cls_attention, frame_content,
-                              head_mean, middle_block, tower_pass)
+                              head_mean, image_received, middle_block, tower_pass)
 
 
 def mean_over_ranks(local_mean: torch.Tensor, local_heads: int, heads: int, tp_size: int) -> torch.Tensor:
@@ -36,6 +36,16 @@ def cls_saliency(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
     query, key, _ = qkv.chunk(3, dim=-1)
     local_heads = attention.num_heads_per_partition
     mean = cls_attention(query[:, 0], key, local_heads, attention.scale)
+    return mean_over_ranks(mean, local_heads, attention.num_heads, getattr(attention, "tp_size", 1))
+
+
+def received_saliency(qkv: torch.Tensor, attention: nn.Module) -> torch.Tensor:
+    """(B, T) float32: the attention each token receives in its image (``Signal.RECEIVED``:
+    ``common.signals.image_received``), averaged over every head of every rank, from one rank's
+    fused projection output, as :func:`cls_saliency` averages the [CLS] attention."""
+    query, key, _ = qkv.chunk(3, dim=-1)
+    local_heads = attention.num_heads_per_partition
+    mean = image_received(query, key, local_heads, attention.scale)
     return mean_over_ranks(mean, local_heads, attention.num_heads, getattr(attention, "tp_size", 1))
 
 
@@ -64,7 +74,8 @@ def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool
             return TowerSignals(hidden)
         saliency = cls_saliency(captured.qkv, attention())
         keys = head_mean_keys(captured.qkv, attention()) if Signal.KEYS in reads else None
-        return TowerSignals(hidden, captured.attention, saliency, keys=keys)
+        received = received_saliency(captured.qkv, attention()) if Signal.RECEIVED in reads else None
+        return TowerSignals(hidden, captured.attention, saliency, keys=keys, received=received)
 
     def middle() -> nn.Module:   # HiPrune's object layer of the whole tower, at or before the feature layer
         layers = tower.vision_model.encoder.layers
@@ -75,5 +86,5 @@ def read_vllm_tower(tower: nn.Module, pixel_values: torch.Tensor, drop_cls: bool
         reads, lambda: tower(pixel_values, feature_select_strategy=None),
         lambda: Taps(attention=attention(), qkv=attention().qkv_proj), read,
         lambda signals: frame_content(pixel_values, signals.hidden.shape[1], signals.hidden.dtype),
-        LayerTap(lambda: Taps(qkv=middle().qkv_proj), lambda captured: cls_saliency(captured.qkv, middle())))
+        LayerTap(lambda: Taps(qkv=middle().qkv_proj), lambda captured: received_saliency(captured.qkv, middle())))
     return signals.map(lambda t: t[:, 1:]) if drop_cls else signals

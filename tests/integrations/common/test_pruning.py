@@ -13,7 +13,9 @@ from desap_ops.methods import BUILTIN, Signal
 def _signals(seed=0, batch=2, tokens=9):
     gen = torch.Generator().manual_seed(seed)
     return TowerSignals(torch.randn(batch, tokens, 6, generator=gen), torch.randn(batch, tokens, 4, generator=gen),
-                        torch.rand(batch, tokens, generator=gen), keys=torch.randn(batch, tokens, 3, generator=gen))
+                        torch.rand(batch, tokens, generator=gen), keys=torch.randn(batch, tokens, 3, generator=gen),
+                        received=torch.rand(batch, tokens, generator=gen),
+                        layer_received=torch.rand(batch, tokens, generator=gen))
 
 
 def test_the_ideal_keeps_each_images_first_tokens_unmerged_in_order():
@@ -127,7 +129,9 @@ def test_each_method_gets_the_signals_it_reads_and_nothing_else(name, merge):
     signals = TowerSignals(full.hidden, full.attn if Signal.ATTN in reads else None,
                            full.saliency if Signal.SALIENCY in reads else None,
                            seed=content if Signal.SEED in reads else None,
-                           keys=full.keys if Signal.KEYS in reads else None)
+                           keys=full.keys if Signal.KEYS in reads else None,
+                           received=full.received if Signal.RECEIVED in reads else None,
+                           layer_received=full.layer_received if Signal.LAYER_RECEIVED in reads else None)
     text, mask = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4)), torch.ones(2, 3, dtype=torch.bool)
 
     def text_space(rows):   # the projector: on the attention branch, and on hidden for the projected rows
@@ -140,7 +144,8 @@ def test_each_method_gets_the_signals_it_reads_and_nothing_else(name, merge):
     got = prune_images(signals, text_space, text if reads_text else None, mask if reads_text else None, 4, options)
     expected = run_method(get_method(name), MethodInputs(
         hidden=full.hidden, keep=4, saliency=full.saliency, attn=2 * full.attn, text=text, text_mask=mask,
-        seed=content_seeds(content), projected=2 * full.hidden, keys=full.keys, backend="reference"),
+        seed=content_seeds(content), projected=2 * full.hidden, keys=full.keys, received=full.received,
+        layer_received=full.layer_received, backend="reference"),
         merge=get_method(name).merges if merge is None else merge)
     assert options.merges == (get_method(name).merges if merge is None else merge)
     for field in ("tokens", "indices", "assignment", "task_scores", "task_keep"):

@@ -65,7 +65,7 @@ def test_tower_pass_captures_only_when_the_method_reads_attention():
     with torch.no_grad():
         for reads, captured, seeded in ((frozenset(), False, False), (frozenset({Signal.SEED}), False, True),
                                         (frozenset({Signal.SALIENCY}), True, False),
-                                        (SIGNALS - {Signal.LAYER_SALIENCY}, True, True)):
+                                        (SIGNALS - {Signal.LAYER_RECEIVED}, True, True)):
             signals, outputs = tower_pass(reads, lambda: tower(pixels), lambda: Taps(attention=attention), read,
                                           content)
             assert (seen.pop() is not None) == captured and (signals.attn is not None) == captured
@@ -74,7 +74,7 @@ def test_tower_pass_captures_only_when_the_method_reads_attention():
     assert not _hooked(attention)
 
 
-def test_tower_pass_reads_a_middle_block_only_for_layer_saliency_and_only_where_the_reader_names_one():
+def test_tower_pass_reads_a_middle_block_only_for_layer_received_and_only_where_the_reader_names_one():
     """HiPrune's middle block: a second capture in the same pass, its hooks gone after; a reader
     that names no middle block refuses the signal rather than give None."""
     tower = tiny_llava().model.vision_tower
@@ -97,13 +97,13 @@ def test_tower_pass_reads_a_middle_block_only_for_layer_saliency_and_only_where_
         with capture(Taps(attention=first)) as alone:
             tower(pixels)
         expected = alone.attention.sum(dim=-1)
-        for reads in (frozenset({Signal.LAYER_SALIENCY}), frozenset({Signal.LAYER_SALIENCY, Signal.ATTN})):
+        for reads in (frozenset({Signal.LAYER_RECEIVED}), frozenset({Signal.LAYER_RECEIVED, Signal.ATTN})):
             signals, _ = tower_pass(reads, run, lambda: Taps(attention=second), read, content, layer)
-            torch.testing.assert_close(signals.layer_saliency, expected, rtol=0, atol=0)
+            torch.testing.assert_close(signals.layer_received, expected, rtol=0, atol=0)
             assert (signals.attn is not None) == (Signal.ATTN in reads)
             assert not _hooked(first, second)
         plain, _ = tower_pass(frozenset({Signal.SALIENCY}), run, lambda: Taps(attention=second), read, content, layer)
-        assert plain.layer_saliency is None
-        with pytest.raises(ValueError, match="layer_saliency"):
-            tower_pass(frozenset({Signal.LAYER_SALIENCY}), run, lambda: Taps(attention=second), read, content)
+        assert plain.layer_received is None
+        with pytest.raises(ValueError, match="layer_received"):
+            tower_pass(frozenset({Signal.LAYER_RECEIVED}), run, lambda: Taps(attention=second), read, content)
     assert len(runs) == 3   # one tower run per pass; the refused one never ran

@@ -1,5 +1,5 @@
-"""HiPrune in transformers: the middle block's saliency (``Signal.LAYER_SALIENCY``) the readers give
-against eager attention matrices, at the blocks the authors read, and HiPrune's kept tokens with its
+"""HiPrune in transformers: the attention tokens receive (``Signal.RECEIVED``, and
+``Signal.LAYER_RECEIVED`` at a middle block) the readers give against eager attention matrices, at the blocks the authors read, and HiPrune's kept tokens with its
 anchors and buffers in play (LLaVA-NeXT's packed grid) against its naive form on signals read off an
 unpatched eager model."""
 import sys
@@ -22,7 +22,7 @@ from ..prompts import llava_pixels
 from .qwen_inputs import inputs as qwen_inputs
 
 TOL = dict(rtol=1e-5, atol=1e-6)
-LAYER = frozenset({Signal.LAYER_SALIENCY})
+LAYER = frozenset({Signal.LAYER_RECEIVED})
 
 
 def test_the_middle_block_is_the_authors_object_layer():
@@ -34,7 +34,9 @@ def test_the_middle_block_is_the_authors_object_layer():
     assert middle_block(1, CLIP_MIDDLE) == 0
 
 
-def test_clip_layer_saliency_is_cls_attention_at_the_middle_layer_in_the_same_pass():
+def test_clip_received_is_the_column_mean_of_the_attention_at_both_layers_in_the_same_pass():
+    """HiPrune's code on CLIP: ``attentions[layer].mean(dim=1).mean(dim=1)[:, 1:]``, every query
+    ([CLS] included) of each image, at the middle layer and at the feature layer's block."""
     pixels = llava_pixels()
     eager = tiny_llava(attn_implementation="eager")
     tower, layer = eager.model.vision_tower, feature_layer(eager.config)
@@ -46,12 +48,15 @@ def test_clip_layer_saliency_is_cls_attention_at_the_middle_layer_in_the_same_pa
     with torch.no_grad():
         out = tower(pixels, output_hidden_states=True, output_attentions=True)
         before = hooks()
-        both, _ = read_tower(tower, pixels, layer, drop_cls=True, reads=LAYER | {Signal.SALIENCY})
+        both, _ = read_tower(tower, pixels, layer, drop_cls=True, reads=LAYER | {Signal.RECEIVED})
         alone, _ = read_tower(tower, pixels, layer, drop_cls=False, reads=LAYER)
-    torch.testing.assert_close(both.layer_saliency, out.attentions[middle][:, :, 0, 1:].mean(dim=1), **TOL)
+    received = lambda index: out.attentions[index].mean(dim=1).mean(dim=1)  # noqa: E731
+    assert pixels.shape[0] > 1   # one softmax per image: no query reaches another image's tokens
+    torch.testing.assert_close(both.layer_received, received(middle)[:, 1:], **TOL)
+    torch.testing.assert_close(both.received, received(layer - 1)[:, 1:], **TOL)
     torch.testing.assert_close(both.saliency, out.attentions[layer - 1][:, :, 0, 1:].mean(dim=1), **TOL)
-    torch.testing.assert_close(alone.layer_saliency, out.attentions[middle][:, :, 0, :].mean(dim=1), **TOL)
-    assert alone.saliency is None and alone.attn is None   # the middle block alone: no feature-layer capture
+    torch.testing.assert_close(alone.layer_received, received(middle), **TOL)
+    assert alone.received is None and alone.attn is None   # the middle block alone: no feature-layer capture
     assert hooks() == before   # both captures' hooks removed
 
 
@@ -59,7 +64,7 @@ QWEN = {"qwen3-vl": (tiny_qwen3_vl, qwen3_vl.read_tower), "qwen3.5": (tiny_qwen3
 
 
 @pytest.mark.parametrize("family", QWEN)
-def test_qwen_layer_saliency_is_the_attention_received_at_the_middle_block(family, monkeypatch):
+def test_qwen_layer_received_is_the_attention_received_at_the_middle_block(family, monkeypatch):
     """Column means of the middle block's eager attention within each image or frame, summed over
     each token's 2 x 2 patches (Qwen3's encoder runs in the model's order)."""
     build, read = QWEN[family]
@@ -81,10 +86,11 @@ def test_qwen_layer_saliency_is_the_attention_received_at_the_middle_block(famil
     for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
         columns.clear()
         with torch.no_grad():
-            signals = read(eager, data[pixels], data[grid], LAYER | {Signal.SALIENCY})
+            signals = read(eager, data[pixels], data[grid], LAYER | {Signal.RECEIVED})
         expected = torch.cat(columns).view(-1, visual.spatial_merge_unit).sum(dim=1)
-        torch.testing.assert_close(signals.layer_saliency, expected, **TOL)
-        assert signals.saliency is not None and not torch.equal(signals.saliency, signals.layer_saliency)
+        torch.testing.assert_close(signals.layer_received, expected, **TOL)
+        # the deep block's: the saliency itself (the attention a token receives)
+        assert signals.received is signals.saliency and not torch.equal(signals.received, signals.layer_received)
 
 
 def test_qwen2_5_vl_reads_its_middle_full_attention_block():
@@ -94,8 +100,8 @@ def test_qwen2_5_vl_reads_its_middle_full_attention_block():
     assert middle_block(3, QWEN_MIDDLE, model.config.vision_config.fullatt_block_indexes) == \
         qwen2_5_vl.saliency_layer(model)
     with torch.no_grad():
-        signals = qwen2_5_vl.read_tower(model, data["pixel_values"], data["image_grid_thw"], LAYER | {Signal.SALIENCY})
-    assert torch.equal(signals.layer_saliency, signals.saliency)
+        signals = qwen2_5_vl.read_tower(model, data["pixel_values"], data["image_grid_thw"], LAYER | {Signal.RECEIVED})
+    assert torch.equal(signals.layer_received, signals.received)
 
 
 NEXT_SIZES = torch.tensor([[56, 112], [112, 112]])   # 48 visual tokens + 4 newlines, 80 + 8
@@ -124,8 +130,9 @@ def test_llava_next_hiprune_keeps_anchors_buffers_and_registers_as_its_naive_for
     start = 0
     for image, (source, n) in enumerate(zip(sources, crops)):
         visual = source[source >= 0]
-        def read(index):   # [CLS] attention of every crop of this image, in packed order
-            return out.attentions[index][start:start + n, :, 0, 1:].mean(dim=1).flatten()[visual].double().tolist()
+        def read(index):   # the attention each token of every crop of this image receives, in packed order
+            received = out.attentions[index][start:start + n].mean(dim=1).mean(dim=1)[:, 1:]
+            return received.flatten()[visual].double().tolist()
         rows = int((source[16:] < 0).sum())
         blocks = ((1, 4, 4),) if visual.numel() == 16 else ((1, 4, 4), (1, rows, (visual.numel() - 16) // rows))
         budget = keep - int((source < 0).sum())

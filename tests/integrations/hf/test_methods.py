@@ -8,6 +8,7 @@ signals read independently off the unpatched model (tests/methods checks the met
 import functools
 from collections import Counter
 from contextlib import contextmanager
+from typing import Optional
 
 import pytest
 import torch
@@ -72,7 +73,7 @@ def check_work(counts: Counter, method: str) -> None:
 
 
 def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content: torch.Tensor, desap_run,
-                     projected: torch.Tensor):
+                     projected: torch.Tensor, received: Optional[torch.Tensor] = None):
     """(K,) the tokens ``method`` keeps of one item whose tokens are ``hidden`` (N, D), the rows the
     language model receives ``projected`` (N, C) and pixel hashes ``seed_content`` (N,): the
     method itself on those signals; DivPrune by hand in float64 on the projected rows (as its
@@ -80,16 +81,19 @@ def expected_indices(method: str, keep: int, hidden: torch.Tensor, seed_content:
     (task_ratio 0) or on the task score (task_ratio 1), which by the contract keeps the same
     tokens. None for DeSAP itself (tests of each family check it), and for dart-input and cdpruner-lm,
     which read the prompt beside the projected rows and whose choice tests/methods checks against
-    their naive forms."""
+    their naive forms. ``received`` (N,): the attention each token receives, read by hand (CLIP
+    towers); None where it is the saliency itself (Qwen)."""
     if method == "saliency":
         return desap_run(0.0)
     if method == "similarity":
         return desap_run(1.0)
     if method in ("desap", "dart-input", "cdpruner-lm", "visionzip"):   # VisionZip: its own check (visionzip_expected)
         return None
-    if method == "hiprune":   # budgets here take no anchor: the K of highest saliency (test_hiprune.py: anchors)
+    if method == "hiprune":   # budgets here take no anchor: the K receiving most (test_hiprune.py: anchors)
         assert hiprune_anchors(keep) == 0
-        return desap_run(0.0)
+        if received is None:
+            return desap_run(0.0)
+        return sorted(sorted(range(len(received)), key=lambda i: (-float(received[i]), i))[:keep])
     if method == "divprune":
         return naive_divprune_without_near_ties(projected, keep)
     inputs = MethodInputs(hidden=hidden[None], keep=keep, seed=content_seeds(seed_content[None]),
@@ -106,10 +110,11 @@ def naive_divprune_without_near_ties(projected: torch.Tensor, keep: int) -> list
 
 # --- visionzip: its contextual tokens are its own merge, checked on signals read by hand ------------
 
-def clip_hand_signals(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(saliency, keys) of a CLIP-style tower's feature layer read by hand off the unpatched model:
-    the [CLS] query's softmax over the layer's keys, mean over heads, and the keys, mean over heads
-    (from the layer's own q and k projections), without [CLS] under the "default" strategy."""
+def clip_hand_signals(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(saliency, keys, received) of a CLIP-style tower's feature layer read by hand off the
+    unpatched model: the [CLS] query's softmax over the layer's keys, mean over heads; the keys,
+    mean over heads (from the layer's own q and k projections); the attention each token receives,
+    mean over heads and over all queries; without [CLS] under the "default" strategy."""
     attention = encoder_layers(model.model.vision_tower)[feature_layer(model.config) - 1].self_attn
     seen = {}
     handles = [module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, out))
@@ -122,8 +127,11 @@ def clip_hand_signals(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.
     query = seen["q"].view(batch, length, attention.num_heads, -1)[:, 0].double()      # (B, H, d): [CLS]
     keys = seen["k"].view(batch, length, attention.num_heads, -1).double()             # (B, T, H, d)
     saliency = (torch.einsum("bhd,bthd->bht", query, keys) * attention.scale).softmax(dim=-1).mean(dim=1)
+    queries = seen["q"].view(batch, length, attention.num_heads, -1).double()
+    weights = (torch.einsum("bqhd,bthd->bhqt", queries, keys) * attention.scale).softmax(dim=-1)
+    received = weights.mean(dim=(1, 2))
     first = 1 if drops_cls(model.config) else 0
-    return saliency[:, first:].float(), keys.mean(dim=2)[:, first:].float()
+    return saliency[:, first:].float(), keys.mean(dim=2)[:, first:].float(), received[:, first:]
 
 
 def visionzip_expected(hidden, saliency, keys, keep: int, merge: bool):
@@ -139,7 +147,7 @@ def test_clip_keys_are_the_feature_layers_keys_and_read_only_for_a_method_that_r
     from desap_ops.integrations.hf.clip_tower import read_tower
 
     model, pixels = tiny_llava(), llava_pixels(seed=2)
-    _, keys = clip_hand_signals(model, pixels)
+    _, keys, _ = clip_hand_signals(model, pixels)
     with torch.no_grad():
         read, _ = read_tower(model.model.vision_tower, pixels, feature_layer(model.config), True,
                              frozenset({Signal.KEYS}))
@@ -226,7 +234,7 @@ def test_llava_feeds_the_kept_tokens_merged_or_not(method, work):
             for image in range(2):
                 indices = check_kept(records, image, keep, N)
                 if method == "visionzip":
-                    saliency, keys = clip_hand_signals(model, pixels)
+                    saliency, keys, _ = clip_hand_signals(model, pixels)
                     want = visionzip_expected(hidden[image], saliency[image], keys[image], keep, merge)
                     assert indices == want.indices[0].tolist()
                     assert torch.equal(records[image].assignment, want.assignment[0])
@@ -237,11 +245,12 @@ def test_llava_feeds_the_kept_tokens_merged_or_not(method, work):
                 expected = reference.merge_tokens(hidden[image:image + 1], torch.tensor([indices]), assignment[None],
                                                   merge)
                 torch.testing.assert_close(fed[image], projector(expected)[0], **TOL)
+        received = clip_hand_signals(model, pixels)[2]
         for image in range(2):
             with torch.no_grad():
                 rows = projector(hidden[image])   # the rows the language model receives
             want = expected_indices(method, keep, hidden[image], content[image],
-                                    lambda ratio: desap_run(ratio)[image], rows)
+                                    lambda ratio: desap_run(ratio)[image], rows, received[image])
             if want is not None:
                 assert records[image].indices.tolist() == list(want)
         if method != "desap":
