@@ -105,13 +105,17 @@ def read_qwen_tower(visual: nn.Module, pixels: torch.Tensor, grid_thw: torch.Ten
         levels = tuple(getattr(outputs, "deepstack_features", None) or ())
         if captured is None:
             return TowerSignals(outputs.pooler_output, levels=levels)
-        branch = visual.merger(captured.attention)
-        order = None if window_order is None else window_order(branch.device)
-        if order is not None:
-            branch = branch[order]
+        order = None if window_order is None else window_order(outputs.pooler_output.device)
+        branch = None
+        if Signal.ATTN in reads:   # the merger on every patch's branch: only for a method that reads it
+            branch = visual.merger(captured.attention)
+            branch = branch if order is None else branch[order]
         keys = merged_keys(rotated(block, captured)[1], visual.spatial_merge_unit, order) \
             if Signal.KEYS in reads else None
-        return TowerSignals(outputs.pooler_output, branch, saliency(block, captured), levels, keys=keys)
+        # the received attention (two attention passes at the block) only for a method that reads it
+        read_saliency = reads & {Signal.SALIENCY, Signal.RECEIVED}
+        return TowerSignals(outputs.pooler_output, branch, saliency(block, captured) if read_saliency else None,
+                            levels, keys=keys)
 
     # HiPrune's object block: a full-attention one (its segments are the images or frames)
     middle = visual.blocks[middle_block(len(visual.blocks), QWEN_MIDDLE,

@@ -72,11 +72,15 @@ def read_qwen_tower(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: lis
     def read(hidden: torch.Tensor, captured: Optional[TowerCapture]) -> TowerSignals:
         if captured is None:
             return TowerSignals(hidden)
-        branch = visual.merger(captured.attention)
+        branch = None
+        if Signal.ATTN in reads:   # the merger on every patch's branch: only for a method that reads it
+            branch = visual.merger(captured.attention)
+            branch = branch if order is None else branch[order]
         keys = merged_keys(captured.inputs["key"][0], visual.spatial_merge_unit, order, across_ranks(attention())) \
             if Signal.KEYS in reads else None
-        return TowerSignals(hidden, branch if order is None else branch[order], saliency(attention(), captured),
-                            keys=keys)
+        # the received attention (two attention passes at the block) only for a method that reads it
+        read_saliency = reads & {Signal.SALIENCY, Signal.RECEIVED}
+        return TowerSignals(hidden, branch, saliency(attention(), captured) if read_saliency else None, keys=keys)
 
     def middle() -> nn.Module:   # HiPrune's object block (a full-attention one)
         return visual.blocks[middle_block(len(visual.blocks), QWEN_MIDDLE,
