@@ -41,10 +41,14 @@ def table(result: ServeResult) -> str:
     return "\n".join(lines)
 
 
+PALETTE = tuple(f"C{i}" for i in range(10) if i != 7)   # matplotlib's cycle without its grey (C7), the full model's
+
+
 def figure(result: ServeResult) -> Figure:
     """Request and output-token throughput, median TTFT and DeSAP's share of the ideal against
-    concurrency: one line per setting (the full model grey, DeSAP solid, the ideal dashed, another
-    method dash-dotted with a marker of its own, in its budget's colour). The
+    concurrency: one line per setting (the full model grey, DeSAP solid and the ideal dashed in
+    their budget's colour, another method dash-dotted with a colour and a marker of its own, so
+    that ten methods at one budget stay apart; only DeSAP's shares are written on the plot). The
     layout is constrained, so that the two-line title stays within the figure at any width."""
     from matplotlib.figure import Figure
 
@@ -59,14 +63,15 @@ def figure(result: ServeResult) -> Figure:
         others = result.methods or []
         style = dict(color="grey", marker="o") if keep is None else dict(
             color=f"C{keeps.index(keep)}", marker="s" if ideal else "o", linestyle="--" if ideal else "-")
-        if method is not None:
-            style.update(marker="^v<>Dph*"[others.index(method) % 8], linestyle="-.")
+        if method is not None:   # its colour after the budgets' (C0, C1, ...), the same at every budget
+            style.update(color=PALETTE[(len(keeps) + others.index(method)) % len(PALETTE)],
+                         marker="^v<>Dph*"[others.index(method) % 8], linestyle="-.")
         levels = [r.concurrency for r in rows]
         for axis, attribute in ((rps, "requests_per_s"), (out, "output_tokens_per_s"), (ttft, "ttft_ms_median")):
             axis.plot(levels, [getattr(r, attribute) for r in rows], label=name, **style)
         if keep is not None and not ideal and None not in [r.share_of_ideal for r in rows]:
             share.plot(levels, [100 * r.share_of_ideal for r in rows], label=f"{name} / ideal", **style)
-            for r in rows:
+            for r in rows if method is None else ():
                 share.annotate(f"{100 * r.share_of_ideal:.0f}%", (r.concurrency, 100 * r.share_of_ideal),
                                textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color=style["color"])
     share.axhline(100 * TARGET_SHARE, color="red", lw=0.8, ls=":", label=f"target {TARGET_SHARE:.0%}")
